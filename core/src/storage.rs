@@ -1,0 +1,311 @@
+//! The storage contract every backend implements.
+//!
+//! Two traits, as in OpenDAL: [`Storage`] is the generic trait backends implement and generic
+//! code calls without boxing; [`DynStorage`] is its object-safe twin, implemented for every
+//! `Storage` by a blanket impl, used only at the runtime-selected edge (the registry hands out
+//! [`SharedStorage`]). `SharedStorage` implements `Storage` again, so code written against
+//! `S: Storage` accepts either.
+//!
+//! # Contract
+//!
+//! - [`Storage::apply`] is an atomic *apply-if-newer*: under any number of concurrent writers to
+//!   one key the stored record ends as the [`Record::merge`] of everything applied, and the
+//!   outcome says whether this record won.
+//! - Tombstones are stored like values; they disappear only through [`Storage::purge`].
+//! - Records are addressed by key and by ring position ([`key_hash`](crate::hash::key_hash)):
+//!   [`Storage::scan`] pages through a [`HashRange`] in `(position, key)` order and
+//!   [`Storage::digest`] summarises equal-width buckets of a range, identically on every backend
+//!   for identical contents.
+//! - Reads return records as stored, including tombstones and expired values; interpreting
+//!   them at a point in time is the caller's job ([`Record::live_value`]).
+
+use std::future::Future;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::hash::HashRange;
+use crate::hlc::Version;
+use crate::record::Record;
+
+/// A boxed, sendable future, as returned by the object-safe traits.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A storage backend chosen at run time.
+pub type SharedStorage = Arc<dyn DynStorage>;
+
+/// What went wrong inside a backend.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// An I/O error from the underlying files or database.
+    #[error("storage I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// Stored data failed validation (checksum, framing, decoding).
+    #[error("storage corruption: {0}")]
+    Corruption(String),
+    /// The store was closed, or failed fatally earlier and refuses further work.
+    #[error("storage is closed")]
+    Closed,
+    /// The backend's configuration is invalid.
+    #[error("invalid storage configuration: {0}")]
+    Config(String),
+    /// The backend's own error, described.
+    #[error("storage backend error: {0}")]
+    Backend(String),
+}
+
+/// The result of an apply-if-newer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    /// The record was stored; `previous` is the version it replaced, if any.
+    Applied {
+        /// Version of the record that was replaced.
+        previous: Option<Version>,
+    },
+    /// An equal or newer record was already stored and was kept.
+    Stale {
+        /// Version of the record that was kept.
+        current: Version,
+    },
+}
+
+impl ApplyOutcome {
+    /// Whether the record was stored.
+    pub fn is_applied(&self) -> bool {
+        matches!(self, ApplyOutcome::Applied { .. })
+    }
+}
+
+/// One stored record with its key and ring position.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Ring position of the key.
+    pub hash: u64,
+    /// The key.
+    pub key: Bytes,
+    /// The stored record.
+    pub record: Record,
+}
+
+/// Where a [`Storage::scan`] resumes: strictly after this `(position, key)`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanCursor {
+    /// Ring position of the last returned key.
+    pub hash: u64,
+    /// The last returned key.
+    pub key: Bytes,
+}
+
+/// One page of a scan.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScanPage {
+    /// Entries in `(offset from range start, key)` order.
+    pub entries: Vec<Entry>,
+    /// Where the next page starts; `None` when the range is exhausted.
+    pub next: Option<ScanCursor>,
+}
+
+/// Summary of one bucket of a range; equal on two replicas iff (with overwhelming probability)
+/// they hold the same records in it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RangeDigest {
+    /// Records in the bucket, tombstones included.
+    pub count: u64,
+    /// Wrapping sum of [`Record::fingerprint`]s.
+    pub hash: u64,
+}
+
+impl RangeDigest {
+    /// Adds one record.
+    pub fn add(&mut self, fingerprint: u64) {
+        self.count += 1;
+        self.hash = self.hash.wrapping_add(fingerprint);
+    }
+
+    /// Combines two digests of disjoint sets (for building Merkle parents).
+    pub fn combine(self, other: RangeDigest) -> RangeDigest {
+        RangeDigest { count: self.count + other.count, hash: self.hash.wrapping_add(other.hash) }
+    }
+}
+
+/// Counters a backend reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageStats {
+    /// Stored records, tombstones included.
+    pub records: u64,
+    /// Stored tombstones.
+    pub tombstones: u64,
+    /// Approximate bytes of keys and records.
+    pub bytes: u64,
+}
+
+/// What a [`Storage::purge`] removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PurgeStats {
+    /// Tombstones removed after their grace period.
+    pub tombstones: u64,
+    /// Expired values removed after their grace period.
+    pub expired: u64,
+}
+
+/// A storage backend. See the [module documentation](self) for the contract.
+pub trait Storage: Send + Sync + 'static {
+    /// The record stored under `key`, tombstones and expired values included.
+    fn get(&self, key: &[u8]) -> impl Future<Output = Result<Option<Record>, StorageError>> + Send;
+
+    /// Atomically stores `record` under `key` unless an equal or newer record is stored.
+    fn apply(
+        &self,
+        key: Bytes,
+        record: Record,
+    ) -> impl Future<Output = Result<ApplyOutcome, StorageError>> + Send;
+
+    /// Up to `limit` entries of `range` after `cursor`, in `(offset, key)` order.
+    fn scan(
+        &self,
+        range: HashRange,
+        cursor: Option<ScanCursor>,
+        limit: NonZeroUsize,
+    ) -> impl Future<Output = Result<ScanPage, StorageError>> + Send;
+
+    /// Digests of `range` cut into `buckets` equal-width buckets ([`HashRange::bucket_of`]).
+    fn digest(
+        &self,
+        range: HashRange,
+        buckets: NonZeroU32,
+    ) -> impl Future<Output = Result<Vec<RangeDigest>, StorageError>> + Send;
+
+    /// Removes tombstones and expired values whose grace period ended by `now_ms`
+    /// ([`Record::is_collectable`]).
+    fn purge(
+        &self,
+        now_ms: u64,
+        grace: Duration,
+    ) -> impl Future<Output = Result<PurgeStats, StorageError>> + Send;
+
+    /// Current counters.
+    fn stats(&self) -> impl Future<Output = Result<StorageStats, StorageError>> + Send;
+
+    /// Makes everything applied so far durable (a no-op for volatile backends).
+    fn flush(&self) -> impl Future<Output = Result<(), StorageError>> + Send;
+
+    /// Flushes and releases resources; later calls fail with [`StorageError::Closed`].
+    fn close(&self) -> impl Future<Output = Result<(), StorageError>> + Send;
+}
+
+/// The object-safe form of [`Storage`]; implemented for every `Storage`.
+#[allow(missing_docs)] // Each method mirrors the `Storage` method of the same name.
+pub trait DynStorage: Send + Sync + 'static {
+    fn get_dyn<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<Option<Record>, StorageError>>;
+    fn apply_dyn(&self, key: Bytes, record: Record) -> BoxFuture<'_, Result<ApplyOutcome, StorageError>>;
+    fn scan_dyn(
+        &self,
+        range: HashRange,
+        cursor: Option<ScanCursor>,
+        limit: NonZeroUsize,
+    ) -> BoxFuture<'_, Result<ScanPage, StorageError>>;
+    fn digest_dyn(
+        &self,
+        range: HashRange,
+        buckets: NonZeroU32,
+    ) -> BoxFuture<'_, Result<Vec<RangeDigest>, StorageError>>;
+    fn purge_dyn(&self, now_ms: u64, grace: Duration) -> BoxFuture<'_, Result<PurgeStats, StorageError>>;
+    fn stats_dyn(&self) -> BoxFuture<'_, Result<StorageStats, StorageError>>;
+    fn flush_dyn(&self) -> BoxFuture<'_, Result<(), StorageError>>;
+    fn close_dyn(&self) -> BoxFuture<'_, Result<(), StorageError>>;
+}
+
+impl<S: Storage> DynStorage for S {
+    fn get_dyn<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<Option<Record>, StorageError>> {
+        Box::pin(self.get(key))
+    }
+    fn apply_dyn(&self, key: Bytes, record: Record) -> BoxFuture<'_, Result<ApplyOutcome, StorageError>> {
+        Box::pin(self.apply(key, record))
+    }
+    fn scan_dyn(
+        &self,
+        range: HashRange,
+        cursor: Option<ScanCursor>,
+        limit: NonZeroUsize,
+    ) -> BoxFuture<'_, Result<ScanPage, StorageError>> {
+        Box::pin(self.scan(range, cursor, limit))
+    }
+    fn digest_dyn(
+        &self,
+        range: HashRange,
+        buckets: NonZeroU32,
+    ) -> BoxFuture<'_, Result<Vec<RangeDigest>, StorageError>> {
+        Box::pin(self.digest(range, buckets))
+    }
+    fn purge_dyn(&self, now_ms: u64, grace: Duration) -> BoxFuture<'_, Result<PurgeStats, StorageError>> {
+        Box::pin(self.purge(now_ms, grace))
+    }
+    fn stats_dyn(&self) -> BoxFuture<'_, Result<StorageStats, StorageError>> {
+        Box::pin(self.stats())
+    }
+    fn flush_dyn(&self) -> BoxFuture<'_, Result<(), StorageError>> {
+        Box::pin(self.flush())
+    }
+    fn close_dyn(&self) -> BoxFuture<'_, Result<(), StorageError>> {
+        Box::pin(self.close())
+    }
+}
+
+impl Storage for SharedStorage {
+    fn get(&self, key: &[u8]) -> impl Future<Output = Result<Option<Record>, StorageError>> + Send {
+        // The async block lets the future capture both elided lifetimes.
+        async move { (**self).get_dyn(key).await }
+    }
+    fn apply(&self, key: Bytes, record: Record) -> impl Future<Output = Result<ApplyOutcome, StorageError>> + Send {
+        (**self).apply_dyn(key, record)
+    }
+    fn scan(
+        &self,
+        range: HashRange,
+        cursor: Option<ScanCursor>,
+        limit: NonZeroUsize,
+    ) -> impl Future<Output = Result<ScanPage, StorageError>> + Send {
+        (**self).scan_dyn(range, cursor, limit)
+    }
+    fn digest(
+        &self,
+        range: HashRange,
+        buckets: NonZeroU32,
+    ) -> impl Future<Output = Result<Vec<RangeDigest>, StorageError>> + Send {
+        (**self).digest_dyn(range, buckets)
+    }
+    fn purge(&self, now_ms: u64, grace: Duration) -> impl Future<Output = Result<PurgeStats, StorageError>> + Send {
+        (**self).purge_dyn(now_ms, grace)
+    }
+    fn stats(&self) -> impl Future<Output = Result<StorageStats, StorageError>> + Send {
+        (**self).stats_dyn()
+    }
+    fn flush(&self) -> impl Future<Output = Result<(), StorageError>> + Send {
+        (**self).flush_dyn()
+    }
+    fn close(&self) -> impl Future<Output = Result<(), StorageError>> + Send {
+        (**self).close_dyn()
+    }
+}
+
+/// Orders entries the way [`Storage::scan`] returns them: by offset from `range.start`, then key.
+///
+/// Backends without a native ordered index (such as a hash map) can collect matching entries
+/// and sort with this.
+pub fn scan_order(range: &HashRange, a: &Entry, b: &Entry) -> std::cmp::Ordering {
+    range.offset(a.hash).cmp(&range.offset(b.hash)).then_with(|| a.key.cmp(&b.key))
+}
+
+/// Whether `(hash, key)` comes strictly after `cursor` in scan order over `range`.
+pub fn after_cursor(range: &HashRange, hash: u64, key: &[u8], cursor: &ScanCursor) -> bool {
+    range
+        .offset(hash)
+        .cmp(&range.offset(cursor.hash))
+        .then_with(|| key.cmp(&cursor.key[..]))
+        .is_gt()
+}

@@ -1,0 +1,37 @@
+//! Chorus: an embeddable, leaderless, replicated key-value cluster.
+//!
+//! This is the facade crate applications depend on. It re-exports [`chorus_core`] and builds
+//! the [`Registry`] of every storage backend and transport that its Cargo features compiled in:
+//!
+//! | feature          | registers            | default |
+//! |------------------|----------------------|---------|
+//! | `backend-memory` | backend `"memory"`   | yes     |
+//!
+//! ```
+//! use chorus::registry::StorageSpec;
+//!
+//! let registry = chorus::registry();
+//! assert!(registry.backend_names().contains(&"memory".to_owned()));
+//! let err = registry.open_backend(&StorageSpec::new("no-such-backend")).err().unwrap();
+//! assert!(err.to_string().contains("available: memory"));
+//! ```
+
+#![deny(missing_docs)]
+
+pub use chorus_core::*;
+
+#[cfg(feature = "backend-memory")]
+pub use chorus_backend_memory as backend_memory;
+
+/// A registry with every backend and transport this build compiled in.
+///
+/// Names this build knows of but left out are recorded with the feature that would enable
+/// them, so [`Registry::open_backend`] can say what to change.
+pub fn registry() -> Registry {
+    let mut registry = Registry::new();
+    #[cfg(feature = "backend-memory")]
+    chorus_backend_memory::register(&mut registry);
+    #[cfg(not(feature = "backend-memory"))]
+    registry.note_missing(registry::Kind::Backend, "memory", "backend-memory");
+    registry
+}
