@@ -42,7 +42,11 @@ impl HashRange {
 
     /// Number of positions in the range (`2^64` for the full ring).
     pub const fn len(&self) -> u128 {
-        if self.is_full() { 1u128 << 64 } else { self.end.wrapping_sub(self.start) as u128 }
+        if self.is_full() {
+            1u128 << 64
+        } else {
+            self.end.wrapping_sub(self.start) as u128
+        }
     }
 
     /// A range always holds at least one position.

@@ -64,7 +64,11 @@ impl Timestamp {
 
     /// Builds a timestamp from its parts; `physical_ms` is clamped to [`MAX_PHYSICAL_MS`].
     pub const fn new(physical_ms: u64, logical: u16) -> Self {
-        let physical = if physical_ms > MAX_PHYSICAL_MS { MAX_PHYSICAL_MS } else { physical_ms };
+        let physical = if physical_ms > MAX_PHYSICAL_MS {
+            MAX_PHYSICAL_MS
+        } else {
+            physical_ms
+        };
         Timestamp((physical << LOGICAL_BITS) | logical as u64)
     }
 
@@ -240,7 +244,9 @@ impl<C: WallClock> Hlc<C> {
             // Carrying the logical overflow into the physical part is what `+ 1` on the
             // packed value does; saturation only happens in the year 10889.
             let next = wall.max(last.saturating_add(1));
-            match self.last.compare_exchange_weak(last, next, Ordering::AcqRel, Ordering::Acquire)
+            match self
+                .last
+                .compare_exchange_weak(last, next, Ordering::AcqRel, Ordering::Acquire)
             {
                 Ok(_) => return Timestamp(next),
                 Err(current) => last = current,
@@ -267,7 +273,9 @@ impl<C: WallClock> Hlc<C> {
         let mut last = self.last.load(Ordering::Acquire);
         loop {
             let next = wall.max(last.max(remote.0).saturating_add(1));
-            match self.last.compare_exchange_weak(last, next, Ordering::AcqRel, Ordering::Acquire)
+            match self
+                .last
+                .compare_exchange_weak(last, next, Ordering::AcqRel, Ordering::Acquire)
             {
                 Ok(_) => return Ok(Timestamp(next)),
                 Err(current) => last = current,
@@ -316,7 +324,16 @@ mod tests {
         let (_wall, hlc) = clock(1_000);
         let before = hlc.now();
         let err = hlc.observe(Timestamp::new(1_501, 0)).unwrap_err();
-        assert!(matches!(err, ClockError::TooFarAhead { local_ms: 1_000, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                ClockError::TooFarAhead {
+                    local_ms: 1_000,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         assert_eq!(hlc.last(), before);
         // Exactly at the bound is accepted.
         assert!(hlc.observe(Timestamp::new(1_500, 0)).is_ok());
@@ -325,7 +342,9 @@ mod tests {
     #[test]
     fn logical_overflow_carries_into_physical() {
         let (_wall, hlc) = clock(10);
-        let top = hlc.observe(Timestamp::new(10, u16::MAX)).expect("within drift");
+        let top = hlc
+            .observe(Timestamp::new(10, u16::MAX))
+            .expect("within drift");
         // observe adds one, so it already carried.
         assert_eq!(top, Timestamp::new(11, 0));
         let next = hlc.now();
@@ -336,7 +355,8 @@ mod tests {
     fn saturates_at_end_of_range_instead_of_wrapping() {
         let wall = ManualClock::new(u64::MAX);
         let hlc = Hlc::new(wall, DEFAULT_MAX_DRIFT);
-        hlc.observe(Timestamp::MAX).expect("at the clamp, not ahead");
+        hlc.observe(Timestamp::MAX)
+            .expect("at the clamp, not ahead");
         assert_eq!(hlc.now(), Timestamp::MAX);
         assert_eq!(hlc.now(), Timestamp::MAX);
     }
@@ -350,8 +370,10 @@ mod tests {
                 std::thread::spawn(move || (0..10_000).map(|_| hlc.now()).collect::<Vec<_>>())
             })
             .collect();
-        let mut all: Vec<Timestamp> =
-            threads.into_iter().flat_map(|t| t.join().expect("thread")).collect();
+        let mut all: Vec<Timestamp> = threads
+            .into_iter()
+            .flat_map(|t| t.join().expect("thread"))
+            .collect();
         let n = all.len();
         all.sort();
         all.dedup();

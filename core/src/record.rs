@@ -20,7 +20,7 @@ use crate::hlc::Version;
 #[derive(Clone, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
 pub enum Payload {
     /// A live value.
-    Value(Bytes),
+    Value(#[serde(with = "crate::wire::serde_bytes")] Bytes),
     /// A delete marker; it shadows older values until it is collected after the grace period.
     Tombstone,
 }
@@ -39,12 +39,20 @@ pub struct Record {
 impl Record {
     /// A live value without expiry.
     pub fn value(value: impl Into<Bytes>, version: Version) -> Self {
-        Record { payload: Payload::Value(value.into()), version, expires_at_ms: None }
+        Record {
+            payload: Payload::Value(value.into()),
+            version,
+            expires_at_ms: None,
+        }
     }
 
     /// A tombstone.
     pub fn tombstone(version: Version) -> Self {
-        Record { payload: Payload::Tombstone, version, expires_at_ms: None }
+        Record {
+            payload: Payload::Tombstone,
+            version,
+            expires_at_ms: None,
+        }
     }
 
     /// The same record with an expiry time.
@@ -165,7 +173,13 @@ mod tests {
 
     fn arb_record() -> impl Strategy<Value = Record> {
         // Small domains so that equal versions and equal contents actually occur.
-        (0u64..4, 0u16..3, 0u64..3, prop::option::of(prop::collection::vec(0u8..3, 0..3)), prop::option::of(0u64..3))
+        (
+            0u64..4,
+            0u16..3,
+            0u64..3,
+            prop::option::of(prop::collection::vec(0u8..3, 0..3)),
+            prop::option::of(0u64..3),
+        )
             .prop_map(|(ms, l, n, value, exp)| Record {
                 payload: value.map_or(Payload::Tombstone, |v| Payload::Value(v.into())),
                 version: version(ms, l, n),
@@ -202,7 +216,9 @@ mod tests {
         let t = Record::tombstone(version(100, 0, 1));
         assert!(!t.is_collectable(199, Duration::from_millis(100)));
         assert!(t.is_collectable(200, Duration::from_millis(100)));
-        assert!(!Record::value("forever", version(1, 0, 1)).is_collectable(u64::MAX, Duration::ZERO));
+        assert!(
+            !Record::value("forever", version(1, 0, 1)).is_collectable(u64::MAX, Duration::ZERO)
+        );
     }
 
     #[test]

@@ -28,7 +28,10 @@ pub struct StorageSpec {
 impl StorageSpec {
     /// A spec for `scheme` with no path and no options.
     pub fn new(scheme: impl Into<String>) -> Self {
-        StorageSpec { scheme: scheme.into(), ..StorageSpec::default() }
+        StorageSpec {
+            scheme: scheme.into(),
+            ..StorageSpec::default()
+        }
     }
 }
 
@@ -46,16 +49,24 @@ pub struct TransportSpec {
 impl TransportSpec {
     /// A spec for `scheme` bound to `bind`, with no options.
     pub fn new(scheme: impl Into<String>, bind: impl Into<String>) -> Self {
-        TransportSpec { scheme: scheme.into(), bind: bind.into(), options: BTreeMap::new() }
+        TransportSpec {
+            scheme: scheme.into(),
+            bind: bind.into(),
+            options: BTreeMap::new(),
+        }
     }
 }
 
 /// Opens a storage backend from its spec.
-pub type BackendFactory = Arc<dyn Fn(&StorageSpec) -> Result<SharedStorage, StorageError> + Send + Sync>;
+pub type BackendFactory =
+    Arc<dyn Fn(&StorageSpec) -> Result<SharedStorage, StorageError> + Send + Sync>;
 
 /// Binds a transport from its spec.
-pub type TransportFactory =
-    Arc<dyn Fn(TransportSpec) -> BoxFuture<'static, Result<SharedTransport, TransportError>> + Send + Sync>;
+pub type TransportFactory = Arc<
+    dyn Fn(TransportSpec) -> BoxFuture<'static, Result<SharedTransport, TransportError>>
+        + Send
+        + Sync,
+>;
 
 /// The two kinds of pluggable component.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -118,9 +129,15 @@ pub enum RegistryError {
 }
 
 fn unknown_message(kind: &Kind, name: &str, available: &[String], feature: Option<&str>) -> String {
-    let list = if available.is_empty() { "none".to_owned() } else { available.join(", ") };
+    let list = if available.is_empty() {
+        "none".to_owned()
+    } else {
+        available.join(", ")
+    };
     let hint = match feature {
-        Some(feature) => format!("enable the `{feature}` feature of the `chorus` crate to compile it in"),
+        Some(feature) => {
+            format!("enable the `{feature}` feature of the `chorus` crate to compile it in")
+        }
         None => "no crate known to this build provides it".to_owned(),
     };
     format!("unknown {kind} {name:?} (available: {list}); {hint}")
@@ -158,7 +175,10 @@ impl Registry {
         factory: impl Fn(&StorageSpec) -> Result<SharedStorage, StorageError> + Send + Sync + 'static,
     ) -> Result<(), RegistryError> {
         if self.backends.contains_key(scheme) {
-            return Err(RegistryError::Duplicate { kind: Kind::Backend, name: scheme.to_owned() });
+            return Err(RegistryError::Duplicate {
+                kind: Kind::Backend,
+                name: scheme.to_owned(),
+            });
         }
         self.backends.insert(scheme.to_owned(), Arc::new(factory));
         Ok(())
@@ -174,7 +194,10 @@ impl Registry {
         + 'static,
     ) -> Result<(), RegistryError> {
         if self.transports.contains_key(scheme) {
-            return Err(RegistryError::Duplicate { kind: Kind::Transport, name: scheme.to_owned() });
+            return Err(RegistryError::Duplicate {
+                kind: Kind::Transport,
+                name: scheme.to_owned(),
+            });
         }
         self.transports.insert(scheme.to_owned(), Arc::new(factory));
         Ok(())
@@ -182,7 +205,8 @@ impl Registry {
 
     /// Records that `scheme` exists but this build left it out; `feature` would compile it in.
     pub fn note_missing(&mut self, kind: Kind, scheme: &str, feature: &str) {
-        self.missing.insert((kind, scheme.to_owned()), feature.to_owned());
+        self.missing
+            .insert((kind, scheme.to_owned()), feature.to_owned());
     }
 
     /// Registered backend names, sorted.
@@ -201,23 +225,36 @@ impl Registry {
             .backends
             .get(&spec.scheme)
             .ok_or_else(|| self.unknown(Kind::Backend, &spec.scheme, self.backend_names()))?;
-        factory(spec).map_err(|source| RegistryError::Storage { name: spec.scheme.clone(), source })
+        factory(spec).map_err(|source| RegistryError::Storage {
+            name: spec.scheme.clone(),
+            source,
+        })
     }
 
     /// Binds the transport `spec.scheme` names.
-    pub async fn bind_transport(&self, spec: TransportSpec) -> Result<SharedTransport, RegistryError> {
+    pub async fn bind_transport(
+        &self,
+        spec: TransportSpec,
+    ) -> Result<SharedTransport, RegistryError> {
         let factory = self
             .transports
             .get(&spec.scheme)
             .ok_or_else(|| self.unknown(Kind::Transport, &spec.scheme, self.transport_names()))?
             .clone();
         let name = spec.scheme.clone();
-        factory(spec).await.map_err(|source| RegistryError::Transport { name, source })
+        factory(spec)
+            .await
+            .map_err(|source| RegistryError::Transport { name, source })
     }
 
     fn unknown(&self, kind: Kind, name: &str, available: Vec<String>) -> RegistryError {
         let feature = self.missing.get(&(kind, name.to_owned())).cloned();
-        RegistryError::Unknown { kind, name: name.to_owned(), available, feature }
+        RegistryError::Unknown {
+            kind,
+            name: name.to_owned(),
+            available,
+            feature,
+        }
     }
 }
 
@@ -229,43 +266,77 @@ mod tests {
     fn unknown_names_list_what_is_available_and_the_feature() {
         let mut registry = Registry::new();
         registry
-            .register_backend("alpha", |_| Err(StorageError::Config("test factory".into())))
+            .register_backend("alpha", |_| {
+                Err(StorageError::Config("test factory".into()))
+            })
             .expect("first registration");
         registry.note_missing(Kind::Backend, "beta", "backend-beta");
 
-        let err = registry.open_backend(&StorageSpec::new("beta")).err().expect("beta is missing");
+        let err = registry
+            .open_backend(&StorageSpec::new("beta"))
+            .err()
+            .expect("beta is missing");
         match &err {
-            RegistryError::Unknown { available, feature, .. } => {
+            RegistryError::Unknown {
+                available, feature, ..
+            } => {
                 assert_eq!(available, &["alpha".to_owned()]);
                 assert_eq!(feature.as_deref(), Some("backend-beta"));
             }
             other => panic!("unexpected {other:?}"),
         }
         let text = err.to_string();
-        assert!(text.contains("available: alpha") && text.contains("`backend-beta`"), "{text}");
+        assert!(
+            text.contains("available: alpha") && text.contains("`backend-beta`"),
+            "{text}"
+        );
 
-        let text = registry.open_backend(&StorageSpec::new("gamma")).err().expect("missing").to_string();
+        let text = registry
+            .open_backend(&StorageSpec::new("gamma"))
+            .err()
+            .expect("missing")
+            .to_string();
         assert!(text.contains("no crate known"), "{text}");
 
         // The factory's own error is reported with the backend's name.
-        let text = registry.open_backend(&StorageSpec::new("alpha")).err().expect("fails").to_string();
-        assert!(text.contains("\"alpha\"") && text.contains("test factory"), "{text}");
+        let text = registry
+            .open_backend(&StorageSpec::new("alpha"))
+            .err()
+            .expect("fails")
+            .to_string();
+        assert!(
+            text.contains("\"alpha\"") && text.contains("test factory"),
+            "{text}"
+        );
     }
 
     #[test]
     fn duplicate_registration_is_an_error() {
         let mut registry = Registry::new();
-        registry.register_backend("x", |_| Err(StorageError::Closed)).expect("first");
+        registry
+            .register_backend("x", |_| Err(StorageError::Closed))
+            .expect("first");
         assert!(matches!(
             registry.register_backend("x", |_| Err(StorageError::Closed)),
-            Err(RegistryError::Duplicate { kind: Kind::Backend, .. })
+            Err(RegistryError::Duplicate {
+                kind: Kind::Backend,
+                ..
+            })
         ));
     }
 
     #[tokio::test]
     async fn unknown_transport_lists_none_available() {
         let registry = Registry::new();
-        let text = registry.bind_transport(TransportSpec::new("tcp", "127.0.0.1:0")).await.err().expect("missing").to_string();
-        assert!(text.contains("unknown transport \"tcp\" (available: none)"), "{text}");
+        let text = registry
+            .bind_transport(TransportSpec::new("tcp", "127.0.0.1:0"))
+            .await
+            .err()
+            .expect("missing")
+            .to_string();
+        assert!(
+            text.contains("unknown transport \"tcp\" (available: none)"),
+            "{text}"
+        );
     }
 }

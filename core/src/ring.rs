@@ -40,7 +40,10 @@ pub struct RingMember {
 impl RingMember {
     /// A member of weight 1.
     pub const fn new(node: NodeId) -> Self {
-        RingMember { node, weight: NonZeroU32::MIN }
+        RingMember {
+            node,
+            weight: NonZeroU32::MIN,
+        }
     }
 
     /// A member with the given weight.
@@ -58,7 +61,9 @@ pub struct RingConfig {
 
 impl Default for RingConfig {
     fn default() -> Self {
-        RingConfig { vnodes_per_weight: DEFAULT_VNODES_PER_WEIGHT }
+        RingConfig {
+            vnodes_per_weight: DEFAULT_VNODES_PER_WEIGHT,
+        }
     }
 }
 
@@ -109,9 +114,15 @@ impl Ring {
             return Err(RingError::DuplicateMember(w[0].node));
         }
         let per_weight = u64::from(config.vnodes_per_weight.get());
-        let total: u64 = members.iter().map(|m| per_weight * u64::from(m.weight.get())).sum();
+        let total: u64 = members
+            .iter()
+            .map(|m| per_weight * u64::from(m.weight.get()))
+            .sum();
         if total > MAX_TOKENS {
-            return Err(RingError::TooManyTokens { tokens: total, max: MAX_TOKENS });
+            return Err(RingError::TooManyTokens {
+                tokens: total,
+                max: MAX_TOKENS,
+            });
         }
         let mut placed: Vec<(u64, u32)> = Vec::with_capacity(total as usize);
         for (idx, member) in members.iter().enumerate() {
@@ -126,7 +137,14 @@ impl Ring {
         let (tokens, owners): (Vec<u64>, Vec<u32>) = placed.into_iter().unzip();
         let index_bits = index_bits_for(tokens.len());
         let index = build_index(&tokens, index_bits);
-        Ok(Ring { config, members, tokens, owners, index, index_bits })
+        Ok(Ring {
+            config,
+            members,
+            tokens,
+            owners,
+            index,
+            index_bits,
+        })
     }
 
     /// The configuration the ring was built with.
@@ -179,7 +197,9 @@ impl Ring {
     pub fn preference_list_for_hash(&self, hash: u64, n: NonZeroUsize, out: &mut Vec<NodeId>) {
         out.clear();
         let want = n.get().min(self.members.len());
-        let Some(start) = self.successor(hash) else { return };
+        let Some(start) = self.successor(hash) else {
+            return;
+        };
         let len = self.tokens.len();
         let mut at = start;
         while out.len() < want {
@@ -226,7 +246,11 @@ impl Ring {
         if self.tokens.is_empty() {
             return None;
         }
-        let bucket = if self.index_bits == 0 { 0 } else { (hash >> (64 - self.index_bits)) as usize };
+        let bucket = if self.index_bits == 0 {
+            0
+        } else {
+            (hash >> (64 - self.index_bits)) as usize
+        };
         let lo = self.index[bucket] as usize;
         let hi = self.index[bucket + 1] as usize;
         // Every token > hash that is not in this bucket is at or after `hi`.
@@ -245,7 +269,11 @@ fn token_position(node: NodeId, vnode: u64) -> u64 {
 
 /// About one index bucket per token, capped at 2^20 buckets.
 fn index_bits_for(tokens: usize) -> u32 {
-    if tokens < 2 { 0 } else { (usize::BITS - (tokens - 1).leading_zeros()).min(20) }
+    if tokens < 2 {
+        0
+    } else {
+        (usize::BITS - (tokens - 1).leading_zeros()).min(20)
+    }
 }
 
 /// `index[b]` = first token whose top bits are >= b, plus a final sentinel = tokens.len().
@@ -254,7 +282,11 @@ fn build_index(tokens: &[u64], bits: u32) -> Vec<u32> {
     let mut index = Vec::with_capacity(buckets + 1);
     let mut at = 0usize;
     for b in 0..buckets {
-        let bucket_start = if bits == 0 { 0 } else { (b as u64) << (64 - bits) };
+        let bucket_start = if bits == 0 {
+            0
+        } else {
+            (b as u64) << (64 - bits)
+        };
         while at < tokens.len() && tokens[at] < bucket_start {
             at += 1;
         }
@@ -273,8 +305,11 @@ mod tests {
     const N3: NonZeroUsize = NonZeroUsize::new(3).unwrap();
 
     fn ring_of(ids: &[u64]) -> Ring {
-        Ring::new(ids.iter().map(|&id| RingMember::new(NodeId(id))), RingConfig::default())
-            .expect("valid ring")
+        Ring::new(
+            ids.iter().map(|&id| RingMember::new(NodeId(id))),
+            RingConfig::default(),
+        )
+        .expect("valid ring")
     }
 
     /// The reference lookup: linear scan, no index.
@@ -294,8 +329,11 @@ mod tests {
 
     #[test]
     fn duplicate_member_is_rejected() {
-        let err = Ring::new([RingMember::new(NodeId(1)), RingMember::new(NodeId(1))], RingConfig::default())
-            .unwrap_err();
+        let err = Ring::new(
+            [RingMember::new(NodeId(1)), RingMember::new(NodeId(1))],
+            RingConfig::default(),
+        )
+        .unwrap_err();
         assert_eq!(err, RingError::DuplicateMember(NodeId(1)));
     }
 
@@ -320,7 +358,11 @@ mod tests {
         let light = ring.primary_share(NodeId(1));
         let heavy = ring.primary_share(NodeId(2));
         assert!((light + heavy - 1.0).abs() < 1e-9);
-        assert!((heavy / light - 3.0).abs() < 0.3, "heavy/light = {}", heavy / light);
+        assert!(
+            (heavy / light - 3.0).abs() < 0.3,
+            "heavy/light = {}",
+            heavy / light
+        );
     }
 
     proptest! {

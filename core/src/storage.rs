@@ -87,6 +87,7 @@ pub struct Entry {
     /// Ring position of the key.
     pub hash: u64,
     /// The key.
+    #[serde(with = "crate::wire::serde_bytes")]
     pub key: Bytes,
     /// The stored record.
     pub record: Record,
@@ -98,6 +99,7 @@ pub struct ScanCursor {
     /// Ring position of the last returned key.
     pub hash: u64,
     /// The last returned key.
+    #[serde(with = "crate::wire::serde_bytes")]
     pub key: Bytes,
 }
 
@@ -129,7 +131,10 @@ impl RangeDigest {
 
     /// Combines two digests of disjoint sets (for building Merkle parents).
     pub fn combine(self, other: RangeDigest) -> RangeDigest {
-        RangeDigest { count: self.count + other.count, hash: self.hash.wrapping_add(other.hash) }
+        RangeDigest {
+            count: self.count + other.count,
+            hash: self.hash.wrapping_add(other.hash),
+        }
     }
 }
 
@@ -202,7 +207,11 @@ pub trait Storage: Send + Sync + 'static {
 #[allow(missing_docs)] // Each method mirrors the `Storage` method of the same name.
 pub trait DynStorage: Send + Sync + 'static {
     fn get_dyn<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<Option<Record>, StorageError>>;
-    fn apply_dyn(&self, key: Bytes, record: Record) -> BoxFuture<'_, Result<ApplyOutcome, StorageError>>;
+    fn apply_dyn(
+        &self,
+        key: Bytes,
+        record: Record,
+    ) -> BoxFuture<'_, Result<ApplyOutcome, StorageError>>;
     fn scan_dyn(
         &self,
         range: HashRange,
@@ -214,7 +223,11 @@ pub trait DynStorage: Send + Sync + 'static {
         range: HashRange,
         buckets: NonZeroU32,
     ) -> BoxFuture<'_, Result<Vec<RangeDigest>, StorageError>>;
-    fn purge_dyn(&self, now_ms: u64, grace: Duration) -> BoxFuture<'_, Result<PurgeStats, StorageError>>;
+    fn purge_dyn(
+        &self,
+        now_ms: u64,
+        grace: Duration,
+    ) -> BoxFuture<'_, Result<PurgeStats, StorageError>>;
     fn stats_dyn(&self) -> BoxFuture<'_, Result<StorageStats, StorageError>>;
     fn flush_dyn(&self) -> BoxFuture<'_, Result<(), StorageError>>;
     fn close_dyn(&self) -> BoxFuture<'_, Result<(), StorageError>>;
@@ -224,7 +237,11 @@ impl<S: Storage> DynStorage for S {
     fn get_dyn<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<Option<Record>, StorageError>> {
         Box::pin(self.get(key))
     }
-    fn apply_dyn(&self, key: Bytes, record: Record) -> BoxFuture<'_, Result<ApplyOutcome, StorageError>> {
+    fn apply_dyn(
+        &self,
+        key: Bytes,
+        record: Record,
+    ) -> BoxFuture<'_, Result<ApplyOutcome, StorageError>> {
         Box::pin(self.apply(key, record))
     }
     fn scan_dyn(
@@ -242,7 +259,11 @@ impl<S: Storage> DynStorage for S {
     ) -> BoxFuture<'_, Result<Vec<RangeDigest>, StorageError>> {
         Box::pin(self.digest(range, buckets))
     }
-    fn purge_dyn(&self, now_ms: u64, grace: Duration) -> BoxFuture<'_, Result<PurgeStats, StorageError>> {
+    fn purge_dyn(
+        &self,
+        now_ms: u64,
+        grace: Duration,
+    ) -> BoxFuture<'_, Result<PurgeStats, StorageError>> {
         Box::pin(self.purge(now_ms, grace))
     }
     fn stats_dyn(&self) -> BoxFuture<'_, Result<StorageStats, StorageError>> {
@@ -261,7 +282,11 @@ impl Storage for SharedStorage {
         // The async block lets the future capture both elided lifetimes.
         async move { (**self).get_dyn(key).await }
     }
-    fn apply(&self, key: Bytes, record: Record) -> impl Future<Output = Result<ApplyOutcome, StorageError>> + Send {
+    fn apply(
+        &self,
+        key: Bytes,
+        record: Record,
+    ) -> impl Future<Output = Result<ApplyOutcome, StorageError>> + Send {
         (**self).apply_dyn(key, record)
     }
     fn scan(
@@ -279,7 +304,11 @@ impl Storage for SharedStorage {
     ) -> impl Future<Output = Result<Vec<RangeDigest>, StorageError>> + Send {
         (**self).digest_dyn(range, buckets)
     }
-    fn purge(&self, now_ms: u64, grace: Duration) -> impl Future<Output = Result<PurgeStats, StorageError>> + Send {
+    fn purge(
+        &self,
+        now_ms: u64,
+        grace: Duration,
+    ) -> impl Future<Output = Result<PurgeStats, StorageError>> + Send {
         (**self).purge_dyn(now_ms, grace)
     }
     fn stats(&self) -> impl Future<Output = Result<StorageStats, StorageError>> + Send {
@@ -298,7 +327,10 @@ impl Storage for SharedStorage {
 /// Backends without a native ordered index (such as a hash map) can collect matching entries
 /// and sort with this.
 pub fn scan_order(range: &HashRange, a: &Entry, b: &Entry) -> std::cmp::Ordering {
-    range.offset(a.hash).cmp(&range.offset(b.hash)).then_with(|| a.key.cmp(&b.key))
+    range
+        .offset(a.hash)
+        .cmp(&range.offset(b.hash))
+        .then_with(|| a.key.cmp(&b.key))
 }
 
 /// Whether `(hash, key)` comes strictly after `cursor` in scan order over `range`.

@@ -147,7 +147,11 @@ pub trait Transport: Send + Sync + 'static {
 pub trait DynTransport: Send + Sync + 'static {
     fn local_addr_dyn(&self) -> Address;
     fn max_frame_len_dyn(&self) -> usize;
-    fn send_dyn<'a>(&'a self, to: &'a Address, frame: Bytes) -> BoxFuture<'a, Result<(), TransportError>>;
+    fn send_dyn<'a>(
+        &'a self,
+        to: &'a Address,
+        frame: Bytes,
+    ) -> BoxFuture<'a, Result<(), TransportError>>;
     fn recv_dyn(&self) -> BoxFuture<'_, Result<Incoming, TransportError>>;
     fn close_dyn(&self) -> BoxFuture<'_, ()>;
 }
@@ -159,7 +163,11 @@ impl<T: Transport> DynTransport for T {
     fn max_frame_len_dyn(&self) -> usize {
         self.max_frame_len()
     }
-    fn send_dyn<'a>(&'a self, to: &'a Address, frame: Bytes) -> BoxFuture<'a, Result<(), TransportError>> {
+    fn send_dyn<'a>(
+        &'a self,
+        to: &'a Address,
+        frame: Bytes,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
         Box::pin(self.send(to, frame))
     }
     fn recv_dyn(&self) -> BoxFuture<'_, Result<Incoming, TransportError>> {
@@ -177,7 +185,11 @@ impl Transport for SharedTransport {
     fn max_frame_len(&self) -> usize {
         (**self).max_frame_len_dyn()
     }
-    fn send(&self, to: &Address, frame: Bytes) -> impl Future<Output = Result<(), TransportError>> + Send {
+    fn send(
+        &self,
+        to: &Address,
+        frame: Bytes,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
         // The async block lets the future capture both elided lifetimes.
         async move { (**self).send_dyn(to, frame).await }
     }

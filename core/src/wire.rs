@@ -1,1 +1,607 @@
-//! Wire format (being written).
+//! The wire format: length-prefixed frames with a versioned header and a bincode payload.
+//!
+//! ```text
+//! offset  size  field
+//! 0       4     length of everything after this field (header + payload), big-endian u32
+//! 4       2     magic 0xC4 0x05
+//! 6       1     wire version (WIRE_VERSION)
+//! 7       1     frame kind: 0 one-way message, 1 request, 2 response
+//! 8       8     correlation id, big-endian (0 for one-way messages)
+//! 16      ...   payload: bincode 2.0.1, standard configuration, via serde
+//! ```
+//!
+//! This module is the only place that knows bincode. Every decode is bounded: the length prefix
+//! is checked against the caller's maximum before anything is buffered or allocated, the payload
+//! decoder runs under a byte limit equal to the payload's length and borrows from the input
+//! rather than pre-allocating claimed lengths, and a payload that does not consume its frame
+//! exactly is rejected. Malformed input of any kind yields a [`WireError`], never a panic.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::hlc::Version;
+use crate::record::Record;
+
+/// First two bytes after the length prefix.
+pub const MAGIC: [u8; 2] = [0xC4, 0x05];
+/// The wire version this build speaks.
+pub const WIRE_VERSION: u8 = 1;
+/// Size of the length prefix.
+pub const PREFIX_LEN: usize = 4;
+/// Size of the header after the length prefix.
+pub const HEADER_LEN: usize = 12;
+/// Default largest frame, prefix included.
+pub const DEFAULT_MAX_FRAME_LEN: usize = 16 * 1024 * 1024;
+/// Absolute ceiling on any frame, whatever a configuration says.
+pub const MAX_FRAME_LEN_CEILING: usize = 256 * 1024 * 1024;
+
+/// What a frame carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FrameKind {
+    /// A message that expects no reply.
+    Message,
+    /// A request; the reply carries the same correlation id.
+    Request,
+    /// A response to the request with the same correlation id.
+    Response,
+}
+
+impl FrameKind {
+    fn to_byte(self) -> u8 {
+        match self {
+            FrameKind::Message => 0,
+            FrameKind::Request => 1,
+            FrameKind::Response => 2,
+        }
+    }
+
+    fn from_byte(b: u8) -> Result<Self, WireError> {
+        match b {
+            0 => Ok(FrameKind::Message),
+            1 => Ok(FrameKind::Request),
+            2 => Ok(FrameKind::Response),
+            other => Err(WireError::UnknownKind(other)),
+        }
+    }
+}
+
+/// The fixed part of a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Header {
+    /// What the frame carries.
+    pub kind: FrameKind,
+    /// Matches responses to requests.
+    pub correlation: u64,
+}
+
+impl Header {
+    /// A one-way message header.
+    pub const fn message() -> Self {
+        Header {
+            kind: FrameKind::Message,
+            correlation: 0,
+        }
+    }
+
+    /// A request header.
+    pub const fn request(correlation: u64) -> Self {
+        Header {
+            kind: FrameKind::Request,
+            correlation,
+        }
+    }
+
+    /// A response header.
+    pub const fn response(correlation: u64) -> Self {
+        Header {
+            kind: FrameKind::Response,
+            correlation,
+        }
+    }
+}
+
+/// Why a frame could not be encoded or decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// Fewer bytes than the frame needs.
+    #[error("truncated frame: need {needed} bytes, have {have}")]
+    Truncated {
+        /// Bytes the frame needs.
+        needed: usize,
+        /// Bytes present.
+        have: usize,
+    },
+    /// The length prefix exceeds the maximum frame size.
+    #[error("frame of {len} bytes exceeds the maximum of {max}")]
+    TooLarge {
+        /// Claimed or actual frame length, prefix included.
+        len: usize,
+        /// The maximum.
+        max: usize,
+    },
+    /// The length prefix is too small to hold a header.
+    #[error("frame length {len} is shorter than the {HEADER_LEN}-byte header")]
+    TooShort {
+        /// Claimed length after the prefix.
+        len: usize,
+    },
+    /// The magic bytes are wrong: not a Chorus frame.
+    #[error("bad magic {0:02x?}: not a Chorus frame")]
+    BadMagic([u8; 2]),
+    /// The peer speaks a wire version this build does not.
+    #[error("unsupported wire version {got} (this build speaks {WIRE_VERSION})")]
+    UnsupportedVersion {
+        /// The version in the frame.
+        got: u8,
+    },
+    /// The frame kind byte is not known.
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    /// Bytes follow the frame the prefix describes.
+    #[error("{extra} trailing bytes after the frame")]
+    TrailingBytes {
+        /// How many.
+        extra: usize,
+    },
+    /// The payload did not decode.
+    #[error("malformed payload: {0}")]
+    Payload(String),
+    /// The payload could not be encoded.
+    #[error("cannot encode payload: {0}")]
+    Encode(String),
+}
+
+/// The bincode configuration of the payload. Changing it is a wire-version change.
+///
+/// The limit is a backstop; the real bound is that every byte string and string field decodes
+/// through [`serde_bytes`] / [`serde_str`], which borrow from the input instead of allocating
+/// a claimed length.
+fn config() -> bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<MAX_FRAME_LEN_CEILING>,
+> {
+    bincode::config::standard().with_limit::<MAX_FRAME_LEN_CEILING>()
+}
+
+/// Serde helpers for `Bytes` fields of wire types: `#[serde(with = "crate::wire::serde_bytes")]`.
+///
+/// Deserializing through `deserialize_bytes` makes bincode hand out a slice of the input after
+/// checking the claimed length against what is actually there, so a peer cannot make us allocate
+/// more than it sent. The owned path (`deserialize_byte_buf`, which `Bytes` uses by default)
+/// allocates the claimed length first.
+pub mod serde_bytes {
+    use std::fmt;
+
+    use bytes::Bytes;
+    use serde::{Deserializer, Serializer};
+
+    /// Serializes as a byte string.
+    pub fn serialize<S: Serializer>(bytes: &Bytes, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(bytes)
+    }
+
+    /// Deserializes from a borrowed byte string, copying exactly what is present.
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Bytes, D::Error> {
+        deserializer.deserialize_bytes(BytesVisitor)
+    }
+
+    struct BytesVisitor;
+
+    impl<'de> serde::de::Visitor<'de> for BytesVisitor {
+        type Value = Bytes;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a byte string")
+        }
+
+        fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Bytes, E> {
+            Ok(Bytes::copy_from_slice(v))
+        }
+
+        fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
+            Ok(Bytes::from(v))
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Bytes, A::Error> {
+            // Self-describing formats (JSON in tools and tests) write bytes as a sequence;
+            // growth follows the elements actually present.
+            let mut out = Vec::new();
+            while let Some(b) = seq.next_element::<u8>()? {
+                out.push(b);
+            }
+            Ok(Bytes::from(out))
+        }
+    }
+}
+
+/// Serde helpers for `String` fields of wire types, for the same reason as [`serde_bytes`].
+pub mod serde_str {
+    use std::fmt;
+
+    use serde::{Deserializer, Serializer};
+
+    /// Serializes as a string.
+    pub fn serialize<S: Serializer>(s: &str, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(s)
+    }
+
+    /// Deserializes from a borrowed string, copying exactly what is present.
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+        deserializer.deserialize_str(StrVisitor)
+    }
+
+    struct StrVisitor;
+
+    impl serde::de::Visitor<'_> for StrVisitor {
+        type Value = String;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_owned())
+        }
+
+        fn visit_string<E: serde::de::Error>(self, v: String) -> Result<String, E> {
+            Ok(v)
+        }
+    }
+}
+
+/// Given at least the first [`PREFIX_LEN`] bytes of a stream, the length of the whole frame,
+/// prefix included, after checking it against `max_frame_len`.
+///
+/// Returns `Ok(None)` when fewer than [`PREFIX_LEN`] bytes are available. Stream transports call
+/// this before buffering a frame, so an oversized claim is refused without allocating.
+pub fn frame_len(buf: &[u8], max_frame_len: usize) -> Result<Option<usize>, WireError> {
+    let Some(prefix) = buf.first_chunk::<PREFIX_LEN>() else {
+        return Ok(None);
+    };
+    let body = u32::from_be_bytes(*prefix) as usize;
+    let total = body + PREFIX_LEN;
+    let max = max_frame_len.min(MAX_FRAME_LEN_CEILING);
+    if total > max {
+        return Err(WireError::TooLarge { len: total, max });
+    }
+    if body < HEADER_LEN {
+        return Err(WireError::TooShort { len: body });
+    }
+    Ok(Some(total))
+}
+
+/// Encodes `payload` into a complete frame.
+pub fn encode<M: Serialize>(
+    header: Header,
+    payload: &M,
+    max_frame_len: usize,
+) -> Result<Bytes, WireError> {
+    let mut buf = BytesMut::with_capacity(128).writer();
+    let mut head = [0u8; PREFIX_LEN + HEADER_LEN];
+    head[4..6].copy_from_slice(&MAGIC);
+    head[6] = WIRE_VERSION;
+    head[7] = header.kind.to_byte();
+    head[8..16].copy_from_slice(&header.correlation.to_be_bytes());
+    std::io::Write::write_all(&mut buf, &head).map_err(|e| WireError::Encode(e.to_string()))?;
+    bincode::serde::encode_into_std_write(payload, &mut buf, config())
+        .map_err(|e| WireError::Encode(e.to_string()))?;
+    let mut buf = buf.into_inner();
+    let max = max_frame_len.min(MAX_FRAME_LEN_CEILING);
+    if buf.len() > max {
+        return Err(WireError::TooLarge {
+            len: buf.len(),
+            max,
+        });
+    }
+    let body = u32::try_from(buf.len() - PREFIX_LEN).map_err(|_| WireError::TooLarge {
+        len: buf.len(),
+        max,
+    })?;
+    buf[..PREFIX_LEN].copy_from_slice(&body.to_be_bytes());
+    Ok(buf.freeze())
+}
+
+/// Decodes exactly one complete frame (prefix included) into its header and payload.
+pub fn decode<M: DeserializeOwned>(
+    frame: &[u8],
+    max_frame_len: usize,
+) -> Result<(Header, M), WireError> {
+    let (header, payload) = split(frame, max_frame_len)?;
+    // Borrowing decode: byte strings are validated against the remaining input before they
+    // are copied, so a lying length inside the payload cannot trigger a large allocation.
+    let (value, read): (M, usize) = bincode::serde::borrow_decode_from_slice(payload, config())
+        .map_err(|e| WireError::Payload(e.to_string()))?;
+    if read != payload.len() {
+        return Err(WireError::TrailingBytes {
+            extra: payload.len() - read,
+        });
+    }
+    Ok((header, value))
+}
+
+/// Validates the prefix and header of one complete frame and returns the header and payload.
+pub fn split(frame: &[u8], max_frame_len: usize) -> Result<(Header, &[u8]), WireError> {
+    let total = frame_len(frame, max_frame_len)?.ok_or(WireError::Truncated {
+        needed: PREFIX_LEN,
+        have: frame.len(),
+    })?;
+    if frame.len() < total {
+        return Err(WireError::Truncated {
+            needed: total,
+            have: frame.len(),
+        });
+    }
+    if frame.len() > total {
+        return Err(WireError::TrailingBytes {
+            extra: frame.len() - total,
+        });
+    }
+    let magic = [frame[4], frame[5]];
+    if magic != MAGIC {
+        return Err(WireError::BadMagic(magic));
+    }
+    if frame[6] != WIRE_VERSION {
+        return Err(WireError::UnsupportedVersion { got: frame[6] });
+    }
+    let kind = FrameKind::from_byte(frame[7])?;
+    let mut correlation = [0u8; 8];
+    correlation.copy_from_slice(&frame[8..16]);
+    let header = Header {
+        kind,
+        correlation: u64::from_be_bytes(correlation),
+    };
+    Ok((header, &frame[PREFIX_LEN + HEADER_LEN..]))
+}
+
+/// Data-plane messages exchanged between nodes.
+///
+/// Later protocol parts (membership, anti-entropy) add variants; adding a variant at the end is
+/// compatible for peers that know it, and a peer that does not reports a typed decode error.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Message {
+    /// Store `record` under `key` if it is newer than what the replica holds.
+    Put {
+        /// The key.
+        #[serde(with = "serde_bytes")]
+        key: Bytes,
+        /// The record to apply.
+        record: Record,
+    },
+    /// The outcome of a [`Message::Put`].
+    PutReply {
+        /// Whether the record was stored.
+        applied: bool,
+        /// The version the replica holds afterwards.
+        current: Version,
+    },
+    /// Read the record stored under `key`.
+    Get {
+        /// The key.
+        #[serde(with = "serde_bytes")]
+        key: Bytes,
+    },
+    /// The outcome of a [`Message::Get`].
+    GetReply {
+        /// The stored record, tombstones included.
+        record: Option<Record>,
+    },
+    /// The request could not be served.
+    Error {
+        /// Why, for logs.
+        #[serde(with = "serde_str")]
+        reason: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hlc::{NodeId, Timestamp};
+    use proptest::prelude::*;
+
+    const MAX: usize = 64 * 1024;
+
+    fn put(value_len: usize) -> Message {
+        Message::Put {
+            key: Bytes::from_static(b"user:1234"),
+            record: Record::value(
+                vec![7u8; value_len],
+                Version::new(Timestamp::new(1_700_000_000_000, 3), NodeId(42)),
+            ),
+        }
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        let version = (any::<u64>(), any::<u64>())
+            .prop_map(|(t, n)| Version::new(Timestamp::from_u64(t), NodeId(n)));
+        let record = (
+            prop::option::of(prop::collection::vec(any::<u8>(), 0..64)),
+            version.clone(),
+            prop::option::of(any::<u64>()),
+        )
+            .prop_map(|(v, version, exp)| Record {
+                payload: v.map_or(crate::record::Payload::Tombstone, |v| {
+                    crate::record::Payload::Value(v.into())
+                }),
+                version,
+                expires_at_ms: exp,
+            });
+        let key = prop::collection::vec(any::<u8>(), 0..32).prop_map(Bytes::from);
+        prop_oneof![
+            (key.clone(), record.clone()).prop_map(|(key, record)| Message::Put { key, record }),
+            (any::<bool>(), version)
+                .prop_map(|(applied, current)| Message::PutReply { applied, current }),
+            key.prop_map(|key| Message::Get { key }),
+            prop::option::of(record).prop_map(|record| Message::GetReply { record }),
+            ".{0,40}".prop_map(|reason| Message::Error { reason }),
+        ]
+    }
+
+    #[test]
+    fn put_round_trips() {
+        let frame = encode(Header::request(9), &put(100), MAX).expect("encode");
+        assert_eq!(frame_len(&frame, MAX), Ok(Some(frame.len())));
+        let (header, msg): (Header, Message) = decode(&frame, MAX).expect("decode");
+        assert_eq!(header, Header::request(9));
+        assert_eq!(msg, put(100));
+    }
+
+    #[test]
+    fn header_errors_are_typed() {
+        let frame = encode(Header::message(), &put(10), MAX)
+            .expect("encode")
+            .to_vec();
+
+        let mut bad = frame.clone();
+        bad[4] = 0;
+        assert!(matches!(
+            decode::<Message>(&bad, MAX),
+            Err(WireError::BadMagic(_))
+        ));
+
+        let mut bad = frame.clone();
+        bad[6] = WIRE_VERSION + 1;
+        assert_eq!(
+            decode::<Message>(&bad, MAX).unwrap_err(),
+            WireError::UnsupportedVersion {
+                got: WIRE_VERSION + 1
+            }
+        );
+
+        let mut bad = frame.clone();
+        bad[7] = 9;
+        assert_eq!(
+            decode::<Message>(&bad, MAX).unwrap_err(),
+            WireError::UnknownKind(9)
+        );
+
+        let mut bad = frame.clone();
+        bad.push(0);
+        assert_eq!(
+            decode::<Message>(&bad, MAX).unwrap_err(),
+            WireError::TrailingBytes { extra: 1 }
+        );
+
+        assert!(matches!(
+            decode::<Message>(&frame[..frame.len() - 1], MAX),
+            Err(WireError::Truncated { .. })
+        ));
+        assert!(matches!(
+            decode::<Message>(&frame[..2], MAX),
+            Err(WireError::Truncated { .. })
+        ));
+        assert_eq!(frame_len(&frame[..3], MAX), Ok(None));
+    }
+
+    #[test]
+    fn oversized_prefix_is_refused_before_buffering() {
+        let claim = (u32::MAX).to_be_bytes();
+        assert!(matches!(
+            frame_len(&claim, MAX),
+            Err(WireError::TooLarge { .. })
+        ));
+        let claim = ((MAX - PREFIX_LEN + 1) as u32).to_be_bytes();
+        assert_eq!(
+            frame_len(&claim, MAX),
+            Err(WireError::TooLarge {
+                len: MAX + 1,
+                max: MAX
+            })
+        );
+        let claim = 3u32.to_be_bytes();
+        assert_eq!(frame_len(&claim, MAX), Err(WireError::TooShort { len: 3 }));
+    }
+
+    #[test]
+    fn oversized_payload_is_refused_on_encode() {
+        assert!(matches!(
+            encode(Header::message(), &put(MAX), MAX),
+            Err(WireError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn payload_with_inner_trailing_bytes_is_rejected() {
+        // A valid payload followed by junk inside a correctly prefixed frame.
+        let mut frame = encode(
+            Header::message(),
+            &Message::Get {
+                key: Bytes::from_static(b"k"),
+            },
+            MAX,
+        )
+        .expect("encode")
+        .to_vec();
+        frame.extend_from_slice(&[1, 2, 3]);
+        let body = (frame.len() - PREFIX_LEN) as u32;
+        frame[..4].copy_from_slice(&body.to_be_bytes());
+        assert_eq!(
+            decode::<Message>(&frame, MAX).unwrap_err(),
+            WireError::TrailingBytes { extra: 3 }
+        );
+    }
+
+    #[test]
+    fn lying_inner_length_does_not_decode() {
+        // A Get whose key claims 2^40 bytes in a tiny frame.
+        let mut payload = vec![2u8]; // variant index of Get
+        payload.push(253); // bincode varint marker for u64
+        payload.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        let mut frame = vec![0u8; PREFIX_LEN + HEADER_LEN];
+        frame[4..6].copy_from_slice(&MAGIC);
+        frame[6] = WIRE_VERSION;
+        frame.extend_from_slice(&payload);
+        let body = (frame.len() - PREFIX_LEN) as u32;
+        frame[..4].copy_from_slice(&body.to_be_bytes());
+        assert!(matches!(
+            decode::<Message>(&frame, MAX),
+            Err(WireError::Payload(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn every_message_round_trips(msg in arb_message(), correlation: u64, kind in 0u8..3) {
+            let header = Header { kind: FrameKind::from_byte(kind).unwrap(), correlation };
+            let frame = encode(header, &msg, MAX).unwrap();
+            let (h, m): (Header, Message) = decode(&frame, MAX).unwrap();
+            prop_assert_eq!(h, header);
+            prop_assert_eq!(m, msg);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = frame_len(&bytes, MAX);
+            let _ = decode::<Message>(&bytes, MAX);
+        }
+
+        // Random bytes behind a valid prefix and header exercise the payload decoder itself.
+        #[test]
+        fn arbitrary_payloads_never_panic(payload in prop::collection::vec(any::<u8>(), 0..256), correlation: u64) {
+            let mut frame = vec![0u8; PREFIX_LEN + HEADER_LEN];
+            frame[4..6].copy_from_slice(&MAGIC);
+            frame[6] = WIRE_VERSION;
+            frame[7] = 1;
+            frame[8..16].copy_from_slice(&correlation.to_be_bytes());
+            frame.extend_from_slice(&payload);
+            let body = (frame.len() - PREFIX_LEN) as u32;
+            frame[..4].copy_from_slice(&body.to_be_bytes());
+            if let Ok((header, _)) = decode::<Message>(&frame, MAX) {
+                prop_assert_eq!(header.correlation, correlation);
+            }
+        }
+
+        // Flipping any byte of a valid frame yields a typed error or a (different) valid message.
+        #[test]
+        fn corrupted_frames_never_panic(msg in arb_message(), at: prop::sample::Index, bit in 0u8..8) {
+            let mut frame = encode(Header::request(1), &msg, MAX).unwrap().to_vec();
+            let i = at.index(frame.len());
+            frame[i] ^= 1 << bit;
+            let _ = decode::<Message>(&frame, MAX);
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! Decoding hostile frames never allocates past a small multiple of the frame's own size.
+//!
+//! The global allocator is capped while each frame is decoded; an allocation past the cap
+//! fails and aborts the test binary, naming the size it wanted. This file holds one test so
+//! no other test allocates concurrently. Set `CHORUS_SEED` to replay a run.
+
+use bytes::Bytes;
+use cap::Cap;
+use chorus_core::wire::{self, HEADER_LEN, Header, Message, PREFIX_LEN};
+use chorus_core::{NodeId, Record, Timestamp, Version};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::alloc::System;
+
+#[global_allocator]
+static ALLOCATOR: Cap<System> = Cap::new(System, usize::MAX);
+
+/// Budget for one decode: a fixed allowance plus four times the frame.
+fn budget(frame_len: usize) -> usize {
+    64 * 1024 + 4 * frame_len
+}
+
+/// A valid frame of a random message, then corrupted: a varint length marker planted at a
+/// random offset followed by a huge little-endian length, plus a few random byte flips. Starting
+/// from valid encodings makes the decoder reach the inner length fields of every variant.
+fn hostile_frame(rng: &mut ChaCha8Rng) -> Vec<u8> {
+    let version = Version::new(Timestamp::from_u64(rng.random()), NodeId(rng.random()));
+    let key = Bytes::from(vec![b'k'; rng.random_range(0..16)]);
+    let value = vec![b'v'; rng.random_range(0..64)];
+    let message = match rng.random_range(0..5) {
+        0 => Message::Put {
+            key,
+            record: Record::value(value, version),
+        },
+        1 => Message::PutReply {
+            applied: true,
+            current: version,
+        },
+        2 => Message::Get { key },
+        3 => Message::GetReply {
+            record: Some(Record::value(value, version).with_expiry(7)),
+        },
+        _ => Message::Error {
+            reason: "x".repeat(rng.random_range(0..32)),
+        },
+    };
+    let mut frame = wire::encode(
+        Header::request(rng.random()),
+        &message,
+        wire::DEFAULT_MAX_FRAME_LEN,
+    )
+    .expect("encode")
+    .to_vec();
+    let payload_start = PREFIX_LEN + HEADER_LEN;
+    let at = rng.random_range(payload_start..frame.len());
+    let marker = [251u8, 252, 253][rng.random_range(0..3)];
+    let claim: u64 = match marker {
+        251 => rng.random_range(1_000..u64::from(u16::MAX)),
+        252 => rng.random_range(1 << 20..u64::from(u32::MAX)),
+        _ => rng.random_range(1 << 32..u64::MAX),
+    };
+    let width = match marker {
+        251 => 2,
+        252 => 4,
+        _ => 8,
+    };
+    frame.truncate(at);
+    frame.push(marker);
+    frame.extend_from_slice(&claim.to_le_bytes()[..width]);
+    let tail = rng.random_range(0..64);
+    frame.extend((0..tail).map(|_| rng.random::<u8>()));
+    for _ in 0..rng.random_range(0..3) {
+        let i = rng.random_range(payload_start..frame.len());
+        frame[i] ^= rng.random::<u8>();
+    }
+    let body = u32::try_from(frame.len() - PREFIX_LEN).expect("small frame");
+    frame[..PREFIX_LEN].copy_from_slice(&body.to_be_bytes());
+    frame
+}
+
+#[test]
+fn hostile_frames_stay_within_allocation_budget() {
+    let seed = std::env::var("CHORUS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_0001_u64);
+    eprintln!("seed {seed} (replay with CHORUS_SEED={seed})");
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut rejected = 0usize;
+    for _ in 0..20_000 {
+        let frame = hostile_frame(&mut rng);
+        let limit = ALLOCATOR.allocated() + budget(frame.len());
+        ALLOCATOR.set_limit(limit).expect("limit above current use");
+        let result = wire::decode::<Message>(&frame, wire::DEFAULT_MAX_FRAME_LEN);
+        ALLOCATOR.set_limit(usize::MAX).expect("lift the limit");
+        if result.is_err() {
+            rejected += 1;
+        }
+    }
+    // Random payloads are overwhelmingly malformed; if they all decoded, the test is not
+    // exercising the decoder's error paths.
+    assert!(
+        rejected > 10_000,
+        "only {rejected} of 20000 hostile frames were rejected"
+    );
+}
