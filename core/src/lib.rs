@@ -5,6 +5,7 @@
 //! - [`record`]: values, tombstones and the last-writer-wins merge;
 //! - [`storage`] and [`transport`]: the traits backends and transports implement;
 //! - [`wire`]: the frame format and the one place bincode is used;
+//! - [`rpc`]: request/response correlation over any transport;
 //! - [`registry`]: names to backend and transport factories;
 //! - [`inproc`]: an in-process transport with seeded fault injection, for whole-cluster tests.
 //!
@@ -19,6 +20,7 @@ pub mod inproc;
 pub mod record;
 pub mod registry;
 pub mod ring;
+pub mod rpc;
 pub mod storage;
 pub mod transport;
 pub mod wire;

@@ -278,9 +278,9 @@ impl<S: Storage> DynStorage for S {
 }
 
 impl Storage for SharedStorage {
-    fn get(&self, key: &[u8]) -> impl Future<Output = Result<Option<Record>, StorageError>> + Send {
-        // The async block lets the future capture both elided lifetimes.
-        async move { (**self).get_dyn(key).await }
+    // `async fn` lets the future capture both elided lifetimes.
+    async fn get(&self, key: &[u8]) -> Result<Option<Record>, StorageError> {
+        (**self).get_dyn(key).await
     }
     fn apply(
         &self,

@@ -66,8 +66,9 @@ impl From<String> for Address {
 /// A frame received from a peer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Incoming {
-    /// The sender's address as the transport knows it (for stream transports possibly an
-    /// ephemeral port; replies go to the address carried inside the message).
+    /// An address that reaches the sender: a frame sent to it arrives at the transport this
+    /// frame came from. Stream transports may use the connection's peer address and send
+    /// replies back over that connection.
     pub from: Address,
     /// The whole frame, length prefix included.
     pub frame: Bytes,
@@ -185,13 +186,9 @@ impl Transport for SharedTransport {
     fn max_frame_len(&self) -> usize {
         (**self).max_frame_len_dyn()
     }
-    fn send(
-        &self,
-        to: &Address,
-        frame: Bytes,
-    ) -> impl Future<Output = Result<(), TransportError>> + Send {
-        // The async block lets the future capture both elided lifetimes.
-        async move { (**self).send_dyn(to, frame).await }
+    // `async fn` lets the future capture both elided lifetimes.
+    async fn send(&self, to: &Address, frame: Bytes) -> Result<(), TransportError> {
+        (**self).send_dyn(to, frame).await
     }
     fn recv(&self) -> impl Future<Output = Result<Incoming, TransportError>> + Send {
         (**self).recv_dyn()

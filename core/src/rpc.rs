@@ -1,0 +1,518 @@
+//! Request/response correlation over any [`Transport`].
+//!
+//! Transports only move frames; this module gives them meaning. An [`RpcEndpoint`] owns a
+//! transport and one receive task that decodes every incoming frame:
+//!
+//! - a [`FrameKind::Response`] completes the pending [`RpcEndpoint::request`] with the same
+//!   correlation id (or is counted as unmatched when that request already timed out);
+//! - requests and one-way messages go to the [`Inbound`] channel returned by
+//!   [`RpcEndpoint::start`], whose consumer answers with [`RpcEndpoint::respond`];
+//! - a frame that does not decode is dropped, counted in [`RpcStats::rejected_frames`] and
+//!   logged; it never takes the endpoint down.
+//!
+//! Replies go to [`Incoming::from`](crate::transport::Incoming), which every transport
+//! guarantees reaches the sender. A request that gets no response within its timeout fails
+//! with [`RpcError::Timeout`]; one whose endpoint closes fails with [`RpcError::Closed`].
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::transport::{Address, Transport, TransportError};
+use crate::wire::{self, FrameKind, Header, Message, WireError};
+
+/// Settings of an [`RpcEndpoint`].
+#[derive(Clone, Copy, Debug)]
+pub struct RpcConfig {
+    /// Requests and messages buffered for the consumer; more are shed (and counted).
+    pub inbound_capacity: usize,
+}
+
+impl Default for RpcConfig {
+    fn default() -> Self {
+        RpcConfig {
+            inbound_capacity: 1024,
+        }
+    }
+}
+
+/// Why a request or send failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RpcError {
+    /// No response arrived in time. The request may or may not have been processed.
+    #[error("no response from {to} within {after:?}")]
+    Timeout {
+        /// The peer.
+        to: Address,
+        /// The timeout.
+        after: Duration,
+    },
+    /// The transport refused the frame.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The message could not be encoded.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The endpoint was closed before a response arrived.
+    #[error("endpoint closed")]
+    Closed,
+}
+
+/// Counters of an [`RpcEndpoint`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RpcStats {
+    /// Frames that failed to decode and were dropped.
+    pub rejected_frames: u64,
+    /// Responses whose request was no longer pending (timed out, or never sent).
+    pub unmatched_responses: u64,
+    /// Requests and messages handed to the consumer.
+    pub inbound: u64,
+    /// Requests and messages dropped because the consumer's queue was full or gone.
+    pub shed_inbound: u64,
+}
+
+/// A request or one-way message received from a peer.
+#[derive(Debug)]
+pub struct Inbound {
+    /// Where replies go.
+    pub from: Address,
+    /// Kind and correlation id.
+    pub header: Header,
+    /// The decoded message.
+    pub message: Message,
+}
+
+impl Inbound {
+    /// Whether the sender waits for a response.
+    pub fn expects_response(&self) -> bool {
+        self.header.kind == FrameKind::Request
+    }
+}
+
+struct Shared<T> {
+    transport: T,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Message>>>,
+    next_correlation: AtomicU64,
+    rejected_frames: AtomicU64,
+    unmatched_responses: AtomicU64,
+    inbound: AtomicU64,
+    shed_inbound: AtomicU64,
+}
+
+impl<T> Shared<T> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Message>>> {
+        // The map stays consistent even if a holder panicked: every operation is one insert
+        // or remove.
+        self.pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Correlates requests and responses over a transport. Cheap to clone.
+pub struct RpcEndpoint<T: Transport> {
+    shared: Arc<Shared<T>>,
+}
+
+impl<T: Transport> Clone for RpcEndpoint<T> {
+    fn clone(&self) -> Self {
+        RpcEndpoint {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<T: Transport> std::fmt::Debug for RpcEndpoint<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcEndpoint")
+            .field("local_addr", &self.shared.transport.local_addr())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl<T: Transport> RpcEndpoint<T> {
+    /// Starts the receive task on the current tokio runtime and returns the endpoint and the
+    /// channel of inbound requests and messages. The task ends when the transport closes.
+    pub fn start(transport: T, config: RpcConfig) -> (Self, mpsc::Receiver<Inbound>) {
+        let shared = Arc::new(Shared {
+            transport,
+            pending: Mutex::new(HashMap::new()),
+            next_correlation: AtomicU64::new(1),
+            rejected_frames: AtomicU64::new(0),
+            unmatched_responses: AtomicU64::new(0),
+            inbound: AtomicU64::new(0),
+            shed_inbound: AtomicU64::new(0),
+        });
+        let (tx, rx) = mpsc::channel(config.inbound_capacity.max(1));
+        tokio::spawn(receive_loop(shared.clone(), tx));
+        (RpcEndpoint { shared }, rx)
+    }
+
+    /// The transport's local address.
+    pub fn local_addr(&self) -> Address {
+        self.shared.transport.local_addr()
+    }
+
+    /// The underlying transport.
+    pub fn transport(&self) -> &T {
+        &self.shared.transport
+    }
+
+    /// Sends `message` as a request to `to` and waits up to `timeout` for the response.
+    pub async fn request(
+        &self,
+        to: &Address,
+        message: &Message,
+        timeout: Duration,
+    ) -> Result<Message, RpcError> {
+        let correlation = self.shared.next_correlation.fetch_add(1, Ordering::Relaxed);
+        let frame = wire::encode(
+            Header::request(correlation),
+            message,
+            self.shared.transport.max_frame_len(),
+        )?;
+        let (tx, rx) = oneshot::channel();
+        self.shared.pending().insert(correlation, tx);
+        // Removes the pending entry on every exit path, including cancellation of this future.
+        let _guard = PendingGuard {
+            shared: &self.shared,
+            correlation,
+        };
+        self.shared.transport.send(to, frame).await?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(_)) => Err(RpcError::Closed),
+            Err(_) => Err(RpcError::Timeout {
+                to: to.clone(),
+                after: timeout,
+            }),
+        }
+    }
+
+    /// Sends `message` to `to` without expecting a response.
+    pub async fn send(&self, to: &Address, message: &Message) -> Result<(), RpcError> {
+        let frame = wire::encode(
+            Header::message(),
+            message,
+            self.shared.transport.max_frame_len(),
+        )?;
+        self.shared.transport.send(to, frame).await?;
+        Ok(())
+    }
+
+    /// Answers `request` with `response`. One-way messages expect no answer: this is a no-op
+    /// for them.
+    pub async fn respond(&self, request: &Inbound, response: &Message) -> Result<(), RpcError> {
+        if !request.expects_response() {
+            return Ok(());
+        }
+        let header = Header::response(request.header.correlation);
+        let frame = wire::encode(header, response, self.shared.transport.max_frame_len())?;
+        self.shared.transport.send(&request.from, frame).await?;
+        Ok(())
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> RpcStats {
+        RpcStats {
+            rejected_frames: self.shared.rejected_frames.load(Ordering::Relaxed),
+            unmatched_responses: self.shared.unmatched_responses.load(Ordering::Relaxed),
+            inbound: self.shared.inbound.load(Ordering::Relaxed),
+            shed_inbound: self.shared.shed_inbound.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Closes the transport; pending requests fail with [`RpcError::Closed`].
+    pub async fn close(&self) {
+        self.shared.transport.close().await;
+        self.shared.pending().clear();
+    }
+}
+
+struct PendingGuard<'a, T> {
+    shared: &'a Shared<T>,
+    correlation: u64,
+}
+
+impl<T> Drop for PendingGuard<'_, T> {
+    fn drop(&mut self) {
+        self.shared.pending().remove(&self.correlation);
+    }
+}
+
+async fn receive_loop<T: Transport>(shared: Arc<Shared<T>>, inbound: mpsc::Sender<Inbound>) {
+    let max = shared.transport.max_frame_len();
+    loop {
+        let incoming = match shared.transport.recv().await {
+            Ok(incoming) => incoming,
+            Err(TransportError::Closed) => break,
+            Err(error) => {
+                tracing::debug!(%error, "transport receive error");
+                continue;
+            }
+        };
+        let (header, message) = match wire::decode::<Message>(&incoming.frame, max) {
+            Ok(decoded) => decoded,
+            Err(error) => {
+                shared.rejected_frames.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(from = %incoming.from, %error, "rejected frame");
+                continue;
+            }
+        };
+        match header.kind {
+            FrameKind::Response => {
+                let waiter = shared.pending().remove(&header.correlation);
+                match waiter {
+                    // The requester may have given up between the lookup and now; fine.
+                    Some(waiter) => drop(waiter.send(message)),
+                    None => {
+                        shared.unmatched_responses.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            FrameKind::Request | FrameKind::Message => {
+                let request = Inbound {
+                    from: incoming.from,
+                    header,
+                    message,
+                };
+                // Never wait here: responses share this loop, and a consumer that is itself
+                // waiting for a response would deadlock. A full queue sheds the request; its
+                // sender times out, as it would with an overloaded peer.
+                match inbound.try_send(request) {
+                    Ok(()) => {
+                        shared.inbound.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(mpsc::error::TrySendError::Full(request)) => {
+                        shared.shed_inbound.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(from = %request.from, "inbound queue full; request shed");
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        shared.shed_inbound.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+    shared.pending().clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hlc::{NodeId, Timestamp, Version};
+    use crate::inproc::{InProcessNetwork, InProcessTransport};
+    use bytes::Bytes;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    /// Answers every `Get` with an empty `GetReply` and every `Put` with a `PutReply`.
+    fn serve(endpoint: RpcEndpoint<InProcessTransport>, mut inbound: mpsc::Receiver<Inbound>) {
+        tokio::spawn(async move {
+            while let Some(request) = inbound.recv().await {
+                let reply = match &request.message {
+                    Message::Get { .. } => Message::GetReply { record: None },
+                    Message::Put { record, .. } => Message::PutReply {
+                        applied: true,
+                        current: record.version,
+                    },
+                    _ => Message::Error {
+                        reason: "unsupported".into(),
+                    },
+                };
+                endpoint.respond(&request, &reply).await.expect("respond");
+            }
+        });
+    }
+
+    fn get() -> Message {
+        Message::Get {
+            key: Bytes::from_static(b"k"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn request_gets_its_own_response() {
+        let net = InProcessNetwork::new(1);
+        let (client, _client_inbound) =
+            RpcEndpoint::start(net.bind("a").unwrap(), RpcConfig::default());
+        let (server, server_inbound) =
+            RpcEndpoint::start(net.bind("b").unwrap(), RpcConfig::default());
+        serve(server, server_inbound);
+        let b = Address::new("b");
+        let version = Version::new(Timestamp::new(5, 0), NodeId(1));
+        let put = Message::Put {
+            key: Bytes::from_static(b"k"),
+            record: crate::record::Record::value("v", version),
+        };
+        // Several requests in flight at once each receive the matching response.
+        let get = get();
+        let (r1, r2) = tokio::join!(
+            client.request(&b, &get, SECOND),
+            client.request(&b, &put, SECOND)
+        );
+        assert_eq!(r1.expect("get"), Message::GetReply { record: None });
+        assert_eq!(
+            r2.expect("put"),
+            Message::PutReply {
+                applied: true,
+                current: version
+            }
+        );
+        assert_eq!(client.stats().unmatched_responses, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn partitioned_peer_times_out_with_typed_error() {
+        let net = InProcessNetwork::new(2);
+        let (client, _inbound) = RpcEndpoint::start(net.bind("a").unwrap(), RpcConfig::default());
+        let (server, server_inbound) =
+            RpcEndpoint::start(net.bind("b").unwrap(), RpcConfig::default());
+        serve(server, server_inbound);
+        net.block(&Address::new("b"), &Address::new("a")); // responses are lost
+        let err = client
+            .request(&Address::new("b"), &get(), SECOND)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, RpcError::Timeout { after, .. } if after == SECOND),
+            "{err}"
+        );
+        net.heal();
+        assert!(
+            client
+                .request(&Address::new("b"), &get(), SECOND)
+                .await
+                .is_ok()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unreachable_peer_is_a_transport_error() {
+        let net = InProcessNetwork::new(3);
+        let (client, _inbound) = RpcEndpoint::start(net.bind("a").unwrap(), RpcConfig::default());
+        let err = client
+            .request(&Address::new("nobody"), &get(), SECOND)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, RpcError::Transport(TransportError::Unreachable { .. })),
+            "{err}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn garbage_is_counted_and_the_endpoint_keeps_serving() {
+        let net = InProcessNetwork::new(4);
+        let raw = net.bind("raw").unwrap();
+        let (server, server_inbound) =
+            RpcEndpoint::start(net.bind("b").unwrap(), RpcConfig::default());
+        serve(server.clone(), server_inbound);
+        raw.send(
+            &Address::new("b"),
+            Bytes::from_static(b"\x00\x00\x00\x02hi"),
+        )
+        .await
+        .unwrap();
+        // A well-formed response nobody asked for.
+        let stray =
+            wire::encode(Header::response(999), &get(), wire::DEFAULT_MAX_FRAME_LEN).unwrap();
+        raw.send(&Address::new("b"), stray).await.unwrap();
+        let (client, _inbound) = RpcEndpoint::start(net.bind("a").unwrap(), RpcConfig::default());
+        assert!(
+            client
+                .request(&Address::new("b"), &get(), SECOND)
+                .await
+                .is_ok()
+        );
+        let stats = server.stats();
+        assert_eq!(stats.rejected_frames, 1);
+        assert_eq!(stats.unmatched_responses, 1);
+        assert_eq!(stats.inbound, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn late_response_after_timeout_is_unmatched_not_misdelivered() {
+        let net = InProcessNetwork::new(5);
+        let (client, _inbound) = RpcEndpoint::start(net.bind("a").unwrap(), RpcConfig::default());
+        let (server, server_inbound) =
+            RpcEndpoint::start(net.bind("b").unwrap(), RpcConfig::default());
+        serve(server, server_inbound);
+        let b = Address::new("b");
+        net.set_link_delay(&b, &Address::new("a"), 2 * SECOND, 2 * SECOND)
+            .unwrap();
+        assert!(matches!(
+            client.request(&b, &get(), SECOND).await,
+            Err(RpcError::Timeout { .. })
+        ));
+        net.clear_link_faults(&b, &Address::new("a"));
+        // The next request must get its own response, not the late one.
+        let put_version = Version::new(Timestamp::new(9, 0), NodeId(2));
+        let put = Message::Put {
+            key: Bytes::from_static(b"k"),
+            record: crate::record::Record::tombstone(put_version),
+        };
+        let reply = client
+            .request(&b, &put, 5 * SECOND)
+            .await
+            .expect("second request");
+        assert_eq!(
+            reply,
+            Message::PutReply {
+                applied: true,
+                current: put_version
+            }
+        );
+        tokio::time::sleep(3 * SECOND).await;
+        assert_eq!(client.stats().unmatched_responses, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn full_inbound_queue_sheds_instead_of_blocking_responses() {
+        let net = InProcessNetwork::new(6);
+        let config = RpcConfig {
+            inbound_capacity: 1,
+        };
+        // "b" never reads its inbound queue, but must still receive its own responses.
+        let (b, _unread) = RpcEndpoint::start(net.bind("b").unwrap(), config);
+        let (c, c_inbound) = RpcEndpoint::start(net.bind("c").unwrap(), RpcConfig::default());
+        serve(c, c_inbound);
+        let raw = net.bind("raw").unwrap();
+        for _ in 0..3 {
+            let frame =
+                wire::encode(Header::message(), &get(), wire::DEFAULT_MAX_FRAME_LEN).unwrap();
+            raw.send(&Address::new("b"), frame).await.unwrap();
+        }
+        assert!(b.request(&Address::new("c"), &get(), SECOND).await.is_ok());
+        let stats = b.stats();
+        assert_eq!((stats.inbound, stats.shed_inbound), (1, 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn close_fails_pending_requests() {
+        let net = InProcessNetwork::new(7);
+        let (client, _inbound) = RpcEndpoint::start(net.bind("a").unwrap(), RpcConfig::default());
+        let _silent = net.bind("b").unwrap(); // bound, never answers
+        let pending = {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .request(&Address::new("b"), &get(), 10 * SECOND)
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        client.close().await;
+        let result = pending.await.expect("task");
+        assert!(matches!(result, Err(RpcError::Closed)), "{result:?}");
+        assert!(matches!(
+            client.send(&Address::new("b"), &get()).await,
+            Err(RpcError::Transport(TransportError::Closed))
+        ));
+    }
+}
