@@ -1,0 +1,44 @@
+//! The facade's registry reflects the features this build was compiled with.
+//!
+//! CI runs this file twice: with default features, and with `--no-default-features`, where the
+//! error for "memory" must name the feature that would compile it in.
+
+use chorus::registry::StorageSpec;
+use chorus::{RegistryError, Storage};
+
+#[cfg(feature = "backend-memory")]
+#[tokio::test]
+async fn memory_is_registered_and_opens() {
+    let registry = chorus::registry();
+    assert_eq!(registry.backend_names(), vec!["memory".to_owned()]);
+    let storage = registry.open_backend(&StorageSpec::new("memory")).expect("memory opens");
+    assert_eq!(storage.stats().await.expect("stats").records, 0);
+}
+
+#[cfg(not(feature = "backend-memory"))]
+#[test]
+fn missing_memory_names_its_feature() {
+    let registry = chorus::registry();
+    assert!(registry.backend_names().is_empty());
+    let err = registry.open_backend(&StorageSpec::new("memory")).err().expect("not compiled in");
+    match &err {
+        RegistryError::Unknown { name, available, feature, .. } => {
+            assert_eq!(name, "memory");
+            assert!(available.is_empty());
+            assert_eq!(feature.as_deref(), Some("backend-memory"));
+        }
+        other => panic!("unexpected error {other:?}"),
+    }
+    let text = err.to_string();
+    assert!(text.contains("`backend-memory`"), "{text}");
+}
+
+#[test]
+fn unknown_name_lists_available_backends() {
+    let registry = chorus::registry();
+    let err = registry.open_backend(&StorageSpec::new("cassandra")).err().expect("unknown");
+    let RegistryError::Unknown { available, feature, .. } = &err else { panic!("unexpected error {err:?}") };
+    assert_eq!(available, &registry.backend_names());
+    assert_eq!(feature, &None);
+    assert!(err.to_string().contains("no crate known to this build provides it"), "{err}");
+}
