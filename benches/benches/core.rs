@@ -7,7 +7,7 @@ use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use bytes::Bytes;
-use chorus::hlc::{DEFAULT_MAX_DRIFT, Hlc, ManualClock};
+use chorus::hlc::{DEFAULT_MAX_DRIFT, Hlc, ManualClock, SystemClock};
 use chorus::wire::{self, Header, Message};
 use chorus::{NodeId, Record, Ring, RingConfig, RingMember, Timestamp, Version, key_hash};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -64,8 +64,14 @@ fn ring(c: &mut Criterion) {
 fn hlc(c: &mut Criterion) {
     let mut group = c.benchmark_group("hlc");
     group.throughput(Throughput::Elements(1));
-    let system = Hlc::system();
-    group.bench_function("now/system_clock", |b| b.iter(|| black_box(system.now())));
+    let coarse = Hlc::system();
+    group.bench_function("now/coarse_system_clock", |b| {
+        b.iter(|| black_box(coarse.now()))
+    });
+    let precise = Hlc::new(SystemClock, DEFAULT_MAX_DRIFT);
+    group.bench_function("now/precise_system_clock", |b| {
+        b.iter(|| black_box(precise.now()))
+    });
     let manual = Hlc::new(ManualClock::new(1_700_000_000_000), DEFAULT_MAX_DRIFT);
     group.bench_function("now/manual_clock", |b| b.iter(|| black_box(manual.now())));
     let remote = Timestamp::new(1_700_000_000_000, 5);
