@@ -77,15 +77,17 @@ impl HashRange {
         ((offset * buckets as u128) / self.len()) as u32
     }
 
-    /// The `index`-th of `buckets` equal-width sub-ranges (the inverse of [`Self::bucket_of`]).
-    pub fn bucket(&self, index: u32, buckets: u32) -> HashRange {
+    /// The `index`-th of `buckets` equal-width sub-ranges (the inverse of [`Self::bucket_of`]),
+    /// or `None` when that bucket holds no position (a range narrower than `buckets`), since a
+    /// [`HashRange`] with `start == end` would mean the full ring.
+    pub fn bucket(&self, index: u32, buckets: u32) -> Option<HashRange> {
         let len = self.len();
         let lo = (index as u128 * len).div_ceil(buckets as u128);
         let hi = ((index as u128 + 1) * len).div_ceil(buckets as u128);
-        HashRange {
+        (hi > lo).then(|| HashRange {
             start: self.start.wrapping_add(lo as u64),
             end: self.start.wrapping_add(hi as u64),
-        }
+        })
     }
 }
 
@@ -114,6 +116,16 @@ mod tests {
         assert!(HashRange::FULL.contains(12345));
     }
 
+    #[test]
+    fn empty_buckets_are_none_not_the_full_ring() {
+        let narrow = HashRange::new(10, 13);
+        let buckets: Vec<_> = (0..8).map(|i| narrow.bucket(i, 8)).collect();
+        assert_eq!(buckets.iter().flatten().count(), 3);
+        assert!(buckets.iter().flatten().all(|b| b.len() == 1));
+        let full = HashRange::FULL.bucket(0, 1).expect("one bucket");
+        assert!(full.is_full());
+    }
+
     proptest! {
         #[test]
         fn buckets_partition_the_range(start: u64, end: u64, buckets in 1u32..4096, probe: u64) {
@@ -121,8 +133,14 @@ mod tests {
             let h = start.wrapping_add((probe as u128 % r.len()) as u64);
             let i = r.bucket_of(h, buckets);
             prop_assert!(i < buckets);
-            let b = r.bucket(i, buckets);
+            let b = r.bucket(i, buckets).expect("the bucket holding h is not empty");
             prop_assert!(b.contains(h), "bucket {i} {b:?} misses {h}");
+            prop_assert!(!b.is_full() || buckets == 1 && r.is_full());
+            // The buckets tile the range: their widths add up to its length.
+            if buckets <= 64 {
+                let total: u128 = (0..buckets).filter_map(|j| r.bucket(j, buckets)).map(|b| b.len()).sum();
+                prop_assert_eq!(total, r.len());
+            }
         }
     }
 }
