@@ -11,7 +11,9 @@ use chorus::{RegistryError, Storage};
 async fn memory_is_registered_and_opens() {
     let registry = chorus::registry();
     assert_eq!(registry.backend_names(), vec!["memory".to_owned()]);
-    let storage = registry.open_backend(&StorageSpec::new("memory")).expect("memory opens");
+    let storage = registry
+        .open_backend(&StorageSpec::new("memory"))
+        .expect("memory opens");
     assert_eq!(storage.stats().await.expect("stats").records, 0);
 }
 
@@ -20,9 +22,17 @@ async fn memory_is_registered_and_opens() {
 fn missing_memory_names_its_feature() {
     let registry = chorus::registry();
     assert!(registry.backend_names().is_empty());
-    let err = registry.open_backend(&StorageSpec::new("memory")).err().expect("not compiled in");
+    let err = registry
+        .open_backend(&StorageSpec::new("memory"))
+        .err()
+        .expect("not compiled in");
     match &err {
-        RegistryError::Unknown { name, available, feature, .. } => {
+        RegistryError::Unknown {
+            name,
+            available,
+            feature,
+            ..
+        } => {
             assert_eq!(name, "memory");
             assert!(available.is_empty());
             assert_eq!(feature.as_deref(), Some("backend-memory"));
@@ -36,9 +46,21 @@ fn missing_memory_names_its_feature() {
 #[test]
 fn unknown_name_lists_available_backends() {
     let registry = chorus::registry();
-    let err = registry.open_backend(&StorageSpec::new("cassandra")).err().expect("unknown");
-    let RegistryError::Unknown { available, feature, .. } = &err else { panic!("unexpected error {err:?}") };
+    let err = registry
+        .open_backend(&StorageSpec::new("cassandra"))
+        .err()
+        .expect("unknown");
+    let RegistryError::Unknown {
+        available, feature, ..
+    } = &err
+    else {
+        panic!("unexpected error {err:?}")
+    };
     assert_eq!(available, &registry.backend_names());
     assert_eq!(feature, &None);
-    assert!(err.to_string().contains("no crate known to this build provides it"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("no crate known to this build provides it"),
+        "{err}"
+    );
 }

@@ -1,1 +1,11 @@
-//! tests
+//! Cross-crate integration and conformance tests for Chorus.
+//!
+//! The library part holds test machinery meant for reuse by the integration tests in `tests/`
+//! and by future backend crates:
+//!
+//! - [`conformance`]: the storage backend conformance suite, run against every backend the
+//!   `chorus` registry lists by `tests/backend_conformance.rs`.
+
+#![deny(missing_docs)]
+
+pub mod conformance;
