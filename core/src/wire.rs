@@ -279,16 +279,15 @@ pub fn encode<M: Serialize>(
     payload: &M,
     max_frame_len: usize,
 ) -> Result<Bytes, WireError> {
-    let mut buf = BytesMut::with_capacity(128).writer();
-    let mut head = [0u8; PREFIX_LEN + HEADER_LEN];
-    head[4..6].copy_from_slice(&MAGIC);
-    head[6] = WIRE_VERSION;
-    head[7] = header.kind.to_byte();
-    head[8..16].copy_from_slice(&header.correlation.to_be_bytes());
-    std::io::Write::write_all(&mut buf, &head).map_err(|e| WireError::Encode(e.to_string()))?;
-    bincode::serde::encode_into_std_write(payload, &mut buf, config())
+    // Room for the header and a typical small message without regrowing.
+    let mut buf = BytesMut::with_capacity(256);
+    buf.put_bytes(0, PREFIX_LEN); // patched below
+    buf.put_slice(&MAGIC);
+    buf.put_u8(WIRE_VERSION);
+    buf.put_u8(header.kind.to_byte());
+    buf.put_u64(header.correlation);
+    bincode::serde::encode_into_writer(payload, FrameWriter(&mut buf), config())
         .map_err(|e| WireError::Encode(e.to_string()))?;
-    let mut buf = buf.into_inner();
     let max = max_frame_len.min(MAX_FRAME_LEN_CEILING);
     if buf.len() > max {
         return Err(WireError::TooLarge {
@@ -302,6 +301,17 @@ pub fn encode<M: Serialize>(
     })?;
     buf[..PREFIX_LEN].copy_from_slice(&body.to_be_bytes());
     Ok(buf.freeze())
+}
+
+/// Appends bincode's output straight to the frame buffer (cheaper than going through
+/// `std::io::Write`).
+struct FrameWriter<'a>(&'a mut BytesMut);
+
+impl bincode::enc::write::Writer for FrameWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
 }
 
 /// Decodes exactly one complete frame (prefix included) into its header and payload.
