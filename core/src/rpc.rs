@@ -15,6 +15,7 @@
 //! with [`RpcError::Timeout`]; one whose endpoint closes fails with [`RpcError::Closed`].
 
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,18 +27,42 @@ use crate::wire::{self, FrameKind, Header, Message, WireError};
 
 /// Settings of an [`RpcEndpoint`].
 #[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
 pub struct RpcConfig {
     /// Requests and messages buffered for the consumer; more are shed (and counted).
-    pub inbound_capacity: usize,
+    pub inbound_capacity: NonZeroUsize,
+    /// The first correlation id. `None` derives one from the wall clock and the local address,
+    /// so that a restarted endpoint does not reuse the ids of its previous life (a late
+    /// response to the old request would otherwise complete a new one).
+    pub first_correlation: Option<u64>,
 }
 
 impl Default for RpcConfig {
     fn default() -> Self {
         RpcConfig {
-            inbound_capacity: 1024,
+            inbound_capacity: NonZeroUsize::new(1024).expect("non-zero"),
+            first_correlation: None,
         }
     }
 }
+
+impl RpcConfig {
+    /// This configuration with another inbound queue capacity.
+    pub fn with_inbound_capacity(mut self, capacity: NonZeroUsize) -> Self {
+        self.inbound_capacity = capacity;
+        self
+    }
+
+    /// This configuration with a fixed first correlation id (for reproducible tests).
+    pub fn with_first_correlation(mut self, first: u64) -> Self {
+        self.first_correlation = Some(first);
+        self
+    }
+}
+
+/// How long the receive task pauses after a transport error other than `Closed`, so a
+/// transport that keeps failing cannot make it spin.
+const RECV_ERROR_BACKOFF: Duration = Duration::from_millis(10);
 
 /// Why a request or send failed.
 #[derive(Debug, thiserror::Error)]
@@ -64,10 +89,12 @@ pub enum RpcError {
 
 /// Counters of an [`RpcEndpoint`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RpcStats {
     /// Frames that failed to decode and were dropped.
     pub rejected_frames: u64,
-    /// Responses whose request was no longer pending (timed out, or never sent).
+    /// Responses whose request was no longer pending (timed out, or never sent), or that came
+    /// from a different peer than the request went to.
     pub unmatched_responses: u64,
     /// Requests and messages handed to the consumer.
     pub inbound: u64,
@@ -93,9 +120,15 @@ impl Inbound {
     }
 }
 
+/// A request waiting for its response: who it went to, and where to deliver the answer.
+struct Pending {
+    to: Address,
+    reply: oneshot::Sender<Message>,
+}
+
 struct Shared<T> {
     transport: T,
-    pending: Mutex<HashMap<u64, oneshot::Sender<Message>>>,
+    pending: Mutex<HashMap<u64, Pending>>,
     next_correlation: AtomicU64,
     rejected_frames: AtomicU64,
     unmatched_responses: AtomicU64,
@@ -104,7 +137,7 @@ struct Shared<T> {
 }
 
 impl<T> Shared<T> {
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Message>>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Pending>> {
         // The map stays consistent even if a holder panicked: every operation is one insert
         // or remove.
         self.pending
@@ -138,17 +171,27 @@ impl<T: Transport> std::fmt::Debug for RpcEndpoint<T> {
 impl<T: Transport> RpcEndpoint<T> {
     /// Starts the receive task on the current tokio runtime and returns the endpoint and the
     /// channel of inbound requests and messages. The task ends when the transport closes.
+    ///
+    /// The task holds the transport: call [`RpcEndpoint::close`] to stop it and release the
+    /// address; dropping the handles alone does not.
     pub fn start(transport: T, config: RpcConfig) -> (Self, mpsc::Receiver<Inbound>) {
+        let first = config.first_correlation.unwrap_or_else(|| {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            xxhash_rust::xxh3::xxh3_64_with_seed(transport.local_addr().as_str().as_bytes(), nanos)
+        });
         let shared = Arc::new(Shared {
             transport,
             pending: Mutex::new(HashMap::new()),
-            next_correlation: AtomicU64::new(1),
+            next_correlation: AtomicU64::new(first),
             rejected_frames: AtomicU64::new(0),
             unmatched_responses: AtomicU64::new(0),
             inbound: AtomicU64::new(0),
             shed_inbound: AtomicU64::new(0),
         });
-        let (tx, rx) = mpsc::channel(config.inbound_capacity.max(1));
+        let (tx, rx) = mpsc::channel(config.inbound_capacity.get());
         tokio::spawn(receive_loop(shared.clone(), tx));
         (RpcEndpoint { shared }, rx)
     }
@@ -170,14 +213,20 @@ impl<T: Transport> RpcEndpoint<T> {
         message: &Message,
         timeout: Duration,
     ) -> Result<Message, RpcError> {
-        let correlation = self.shared.next_correlation.fetch_add(1, Ordering::Relaxed);
+        let correlation = self.shared.next_correlation.fetch_add(1, Ordering::Relaxed); // wraps
         let frame = wire::encode(
             Header::request(correlation),
             message,
             self.shared.transport.max_frame_len(),
         )?;
         let (tx, rx) = oneshot::channel();
-        self.shared.pending().insert(correlation, tx);
+        self.shared.pending().insert(
+            correlation,
+            Pending {
+                to: to.clone(),
+                reply: tx,
+            },
+        );
         // Removes the pending entry on every exit path, including cancellation of this future.
         let _guard = PendingGuard {
             shared: &self.shared,
@@ -253,6 +302,7 @@ async fn receive_loop<T: Transport>(shared: Arc<Shared<T>>, inbound: mpsc::Sende
             Err(TransportError::Closed) => break,
             Err(error) => {
                 tracing::debug!(%error, "transport receive error");
+                tokio::time::sleep(RECV_ERROR_BACKOFF).await;
                 continue;
             }
         };
@@ -266,12 +316,21 @@ async fn receive_loop<T: Transport>(shared: Arc<Shared<T>>, inbound: mpsc::Sende
         };
         match header.kind {
             FrameKind::Response => {
-                let waiter = shared.pending().remove(&header.correlation);
+                // Only the peer the request went to may answer it: an id alone could be
+                // guessed, or belong to an earlier life of this endpoint.
+                let waiter = {
+                    let mut pending = shared.pending();
+                    match pending.get(&header.correlation) {
+                        Some(p) if p.to == incoming.from => pending.remove(&header.correlation),
+                        _ => None,
+                    }
+                };
                 match waiter {
                     // The requester may have given up between the lookup and now; fine.
-                    Some(waiter) => drop(waiter.send(message)),
+                    Some(waiter) => drop(waiter.reply.send(message)),
                     None => {
                         shared.unmatched_responses.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(from = %incoming.from, correlation = header.correlation, "unmatched response");
                     }
                 }
             }
@@ -475,9 +534,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn full_inbound_queue_sheds_instead_of_blocking_responses() {
         let net = InProcessNetwork::new(6);
-        let config = RpcConfig {
-            inbound_capacity: 1,
-        };
+        let config = RpcConfig::default().with_inbound_capacity(NonZeroUsize::MIN);
         // "b" never reads its inbound queue, but must still receive its own responses.
         let (b, _unread) = RpcEndpoint::start(net.bind("b").unwrap(), config);
         let (c, c_inbound) = RpcEndpoint::start(net.bind("c").unwrap(), RpcConfig::default());
@@ -491,6 +548,34 @@ mod tests {
         assert!(b.request(&Address::new("c"), &get(), SECOND).await.is_ok());
         let stats = b.stats();
         assert_eq!((stats.inbound, stats.shed_inbound), (1, 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_from_another_peer_does_not_complete_a_request() {
+        let net = InProcessNetwork::new(8);
+        let config = RpcConfig::default().with_first_correlation(77);
+        let (client, _inbound) = RpcEndpoint::start(net.bind("a").unwrap(), config);
+        let _silent = net.bind("b").unwrap(); // the real peer never answers
+        let forger = net.bind("mallory").unwrap();
+        let pending = {
+            let client = client.clone();
+            tokio::spawn(async move { client.request(&Address::new("b"), &get(), SECOND).await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // A response carrying the right id, from the wrong peer.
+        let forged = wire::encode(
+            Header::response(77),
+            &Message::GetReply { record: None },
+            wire::DEFAULT_MAX_FRAME_LEN,
+        )
+        .unwrap();
+        forger.send(&Address::new("a"), forged).await.unwrap();
+        let result = pending.await.expect("task");
+        assert!(
+            matches!(result, Err(RpcError::Timeout { .. })),
+            "{result:?}"
+        );
+        assert_eq!(client.stats().unmatched_responses, 1);
     }
 
     #[tokio::test(start_paused = true)]
