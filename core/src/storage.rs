@@ -32,6 +32,9 @@ use crate::hash::HashRange;
 use crate::hlc::Version;
 use crate::record::Record;
 
+/// The most buckets one [`Storage::digest`] call may ask for (16 bytes each).
+pub const MAX_DIGEST_BUCKETS: u32 = 1 << 16;
+
 /// A boxed, sendable future, as returned by the object-safe traits.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -54,6 +57,9 @@ pub enum StorageError {
     /// The backend's configuration is invalid.
     #[error("invalid storage configuration: {0}")]
     Config(String),
+    /// The request is outside what the contract allows (for example too many digest buckets).
+    #[error("invalid storage request: {0}")]
+    InvalidRequest(String),
     /// The backend's own error, described.
     #[error("storage backend error: {0}")]
     Backend(String),
@@ -179,6 +185,10 @@ pub trait Storage: Send + Sync + 'static {
     ) -> impl Future<Output = Result<ScanPage, StorageError>> + Send;
 
     /// Digests of `range` cut into `buckets` equal-width buckets ([`HashRange::bucket_of`]).
+    ///
+    /// More than [`MAX_DIGEST_BUCKETS`] buckets is refused with
+    /// [`StorageError::InvalidRequest`]: the count may come from a peer, and the answer is
+    /// allocated up front.
     fn digest(
         &self,
         range: HashRange,

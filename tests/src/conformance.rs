@@ -39,8 +39,8 @@ use chorus::hlc::{NodeId, Timestamp, Version};
 use chorus::record::Record;
 use chorus::registry::{Registry, StorageSpec};
 use chorus::storage::{
-    ApplyOutcome, BoxFuture, Entry, PurgeStats, RangeDigest, ScanCursor, ScanPage, SharedStorage,
-    Storage, StorageError, after_cursor, scan_order,
+    ApplyOutcome, BoxFuture, Entry, MAX_DIGEST_BUCKETS, PurgeStats, RangeDigest, ScanCursor,
+    ScanPage, SharedStorage, Storage, StorageError, after_cursor, scan_order,
 };
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
@@ -387,7 +387,7 @@ fn digest_of<'a>(
     for (key, record) in records {
         let hash = key_hash(key);
         if range.contains(hash) {
-            digests[range.bucket_of(hash, buckets) as usize].add(record.fingerprint(key));
+            digests[range.bucket_of(hash, nz32(buckets)) as usize].add(record.fingerprint(key));
         }
     }
     digests
@@ -1097,6 +1097,16 @@ pub async fn ranges(backend: &Backend, seed: u64) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7261_6e67);
     let store = backend.open();
 
+    // A digest may not ask for more buckets than the contract allows (counts come from peers).
+    let too_many = NonZeroU32::new(MAX_DIGEST_BUCKETS + 1).expect("non-zero");
+    assert!(
+        matches!(
+            store.digest(HashRange::FULL, too_many).await,
+            Err(StorageError::InvalidRequest(_))
+        ),
+        "a digest of more than MAX_DIGEST_BUCKETS buckets must be refused"
+    );
+
     // An empty store has nothing in any range.
     let page = ok(
         store.scan(HashRange::FULL, None, nz(3)).await,
@@ -1238,7 +1248,7 @@ pub async fn ranges(backend: &Backend, seed: u64) {
             for (i, bucket) in digest.iter().enumerate() {
                 let members = expected
                     .iter()
-                    .filter(|e| range.bucket_of(e.hash, buckets) as usize == i);
+                    .filter(|e| range.bucket_of(e.hash, nz32(buckets)) as usize == i);
                 assert_eq!(
                     bucket.count,
                     members.count() as u64,
@@ -1249,7 +1259,7 @@ pub async fn ranges(backend: &Backend, seed: u64) {
             // so its bucket must be empty.
             if buckets <= 7 {
                 for (i, bucket) in digest.iter().enumerate() {
-                    let Some(sub) = range.bucket(i as u32, buckets) else {
+                    let Some(sub) = range.bucket(i as u32, nz32(buckets)) else {
                         assert_eq!(*bucket, RangeDigest::default(), "{what}: empty bucket {i}");
                         continue;
                     };

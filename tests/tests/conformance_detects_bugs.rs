@@ -156,11 +156,14 @@ impl Storage for Reference {
         range: HashRange,
         buckets: NonZeroU32,
     ) -> Result<Vec<RangeDigest>, StorageError> {
+        if buckets.get() > chorus::storage::MAX_DIGEST_BUCKETS {
+            return Err(StorageError::InvalidRequest("too many buckets".into()));
+        }
         let mut digests = vec![RangeDigest::default(); buckets.get() as usize];
         for (key, record) in self.map()?.iter() {
             let hash = key_hash(key);
             if range.contains(hash) {
-                digests[range.bucket_of(hash, buckets.get()) as usize].add(record.fingerprint(key));
+                digests[range.bucket_of(hash, buckets) as usize].add(record.fingerprint(key));
             }
         }
         if self.bug == Bug::SwappedBuckets {

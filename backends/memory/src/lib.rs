@@ -54,8 +54,8 @@ use chorus_core::hash::{HashRange, key_hash};
 use chorus_core::record::Record;
 use chorus_core::registry::{Registry, StorageSpec};
 use chorus_core::storage::{
-    ApplyOutcome, Entry, PurgeStats, RangeDigest, ScanCursor, ScanPage, SharedStorage, Storage,
-    StorageError, StorageStats, after_cursor, scan_order,
+    ApplyOutcome, Entry, MAX_DIGEST_BUCKETS, PurgeStats, RangeDigest, ScanCursor, ScanPage,
+    SharedStorage, Storage, StorageError, StorageStats, after_cursor, scan_order,
 };
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
@@ -299,11 +299,16 @@ impl MemoryStorage {
         buckets: NonZeroU32,
     ) -> Result<Vec<RangeDigest>, StorageError> {
         self.check_open()?;
+        if buckets.get() > MAX_DIGEST_BUCKETS {
+            return Err(StorageError::InvalidRequest(format!(
+                "{buckets} digest buckets requested; at most {MAX_DIGEST_BUCKETS} are allowed"
+            )));
+        }
         let mut digests = vec![RangeDigest::default(); buckets.get() as usize];
         for item in self.map.iter() {
             let (key, slot) = item.pair();
             if range.contains(slot.hash) {
-                let bucket = range.bucket_of(slot.hash, buckets.get()) as usize;
+                let bucket = range.bucket_of(slot.hash, buckets) as usize;
                 digests[bucket].add(slot.record.fingerprint(key));
             }
         }
