@@ -24,8 +24,16 @@ use crate::storage::BoxFuture;
 pub type SharedTransport = Arc<dyn DynTransport>;
 
 /// Where a node can be reached: `host:port` for network transports, a name in process.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Address(Arc<str>);
+
+impl<'de> Deserialize<'de> for Address {
+    // Through the borrowed string path: addresses travel in peers' messages, and the owned
+    // path would allocate whatever length a frame claims.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        crate::wire::serde_str::deserialize(deserializer).map(Address::from)
+    }
+}
 
 impl Address {
     /// An address from its textual form.

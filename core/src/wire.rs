@@ -11,10 +11,11 @@
 //! ```
 //!
 //! This module is the only place that knows bincode. Every decode is bounded: the length prefix
-//! is checked against the caller's maximum before anything is buffered or allocated, the payload
-//! decoder runs under a byte limit equal to the payload's length and borrows from the input
-//! rather than pre-allocating claimed lengths, and a payload that does not consume its frame
-//! exactly is rejected. Malformed input of any kind yields a [`WireError`], never a panic.
+//! is checked against the caller's maximum before anything is buffered or allocated; the payload
+//! decoder runs under a byte limit (the frame ceiling, as a backstop) and decodes every byte
+//! string and string by borrowing from the input, so a length claimed inside the payload is
+//! checked against the bytes actually present before anything is allocated; and a payload that
+//! does not consume its frame exactly is rejected. Malformed input of any kind yields a [`WireError`], never a panic.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::de::DeserializeOwned;
@@ -262,7 +263,8 @@ pub fn frame_len(buf: &[u8], max_frame_len: usize) -> Result<Option<usize>, Wire
         return Ok(None);
     };
     let body = u32::from_be_bytes(*prefix) as usize;
-    let total = body + PREFIX_LEN;
+    // Checked for 32-bit targets, where a u32 body plus the prefix can overflow usize.
+    let total = body.saturating_add(PREFIX_LEN);
     let max = max_frame_len.min(MAX_FRAME_LEN_CEILING);
     if total > max {
         return Err(WireError::TooLarge { len: total, max });
