@@ -46,7 +46,8 @@
 //! All randomness comes from one [`ChaCha8Rng`] seeded with [`InProcessNetwork::new`]'s seed,
 //! behind the network's lock. Every send that enters the network takes exactly two draws from
 //! it, one for loss and one for delay, whatever the faults currently are (sends refused by the
-//! sender's checks take none). So the fate of the *k*-th frame to enter the network (partitioned,
+//! sender's checks take none; a delayed send refused for want of a Tokio runtime has already
+//! taken its two). So the fate of the *k*-th frame to enter the network (partitioned,
 //! lost, or delivered after delay *d*) is a deterministic function of the seed, *k*, and the
 //! fault settings at that moment: the same seed with the same sequence of `send` calls gives
 //! the same decisions, and changing a fault setting never shifts the random stream.
@@ -110,6 +111,7 @@ pub const DEFAULT_QUEUE_CAPACITY: NonZeroUsize = match NonZeroUsize::new(1024) {
 
 /// Settings shared by every endpoint of an [`InProcessNetwork`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct InProcessConfig {
     /// Frames each endpoint's receive queue holds; a send finding it full fails with
     /// [`TransportError::QueueFull`]. Capped at [`tokio::sync::Semaphore::MAX_PERMITS`].
@@ -177,6 +179,7 @@ pub enum FaultError {
 /// Every frame counted in [`sent`](Self::sent) ends in exactly one of the other counters, so
 /// `sent == delivered + dropped() + in_flight()` at every snapshot.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct NetworkStats {
     /// Frames that entered the network: passed the sender's checks (open, size, destination
     /// bound), whatever became of them afterwards.

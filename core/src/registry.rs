@@ -16,6 +16,7 @@ use crate::transport::{SharedTransport, TransportError};
 
 /// What to open: a backend name plus its settings.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StorageSpec {
     /// Registry name of the backend (`"memory"`, `"file"`, ...).
     pub scheme: String,
@@ -37,6 +38,7 @@ impl StorageSpec {
 
 /// What to bind: a transport name, the local address and its settings.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TransportSpec {
     /// Registry name of the transport (`"tcp"`, `"quic"`, ...).
     pub scheme: String,
@@ -68,8 +70,9 @@ pub type TransportFactory = Arc<
         + Sync,
 >;
 
-/// The two kinds of pluggable component.
+/// The kinds of pluggable component.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
 pub enum Kind {
     /// A storage backend.
     Backend,
