@@ -4,7 +4,8 @@
 //! endpoint on an in-process network. A hand-written coordinator places a key with the ring,
 //! stamps a version, sends `Put` to the key's three replicas and counts acknowledgements
 //! against W = 2. Then the network is partitioned and the same write is reported as failed,
-//! with how many replicas acknowledged; after healing, a read at R = 2 returns the newest
+//! with how many replicas acknowledged; after healing, a write stamped a minute in the future
+//! is refused by every replica's clock-drift check, and a read at R = 2 returns the newest
 //! version. The real coordinator (with hinted handoff and read repair) is later work; this
 //! demo exists to show the pieces it will be built from.
 //!
@@ -21,7 +22,8 @@ use chorus::registry::StorageSpec;
 use chorus::rpc::{RpcConfig, RpcEndpoint};
 use chorus::wire::Message;
 use chorus::{
-    Address, Hlc, NodeId, Record, Ring, RingConfig, RingMember, SharedStorage, Storage, Version,
+    Address, Hlc, NodeId, Record, Ring, RingConfig, RingMember, SharedStorage, Storage, Timestamp,
+    Version,
 };
 use futures::future::join_all;
 
@@ -32,6 +34,7 @@ const TIMEOUT: Duration = Duration::from_millis(200);
 
 /// Serves `Put` and `Get` from one node's storage until its transport closes.
 fn spawn_replica(
+    hlc: Arc<Hlc>,
     storage: SharedStorage,
     endpoint: RpcEndpoint<InProcessTransport>,
     mut inbound: tokio::sync::mpsc::Receiver<chorus::rpc::Inbound>,
@@ -39,6 +42,13 @@ fn spawn_replica(
     tokio::spawn(async move {
         while let Some(request) = inbound.recv().await {
             let reply = match &request.message {
+                // A version too far ahead of this replica's clock would win every later write
+                // to the key: refuse it (and keep the local clock ahead of what it stores).
+                Message::Put { record, .. } if hlc.observe(record.version.timestamp).is_err() => {
+                    Message::Error {
+                        reason: "version too far in the future".into(),
+                    }
+                }
                 Message::Put { key, record } => {
                     match storage.apply(key.clone(), record.clone()).await {
                         Ok(outcome) => Message::PutReply {
@@ -136,7 +146,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for id in ids {
         let storage = registry.open_backend(&StorageSpec::new("memory"))?;
         let (endpoint, inbound) = RpcEndpoint::start(network.bind(addr(id))?, RpcConfig::default());
-        spawn_replica(storage, endpoint, inbound);
+        spawn_replica(Arc::new(Hlc::system()), storage, endpoint, inbound);
     }
     let client_addr = Address::new("client");
     let (client, _inbound) =
@@ -173,6 +183,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     network.heal();
+    let from_the_future = Timestamp::new(SystemClock.now_ms() + 60_000, 0);
+    let rogue = Record::value(
+        "from a broken clock",
+        Version::new(from_the_future, NodeId(666)),
+    );
+    println!(
+        "write stamped one minute ahead, all replicas reachable: {:?}",
+        write(&client, &replicas, &key, rogue).await
+    );
+
     let newest = read(&client, &replicas, &key).await?;
     let shown = newest
         .as_ref()
