@@ -344,6 +344,10 @@ pub fn scan_order(range: &HashRange, a: &Entry, b: &Entry) -> std::cmp::Ordering
 }
 
 /// Whether `(hash, key)` comes strictly after `cursor` in scan order over `range`.
+///
+/// A cursor whose position lies outside `range` orders by its offset like any other, so a
+/// cursor from before the range's start (offsets wrap to large values) admits nothing: pass
+/// cursors only back to the range that produced them.
 pub fn after_cursor(range: &HashRange, hash: u64, key: &[u8], cursor: &ScanCursor) -> bool {
     range
         .offset(hash)
