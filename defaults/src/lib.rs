@@ -7,6 +7,7 @@
 //! |------------------|----------------------|---------|
 //! | `backend-memory` | backend `"memory"`   | yes     |
 //! | `transport-tcp`  | transport `"tcp"`    | yes     |
+//! | `transport-quic` | transport `"quic"`   | no      |
 //!
 //! ```
 //! use chorus::registry::StorageSpec;
@@ -27,6 +28,8 @@ pub use chorus_core::*;
 
 #[cfg(feature = "backend-memory")]
 pub use chorus_backend_memory as backend_memory;
+#[cfg(feature = "transport-quic")]
+pub use chorus_transport_quic as transport_quic;
 #[cfg(feature = "transport-tcp")]
 pub use chorus_transport_tcp as transport_tcp;
 
@@ -44,5 +47,9 @@ pub fn registry() -> Registry {
     chorus_transport_tcp::register(&mut registry);
     #[cfg(not(feature = "transport-tcp"))]
     registry.note_missing(registry::Kind::Transport, "tcp", "transport-tcp");
+    #[cfg(feature = "transport-quic")]
+    chorus_transport_quic::register(&mut registry);
+    #[cfg(not(feature = "transport-quic"))]
+    registry.note_missing(registry::Kind::Transport, "quic", "transport-quic");
     registry
 }

@@ -24,6 +24,15 @@ fn kits() -> Vec<Kit> {
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
+    let quic_options: BTreeMap<String, String> = quic_identity_options()
+        .into_iter()
+        .chain([
+            ("preset".to_owned(), "local".to_owned()),
+            ("max_frame_len".to_owned(), MAX_FRAME.to_string()),
+            ("connect_timeout_ms".to_owned(), "500".to_owned()),
+            ("close_timeout_ms".to_owned(), "5000".to_owned()),
+        ])
+        .collect();
     vec![
         Kit::inproc(MAX_FRAME),
         Kit::from_registry(
@@ -34,7 +43,37 @@ fn kits() -> Vec<Kit> {
             Duration::from_millis(500),
             Raw::Tcp,
         ),
+        Kit::from_registry(
+            Arc::clone(&registry),
+            "quic",
+            quic_options,
+            MAX_FRAME,
+            Duration::from_millis(500),
+            Raw::Udp,
+        ),
     ]
+}
+
+/// Writes a fresh identity to PEM files and returns the `cert`, `key` and `trust` options.
+/// Every quic node of the suite shares it (one certificate per cluster); mutual
+/// authentication between distinct certificates is tested in the quic crate and in
+/// `untrusted_quic_peer_is_refused` below.
+fn quic_identity_options() -> BTreeMap<String, String> {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("quic-conformance-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let identity = chorus::transport_quic::Identity::generate(&[]).expect("identity");
+    let (cert, key) = (dir.join("node.crt"), dir.join("node.key"));
+    std::fs::write(&cert, identity.cert_pem()).expect("write cert");
+    std::fs::write(&key, identity.key_pem()).expect("write key");
+    let cert = cert.display().to_string();
+    [
+        ("cert".to_owned(), cert.clone()),
+        ("key".to_owned(), key.display().to_string()),
+        ("trust".to_owned(), cert),
+    ]
+    .into_iter()
+    .collect()
 }
 
 /// Runs `check` against every transport and fails with all the failures at once.
@@ -91,6 +130,44 @@ async fn shutdown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rpc() {
     on_every_transport(suite::RPC).await;
+}
+
+/// Two quic nodes bound through the registry, each trusting only itself: neither reaches
+/// the other, and nothing is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_quic_peer_is_refused() {
+    use chorus::Transport;
+    use chorus::registry::TransportSpec;
+    use chorus::transport::TransportError;
+
+    let registry = chorus::registry();
+    let bind = |options: BTreeMap<String, String>| {
+        let mut spec = TransportSpec::new("quic", "127.0.0.1:0");
+        spec.options = options;
+        spec.options.insert("preset".to_owned(), "local".to_owned());
+        registry.bind_transport(spec)
+    };
+    let a = bind(quic_identity_options()).await.expect("a");
+    let b = bind(quic_identity_options()).await.expect("b");
+    let mut rng_frame = {
+        use rand::SeedableRng;
+        rand_chacha::ChaCha8Rng::seed_from_u64(conformance::seed())
+    };
+    let f = suite::frame(64, &mut rng_frame);
+    match a.send(&b.local_addr(), f.clone()).await {
+        Err(TransportError::Unreachable { reason, .. }) => {
+            assert!(reason.to_lowercase().contains("certificate"), "{reason}")
+        }
+        other => panic!("a dialled an untrusted b: {other:?}"),
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), b.recv())
+            .await
+            .is_err(),
+        "b received a frame from an untrusted peer"
+    );
+    a.close().await;
+    b.close().await;
 }
 
 #[test]
