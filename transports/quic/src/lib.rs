@@ -45,7 +45,8 @@
 //!
 //! [`close`](Transport::close) refuses new sends, waits (up to [`QuicConfig::close_timeout`])
 //! until every sent frame is acknowledged by its receiver, then closes the endpoint and waits
-//! for the connections to finish closing, which releases the port.
+//! for the connections to finish closing, which releases the port. Dropping the transport
+//! without `close` closes the endpoint at once: frames not yet acknowledged may be lost.
 
 #![deny(missing_docs)]
 

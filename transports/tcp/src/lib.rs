@@ -439,6 +439,58 @@ impl TcpTransport {
         peers.sort();
         peers
     }
+
+    /// One attempt of `send` after the checks: wait for the link, then queue.
+    async fn try_send(&self, to: &Address, frame: Bytes) -> Result<(), Retry> {
+        let inner = &self.inner;
+        let (tx, mut link) = inner.peer(to);
+        let timeout = inner.config.connect_timeout;
+        let state =
+            match tokio::time::timeout(timeout, link.wait_for(|l| !matches!(l, Link::Connecting)))
+                .await
+            {
+                Err(_) => {
+                    return Err(Retry::Fail(TransportError::Timeout {
+                        addr: to.clone(),
+                        after: timeout,
+                    }));
+                }
+                // The writer ended while dialling: the transport is closing, or it retired.
+                Ok(Err(_)) => None,
+                Ok(Ok(state)) => Some(state.clone()),
+            };
+        match state {
+            Some(Link::Up) => {}
+            Some(Link::Down(reason)) => {
+                return Err(Retry::Fail(TransportError::Unreachable {
+                    addr: to.clone(),
+                    reason: reason.to_string(),
+                }));
+            }
+            Some(Link::Connecting) | None if inner.is_closed() => {
+                return Err(Retry::Fail(TransportError::Closed));
+            }
+            Some(Link::Connecting) | None => return Err(Retry::Again(frame)),
+        }
+        let frame = match tx.try_send(frame) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Full(frame)) => frame,
+            Err(mpsc::error::TrySendError::Closed(frame)) => return Err(Retry::Again(frame)),
+        };
+        match tokio::time::timeout(inner.config.queue_wait, tx.send(frame)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(mpsc::error::SendError(frame))) => Err(Retry::Again(frame)),
+            Err(_) => Err(Retry::Fail(TransportError::QueueFull { addr: to.clone() })),
+        }
+    }
+}
+
+/// Why one attempt of `send` did not queue the frame.
+enum Retry {
+    /// The peer's writer retired; a new one may take the frame.
+    Again(Bytes),
+    /// A final error.
+    Fail(TransportError),
 }
 
 impl Drop for TcpTransport {
@@ -469,58 +521,23 @@ impl Transport for TcpTransport {
         }
         // A frame whose prefix disagrees with its length would desynchronise the stream.
         wire::split(&frame, inner.max_frame_len).map_err(TransportError::InvalidFrame)?;
-        let (tx, mut link) = inner.peer(to);
-        let timeout = inner.config.connect_timeout;
-        let state =
-            match tokio::time::timeout(timeout, link.wait_for(|l| !matches!(l, Link::Connecting)))
-                .await
-            {
-                Err(_) => {
-                    return Err(TransportError::Timeout {
-                        addr: to.clone(),
-                        after: timeout,
-                    });
-                }
-                Ok(Err(_)) => None,
-                Ok(Ok(state)) => Some(state.clone()),
-            };
-        match state {
-            Some(Link::Up) => {}
-            Some(Link::Down(reason)) => {
-                return Err(TransportError::Unreachable {
-                    addr: to.clone(),
-                    reason: reason.to_string(),
-                });
-            }
-            Some(Link::Connecting) | None => {
-                return Err(if inner.is_closed() {
-                    TransportError::Closed
-                } else {
-                    TransportError::Unreachable {
+        // A writer may retire (idle, or the peer closed the connection) between looking it up
+        // and queueing; the second attempt then starts a fresh one.
+        let mut frame = frame;
+        for attempt in 0..2 {
+            match self.try_send(to, frame).await {
+                Err(Retry::Again(back)) if attempt == 0 => frame = back,
+                Err(Retry::Again(_)) => {
+                    return Err(TransportError::Unreachable {
                         addr: to.clone(),
                         reason: "the connection closed".to_owned(),
-                    }
-                });
+                    });
+                }
+                Err(Retry::Fail(error)) => return Err(error),
+                Ok(()) => return Ok(()),
             }
         }
-        let frame = match tx.try_send(frame) {
-            Ok(()) => return Ok(()),
-            Err(mpsc::error::TrySendError::Full(frame)) => frame,
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                return Err(TransportError::Unreachable {
-                    addr: to.clone(),
-                    reason: "the connection closed".to_owned(),
-                });
-            }
-        };
-        match tokio::time::timeout(inner.config.queue_wait, tx.send(frame)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(TransportError::Unreachable {
-                addr: to.clone(),
-                reason: "the connection closed".to_owned(),
-            }),
-            Err(_) => Err(TransportError::QueueFull { addr: to.clone() }),
-        }
+        Err(TransportError::Closed)
     }
 
     async fn recv(&self) -> Result<Incoming, TransportError> {
@@ -712,9 +729,15 @@ async fn outbound(
                 let end = write_loop(&inner, &mut w, &mut rx, &activity).await;
                 reader.abort();
                 match end {
-                    End::Drained | End::Idle => break,
-                    End::PeerClosed if rx.is_empty() => break,
-                    End::PeerClosed => {}
+                    End::Drained => break,
+                    End::Idle | End::PeerClosed => {
+                        // Retire this writer: new sends start a fresh one. Frames that raced
+                        // in before the queue closed are still delivered, over a new dial.
+                        rx.close();
+                        if rx.is_empty() {
+                            break;
+                        }
+                    }
                     End::Broken(error) => {
                         tracing::debug!(peer = %addr, %error, "connection broke; redialling");
                     }
@@ -725,7 +748,10 @@ async fn outbound(
                 tracing::debug!(peer = %addr, %reason, "dial failed");
                 link.send_replace(Link::Down(Arc::from(reason.as_str())));
                 drop_queued(&inner, &mut rx);
-                if inner.is_closed() || inner.idle_for(&last_send) >= inner.config.idle_timeout {
+                if inner.is_closed()
+                    || rx.is_closed()
+                    || inner.idle_for(&last_send) >= inner.config.idle_timeout
+                {
                     break;
                 }
                 let delay = inner.jittered(backoff);
