@@ -213,7 +213,7 @@ pub const RESTART: Check = Check {
     run: |kit, seed| Box::pin(async move { restart(&kit, seed).await }),
 };
 
-/// [`unreachable`] as a [`Check`].
+/// [`unreachable()`] as a [`Check`].
 pub const UNREACHABLE: Check = Check {
     name: "unreachable",
     description: "sending where nothing listens fails with Unreachable or Timeout in time",
