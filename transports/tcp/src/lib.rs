@@ -1024,6 +1024,37 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_connections_are_closed_and_redialled_on_demand() {
+        let mut config = TcpConfig::local();
+        config.idle_timeout = Duration::from_millis(200);
+        let a = TcpTransport::bind("127.0.0.1:0", config.clone())
+            .await
+            .expect("bind a");
+        let b = TcpTransport::bind("127.0.0.1:0", config)
+            .await
+            .expect("bind b");
+        a.send(&b.local_addr(), frame("one")).await.expect("send");
+        recv(&b).await;
+        assert_eq!(a.connected_peers(), vec![b.local_addr()]);
+        // Bounded wait: 100 polls of 50 ms for both sides to drop the idle connection.
+        let mut gone = false;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if a.connected_peers().is_empty() && b.connected_peers().is_empty() {
+                gone = true;
+                break;
+            }
+        }
+        assert!(gone, "idle connection still open: {:?}", a.stats());
+        assert!(a.stats().idle_closed + b.stats().idle_closed >= 1);
+        a.send(&b.local_addr(), frame("two")).await.expect("send");
+        assert_eq!(recv(&b).await.frame, frame("two"));
+        assert_eq!(a.stats().dialed, 2);
+        a.close().await;
+        b.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_full_queue_fails_with_queue_full() {
         // A listener that accepts and never reads: the kernel buffers fill, then the queue.
         let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
