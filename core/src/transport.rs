@@ -122,6 +122,15 @@ pub enum TransportError {
     /// The transport was closed.
     #[error("transport is closed")]
     Closed,
+    /// The bytes handed to `send` are not one whole frame (the length prefix disagrees with
+    /// the length, or the header is not a Chorus header); stream transports refuse them rather
+    /// than desynchronise the stream.
+    #[error("not a whole frame: {0}")]
+    InvalidFrame(crate::wire::WireError),
+    /// The transport's configuration (its options or key material) is invalid; the message
+    /// names the field.
+    #[error("invalid transport configuration: {0}")]
+    Config(String),
     /// An I/O error.
     #[error("transport I/O error: {0}")]
     Io(#[from] std::io::Error),

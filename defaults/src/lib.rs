@@ -6,6 +6,8 @@
 //! | feature          | registers            | default |
 //! |------------------|----------------------|---------|
 //! | `backend-memory` | backend `"memory"`   | yes     |
+//! | `transport-tcp`  | transport `"tcp"`    | yes     |
+//! | `transport-quic` | transport `"quic"`   | no      |
 //!
 //! ```
 //! use chorus::registry::StorageSpec;
@@ -26,6 +28,10 @@ pub use chorus_core::*;
 
 #[cfg(feature = "backend-memory")]
 pub use chorus_backend_memory as backend_memory;
+#[cfg(feature = "transport-quic")]
+pub use chorus_transport_quic as transport_quic;
+#[cfg(feature = "transport-tcp")]
+pub use chorus_transport_tcp as transport_tcp;
 
 /// A registry with every backend and transport this build compiled in.
 ///
@@ -37,5 +43,13 @@ pub fn registry() -> Registry {
     chorus_backend_memory::register(&mut registry);
     #[cfg(not(feature = "backend-memory"))]
     registry.note_missing(registry::Kind::Backend, "memory", "backend-memory");
+    #[cfg(feature = "transport-tcp")]
+    chorus_transport_tcp::register(&mut registry);
+    #[cfg(not(feature = "transport-tcp"))]
+    registry.note_missing(registry::Kind::Transport, "tcp", "transport-tcp");
+    #[cfg(feature = "transport-quic")]
+    chorus_transport_quic::register(&mut registry);
+    #[cfg(not(feature = "transport-quic"))]
+    registry.note_missing(registry::Kind::Transport, "quic", "transport-quic");
     registry
 }

@@ -64,3 +64,71 @@ fn unknown_name_lists_available_backends() {
         "{err}"
     );
 }
+
+#[cfg(feature = "transport-tcp")]
+#[tokio::test]
+async fn tcp_is_registered_and_binds() {
+    use chorus::Transport;
+    use chorus::registry::TransportSpec;
+
+    let registry = chorus::registry();
+    assert!(registry.transport_names().contains(&"tcp".to_owned()));
+    let transport = registry
+        .bind_transport(TransportSpec::new("tcp", "127.0.0.1:0"))
+        .await
+        .expect("tcp binds");
+    assert!(transport.local_addr().as_str().starts_with("127.0.0.1:"));
+    transport.close().await;
+}
+
+#[cfg(not(feature = "transport-tcp"))]
+#[tokio::test]
+async fn missing_tcp_names_its_feature() {
+    use chorus::registry::TransportSpec;
+
+    let registry = chorus::registry();
+    let err = registry
+        .bind_transport(TransportSpec::new("tcp", "127.0.0.1:0"))
+        .await
+        .err()
+        .expect("not compiled in");
+    let text = err.to_string();
+    assert!(text.contains("`transport-tcp`"), "{text}");
+}
+
+#[cfg(feature = "transport-quic")]
+#[tokio::test]
+async fn quic_says_which_key_material_it_needs() {
+    use chorus::registry::TransportSpec;
+    use chorus::transport::TransportError;
+
+    let registry = chorus::registry();
+    assert!(registry.transport_names().contains(&"quic".to_owned()));
+    match registry
+        .bind_transport(TransportSpec::new("quic", "127.0.0.1:0"))
+        .await
+        .err()
+        .expect("no identity given")
+    {
+        RegistryError::Transport {
+            source: TransportError::Config(message),
+            ..
+        } => assert!(message.contains("`cert`"), "{message}"),
+        other => panic!("unexpected error {other:?}"),
+    }
+}
+
+#[cfg(not(feature = "transport-quic"))]
+#[tokio::test]
+async fn missing_quic_names_its_feature() {
+    use chorus::registry::TransportSpec;
+
+    let registry = chorus::registry();
+    let err = registry
+        .bind_transport(TransportSpec::new("quic", "127.0.0.1:0"))
+        .await
+        .err()
+        .expect("not compiled in");
+    let text = err.to_string();
+    assert!(text.contains("`transport-quic`"), "{text}");
+}

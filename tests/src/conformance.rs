@@ -247,7 +247,7 @@ pub async fn run_all(backend: &Backend, seed: u64) -> Vec<Failure> {
     failures
 }
 
-fn panic_message(payload: &(dyn Any + Send)) -> String {
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(text) = payload.downcast_ref::<String>() {
         text.clone()
     } else if let Some(text) = payload.downcast_ref::<&'static str>() {

@@ -4,8 +4,11 @@
 //! and by future backend crates:
 //!
 //! - [`conformance`]: the storage backend conformance suite, run against every backend the
-//!   `chorus` registry lists by `tests/backend_conformance.rs`.
+//!   `chorus` registry lists by `tests/backend_conformance.rs`;
+//! - [`transport_conformance`]: the transport conformance suite, run against the in-process,
+//!   tcp and quic transports by `tests/transport_conformance.rs`.
 
 #![deny(missing_docs)]
 
 pub mod conformance;
+pub mod transport_conformance;

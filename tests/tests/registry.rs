@@ -24,3 +24,28 @@ fn memory_rejects_unknown_options_by_name() {
         other => panic!("expected a configuration error, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn tcp_rejects_unknown_options_by_name() {
+    use chorus::registry::TransportSpec;
+    use chorus::transport::TransportError;
+
+    let registry = chorus::registry();
+    let mut spec = TransportSpec::new("tcp", "127.0.0.1:0");
+    spec.options.insert("nagle".to_owned(), "please".to_owned());
+    match registry
+        .bind_transport(spec)
+        .await
+        .err()
+        .expect("unknown option")
+    {
+        RegistryError::Transport {
+            name,
+            source: TransportError::Config(message),
+        } => {
+            assert_eq!(name, "tcp");
+            assert!(message.contains("nagle"), "{message}");
+        }
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+}

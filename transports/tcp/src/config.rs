@@ -1,0 +1,253 @@
+//! Settings of the TCP transport and their parsing from [`TransportSpec`] options.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use chorus_core::transport::{Address, TransportError};
+use chorus_core::wire::{DEFAULT_MAX_FRAME_LEN, MAX_FRAME_LEN_CEILING};
+
+#[cfg(doc)]
+use chorus_core::registry::TransportSpec;
+
+/// Settings of a [`TcpTransport`](crate::TcpTransport). Start from a preset ([`TcpConfig::lan`],
+/// the default, or [`TcpConfig::local`]) and change fields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TcpConfig {
+    /// Largest frame, length prefix included, sent or accepted. Capped at
+    /// [`MAX_FRAME_LEN_CEILING`]. A peer announcing a longer frame has its connection closed.
+    pub max_frame_len: usize,
+    /// Frames queued towards one peer before `send` has to wait (the bound on memory a slow peer
+    /// can make this node hold: `queue_capacity` frames per peer).
+    pub queue_capacity: NonZeroUsize,
+    /// How long `send` waits for room in a full peer queue before failing with
+    /// [`TransportError::QueueFull`].
+    pub queue_wait: Duration,
+    /// Received frames buffered for [`recv`](chorus_core::Transport::recv); when full, readers
+    /// stop reading and TCP flow control slows the senders.
+    pub recv_capacity: NonZeroUsize,
+    /// Most frames written with one `writev` call (at most 1024, the kernel's `IOV_MAX`).
+    pub max_batch: NonZeroUsize,
+    /// Time allowed to connect and send the hello; `send` to a peer still connecting waits at
+    /// most this long and then fails with [`TransportError::Timeout`]. Also the time an
+    /// accepted connection has to send its hello.
+    pub connect_timeout: Duration,
+    /// First delay before redialling a peer whose dial failed; doubled after each failure.
+    pub backoff_min: Duration,
+    /// Largest redial delay. Each delay is drawn uniformly from `[d/2, d]` (jitter).
+    pub backoff_max: Duration,
+    /// A connection with no frame read or written for this long is closed.
+    pub idle_timeout: Duration,
+    /// TCP keepalive idle time and probe interval; `None` leaves keepalive off.
+    pub keepalive: Option<Duration>,
+    /// How long [`close`](chorus_core::Transport::close) waits for queued frames to be written.
+    pub close_timeout: Duration,
+    /// The address announced to peers (and returned by `local_addr`); `None` uses the bound
+    /// socket address, which is wrong for a wildcard bind such as `0.0.0.0:7000`.
+    pub advertise: Option<Address>,
+    /// Seed of the reconnect jitter; `None` derives one from the clock and the local address.
+    pub jitter_seed: Option<u64>,
+}
+
+impl Default for TcpConfig {
+    /// [`TcpConfig::lan`].
+    fn default() -> Self {
+        TcpConfig::lan()
+    }
+}
+
+const fn nz(n: usize) -> NonZeroUsize {
+    match NonZeroUsize::new(n) {
+        Some(n) => n,
+        None => NonZeroUsize::MIN,
+    }
+}
+
+impl TcpConfig {
+    /// For a data-centre network: 1 s to connect, redial between 50 ms and 5 s, connections
+    /// idle for 60 s closed, keepalive every 15 s.
+    pub fn lan() -> Self {
+        TcpConfig {
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            queue_capacity: nz(4096),
+            queue_wait: Duration::from_secs(1),
+            recv_capacity: nz(8192),
+            max_batch: nz(256),
+            connect_timeout: Duration::from_secs(1),
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            keepalive: Some(Duration::from_secs(15)),
+            close_timeout: Duration::from_secs(5),
+            advertise: None,
+            jitter_seed: None,
+        }
+    }
+
+    /// For one machine (tests, loopback clusters): 250 ms to connect, redial between 10 ms and
+    /// 250 ms, idle after 30 s, keepalive every 5 s.
+    pub fn local() -> Self {
+        TcpConfig {
+            queue_wait: Duration::from_millis(250),
+            connect_timeout: Duration::from_millis(250),
+            backoff_min: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(250),
+            idle_timeout: Duration::from_secs(30),
+            keepalive: Some(Duration::from_secs(5)),
+            close_timeout: Duration::from_secs(2),
+            ..TcpConfig::lan()
+        }
+    }
+
+    /// This configuration with another maximum frame length.
+    pub fn with_max_frame_len(mut self, max_frame_len: usize) -> Self {
+        self.max_frame_len = max_frame_len;
+        self
+    }
+
+    /// The maximum frame length in force (capped at the ceiling).
+    pub(crate) fn effective_max_frame_len(&self) -> usize {
+        self.max_frame_len.min(MAX_FRAME_LEN_CEILING)
+    }
+
+    /// The batch size in force (capped at `IOV_MAX`).
+    pub(crate) fn effective_max_batch(&self) -> usize {
+        self.max_batch.get().min(1024)
+    }
+
+    /// Parses [`TransportSpec::options`]. Every key is optional:
+    ///
+    /// | key | meaning |
+    /// |-----|---------|
+    /// | `preset` | `lan` (default) or `local`, applied before the other keys |
+    /// | `max_frame_len` | bytes |
+    /// | `queue_capacity`, `recv_capacity`, `max_batch` | frames, non-zero |
+    /// | `queue_wait_ms`, `connect_timeout_ms`, `backoff_min_ms`, `backoff_max_ms`, `idle_timeout_ms`, `close_timeout_ms` | milliseconds |
+    /// | `keepalive_ms` | milliseconds, `0` turns keepalive off |
+    /// | `advertise` | `host:port` announced to peers |
+    /// | `jitter_seed` | integer |
+    ///
+    /// An unknown key or a bad value is a [`TransportError::Config`] naming the key.
+    pub fn from_options(options: &BTreeMap<String, String>) -> Result<Self, TransportError> {
+        let mut config = match options.get("preset").map(String::as_str) {
+            None | Some("lan") => TcpConfig::lan(),
+            Some("local") => TcpConfig::local(),
+            Some(other) => {
+                return Err(TransportError::Config(format!(
+                    "option `preset`: {other:?} is not one of `lan`, `local`"
+                )));
+            }
+        };
+        for (key, value) in options {
+            match key.as_str() {
+                "preset" => {}
+                "max_frame_len" => config.max_frame_len = parse(key, value)?,
+                "queue_capacity" => config.queue_capacity = parse(key, value)?,
+                "recv_capacity" => config.recv_capacity = parse(key, value)?,
+                "max_batch" => config.max_batch = parse(key, value)?,
+                "queue_wait_ms" => config.queue_wait = millis(key, value)?,
+                "connect_timeout_ms" => config.connect_timeout = millis(key, value)?,
+                "backoff_min_ms" => config.backoff_min = millis(key, value)?,
+                "backoff_max_ms" => config.backoff_max = millis(key, value)?,
+                "idle_timeout_ms" => config.idle_timeout = millis(key, value)?,
+                "close_timeout_ms" => config.close_timeout = millis(key, value)?,
+                "keepalive_ms" => {
+                    let d = millis(key, value)?;
+                    config.keepalive = (!d.is_zero()).then_some(d);
+                }
+                "advertise" => config.advertise = Some(Address::new(value)),
+                "jitter_seed" => config.jitter_seed = Some(parse(key, value)?),
+                _ => {
+                    return Err(TransportError::Config(format!(
+                        "unknown option `{key}` for the tcp transport"
+                    )));
+                }
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks relations between fields.
+    pub fn validate(&self) -> Result<(), TransportError> {
+        if self.backoff_min > self.backoff_max {
+            return Err(TransportError::Config(format!(
+                "option `backoff_min_ms` ({:?}) exceeds `backoff_max_ms` ({:?})",
+                self.backoff_min, self.backoff_max
+            )));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(TransportError::Config(
+                "option `connect_timeout_ms` must be positive".to_owned(),
+            ));
+        }
+        if self.idle_timeout.is_zero() {
+            return Err(TransportError::Config(
+                "option `idle_timeout_ms` must be positive".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn parse<T: std::str::FromStr>(key: &str, value: &str) -> Result<T, TransportError>
+where
+    T::Err: std::fmt::Display,
+{
+    value
+        .trim()
+        .parse()
+        .map_err(|e| TransportError::Config(format!("option `{key}`: {value:?}: {e}")))
+}
+
+fn millis(key: &str, value: &str) -> Result<Duration, TransportError> {
+    parse::<u64>(key, value).map(Duration::from_millis)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn options_override_the_preset() {
+        let config = TcpConfig::from_options(&options(&[
+            ("preset", "local"),
+            ("connect_timeout_ms", "75"),
+            ("keepalive_ms", "0"),
+            ("queue_capacity", "8"),
+        ]))
+        .expect("valid");
+        assert_eq!(config.connect_timeout, Duration::from_millis(75));
+        assert_eq!(config.keepalive, None);
+        assert_eq!(config.queue_capacity.get(), 8);
+        assert_eq!(config.backoff_min, TcpConfig::local().backoff_min);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        for (pairs, field) in [
+            (&[("queue_capacity", "0")][..], "queue_capacity"),
+            (&[("connect_timeout_ms", "soon")][..], "connect_timeout_ms"),
+            (&[("colour", "blue")][..], "colour"),
+            (&[("preset", "moon")][..], "preset"),
+            (
+                &[("backoff_min_ms", "10"), ("backoff_max_ms", "5")][..],
+                "backoff_min_ms",
+            ),
+        ] {
+            let err = TcpConfig::from_options(&options(pairs)).expect_err("invalid");
+            assert!(
+                matches!(&err, TransportError::Config(m) if m.contains(field)),
+                "{err}"
+            );
+        }
+    }
+}
