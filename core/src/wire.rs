@@ -368,9 +368,9 @@ pub fn split(frame: &[u8], max_frame_len: usize) -> Result<(Header, &[u8]), Wire
     Ok((header, &frame[PREFIX_LEN + HEADER_LEN..]))
 }
 
-/// Data-plane messages exchanged between nodes.
+/// Messages exchanged between nodes: the data plane and, in [`Message::Swim`], membership.
 ///
-/// Later protocol parts (membership, anti-entropy) add variants; adding a variant at the end is
+/// Later protocol parts (anti-entropy) add variants; adding a variant at the end is
 /// compatible for peers that know it, and a peer that does not reports a typed decode error.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -407,6 +407,8 @@ pub enum Message {
         #[serde(with = "serde_str")]
         reason: String,
     },
+    /// A membership protocol message (see [`crate::membership`]).
+    Swim(crate::membership::SwimMessage),
 }
 
 #[cfg(test)]
