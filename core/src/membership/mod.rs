@@ -54,6 +54,7 @@
 //!   replaces its old self everywhere and news about the old life is ignored.
 
 pub mod config;
+pub mod driver;
 pub mod message;
 pub mod sim;
 
@@ -165,45 +166,47 @@ struct Relay {
 /// Updates waiting to be piggybacked, least-transmitted (then newest) first.
 #[derive(Debug, Default)]
 struct Broadcasts {
-    queue: BTreeMap<(u32, std::cmp::Reverse<u64>), Update>,
-    by_id: HashMap<NodeId, (u32, std::cmp::Reverse<u64>)>,
+    /// (transmits, newest first, member): the order updates go out in.
+    order: BTreeSet<(u32, std::cmp::Reverse<u64>, NodeId)>,
+    /// The pending update about each member and its key in `order`.
+    by_id: BTreeMap<NodeId, (u32, std::cmp::Reverse<u64>, Update)>,
     next: u64,
 }
 
 impl Broadcasts {
     fn push(&mut self, update: Update) {
         let id = update.id();
-        if let Some(key) = self.by_id.remove(&id) {
-            self.queue.remove(&key);
-        }
-        let key = (0, std::cmp::Reverse(self.next));
+        let stamp = std::cmp::Reverse(self.next);
         self.next += 1;
-        self.queue.insert(key, update);
-        self.by_id.insert(id, key);
+        if let Some((t, s, _)) = self.by_id.insert(id, (0, stamp, update)) {
+            self.order.remove(&(t, s, id));
+        }
+        self.order.insert((0, stamp, id));
     }
 
     fn is_empty(&self) -> bool {
-        self.queue.is_empty()
+        self.order.is_empty()
     }
 
     fn take(&mut self, max: usize, limit: u32, out: &mut Vec<Update>) {
-        let keys: Vec<_> = self.queue.keys().take(max).copied().collect();
-        for key in keys {
-            let Some(update) = self.queue.remove(&key) else {
-                continue;
+        let mut again = Vec::new();
+        for _ in 0..max {
+            let Some((transmits, stamp, id)) = self.order.pop_first() else {
+                break;
             };
-            let id = update.id();
-            let transmits = key.0 + 1;
+            let transmits = transmits + 1;
             if transmits < limit {
-                let key = (transmits, key.1);
-                out.push(update.clone());
-                self.queue.insert(key, update);
-                self.by_id.insert(id, key);
-            } else {
-                self.by_id.remove(&id);
+                if let Some(entry) = self.by_id.get_mut(&id) {
+                    entry.0 = transmits;
+                    out.push(entry.2.clone());
+                }
+                again.push((transmits, stamp, id));
+            } else if let Some((_, _, update)) = self.by_id.remove(&id) {
                 out.push(update);
             }
         }
+        // Re-queued after the loop so one message never carries an update twice.
+        self.order.extend(again);
     }
 }
 
@@ -220,6 +223,8 @@ pub struct Membership {
     /// Alive and suspect members other than this node, for random choices.
     live: Vec<NodeId>,
     live_pos: HashMap<NodeId, usize>,
+    /// How many live members use each address (to tell which seeds are known alive).
+    live_addrs: HashMap<Address, u32>,
     probe_order: Vec<NodeId>,
     probe_index: usize,
     probe: Option<Probe>,
@@ -259,6 +264,9 @@ impl Membership {
         // Spread the first probe over one period so nodes started together do not probe in
         // lockstep.
         let jitter = config.probe_interval.mul_f64(rng.random::<f64>());
+        // Likewise the first push-pull and re-announce (memberlist staggers them too).
+        let push_pull_at = now + config.push_pull_interval.mul_f64(rng.random::<f64>());
+        let reannounce_at = now + config.reannounce_interval.mul_f64(rng.random::<f64>());
         Membership {
             config,
             local: Member {
@@ -277,6 +285,7 @@ impl Membership {
             members: BTreeMap::new(),
             live: Vec::new(),
             live_pos: HashMap::new(),
+            live_addrs: HashMap::new(),
             probe_order: Vec::new(),
             probe_index: 0,
             probe: None,
@@ -289,9 +298,9 @@ impl Membership {
             suspicion_deadlines: BTreeSet::new(),
             reap_deadlines: BTreeSet::new(),
             next_gossip: now + config.gossip_interval,
-            next_push_pull: now + config.push_pull_interval,
+            next_push_pull: push_pull_at,
             next_join: now,
-            next_reannounce: now + config.reannounce_interval,
+            next_reannounce: reannounce_at,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: MembershipStats::default(),
@@ -717,9 +726,23 @@ impl Membership {
         out
     }
 
+    fn count_addr(&mut self, addr: &Address, up: bool) {
+        if up {
+            *self.live_addrs.entry(addr.clone()).or_insert(0) += 1;
+        } else if let Some(n) = self.live_addrs.get_mut(addr) {
+            *n -= 1;
+            if *n == 0 {
+                self.live_addrs.remove(addr);
+            }
+        }
+    }
+
     fn add_live(&mut self, id: NodeId) {
         if self.live_pos.contains_key(&id) {
             return;
+        }
+        if let Some(addr) = self.members.get(&id).map(|e| e.member.meta.addr.clone()) {
+            self.count_addr(&addr, true);
         }
         self.live_pos.insert(id, self.live.len());
         self.live.push(id);
@@ -733,6 +756,9 @@ impl Membership {
 
     fn remove_live(&mut self, id: NodeId) {
         if let Some(pos) = self.live_pos.remove(&id) {
+            if let Some(addr) = self.members.get(&id).map(|e| e.member.meta.addr.clone()) {
+                self.count_addr(&addr, false);
+            }
             self.live.swap_remove(pos);
             if let Some(&moved) = self.live.get(pos) {
                 self.live_pos.insert(moved, pos);
@@ -884,13 +910,7 @@ impl Membership {
         let mut candidates: Vec<Address> = self
             .seeds
             .iter()
-            .filter(|seed| {
-                !self.live.iter().any(|id| {
-                    self.members
-                        .get(id)
-                        .is_some_and(|e| e.member.meta.addr == **seed)
-                })
-            })
+            .filter(|seed| !self.live_addrs.contains_key(*seed))
             .cloned()
             .collect();
         candidates.extend(self.reap_deadlines.iter().filter_map(|(_, id)| {
@@ -1009,6 +1029,9 @@ impl Membership {
                         let old_state = e.member.state;
                         let changed =
                             e.member.life.generation != life.generation || e.member.meta != meta;
+                        let moved = (e.member.meta.addr != meta.addr
+                            && matches!(old_state, MemberState::Alive | MemberState::Suspect))
+                        .then(|| (e.member.meta.addr.clone(), meta.addr.clone()));
                         e.member.life = life;
                         e.member.meta = meta;
                         e.member.state = MemberState::Alive;
@@ -1017,6 +1040,10 @@ impl Membership {
                             self.suspicion_deadlines.remove(&(s.deadline, id));
                         }
                         let member = e.member.clone();
+                        if let Some((old, new)) = moved {
+                            self.count_addr(&old, false);
+                            self.count_addr(&new, true);
+                        }
                         match old_state {
                             MemberState::Dead | MemberState::Left => {
                                 MembershipEvent::Joined(member)

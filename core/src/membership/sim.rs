@@ -76,7 +76,7 @@ enum Action {
 }
 
 enum Payload {
-    Message(SwimMessage),
+    Message(Box<SwimMessage>),
     Frame(Bytes),
 }
 
@@ -406,7 +406,7 @@ impl Simulation {
                         continue;
                     }
                     let message = match payload {
-                        Payload::Message(m) => m,
+                        Payload::Message(m) => *m,
                         Payload::Frame(frame) => {
                             match wire::decode::<Message>(&frame, wire::DEFAULT_MAX_FRAME_LEN) {
                                 Ok((_, Message::Swim(m))) => m,
@@ -556,7 +556,7 @@ impl Simulation {
                 }
             }
         } else {
-            Payload::Message(message)
+            Payload::Message(Box::new(message))
         };
         // Two draws per message whatever the faults, so changing a fault never shifts the
         // random stream of later messages.
