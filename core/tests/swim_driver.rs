@@ -83,9 +83,15 @@ async fn driver_joins_detects_a_crash_and_sees_a_leave() {
             "no joined event for {id}: {seen:?}"
         );
     }
-    assert!(has(&|e| matches!(e, MembershipEvent::Dead(m) if m.id == NodeId(3))));
-    assert!(has(&|e| matches!(e, MembershipEvent::Left(m) if m.id == NodeId(5))));
-    assert!(!has(&|e| matches!(e, MembershipEvent::Dead(m) if m.id != NodeId(3))));
+    assert!(has(
+        &|e| matches!(e, MembershipEvent::Dead(m) if m.id == NodeId(3))
+    ));
+    assert!(has(
+        &|e| matches!(e, MembershipEvent::Left(m) if m.id == NodeId(5))
+    ));
+    assert!(!has(
+        &|e| matches!(e, MembershipEvent::Dead(m) if m.id != NodeId(3))
+    ));
     assert!(first.stats().received > 0 && first.stats().sent > 0);
     assert_eq!(first.stats().rejected_frames, 0);
 }

@@ -386,7 +386,9 @@ fn lifeguard_cuts_false_suspicions_caused_by_a_slow_member() {
         let mut sim = cluster(base_seed(), 50, config, Duration::from_millis(5));
         sim.run_for(Duration::from_secs(20));
         let before = sim.stats();
-        sim.set_slow(7, Duration::from_millis(900));
+        // Every message to node 7 is processed 1.5 s late: longer than a protocol period, so
+        // its own probes fail and, without Lifeguard, it keeps suspecting healthy members.
+        sim.set_slow(7, Duration::from_millis(1500));
         sim.run_for(Duration::from_secs(300));
         let after = sim.stats();
         (
@@ -395,11 +397,9 @@ fn lifeguard_cuts_false_suspicions_caused_by_a_slow_member() {
         )
     };
     let (on, off) = (run(true), run(false));
-    eprintln!("slow member, false (suspicions, deaths): Lifeguard on {on:?}, off {off:?}");
     assert!(
-        on.0 * 10 <= off.0 && on.1 <= off.1,
+        off.0 > 0 && off.1 > 0 && on.0 * 10 <= off.0 && on.1 * 10 <= off.1,
         "Lifeguard on {on:?} vs off {off:?} (suspicions, deaths) (seed {})",
         base_seed()
     );
 }
-

@@ -450,10 +450,11 @@ impl Membership {
             }
         }
         // The current probe.
-        if let Some(p) = &self.probe {
-            if !p.indirect_sent && now >= p.ack_deadline {
-                self.send_indirect_probes();
-            }
+        if let Some(p) = &self.probe
+            && !p.indirect_sent
+            && now >= p.ack_deadline
+        {
+            self.send_indirect_probes();
         }
         if let Some(p) = &self.probe
             && now >= p.end

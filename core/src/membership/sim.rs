@@ -43,9 +43,10 @@ pub struct SimStats {
     pub dropped_unreachable: u64,
     /// Frames the codec rejected (never expected).
     pub rejected_frames: u64,
-    /// Suspect events about a member that was in fact running, in that life.
+    /// Suspect events (summed over observers) about a healthy member: one running at normal
+    /// speed (not slowed by [`Simulation::set_slow`]), in the life the event is about.
     pub false_suspicions: u64,
-    /// Dead events about a member that was in fact running, in that life.
+    /// Dead events (summed over observers) about a healthy member, in the same sense.
     pub false_deaths: u64,
     /// Joined, alive or updated events about an older life of a node that has restarted.
     pub stale_resurrections: u64,
@@ -503,8 +504,10 @@ impl Simulation {
     fn observe(&mut self, observer: usize, event: MembershipEvent) {
         let member = event.member();
         let j = member.id.0 as usize - 1;
+        // A healthy subject: running at normal speed, in the life the event is about.
         let subject_running_same_life = j < self.nodes.len()
             && self.is_running(j)
+            && self.nodes[j].slow.is_zero()
             && self.nodes[j].generation == member.life.generation;
         let subject_newer =
             j < self.nodes.len() && self.nodes[j].generation > member.life.generation;
