@@ -33,6 +33,10 @@ pub struct SimStats {
     pub messages: u64,
     /// Bytes of those messages as encoded frames (only counted with the codec on).
     pub bytes: u64,
+    /// Of `messages`, the full-state exchanges ([`SwimMessage::PushPull`]).
+    pub push_pull_messages: u64,
+    /// Of `bytes`, those of full-state exchanges.
+    pub push_pull_bytes: u64,
     /// Messages delivered to a running machine.
     pub delivered: u64,
     /// Lost to random loss.
@@ -542,6 +546,10 @@ impl Simulation {
     fn route(&mut self, from: usize, to: Address, message: SwimMessage) {
         self.stats.messages += 1;
         self.nodes[from].sent_messages += 1;
+        let push_pull = matches!(message, SwimMessage::PushPull { .. });
+        if push_pull {
+            self.stats.push_pull_messages += 1;
+        }
         let payload = if self.codec {
             match wire::encode(
                 Header::message(),
@@ -550,6 +558,9 @@ impl Simulation {
             ) {
                 Ok(frame) => {
                     self.stats.bytes += frame.len() as u64;
+                    if push_pull {
+                        self.stats.push_pull_bytes += frame.len() as u64;
+                    }
                     self.nodes[from].sent_bytes += frame.len() as u64;
                     Payload::Frame(frame)
                 }
