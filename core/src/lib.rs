@@ -7,6 +7,8 @@
 //! - [`wire`]: the frame format and the one place bincode is used;
 //! - [`rpc`]: request/response correlation over any transport;
 //! - [`registry`]: names to backend and transport factories;
+//! - [`membership`]: SWIM membership with Lifeguard as a sans-IO state machine, its tokio
+//!   driver and a deterministic simulator;
 //! - [`inproc`]: an in-process transport with seeded fault injection, for whole-cluster tests.
 //!
 //! Users normally depend on the `chorus` facade crate, which re-exports this crate and
@@ -17,6 +19,7 @@
 pub mod hash;
 pub mod hlc;
 pub mod inproc;
+pub mod membership;
 pub mod record;
 pub mod registry;
 pub mod ring;

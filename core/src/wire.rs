@@ -368,9 +368,9 @@ pub fn split(frame: &[u8], max_frame_len: usize) -> Result<(Header, &[u8]), Wire
     Ok((header, &frame[PREFIX_LEN + HEADER_LEN..]))
 }
 
-/// Data-plane messages exchanged between nodes.
+/// Messages exchanged between nodes: the data plane and, in [`Message::Swim`], membership.
 ///
-/// Later protocol parts (membership, anti-entropy) add variants; adding a variant at the end is
+/// Later protocol parts (anti-entropy) add variants; adding a variant at the end is
 /// compatible for peers that know it, and a peer that does not reports a typed decode error.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -407,12 +407,16 @@ pub enum Message {
         #[serde(with = "serde_str")]
         reason: String,
     },
+    /// A membership protocol message (see [`crate::membership`]).
+    Swim(crate::membership::SwimMessage),
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::hlc::{NodeId, Timestamp};
+    use crate::membership::{Life, Member, MemberMeta, MemberState, SwimMessage, Update};
+    use crate::transport::Address;
     use proptest::prelude::*;
 
     const MAX: usize = 64 * 1024;
@@ -450,6 +454,84 @@ mod tests {
             key.prop_map(|key| Message::Get { key }),
             prop::option::of(record).prop_map(|record| Message::GetReply { record }),
             ".{0,40}".prop_map(|reason| Message::Error { reason }),
+            arb_swim().prop_map(Message::Swim),
+        ]
+    }
+
+    fn arb_swim() -> impl Strategy<Value = SwimMessage> {
+        let id = any::<u64>().prop_map(NodeId);
+        let life = (any::<u64>(), any::<u64>()).prop_map(|(generation, incarnation)| Life {
+            generation,
+            incarnation,
+        });
+        let addr = "[a-z0-9.:-]{0,24}".prop_map(Address::from);
+        let meta = (addr.clone(), 1u32.., any::<[u8; 32]>()).prop_map(|(addr, w, public_key)| {
+            MemberMeta {
+                addr,
+                weight: std::num::NonZeroU32::new(w).unwrap(),
+                public_key,
+            }
+        });
+        let update =
+            prop_oneof![
+                (id.clone(), life.clone(), meta.clone())
+                    .prop_map(|(id, life, meta)| Update::Alive { id, life, meta }),
+                (id.clone(), life.clone(), id.clone())
+                    .prop_map(|(id, life, from)| Update::Suspect { id, life, from }),
+                (id.clone(), life.clone(), id.clone()).prop_map(|(id, life, from)| Update::Dead {
+                    id,
+                    life,
+                    from
+                }),
+                (id.clone(), life.clone()).prop_map(|(id, life)| Update::Left { id, life }),
+            ];
+        let updates = prop::collection::vec(update, 0..4);
+        let state = prop_oneof![
+            Just(MemberState::Alive),
+            Just(MemberState::Suspect),
+            Just(MemberState::Dead),
+            Just(MemberState::Left),
+        ];
+        let member = (id.clone(), life, state, meta).prop_map(|(id, life, state, meta)| Member {
+            id,
+            life,
+            state,
+            meta,
+        });
+        prop_oneof![
+            (any::<u32>(), id.clone(), id.clone(), updates.clone()).prop_map(
+                |(seq, from, target, updates)| SwimMessage::Ping {
+                    seq,
+                    from,
+                    target,
+                    updates
+                }
+            ),
+            (any::<u32>(), id.clone(), updates.clone())
+                .prop_map(|(seq, from, updates)| { SwimMessage::Ack { seq, from, updates } }),
+            (any::<u32>(), id.clone(), id.clone(), addr, updates.clone()).prop_map(
+                |(seq, from, target, target_addr, updates)| SwimMessage::PingReq {
+                    seq,
+                    from,
+                    target,
+                    target_addr,
+                    updates
+                }
+            ),
+            (any::<u32>(), id.clone()).prop_map(|(seq, from)| SwimMessage::Nack { seq, from }),
+            (id.clone(), updates).prop_map(|(from, updates)| SwimMessage::Gossip { from, updates }),
+            (
+                id,
+                any::<bool>(),
+                any::<bool>(),
+                prop::collection::vec(member, 0..4)
+            )
+                .prop_map(|(from, join, reply, members)| SwimMessage::PushPull {
+                    from,
+                    join,
+                    reply,
+                    members
+                }),
         ]
     }
 
@@ -561,6 +643,26 @@ mod tests {
     fn lying_inner_length_does_not_decode() {
         // A Get whose key claims 2^40 bytes in a tiny frame.
         let mut payload = vec![2u8]; // variant index of Get
+        payload.push(253); // bincode varint marker for u64
+        payload.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        let mut frame = vec![0u8; PREFIX_LEN + HEADER_LEN];
+        frame[4..6].copy_from_slice(&MAGIC);
+        frame[6] = WIRE_VERSION;
+        frame.extend_from_slice(&payload);
+        let body = (frame.len() - PREFIX_LEN) as u32;
+        frame[..4].copy_from_slice(&body.to_be_bytes());
+        assert!(matches!(
+            decode::<Message>(&frame, MAX),
+            Err(WireError::Payload(_))
+        ));
+    }
+
+    #[test]
+    fn swim_message_with_a_lying_update_count_does_not_decode() {
+        // A Gossip claiming 2^40 updates in a tiny frame.
+        let mut payload = vec![5u8]; // variant index of Swim
+        payload.push(4); // variant index of Gossip
+        payload.push(7); // from
         payload.push(253); // bincode varint marker for u64
         payload.extend_from_slice(&(1u64 << 40).to_le_bytes());
         let mut frame = vec![0u8; PREFIX_LEN + HEADER_LEN];

@@ -1,0 +1,235 @@
+//! `swim-sim`: measured figures of the SWIM membership, from the deterministic simulator.
+//!
+//! ```text
+//! cargo run --release -p chorus-benches --bin swim-sim -- [--seeds K] [--sizes 10,100,1000] [--seed S]
+//! ```
+//!
+//! For each cluster size and seed (LAN preset, every message through the wire codec): joins the
+//! cluster through three seeds, waits for convergence, lets the join news drain, measures the
+//! steady-state load (messages and bytes sent per member per second), then crashes members one
+//! at a time and records when each live member declares each of them dead. Then, with one
+//! member whose incoming messages are processed 1.5 s late, counts false suspicions and false
+//! deaths of healthy members with Lifeguard on and off, from the same seeds.
+
+use std::time::Duration;
+
+use chorus::membership::MembershipConfig;
+use chorus::membership::sim::Simulation;
+
+const SEEDS: [usize; 3] = [0, 1, 2];
+const CRASHES: usize = 5;
+const LOAD_WINDOW: Duration = Duration::from_secs(60);
+
+struct Args {
+    seeds: u64,
+    first_seed: u64,
+    sizes: Vec<usize>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        seeds: 3,
+        first_seed: 1,
+        sizes: vec![10, 100, 1000],
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or(format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--seeds" => args.seeds = value.parse().map_err(|e| format!("--seeds: {e}"))?,
+            "--seed" => args.first_seed = value.parse().map_err(|e| format!("--seed: {e}"))?,
+            "--sizes" => {
+                args.sizes = value
+                    .split(',')
+                    .map(|s| s.trim().parse::<usize>())
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| format!("--sizes: {e}"))?;
+                if args.sizes.iter().any(|&n| n < 5) {
+                    return Err("--sizes: every size must be at least 5".into());
+                }
+            }
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    Ok(args)
+}
+
+fn cluster(seed: u64, n: usize, config: MembershipConfig) -> Simulation {
+    let mut sim = Simulation::new(seed);
+    sim.set_codec(true);
+    for i in 0..n {
+        if i >= SEEDS.len() {
+            sim.run_for(Duration::from_millis(2));
+        }
+        sim.add_node(config, &SEEDS);
+    }
+    sim
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+struct SizeResult {
+    converge_s: Vec<f64>,
+    detect_s: Vec<f64>,
+    detect_all_s: Vec<f64>,
+    undetected: usize,
+    msgs_per_member_s: Vec<f64>,
+    bytes_per_member_s: Vec<f64>,
+    pp_bytes_per_member_s: Vec<f64>,
+}
+
+fn measure_size(n: usize, seeds: &[u64]) -> SizeResult {
+    let mut r = SizeResult {
+        converge_s: vec![],
+        detect_s: vec![],
+        detect_all_s: vec![],
+        undetected: 0,
+        msgs_per_member_s: vec![],
+        bytes_per_member_s: vec![],
+        pp_bytes_per_member_s: vec![],
+    };
+    for &seed in seeds {
+        let mut sim = cluster(seed, n, MembershipConfig::lan());
+        let start = sim.now();
+        while !sim.converged() && sim.now() < start + Duration::from_secs(300) {
+            sim.run_for(Duration::from_millis(500));
+        }
+        r.converge_s.push(sim.now().as_secs_f64());
+        // Let the join news drain, then measure the steady state.
+        sim.run_for(Duration::from_secs(120));
+        let before = sim.stats();
+        sim.run_for(LOAD_WINDOW);
+        let after = sim.stats();
+        let member_secs = n as f64 * LOAD_WINDOW.as_secs_f64();
+        r.msgs_per_member_s
+            .push((after.messages - before.messages) as f64 / member_secs);
+        r.bytes_per_member_s
+            .push((after.bytes - before.bytes) as f64 / member_secs);
+        r.pp_bytes_per_member_s
+            .push((after.push_pull_bytes - before.push_pull_bytes) as f64 / member_secs);
+        // Crash non-seed members one at a time, 30 s apart.
+        for c in 0..CRASHES {
+            let victim = 3 + (c * (n - 3)) / CRASHES;
+            let t0 = sim.now();
+            sim.crash(victim);
+            sim.run_for(Duration::from_secs(30));
+            let id = Simulation::id(victim);
+            let observers = (0..sim.nodes()).filter(|&j| sim.is_running(j)).count();
+            let times: Vec<f64> = sim
+                .detections(id)
+                .iter()
+                .filter(|(j, _)| sim.is_running(*j))
+                .map(|(_, at)| (*at - t0).as_secs_f64())
+                .collect();
+            r.undetected += observers.saturating_sub(times.len());
+            if let Some(last) = times.iter().cloned().reduce(f64::max) {
+                r.detect_all_s.push(last);
+            }
+            r.detect_s.extend(times);
+        }
+    }
+    r.detect_s.sort_by(f64::total_cmp);
+    r.detect_all_s.sort_by(f64::total_cmp);
+    r
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    percentile(&v, 50.0)
+}
+
+fn slow_member(seed: u64, lifeguard: bool) -> (u64, u64) {
+    let config = MembershipConfig::lan().with_lifeguard(lifeguard);
+    let mut sim = Simulation::new(seed);
+    for i in 0..50 {
+        if i >= SEEDS.len() {
+            sim.run_for(Duration::from_millis(5));
+        }
+        sim.add_node(config, &SEEDS);
+    }
+    sim.run_for(Duration::from_secs(20));
+    let before = sim.stats();
+    sim.set_slow(7, Duration::from_millis(1500));
+    sim.run_for(Duration::from_secs(600));
+    let after = sim.stats();
+    (
+        after.false_suspicions - before.false_suspicions,
+        after.false_deaths - before.false_deaths,
+    )
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("swim-sim: {e}");
+            eprintln!("usage: swim-sim [--seeds K] [--seed FIRST] [--sizes 10,100,1000]");
+            std::process::exit(2);
+        }
+    };
+    let seeds: Vec<u64> = (0..args.seeds).map(|k| args.first_seed + k).collect();
+    let wall = std::time::Instant::now();
+    println!("# swim-sim: LAN preset, seeds {seeds:?}, every message through the wire codec");
+    println!();
+    println!(
+        "| N | converged after (median) | detection median | detection p99 | all members (median / max) | undetected | msgs/member/s | bytes/member/s | of which push-pull |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for &n in &args.sizes {
+        let r = measure_size(n, &seeds);
+        println!(
+            "| {n} | {:.1} s | {:.2} s | {:.2} s | {:.2} / {:.2} s | {} | {:.2} | {:.0} | {:.0} |",
+            median(&r.converge_s),
+            percentile(&r.detect_s, 50.0),
+            percentile(&r.detect_s, 99.0),
+            percentile(&r.detect_all_s, 50.0),
+            percentile(&r.detect_all_s, 100.0),
+            r.undetected,
+            median(&r.msgs_per_member_s),
+            median(&r.bytes_per_member_s),
+            median(&r.pp_bytes_per_member_s),
+        );
+    }
+    println!();
+    println!(
+        "# slow member (N = 50, one member processes its messages 1.5 s late, 600 s): false positives about healthy members"
+    );
+    println!();
+    println!("| seed | suspicions on | suspicions off | deaths on | deaths off |");
+    println!("|---|---|---|---|---|");
+    let (mut s_on, mut s_off, mut d_on, mut d_off) = (0, 0, 0, 0);
+    for &seed in &seeds {
+        let on = slow_member(seed, true);
+        let off = slow_member(seed, false);
+        println!("| {seed} | {} | {} | {} | {} |", on.0, off.0, on.1, off.1);
+        s_on += on.0;
+        s_off += off.0;
+        d_on += on.1;
+        d_off += off.1;
+    }
+    println!("| total | {s_on} | {s_off} | {d_on} | {d_off} |");
+    let ratio = |off: u64, on: u64| {
+        if on == 0 {
+            format!("{off} vs 0 (none with Lifeguard)")
+        } else {
+            format!("{:.1}x", off as f64 / on as f64)
+        }
+    };
+    println!();
+    println!(
+        "Lifeguard off/on: suspicions {}, deaths {}",
+        ratio(s_off, s_on),
+        ratio(d_off, d_on)
+    );
+    eprintln!(
+        "swim-sim: done in {:.1} s of real time",
+        wall.elapsed().as_secs_f64()
+    );
+}

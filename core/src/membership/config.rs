@@ -1,0 +1,141 @@
+//! Settings of the membership protocol and their presets.
+
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::time::Duration;
+
+/// How a [`Membership`](super::Membership) probes, gossips and decides.
+///
+/// Every node of a cluster should use the same values. Start from [`MembershipConfig::lan`],
+/// [`MembershipConfig::wan`] or [`MembershipConfig::local`] and change single fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MembershipConfig {
+    /// Time between two probes of this node (one protocol period), before awareness scaling.
+    pub probe_interval: Duration,
+    /// How long a direct ping waits for its ack before indirect probes are sent, before
+    /// awareness scaling. Must be shorter than `probe_interval`.
+    pub probe_timeout: Duration,
+    /// Members asked to probe a target indirectly when the direct ping got no ack (k).
+    pub indirect_checks: usize,
+    /// The minimum suspicion timeout is
+    /// `suspicion_mult * max(1, log10(n)) * probe_interval` for `n` live members.
+    pub suspicion_mult: NonZeroU32,
+    /// With Lifeguard, a fresh suspicion starts at `suspicion_max_timeout_mult` times the
+    /// minimum and shrinks towards it as independent confirmations arrive.
+    pub suspicion_max_timeout_mult: NonZeroU32,
+    /// Independent confirmations (suspicions from other members) after which the suspicion
+    /// timeout has shrunk to its minimum (Lifeguard's K).
+    pub suspicion_confirmations: u32,
+    /// An update is piggybacked `retransmit_mult * ceil(log10(n + 1))` times.
+    pub retransmit_mult: NonZeroU32,
+    /// Time between two gossip rounds (sent only when there is something to disseminate).
+    pub gossip_interval: Duration,
+    /// Members each gossip round sends to.
+    pub gossip_nodes: NonZeroUsize,
+    /// Most updates piggybacked on one message (keeps messages near one UDP datagram).
+    pub max_updates_per_message: NonZeroUsize,
+    /// Time between two periodic full-state exchanges with a random member, for clusters of
+    /// up to 32 members; larger clusters stretch it by `log2(n / 32) + 1`, as memberlist does.
+    pub push_pull_interval: Duration,
+    /// Time between join attempts to the seeds while no seed has answered.
+    pub join_retry_interval: Duration,
+    /// Time between two re-announcements (a full-state exchange) to a seed that is not known
+    /// alive or to a member believed dead; this heals partitions without an operator.
+    pub reannounce_interval: Duration,
+    /// How long dead and left members are remembered before they are forgotten.
+    pub reap_after: Duration,
+    /// Upper bound of the local health multiplier (Lifeguard's awareness): probe interval and
+    /// timeout are stretched up to this factor while this node's own probes keep failing.
+    pub awareness_max_multiplier: NonZeroU32,
+    /// Lifeguard on (awareness, nacks, dynamic suspicion timeout, buddy system) or off (plain
+    /// SWIM with a fixed suspicion timeout equal to the minimum).
+    pub lifeguard: bool,
+}
+
+const fn nz32(n: u32) -> NonZeroU32 {
+    match NonZeroU32::new(n) {
+        Some(n) => n,
+        None => NonZeroU32::MIN,
+    }
+}
+
+const fn nzu(n: usize) -> NonZeroUsize {
+    match NonZeroUsize::new(n) {
+        Some(n) => n,
+        None => NonZeroUsize::MIN,
+    }
+}
+
+impl MembershipConfig {
+    /// A local network: memberlist's `DefaultLANConfig` values (probe every 1 s, 500 ms probe
+    /// timeout, 3 indirect checks, suspicion max multiplier 6, retransmit multiplier 4, gossip
+    /// to 3 members every 200 ms, push-pull every 30 s, awareness up to 8) except the
+    /// suspicion multiplier, which is 1 instead of memberlist's 4 (see `docs/ARCHITECTURE.md`:
+    /// memberlist's value gives a minimum suspicion timeout of 12 s at 1,000 members, too slow
+    /// for detection within 10 s), and Lifeguard's K = 3 confirmations.
+    pub const fn lan() -> Self {
+        MembershipConfig {
+            probe_interval: Duration::from_secs(1),
+            probe_timeout: Duration::from_millis(500),
+            indirect_checks: 3,
+            suspicion_mult: nz32(1),
+            suspicion_max_timeout_mult: nz32(6),
+            suspicion_confirmations: 3,
+            retransmit_mult: nz32(4),
+            gossip_interval: Duration::from_millis(200),
+            gossip_nodes: nzu(3),
+            max_updates_per_message: nzu(16),
+            push_pull_interval: Duration::from_secs(30),
+            join_retry_interval: Duration::from_secs(1),
+            reannounce_interval: Duration::from_secs(5),
+            reap_after: Duration::from_secs(60),
+            awareness_max_multiplier: nz32(8),
+            lifeguard: true,
+        }
+    }
+
+    /// A wide-area network: memberlist's `DefaultWANConfig` timings (probe every 5 s, 3 s
+    /// probe timeout, gossip to 4 members every 500 ms, push-pull every 60 s).
+    pub const fn wan() -> Self {
+        MembershipConfig {
+            probe_interval: Duration::from_secs(5),
+            probe_timeout: Duration::from_secs(3),
+            suspicion_mult: nz32(2),
+            gossip_interval: Duration::from_millis(500),
+            gossip_nodes: nzu(4),
+            push_pull_interval: Duration::from_secs(60),
+            join_retry_interval: Duration::from_secs(5),
+            reannounce_interval: Duration::from_secs(30),
+            reap_after: Duration::from_secs(300),
+            ..Self::lan()
+        }
+    }
+
+    /// One machine or a test: everything five times faster than [`MembershipConfig::lan`]
+    /// (probe every 200 ms, 100 ms timeout, gossip every 40 ms, push-pull every 6 s).
+    pub const fn local() -> Self {
+        MembershipConfig {
+            probe_interval: Duration::from_millis(200),
+            probe_timeout: Duration::from_millis(100),
+            gossip_interval: Duration::from_millis(40),
+            push_pull_interval: Duration::from_secs(6),
+            join_retry_interval: Duration::from_millis(200),
+            reannounce_interval: Duration::from_secs(1),
+            reap_after: Duration::from_secs(12),
+            ..Self::lan()
+        }
+    }
+
+    /// This configuration with Lifeguard switched on or off.
+    pub const fn with_lifeguard(mut self, on: bool) -> Self {
+        self.lifeguard = on;
+        self
+    }
+}
+
+impl Default for MembershipConfig {
+    /// [`MembershipConfig::lan`].
+    fn default() -> Self {
+        Self::lan()
+    }
+}

@@ -1,0 +1,186 @@
+//! What membership nodes say to each other, and the member records they say it about.
+//!
+//! These travel inside [`crate::wire::Message::Swim`] frames, on the same transport and frame
+//! format as the data plane. Every string goes through the bounded decode path.
+
+use std::num::NonZeroU32;
+
+use serde::{Deserialize, Serialize};
+
+use crate::hlc::NodeId;
+use crate::transport::Address;
+
+/// What a member publishes about itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberMeta {
+    /// Where the member's membership endpoint is reached.
+    pub addr: Address,
+    /// Relative ring weight.
+    pub weight: NonZeroU32,
+    /// The member's Ed25519 public key, carried as opaque metadata (not checked here).
+    pub public_key: [u8; 32],
+}
+
+impl MemberMeta {
+    /// Metadata with weight 1 and an all-zero key.
+    pub fn new(addr: impl Into<Address>) -> Self {
+        MemberMeta {
+            addr: addr.into(),
+            weight: NonZeroU32::MIN,
+            public_key: [0; 32],
+        }
+    }
+}
+
+/// A member's liveness as one node sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum MemberState {
+    /// Answering probes.
+    Alive,
+    /// A probe failed; it is declared dead unless it refutes in time.
+    Suspect,
+    /// Declared failed.
+    Dead,
+    /// Left the cluster on purpose.
+    Left,
+}
+
+/// The version of a member's state: a restarted node bumps `generation` (so its new life
+/// supersedes everything said about the old one); within a life the node alone bumps
+/// `incarnation` to refute suspicions. Compared lexicographically.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Life {
+    /// Bumped on every restart of the node (for example its start time in milliseconds).
+    pub generation: u64,
+    /// Bumped by the node itself to refute a suspicion.
+    pub incarnation: u64,
+}
+
+/// A member as one node sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Its node id.
+    pub id: NodeId,
+    /// Which life of the node, and which incarnation in it.
+    pub life: Life,
+    /// Alive, suspect, dead or left.
+    pub state: MemberState,
+    /// Address, weight, key.
+    pub meta: MemberMeta,
+}
+
+/// One piece of disseminated news about a member.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Update {
+    /// The member is alive in this life and incarnation, with this metadata.
+    Alive {
+        /// Its node id.
+        id: NodeId,
+        /// Its life.
+        life: Life,
+        /// Its metadata.
+        meta: MemberMeta,
+    },
+    /// `from` suspects the member.
+    Suspect {
+        /// The suspected member.
+        id: NodeId,
+        /// The life suspected.
+        life: Life,
+        /// Who suspects it.
+        from: NodeId,
+    },
+    /// `from` declared the member dead.
+    Dead {
+        /// The dead member.
+        id: NodeId,
+        /// The life declared dead.
+        life: Life,
+        /// Who declared it.
+        from: NodeId,
+    },
+    /// The member left on purpose.
+    Left {
+        /// The member.
+        id: NodeId,
+        /// The life that left.
+        life: Life,
+    },
+}
+
+impl Update {
+    /// The member the update is about.
+    pub fn id(&self) -> NodeId {
+        match self {
+            Update::Alive { id, .. }
+            | Update::Suspect { id, .. }
+            | Update::Dead { id, .. }
+            | Update::Left { id, .. } => *id,
+        }
+    }
+}
+
+/// A membership protocol message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum SwimMessage {
+    /// Are you alive? `target` is the node the sender means to reach.
+    Ping {
+        /// Matches the ack.
+        seq: u32,
+        /// The sender.
+        from: NodeId,
+        /// The node probed.
+        target: NodeId,
+        /// Piggybacked news.
+        updates: Vec<Update>,
+    },
+    /// `from` is alive: the answer to the ping with `seq` (possibly relayed by a helper).
+    Ack {
+        /// The ping's sequence number.
+        seq: u32,
+        /// The node that answered the ping.
+        from: NodeId,
+        /// Piggybacked news.
+        updates: Vec<Update>,
+    },
+    /// Please probe `target` at `target_addr` for me and relay its ack.
+    PingReq {
+        /// The requester's sequence number, echoed in the relayed ack or nack.
+        seq: u32,
+        /// The requester.
+        from: NodeId,
+        /// The node to probe.
+        target: NodeId,
+        /// Where it is.
+        target_addr: Address,
+        /// Piggybacked news.
+        updates: Vec<Update>,
+    },
+    /// The helper asked with `seq` got no ack from the target in time (Lifeguard).
+    Nack {
+        /// The requester's sequence number.
+        seq: u32,
+        /// The helper.
+        from: NodeId,
+    },
+    /// News only.
+    Gossip {
+        /// The sender.
+        from: NodeId,
+        /// The news.
+        updates: Vec<Update>,
+    },
+    /// A full-state exchange; a message with `reply == false` is answered with the receiver's
+    /// state.
+    PushPull {
+        /// The sender.
+        from: NodeId,
+        /// Sent while joining.
+        join: bool,
+        /// This is the answer to a push-pull.
+        reply: bool,
+        /// Every member the sender knows, itself included.
+        members: Vec<Member>,
+    },
+}

@@ -1,0 +1,611 @@
+//! A deterministic simulator: many [`Membership`] machines on one virtual clock.
+//!
+//! No tokio, no threads, no sockets: a binary heap of timed actions (message deliveries and
+//! timer expiries) drives the machines directly, in virtual time, and a single seeded
+//! [`ChaCha8Rng`] decides every fault. The same seed and the same calls give the same run,
+//! bit for bit; a failing test prints its seed and replays from it.
+//!
+//! Faults: global and per-link loss, a uniform delay range, two-way partitions between groups,
+//! one-way blocks, crashes (the machine is dropped with everything in flight to it), restarts
+//! (a new generation at a new address, joining through the original seeds) and slow nodes
+//! (every message to them is processed late, as on an overloaded machine).
+//!
+//! Nodes are numbered from 0; node `i` has id `NodeId(i + 1)` and address `n{i}.g{generation}`.
+
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::{MemberMeta, MemberState, Membership, MembershipConfig, MembershipEvent, SwimMessage};
+use crate::hlc::NodeId;
+use crate::transport::Address;
+use crate::wire::{self, Header, Message};
+
+/// Counters of a simulation run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SimStats {
+    /// Messages the machines asked to send.
+    pub messages: u64,
+    /// Bytes of those messages as encoded frames (only counted with the codec on).
+    pub bytes: u64,
+    /// Of `messages`, the full-state exchanges ([`SwimMessage::PushPull`]).
+    pub push_pull_messages: u64,
+    /// Of `bytes`, those of full-state exchanges.
+    pub push_pull_bytes: u64,
+    /// Messages delivered to a running machine.
+    pub delivered: u64,
+    /// Lost to random loss.
+    pub dropped_loss: u64,
+    /// Lost to a partition or block.
+    pub dropped_partition: u64,
+    /// Sent to an address nobody holds, or to a node that crashed before delivery.
+    pub dropped_unreachable: u64,
+    /// Frames the codec rejected (never expected).
+    pub rejected_frames: u64,
+    /// Suspect events (summed over observers) about a healthy member: one running at normal
+    /// speed (not slowed by [`Simulation::set_slow`]), in the life the event is about.
+    pub false_suspicions: u64,
+    /// Dead events (summed over observers) about a healthy member, in the same sense.
+    pub false_deaths: u64,
+    /// Joined, alive or updated events about an older life of a node that has restarted.
+    pub stale_resurrections: u64,
+}
+
+/// One membership event as a node saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimEvent {
+    /// Virtual time.
+    pub at: Duration,
+    /// The node that saw it.
+    pub observer: usize,
+    /// What it saw.
+    pub event: MembershipEvent,
+}
+
+enum Action {
+    Deliver {
+        to: usize,
+        epoch: u64,
+        from: Address,
+        payload: Payload,
+    },
+    Timer {
+        node: usize,
+        epoch: u64,
+    },
+}
+
+enum Payload {
+    Message(Box<SwimMessage>),
+    Frame(Bytes),
+}
+
+struct Scheduled {
+    at: Duration,
+    seq: u64,
+    action: Action,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    // Reversed: the heap pops the earliest action, ties in scheduling order.
+    fn cmp(&self, other: &Self) -> Ordering {
+        (other.at, other.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+struct SimNode {
+    config: MembershipConfig,
+    seeds: Vec<usize>,
+    generation: u64,
+    addr: Address,
+    machine: Option<Membership>,
+    epoch: u64,
+    timer_at: Option<Duration>,
+    slow: Duration,
+    sent_messages: u64,
+    sent_bytes: u64,
+}
+
+/// The simulator. See the [module documentation](self).
+pub struct Simulation {
+    seed: u64,
+    base: Instant,
+    now: Duration,
+    rng: ChaCha8Rng,
+    queue: BinaryHeap<Scheduled>,
+    next_seq: u64,
+    nodes: Vec<SimNode>,
+    by_addr: HashMap<Address, usize>,
+    loss: f64,
+    link_loss: HashMap<(usize, usize), f64>,
+    delay: (Duration, Duration),
+    groups: Vec<u32>,
+    blocked: HashSet<(usize, usize)>,
+    codec: bool,
+    stats: SimStats,
+    log: Option<Vec<SimEvent>>,
+    detections: HashMap<NodeId, Vec<(usize, Duration)>>,
+}
+
+impl std::fmt::Debug for Simulation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Simulation")
+            .field("seed", &self.seed)
+            .field("now", &self.now)
+            .field("nodes", &self.nodes.len())
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+fn mix(mut x: u64) -> u64 {
+    // splitmix64
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+impl Simulation {
+    /// An empty simulation whose every random choice follows from `seed`. Messages take
+    /// between 1 and 5 ms by default; nothing is lost.
+    pub fn new(seed: u64) -> Self {
+        Simulation {
+            seed,
+            base: Instant::now(),
+            now: Duration::ZERO,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            queue: BinaryHeap::new(),
+            next_seq: 0,
+            nodes: Vec::new(),
+            by_addr: HashMap::new(),
+            loss: 0.0,
+            link_loss: HashMap::new(),
+            delay: (Duration::from_millis(1), Duration::from_millis(5)),
+            groups: Vec::new(),
+            blocked: HashSet::new(),
+            codec: false,
+            stats: SimStats::default(),
+            log: None,
+            detections: HashMap::new(),
+        }
+    }
+
+    /// The seed.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Virtual time since the start.
+    pub fn now(&self) -> Duration {
+        self.now
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> SimStats {
+        self.stats
+    }
+
+    /// Sends every message through the wire codec (encode to a frame, decode on delivery) and
+    /// counts its bytes. Slower; off by default.
+    pub fn set_codec(&mut self, on: bool) {
+        self.codec = on;
+    }
+
+    /// Keeps every membership event from now on (see [`Simulation::events`]).
+    pub fn record_events(&mut self) {
+        self.log.get_or_insert_with(Vec::new);
+    }
+
+    /// The events recorded since [`Simulation::record_events`].
+    pub fn events(&self) -> &[SimEvent] {
+        self.log.as_deref().unwrap_or(&[])
+    }
+
+    /// Adds node `nodes()` joining through the given seed nodes, started now.
+    pub fn add_node(&mut self, config: MembershipConfig, seeds: &[usize]) -> usize {
+        let i = self.nodes.len();
+        self.nodes.push(SimNode {
+            config,
+            seeds: seeds.to_vec(),
+            generation: 1,
+            addr: Address::new(""),
+            machine: None,
+            epoch: 0,
+            timer_at: None,
+            slow: Duration::ZERO,
+            sent_messages: 0,
+            sent_bytes: 0,
+        });
+        self.groups.push(0);
+        self.boot(i);
+        i
+    }
+
+    fn boot(&mut self, i: usize) {
+        let now = self.base + self.now;
+        let node = &self.nodes[i];
+        let addr = Address::new(format!("n{i}.g{}", node.generation));
+        let seeds = node
+            .seeds
+            .iter()
+            .map(|&s| {
+                // A seed not added yet will be, in its first life.
+                let generation = self.nodes.get(s).map_or(1, |n| n.generation);
+                Address::new(format!("n{s}.g{generation}"))
+            })
+            .collect();
+        let rng_seed = mix(self.seed ^ mix(i as u64) ^ mix(node.generation << 32));
+        let machine = Membership::new(
+            node.config,
+            Self::id(i),
+            node.generation,
+            MemberMeta::new(addr.clone()),
+            seeds,
+            rng_seed,
+            now,
+        );
+        let node = &mut self.nodes[i];
+        node.addr = addr.clone();
+        node.machine = Some(machine);
+        node.epoch += 1;
+        node.timer_at = None;
+        self.by_addr.insert(addr, i);
+        self.after(i);
+    }
+
+    /// The id of node `i`.
+    pub fn id(i: usize) -> NodeId {
+        NodeId(i as u64 + 1)
+    }
+
+    /// Number of nodes ever added.
+    pub fn nodes(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Node `i`'s machine, unless it is crashed.
+    pub fn node(&self, i: usize) -> Option<&Membership> {
+        self.nodes[i].machine.as_ref()
+    }
+
+    /// Whether node `i` runs.
+    pub fn is_running(&self, i: usize) -> bool {
+        self.nodes[i].machine.is_some()
+    }
+
+    /// Node `i`'s current generation.
+    pub fn generation(&self, i: usize) -> u64 {
+        self.nodes[i].generation
+    }
+
+    /// Node `i`'s current address.
+    pub fn address(&self, i: usize) -> &Address {
+        &self.nodes[i].addr
+    }
+
+    /// Messages and bytes node `i` sent, over all its lives.
+    pub fn sent_by(&self, i: usize) -> (u64, u64) {
+        (self.nodes[i].sent_messages, self.nodes[i].sent_bytes)
+    }
+
+    /// For a crashed node's id: which observers declared it dead, and when.
+    pub fn detections(&self, id: NodeId) -> &[(usize, Duration)] {
+        self.detections.get(&id).map_or(&[], |v| v.as_slice())
+    }
+
+    /// Random loss on every link without its own setting (0.0 to 1.0).
+    pub fn set_loss(&mut self, p: f64) {
+        self.loss = p.clamp(0.0, 1.0);
+    }
+
+    /// Random loss on the directed link `from -> to`.
+    pub fn set_link_loss(&mut self, from: usize, to: usize, p: f64) {
+        self.link_loss.insert((from, to), p.clamp(0.0, 1.0));
+    }
+
+    /// Every message takes a uniform delay in `[min, max]`.
+    pub fn set_delay(&mut self, min: Duration, max: Duration) {
+        self.delay = (min, max.max(min));
+    }
+
+    /// Node `i` processes every message `lag` after it arrives (zero: on time).
+    pub fn set_slow(&mut self, i: usize, lag: Duration) {
+        self.nodes[i].slow = lag;
+    }
+
+    /// Cuts both directions between the two sides.
+    pub fn partition(&mut self, side_a: &[usize], side_b: &[usize]) {
+        for &i in side_a {
+            self.groups[i] = 1;
+        }
+        for &i in side_b {
+            self.groups[i] = 2;
+        }
+    }
+
+    /// Cuts the direction `from -> to` only.
+    pub fn block(&mut self, from: usize, to: usize) {
+        self.blocked.insert((from, to));
+    }
+
+    /// Removes every partition and block.
+    pub fn heal(&mut self) {
+        self.groups.iter_mut().for_each(|g| *g = 0);
+        self.blocked.clear();
+    }
+
+    /// Crashes node `i`: its machine and everything in flight to it are gone.
+    pub fn crash(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        node.machine = None;
+        node.epoch += 1;
+        node.timer_at = None;
+        let addr = node.addr.clone();
+        self.by_addr.remove(&addr);
+    }
+
+    /// Restarts node `i` in a new generation at a new address (crashing it first if it runs).
+    pub fn restart(&mut self, i: usize) {
+        if self.is_running(i) {
+            self.crash(i);
+        }
+        self.nodes[i].generation += 1;
+        self.boot(i);
+    }
+
+    /// Starts a graceful leave of node `i` (it keeps running until crashed).
+    pub fn leave(&mut self, i: usize) {
+        let now = self.base + self.now;
+        if let Some(m) = self.nodes[i].machine.as_mut() {
+            m.leave(now);
+            self.after(i);
+        }
+    }
+
+    /// Runs until virtual time `until`.
+    pub fn run_until(&mut self, until: Duration) {
+        while let Some(next) = self.queue.peek() {
+            if next.at > until {
+                break;
+            }
+            let Some(item) = self.queue.pop() else { break };
+            self.now = item.at.max(self.now);
+            match item.action {
+                Action::Timer { node, epoch } => {
+                    let n = &mut self.nodes[node];
+                    if n.epoch != epoch || n.timer_at != Some(item.at) {
+                        continue;
+                    }
+                    n.timer_at = None;
+                    let now = self.base + self.now;
+                    if let Some(m) = n.machine.as_mut() {
+                        m.handle_timeout(now);
+                        self.after(node);
+                    }
+                }
+                Action::Deliver {
+                    to,
+                    epoch,
+                    from,
+                    payload,
+                } => {
+                    if self.nodes[to].epoch != epoch || self.nodes[to].machine.is_none() {
+                        self.stats.dropped_unreachable += 1;
+                        continue;
+                    }
+                    let message = match payload {
+                        Payload::Message(m) => *m,
+                        Payload::Frame(frame) => {
+                            match wire::decode::<Message>(&frame, wire::DEFAULT_MAX_FRAME_LEN) {
+                                Ok((_, Message::Swim(m))) => m,
+                                _ => {
+                                    self.stats.rejected_frames += 1;
+                                    continue;
+                                }
+                            }
+                        }
+                    };
+                    self.stats.delivered += 1;
+                    let now = self.base + self.now;
+                    if let Some(m) = self.nodes[to].machine.as_mut() {
+                        m.handle_message(now, from, message);
+                        self.after(to);
+                    }
+                }
+            }
+        }
+        self.now = self.now.max(until);
+    }
+
+    /// Runs for `d` more virtual time.
+    pub fn run_for(&mut self, d: Duration) {
+        self.run_until(self.now + d);
+    }
+
+    /// Whether every running node sees every other running node alive, in its current life,
+    /// and nothing else alive.
+    pub fn converged(&self) -> bool {
+        let running: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.is_running(i))
+            .collect();
+        running.iter().all(|&i| {
+            let Some(m) = self.node(i) else { return false };
+            let mut alive = 0;
+            for member in m.members() {
+                if member.state == MemberState::Alive {
+                    let j = member.id.0 as usize - 1;
+                    if j >= self.nodes.len()
+                        || !self.is_running(j)
+                        || self.nodes[j].generation != member.life.generation
+                    {
+                        return false;
+                    }
+                    alive += 1;
+                }
+            }
+            alive + 1 == running.len()
+        })
+    }
+
+    fn schedule(&mut self, at: Duration, action: Action) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.queue.push(Scheduled { at, seq, action });
+    }
+
+    /// Collects a machine's output after an input: routes its messages, records its events
+    /// and arms its timer.
+    fn after(&mut self, i: usize) {
+        let Some(m) = self.nodes[i].machine.as_mut() else {
+            return;
+        };
+        let mut out = Vec::new();
+        while let Some(t) = m.poll_transmit() {
+            out.push(t);
+        }
+        let mut events = Vec::new();
+        while let Some(e) = m.poll_event() {
+            events.push(e);
+        }
+        let deadline = m.poll_timeout();
+        for t in out {
+            self.route(i, t.to, t.message);
+        }
+        for e in events {
+            self.observe(i, e);
+        }
+        if let Some(deadline) = deadline {
+            let at = deadline
+                .checked_duration_since(self.base)
+                .unwrap_or_default()
+                .max(self.now);
+            let node = &mut self.nodes[i];
+            if node.timer_at.is_none_or(|t| at < t) {
+                node.timer_at = Some(at);
+                let epoch = node.epoch;
+                self.schedule(at, Action::Timer { node: i, epoch });
+            }
+        }
+    }
+
+    fn observe(&mut self, observer: usize, event: MembershipEvent) {
+        let member = event.member();
+        let j = member.id.0 as usize - 1;
+        // A healthy subject: running at normal speed, in the life the event is about.
+        let subject_running_same_life = j < self.nodes.len()
+            && self.is_running(j)
+            && self.nodes[j].slow.is_zero()
+            && self.nodes[j].generation == member.life.generation;
+        let subject_newer =
+            j < self.nodes.len() && self.nodes[j].generation > member.life.generation;
+        match &event {
+            MembershipEvent::Suspect(_) if subject_running_same_life => {
+                self.stats.false_suspicions += 1
+            }
+            MembershipEvent::Dead(_) if subject_running_same_life => self.stats.false_deaths += 1,
+            MembershipEvent::Dead(m) => self
+                .detections
+                .entry(m.id)
+                .or_default()
+                .push((observer, self.now)),
+            MembershipEvent::Joined(_)
+            | MembershipEvent::Alive(_)
+            | MembershipEvent::Updated(_)
+                if subject_newer =>
+            {
+                self.stats.stale_resurrections += 1
+            }
+            _ => {}
+        }
+        if let Some(log) = self.log.as_mut() {
+            log.push(SimEvent {
+                at: self.now,
+                observer,
+                event,
+            });
+        }
+    }
+
+    fn route(&mut self, from: usize, to: Address, message: SwimMessage) {
+        self.stats.messages += 1;
+        self.nodes[from].sent_messages += 1;
+        let push_pull = matches!(message, SwimMessage::PushPull { .. });
+        if push_pull {
+            self.stats.push_pull_messages += 1;
+        }
+        let payload = if self.codec {
+            match wire::encode(
+                Header::message(),
+                &Message::Swim(message),
+                wire::DEFAULT_MAX_FRAME_LEN,
+            ) {
+                Ok(frame) => {
+                    self.stats.bytes += frame.len() as u64;
+                    if push_pull {
+                        self.stats.push_pull_bytes += frame.len() as u64;
+                    }
+                    self.nodes[from].sent_bytes += frame.len() as u64;
+                    Payload::Frame(frame)
+                }
+                Err(_) => {
+                    self.stats.rejected_frames += 1;
+                    return;
+                }
+            }
+        } else {
+            Payload::Message(Box::new(message))
+        };
+        // Two draws per message whatever the faults, so changing a fault never shifts the
+        // random stream of later messages.
+        let loss_draw: f64 = self.rng.random();
+        let delay_draw: f64 = self.rng.random();
+        let Some(&dest) = self.by_addr.get(&to) else {
+            self.stats.dropped_unreachable += 1;
+            return;
+        };
+        let (ga, gb) = (self.groups[from], self.groups[dest]);
+        if (ga != 0 && gb != 0 && ga != gb) || self.blocked.contains(&(from, dest)) {
+            self.stats.dropped_partition += 1;
+            return;
+        }
+        let p = self
+            .link_loss
+            .get(&(from, dest))
+            .copied()
+            .unwrap_or(self.loss);
+        if loss_draw < p {
+            self.stats.dropped_loss += 1;
+            return;
+        }
+        let (min, max) = self.delay;
+        let delay = min + (max - min).mul_f64(delay_draw) + self.nodes[dest].slow;
+        let from_addr = self.nodes[from].addr.clone();
+        let epoch = self.nodes[dest].epoch;
+        self.schedule(
+            self.now + delay,
+            Action::Deliver {
+                to: dest,
+                epoch,
+                from: from_addr,
+                payload,
+            },
+        );
+    }
+}

@@ -1,0 +1,120 @@
+//! The tokio membership driver over the in-process transport: join, failure detection, leave
+//! and the event stream, on a paused tokio clock (virtual time, no real waiting).
+
+use std::time::Duration;
+
+use chorus_core::NodeId;
+use chorus_core::inproc::InProcessNetwork;
+use chorus_core::membership::driver::{self, MembershipHandle};
+use chorus_core::membership::{
+    MemberMeta, MemberState, Membership, MembershipConfig, MembershipEvent,
+};
+use chorus_core::transport::{Address, Transport};
+use chorus_core::wire::{self, Header, Message};
+
+const SEED: u64 = 0xD_41_7E;
+
+fn node(net: &InProcessNetwork, i: u64, seeds: &[&str]) -> MembershipHandle {
+    let addr = format!("node-{i}");
+    let transport = net.bind(addr.as_str()).expect("bind");
+    let machine = Membership::new(
+        MembershipConfig::local(),
+        NodeId(i),
+        1,
+        MemberMeta::new(addr.as_str()),
+        seeds.iter().map(|s| Address::new(*s)).collect(),
+        SEED ^ i,
+        tokio::time::Instant::now().into_std(),
+    );
+    driver::start(transport, machine)
+}
+
+fn state_of(handle: &MembershipHandle, id: u64) -> Option<MemberState> {
+    handle
+        .members()
+        .iter()
+        .find(|m| m.id == NodeId(id))
+        .map(|m| m.state)
+}
+
+fn alive_count(handle: &MembershipHandle) -> usize {
+    handle
+        .members()
+        .iter()
+        .filter(|m| m.state == MemberState::Alive)
+        .count()
+}
+
+#[tokio::test(start_paused = true)]
+async fn driver_joins_detects_a_crash_and_sees_a_leave() {
+    let net = InProcessNetwork::new(SEED);
+    let first = node(&net, 1, &[]);
+    let mut events = first.subscribe();
+    let others: Vec<MembershipHandle> = (2..=5).map(|i| node(&net, i, &["node-1"])).collect();
+
+    // Join: everyone sees all five alive (itself included).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(alive_count(&first), 5, "{:?}", first.members());
+    for h in &others {
+        assert_eq!(alive_count(h), 5, "{:?}", h.members());
+    }
+
+    // Crash node 3: it is declared dead everywhere.
+    others[1].shutdown().await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(state_of(&first, 3), Some(MemberState::Dead));
+    for h in [&others[0], &others[2], &others[3]] {
+        assert_eq!(state_of(h, 3), Some(MemberState::Dead));
+    }
+
+    // Node 5 leaves gracefully: seen as left, not dead.
+    others[3].leave(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(state_of(&first, 5), Some(MemberState::Left));
+
+    let mut seen = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        seen.push(e);
+    }
+    let has = |f: &dyn Fn(&MembershipEvent) -> bool| seen.iter().any(f);
+    for id in 2..=5 {
+        assert!(
+            has(&|e| matches!(e, MembershipEvent::Joined(m) if m.id == NodeId(id))),
+            "no joined event for {id}: {seen:?}"
+        );
+    }
+    assert!(has(
+        &|e| matches!(e, MembershipEvent::Dead(m) if m.id == NodeId(3))
+    ));
+    assert!(has(
+        &|e| matches!(e, MembershipEvent::Left(m) if m.id == NodeId(5))
+    ));
+    assert!(!has(
+        &|e| matches!(e, MembershipEvent::Dead(m) if m.id != NodeId(3))
+    ));
+    assert!(first.stats().received > 0 && first.stats().sent > 0);
+    assert_eq!(first.stats().rejected_frames, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn driver_drops_and_counts_frames_that_are_not_membership_messages() {
+    let net = InProcessNetwork::new(SEED);
+    let handle = node(&net, 1, &[]);
+    let peer = net.bind("peer").expect("bind");
+    let data = wire::encode(
+        Header::message(),
+        &Message::Get {
+            key: bytes::Bytes::from_static(b"k"),
+        },
+        wire::DEFAULT_MAX_FRAME_LEN,
+    )
+    .expect("encode");
+    let to = Address::new("node-1");
+    peer.send(&to, data).await.expect("send");
+    peer.send(&to, bytes::Bytes::from_static(b"garbage"))
+        .await
+        .expect("send");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(handle.stats().rejected_frames, 2);
+    assert_eq!(alive_count(&handle), 1);
+}
