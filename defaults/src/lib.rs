@@ -6,14 +6,16 @@
 //! | feature          | registers            | default |
 //! |------------------|----------------------|---------|
 //! | `backend-memory` | backend `"memory"`   | yes     |
+//! | `backend-file`   | backend `"file"`     | no      |
 //!
 //! ```
 //! use chorus::registry::StorageSpec;
 //!
 //! let registry = chorus::registry();
-//! // Every compiled-in backend opens by name.
-//! for name in registry.backend_names() {
-//!     registry.open_backend(&StorageSpec::new(name.as_str())).expect("opens");
+//! // Every compiled-in backend is listed; volatile ones open from just their name (persistent
+//! // ones also need `StorageSpec::path`).
+//! if registry.backend_names().iter().any(|name| name == "memory") {
+//!     registry.open_backend(&StorageSpec::new("memory")).expect("opens");
 //! }
 //! // Any other name is an error that lists what is available.
 //! let err = registry.open_backend(&StorageSpec::new("no-such-backend")).err().unwrap();
@@ -27,6 +29,9 @@ pub use chorus_core::*;
 #[cfg(feature = "backend-memory")]
 pub use chorus_backend_memory as backend_memory;
 
+#[cfg(feature = "backend-file")]
+pub use chorus_backend_file as backend_file;
+
 /// A registry with every backend and transport this build compiled in.
 ///
 /// Names this build knows of but left out are recorded with the feature that would enable
@@ -37,5 +42,9 @@ pub fn registry() -> Registry {
     chorus_backend_memory::register(&mut registry);
     #[cfg(not(feature = "backend-memory"))]
     registry.note_missing(registry::Kind::Backend, "memory", "backend-memory");
+    #[cfg(feature = "backend-file")]
+    chorus_backend_file::register(&mut registry);
+    #[cfg(not(feature = "backend-file"))]
+    registry.note_missing(registry::Kind::Backend, "file", "backend-file");
     registry
 }
