@@ -5,7 +5,10 @@
 //!
 //! - [`conformance`]: the storage backend conformance suite, run against every backend the
 //!   `chorus` registry lists by `tests/backend_conformance.rs`.
+//! - [`crash`]: what the crash test's child process (`chorus-crash-writer`) writes, so that
+//!   `tests/crash.rs` can check what survived a SIGKILL.
 
 #![deny(missing_docs)]
 
 pub mod conformance;
+pub mod crash;
