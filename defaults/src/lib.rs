@@ -7,6 +7,7 @@
 //! |------------------|----------------------|---------|
 //! | `backend-memory` | backend `"memory"`   | yes     |
 //! | `backend-file`   | backend `"file"`     | no      |
+//! | `backend-sled`   | backend `"sled"`     | no      |
 //!
 //! ```
 //! use chorus::registry::StorageSpec;
@@ -32,6 +33,9 @@ pub use chorus_backend_memory as backend_memory;
 #[cfg(feature = "backend-file")]
 pub use chorus_backend_file as backend_file;
 
+#[cfg(feature = "backend-sled")]
+pub use chorus_backend_sled as backend_sled;
+
 /// A registry with every backend and transport this build compiled in.
 ///
 /// Names this build knows of but left out are recorded with the feature that would enable
@@ -46,5 +50,9 @@ pub fn registry() -> Registry {
     chorus_backend_file::register(&mut registry);
     #[cfg(not(feature = "backend-file"))]
     registry.note_missing(registry::Kind::Backend, "file", "backend-file");
+    #[cfg(feature = "backend-sled")]
+    chorus_backend_sled::register(&mut registry);
+    #[cfg(not(feature = "backend-sled"))]
+    registry.note_missing(registry::Kind::Backend, "sled", "backend-sled");
     registry
 }

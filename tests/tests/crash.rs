@@ -9,6 +9,8 @@ use std::io::{BufRead, BufReader, Read};
 use std::num::NonZeroUsize;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use chorus::hash::HashRange;
@@ -25,6 +27,9 @@ const CYCLES: u64 = 20;
 
 /// The child is killed after between 1 and this many acknowledged writes.
 const MAX_ACKS_BEFORE_KILL: usize = 400;
+
+/// How long the parent waits for the next acknowledgement before it declares the writer hung.
+const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Parses `ACK <key> <timestamp> <node>`.
 fn parse_ack(line: &str) -> (String, Version) {
@@ -116,7 +121,17 @@ fn crash_cycles(backend: &str) {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|err| panic!("{ctx}: spawning the writer: {err}"));
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        // Lines arrive through a thread, so that a writer that hangs fails the test instead of
+        // blocking it.
+        let stdout = child.stdout.take().expect("stdout");
+        let (lines_tx, lines) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if lines_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
         let mut record = |line: String| {
             let (key, version) = parse_ack(&line);
             let slot = acked.entry(key).or_insert(version);
@@ -124,20 +139,24 @@ fn crash_cycles(backend: &str) {
         };
         let mut seen = 0;
         while seen < kill_after {
-            match lines.next() {
-                Some(Ok(line)) => {
+            match lines.recv_timeout(ACK_TIMEOUT) {
+                Ok(line) => {
                     record(line);
                     seen += 1;
                 }
-                _ => {
+                Err(stopped) => {
+                    let _ = child.kill();
+                    let status = child.wait();
                     let mut stderr = String::new();
                     let _ = child
                         .stderr
                         .take()
                         .expect("stderr")
                         .read_to_string(&mut stderr);
-                    let status = child.wait();
-                    panic!("{ctx}: the writer stopped early ({status:?}): {stderr}");
+                    panic!(
+                        "{ctx}: no acknowledgement ({stopped:?}) after {seen}; the writer \
+                         exited with {status:?}: {stderr}"
+                    );
                 }
             }
         }
@@ -146,8 +165,9 @@ fn crash_cycles(backend: &str) {
             .kill()
             .unwrap_or_else(|err| panic!("{ctx}: kill: {err}"));
         let _ = child.wait();
+        reader.join().expect("the reader thread");
         // Lines printed before the kill were acknowledged too.
-        for line in lines.map_while(Result::ok) {
+        for line in lines.try_iter() {
             // Each line is one write(2) of less than PIPE_BUF bytes, so a kill cannot cut one;
             // an incomplete line would be ignored (its write may or may not be durable).
             let parts: Vec<&str> = line.split(' ').collect();
@@ -172,4 +192,9 @@ fn crash_cycles(backend: &str) {
 #[test]
 fn file_survives_sigkill() {
     crash_cycles("file");
+}
+
+#[test]
+fn sled_survives_sigkill() {
+    crash_cycles("sled");
 }
