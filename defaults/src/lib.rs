@@ -8,6 +8,7 @@
 //! | `backend-memory` | backend `"memory"`   | yes     |
 //! | `backend-file`   | backend `"file"`     | no      |
 //! | `backend-sled`   | backend `"sled"`     | no      |
+//! | `backend-moka`   | backend `"moka"`     | no      |
 //!
 //! ```
 //! use chorus::registry::StorageSpec;
@@ -36,6 +37,9 @@ pub use chorus_backend_file as backend_file;
 #[cfg(feature = "backend-sled")]
 pub use chorus_backend_sled as backend_sled;
 
+#[cfg(feature = "backend-moka")]
+pub use chorus_backend_moka as backend_moka;
+
 /// A registry with every backend and transport this build compiled in.
 ///
 /// Names this build knows of but left out are recorded with the feature that would enable
@@ -54,5 +58,9 @@ pub fn registry() -> Registry {
     chorus_backend_sled::register(&mut registry);
     #[cfg(not(feature = "backend-sled"))]
     registry.note_missing(registry::Kind::Backend, "sled", "backend-sled");
+    #[cfg(feature = "backend-moka")]
+    chorus_backend_moka::register(&mut registry);
+    #[cfg(not(feature = "backend-moka"))]
+    registry.note_missing(registry::Kind::Backend, "moka", "backend-moka");
     registry
 }

@@ -12,7 +12,7 @@ use chorus_tests::conformance::{self, Backend, Check};
 fn every_backend() -> Vec<Backend> {
     let registry = Arc::new(chorus::registry());
     let names = registry.backend_names();
-    for expected in ["memory", "file", "sled"] {
+    for expected in ["memory", "file", "sled", "moka"] {
         assert!(
             names.contains(&expected.to_owned()),
             "this crate's build registers {expected}: {names:?}"
