@@ -8,14 +8,18 @@
 //! | `backend-memory` | backend `"memory"`   | yes     |
 //! | `transport-tcp`  | transport `"tcp"`    | yes     |
 //! | `transport-quic` | transport `"quic"`   | no      |
+//! | `backend-file`   | backend `"file"`     | no      |
+//! | `backend-sled`   | backend `"sled"`     | no      |
+//! | `backend-moka`   | backend `"moka"`     | no      |
 //!
 //! ```
 //! use chorus::registry::StorageSpec;
 //!
 //! let registry = chorus::registry();
-//! // Every compiled-in backend opens by name.
-//! for name in registry.backend_names() {
-//!     registry.open_backend(&StorageSpec::new(name.as_str())).expect("opens");
+//! // Every compiled-in backend is listed; volatile ones open from just their name (persistent
+//! // ones also need `StorageSpec::path`).
+//! if registry.backend_names().iter().any(|name| name == "memory") {
+//!     registry.open_backend(&StorageSpec::new("memory")).expect("opens");
 //! }
 //! // Any other name is an error that lists what is available.
 //! let err = registry.open_backend(&StorageSpec::new("no-such-backend")).err().unwrap();
@@ -32,6 +36,15 @@ pub use chorus_backend_memory as backend_memory;
 pub use chorus_transport_quic as transport_quic;
 #[cfg(feature = "transport-tcp")]
 pub use chorus_transport_tcp as transport_tcp;
+
+#[cfg(feature = "backend-file")]
+pub use chorus_backend_file as backend_file;
+
+#[cfg(feature = "backend-sled")]
+pub use chorus_backend_sled as backend_sled;
+
+#[cfg(feature = "backend-moka")]
+pub use chorus_backend_moka as backend_moka;
 
 /// A registry with every backend and transport this build compiled in.
 ///
@@ -51,5 +64,17 @@ pub fn registry() -> Registry {
     chorus_transport_quic::register(&mut registry);
     #[cfg(not(feature = "transport-quic"))]
     registry.note_missing(registry::Kind::Transport, "quic", "transport-quic");
+    #[cfg(feature = "backend-file")]
+    chorus_backend_file::register(&mut registry);
+    #[cfg(not(feature = "backend-file"))]
+    registry.note_missing(registry::Kind::Backend, "file", "backend-file");
+    #[cfg(feature = "backend-sled")]
+    chorus_backend_sled::register(&mut registry);
+    #[cfg(not(feature = "backend-sled"))]
+    registry.note_missing(registry::Kind::Backend, "sled", "backend-sled");
+    #[cfg(feature = "backend-moka")]
+    chorus_backend_moka::register(&mut registry);
+    #[cfg(not(feature = "backend-moka"))]
+    registry.note_missing(registry::Kind::Backend, "moka", "backend-moka");
     registry
 }

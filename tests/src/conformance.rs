@@ -1,16 +1,18 @@
 //! The conformance suite every storage backend must pass.
 //!
 //! The [`Storage`] contract is written once in `chorus_core::storage`; this module checks it
-//! against any backend, so every backend (memory today; file, sled, moka later) is held to the
-//! same behaviour by the same code. A backend is described by a [`Backend`]: a name for
+//! against any backend, so every backend (memory, file, sled, moka) is held to the same
+//! behaviour by the same code. A backend is described by a [`Backend`]: a name for
 //! reports and a factory that opens a fresh, empty store. [`Backend::from_registry`] builds one
 //! from a registry name, which is how `tests/backend_conformance.rs` runs every check against
 //! every backend `chorus::registry()` lists.
 //!
 //! The checks are plain async functions ([`model`], [`concurrent_writers`], [`tombstones`],
-//! [`ranges`], [`closed`]) that panic on the first violation. [`run_check`] runs one of the
-//! [`ALL`] descriptors in its own task and turns a panic or a hang into a [`Failure`] that names
-//! the backend, the check and the seed.
+//! [`ranges`], [`expiry`], [`closed`]) that panic on the first violation. [`run_check`] runs one
+//! of the [`ALL`] descriptors in its own task and turns a panic or a hang into a [`Failure`] that
+//! names the backend, the check and the seed. [`backends_agree`] compares backends with each
+//! other: the same records applied in different orders must give every backend the same scans
+//! and digests.
 //!
 //! # Seeds
 //!
@@ -30,7 +32,7 @@ use std::any::Any;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::num::{NonZeroU32, NonZeroUsize};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -89,13 +91,34 @@ impl Backend {
         }
     }
 
-    /// The backend registered as `name` in `registry`, opened with [`StorageSpec::new`] (no path,
-    /// no options), which suits volatile backends.
+    /// The backend registered as `name` in `registry`, opened with no options and a fresh
+    /// temporary directory as [`StorageSpec::path`] for every store (volatile backends ignore
+    /// it; the directories are removed when the last clone of the `Backend` is dropped).
     pub fn from_registry(registry: Arc<Registry>, name: &str) -> Self {
+        Backend::from_registry_with(registry, name, BTreeMap::new())
+    }
+
+    /// Like [`Backend::from_registry`], with `options` as [`StorageSpec::options`].
+    pub fn from_registry_with(
+        registry: Arc<Registry>,
+        name: &str,
+        options: BTreeMap<String, String>,
+    ) -> Self {
         let scheme = name.to_owned();
+        let dirs: Mutex<Vec<tempfile::TempDir>> = Mutex::new(Vec::new());
         Backend::new(name, move || {
+            let dir = tempfile::Builder::new()
+                .prefix("chorus-conformance-")
+                .tempdir()
+                .unwrap_or_else(|err| panic!("a temporary directory for {scheme:?}: {err}"));
+            let mut spec = StorageSpec::new(scheme.as_str());
+            spec.path = Some(dir.path().to_owned());
+            spec.options = options.clone();
+            dirs.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(dir);
             registry
-                .open_backend(&StorageSpec::new(scheme.as_str()))
+                .open_backend(&spec)
                 .unwrap_or_else(|err| panic!("opening backend {scheme:?}: {err}"))
         })
     }
@@ -164,8 +187,22 @@ pub const CLOSED: Check = Check {
     run: |backend, _| Box::pin(async move { closed(&backend).await }),
 };
 
+/// [`expiry`] as a [`Check`].
+pub const EXPIRY: Check = Check {
+    name: "expiry",
+    description: "expired values are stored and read as written, and purged only after expiry plus grace",
+    run: |backend, _| Box::pin(async move { expiry(&backend).await }),
+};
+
 /// Every check, in the order [`run_all`] runs them.
-pub const ALL: [Check; 5] = [MODEL, CONCURRENT_WRITERS, TOMBSTONES, RANGES, CLOSED];
+pub const ALL: [Check; 6] = [
+    MODEL,
+    CONCURRENT_WRITERS,
+    TOMBSTONES,
+    RANGES,
+    EXPIRY,
+    CLOSED,
+];
 
 /// A check that failed on a backend.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1271,6 +1308,204 @@ pub async fn ranges(backend: &Backend, seed: u64) {
                 }
             }
         }
+    }
+}
+
+/// Values with an expiry are ordinary records until they are collectable: reads, scans,
+/// digests and stats return them as written (interpreting the expiry is the caller's job,
+/// [`Record::live_value`]); [`Storage::purge`] removes one only once `expires_at + grace` has
+/// passed, and counts it as expired, not as a tombstone. Of two records with the same version
+/// and value, the earlier expiry wins (the conservative choice of [`Record::precedence`]), and
+/// a newer record without expiry is never purged.
+pub async fn expiry(backend: &Backend) {
+    let store = backend.open();
+    let grace = Duration::from_millis(100);
+    let soon = Record::value("soon", version(10, 0, 1)).with_expiry(1_000);
+    let later = Record::value("later", version(10, 0, 1)).with_expiry(2_000);
+    let renewed_old = Record::value("old", version(10, 0, 1)).with_expiry(1_000);
+    let renewed = Record::value("renewed", version(20, 0, 1));
+    let plain = Record::value("plain", version(10, 0, 1));
+    for (key, record) in [
+        ("soon", &soon),
+        ("later", &later),
+        ("renewed", &renewed_old),
+        ("renewed", &renewed),
+        ("plain", &plain),
+    ] {
+        ok(
+            store.apply(Bytes::from(key), record.clone()).await,
+            format!("apply {key}"),
+        );
+    }
+    // Same version and value: the earlier expiry wins, the later one is stale.
+    let extended = later.clone().with_expiry(3_000);
+    let outcome = ok(
+        store.apply(Bytes::from("later"), extended).await,
+        "apply a later expiry",
+    );
+    assert_eq!(
+        outcome,
+        ApplyOutcome::Stale {
+            current: later.version
+        },
+        "a later expiry of the same write is stale"
+    );
+    let shortened = later.clone().with_expiry(1_500);
+    let outcome = ok(
+        store.apply(Bytes::from("later"), shortened.clone()).await,
+        "apply an earlier expiry",
+    );
+    assert!(
+        outcome.is_applied(),
+        "an earlier expiry of the same write wins"
+    );
+    let expected: BTreeMap<Bytes, Record> = [
+        ("soon", soon.clone()),
+        ("later", shortened.clone()),
+        ("renewed", renewed.clone()),
+        ("plain", plain.clone()),
+    ]
+    .into_iter()
+    .map(|(k, r)| (Bytes::from(k), r))
+    .collect();
+
+    async fn check_contents(store: &SharedStorage, expected: &BTreeMap<Bytes, Record>, ctx: &str) {
+        for key in ["soon", "later", "renewed", "plain"] {
+            let got = ok(store.get(key.as_bytes()).await, format!("{ctx}: get {key}"));
+            assert_eq!(
+                got.as_ref(),
+                expected.get(key.as_bytes()),
+                "{ctx}: get {key}"
+            );
+        }
+        let page = ok(
+            store.scan(HashRange::FULL, None, nz(100)).await,
+            format!("{ctx}: scan"),
+        );
+        let want = entries_in(
+            &HashRange::FULL,
+            expected.iter().map(|(k, r)| (k.clone(), r.clone())),
+        );
+        assert_eq!(
+            page.entries, want,
+            "{ctx}: expired values are scanned as stored"
+        );
+        let digest = ok(
+            store.digest(HashRange::FULL, nz32(4)).await,
+            format!("{ctx}: digest"),
+        );
+        assert_eq!(
+            digest,
+            digest_of(&HashRange::FULL, 4, expected.iter()),
+            "{ctx}: digest"
+        );
+        let stats = ok(store.stats().await, format!("{ctx}: stats"));
+        assert_eq!(
+            (stats.records, stats.tombstones),
+            (expected.len() as u64, 0),
+            "{ctx}: stats"
+        );
+    }
+
+    // Long after every expiry (the store's clock plays no part): still stored.
+    check_contents(&store, &expected, "before any purge").await;
+    assert!(soon.live_value(999).is_some() && soon.live_value(1_000).is_none());
+
+    let mut expected = expected;
+    for (now_ms, removed) in [
+        (1_099, &[][..]),
+        (1_100, &["soon"][..]),
+        (1_599, &[][..]),
+        (1_600, &["later"][..]),
+        (u64::MAX, &[][..]),
+    ] {
+        let ctx = format!("purge at {now_ms} ms with grace {grace:?}");
+        let purged = ok(store.purge(now_ms, grace).await, &ctx);
+        assert_eq!(
+            purged,
+            PurgeStats {
+                tombstones: 0,
+                expired: removed.len() as u64
+            },
+            "{ctx}"
+        );
+        for key in removed {
+            expected.remove(key.as_bytes());
+        }
+        check_contents(&store, &expected, &ctx).await;
+    }
+}
+
+/// Whether every backend ends with the same contents, scans and digests after the same
+/// records are applied to each in a different order.
+///
+/// The records: a few hundred keys, several versions each (values, tombstones, expiring values
+/// and same-version rivals), shuffled independently per backend. By the merge's commutativity
+/// every backend must hold the same winners; then full and partial scans (paged), digests at
+/// several bucket counts, gets and stats must be equal between every pair of backends, and
+/// equal to the reference computed here.
+pub async fn backends_agree(backends: &[Backend], seed: u64) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x61_6772_6565);
+    let keys = random_keys(&mut rng, 200, 10);
+    let mut writes: Vec<(Bytes, Record)> = Vec::new();
+    for key in &keys {
+        for _ in 0..rng.random_range(1..=4) {
+            let tombstone = rng.random_bool(0.2);
+            writes.push((key.clone(), random_record(&mut rng, tombstone)));
+        }
+    }
+    let mut model = Model::default();
+    for (key, record) in &writes {
+        model.apply(key, record);
+    }
+    let mut ranges = vec![HashRange::FULL];
+    for _ in 0..4 {
+        ranges.push(random_range(&mut rng, &keys));
+    }
+
+    let mut stores = Vec::new();
+    for backend in backends {
+        let store = backend.open();
+        let mut order = writes.clone();
+        order.shuffle(&mut rng);
+        for (key, record) in order {
+            ok(
+                store.apply(key.clone(), record.clone()).await,
+                format!("{}: apply {key:?}", backend.name()),
+            );
+        }
+        stores.push((backend.name().to_owned(), store));
+    }
+    for (name, store) in &stores {
+        for key in &keys {
+            let got = ok(
+                store.get(key).await,
+                format!("backend {name:?}: get {key:?}"),
+            );
+            assert_eq!(
+                got.as_ref(),
+                model.records.get(key),
+                "backend {name:?}: get {key:?}"
+            );
+        }
+        for range in &ranges {
+            let limit = rng.random_range(1..=17);
+            check_paging(store, &model, *range, limit, &format!("backend {name:?}")).await;
+            for buckets in [1, 16, 1_024] {
+                let what = format!("backend {name:?}: digest {range:?} into {buckets} buckets");
+                let digest = ok(store.digest(*range, nz32(buckets)).await, &what);
+                assert_eq!(digest, model.digest(range, buckets), "{what}");
+            }
+        }
+        let stats = ok(store.stats().await, format!("backend {name:?}: stats"));
+        assert_eq!(
+            (stats.records, stats.tombstones),
+            (model.records.len() as u64, model.tombstones()),
+            "backend {name:?}: stats"
+        );
+    }
+    for (name, store) in &stores {
+        ok(store.close().await, format!("backend {name:?}: close"));
     }
 }
 

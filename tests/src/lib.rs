@@ -7,8 +7,11 @@
 //!   `chorus` registry lists by `tests/backend_conformance.rs`;
 //! - [`transport_conformance`]: the transport conformance suite, run against the in-process,
 //!   tcp and quic transports by `tests/transport_conformance.rs`.
+//! - [`crash`]: what the crash test's child process (`chorus-crash-writer`) writes, so that
+//!   `tests/crash.rs` can check what survived a SIGKILL.
 
 #![deny(missing_docs)]
 
 pub mod conformance;
+pub mod crash;
 pub mod transport_conformance;

@@ -3,23 +3,46 @@
 //! Set `CHORUS_SEED` to replay a failing seed; failures print the backend, the check and the
 //! seed.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chorus_tests::conformance::{self, Backend, Check};
 
-/// Runs `check` against every registered backend and fails with all the failures at once.
-async fn on_every_backend(check: Check) {
+/// Every registered backend, each with the options the suite needs (see [`options_for`]).
+fn every_backend() -> Vec<Backend> {
     let registry = Arc::new(chorus::registry());
     let names = registry.backend_names();
-    assert!(
-        names.contains(&"memory".to_owned()),
-        "the default build registers memory: {names:?}"
-    );
+    for expected in ["memory", "file", "sled", "moka"] {
+        assert!(
+            names.contains(&expected.to_owned()),
+            "this crate's build registers {expected}: {names:?}"
+        );
+    }
+    names
+        .iter()
+        .map(|name| Backend::from_registry_with(Arc::clone(&registry), name, options_for(name)))
+        .collect()
+}
+
+/// Options under which a backend can meet the whole contract in the suite's terms.
+fn options_for(name: &str) -> BTreeMap<String, String> {
+    let mut options = BTreeMap::new();
+    if name == "moka" {
+        // A cache evicts: give it room for everything the suite writes, and do not drop records
+        // at wall-clock expiry (the suite's timestamps are logical, decades in the past).
+        options.insert("capacity_bytes".to_owned(), (256u64 << 20).to_string());
+        options.insert("expiry_grace".to_owned(), "off".to_owned());
+    }
+    options
+}
+
+/// Runs `check` against every registered backend and fails with all the failures at once.
+async fn on_every_backend(check: Check) {
+    let backends = every_backend();
     let seed = conformance::seed();
     let mut failures = Vec::new();
-    for name in &names {
-        let backend = Backend::from_registry(Arc::clone(&registry), name);
-        if let Err(failure) = conformance::run_check(&backend, &check, seed).await {
+    for backend in &backends {
+        if let Err(failure) = conformance::run_check(backend, &check, seed).await {
             failures.push(failure.to_string());
         }
     }
@@ -27,7 +50,7 @@ async fn on_every_backend(check: Check) {
         failures.is_empty(),
         "{} of {} backends failed {:?} ({}):\n{}",
         failures.len(),
-        names.len(),
+        backends.len(),
         check.name,
         check.description,
         failures.join("\n")
@@ -55,6 +78,28 @@ async fn ranges() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn expiry() {
+    on_every_backend(conformance::EXPIRY).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backends_agree() {
+    let backends = every_backend();
+    let seed = conformance::seed();
+    let names: Vec<&str> = backends.iter().map(Backend::name).collect();
+    let task = tokio::spawn({
+        let backends = backends.clone();
+        async move { conformance::backends_agree(&backends, seed).await }
+    });
+    if let Err(err) = task.await {
+        panic!(
+            "backends {names:?} disagree (seed {seed}; rerun with {}={seed}): {err}",
+            conformance::SEED_ENV
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn closed() {
     on_every_backend(conformance::CLOSED).await;
 }
@@ -69,6 +114,7 @@ fn every_check_has_a_test() {
             "concurrent_writers",
             "tombstones",
             "ranges",
+            "expiry",
             "closed"
         ]
     );

@@ -228,14 +228,14 @@ async fn the_reference_backend_passes_every_check() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_planted_bug_is_caught() {
-    use conformance::{CLOSED, MODEL, RANGES, TOMBSTONES};
+    use conformance::{CLOSED, EXPIRY, MODEL, RANGES, TOMBSTONES};
     let cases: [(Bug, &[Check]); 8] = [
         (Bug::BlindOutcome, &[MODEL, TOMBSTONES]),
         (Bug::HideTombstones, &[MODEL, TOMBSTONES]),
         (Bug::SkipAfterCursor, &[MODEL, RANGES]),
         (Bug::EarlyEnd, &[MODEL, RANGES]),
         (Bug::SwappedBuckets, &[MODEL, RANGES]),
-        (Bug::NoGrace, &[TOMBSTONES]),
+        (Bug::NoGrace, &[TOMBSTONES, EXPIRY]),
         (Bug::CloseIgnored, &[CLOSED]),
         (Bug::NoTombstoneStats, &[MODEL, TOMBSTONES]),
     ];
@@ -253,6 +253,23 @@ async fn every_planted_bug_is_caught() {
         missed.is_empty(),
         "bugs not caught (seed {seed}): {missed:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn disagreeing_backends_are_caught() {
+    let seed = conformance::seed();
+    let agreeing = [Reference::backend(Bug::None), Reference::backend(Bug::None)];
+    let task = tokio::spawn(async move { conformance::backends_agree(&agreeing, seed).await });
+    task.await.expect("two correct backends agree");
+    for bug in [
+        Bug::SwappedBuckets,
+        Bug::SkipAfterCursor,
+        Bug::HideTombstones,
+    ] {
+        let pair = [Reference::backend(Bug::None), Reference::backend(bug)];
+        let task = tokio::spawn(async move { conformance::backends_agree(&pair, seed).await });
+        assert!(task.await.is_err(), "{bug:?} agreed (seed {seed})");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

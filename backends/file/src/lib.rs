@@ -1,0 +1,562 @@
+//! A durable Chorus storage backend on its own append-only log, with no database underneath.
+//!
+//! [`FileStorage`] keeps every record in an in-memory index (a `BTreeMap` ordered by
+//! `(ring position, key)`, so scans and digests walk only the range asked for) and makes it
+//! durable in a directory of append-only **segment files**. Values are kept in memory, not read
+//! back from the files: the data set must fit in RAM, and the log exists for durability and
+//! recovery. It is registered under [`SCHEME`] (`"file"`) by [`register`]; the `chorus` facade
+//! does this with its `backend-file` feature.
+//!
+//! # On disk
+//!
+//! Each segment is a sequence of frames `[length u32][CRC32C u32][payload]` (see the `codec`
+//! module source for the payload layout). One dedicated **writer thread** owns the active
+//! segment: [`Storage::apply`] decides the last-writer-wins winner under the index lock, sends
+//! the frame to the writer through a channel in that same order, and the writer takes
+//! everything queued, writes it with one `write`, and (under [`FsyncPolicy::Always`]) calls
+//! `fdatasync` once for the whole batch before acknowledging every write in it: concurrent
+//! writers share fsyncs (group commit), and no fsync ever runs on a Tokio worker thread.
+//!
+//! - [`FsyncPolicy::Always`] (the default): `apply` returns only after its record is synced.
+//! - [`FsyncPolicy::Interval`]: the writer syncs at most that long after a write. `apply`
+//!   returns once the record is queued; it survives a process crash once the writer wrote it
+//!   (normally within microseconds) and a machine crash once the next sync ran.
+//! - [`FsyncPolicy::Never`]: synced only by [`Storage::flush`], [`Storage::close`] and segment
+//!   rotation; a machine crash can lose any write since.
+//!
+//! A record is visible to reads as soon as `apply` decided it won, which may be before it is
+//! durable. New files are made durable by an fsync of the directory. **A failed write or fsync
+//! is fatal**: it is never retried (the kernel may already have dropped the dirty pages), the
+//! batch's writers get [`StorageError::Io`] and every later call [`StorageError::Closed`].
+//!
+//! # Recovery
+//!
+//! Opening reads every segment and merges the records with [`Record::merge`] (not "last in the
+//! log wins"), so the winner of each key does not depend on the order segments are read in.
+//! An invalid frame at the end of the newest segment with no valid frame after it is a write
+//! torn by a crash and is truncated away. Any other invalid frame (a bad checksum, length or
+//! payload followed by valid frames, or in an older segment) fails the open with
+//! [`StorageError::Corruption`] naming the file and offset: it is never skipped and never
+//! returned as data. Writing always starts in a new segment. The directory is locked (a `LOCK`
+//! file) while a store has it open.
+//!
+//! # Compaction
+//!
+//! Segments are sealed at `segment_bytes`. A compaction seals the active segment, snapshots
+//! the index, writes the snapshot as one new segment (synced, renamed into place, directory
+//! synced) and then deletes the sealed segments: superseded records and purged tombstones are
+//! dropped. It runs after a [`Storage::purge`] that removed anything (the purge waits for it)
+//! and in the background when the log exceeds both `compact_min_bytes` and twice the live
+//! data. Purges are not logged themselves: a crash before the following compaction completes
+//! brings purged records back, all still collectable, and the next purge removes them again.
+//!
+//! ```
+//! use bytes::Bytes;
+//! use chorus_backend_file::{FileOptions, FileStorage};
+//! use chorus_core::storage::Storage;
+//! use chorus_core::{NodeId, Record, Timestamp, Version};
+//!
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! let dir = tempfile::tempdir()?;
+//! let v1 = Version::new(Timestamp::new(1_000, 0), NodeId(1));
+//! let store = FileStorage::open(dir.path(), FileOptions::default())?;
+//! store.apply(Bytes::from("k"), Record::value("v", v1)).await?;
+//! store.close().await?;
+//! // Reopening recovers what was written.
+//! let store = FileStorage::open(dir.path(), FileOptions::default())?;
+//! assert_eq!(store.get(b"k").await?, Some(Record::value("v", v1)));
+//! # store.close().await?;
+//! # Ok::<_, Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+
+#![deny(missing_docs)]
+
+mod codec;
+mod log;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
+use std::ops::Bound;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chorus_core::hash::{HashRange, key_hash};
+use chorus_core::record::Record;
+use chorus_core::registry::{Registry, StorageSpec};
+use chorus_core::storage::{
+    ApplyOutcome, Entry, MAX_DIGEST_BUCKETS, PurgeStats, RangeDigest, ScanCursor, ScanPage,
+    SharedStorage, Storage, StorageError, StorageStats,
+};
+use tokio::sync::oneshot;
+
+use crate::log::{Cmd, MAX_QUEUED_BYTES, Shared};
+
+/// Registry name of this backend.
+pub const SCHEME: &str = "file";
+
+/// Registers the file backend under [`SCHEME`].
+///
+/// The spec needs a [`StorageSpec::path`] (the data directory, created if missing) and takes
+/// the options of [`FileOptions::from_options`].
+///
+/// # Panics
+///
+/// If [`SCHEME`] is already registered in `registry`: each backend crate registers itself once.
+pub fn register(registry: &mut Registry) {
+    registry
+        .register_backend(SCHEME, open)
+        .expect("the file backend is registered once");
+}
+
+fn open(spec: &StorageSpec) -> Result<SharedStorage, StorageError> {
+    let options = FileOptions::from_options(&spec.options)?;
+    let path = spec.path.as_deref().ok_or_else(|| {
+        StorageError::Config(format!(
+            "the {SCHEME:?} backend needs a data directory (StorageSpec::path)"
+        ))
+    })?;
+    Ok(Arc::new(FileStorage::open(path, options)?))
+}
+
+/// When the writer thread makes written records durable with `fdatasync`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FsyncPolicy {
+    /// Only on flush, close and segment rotation.
+    Never,
+    /// At most this long after a write.
+    Interval(Duration),
+    /// Before acknowledging each write (batched: group commit).
+    Always,
+}
+
+impl FromStr for FsyncPolicy {
+    type Err = String;
+
+    /// `never`, `always`, or `interval:<n><us|ms|s>` such as `interval:50ms`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "never" => Ok(FsyncPolicy::Never),
+            "always" => Ok(FsyncPolicy::Always),
+            other => other
+                .strip_prefix("interval:")
+                .and_then(log::parse_duration)
+                .filter(|d| !d.is_zero())
+                .map(FsyncPolicy::Interval)
+                .ok_or_else(|| {
+                    format!(
+                        "{other:?} is not \"never\", \"always\" or \"interval:<n><us|ms|s>\" \
+                         with n > 0"
+                    )
+                }),
+        }
+    }
+}
+
+/// Settings of a [`FileStorage`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FileOptions {
+    /// When writes are synced (option `fsync`; default `always`).
+    pub fsync: FsyncPolicy,
+    /// Size at which the active segment is sealed (option `segment_bytes`; default 64 MiB).
+    pub segment_bytes: NonZeroU64,
+    /// Log size below which no background compaction runs (option `compact_min_bytes`;
+    /// default 64 MiB).
+    pub compact_min_bytes: u64,
+}
+
+impl Default for FileOptions {
+    fn default() -> Self {
+        FileOptions {
+            fsync: FsyncPolicy::Always,
+            segment_bytes: NonZeroU64::new(64 << 20).expect("non-zero"),
+            compact_min_bytes: 64 << 20,
+        }
+    }
+}
+
+impl FileOptions {
+    /// The same options with another fsync policy.
+    pub fn with_fsync(mut self, fsync: FsyncPolicy) -> Self {
+        self.fsync = fsync;
+        self
+    }
+
+    /// The same options with another segment size.
+    pub fn with_segment_bytes(mut self, segment_bytes: NonZeroU64) -> Self {
+        self.segment_bytes = segment_bytes;
+        self
+    }
+
+    /// Parses [`StorageSpec::options`]: `fsync` (`never`, `always`, `interval:50ms`),
+    /// `segment_bytes` and `compact_min_bytes` (integers). Anything else, or a value that does
+    /// not parse, is a [`StorageError::Config`] naming the option.
+    pub fn from_options(options: &BTreeMap<String, String>) -> Result<Self, StorageError> {
+        let mut parsed = FileOptions::default();
+        for (name, value) in options {
+            let bad = |why: String| {
+                StorageError::Config(format!(
+                    "option {name:?} = {value:?} of the {SCHEME:?} backend: {why}"
+                ))
+            };
+            match name.as_str() {
+                "fsync" => parsed.fsync = value.parse().map_err(bad)?,
+                "segment_bytes" => {
+                    parsed.segment_bytes = value
+                        .trim()
+                        .parse()
+                        .map_err(|e| bad(format!("not a positive integer ({e})")))?;
+                }
+                "compact_min_bytes" => {
+                    parsed.compact_min_bytes = value
+                        .trim()
+                        .parse()
+                        .map_err(|e| bad(format!("not an integer ({e})")))?;
+                }
+                _ => {
+                    return Err(StorageError::Config(format!(
+                        "unknown option {name:?} for the {SCHEME:?} backend (known: fsync, \
+                         segment_bytes, compact_min_bytes)"
+                    )));
+                }
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+/// Where an apply waits for its write to be acknowledged.
+type Reply = oneshot::Receiver<Result<(), StorageError>>;
+
+/// A durable store on an append-only log; see the [crate documentation](crate).
+pub struct FileStorage {
+    shared: Arc<Shared>,
+    tx: Sender<Cmd>,
+    fsync: FsyncPolicy,
+    closed: AtomicBool,
+}
+
+impl fmt::Debug for FileStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let failure = self
+            .shared
+            .failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        f.debug_struct("FileStorage")
+            .field("dir", &self.shared.dir)
+            .field("fsync", &self.fsync)
+            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .field("failure", &failure)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The hash intervals (inclusive) that make up `range`, in scan order.
+fn intervals(range: &HashRange) -> [Option<(u64, u64)>; 2] {
+    let (start, end) = (range.start, range.end);
+    if start < end {
+        [Some((start, end - 1)), None]
+    } else {
+        // Wrapping, or the full ring (start == end) starting at `start`.
+        [
+            Some((start, u64::MAX)),
+            end.checked_sub(1).map(|hi| (0, hi)),
+        ]
+    }
+}
+
+fn upper(hi: u64) -> Bound<(u64, Bytes)> {
+    match hi.checked_add(1) {
+        Some(next) => Bound::Excluded((next, Bytes::new())),
+        None => Bound::Unbounded,
+    }
+}
+
+impl FileStorage {
+    /// Opens (creating if needed) the store in `dir` and recovers its contents.
+    ///
+    /// Fails with [`StorageError::Corruption`] if a segment is damaged (see the
+    /// [crate documentation](crate)), and with [`StorageError::Config`] if another open store
+    /// holds the directory.
+    pub fn open(dir: &Path, options: FileOptions) -> Result<Self, StorageError> {
+        let recovered = log::recover(dir, options.fsync, options.segment_bytes.get())?;
+        let shared = Arc::new(Shared::new(
+            dir.to_owned(),
+            recovered.index,
+            recovered.log_bytes,
+            options.compact_min_bytes,
+        ));
+        let (tx, rx) = mpsc::channel();
+        log::spawn_writer(recovered.writer, Arc::clone(&shared), rx, tx.clone())?;
+        Ok(FileStorage {
+            shared,
+            tx,
+            fsync: options.fsync,
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    fn check_open(&self) -> Result<(), StorageError> {
+        if self.closed.load(Ordering::Acquire) || self.shared.is_failed() {
+            Err(StorageError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Rewrites the log without superseded and purged records (see the crate documentation);
+    /// returns when the compaction finished.
+    pub async fn compact(&self) -> Result<(), StorageError> {
+        self.check_open()?;
+        let (done, finished) = oneshot::channel();
+        log::start_compaction(&self.shared, &self.tx, Some(done))?;
+        finished.await.map_err(|_| StorageError::Closed)?
+    }
+
+    /// Sends a command that answers through a oneshot and waits for the answer.
+    async fn request(&self, cmd: impl FnOnce(log::Ack<()>) -> Cmd) -> Result<(), StorageError> {
+        let (ack, reply) = oneshot::channel();
+        self.tx.send(cmd(ack)).map_err(|_| StorageError::Closed)?;
+        reply.await.map_err(|_| StorageError::Closed)?
+    }
+
+    fn apply_locked(
+        &self,
+        key: Bytes,
+        record: Record,
+    ) -> Result<(ApplyOutcome, Option<Reply>), StorageError> {
+        let mut frame = Vec::new();
+        codec::encode_frame(&key, &record, &mut frame).ok_or_else(|| {
+            StorageError::InvalidRequest(format!(
+                "a record of {} bytes exceeds the file backend's limit of {} bytes",
+                key.len() + record.encoded_len(),
+                codec::MAX_PAYLOAD
+            ))
+        })?;
+        let hash = key_hash(&key);
+        let mut index = self.shared.index_write();
+        self.check_open()?;
+        let previous = match index.map.get(&(hash, key.clone())) {
+            Some(current) if !record.supersedes(current) => {
+                return Ok((
+                    ApplyOutcome::Stale {
+                        current: current.version,
+                    },
+                    None,
+                ));
+            }
+            Some(current) => Some(current.version),
+            None => None,
+        };
+        let wait = self.fsync == FsyncPolicy::Always
+            || self.shared.queued.load(Ordering::Relaxed) > MAX_QUEUED_BYTES;
+        let (ack, reply) = if wait {
+            let (ack, reply) = oneshot::channel();
+            (Some(ack), Some(reply))
+        } else {
+            (None, None)
+        };
+        self.shared
+            .queued
+            .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        // Sent under the index lock: the log holds the winners in the order they were decided.
+        self.tx
+            .send(Cmd::Write { frame, ack })
+            .map_err(|_| StorageError::Closed)?;
+        index.merge_in(hash, key, record);
+        Ok((ApplyOutcome::Applied { previous }, reply))
+    }
+
+    fn scan_now(
+        &self,
+        range: HashRange,
+        cursor: Option<ScanCursor>,
+        limit: NonZeroUsize,
+    ) -> Result<ScanPage, StorageError> {
+        self.check_open()?;
+        let want = limit.get().saturating_add(1);
+        let mut entries: Vec<Entry> = Vec::new();
+        let index = self.shared.index_read();
+        // With a cursor, intervals before the one holding it are skipped; a cursor outside the
+        // range admits nothing (see `after_cursor`).
+        let mut started = cursor.is_none();
+        'intervals: for (lo, hi) in intervals(&range).into_iter().flatten() {
+            let lower = match &cursor {
+                Some(c) if !started => {
+                    if !(lo..=hi).contains(&c.hash) {
+                        continue;
+                    }
+                    started = true;
+                    Bound::Excluded((c.hash, c.key.clone()))
+                }
+                _ => Bound::Included((lo, Bytes::new())),
+            };
+            for ((hash, key), record) in index.map.range((lower, upper(hi))) {
+                entries.push(Entry {
+                    hash: *hash,
+                    key: key.clone(),
+                    record: record.clone(),
+                });
+                if entries.len() == want {
+                    break 'intervals;
+                }
+            }
+        }
+        drop(index);
+        let more = entries.len() > limit.get();
+        entries.truncate(limit.get());
+        let next = if more {
+            entries.last().map(|last| ScanCursor {
+                hash: last.hash,
+                key: last.key.clone(),
+            })
+        } else {
+            None
+        };
+        Ok(ScanPage { entries, next })
+    }
+
+    fn digest_now(
+        &self,
+        range: HashRange,
+        buckets: NonZeroU32,
+    ) -> Result<Vec<RangeDigest>, StorageError> {
+        self.check_open()?;
+        if buckets.get() > MAX_DIGEST_BUCKETS {
+            return Err(StorageError::InvalidRequest(format!(
+                "{buckets} digest buckets requested; at most {MAX_DIGEST_BUCKETS} are allowed"
+            )));
+        }
+        let mut digests = vec![RangeDigest::default(); buckets.get() as usize];
+        let index = self.shared.index_read();
+        for (lo, hi) in intervals(&range).into_iter().flatten() {
+            let lower = Bound::Included((lo, Bytes::new()));
+            for ((hash, key), record) in index.map.range((lower, upper(hi))) {
+                let bucket = range.bucket_of(*hash, buckets) as usize;
+                digests[bucket].add(record.fingerprint(key));
+            }
+        }
+        Ok(digests)
+    }
+
+    fn purge_index(&self, now_ms: u64, grace: Duration) -> Result<PurgeStats, StorageError> {
+        self.check_open()?;
+        let mut stats = PurgeStats::default();
+        let mut index = self.shared.index_write();
+        let collectable: Vec<(u64, Bytes)> = index
+            .map
+            .iter()
+            .filter(|(_, record)| record.is_collectable(now_ms, grace))
+            .map(|(slot, _)| slot.clone())
+            .collect();
+        for slot in collectable {
+            if let Some(record) = index.map.remove(&slot) {
+                index.count_out(slot.1.len(), &record);
+                if record.is_tombstone() {
+                    stats.tombstones += 1;
+                } else {
+                    stats.expired += 1;
+                }
+            }
+        }
+        Ok(stats)
+    }
+}
+
+impl Storage for FileStorage {
+    async fn get(&self, key: &[u8]) -> Result<Option<Record>, StorageError> {
+        self.check_open()?;
+        let slot = (key_hash(key), Bytes::copy_from_slice(key));
+        Ok(self.shared.index_read().map.get(&slot).cloned())
+    }
+
+    /// Decides the winner under the index lock; under [`FsyncPolicy::Always`] waits until the
+    /// record is synced (sharing the fsync with every write queued alongside).
+    async fn apply(&self, key: Bytes, record: Record) -> Result<ApplyOutcome, StorageError> {
+        let (outcome, reply) = self.apply_locked(key, record)?;
+        if let Some(reply) = reply {
+            reply.await.map_err(|_| StorageError::Closed)??;
+        }
+        Ok(outcome)
+    }
+
+    /// Walks only the index entries of the range: O(log n + page).
+    async fn scan(
+        &self,
+        range: HashRange,
+        cursor: Option<ScanCursor>,
+        limit: NonZeroUsize,
+    ) -> Result<ScanPage, StorageError> {
+        self.scan_now(range, cursor, limit)
+    }
+
+    /// Walks only the index entries of the range.
+    async fn digest(
+        &self,
+        range: HashRange,
+        buckets: NonZeroU32,
+    ) -> Result<Vec<RangeDigest>, StorageError> {
+        self.digest_now(range, buckets)
+    }
+
+    /// Removes collectable records from the index, then, if any were removed, compacts the
+    /// log (on a background thread) and waits for it.
+    async fn purge(&self, now_ms: u64, grace: Duration) -> Result<PurgeStats, StorageError> {
+        let stats = self.purge_index(now_ms, grace)?;
+        if stats != PurgeStats::default() {
+            self.compact().await?;
+        }
+        Ok(stats)
+    }
+
+    async fn stats(&self) -> Result<StorageStats, StorageError> {
+        self.check_open()?;
+        let index = self.shared.index_read();
+        Ok(StorageStats {
+            records: index.map.len() as u64,
+            tombstones: index.tombstones,
+            bytes: index.bytes,
+        })
+    }
+
+    /// Writes and syncs everything applied before the call.
+    async fn flush(&self) -> Result<(), StorageError> {
+        self.check_open()?;
+        self.request(Cmd::Flush).await
+    }
+
+    /// Syncs, stops the writer, waits for running compactions and releases the directory.
+    async fn close(&self) -> Result<(), StorageError> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Err(StorageError::Closed);
+        }
+        let result = self.request(|ack| Cmd::Close(Some(ack))).await;
+        // Release the memory now rather than when the last handle is dropped.
+        let mut index = self.shared.index_write();
+        index.map.clear();
+        result
+    }
+}
+
+impl Drop for FileStorage {
+    /// Stops the writer without waiting (it syncs what is queued first). Call
+    /// [`Storage::close`] to wait, and before reopening the directory.
+    fn drop(&mut self) {
+        if !self.closed.load(Ordering::Acquire) {
+            let _ = self.tx.send(Cmd::Close(None));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,797 @@
+//! A Chorus storage backend on the [`sled`] embedded database (0.34).
+//!
+//! [`SledStorage`] stores each record in one sled tree under the key
+//! `ring position (u64, big-endian) ++ user key`, so sled's byte order is exactly the scan
+//! order `(position, key)`: [`Storage::scan`] and [`Storage::digest`] read only the range asked
+//! for. It is registered under [`SCHEME`] (`"sled"`) by [`register`]; the `chorus` facade does
+//! this with its `backend-sled` feature.
+//!
+//! # Atomicity
+//!
+//! [`Storage::apply`] is a compare-and-swap loop: read the stored record, decide with
+//! [`Record::supersedes`], and swap only if the stored bytes are still the ones decided
+//! against; a concurrent writer that got in first makes the swap fail and the loop decides
+//! again against its record. Purge removes with the same compare-and-swap, so a record
+//! replaced in the meantime is kept.
+//!
+//! # Durability window
+//!
+//! sled keeps recent writes in its in-process log buffers and writes them out on a flush.
+//! The `flush` option picks when ([`FlushPolicy`]):
+//!
+//! - `always`: every `apply` that stored a record waits for a flush before returning, so an
+//!   acknowledged write survives a process or machine crash. Flushes run on a dedicated
+//!   flusher thread (never on a Tokio worker), which flushes once for every request queued at
+//!   that moment: concurrent writers share flushes (group commit). A failed flush is fatal:
+//!   that call gets the error, every later call [`StorageError::Closed`].
+//! - `interval:<d>` (default `interval:500ms`, sled's own default): sled's background thread
+//!   flushes every `d`; **a crash, even just of the process, loses up to `d` of acknowledged
+//!   writes**.
+//! - `never`: only [`Storage::flush`] and [`Storage::close`] flush; a crash loses everything
+//!   since.
+//!
+//! sled is beta software and its on-disk format is not stable across its versions; the
+//! dependency is pinned to 0.34.7.
+//!
+//! ```
+//! use bytes::Bytes;
+//! use chorus_backend_sled::{SledOptions, SledStorage};
+//! use chorus_core::storage::Storage;
+//! use chorus_core::{NodeId, Record, Timestamp, Version};
+//!
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! let dir = tempfile::tempdir()?;
+//! let v1 = Version::new(Timestamp::new(1_000, 0), NodeId(1));
+//! let store = SledStorage::open(dir.path(), SledOptions::default())?;
+//! store.apply(Bytes::from("k"), Record::value("v", v1)).await?;
+//! store.close().await?;
+//! let store = SledStorage::open(dir.path(), SledOptions::default())?;
+//! assert_eq!(store.get(b"k").await?, Some(Record::value("v", v1)));
+//! # store.close().await?;
+//! # Ok::<_, Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+
+#![deny(missing_docs)]
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::ops::Bound;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, mpsc};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chorus_core::hash::{HashRange, key_hash};
+use chorus_core::hlc::{NodeId, Timestamp, Version};
+use chorus_core::record::{Payload, Record};
+use chorus_core::registry::{Registry, StorageSpec};
+use chorus_core::storage::{
+    ApplyOutcome, Entry, MAX_DIGEST_BUCKETS, PurgeStats, RangeDigest, ScanCursor, ScanPage,
+    SharedStorage, Storage, StorageError, StorageStats,
+};
+use tokio::sync::oneshot;
+
+/// Registry name of this backend.
+pub const SCHEME: &str = "sled";
+
+/// Registers the sled backend under [`SCHEME`].
+///
+/// The spec needs a [`StorageSpec::path`] (the database directory) and takes the options of
+/// [`SledOptions::from_options`].
+///
+/// # Panics
+///
+/// If [`SCHEME`] is already registered in `registry`: each backend crate registers itself once.
+pub fn register(registry: &mut Registry) {
+    registry
+        .register_backend(SCHEME, open)
+        .expect("the sled backend is registered once");
+}
+
+fn open(spec: &StorageSpec) -> Result<SharedStorage, StorageError> {
+    let options = SledOptions::from_options(&spec.options)?;
+    let path = spec.path.as_deref().ok_or_else(|| {
+        StorageError::Config(format!(
+            "the {SCHEME:?} backend needs a database directory (StorageSpec::path)"
+        ))
+    })?;
+    Ok(Arc::new(SledStorage::open(path, options)?))
+}
+
+/// When sled's buffered writes are flushed to disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FlushPolicy {
+    /// Only on [`Storage::flush`] and [`Storage::close`].
+    Never,
+    /// By sled's background thread, this often (`flush_every_ms`).
+    Interval(Duration),
+    /// Before each `apply` that stored a record returns.
+    Always,
+}
+
+impl FromStr for FlushPolicy {
+    type Err = String;
+
+    /// `never`, `always`, or `interval:<n><ms|s>` such as `interval:500ms`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("{text:?} is not \"never\", \"always\" or \"interval:<n><ms|s>\" with n > 0")
+        };
+        match text.trim() {
+            "never" => Ok(FlushPolicy::Never),
+            "always" => Ok(FlushPolicy::Always),
+            other => {
+                let every = other.strip_prefix("interval:").ok_or_else(bad)?;
+                let (number, scale) = if let Some(ms) = every.strip_suffix("ms") {
+                    (ms, 1)
+                } else if let Some(s) = every.strip_suffix('s') {
+                    (s, 1_000)
+                } else {
+                    return Err(bad());
+                };
+                let n: u64 = number.parse().map_err(|_| bad())?;
+                match n.checked_mul(scale) {
+                    Some(ms) if ms > 0 => Ok(FlushPolicy::Interval(Duration::from_millis(ms))),
+                    _ => Err(bad()),
+                }
+            }
+        }
+    }
+}
+
+/// Settings of a [`SledStorage`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SledOptions {
+    /// When writes are flushed (option `flush`; default `interval:500ms`).
+    pub flush: FlushPolicy,
+    /// sled's page cache size in bytes (option `cache_bytes`; default 256 MiB).
+    pub cache_bytes: u64,
+}
+
+impl Default for SledOptions {
+    fn default() -> Self {
+        SledOptions {
+            flush: FlushPolicy::Interval(Duration::from_millis(500)),
+            cache_bytes: 256 << 20,
+        }
+    }
+}
+
+impl SledOptions {
+    /// The same options with another flush policy.
+    pub fn with_flush(mut self, flush: FlushPolicy) -> Self {
+        self.flush = flush;
+        self
+    }
+
+    /// Parses [`StorageSpec::options`]: `flush` (`never`, `always`, `interval:500ms`) and
+    /// `cache_bytes` (an integer). Anything else, or a value that does not parse, is a
+    /// [`StorageError::Config`] naming the option.
+    pub fn from_options(options: &BTreeMap<String, String>) -> Result<Self, StorageError> {
+        let mut parsed = SledOptions::default();
+        for (name, value) in options {
+            let bad = |why: String| {
+                StorageError::Config(format!(
+                    "option {name:?} = {value:?} of the {SCHEME:?} backend: {why}"
+                ))
+            };
+            match name.as_str() {
+                "flush" => parsed.flush = value.parse().map_err(bad)?,
+                "cache_bytes" => {
+                    parsed.cache_bytes = value
+                        .trim()
+                        .parse()
+                        .map_err(|e| bad(format!("not an integer ({e})")))?;
+                }
+                _ => {
+                    return Err(StorageError::Config(format!(
+                        "unknown option {name:?} for the {SCHEME:?} backend (known: flush, \
+                         cache_bytes)"
+                    )));
+                }
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+/// A reply from the flusher thread.
+type FlushAck = oneshot::Sender<Result<(), StorageError>>;
+
+/// The open database and the channel to its flusher thread.
+#[derive(Clone)]
+struct Open {
+    db: sled::Db,
+    flusher: mpsc::Sender<FlushAck>,
+}
+
+/// The flusher thread: takes every waiting request, flushes once for all of them (group
+/// commit), answers them all. A failed flush marks the store failed. It stops, dropping its
+/// handle on the database, when every sender is gone, and then reports on `exited`.
+fn run_flusher(
+    db: sled::Db,
+    requests: mpsc::Receiver<FlushAck>,
+    failed: Arc<AtomicBool>,
+    exited: oneshot::Sender<()>,
+) {
+    while let Ok(first) = requests.recv() {
+        let mut waiters = vec![first];
+        while let Ok(more) = requests.try_recv() {
+            waiters.push(more);
+        }
+        let result = if failed.load(Ordering::Acquire) {
+            Err(StorageError::Closed)
+        } else {
+            db.flush().map(drop).map_err(|err| {
+                failed.store(true, Ordering::Release);
+                sled_error(err)
+            })
+        };
+        for waiter in waiters {
+            let reply = match &result {
+                Ok(()) => Ok(()),
+                Err(StorageError::Io(err)) => Err(StorageError::Io(std::io::Error::new(
+                    err.kind(),
+                    err.to_string(),
+                ))),
+                Err(other) => Err(StorageError::Backend(other.to_string())),
+            };
+            let _ = waiter.send(reply);
+        }
+    }
+    drop(db);
+    let _ = exited.send(());
+}
+
+/// A store in a sled database; see the [crate documentation](crate).
+pub struct SledStorage {
+    /// `None` once closed; the database is dropped (and its directory released) then.
+    open: RwLock<Option<Open>>,
+    /// Reports that the flusher thread stopped.
+    flusher_exited: std::sync::Mutex<Option<oneshot::Receiver<()>>>,
+    /// Set by a failed flush: the store refuses work from then on (never retried).
+    failed: Arc<AtomicBool>,
+    flush: FlushPolicy,
+    /// Counters, adjusted after each successful swap (approximate while writes race a read).
+    records: AtomicI64,
+    tombstones: AtomicI64,
+    bytes: AtomicI64,
+}
+
+impl fmt::Debug for SledStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SledStorage")
+            .field("flush", &self.flush)
+            .field("records", &self.records.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+fn sled_error(err: sled::Error) -> StorageError {
+    match err {
+        sled::Error::Io(err) => StorageError::Io(err),
+        sled::Error::Corruption { at, .. } => {
+            StorageError::Corruption(format!("sled reports corruption at {at:?}"))
+        }
+        other => StorageError::Backend(format!("sled: {other}")),
+    }
+}
+
+/// The sled key of `key`: its ring position, big-endian, then the key.
+fn db_key(hash: u64, key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + key.len());
+    out.extend_from_slice(&hash.to_be_bytes());
+    out.extend_from_slice(key);
+    out
+}
+
+/// Splits a sled key into ring position and user key.
+fn split_key(raw: &[u8]) -> Result<(u64, Bytes), StorageError> {
+    if raw.len() < 8 {
+        return Err(StorageError::Corruption(format!(
+            "sled key of {} bytes is shorter than its 8-byte position",
+            raw.len()
+        )));
+    }
+    let (hash, key) = raw.split_at(8);
+    let mut be = [0u8; 8];
+    be.copy_from_slice(hash);
+    Ok((u64::from_be_bytes(be), Bytes::copy_from_slice(key)))
+}
+
+const TOMBSTONE: u8 = 1;
+const EXPIRES: u8 = 2;
+
+/// `flags u8, timestamp u64 LE, node u64 LE, [expiry u64 LE], [value bytes to the end]`.
+fn encode_record(record: &Record) -> Vec<u8> {
+    let value = match &record.payload {
+        Payload::Value(value) => Some(value),
+        Payload::Tombstone => None,
+    };
+    let mut out = Vec::with_capacity(25 + value.map_or(0, |v| v.len()));
+    let mut flags = 0;
+    if value.is_none() {
+        flags |= TOMBSTONE;
+    }
+    if record.expires_at_ms.is_some() {
+        flags |= EXPIRES;
+    }
+    out.push(flags);
+    out.extend_from_slice(&record.version.timestamp.as_u64().to_le_bytes());
+    out.extend_from_slice(&record.version.node.0.to_le_bytes());
+    if let Some(at) = record.expires_at_ms {
+        out.extend_from_slice(&at.to_le_bytes());
+    }
+    if let Some(value) = value {
+        out.extend_from_slice(value);
+    }
+    out
+}
+
+fn decode_record(raw: &[u8]) -> Result<Record, StorageError> {
+    let bad = |why: &str| StorageError::Corruption(format!("sled value: {why}"));
+    let (&flags, rest) = raw.split_first().ok_or_else(|| bad("empty"))?;
+    if flags & !(TOMBSTONE | EXPIRES) != 0 {
+        return Err(bad("unknown flags"));
+    }
+    let u64_at = |bytes: &[u8], at: usize| -> Result<u64, StorageError> {
+        let field = bytes.get(at..at + 8).ok_or_else(|| bad("truncated"))?;
+        let mut le = [0u8; 8];
+        le.copy_from_slice(field);
+        Ok(u64::from_le_bytes(le))
+    };
+    let timestamp = Timestamp::from_u64(u64_at(rest, 0)?);
+    let node = NodeId(u64_at(rest, 8)?);
+    let (expires_at_ms, value_at) = if flags & EXPIRES != 0 {
+        (Some(u64_at(rest, 16)?), 24)
+    } else {
+        (None, 16)
+    };
+    let value = &rest[value_at..];
+    let payload = if flags & TOMBSTONE != 0 {
+        if !value.is_empty() {
+            return Err(bad("a tombstone with a value"));
+        }
+        Payload::Tombstone
+    } else {
+        Payload::Value(Bytes::copy_from_slice(value))
+    };
+    Ok(Record {
+        payload,
+        version: Version::new(timestamp, node),
+        expires_at_ms,
+    })
+}
+
+/// The hash intervals (inclusive) that make up `range`, in scan order.
+fn intervals(range: &HashRange) -> [Option<(u64, u64)>; 2] {
+    let (start, end) = (range.start, range.end);
+    if start < end {
+        [Some((start, end - 1)), None]
+    } else {
+        [
+            Some((start, u64::MAX)),
+            end.checked_sub(1).map(|hi| (0, hi)),
+        ]
+    }
+}
+
+fn upper(hi: u64) -> Bound<Vec<u8>> {
+    match hi.checked_add(1) {
+        Some(next) => Bound::Excluded(next.to_be_bytes().to_vec()),
+        None => Bound::Unbounded,
+    }
+}
+
+fn footprint(key_len: usize, record: &Record) -> i64 {
+    (key_len + record.encoded_len()) as i64
+}
+
+impl SledStorage {
+    /// Opens (creating if needed) the database in `dir`.
+    pub fn open(dir: &Path, options: SledOptions) -> Result<Self, StorageError> {
+        let flush_every_ms = match options.flush {
+            FlushPolicy::Interval(every) => {
+                Some(u64::try_from(every.as_millis()).unwrap_or(u64::MAX))
+            }
+            FlushPolicy::Never | FlushPolicy::Always => None,
+        };
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(options.cache_bytes)
+            .flush_every_ms(flush_every_ms)
+            .open()
+            .map_err(sled_error)?;
+        let store = SledStorage {
+            open: RwLock::new(None),
+            flusher_exited: std::sync::Mutex::new(None),
+            failed: Arc::new(AtomicBool::new(false)),
+            flush: options.flush,
+            records: AtomicI64::new(0),
+            tombstones: AtomicI64::new(0),
+            bytes: AtomicI64::new(0),
+        };
+        // Counters start from one pass over what is stored (which also validates it).
+        for item in db.iter() {
+            let (raw_key, raw_value) = item.map_err(sled_error)?;
+            let (_, key) = split_key(&raw_key)?;
+            let record = decode_record(&raw_value)?;
+            store.count(key.len(), &record, 1);
+        }
+        let (flusher, requests) = mpsc::channel();
+        let (exited_tx, exited) = oneshot::channel();
+        let thread_db = db.clone();
+        let failed = Arc::clone(&store.failed);
+        std::thread::Builder::new()
+            .name("chorus-sled-flush".into())
+            .spawn(move || run_flusher(thread_db, requests, failed, exited_tx))?;
+        *store.open.write().unwrap_or_else(PoisonError::into_inner) = Some(Open { db, flusher });
+        *store
+            .flusher_exited
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(exited);
+        Ok(store)
+    }
+
+    fn opened(&self) -> Result<Open, StorageError> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(StorageError::Closed);
+        }
+        self.open
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or(StorageError::Closed)
+    }
+
+    fn db(&self) -> Result<sled::Db, StorageError> {
+        self.opened().map(|open| open.db)
+    }
+
+    /// Flushes on the flusher thread (sharing the flush with every request queued with it).
+    async fn flush_via(flusher: &mpsc::Sender<FlushAck>) -> Result<(), StorageError> {
+        let (ack, reply) = oneshot::channel();
+        flusher.send(ack).map_err(|_| StorageError::Closed)?;
+        reply.await.map_err(|_| StorageError::Closed)?
+    }
+
+    fn count(&self, key_len: usize, record: &Record, sign: i64) {
+        self.records.fetch_add(sign, Ordering::Relaxed);
+        self.tombstones
+            .fetch_add(sign * i64::from(record.is_tombstone()), Ordering::Relaxed);
+        self.bytes
+            .fetch_add(sign * footprint(key_len, record), Ordering::Relaxed);
+    }
+
+    fn apply_now(
+        &self,
+        db: &sled::Db,
+        key: &[u8],
+        record: &Record,
+    ) -> Result<ApplyOutcome, StorageError> {
+        let raw_key = db_key(key_hash(key), key);
+        let encoded = encode_record(record);
+        let mut current = db.get(&raw_key).map_err(sled_error)?;
+        loop {
+            let previous = match &current {
+                Some(raw) => {
+                    let stored = decode_record(raw)?;
+                    if !record.supersedes(&stored) {
+                        return Ok(ApplyOutcome::Stale {
+                            current: stored.version,
+                        });
+                    }
+                    Some(stored)
+                }
+                None => None,
+            };
+            match db
+                .compare_and_swap(&raw_key, current.as_ref(), Some(encoded.as_slice()))
+                .map_err(sled_error)?
+            {
+                Ok(()) => {
+                    if let Some(previous) = &previous {
+                        self.count(key.len(), previous, -1);
+                    }
+                    self.count(key.len(), record, 1);
+                    return Ok(ApplyOutcome::Applied {
+                        previous: previous.map(|p| p.version),
+                    });
+                }
+                // Another writer got in first: decide again against what it stored.
+                Err(conflict) => current = conflict.current,
+            }
+        }
+    }
+
+    fn scan_now(
+        &self,
+        range: HashRange,
+        cursor: Option<ScanCursor>,
+        limit: NonZeroUsize,
+    ) -> Result<ScanPage, StorageError> {
+        let db = self.db()?;
+        let want = limit.get().saturating_add(1);
+        let mut entries: Vec<Entry> = Vec::new();
+        let mut started = cursor.is_none();
+        'intervals: for (lo, hi) in intervals(&range).into_iter().flatten() {
+            let lower = match &cursor {
+                Some(c) if !started => {
+                    if !(lo..=hi).contains(&c.hash) {
+                        continue;
+                    }
+                    started = true;
+                    Bound::Excluded(db_key(c.hash, &c.key))
+                }
+                _ => Bound::Included(lo.to_be_bytes().to_vec()),
+            };
+            for item in db.range::<Vec<u8>, _>((lower, upper(hi))) {
+                let (raw_key, raw_value) = item.map_err(sled_error)?;
+                let (hash, key) = split_key(&raw_key)?;
+                entries.push(Entry {
+                    hash,
+                    key,
+                    record: decode_record(&raw_value)?,
+                });
+                if entries.len() == want {
+                    break 'intervals;
+                }
+            }
+        }
+        let more = entries.len() > limit.get();
+        entries.truncate(limit.get());
+        let next = if more {
+            entries.last().map(|last| ScanCursor {
+                hash: last.hash,
+                key: last.key.clone(),
+            })
+        } else {
+            None
+        };
+        Ok(ScanPage { entries, next })
+    }
+
+    fn digest_now(
+        &self,
+        range: HashRange,
+        buckets: NonZeroU32,
+    ) -> Result<Vec<RangeDigest>, StorageError> {
+        let db = self.db()?;
+        if buckets.get() > MAX_DIGEST_BUCKETS {
+            return Err(StorageError::InvalidRequest(format!(
+                "{buckets} digest buckets requested; at most {MAX_DIGEST_BUCKETS} are allowed"
+            )));
+        }
+        let mut digests = vec![RangeDigest::default(); buckets.get() as usize];
+        for (lo, hi) in intervals(&range).into_iter().flatten() {
+            let lower = Bound::Included(lo.to_be_bytes().to_vec());
+            for item in db.range::<Vec<u8>, _>((lower, upper(hi))) {
+                let (raw_key, raw_value) = item.map_err(sled_error)?;
+                let (hash, key) = split_key(&raw_key)?;
+                let record = decode_record(&raw_value)?;
+                digests[range.bucket_of(hash, buckets) as usize].add(record.fingerprint(&key));
+            }
+        }
+        Ok(digests)
+    }
+
+    fn purge_now(&self, now_ms: u64, grace: Duration) -> Result<PurgeStats, StorageError> {
+        let db = self.db()?;
+        let mut stats = PurgeStats::default();
+        for item in db.iter() {
+            let (raw_key, raw_value) = item.map_err(sled_error)?;
+            let record = decode_record(&raw_value)?;
+            if !record.is_collectable(now_ms, grace) {
+                continue;
+            }
+            // Removed only if unchanged: a record replaced meanwhile is kept.
+            let swapped = db
+                .compare_and_swap(&raw_key, Some(&raw_value), None as Option<&[u8]>)
+                .map_err(sled_error)?;
+            if swapped.is_ok() {
+                self.count(raw_key.len() - 8, &record, -1);
+                if record.is_tombstone() {
+                    stats.tombstones += 1;
+                } else {
+                    stats.expired += 1;
+                }
+            }
+        }
+        Ok(stats)
+    }
+}
+
+impl Storage for SledStorage {
+    async fn get(&self, key: &[u8]) -> Result<Option<Record>, StorageError> {
+        let db = self.db()?;
+        match db.get(db_key(key_hash(key), key)).map_err(sled_error)? {
+            Some(raw) => Ok(Some(decode_record(&raw)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A compare-and-swap loop; under [`FlushPolicy::Always`] also awaits a flush by the
+    /// flusher thread.
+    async fn apply(&self, key: Bytes, record: Record) -> Result<ApplyOutcome, StorageError> {
+        let open = self.opened()?;
+        let outcome = self.apply_now(&open.db, &key, &record)?;
+        if self.flush == FlushPolicy::Always && outcome.is_applied() {
+            Self::flush_via(&open.flusher).await?;
+        }
+        Ok(outcome)
+    }
+
+    /// Reads only the sled keys of the range.
+    async fn scan(
+        &self,
+        range: HashRange,
+        cursor: Option<ScanCursor>,
+        limit: NonZeroUsize,
+    ) -> Result<ScanPage, StorageError> {
+        self.scan_now(range, cursor, limit)
+    }
+
+    /// Reads only the sled keys of the range.
+    async fn digest(
+        &self,
+        range: HashRange,
+        buckets: NonZeroU32,
+    ) -> Result<Vec<RangeDigest>, StorageError> {
+        self.digest_now(range, buckets)
+    }
+
+    /// One pass over the whole tree.
+    async fn purge(&self, now_ms: u64, grace: Duration) -> Result<PurgeStats, StorageError> {
+        self.purge_now(now_ms, grace)
+    }
+
+    async fn stats(&self) -> Result<StorageStats, StorageError> {
+        self.db()?;
+        let records = self.records.load(Ordering::Relaxed).max(0) as u64;
+        let tombstones = self.tombstones.load(Ordering::Relaxed).max(0) as u64;
+        Ok(StorageStats {
+            records,
+            tombstones: tombstones.min(records),
+            bytes: self.bytes.load(Ordering::Relaxed).max(0) as u64,
+        })
+    }
+
+    /// Flushes on the flusher thread.
+    async fn flush(&self) -> Result<(), StorageError> {
+        let open = self.opened()?;
+        Self::flush_via(&open.flusher).await
+    }
+
+    /// Flushes, stops the flusher thread and drops the database (its directory is released
+    /// once no call is in flight).
+    async fn close(&self) -> Result<(), StorageError> {
+        let open = self
+            .open
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .ok_or(StorageError::Closed)?;
+        let flushed = Self::flush_via(&open.flusher).await;
+        drop(open);
+        let exited = self
+            .flusher_exited
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(exited) = exited {
+            let _ = exited.await;
+        }
+        flushed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(ms: u64, node: u64) -> Version {
+        Version::new(Timestamp::new(ms, 0), NodeId(node))
+    }
+
+    #[test]
+    fn records_round_trip_and_damage_is_corruption() {
+        for record in [
+            Record::value("v", version(1, 2)),
+            Record::value("", version(3, 4)).with_expiry(9),
+            Record::tombstone(version(5, 6)),
+            Record::tombstone(version(5, 6)).with_expiry(1),
+        ] {
+            let raw = encode_record(&record);
+            assert_eq!(decode_record(&raw).expect("decodes"), record);
+            for cut in 0..17.min(raw.len()) {
+                assert!(matches!(
+                    decode_record(&raw[..cut]),
+                    Err(StorageError::Corruption(_))
+                ));
+            }
+        }
+        assert!(decode_record(&[0x80; 20]).is_err());
+        assert!(split_key(&[1, 2]).is_err());
+    }
+
+    #[test]
+    fn options_parse_and_name_the_bad_field() {
+        let mut options = BTreeMap::new();
+        options.insert("flush".to_owned(), "interval:2s".to_owned());
+        assert_eq!(
+            SledOptions::from_options(&options).expect("valid").flush,
+            FlushPolicy::Interval(Duration::from_secs(2))
+        );
+        for (name, value) in [
+            ("flush", "often"),
+            ("flush", "interval:0ms"),
+            ("cache_bytes", "lots"),
+            ("fsync", "always"),
+        ] {
+            let mut options = BTreeMap::new();
+            options.insert(name.to_owned(), value.to_owned());
+            let text = SledOptions::from_options(&options)
+                .expect_err("invalid")
+                .to_string();
+            assert!(text.contains(&format!("{name:?}")), "{text}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writers_converge_and_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(
+            SledStorage::open(
+                dir.path(),
+                SledOptions::default().with_flush(FlushPolicy::Never),
+            )
+            .expect("open"),
+        );
+        let mut tasks = Vec::new();
+        for writer in 0..4u64 {
+            let store = Arc::clone(&store);
+            tasks.push(tokio::spawn(async move {
+                for i in 0..300u64 {
+                    let ms = if writer % 2 == 0 { i } else { 300 - i };
+                    let record = Record::value(format!("{writer}/{i}"), version(ms, writer));
+                    store
+                        .apply(Bytes::from(format!("k{}", i % 3)), record)
+                        .await
+                        .expect("apply");
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.expect("writer");
+        }
+        let winners: Vec<Option<Record>> = futures_join(&store).await;
+        store.close().await.expect("close");
+        let store = SledStorage::open(
+            dir.path(),
+            SledOptions::default().with_flush(FlushPolicy::Never),
+        )
+        .expect("reopen");
+        assert_eq!(futures_join(&store).await, winners);
+        assert_eq!(store.stats().await.expect("stats").records, 3);
+        // The highest version of each key won: 300 from the odd writers' first step.
+        assert_eq!(
+            winners[0].as_ref().map(|r| r.version),
+            Some(version(300, 3))
+        );
+        store.close().await.expect("close");
+    }
+
+    async fn futures_join(store: &SledStorage) -> Vec<Option<Record>> {
+        let mut out = Vec::new();
+        for k in 0..3 {
+            out.push(store.get(format!("k{k}").as_bytes()).await.expect("get"));
+        }
+        out
+    }
+}
