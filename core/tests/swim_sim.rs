@@ -403,3 +403,60 @@ fn lifeguard_cuts_false_suspicions_caused_by_a_slow_member() {
         base_seed()
     );
 }
+
+/// Regression: a peer's claim about this node at incarnation `u64::MAX` used to overflow
+/// `incarnation + 1` in `refute` (a panic in debug builds, a wrap to 0 in release, after which
+/// every refutation lost). Now the claim is counted as ignored and the node stays alive at
+/// its own incarnation.
+#[test]
+fn claim_at_the_largest_incarnation_does_not_overflow() {
+    use std::time::Instant;
+
+    use chorus_core::hlc::NodeId;
+    use chorus_core::membership::{Life, MemberMeta, Membership, SwimMessage, Update};
+    use chorus_core::transport::Address;
+
+    let now = Instant::now();
+    let mut node = Membership::new(
+        MembershipConfig::local(),
+        NodeId(1),
+        7,
+        MemberMeta::new("n1"),
+        Vec::new(),
+        base_seed(),
+        now,
+    );
+    let before = node.stats().ignored_messages;
+    let forged = Life {
+        generation: 7,
+        incarnation: u64::MAX,
+    };
+    for update in [
+        Update::Suspect {
+            id: NodeId(1),
+            life: forged,
+            from: NodeId(2),
+        },
+        Update::Dead {
+            id: NodeId(1),
+            life: forged,
+            from: NodeId(2),
+        },
+    ] {
+        node.handle_message(
+            now,
+            Address::new("n2"),
+            SwimMessage::Gossip {
+                from: NodeId(2),
+                updates: vec![update],
+            },
+        );
+    }
+    assert_eq!(node.local().life.incarnation, 0, "no wrapped incarnation");
+    assert_eq!(node.local().state, MemberState::Alive);
+    assert!(
+        node.stats().ignored_messages >= before + 2,
+        "both claims counted as ignored: {:?}",
+        node.stats()
+    );
+}

@@ -963,7 +963,16 @@ impl Membership {
         if life.incarnation < self.local.life.incarnation {
             return;
         }
-        self.local.life.incarnation = life.incarnation + 1;
+        // The incarnation comes from a peer's message: one claiming u64::MAX cannot be
+        // outbid, and wrapping would make every later refutation lose.
+        let Some(next) = life.incarnation.checked_add(1) else {
+            self.stats.ignored_messages += 1;
+            tracing::warn!(
+                "cannot refute a claim about this node at the largest incarnation; ignored"
+            );
+            return;
+        };
+        self.local.life.incarnation = next;
         self.stats.refutations += 1;
         if self.config.lifeguard {
             self.awareness =
