@@ -902,8 +902,9 @@ async fn read_frames(
                     bump(&inner.counters.frames_received, 1);
                 }
                 Ok(Some(total)) => {
-                    // The prefix was checked against the maximum: reserving is bounded.
-                    buf.reserve(total - buf.len());
+                    // Grow with the bytes that actually arrive, not with the claim: a peer
+                    // that announces a maximum-size frame and sends nothing pins little.
+                    buf.reserve((total - buf.len()).min(READ_CHUNK));
                     break;
                 }
                 Ok(None) => break,
