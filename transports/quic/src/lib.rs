@@ -67,7 +67,7 @@ use chorus_core::wire;
 use quinn::{Connection, Endpoint, VarInt};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 
 pub use config::QuicConfig;
@@ -649,7 +649,19 @@ fn reject(inner: &Inner, conn: &Connection, code: u32, why: &str) {
 /// Accepts the peer's streams (one frame each) until the connection or the transport closes.
 async fn read_streams(inner: Arc<Inner>, conn: Connection, from: Address) {
     let mut closed = inner.closed.subscribe();
+    // quinn hands a stream's credit back once it is read to the end, so its stream limit does
+    // not bound frames read but not yet taken by `recv`; this does, per connection.
+    let in_flight = Arc::new(Semaphore::new(
+        inner.config.max_concurrent_streams.get() as usize
+    ));
     loop {
+        let permit = tokio::select! {
+            _ = closed.wait_for(|c| *c) => return,
+            permit = Arc::clone(&in_flight).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+        };
         let stream = tokio::select! {
             _ = closed.wait_for(|c| *c) => return,
             stream = conn.accept_uni() => stream,
@@ -661,6 +673,7 @@ async fn read_streams(inner: Arc<Inner>, conn: Connection, from: Address) {
                     conn.clone(),
                     stream,
                     from.clone(),
+                    permit,
                 ));
             }
             Err(error) => {
@@ -681,6 +694,8 @@ async fn read_frame(
     conn: Connection,
     mut stream: quinn::RecvStream,
     from: Address,
+    // Held until the frame is handed over (or dropped): see `read_streams`.
+    _permit: OwnedSemaphorePermit,
 ) {
     let data = match stream.read_to_end(inner.max_frame_len).await {
         Ok(data) => data,
