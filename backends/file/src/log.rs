@@ -640,8 +640,12 @@ fn compact(shared: &Shared, tx: &Sender<Cmd>) -> Result<(), StorageError> {
             let path = segment_path(dir, id);
             removed += fs::metadata(&path)?.len();
             fs::remove_file(&path)?;
+            // Oldest first, each removal durable before the next: a crash part-way leaves only
+            // newer segments beside the compacted one, so no old value can outlive the (now
+            // purged) tombstone that covered it.
+            sync_dir(dir)?;
         }
-        sync_dir(dir)
+        Ok(())
     })();
     removal.map_err(|err| shared.fail("removing compacted segments", &err))?;
     let _ = shared
