@@ -54,13 +54,21 @@ fn kits() -> Vec<Kit> {
     ]
 }
 
+/// Numbers the identity directories of this test process.
+static NEXT_IDENTITY_DIR: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Writes a fresh identity to PEM files and returns the `cert`, `key` and `trust` options.
 /// Every quic node of the suite shares it (one certificate per cluster); mutual
 /// authentication between distinct certificates is tested in the quic crate and in
 /// `untrusted_quic_peer_is_refused` below.
 fn quic_identity_options() -> BTreeMap<String, String> {
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("quic-conformance-{}", std::process::id()));
+    // Tests run in parallel: each identity gets its own directory, or one test could read
+    // another's certificate with its own key.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "quic-conformance-{}-{}",
+        std::process::id(),
+        NEXT_IDENTITY_DIR.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let identity = chorus::transport_quic::Identity::generate(&[]).expect("identity");
     let (cert, key) = (dir.join("node.crt"), dir.join("node.key"));
