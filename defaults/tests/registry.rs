@@ -3,12 +3,14 @@
 //! CI runs this file twice: with default features, and with `--no-default-features`, where the
 //! error for "memory" must name the feature that would compile it in.
 
+use chorus::RegistryError;
 use chorus::registry::StorageSpec;
-use chorus::{RegistryError, Storage};
 
 #[cfg(feature = "backend-memory")]
 #[tokio::test]
 async fn memory_is_registered_and_opens() {
+    use chorus::Storage;
+
     let registry = chorus::registry();
     assert!(
         registry.backend_names().contains(&"memory".to_owned()),
