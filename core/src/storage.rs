@@ -118,6 +118,37 @@ pub struct ScanPage {
     pub next: Option<ScanCursor>,
 }
 
+impl ScanPage {
+    /// The page for `entries` already in scan order, of which a backend collected up to
+    /// `limit + 1`: the first `limit` are returned, and an extra one only says the range goes
+    /// on, so `next` resumes after the last returned entry.
+    pub fn from_ordered(mut entries: Vec<Entry>, limit: NonZeroUsize) -> ScanPage {
+        let more = entries.len() > limit.get();
+        entries.truncate(limit.get());
+        let next = if more {
+            entries.last().map(|last| ScanCursor {
+                hash: last.hash,
+                key: last.key.clone(),
+            })
+        } else {
+            None
+        };
+        ScanPage { entries, next }
+    }
+}
+
+/// Zeroed digests for a [`Storage::digest`] of `buckets` buckets, or
+/// [`StorageError::InvalidRequest`] for more than [`MAX_DIGEST_BUCKETS`] (the count may come
+/// from a peer, and the answer is allocated up front).
+pub fn empty_digests(buckets: NonZeroU32) -> Result<Vec<RangeDigest>, StorageError> {
+    if buckets.get() > MAX_DIGEST_BUCKETS {
+        return Err(StorageError::InvalidRequest(format!(
+            "{buckets} digest buckets requested; at most {MAX_DIGEST_BUCKETS} are allowed"
+        )));
+    }
+    Ok(vec![RangeDigest::default(); buckets.get() as usize])
+}
+
 /// Summary of one bucket of a range; equal on two replicas iff (with overwhelming probability)
 /// they hold the same records in it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -91,8 +91,8 @@ use chorus_core::hash::{HashRange, key_hash};
 use chorus_core::record::Record;
 use chorus_core::registry::{Registry, StorageSpec};
 use chorus_core::storage::{
-    ApplyOutcome, Entry, MAX_DIGEST_BUCKETS, PurgeStats, RangeDigest, ScanCursor, ScanPage,
-    SharedStorage, Storage, StorageError, StorageStats,
+    ApplyOutcome, Entry, PurgeStats, RangeDigest, ScanCursor, ScanPage, SharedStorage, Storage,
+    StorageError, StorageStats, empty_digests,
 };
 use tokio::sync::oneshot;
 
@@ -413,17 +413,7 @@ impl FileStorage {
             }
         }
         drop(index);
-        let more = entries.len() > limit.get();
-        entries.truncate(limit.get());
-        let next = if more {
-            entries.last().map(|last| ScanCursor {
-                hash: last.hash,
-                key: last.key.clone(),
-            })
-        } else {
-            None
-        };
-        Ok(ScanPage { entries, next })
+        Ok(ScanPage::from_ordered(entries, limit))
     }
 
     fn digest_now(
@@ -432,12 +422,7 @@ impl FileStorage {
         buckets: NonZeroU32,
     ) -> Result<Vec<RangeDigest>, StorageError> {
         self.check_open()?;
-        if buckets.get() > MAX_DIGEST_BUCKETS {
-            return Err(StorageError::InvalidRequest(format!(
-                "{buckets} digest buckets requested; at most {MAX_DIGEST_BUCKETS} are allowed"
-            )));
-        }
-        let mut digests = vec![RangeDigest::default(); buckets.get() as usize];
+        let mut digests = empty_digests(buckets)?;
         let index = self.shared.index_read();
         for (lo, hi) in intervals(&range).into_iter().flatten() {
             let lower = Bound::Included((lo, Bytes::new()));

@@ -54,8 +54,8 @@ use chorus_core::hash::{HashRange, key_hash};
 use chorus_core::record::Record;
 use chorus_core::registry::{Registry, StorageSpec};
 use chorus_core::storage::{
-    ApplyOutcome, Entry, MAX_DIGEST_BUCKETS, PurgeStats, RangeDigest, ScanCursor, ScanPage,
-    SharedStorage, Storage, StorageError, StorageStats, after_cursor, scan_order,
+    ApplyOutcome, Entry, PurgeStats, RangeDigest, ScanCursor, ScanPage, SharedStorage, Storage,
+    StorageError, StorageStats, after_cursor, empty_digests, scan_order,
 };
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
@@ -280,17 +280,7 @@ impl MemoryStorage {
         }
         let mut entries: Vec<Entry> = heap.into_vec().into_iter().map(|c| c.entry).collect();
         entries.sort_unstable_by(|a, b| scan_order(&range, a, b));
-        let more = entries.len() > limit.get();
-        entries.truncate(limit.get());
-        let next = if more {
-            entries.last().map(|last| ScanCursor {
-                hash: last.hash,
-                key: last.key.clone(),
-            })
-        } else {
-            None
-        };
-        Ok(ScanPage { entries, next })
+        Ok(ScanPage::from_ordered(entries, limit))
     }
 
     fn digest_now(
@@ -299,12 +289,7 @@ impl MemoryStorage {
         buckets: NonZeroU32,
     ) -> Result<Vec<RangeDigest>, StorageError> {
         self.check_open()?;
-        if buckets.get() > MAX_DIGEST_BUCKETS {
-            return Err(StorageError::InvalidRequest(format!(
-                "{buckets} digest buckets requested; at most {MAX_DIGEST_BUCKETS} are allowed"
-            )));
-        }
-        let mut digests = vec![RangeDigest::default(); buckets.get() as usize];
+        let mut digests = empty_digests(buckets)?;
         for item in self.map.iter() {
             let (key, slot) = item.pair();
             if range.contains(slot.hash) {

@@ -58,8 +58,8 @@ use chorus_core::hash::{HashRange, key_hash};
 use chorus_core::record::{Payload, Record};
 use chorus_core::registry::{Registry, StorageSpec};
 use chorus_core::storage::{
-    ApplyOutcome, Entry, MAX_DIGEST_BUCKETS, PurgeStats, RangeDigest, ScanCursor, ScanPage,
-    SharedStorage, Storage, StorageError, StorageStats, after_cursor, scan_order,
+    ApplyOutcome, Entry, PurgeStats, RangeDigest, ScanCursor, ScanPage, SharedStorage, Storage,
+    StorageError, StorageStats, after_cursor, empty_digests, scan_order,
 };
 use moka::ops::compute::Op;
 use moka::sync::Cache;
@@ -307,17 +307,7 @@ impl MokaStorage {
             })
             .collect();
         entries.sort_unstable_by(|a, b| scan_order(&range, a, b));
-        let more = entries.len() > limit.get();
-        entries.truncate(limit.get());
-        let next = if more {
-            entries.last().map(|last| ScanCursor {
-                hash: last.hash,
-                key: last.key.clone(),
-            })
-        } else {
-            None
-        };
-        Ok(ScanPage { entries, next })
+        Ok(ScanPage::from_ordered(entries, limit))
     }
 
     fn digest_now(
@@ -326,12 +316,7 @@ impl MokaStorage {
         buckets: NonZeroU32,
     ) -> Result<Vec<RangeDigest>, StorageError> {
         self.check_open()?;
-        if buckets.get() > MAX_DIGEST_BUCKETS {
-            return Err(StorageError::InvalidRequest(format!(
-                "{buckets} digest buckets requested; at most {MAX_DIGEST_BUCKETS} are allowed"
-            )));
-        }
-        let mut digests = vec![RangeDigest::default(); buckets.get() as usize];
+        let mut digests = empty_digests(buckets)?;
         for (key, slot) in self.cache.iter() {
             if range.contains(slot.hash) {
                 digests[range.bucket_of(slot.hash, buckets) as usize]

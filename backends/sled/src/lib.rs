@@ -70,8 +70,8 @@ use chorus_core::hlc::{NodeId, Timestamp, Version};
 use chorus_core::record::{Payload, Record};
 use chorus_core::registry::{Registry, StorageSpec};
 use chorus_core::storage::{
-    ApplyOutcome, Entry, MAX_DIGEST_BUCKETS, PurgeStats, RangeDigest, ScanCursor, ScanPage,
-    SharedStorage, Storage, StorageError, StorageStats,
+    ApplyOutcome, Entry, PurgeStats, RangeDigest, ScanCursor, ScanPage, SharedStorage, Storage,
+    StorageError, StorageStats, empty_digests,
 };
 use tokio::sync::oneshot;
 
@@ -544,17 +544,7 @@ impl SledStorage {
                 }
             }
         }
-        let more = entries.len() > limit.get();
-        entries.truncate(limit.get());
-        let next = if more {
-            entries.last().map(|last| ScanCursor {
-                hash: last.hash,
-                key: last.key.clone(),
-            })
-        } else {
-            None
-        };
-        Ok(ScanPage { entries, next })
+        Ok(ScanPage::from_ordered(entries, limit))
     }
 
     fn digest_now(
@@ -563,12 +553,7 @@ impl SledStorage {
         buckets: NonZeroU32,
     ) -> Result<Vec<RangeDigest>, StorageError> {
         let db = self.db()?;
-        if buckets.get() > MAX_DIGEST_BUCKETS {
-            return Err(StorageError::InvalidRequest(format!(
-                "{buckets} digest buckets requested; at most {MAX_DIGEST_BUCKETS} are allowed"
-            )));
-        }
-        let mut digests = vec![RangeDigest::default(); buckets.get() as usize];
+        let mut digests = empty_digests(buckets)?;
         for (lo, hi) in intervals(&range).into_iter().flatten() {
             let lower = Bound::Included(lo.to_be_bytes().to_vec());
             for item in db.range::<Vec<u8>, _>((lower, upper(hi))) {
