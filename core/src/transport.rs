@@ -160,6 +160,79 @@ pub trait Transport: Send + Sync + 'static {
     fn close(&self) -> impl Future<Output = ()> + Send;
 }
 
+/// Longest listen address a connection [hello](encode_hello) may carry, in bytes.
+pub const MAX_HELLO_ADDR_LEN: usize = 255;
+
+/// The hello a stream transport's dialer sends first, announcing the address it listens on:
+/// a 4-byte big-endian length of what follows, the transport's 4-byte `magic`, then the
+/// address in ASCII. Each transport has its own magic, so a hello meant for another transport
+/// is refused.
+///
+/// An address longer than [`MAX_HELLO_ADDR_LEN`] or not printable ASCII is a
+/// [`TransportError::Config`] naming the `advertise` option.
+pub fn encode_hello(magic: [u8; 4], local: &Address) -> Result<Bytes, TransportError> {
+    let addr = local.as_str().as_bytes();
+    if addr.len() > MAX_HELLO_ADDR_LEN {
+        return Err(TransportError::Config(format!(
+            "option `advertise`: longer than {MAX_HELLO_ADDR_LEN} bytes"
+        )));
+    }
+    if addr.is_empty() || !addr.iter().all(|b| b.is_ascii_graphic()) {
+        return Err(TransportError::Config(format!(
+            "option `advertise`: {local} is not a non-empty printable ASCII address"
+        )));
+    }
+    let body = (magic.len() + addr.len()) as u32; // at most 4 + 255
+    let mut hello = Vec::with_capacity(4 + body as usize);
+    hello.extend_from_slice(&body.to_be_bytes());
+    hello.extend_from_slice(&magic);
+    hello.extend_from_slice(addr);
+    Ok(Bytes::from(hello))
+}
+
+/// The length a hello's 4-byte prefix announces, if it is in range for a hello (the body is
+/// then read and passed to [`decode_hello_body`]).
+pub fn hello_body_len(prefix: [u8; 4]) -> Result<usize, HelloError> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len <= 4 || len > 4 + MAX_HELLO_ADDR_LEN {
+        // 4: the magic, which every hello carries before a non-empty address.
+        return Err(HelloError::Length(len));
+    }
+    Ok(len)
+}
+
+/// The address announced by a hello body (what follows the length prefix), checked against the
+/// transport's `magic`.
+pub fn decode_hello_body(magic: [u8; 4], body: &[u8]) -> Result<Address, HelloError> {
+    if body.len() <= magic.len() || body.len() > magic.len() + MAX_HELLO_ADDR_LEN {
+        return Err(HelloError::Length(body.len()));
+    }
+    let (got, addr) = body.split_at(magic.len());
+    if got != magic {
+        return Err(HelloError::Magic);
+    }
+    if !addr.iter().all(|b| b.is_ascii_graphic()) {
+        return Err(HelloError::Address);
+    }
+    let addr = std::str::from_utf8(addr).map_err(|_| HelloError::Address)?;
+    Ok(Address::new(addr))
+}
+
+/// Why a connection hello was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HelloError {
+    /// The announced length cannot be a hello.
+    #[error("hello length {0} is out of range")]
+    Length(usize),
+    /// The magic is not this transport's.
+    #[error("bad hello magic")]
+    Magic,
+    /// The address is not printable ASCII.
+    #[error("hello address is not printable ASCII")]
+    Address,
+}
+
 /// The object-safe form of [`Transport`]; implemented for every `Transport`.
 #[allow(missing_docs)] // Each method mirrors the `Transport` method of the same name.
 pub trait DynTransport: Send + Sync + 'static {
@@ -212,5 +285,63 @@ impl Transport for SharedTransport {
     }
     fn close(&self) -> impl Future<Output = ()> + Send {
         (**self).close_dyn()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAGIC: [u8; 4] = *b"TST1";
+
+    #[test]
+    fn hello_round_trips_and_refuses_what_is_not_a_hello() {
+        let hello = encode_hello(MAGIC, &Address::new("10.0.0.1:7000")).expect("encodes");
+        let prefix: [u8; 4] = hello[..4].try_into().expect("prefix");
+        assert_eq!(hello_body_len(prefix), Ok(hello.len() - 4));
+        assert_eq!(
+            decode_hello_body(MAGIC, &hello[4..]),
+            Ok(Address::new("10.0.0.1:7000"))
+        );
+
+        // Another transport's magic.
+        assert_eq!(
+            decode_hello_body(*b"XXXX", &hello[4..]),
+            Err(HelloError::Magic)
+        );
+        // Lengths that cannot be a hello: no address, or longer than the limit.
+        assert_eq!(
+            hello_body_len(4u32.to_be_bytes()),
+            Err(HelloError::Length(4))
+        );
+        assert_eq!(
+            hello_body_len(u32::MAX.to_be_bytes()),
+            Err(HelloError::Length(u32::MAX as usize))
+        );
+        assert_eq!(decode_hello_body(MAGIC, &MAGIC), Err(HelloError::Length(4)));
+        assert_eq!(decode_hello_body(MAGIC, b"TS"), Err(HelloError::Length(2)));
+        // Control characters and non-ASCII in the address.
+        assert_eq!(
+            decode_hello_body(MAGIC, b"TST1a\nb"),
+            Err(HelloError::Address)
+        );
+        assert_eq!(
+            decode_hello_body(MAGIC, "TST1é".as_bytes()),
+            Err(HelloError::Address)
+        );
+    }
+
+    #[test]
+    fn hello_refuses_to_announce_an_address_peers_would_refuse() {
+        let long = "a".repeat(MAX_HELLO_ADDR_LEN + 1);
+        for bad in [long.as_str(), "", "a b"] {
+            let err = encode_hello(MAGIC, &Address::new(bad)).expect_err(bad);
+            assert!(
+                matches!(&err, TransportError::Config(m) if m.contains("`advertise`")),
+                "{err}"
+            );
+        }
+        let longest = "a".repeat(MAX_HELLO_ADDR_LEN);
+        assert!(encode_hello(MAGIC, &Address::new(longest)).is_ok());
     }
 }

@@ -60,9 +60,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use chorus_core::registry::{Registry, TransportSpec};
-use chorus_core::transport::{Address, Incoming, SharedTransport, Transport, TransportError};
+use chorus_core::transport::{self, Address, Incoming, SharedTransport, Transport, TransportError};
 use chorus_core::wire;
 use quinn::{Connection, Endpoint, VarInt};
 use rand::{Rng, SeedableRng};
@@ -84,7 +84,7 @@ pub const ALPN: &[u8] = b"chorus/1";
 pub const HELLO_MAGIC: [u8; 4] = *b"CHQ1";
 
 /// Longest listen address a hello may carry, in bytes.
-pub const MAX_HELLO_ADDR_LEN: usize = 255;
+pub use chorus_core::transport::MAX_HELLO_ADDR_LEN;
 
 /// QUIC application error codes this transport closes connections with.
 mod code {
@@ -397,11 +397,7 @@ impl QuicTransport {
             .advertise
             .clone()
             .unwrap_or_else(|| Address::new(bound.to_string()));
-        if local.as_str().len() > MAX_HELLO_ADDR_LEN {
-            return Err(TransportError::Config(format!(
-                "option `advertise`: longer than {MAX_HELLO_ADDR_LEN} bytes"
-            )));
-        }
+        let hello = transport::encode_hello(HELLO_MAGIC, &local)?;
         let seed = config.jitter_seed.unwrap_or_else(|| {
             let nanos = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -409,12 +405,6 @@ impl QuicTransport {
                 .unwrap_or(0);
             nanos ^ u64::from(bound.port()).rotate_left(48)
         });
-        let mut hello = BytesMut::with_capacity(8 + local.as_str().len());
-        let body = u32::try_from(HELLO_MAGIC.len() + local.as_str().len())
-            .expect("bounded by MAX_HELLO_ADDR_LEN");
-        hello.extend_from_slice(&body.to_be_bytes());
-        hello.extend_from_slice(&HELLO_MAGIC);
-        hello.extend_from_slice(local.as_str().as_bytes());
         let (incoming, rx) = mpsc::channel(config.recv_capacity.get());
         let inner = Arc::new(Inner {
             local,
@@ -426,7 +416,7 @@ impl QuicTransport {
             closed: watch::channel(false).0,
             unacked: watch::channel(0).0,
             rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
-            hello: hello.freeze(),
+            hello,
             counters: Counters::default(),
         });
         let accept = tokio::spawn(accept_loop(Arc::clone(&inner)));
@@ -626,18 +616,10 @@ async fn read_hello(conn: &Connection) -> Result<Address, String> {
         .await
         .map_err(|e| e.to_string())?;
     let (prefix, rest) = body.split_first_chunk::<4>().ok_or("hello too short")?;
-    if u32::from_be_bytes(*prefix) as usize != rest.len() || rest.len() <= HELLO_MAGIC.len() {
+    if u32::from_be_bytes(*prefix) as usize != rest.len() {
         return Err("hello length disagrees".to_owned());
     }
-    let (magic, addr) = rest.split_at(HELLO_MAGIC.len());
-    if magic != HELLO_MAGIC {
-        return Err("bad hello magic".to_owned());
-    }
-    if !addr.iter().all(|b| b.is_ascii_graphic()) {
-        return Err("hello address is not printable ASCII".to_owned());
-    }
-    let addr = std::str::from_utf8(addr).map_err(|e| e.to_string())?;
-    Ok(Address::new(addr))
+    transport::decode_hello_body(HELLO_MAGIC, rest).map_err(|e| e.to_string())
 }
 
 fn reject(inner: &Inner, conn: &Connection, code: u32, why: &str) {

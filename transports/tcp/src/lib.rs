@@ -65,7 +65,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use chorus_core::registry::{Registry, TransportSpec};
-use chorus_core::transport::{Address, Incoming, SharedTransport, Transport, TransportError};
+use chorus_core::transport::{self, Address, Incoming, SharedTransport, Transport, TransportError};
 use chorus_core::wire;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -99,7 +99,7 @@ pub fn register(registry: &mut Registry) {
 pub const HELLO_MAGIC: [u8; 4] = *b"CHT1";
 
 /// Longest listen address a hello may carry, in bytes.
-pub const MAX_HELLO_ADDR_LEN: usize = 255;
+pub use chorus_core::transport::MAX_HELLO_ADDR_LEN;
 
 /// Bytes read from a socket at a time when no larger frame is pending.
 const READ_CHUNK: usize = 64 * 1024;
@@ -370,11 +370,7 @@ impl TcpTransport {
             .advertise
             .clone()
             .unwrap_or_else(|| Address::new(bound.to_string()));
-        if local.as_str().len() > MAX_HELLO_ADDR_LEN {
-            return Err(TransportError::Config(format!(
-                "option `advertise`: longer than {MAX_HELLO_ADDR_LEN} bytes"
-            )));
-        }
+        let hello = transport::encode_hello(HELLO_MAGIC, &local)?;
         let seed = config.jitter_seed.unwrap_or_else(|| {
             let nanos = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -382,12 +378,6 @@ impl TcpTransport {
                 .unwrap_or(0);
             nanos ^ u64::from(bound.port()).rotate_left(48)
         });
-        let mut hello = BytesMut::with_capacity(8 + local.as_str().len());
-        let body = u32::try_from(HELLO_MAGIC.len() + local.as_str().len())
-            .expect("bounded by MAX_HELLO_ADDR_LEN");
-        hello.extend_from_slice(&body.to_be_bytes());
-        hello.extend_from_slice(&HELLO_MAGIC);
-        hello.extend_from_slice(local.as_str().as_bytes());
         let (incoming, rx) = mpsc::channel(config.recv_capacity.get());
         let inner = Arc::new(Inner {
             local,
@@ -400,7 +390,7 @@ impl TcpTransport {
             closed: watch::channel(false).0,
             writers: watch::channel(0).0,
             rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
-            hello: hello.freeze(),
+            hello,
             counters: Counters::default(),
         });
         let accept = tokio::spawn(accept_loop(Arc::clone(&inner), listener));
@@ -607,33 +597,18 @@ enum HelloError {
     Timeout(Duration),
     #[error("reading the hello: {0}")]
     Io(#[from] io::Error),
-    #[error("hello length {0} is out of range")]
-    Length(usize),
-    #[error("bad hello magic")]
-    Magic,
-    #[error("hello address is not printable ASCII")]
-    Address,
+    #[error(transparent)]
+    Invalid(#[from] transport::HelloError),
 }
 
 async fn read_hello(r: &mut OwnedReadHalf, timeout: Duration) -> Result<Address, HelloError> {
     let read = async {
         let mut prefix = [0u8; 4];
         r.read_exact(&mut prefix).await?;
-        let len = u32::from_be_bytes(prefix) as usize;
-        if len <= HELLO_MAGIC.len() || len > HELLO_MAGIC.len() + MAX_HELLO_ADDR_LEN {
-            return Err(HelloError::Length(len));
-        }
+        let len = transport::hello_body_len(prefix)?;
         let mut body = vec![0u8; len];
         r.read_exact(&mut body).await?;
-        if body[..HELLO_MAGIC.len()] != HELLO_MAGIC {
-            return Err(HelloError::Magic);
-        }
-        let addr = &body[HELLO_MAGIC.len()..];
-        if !addr.iter().all(|b| b.is_ascii_graphic()) {
-            return Err(HelloError::Address);
-        }
-        let addr = std::str::from_utf8(addr).map_err(|_| HelloError::Address)?;
-        Ok(Address::new(addr))
+        Ok(transport::decode_hello_body(HELLO_MAGIC, &body)?)
     };
     tokio::time::timeout(timeout, read)
         .await
