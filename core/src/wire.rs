@@ -275,6 +275,88 @@ pub fn frame_len(buf: &[u8], max_frame_len: usize) -> Result<Option<usize>, Wire
     Ok(Some(total))
 }
 
+/// Cuts whole frames out of a byte stream that arrives in chunks of any size, such as the
+/// chunks a QUIC stream read yields.
+///
+/// Every length prefix goes through [`frame_len`], so a claim over the maximum is refused
+/// before anything is buffered, and a frame's magic is checked as soon as its first
+/// [`PREFIX_LEN`] + 2 bytes are in. A frame that lies within one chunk is handed out as a slice
+/// of that chunk, without copying; only a frame split across chunks is copied together, and
+/// its buffer grows with the bytes that arrive, not with what the prefix claims.
+#[derive(Debug)]
+pub struct FrameCutter {
+    max_frame_len: usize,
+    /// The start of a frame whose end has not arrived yet.
+    pending: BytesMut,
+}
+
+impl FrameCutter {
+    /// A cutter for frames of at most `max_frame_len` bytes, prefix included.
+    pub fn new(max_frame_len: usize) -> Self {
+        FrameCutter {
+            max_frame_len,
+            pending: BytesMut::new(),
+        }
+    }
+
+    /// Takes the next `chunk` of the stream and appends every frame it completes to `frames`.
+    ///
+    /// An error means the stream is not a sequence of Chorus frames (an oversized or too
+    /// short length prefix, or a bad magic); the frames appended before it are whole and valid,
+    /// and the rest of the stream should not be read.
+    pub fn push(&mut self, mut chunk: Bytes, frames: &mut Vec<Bytes>) -> Result<(), WireError> {
+        if !self.pending.is_empty() {
+            // Complete the frame begun in earlier chunks first.
+            loop {
+                let have = self.pending.len();
+                let want = match self.check(&self.pending)? {
+                    None => PREFIX_LEN,
+                    Some(total) => total,
+                };
+                let take = (want - have).min(chunk.len());
+                self.pending.extend_from_slice(&chunk.split_to(take));
+                if self.pending.len() < want {
+                    return Ok(());
+                }
+                if want == PREFIX_LEN {
+                    continue; // the prefix is complete: learn the frame's length
+                }
+                let frame = self.pending.split().freeze();
+                self.check(&frame)?;
+                frames.push(frame);
+                break;
+            }
+        }
+        loop {
+            match self.check(&chunk)? {
+                Some(total) if chunk.len() >= total => frames.push(chunk.split_to(total)),
+                _ => {
+                    self.pending.extend_from_slice(&chunk);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// The frame length announced at the start of `buf`, after checking it and, if enough
+    /// bytes are present, the magic.
+    fn check(&self, buf: &[u8]) -> Result<Option<usize>, WireError> {
+        let total = frame_len(buf, self.max_frame_len)?;
+        if let Some(magic) = buf.get(PREFIX_LEN..PREFIX_LEN + MAGIC.len())
+            && magic != MAGIC
+        {
+            return Err(WireError::BadMagic([magic[0], magic[1]]));
+        }
+        Ok(total)
+    }
+
+    /// Bytes of a frame that has begun but not ended: non-zero at the end of a stream means
+    /// the stream stopped mid-frame.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+}
+
 /// Encodes `payload` into a complete frame.
 pub fn encode<M: Serialize>(
     header: Header,
@@ -677,6 +759,75 @@ mod tests {
         ));
     }
 
+    /// Frames of the given payload lengths, each a one-way message of seeded bytes.
+    fn raw_frames(lens: &[usize]) -> Vec<Bytes> {
+        lens.iter()
+            .enumerate()
+            .map(|(i, &len)| {
+                let payload: Vec<u8> = (0..len).map(|j| (i * 31 + j) as u8).collect();
+                let message = Message::Get {
+                    key: Bytes::from(payload),
+                };
+                encode(Header::message(), &message, MAX).unwrap()
+            })
+            .collect()
+    }
+
+    /// Feeds `stream` to a cutter in chunks of the given sizes (cycled).
+    fn cut(stream: &[u8], chunks: &[usize]) -> (Vec<Bytes>, Result<(), WireError>, usize) {
+        let mut cutter = FrameCutter::new(MAX);
+        let mut frames = Vec::new();
+        let stream = Bytes::copy_from_slice(stream);
+        let mut at = 0;
+        for &size in chunks.iter().cycle() {
+            if at >= stream.len() {
+                break;
+            }
+            let end = (at + size.max(1)).min(stream.len());
+            if let Err(e) = cutter.push(stream.slice(at..end), &mut frames) {
+                return (frames, Err(e), cutter.pending_len());
+            }
+            at = end;
+        }
+        (frames, Ok(()), cutter.pending_len())
+    }
+
+    #[test]
+    fn cutter_hands_out_frames_within_one_chunk_without_copying() {
+        let frames = raw_frames(&[10, 0, 300]);
+        let stream = Bytes::from(frames.concat());
+        let mut cutter = FrameCutter::new(MAX);
+        let mut out = Vec::new();
+        cutter.push(stream.clone(), &mut out).unwrap();
+        assert_eq!(out, frames);
+        assert_eq!(out[1].as_ptr(), stream[frames[0].len()..].as_ptr());
+        assert_eq!(cutter.pending_len(), 0);
+    }
+
+    #[test]
+    fn cutter_refuses_oversized_prefixes_and_bad_magic_early() {
+        // The prefix alone is refused: nothing of the claimed length is buffered.
+        let mut cutter = FrameCutter::new(1024);
+        let mut out = Vec::new();
+        let claim = Bytes::copy_from_slice(&(1u32 << 30).to_be_bytes());
+        assert!(matches!(
+            cutter.push(claim, &mut out),
+            Err(WireError::TooLarge { .. })
+        ));
+        // A bad magic is refused as soon as it arrives, long before the frame's end.
+        let mut frame = raw_frames(&[4000])[0].to_vec();
+        frame[PREFIX_LEN] ^= 0xFF;
+        let (out, result, _) = cut(&frame, &[5, 1]);
+        assert!(out.is_empty());
+        assert!(matches!(result, Err(WireError::BadMagic(_))), "{result:?}");
+        let (_, _, pending) = cut(&frame[..PREFIX_LEN + 1], &[3]);
+        assert_eq!(
+            pending,
+            PREFIX_LEN + 1,
+            "a frame's start waits for more bytes"
+        );
+    }
+
     proptest! {
         #[test]
         fn every_message_round_trips(msg in arb_message(), correlation: u64, kind in 0u8..3) {
@@ -707,6 +858,37 @@ mod tests {
             if let Ok((header, _)) = decode::<Message>(&frame, MAX) {
                 prop_assert_eq!(header.correlation, correlation);
             }
+        }
+
+        // However a stream of frames is chunked, the cutter yields exactly those frames.
+        #[test]
+        fn cutter_yields_the_frames_whatever_the_chunking(
+            lens in prop::collection::vec(0usize..3000, 1..20),
+            chunks in prop::collection::vec(1usize..5000, 1..8),
+        ) {
+            let frames = raw_frames(&lens);
+            let (out, result, pending) = cut(&frames.concat(), &chunks);
+            prop_assert!(result.is_ok(), "{:?}", result);
+            prop_assert_eq!(pending, 0);
+            prop_assert_eq!(out, frames);
+        }
+
+        // A stream cut short leaves exactly the unfinished frame pending.
+        #[test]
+        fn cutter_reports_a_stream_that_ends_mid_frame(
+            lens in prop::collection::vec(0usize..3000, 1..10),
+            cut_at: prop::sample::Index,
+            chunks in prop::collection::vec(1usize..5000, 1..8),
+        ) {
+            let frames = raw_frames(&lens);
+            let stream = frames.concat();
+            let end = cut_at.index(stream.len());
+            let (out, result, pending) = cut(&stream[..end], &chunks);
+            prop_assert!(result.is_ok(), "{:?}", result);
+            let whole: usize = out.iter().map(Bytes::len).sum();
+            prop_assert_eq!(&out[..], &frames[..out.len()]);
+            prop_assert_eq!(whole + pending, end);
+            prop_assert!(pending < frames.get(out.len()).map_or(1, Bytes::len));
         }
 
         // Flipping any byte of a valid frame yields a typed error or a (different) valid message.
