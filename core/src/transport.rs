@@ -20,6 +20,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::storage::BoxFuture;
 
+pub mod outbox;
+
 /// A transport chosen at run time.
 pub type SharedTransport = Arc<dyn DynTransport>;
 

@@ -1,0 +1,552 @@
+//! Per-peer send queues for connection-oriented transports (tcp, quic).
+//!
+//! Both socket transports send the same way: [`Transport::send`](super::Transport::send) puts
+//! the frame on the peer's bounded queue and returns; one writer task per peer owns the
+//! receiving end of that queue, dials when it has to, and writes what is queued in batches.
+//! This module is the part of that which touches no socket, so every transport shares one
+//! behaviour:
+//!
+//! - [`Outboxes`] maps a peer's listen address to its queue and to the [`Link`] state its
+//!   writer reports. [`Outboxes::send`] creates the entry (and has the transport start a
+//!   writer) on first use, waits while the writer is [`Link::Connecting`] (up to
+//!   [`OutboxConfig::connect_timeout`], then [`TransportError::Timeout`]), fails at once with
+//!   [`TransportError::Unreachable`] while it is [`Link::Down`], and waits at most
+//!   [`OutboxConfig::queue_wait`] for room in a full queue before failing with
+//!   [`TransportError::QueueFull`]. A writer that retired between the lookup and the queueing
+//!   is replaced once.
+//! - A [`Writer`] is what the transport's writer task owns: the queue, the link it reports,
+//!   and a guard that removes the entry and counts the writer down when it is dropped, so an
+//!   entry never outlives its writer and a finished writer never removes its successor.
+//! - [`Outboxes::shut`] refuses new sends and drops every queue's sending side, so writers see
+//!   the end of their queue after the frames already in it: they write those and end, and
+//!   [`Outboxes::wait_writers`] waits for that.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+
+use super::{Address, TransportError};
+
+/// What a peer's writer can do with frames right now, as `send` sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Link {
+    /// Dialling, for the first time or again: `send` waits.
+    Connecting,
+    /// Connected: `send` queues.
+    Up,
+    /// The last dial failed for the given reason and a redial is scheduled: `send` fails with
+    /// [`TransportError::Unreachable`].
+    Down(Arc<str>),
+}
+
+/// The settings [`Outboxes`] needs from a transport's configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxConfig {
+    /// Frames queued towards one peer before `send` has to wait.
+    pub queue_capacity: NonZeroUsize,
+    /// How long `send` waits for room in a full queue before [`TransportError::QueueFull`].
+    pub queue_wait: Duration,
+    /// How long `send` waits for a writer that is still connecting before
+    /// [`TransportError::Timeout`].
+    pub connect_timeout: Duration,
+    /// A writer whose peer saw no `send` for this long is [idle](Writer::is_idle).
+    pub idle_timeout: Duration,
+}
+
+/// A peer in the map.
+#[derive(Debug)]
+struct Entry {
+    /// Which registration this is, so a finished writer never removes its successor.
+    id: u64,
+    tx: mpsc::Sender<Bytes>,
+    link: watch::Receiver<Link>,
+    /// Milliseconds since [`Outboxes`] was created at the last `send` to this peer.
+    last_send: Arc<AtomicU64>,
+}
+
+/// The per-peer queues of one transport. See the [module documentation](self).
+pub struct Outboxes {
+    config: OutboxConfig,
+    started: Instant,
+    peers: Mutex<HashMap<Address, Entry>>,
+    next_id: AtomicU64,
+    /// Running writers; [`Outboxes::wait_writers`] waits for zero.
+    writers: watch::Sender<usize>,
+    closed: watch::Sender<bool>,
+}
+
+impl fmt::Debug for Outboxes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outboxes")
+            .field("peers", &self.peers().len())
+            .field("writers", &*self.writers.borrow())
+            .field("closed", &self.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why one attempt of `send` did not queue the frame.
+enum Retry {
+    /// The peer's writer retired; a new one may take the frame.
+    Again(Bytes),
+    /// A final error.
+    Fail(TransportError),
+}
+
+impl Outboxes {
+    /// No peers yet.
+    pub fn new(config: OutboxConfig) -> Arc<Self> {
+        Arc::new(Outboxes {
+            config,
+            started: Instant::now(),
+            peers: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            writers: watch::channel(0).0,
+            closed: watch::channel(false).0,
+        })
+    }
+
+    fn peers(&self) -> MutexGuard<'_, HashMap<Address, Entry>> {
+        // Every update of the map is a single insert or remove: it stays consistent.
+        self.peers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether [`shut`](Self::shut) was called.
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    /// A receiver that turns `true` when [`shut`](Self::shut) is called, for the transport's
+    /// own tasks (accept loops, readers) to stop on.
+    pub fn closed(&self) -> watch::Receiver<bool> {
+        self.closed.subscribe()
+    }
+
+    /// Refuses further sends and drops the sending side of every queue, so each writer sees
+    /// its queue end after the frames already in it. Returns whether it was already shut.
+    pub fn shut(&self) -> bool {
+        let was = self.closed.send_replace(true);
+        let peers = std::mem::take(&mut *self.peers());
+        drop(peers);
+        was
+    }
+
+    /// Waits up to `limit` for every writer to end; `false` if some were still running.
+    pub async fn wait_writers(&self, limit: Duration) -> bool {
+        let mut writers = self.writers.subscribe();
+        tokio::time::timeout(limit, writers.wait_for(|n| *n == 0))
+            .await
+            .is_ok()
+    }
+
+    /// Peers with a queue (and a writer) right now, sorted.
+    pub fn addresses(&self) -> Vec<Address> {
+        let mut peers: Vec<Address> = self.peers().keys().cloned().collect();
+        peers.sort();
+        peers
+    }
+
+    /// Queues `frame` for `to`, creating the peer's queue on first use and calling `start`
+    /// with its [`Writer`] (`start` spawns the transport's writer task, which dials). The frame
+    /// must already have passed the transport's own checks (size, framing). See the
+    /// [module documentation](self) for the errors.
+    pub async fn send(
+        self: &Arc<Self>,
+        to: &Address,
+        frame: Bytes,
+        start: impl Fn(Writer) + Send + Sync,
+    ) -> Result<(), TransportError> {
+        if self.is_closed() {
+            return Err(TransportError::Closed);
+        }
+        // A writer may retire (idle, or the peer closed the connection) between looking it up
+        // and queueing; the second attempt then starts a fresh one.
+        let mut frame = frame;
+        for attempt in 0..2 {
+            match self.try_send(to, frame, &start).await {
+                Ok(()) => return Ok(()),
+                Err(Retry::Again(back)) if attempt == 0 => frame = back,
+                Err(Retry::Again(_)) => {
+                    return Err(TransportError::Unreachable {
+                        addr: to.clone(),
+                        reason: "the connection closed".to_owned(),
+                    });
+                }
+                Err(Retry::Fail(error)) => return Err(error),
+            }
+        }
+        Err(TransportError::Closed)
+    }
+
+    /// One attempt of `send`: wait for the link, then queue.
+    async fn try_send(
+        self: &Arc<Self>,
+        to: &Address,
+        frame: Bytes,
+        start: &(impl Fn(Writer) + Send + Sync),
+    ) -> Result<(), Retry> {
+        let (tx, mut link) = self.entry(to, start);
+        let timeout = self.config.connect_timeout;
+        let state =
+            match tokio::time::timeout(timeout, link.wait_for(|l| !matches!(l, Link::Connecting)))
+                .await
+            {
+                Err(_) => {
+                    return Err(Retry::Fail(TransportError::Timeout {
+                        addr: to.clone(),
+                        after: timeout,
+                    }));
+                }
+                // The writer ended while dialling: the transport is closing, or it retired.
+                Ok(Err(_)) => None,
+                Ok(Ok(state)) => Some(state.clone()),
+            };
+        match state {
+            Some(Link::Up) => {}
+            Some(Link::Down(reason)) => {
+                return Err(Retry::Fail(TransportError::Unreachable {
+                    addr: to.clone(),
+                    reason: reason.to_string(),
+                }));
+            }
+            Some(Link::Connecting) | None if self.is_closed() => {
+                return Err(Retry::Fail(TransportError::Closed));
+            }
+            Some(Link::Connecting) | None => return Err(Retry::Again(frame)),
+        }
+        let frame = match tx.try_send(frame) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Full(frame)) => frame,
+            Err(mpsc::error::TrySendError::Closed(frame)) => return Err(Retry::Again(frame)),
+        };
+        match tokio::time::timeout(self.config.queue_wait, tx.send(frame)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(mpsc::error::SendError(frame))) => Err(Retry::Again(frame)),
+            Err(_) => Err(Retry::Fail(TransportError::QueueFull { addr: to.clone() })),
+        }
+    }
+
+    /// The peer's queue, creating it (and starting its writer) if there is none or the
+    /// previous writer has finished.
+    fn entry(
+        self: &Arc<Self>,
+        to: &Address,
+        start: &(impl Fn(Writer) + Send + Sync),
+    ) -> (mpsc::Sender<Bytes>, watch::Receiver<Link>) {
+        let mut peers = self.peers();
+        if let Some(entry) = peers.get(to).filter(|e| !e.tx.is_closed()) {
+            entry.last_send.store(self.now_ms(), Ordering::Relaxed);
+            return (entry.tx.clone(), entry.link.clone());
+        }
+        let (writer, tx, link) = self.insert(&mut peers, to, Link::Connecting);
+        drop(peers);
+        start(writer);
+        (tx, link)
+    }
+
+    /// A queue for replies over a connection `from` opened to us, unless a live queue to that
+    /// peer exists (replies then use it) or the transport is shut. The writer starts
+    /// [`Link::Up`].
+    pub fn register_inbound(self: &Arc<Self>, from: &Address) -> Option<Writer> {
+        let mut peers = self.peers();
+        let live = peers.get(from).is_some_and(|e| !e.tx.is_closed());
+        if live || self.is_closed() {
+            return None;
+        }
+        Some(self.insert(&mut peers, from, Link::Up).0)
+    }
+
+    fn insert(
+        self: &Arc<Self>,
+        peers: &mut HashMap<Address, Entry>,
+        addr: &Address,
+        link: Link,
+    ) -> (Writer, mpsc::Sender<Bytes>, watch::Receiver<Link>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, queue) = mpsc::channel(self.config.queue_capacity.get());
+        let (link_tx, link_rx) = watch::channel(link);
+        let last_send = Arc::new(AtomicU64::new(self.now_ms()));
+        peers.insert(
+            addr.clone(),
+            Entry {
+                id,
+                tx: tx.clone(),
+                link: link_rx.clone(),
+                last_send: Arc::clone(&last_send),
+            },
+        );
+        self.writers.send_modify(|n| *n += 1);
+        let writer = Writer {
+            queue,
+            link: link_tx,
+            last_send,
+            outboxes: Arc::clone(self),
+            addr: addr.clone(),
+            id,
+        };
+        (writer, tx, link_rx)
+    }
+
+    fn remove(&self, addr: &Address, id: u64) {
+        let mut peers = self.peers();
+        if peers.get(addr).is_some_and(|e| e.id == id) {
+            peers.remove(addr);
+        }
+    }
+}
+
+/// The receiving end of one peer's queue, owned by the transport's writer task. Dropping it
+/// removes the peer's entry (if it is still this writer's) and counts the writer as ended.
+pub struct Writer {
+    queue: mpsc::Receiver<Bytes>,
+    link: watch::Sender<Link>,
+    last_send: Arc<AtomicU64>,
+    outboxes: Arc<Outboxes>,
+    addr: Address,
+    id: u64,
+}
+
+impl fmt::Debug for Writer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Writer")
+            .field("addr", &self.addr)
+            .field("id", &self.id)
+            .field("link", &*self.link.borrow())
+            .field("queued", &self.queue.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Writer {
+    /// The peer's listen address.
+    pub fn addr(&self) -> &Address {
+        &self.addr
+    }
+
+    /// Reports the link state to senders.
+    pub fn set_link(&self, link: Link) {
+        self.link.send_replace(link);
+    }
+
+    /// The queue: `recv` yields `None` once the transport is shut (or the writer
+    /// [retired](Self::retire)) and every queued frame was taken.
+    pub fn queue(&mut self) -> &mut mpsc::Receiver<Bytes> {
+        &mut self.queue
+    }
+
+    /// Moves what is already queued into `batch` after `first`, until `batch` holds
+    /// `max_frames` frames or at least `max_bytes` bytes. Returns the bytes in `batch`.
+    pub fn fill_batch(
+        &mut self,
+        first: Bytes,
+        batch: &mut Vec<Bytes>,
+        max_frames: usize,
+        max_bytes: usize,
+    ) -> usize {
+        let mut bytes = first.len();
+        batch.push(first);
+        while batch.len() < max_frames && bytes < max_bytes {
+            match self.queue.try_recv() {
+                Ok(frame) => {
+                    bytes += frame.len();
+                    batch.push(frame);
+                }
+                Err(_) => break,
+            }
+        }
+        bytes
+    }
+
+    /// Whether nothing was sent to this peer for [`OutboxConfig::idle_timeout`].
+    pub fn is_idle(&self) -> bool {
+        let last = self.last_send.load(Ordering::Relaxed);
+        let idle = Duration::from_millis(self.outboxes.now_ms().saturating_sub(last));
+        idle >= self.outboxes.config.idle_timeout
+    }
+
+    /// Whether the transport is shut.
+    pub fn is_closed(&self) -> bool {
+        self.outboxes.is_closed()
+    }
+
+    /// Stops taking frames: senders holding the queue start a fresh writer from now on.
+    /// Returns `true` if nothing raced into the queue, so the writer may end; otherwise the
+    /// frames that did are still the writer's to deliver.
+    pub fn retire(&mut self) -> bool {
+        self.queue.close();
+        self.queue.is_empty()
+    }
+
+    /// Discards every queued frame and returns how many there were.
+    pub fn drop_queued(&mut self) -> u64 {
+        let mut dropped = 0;
+        while self.queue.try_recv().is_ok() {
+            dropped += 1;
+        }
+        dropped
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.outboxes.remove(&self.addr, self.id);
+        self.outboxes
+            .writers
+            .send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> OutboxConfig {
+        OutboxConfig {
+            queue_capacity: NonZeroUsize::new(2).expect("non-zero"),
+            queue_wait: Duration::from_millis(20),
+            connect_timeout: Duration::from_millis(50),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// A `start` that keeps the writer in `slot` and reports `link`.
+    fn keep(slot: &Arc<Mutex<Option<Writer>>>, link: Link) -> impl Fn(Writer) + Send + Sync {
+        let slot = Arc::clone(slot);
+        move |w: Writer| {
+            w.set_link(link.clone());
+            *slot.lock().expect("slot") = Some(w);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_live_peer_queues_until_full_then_reports_queue_full() {
+        let outboxes = Outboxes::new(config());
+        let to = Address::new("peer:1");
+        let slot = Arc::new(Mutex::new(None));
+        for i in 0..2u8 {
+            outboxes
+                .send(&to, Bytes::from(vec![i]), keep(&slot, Link::Up))
+                .await
+                .expect("room in the queue");
+        }
+        match outboxes
+            .send(&to, Bytes::from_static(b"x"), keep(&slot, Link::Up))
+            .await
+        {
+            Err(TransportError::QueueFull { addr }) => assert_eq!(addr, to),
+            other => panic!("a full queue gave {other:?}"),
+        }
+        let mut writer = slot
+            .lock()
+            .expect("slot")
+            .take()
+            .expect("one writer started");
+        let mut batch = Vec::new();
+        let first = writer.queue().recv().await.expect("a frame");
+        assert_eq!(writer.fill_batch(first, &mut batch, 16, 1 << 20), 2);
+        assert_eq!(batch, vec![Bytes::from(vec![0]), Bytes::from(vec![1])]);
+        assert_eq!(outboxes.addresses(), vec![to.clone()]);
+        drop(writer);
+        assert!(
+            outboxes.addresses().is_empty(),
+            "the entry goes with its writer"
+        );
+        assert!(outboxes.wait_writers(Duration::from_millis(10)).await);
+    }
+
+    #[tokio::test]
+    async fn down_fails_at_once_and_connecting_times_out() {
+        let outboxes = Outboxes::new(config());
+        let slot = Arc::new(Mutex::new(None));
+        let down = Address::new("down:1");
+        match outboxes
+            .send(
+                &down,
+                Bytes::from_static(b"x"),
+                keep(&slot, Link::Down("refused".into())),
+            )
+            .await
+        {
+            Err(TransportError::Unreachable { addr, reason }) => {
+                assert_eq!((addr, reason.as_str()), (down, "refused"));
+            }
+            other => panic!("a down link gave {other:?}"),
+        }
+        let slow = Address::new("slow:1");
+        let started = Instant::now();
+        match outboxes
+            .send(
+                &slow,
+                Bytes::from_static(b"x"),
+                keep(&slot, Link::Connecting),
+            )
+            .await
+        {
+            Err(TransportError::Timeout { addr, after }) => {
+                assert_eq!((addr, after), (slow, config().connect_timeout));
+            }
+            other => panic!("a link stuck connecting gave {other:?}"),
+        }
+        assert!(started.elapsed() >= config().connect_timeout);
+    }
+
+    #[tokio::test]
+    async fn a_retired_writer_is_replaced_and_shut_ends_the_queue() {
+        let outboxes = Outboxes::new(config());
+        let to = Address::new("peer:1");
+        let slot = Arc::new(Mutex::new(None));
+        outboxes
+            .send(&to, Bytes::from_static(b"one"), keep(&slot, Link::Up))
+            .await
+            .expect("send");
+        let mut first = slot.lock().expect("slot").take().expect("writer");
+        assert!(!first.retire(), "a frame is still queued");
+        assert_eq!(first.drop_queued(), 1);
+        outboxes
+            .send(&to, Bytes::from_static(b"two"), keep(&slot, Link::Up))
+            .await
+            .expect("a fresh writer takes the frame");
+        let mut second = slot.lock().expect("slot").take().expect("a second writer");
+        // The old writer ending must not remove the new one's entry.
+        drop(first);
+        assert_eq!(outboxes.addresses(), vec![to.clone()]);
+        assert!(!outboxes.shut());
+        assert_eq!(
+            second.queue().recv().await,
+            Some(Bytes::from_static(b"two"))
+        );
+        assert_eq!(second.queue().recv().await, None, "shut ends the queue");
+        assert!(matches!(
+            outboxes
+                .send(&to, Bytes::from_static(b"late"), keep(&slot, Link::Up))
+                .await,
+            Err(TransportError::Closed)
+        ));
+        assert!(!outboxes.wait_writers(Duration::from_millis(10)).await);
+        drop(second);
+        assert!(outboxes.wait_writers(Duration::from_millis(10)).await);
+    }
+
+    #[tokio::test]
+    async fn inbound_registration_defers_to_a_live_queue() {
+        let outboxes = Outboxes::new(config());
+        let from = Address::new("peer:1");
+        let inbound = outboxes.register_inbound(&from).expect("no queue yet");
+        assert!(
+            outboxes.register_inbound(&from).is_none(),
+            "one queue per peer"
+        );
+        drop(inbound);
+        assert!(outboxes.register_inbound(&from).is_some());
+    }
+}
