@@ -89,7 +89,7 @@ fn quic_config() -> QuicConfig {
     let mut config = QuicConfig::local();
     config.max_frame_len = MAX_FRAME;
     config.close_timeout = Duration::from_millis(200);
-    config.send_timeout = Duration::from_secs(2);
+    config.queue_wait = Duration::from_secs(2);
     config
 }
 

@@ -21,31 +21,54 @@ pub struct QuicConfig {
     /// Largest frame, length prefix included, sent or accepted. Capped at
     /// [`MAX_FRAME_LEN_CEILING`]. A peer sending a longer one has its connection closed.
     pub max_frame_len: usize,
-    /// Frames one peer may have in flight towards this node at once (QUIC's limit on
-    /// concurrently open unidirectional streams, one per frame). A sender at the limit waits.
-    pub max_concurrent_streams: NonZeroU32,
-    /// Bytes a connection may have sent but not yet acknowledged (QUIC's send window): the
-    /// bound on memory a slow peer can make this node hold, per connection.
-    pub send_window: NonZeroUsize,
-    /// How long `send` waits for stream credit and send-window room before failing with
+    /// Frames queued towards one peer before `send` has to wait (the bound on memory a slow peer
+    /// can make this node hold on the sending side: `queue_capacity` frames per peer).
+    pub queue_capacity: NonZeroUsize,
+    /// How long `send` waits for room in a full peer queue before failing with
     /// [`TransportError::QueueFull`].
-    pub send_timeout: Duration,
+    pub queue_wait: Duration,
+    /// Most frames a peer's writer puts on one stream. The writer takes what is queued (up to
+    /// this many frames or about 256 KiB) and sends it as one stream, so under load frames
+    /// share streams and packets; a lone frame gets a stream of its own at once.
+    pub max_batch: NonZeroUsize,
+    /// Streams one peer may have open towards this node at once (QUIC's limit on concurrently
+    /// open unidirectional streams); a sender at the limit waits for one to finish.
+    pub max_concurrent_streams: NonZeroU32,
+    /// Bytes a connection may have sent but not yet acknowledged (QUIC's send window).
+    pub send_window: NonZeroUsize,
+    /// Bytes a peer may send on one connection beyond what this node has read (QUIC's
+    /// connection flow-control window). Keep it within the UDP socket's receive buffer (see
+    /// [`socket_buffer`](Self::socket_buffer)): a sender that outruns the receiver then waits
+    /// for credit instead of overflowing the buffer and losing packets.
+    pub receive_window: NonZeroUsize,
+    /// Largest UDP payload this endpoint sends and accepts, 1200 to 65527. Path MTU discovery
+    /// probes up to it (packets start at 1200 bytes and grow to what the path carries).
+    /// `lan()` uses 1452, which fits Ethernet's 1500-byte MTU over IPv4 and IPv6; `local()`
+    /// uses 65527 for loopback, whose MTU is 64 KiB. Above 6500 bytes, UDP segmentation
+    /// offload (GSO) is turned off: quinn hands the kernel up to 10 packets per call, and the
+    /// kernel refuses a GSO batch of more than 64 KiB.
+    pub max_udp_payload: u16,
+    /// Bytes requested for the UDP socket's receive and send buffers. The kernel caps the
+    /// request at `net.core.rmem_max` / `wmem_max`; a cap below the request is logged.
+    pub socket_buffer: NonZeroUsize,
     /// Received frames buffered for `recv`; when full, stream readers wait and QUIC flow
     /// control slows the senders.
     pub recv_capacity: NonZeroUsize,
-    /// Time allowed for the handshake and the hello; a dial that takes longer fails with
-    /// [`TransportError::Timeout`].
+    /// Time allowed for the handshake and the hello; `send` to a peer still connecting waits
+    /// at most this long and then fails with [`TransportError::Timeout`].
     pub connect_timeout: Duration,
-    /// After a failed dial, sends to that peer fail at once with
-    /// [`TransportError::Unreachable`] for a delay starting here and doubling per failure...
+    /// First delay before redialling a peer whose dial failed; doubled after each failure.
+    /// While a redial is pending, sends to that peer fail at once with
+    /// [`TransportError::Unreachable`].
     pub backoff_min: Duration,
-    /// ...up to this; each delay is drawn uniformly from `[d/2, d]` (jitter).
+    /// Largest redial delay. Each delay is drawn uniformly from `[d/2, d]` (jitter).
     pub backoff_max: Duration,
     /// A connection without any packet for this long is closed (QUIC idle timeout; no
-    /// keep-alives are sent, so unused connections go away).
+    /// keep-alives are sent, so unused connections go away). Redials after a failed dial stop
+    /// once nothing was sent to the peer for this long.
     pub idle_timeout: Duration,
-    /// How long [`close`](chorus_core::Transport::close) waits for sent frames to be
-    /// acknowledged before closing the connections.
+    /// How long [`close`](chorus_core::Transport::close) waits for queued frames to be sent
+    /// and acknowledged before closing the connections.
     pub close_timeout: Duration,
     /// The address announced to peers (and returned by `local_addr`); `None` uses the bound
     /// socket address.
@@ -53,6 +76,18 @@ pub struct QuicConfig {
     /// Seed of the backoff jitter; `None` derives one from the clock and the local port.
     pub jitter_seed: Option<u64>,
 }
+
+/// The smallest UDP payload QUIC allows a path to carry.
+pub const MIN_UDP_PAYLOAD: u16 = 1200;
+
+/// The largest UDP payload (over IPv6; IPv4 carries up to 65507).
+pub const MAX_UDP_PAYLOAD: u16 = 65527;
+
+/// Packets quinn hands the kernel in one GSO call (quinn's `MAX_TRANSMIT_SEGMENTS`).
+const GSO_BATCH: usize = 10;
+
+/// The most bytes the kernel accepts in one GSO call.
+const GSO_MAX_BYTES: usize = 65_535;
 
 impl Default for QuicConfig {
     /// [`QuicConfig::lan`].
@@ -76,13 +111,19 @@ const fn nz(n: usize) -> NonZeroUsize {
 }
 
 impl QuicConfig {
-    /// For a data-centre network: 2 s to connect, backoff 50 ms to 5 s, idle after 60 s.
+    /// For a data-centre network: 2 s to connect, backoff 50 ms to 5 s, idle after 60 s,
+    /// Ethernet-sized UDP payloads.
     pub fn lan() -> Self {
         QuicConfig {
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            queue_capacity: nz(4096),
+            queue_wait: Duration::from_secs(1),
+            max_batch: nz(256),
             max_concurrent_streams: nz32(1024),
-            send_window: nz(32 * 1024 * 1024),
-            send_timeout: Duration::from_secs(1),
+            send_window: nz(8 * 1024 * 1024),
+            receive_window: nz(4 * 1024 * 1024),
+            max_udp_payload: 1452,
+            socket_buffer: nz(4 * 1024 * 1024),
             recv_capacity: nz(8192),
             connect_timeout: Duration::from_secs(2),
             backoff_min: Duration::from_millis(50),
@@ -94,10 +135,12 @@ impl QuicConfig {
         }
     }
 
-    /// For one machine: 500 ms to connect, backoff 10 to 250 ms, idle after 30 s.
+    /// For one machine (tests, loopback clusters): 500 ms to connect, backoff 10 to 250 ms,
+    /// idle after 30 s, UDP payloads up to loopback's 64 KiB.
     pub fn local() -> Self {
         QuicConfig {
-            send_timeout: Duration::from_millis(250),
+            queue_wait: Duration::from_millis(250),
+            max_udp_payload: MAX_UDP_PAYLOAD,
             connect_timeout: Duration::from_millis(500),
             backoff_min: Duration::from_millis(10),
             backoff_max: Duration::from_millis(250),
@@ -111,6 +154,11 @@ impl QuicConfig {
         self.max_frame_len.min(MAX_FRAME_LEN_CEILING)
     }
 
+    /// Whether UDP segmentation offload can be used with [`max_udp_payload`](Self::max_udp_payload).
+    pub(crate) fn segmentation_offload(&self) -> bool {
+        usize::from(self.max_udp_payload) * GSO_BATCH <= GSO_MAX_BYTES
+    }
+
     /// Parses [`TransportSpec::options`] into the settings, the node's identity and its
     /// trusted peers:
     ///
@@ -120,9 +168,11 @@ impl QuicConfig {
     /// | `trust` | **required**: comma-separated PEM files holding the certificates of every peer (this node's own is always trusted) |
     /// | `preset` | `lan` (default) or `local`, applied before the other keys |
     /// | `max_frame_len` | bytes |
-    /// | `max_concurrent_streams` | frames in flight per peer, non-zero |
-    /// | `send_window`, `recv_capacity` | bytes / frames, non-zero |
-    /// | `send_timeout_ms`, `connect_timeout_ms`, `backoff_min_ms`, `backoff_max_ms`, `idle_timeout_ms`, `close_timeout_ms` | milliseconds |
+    /// | `queue_capacity`, `max_batch`, `recv_capacity` | frames, non-zero |
+    /// | `max_concurrent_streams` | streams open per peer, non-zero |
+    /// | `send_window`, `receive_window`, `socket_buffer` | bytes, non-zero |
+    /// | `max_udp_payload` | bytes, 1200 to 65527 |
+    /// | `queue_wait_ms`, `connect_timeout_ms`, `backoff_min_ms`, `backoff_max_ms`, `idle_timeout_ms`, `close_timeout_ms` | milliseconds |
     /// | `advertise` | `host:port` announced to peers |
     /// | `jitter_seed` | integer |
     ///
@@ -144,10 +194,15 @@ impl QuicConfig {
             match key.as_str() {
                 "preset" | "cert" | "key" | "trust" => {}
                 "max_frame_len" => config.max_frame_len = parse(key, value)?,
+                "queue_capacity" => config.queue_capacity = parse(key, value)?,
+                "max_batch" => config.max_batch = parse(key, value)?,
                 "max_concurrent_streams" => config.max_concurrent_streams = parse(key, value)?,
                 "send_window" => config.send_window = parse(key, value)?,
+                "receive_window" => config.receive_window = parse(key, value)?,
+                "max_udp_payload" => config.max_udp_payload = parse(key, value)?,
+                "socket_buffer" => config.socket_buffer = parse(key, value)?,
                 "recv_capacity" => config.recv_capacity = parse(key, value)?,
-                "send_timeout_ms" => config.send_timeout = millis(key, value)?,
+                "queue_wait_ms" => config.queue_wait = millis(key, value)?,
                 "connect_timeout_ms" => config.connect_timeout = millis(key, value)?,
                 "backoff_min_ms" => config.backoff_min = millis(key, value)?,
                 "backoff_max_ms" => config.backoff_max = millis(key, value)?,
@@ -193,13 +248,18 @@ impl QuicConfig {
         for (name, value) in [
             ("connect_timeout_ms", self.connect_timeout),
             ("idle_timeout_ms", self.idle_timeout),
-            ("send_timeout_ms", self.send_timeout),
         ] {
             if value.is_zero() {
                 return Err(TransportError::Config(format!(
                     "option `{name}` must be positive"
                 )));
             }
+        }
+        if !(MIN_UDP_PAYLOAD..=MAX_UDP_PAYLOAD).contains(&self.max_udp_payload) {
+            return Err(TransportError::Config(format!(
+                "option `max_udp_payload`: {} is not between {MIN_UDP_PAYLOAD} and {MAX_UDP_PAYLOAD}",
+                self.max_udp_payload
+            )));
         }
         if self.idle_timeout.as_millis() >= 1 << 62 {
             return Err(TransportError::Config(
@@ -259,7 +319,10 @@ mod tests {
                 &[("max_concurrent_streams", "0")][..],
                 "max_concurrent_streams",
             ),
-            (&[("send_timeout_ms", "0")][..], "send_timeout_ms"),
+            (&[("connect_timeout_ms", "0")][..], "connect_timeout_ms"),
+            (&[("max_udp_payload", "1000")][..], "max_udp_payload"),
+            (&[("max_udp_payload", "70000")][..], "max_udp_payload"),
+            (&[("queue_capacity", "0")][..], "queue_capacity"),
             (&[("colour", "blue")][..], "colour"),
         ] {
             let err = QuicConfig::from_options(&options(pairs)).expect_err("invalid");
@@ -268,5 +331,20 @@ mod tests {
                 "{pairs:?}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn segmentation_offload_only_where_a_batch_fits_the_kernel_limit() {
+        assert!(QuicConfig::lan().segmentation_offload());
+        assert!(!QuicConfig::local().segmentation_offload());
+        let mut jumbo = QuicConfig::lan();
+        jumbo.max_udp_payload = 8952;
+        assert!(
+            !jumbo.segmentation_offload(),
+            "10 x 8952 bytes exceed 64 KiB"
+        );
+        let config = QuicConfig::from_options(&options(&[("max_udp_payload", "1200")]));
+        // Parsing stops at the missing certificate, after the value was accepted.
+        assert!(matches!(config, Err(TransportError::Config(m)) if m.contains("cert")));
     }
 }

@@ -10,67 +10,94 @@
 //!
 //! # Connections and addressing
 //!
-//! One connection per peer, kept and reused, in one map keyed by the peer's *listen* address.
-//! Right after the handshake the dialler opens a unidirectional stream carrying a *hello* with
-//! its own listen address (see `docs/PROTOCOL.md`); the listener files the connection under
-//! that address and sends replies over it. Frames from a dialled connection carry the dialled
+//! One connection per peer, kept and reused, filed under the peer's *listen* address. Right
+//! after the handshake the dialler opens a unidirectional stream carrying a *hello* with its
+//! own listen address (see `docs/PROTOCOL.md`); the listener files the connection under that
+//! address and sends replies over it. Frames from a dialled connection carry the dialled
 //! address as [`Incoming::from`], frames from an accepted one the address its hello announced.
 //! The hello itself is inside the authenticated connection, but it is not bound to the
 //! certificate: a trusted peer could announce another trusted peer's address.
 //!
-//! # Frames on streams
+//! # Sending: a writer per peer, a stream per batch
 //!
-//! Each frame travels on its own unidirectional stream, opened, written and finished by `send`.
-//! Streams are independent, so a lost packet of one frame never delays another (no
-//! head-of-line blocking between requests); the price is that frames from one sender may arrive
-//! in a different order than they were sent. The receiver reads each stream to its end with
-//! the maximum frame length as the limit, and checks the length prefix ([`wire::frame_len`])
-//! and magic. A longer stream, or a stream that is not exactly one frame, closes that
-//! connection (counted in [`QuicStats::rejected_connections`], logged); bytes that are not
-//! QUIC at all are dropped by quinn before any connection exists.
+//! `send` puts the frame on the peer's bounded queue ([`QuicConfig::queue_capacity`]) and
+//! returns, as the TCP transport does (the queueing, backpressure and redial rules are shared:
+//! see [`chorus_core::transport::outbox`]). One writer task per connection takes every frame
+//! already queued, up to [`QuicConfig::max_batch`] frames or about 256 KiB, and sends them on
+//! one fresh unidirectional stream, which it finishes at once. A lone frame therefore travels
+//! alone on its own stream, and frames sent at different moments never share one; under load,
+//! frames queued together share a stream, its packets and its per-stream costs.
 //!
-//! # Backpressure and failures
+//! Streams are independent: a lost packet delays only the frames of its own stream, never
+//! those of another (no head-of-line blocking between batches), at the price that frames from
+//! one sender may arrive in a different order than they were sent. Within a stream, frames
+//! arrive in order.
 //!
-//! A peer accepts at most [`QuicConfig::max_concurrent_streams`] frames in flight from one
-//! connection, and a connection holds at most [`QuicConfig::send_window`] unacknowledged bytes.
-//! `send` waits for both up to [`QuicConfig::send_timeout`], then fails with
-//! [`TransportError::QueueFull`]. A dial that does not complete within
-//! [`QuicConfig::connect_timeout`] fails with [`TransportError::Timeout`], a refused one
-//! (including a failed certificate check) with [`TransportError::Unreachable`]; after a failed
-//! dial, sends to that peer fail at once with `Unreachable` for a jittered, exponentially
-//! growing backoff, and the first send after it dials again. A connection that is lost is
-//! forgotten; the next send dials a new one. Unreliable datagrams are not used.
+//! # Receiving
+//!
+//! Each stream is read as it arrives and cut into frames with [`wire::FrameCutter`]: every
+//! length prefix is checked against the maximum frame length before anything is buffered, and
+//! every magic as soon as it arrives; a frame that arrives within one packet is handed to
+//! `recv` without a copy. A stream that is not a sequence of whole frames (an oversized or
+//! malformed frame, a stream that ends mid-frame, an empty stream) closes that connection
+//! (counted in [`QuicStats::rejected_connections`], logged); bytes that are not QUIC at all are
+//! dropped by quinn before any connection exists. At most
+//! [`QuicConfig::max_concurrent_streams`] streams of a connection are read at once, and
+//! readers wait while the queue for `recv` ([`QuicConfig::recv_capacity`]) is full, so QUIC
+//! flow control ([`QuicConfig::receive_window`]) pushes back on the sender.
+//!
+//! # Failures
+//!
+//! A dial that does not complete within [`QuicConfig::connect_timeout`] makes `send` fail with
+//! [`TransportError::Timeout`], a refused one (including a failed certificate check) with
+//! [`TransportError::Unreachable`]; frames queued for that peer are dropped and counted, sends
+//! fail at once with `Unreachable` while a redial is pending, and redials follow a jittered,
+//! exponentially growing backoff as long as sends keep coming. A connection that is lost (the
+//! peer closed it, or it was idle for [`QuicConfig::idle_timeout`]) retires its writer; frames
+//! that raced into the queue are sent over a new dial, and the next `send` dials afresh.
+//!
+//! # Packets
+//!
+//! Path MTU discovery grows packets from 1200 bytes up to [`QuicConfig::max_udp_payload`]:
+//! Ethernet-sized on a LAN, 64 KiB on loopback. The UDP socket's buffers are raised to
+//! [`QuicConfig::socket_buffer`]. Unreliable datagrams are not used.
 //!
 //! # Shutdown
 //!
-//! [`close`](Transport::close) refuses new sends, waits (up to [`QuicConfig::close_timeout`])
-//! until every sent frame is acknowledged by its receiver, then closes the endpoint and waits
-//! for the connections to finish closing, which releases the port. Dropping the transport
-//! without `close` closes the endpoint at once: frames not yet acknowledged may be lost.
+//! [`close`](Transport::close) refuses new sends, lets every writer send what its queue holds
+//! and waits (up to [`QuicConfig::close_timeout`]) until the receivers have acknowledged every
+//! stream, then closes the endpoint and waits for the connections to finish closing, which
+//! releases the port. Dropping the transport without `close` closes the endpoint at once:
+//! frames not yet acknowledged may be lost.
 
 #![deny(missing_docs)]
 
 mod config;
+mod io_task;
 pub mod tls;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use bytes::Bytes;
 use chorus_core::registry::{Registry, TransportSpec};
+use chorus_core::transport::outbox::{Link, OutboxConfig, Outboxes, Writer};
 use chorus_core::transport::{self, Address, Incoming, SharedTransport, Transport, TransportError};
-use chorus_core::wire;
+use chorus_core::wire::{self, FrameCutter};
+use futures::stream::{FuturesUnordered, StreamExt};
+use io_task::IoTask;
 use quinn::{Connection, Endpoint, VarInt};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, watch};
 
-pub use config::QuicConfig;
+pub use config::{MAX_UDP_PAYLOAD, MIN_UDP_PAYLOAD, QuicConfig};
 pub use tls::{Identity, TrustedPeers};
 
 /// The registry name of this transport.
@@ -86,13 +113,16 @@ pub const HELLO_MAGIC: [u8; 4] = *b"CHQ1";
 /// Longest listen address a hello may carry, in bytes.
 pub use chorus_core::transport::MAX_HELLO_ADDR_LEN;
 
+/// Most bytes a writer gathers onto one stream (a single larger frame still gets its own).
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+
 /// QUIC application error codes this transport closes connections with.
 mod code {
     /// The transport is closing.
     pub(crate) const CLOSING: u32 = 0;
     /// The peer sent a bad hello.
     pub(crate) const BAD_HELLO: u32 = 1;
-    /// The peer sent a stream that is not one valid frame.
+    /// The peer sent a stream that is not a sequence of valid frames.
     pub(crate) const BAD_FRAME: u32 = 2;
 }
 
@@ -123,12 +153,40 @@ pub struct QuicStats {
     pub accepted: u64,
     /// Incoming handshakes that failed (an untrusted certificate included).
     pub handshake_failures: u64,
-    /// Connections closed because of a bad hello or a stream that was not one valid frame.
+    /// Connections closed because of a bad hello or a stream that was not whole, valid frames.
     pub rejected_connections: u64,
     /// Frames written to streams.
     pub frames_sent: u64,
+    /// Streams sent (`frames_sent / streams_sent` is the mean batch).
+    pub streams_sent: u64,
     /// Frames received and handed to `recv`.
     pub frames_received: u64,
+    /// Accepted frames that were never written: queued when a dial failed, in a batch whose
+    /// stream failed, or still queued when the connection or the transport went away.
+    pub frames_dropped: u64,
+    /// Futures of the transport's I/O task that panicked (each was dropped and logged; a
+    /// non-zero count is a bug).
+    pub task_panics: u64,
+}
+
+/// One live connection as QUIC sees it. See [`QuicTransport::connections`].
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct ConnectionInfo {
+    /// The peer's listen address (dialled, or announced by its hello).
+    pub peer: Address,
+    /// The UDP address packets go to.
+    pub remote: SocketAddr,
+    /// The smoothed round-trip time.
+    pub rtt: Duration,
+    /// The largest UDP payload in use, as found by path MTU discovery.
+    pub mtu: u16,
+    /// The congestion window, in bytes.
+    pub congestion_window: u64,
+    /// Packets sent on the connection.
+    pub sent_packets: u64,
+    /// Packets declared lost (and resent).
+    pub lost_packets: u64,
 }
 
 #[derive(Debug, Default)]
@@ -139,62 +197,34 @@ struct Counters {
     handshake_failures: AtomicU64,
     rejected_connections: AtomicU64,
     frames_sent: AtomicU64,
+    streams_sent: AtomicU64,
     frames_received: AtomicU64,
+    frames_dropped: AtomicU64,
 }
 
-fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
-}
-
-/// What is known about one peer.
-#[derive(Debug, Default)]
-enum SlotState {
-    /// Nothing yet (or the connection was lost).
-    #[default]
-    Empty,
-    /// A connection, dialled or accepted.
-    Up(Connection),
-    /// The last dial failed; sends fail until `until`.
-    Down {
-        until: Instant,
-        backoff: Duration,
-        reason: Arc<str>,
-    },
-}
-
-#[derive(Debug, Default)]
-struct Slot {
-    /// Held across a dial, so concurrent senders share one dial.
-    state: tokio::sync::Mutex<SlotState>,
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
 }
 
 struct Inner {
     local: Address,
     config: QuicConfig,
     max_frame_len: usize,
+    /// Runs quinn's drivers and every future below (see [`io_task`]).
+    io: IoTask,
     endpoint: Endpoint,
-    peers: Mutex<HashMap<Address, Arc<Slot>>>,
+    outboxes: Arc<Outboxes>,
+    /// Live connections by quinn's stable id, for [`QuicTransport::connections`].
+    connections: Mutex<HashMap<usize, (Address, Connection)>>,
     incoming: mpsc::Sender<Incoming>,
-    closed: watch::Sender<bool>,
-    /// Frames sent whose streams are not yet acknowledged; `close` waits for zero.
-    unacked: watch::Sender<usize>,
     rng: Mutex<ChaCha8Rng>,
     hello: Bytes,
     counters: Counters,
 }
 
 impl Inner {
-    fn peers(&self) -> MutexGuard<'_, HashMap<Address, Arc<Slot>>> {
-        // Every update of the map is a single insert or remove: it stays consistent.
-        self.peers.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     fn is_closed(&self) -> bool {
-        *self.closed.borrow()
-    }
-
-    fn slot(&self, addr: &Address) -> Arc<Slot> {
-        Arc::clone(self.peers().entry(addr.clone()).or_default())
+        self.outboxes.is_closed()
     }
 
     fn jittered(&self, delay: Duration) -> Duration {
@@ -208,101 +238,34 @@ impl Inner {
         half + Duration::from_nanos(extra)
     }
 
-    /// The connection to `to`, dialling if there is none.
-    async fn connection(self: &Arc<Self>, to: &Address) -> Result<Connection, TransportError> {
-        let slot = self.slot(to);
-        let mut state = slot.state.lock().await;
-        let backoff = match &*state {
-            SlotState::Up(conn) if conn.close_reason().is_none() => return Ok(conn.clone()),
-            SlotState::Down {
-                until,
-                reason,
-                backoff,
-            } => {
-                if Instant::now() < *until {
-                    return Err(TransportError::Unreachable {
-                        addr: to.clone(),
-                        reason: reason.to_string(),
-                    });
-                }
-                (*backoff * 2).min(self.config.backoff_max)
-            }
-            _ => self.config.backoff_min,
-        };
-        if self.is_closed() {
-            return Err(TransportError::Closed);
-        }
-        let timeout = self.config.connect_timeout;
-        let (error, reason) = match tokio::time::timeout(timeout, self.dial(to)).await {
-            Ok(Ok(conn)) => {
-                bump(&self.counters.dialed);
-                *state = SlotState::Up(conn.clone());
-                tokio::spawn(read_streams(Arc::clone(self), conn.clone(), to.clone()));
-                return Ok(conn);
-            }
-            Ok(Err(reason)) => (
-                TransportError::Unreachable {
-                    addr: to.clone(),
-                    reason: reason.clone(),
-                },
-                reason,
-            ),
-            Err(_) => (
-                TransportError::Timeout {
-                    addr: to.clone(),
-                    after: timeout,
-                },
-                format!("no connection within {timeout:?}"),
-            ),
-        };
-        bump(&self.counters.dial_failures);
-        tracing::debug!(peer = %to, %reason, "dial failed");
-        *state = SlotState::Down {
-            until: Instant::now() + self.jittered(backoff),
-            backoff,
-            reason: Arc::from(reason.as_str()),
-        };
-        Err(error)
-    }
-
-    /// Handshake and hello.
+    /// Handshake and hello, within the connect timeout.
     async fn dial(&self, to: &Address) -> Result<Connection, String> {
-        let addr = resolve(to).await?;
-        let connecting = self
-            .endpoint
-            .connect(addr, tls::SERVER_NAME)
-            .map_err(|e| e.to_string())?;
-        let conn = connecting.await.map_err(|e| e.to_string())?;
-        let mut hello = conn.open_uni().await.map_err(|e| e.to_string())?;
-        hello
-            .write_all(&self.hello)
-            .await
-            .map_err(|e| format!("writing the hello: {e}"))?;
-        hello.finish().map_err(|e| e.to_string())?;
-        Ok(conn)
-    }
-
-    /// Forgets `conn` as the connection to `to` (it failed).
-    async fn forget(&self, to: &Address, conn: &Connection) {
-        let slot = self.slot(to);
-        let mut state = slot.state.lock().await;
-        if matches!(&*state, SlotState::Up(c) if c.stable_id() == conn.stable_id()) {
-            *state = SlotState::Empty;
+        let timeout = self.config.connect_timeout;
+        let attempt = async {
+            let addr = resolve(to).await?;
+            let connecting = self
+                .endpoint
+                .connect(addr, tls::SERVER_NAME)
+                .map_err(|e| e.to_string())?;
+            let conn = connecting.await.map_err(|e| e.to_string())?;
+            let mut hello = conn.open_uni().await.map_err(|e| e.to_string())?;
+            hello
+                .write_all(&self.hello)
+                .await
+                .map_err(|e| format!("writing the hello: {e}"))?;
+            hello.finish().map_err(|e| e.to_string())?;
+            Ok::<_, String>(conn)
+        };
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("no connection within {timeout:?}")),
         }
     }
 
-    /// Counts one unacknowledged stream until `stopped` completes.
-    fn track(self: &Arc<Self>, stopped: impl std::future::Future + Send + 'static) {
-        self.unacked.send_modify(|n| *n += 1);
-        let inner = Arc::clone(self);
-        tokio::spawn(async move {
-            stopped.await;
-            inner.unacked.send_modify(|n| *n = n.saturating_sub(1));
-        });
-    }
-
-    fn shut(&self) {
-        self.closed.send_replace(true);
+    fn reject(&self, conn: &Connection, code: u32, why: &str) {
+        bump(&self.counters.rejected_connections, 1);
+        tracing::warn!(remote = %conn.remote_address(), why, "closing connection");
+        conn.close(VarInt::from_u32(code), why.as_bytes());
     }
 }
 
@@ -317,11 +280,36 @@ async fn resolve(to: &Address) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{to} resolves to no address"))
 }
 
+/// quinn's runtime for one transport: Tokio's timers and sockets, with every driver future on
+/// the transport's [`IoTask`].
+#[derive(Debug)]
+struct IoRuntime(IoTask);
+
+impl quinn::Runtime for IoRuntime {
+    fn new_timer(&self, at: std::time::Instant) -> Pin<Box<dyn quinn::AsyncTimer>> {
+        quinn::TokioRuntime.new_timer(at)
+    }
+
+    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
+        self.0.spawn(future);
+    }
+
+    fn wrap_udp_socket(
+        &self,
+        socket: std::net::UdpSocket,
+    ) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+        quinn::TokioRuntime.wrap_udp_socket(socket)
+    }
+
+    fn now(&self) -> std::time::Instant {
+        quinn::TokioRuntime.now()
+    }
+}
+
 /// A QUIC [`Transport`]. See the [crate documentation](crate).
 pub struct QuicTransport {
     inner: Arc<Inner>,
     rx: tokio::sync::Mutex<mpsc::Receiver<Incoming>>,
-    accept: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl fmt::Debug for QuicTransport {
@@ -336,6 +324,45 @@ impl fmt::Debug for QuicTransport {
 
 fn tls_error(e: rustls::Error) -> TransportError {
     TransportError::Config(format!("TLS configuration: {e}"))
+}
+
+/// The server and client sides of an endpoint: TLS 1.3 only, this node's certificate, the
+/// pinned peers, ALPN, and the transport settings.
+fn endpoint_configs(
+    config: &QuicConfig,
+    identity: &Identity,
+    trusted: TrustedPeers,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TransportError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = tls::PinnedVerifier::new(trusted, &provider);
+    let chain = vec![identity.certificate().clone()];
+
+    let mut server_tls = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_error)?
+        .with_client_cert_verifier(verifier.clone())
+        .with_single_cert(chain.clone(), identity.key())
+        .map_err(tls_error)?;
+    server_tls.alpn_protocols = vec![ALPN.to_vec()];
+    let mut client_tls = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_error)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(chain, identity.key())
+        .map_err(tls_error)?;
+    client_tls.alpn_protocols = vec![ALPN.to_vec()];
+
+    let transport_config = Arc::new(transport_config(config)?);
+    let server_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(server_tls)
+        .map_err(|e| TransportError::Config(format!("QUIC TLS: {e}")))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+    server.transport_config(Arc::clone(&transport_config));
+    let client_crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client_tls)
+        .map_err(|e| TransportError::Config(format!("QUIC TLS: {e}")))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+    client.transport_config(transport_config);
+    Ok((server, client))
 }
 
 impl QuicTransport {
@@ -354,43 +381,23 @@ impl QuicTransport {
             .await
             .map_err(|e| TransportError::Config(format!("bind address: {e}")))?;
 
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = tls::PinnedVerifier::new(trusted, &provider);
-        let chain = vec![identity.certificate().clone()];
-
-        let mut server_tls = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(tls_error)?
-            .with_client_cert_verifier(verifier.clone())
-            .with_single_cert(chain.clone(), identity.key())
-            .map_err(tls_error)?;
-        server_tls.alpn_protocols = vec![ALPN.to_vec()];
-        let mut client_tls = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(tls_error)?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_client_auth_cert(chain, identity.key())
-            .map_err(tls_error)?;
-        client_tls.alpn_protocols = vec![ALPN.to_vec()];
-
-        let transport_config = Arc::new(transport_config(&config)?);
-        let server_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(server_tls)
-            .map_err(|e| TransportError::Config(format!("QUIC TLS: {e}")))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
-        server.transport_config(Arc::clone(&transport_config));
-        let client_crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client_tls)
-            .map_err(|e| TransportError::Config(format!("QUIC TLS: {e}")))?;
-        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
-        client.transport_config(transport_config);
-
-        let mut endpoint = Endpoint::server(server, bind_addr).map_err(|e| {
+        let (server, client) = endpoint_configs(&config, &identity, trusted)?;
+        let socket = std::net::UdpSocket::bind(bind_addr).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AddrInUse {
                 TransportError::AddressInUse(Address::new(bind))
             } else {
                 TransportError::Io(e)
             }
         })?;
+        size_socket_buffers(&socket, config.socket_buffer.get());
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        endpoint_config
+            .max_udp_payload_size(config.max_udp_payload)
+            .map_err(|e| TransportError::Config(format!("option `max_udp_payload`: {e}")))?;
+        let io = IoTask::new();
+        tokio::spawn(io.clone().run());
+        let runtime = Arc::new(IoRuntime(io.clone()));
+        let mut endpoint = Endpoint::new(endpoint_config, Some(server), socket, runtime)?;
         endpoint.set_default_client_config(client);
         let bound = endpoint.local_addr()?;
         let local = config
@@ -405,25 +412,30 @@ impl QuicTransport {
                 .unwrap_or(0);
             nanos ^ u64::from(bound.port()).rotate_left(48)
         });
+        let outboxes = Outboxes::new(OutboxConfig {
+            queue_capacity: config.queue_capacity,
+            queue_wait: config.queue_wait,
+            connect_timeout: config.connect_timeout,
+            idle_timeout: config.idle_timeout,
+        });
         let (incoming, rx) = mpsc::channel(config.recv_capacity.get());
         let inner = Arc::new(Inner {
             local,
             max_frame_len: config.effective_max_frame_len(),
             config,
+            io,
             endpoint,
-            peers: Mutex::new(HashMap::new()),
+            outboxes,
+            connections: Mutex::new(HashMap::new()),
             incoming,
-            closed: watch::channel(false).0,
-            unacked: watch::channel(0).0,
             rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
             hello,
             counters: Counters::default(),
         });
-        let accept = tokio::spawn(accept_loop(Arc::clone(&inner)));
+        inner.io.spawn(accept_loop(Arc::clone(&inner)));
         Ok(QuicTransport {
             inner,
             rx: tokio::sync::Mutex::new(rx),
-            accept: Mutex::new(Some(accept)),
         })
     }
 
@@ -438,7 +450,10 @@ impl QuicTransport {
             handshake_failures: get(&c.handshake_failures),
             rejected_connections: get(&c.rejected_connections),
             frames_sent: get(&c.frames_sent),
+            streams_sent: get(&c.streams_sent),
             frames_received: get(&c.frames_received),
+            frames_dropped: get(&c.frames_dropped),
+            task_panics: self.inner.io.panicked(),
         }
     }
 
@@ -446,9 +461,71 @@ impl QuicTransport {
     pub fn config(&self) -> &QuicConfig {
         &self.inner.config
     }
+
+    /// Peers with a connection (or a writer dialling one) right now.
+    pub fn connected_peers(&self) -> Vec<Address> {
+        self.inner.outboxes.addresses()
+    }
+
+    /// Every live connection with its path figures, sorted by peer.
+    pub fn connections(&self) -> Vec<ConnectionInfo> {
+        let connections = lock(&self.inner.connections);
+        let mut infos: Vec<ConnectionInfo> = connections
+            .values()
+            .map(|(peer, conn)| {
+                let path = conn.stats().path;
+                ConnectionInfo {
+                    peer: peer.clone(),
+                    remote: conn.remote_address(),
+                    rtt: path.rtt,
+                    mtu: path.current_mtu,
+                    congestion_window: path.cwnd,
+                    sent_packets: path.sent_packets,
+                    lost_packets: path.lost_packets,
+                }
+            })
+            .collect();
+        infos.sort_by(|a, b| a.peer.cmp(&b.peer));
+        infos
+    }
+}
+
+/// Raises the socket's buffers towards `bytes`; the kernel may cap the request.
+fn size_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) {
+    let sock = socket2::SockRef::from(socket);
+    let results = [
+        (
+            "receive",
+            sock.set_recv_buffer_size(bytes)
+                .and_then(|()| sock.recv_buffer_size()),
+        ),
+        (
+            "send",
+            sock.set_send_buffer_size(bytes)
+                .and_then(|()| sock.send_buffer_size()),
+        ),
+    ];
+    for (which, result) in results {
+        match result {
+            // Linux reports twice what was asked for (half is its bookkeeping), or less if
+            // net.core.rmem_max / wmem_max capped it.
+            Ok(granted) if granted >= bytes => {}
+            Ok(granted) => tracing::warn!(
+                which,
+                requested = bytes,
+                granted,
+                "the kernel capped the UDP socket buffer (raise net.core.rmem_max / wmem_max)"
+            ),
+            Err(error) => tracing::warn!(which, bytes, %error, "cannot size the UDP socket buffer"),
+        }
+    }
 }
 
 fn transport_config(config: &QuicConfig) -> Result<quinn::TransportConfig, TransportError> {
+    let varint = |name: &str, value: usize| {
+        VarInt::try_from(value as u64)
+            .map_err(|_| TransportError::Config(format!("option `{name}` is too large")))
+    };
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_uni_streams(VarInt::from_u32(config.max_concurrent_streams.get()));
     t.max_concurrent_bidi_streams(VarInt::from_u32(0));
@@ -457,13 +534,22 @@ fn transport_config(config: &QuicConfig) -> Result<quinn::TransportConfig, Trans
     t.max_idle_timeout(Some(idle));
     t.keep_alive_interval(None);
     t.send_window(config.send_window.get() as u64);
+    let window = varint("receive_window", config.receive_window.get())?;
+    t.receive_window(window);
+    // One stream may use the whole connection window: a batch is at most 256 KiB, but a
+    // single frame may be as long as the maximum frame.
+    t.stream_receive_window(window);
     t.datagram_receive_buffer_size(None);
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(config.max_udp_payload);
+    t.mtu_discovery_config(Some(mtu));
+    t.enable_segmentation_offload(config.segmentation_offload());
     Ok(t)
 }
 
 impl Drop for QuicTransport {
     fn drop(&mut self) {
-        self.inner.shut();
+        self.inner.outboxes.shut();
         self.inner
             .endpoint
             .close(VarInt::from_u32(code::CLOSING), b"closing");
@@ -490,33 +576,19 @@ impl Transport for QuicTransport {
                 max: inner.max_frame_len,
             });
         }
+        // Frames share streams: one whose prefix disagrees with its length would make the
+        // receiver reject the whole stream.
         wire::split(&frame, inner.max_frame_len).map_err(TransportError::InvalidFrame)?;
-        let conn = inner.connection(to).await?;
-        let write = async {
-            let mut stream = conn.open_uni().await.map_err(|e| e.to_string())?;
-            stream.write_all(&frame).await.map_err(|e| e.to_string())?;
-            stream.finish().map_err(|e| e.to_string())?;
-            Ok::<_, String>(stream.stopped())
-        };
-        match tokio::time::timeout(inner.config.send_timeout, write).await {
-            Ok(Ok(stopped)) => {
-                bump(&inner.counters.frames_sent);
-                inner.track(stopped);
-                Ok(())
-            }
-            Ok(Err(reason)) => {
-                inner.forget(to, &conn).await;
-                Err(TransportError::Unreachable {
-                    addr: to.clone(),
-                    reason,
-                })
-            }
-            Err(_) => Err(TransportError::QueueFull { addr: to.clone() }),
-        }
+        inner
+            .outboxes
+            .send(to, frame, |writer| {
+                inner.io.spawn(outbound(Arc::clone(inner), writer));
+            })
+            .await
     }
 
     async fn recv(&self) -> Result<Incoming, TransportError> {
-        let mut closed = self.inner.closed.subscribe();
+        let mut closed = self.inner.outboxes.closed();
         if *closed.borrow_and_update() {
             return Err(TransportError::Closed);
         }
@@ -533,16 +605,11 @@ impl Transport for QuicTransport {
 
     async fn close(&self) {
         let inner = &self.inner;
-        inner.shut();
+        inner.outboxes.shut();
         let limit = inner.config.close_timeout;
-        let mut unacked = inner.unacked.subscribe();
-        if tokio::time::timeout(limit, unacked.wait_for(|n| *n == 0))
-            .await
-            .is_err()
-        {
+        if !inner.outboxes.wait_writers(limit).await {
             tracing::warn!(local = %inner.local, ?limit, "close gave up waiting for acknowledgements");
         }
-        inner.peers().clear();
         inner
             .endpoint
             .close(VarInt::from_u32(code::CLOSING), b"closing");
@@ -552,61 +619,191 @@ impl Transport for QuicTransport {
         {
             tracing::warn!(local = %inner.local, "connections did not finish closing");
         }
-        let accept = self
-            .accept
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(accept) = accept {
-            let _ = accept.await;
+    }
+}
+
+/// The writer of a dialled connection: dial (with backoff), write, redial when frames are left
+/// after the connection went away.
+async fn outbound(inner: Arc<Inner>, mut writer: Writer) {
+    let mut closed = inner.outboxes.closed();
+    let mut backoff = inner.config.backoff_min;
+    loop {
+        writer.set_link(Link::Connecting);
+        match inner.dial(writer.addr()).await {
+            Ok(conn) => {
+                bump(&inner.counters.dialed, 1);
+                backoff = inner.config.backoff_min;
+                writer.set_link(Link::Up);
+                inner.io.spawn(read_streams(
+                    Arc::clone(&inner),
+                    conn.clone(),
+                    writer.addr().clone(),
+                ));
+                match write_loop(&inner, &conn, &mut writer).await {
+                    End::Drained => return,
+                    End::Lost(reason) => {
+                        tracing::debug!(peer = %writer.addr(), %reason, "connection lost");
+                        // Retire this writer: new sends start a fresh one. Frames that raced
+                        // in before the queue closed are still delivered, over a new dial.
+                        if writer.retire() {
+                            return;
+                        }
+                    }
+                }
+            }
+            Err(reason) => {
+                bump(&inner.counters.dial_failures, 1);
+                tracing::debug!(peer = %writer.addr(), %reason, "dial failed");
+                writer.set_link(Link::Down(Arc::from(reason.as_str())));
+                bump(&inner.counters.frames_dropped, writer.drop_queued());
+                if writer.is_closed() || writer.is_idle() {
+                    break;
+                }
+                let delay = inner.jittered(backoff);
+                backoff = (backoff * 2).min(inner.config.backoff_max);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = closed.wait_for(|c| *c) => break,
+                }
+            }
+        }
+    }
+    writer.retire();
+    bump(&inner.counters.frames_dropped, writer.drop_queued());
+}
+
+/// How a writer's loop over one connection ended.
+enum End {
+    /// The queue ended (the transport is closing) and everything in it was sent; the peer has
+    /// read it all (or the close timeout passed).
+    Drained,
+    /// The connection went away.
+    Lost(String),
+}
+
+/// Sends the queue's frames on `conn`, a stream per batch, until the queue ends or the
+/// connection goes away. When the queue ends, says goodbye (see [`say_goodbye`]).
+async fn write_loop(inner: &Inner, conn: &Connection, writer: &mut Writer) -> End {
+    let max_batch = inner.config.max_batch.get();
+    let mut batch: Vec<Bytes> = Vec::with_capacity(max_batch);
+    let lost = conn.closed();
+    tokio::pin!(lost);
+    loop {
+        let first = tokio::select! {
+            biased;
+            frame = writer.queue().recv() => match frame {
+                Some(frame) => frame,
+                None => {
+                    say_goodbye(inner, conn, lost, writer.addr()).await;
+                    return End::Drained;
+                }
+            },
+            error = &mut lost => return End::Lost(error.to_string()),
+        };
+        writer.fill_batch(first, &mut batch, max_batch, MAX_BATCH_BYTES);
+        let frames = batch.len() as u64;
+        let sent = write_stream(conn, &mut batch).await;
+        batch.clear();
+        match sent {
+            Ok(()) => {
+                bump(&inner.counters.frames_sent, frames);
+                bump(&inner.counters.streams_sent, 1);
+            }
+            Err(reason) => {
+                bump(&inner.counters.frames_dropped, frames);
+                return End::Lost(reason);
+            }
+        }
+    }
+}
+
+/// Sends `batch` on a new stream and finishes it.
+async fn write_stream(conn: &Connection, batch: &mut [Bytes]) -> Result<(), String> {
+    let mut stream = conn.open_uni().await.map_err(|e| e.to_string())?;
+    stream
+        .write_all_chunks(batch)
+        .await
+        .map_err(|e| e.to_string())?;
+    stream.finish().map_err(|e| e.to_string())
+}
+
+/// The graceful end of a connection whose writer has sent everything: an empty stream tells
+/// the peer that no stream follows; the peer reads every stream it has, hands their frames to
+/// `recv`, and then closes the connection, which this waits for (up to the close timeout).
+///
+/// Waiting for QUIC's acknowledgements would not be enough: a peer discards stream data it
+/// has acknowledged but not yet read once the connection is closed.
+async fn say_goodbye(
+    inner: &Inner,
+    conn: &Connection,
+    closed_by_peer: Pin<&mut impl Future<Output = quinn::ConnectionError>>,
+    peer: &Address,
+) {
+    let limit = inner.config.close_timeout;
+    let goodbye = async {
+        let mut stream = conn.open_uni().await.map_err(|e| e.to_string())?;
+        stream.finish().map_err(|e| e.to_string())?;
+        Ok::<_, String>(closed_by_peer.await)
+    };
+    match tokio::time::timeout(limit, goodbye).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(reason)) => tracing::debug!(%peer, %reason, "connection gone before goodbye"),
+        Err(_) => {
+            tracing::warn!(%peer, ?limit, "the peer did not finish reading before the close timeout")
         }
     }
 }
 
 async fn accept_loop(inner: Arc<Inner>) {
-    let mut closed = inner.closed.subscribe();
+    let mut closed = inner.outboxes.closed();
     loop {
         let incoming = tokio::select! {
             _ = closed.wait_for(|c| *c) => return,
             incoming = inner.endpoint.accept() => incoming,
         };
         let Some(incoming) = incoming else { return };
-        tokio::spawn(inbound(Arc::clone(&inner), incoming));
+        inner.io.spawn(inbound(Arc::clone(&inner), incoming));
     }
 }
 
-/// An incoming connection: handshake, hello, then its streams.
+/// An incoming connection: handshake, hello, a writer for replies, then its streams.
 async fn inbound(inner: Arc<Inner>, incoming: quinn::Incoming) {
     let remote = incoming.remote_address();
     let timeout = inner.config.connect_timeout;
     let conn = match tokio::time::timeout(timeout, async { incoming.accept()?.await }).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(error)) => {
-            bump(&inner.counters.handshake_failures);
+            bump(&inner.counters.handshake_failures, 1);
             tracing::warn!(%remote, %error, "handshake failed");
             return;
         }
         Err(_) => {
-            bump(&inner.counters.handshake_failures);
+            bump(&inner.counters.handshake_failures, 1);
             tracing::warn!(%remote, "handshake timed out");
             return;
         }
     };
-    bump(&inner.counters.accepted);
+    bump(&inner.counters.accepted, 1);
     let from = match tokio::time::timeout(timeout, read_hello(&conn)).await {
         Ok(Ok(from)) => from,
-        Ok(Err(why)) => return reject(&inner, &conn, code::BAD_HELLO, &why),
-        Err(_) => return reject(&inner, &conn, code::BAD_HELLO, "no hello in time"),
+        Ok(Err(why)) => return inner.reject(&conn, code::BAD_HELLO, &why),
+        Err(_) => return inner.reject(&conn, code::BAD_HELLO, "no hello in time"),
     };
-    {
-        let slot = inner.slot(&from);
-        let mut state = slot.state.lock().await;
-        let live = matches!(&*state, SlotState::Up(c) if c.close_reason().is_none());
-        if !live && !inner.is_closed() {
-            *state = SlotState::Up(conn.clone());
-        }
+    if let Some(writer) = inner.outboxes.register_inbound(&from) {
+        inner
+            .io
+            .spawn(inbound_writer(Arc::clone(&inner), conn.clone(), writer));
     }
     read_streams(inner, conn, from).await;
+}
+
+/// Sends replies over an accepted connection until it or the transport goes away.
+async fn inbound_writer(inner: Arc<Inner>, conn: Connection, mut writer: Writer) {
+    if let End::Lost(reason) = write_loop(&inner, &conn, &mut writer).await {
+        tracing::debug!(peer = %writer.addr(), %reason, "inbound connection lost");
+    }
+    writer.retire();
+    bump(&inner.counters.frames_dropped, writer.drop_queued());
 }
 
 async fn read_hello(conn: &Connection) -> Result<Address, String> {
@@ -622,108 +819,139 @@ async fn read_hello(conn: &Connection) -> Result<Address, String> {
     transport::decode_hello_body(HELLO_MAGIC, rest).map_err(|e| e.to_string())
 }
 
-fn reject(inner: &Inner, conn: &Connection, code: u32, why: &str) {
-    bump(&inner.counters.rejected_connections);
-    tracing::warn!(remote = %conn.remote_address(), why, "closing connection");
-    conn.close(VarInt::from_u32(code), why.as_bytes());
-}
-
-/// Accepts the peer's streams (one frame each) until the connection or the transport closes.
+/// Accepts the peer's streams and reads them, until the connection or the transport closes.
+/// The streams of a connection are read concurrently inside this one future (a stream usually
+/// arrives whole in one packet), at most [`QuicConfig::max_concurrent_streams`] at once.
+///
+/// An empty stream is the peer's goodbye (see [`say_goodbye`]): no stream follows it, so once
+/// every stream before it is read, this closes the connection.
 async fn read_streams(inner: Arc<Inner>, conn: Connection, from: Address) {
-    let mut closed = inner.closed.subscribe();
-    // quinn hands a stream's credit back once it is read to the end, so its stream limit does
-    // not bound frames read but not yet taken by `recv`; this does, per connection.
-    let in_flight = Arc::new(Semaphore::new(
-        inner.config.max_concurrent_streams.get() as usize
-    ));
+    let _listed = Listed::new(&inner, &conn, &from);
+    let mut closed = inner.outboxes.closed();
+    let max_readers = inner.config.max_concurrent_streams.get() as usize;
+    let mut readers = FuturesUnordered::new();
+    let mut goodbye = false;
     loop {
-        let permit = tokio::select! {
+        tokio::select! {
             _ = closed.wait_for(|c| *c) => return,
-            permit = Arc::clone(&in_flight).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-        };
-        let stream = tokio::select! {
-            _ = closed.wait_for(|c| *c) => return,
-            stream = conn.accept_uni() => stream,
-        };
-        match stream {
-            Ok(stream) => {
-                tokio::spawn(read_frame(
-                    Arc::clone(&inner),
-                    conn.clone(),
-                    stream,
-                    from.clone(),
-                    permit,
-                ));
-            }
-            Err(error) => {
-                tracing::debug!(peer = %from, %error, "connection ended");
-                let slot = inner.slot(&from);
-                let mut state = slot.state.lock().await;
-                if matches!(&*state, SlotState::Up(c) if c.stable_id() == conn.stable_id()) {
-                    *state = SlotState::Empty;
+            stream = conn.accept_uni(), if !goodbye && readers.len() < max_readers => match stream {
+                Ok(stream) => readers.push(read_stream(&inner, &conn, stream, &from)),
+                Err(error) => {
+                    tracing::debug!(peer = %from, %error, "connection ended");
+                    return;
                 }
-                return;
-            }
+            },
+            Some(read) = readers.next(), if !readers.is_empty() => match read {
+                Read::Frames => {}
+                Read::Goodbye => goodbye = true,
+                Read::Failed => return,
+            },
         }
-    }
-}
-
-async fn read_frame(
-    inner: Arc<Inner>,
-    conn: Connection,
-    mut stream: quinn::RecvStream,
-    from: Address,
-    // Held until the frame is handed over (or dropped): see `read_streams`.
-    _permit: OwnedSemaphorePermit,
-) {
-    let data = match stream.read_to_end(inner.max_frame_len).await {
-        Ok(data) => data,
-        Err(quinn::ReadToEndError::TooLong) => {
-            return reject(
-                &inner,
-                &conn,
-                code::BAD_FRAME,
-                "stream longer than the maximum frame",
-            );
-        }
-        Err(error) => {
-            tracing::debug!(peer = %from, %error, "stream ended early");
+        if goodbye && readers.is_empty() {
+            conn.close(VarInt::from_u32(code::CLOSING), b"goodbye");
             return;
         }
-    };
-    match wire::frame_len(&data, inner.max_frame_len) {
-        Ok(Some(total)) if total == data.len() => {}
-        Ok(_) => {
-            return reject(
-                &inner,
-                &conn,
-                code::BAD_FRAME,
-                "stream is not one whole frame",
-            );
+    }
+}
+
+/// Lists a connection in [`Inner::connections`] while its streams are read.
+struct Listed<'a> {
+    inner: &'a Inner,
+    id: usize,
+}
+
+impl<'a> Listed<'a> {
+    fn new(inner: &'a Inner, conn: &Connection, peer: &Address) -> Self {
+        let id = conn.stable_id();
+        lock(&inner.connections).insert(id, (peer.clone(), conn.clone()));
+        Listed { inner, id }
+    }
+}
+
+impl Drop for Listed<'_> {
+    fn drop(&mut self) {
+        lock(&self.inner.connections).remove(&self.id);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section is a single insert, remove or read: the data stays consistent.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// How reading one stream ended.
+enum Read {
+    /// It carried frames, all handed to `recv`.
+    Frames,
+    /// It was empty: the peer's goodbye.
+    Goodbye,
+    /// It was refused (the connection is being closed), the connection failed, or the
+    /// transport closed.
+    Failed,
+}
+
+/// Reads one stream, cutting it into frames and handing each to `recv` as it completes.
+async fn read_stream(
+    inner: &Inner,
+    conn: &Connection,
+    mut stream: quinn::RecvStream,
+    from: &Address,
+) -> Read {
+    let mut closed = inner.outboxes.closed();
+    let mut cutter = FrameCutter::new(inner.max_frame_len);
+    let mut frames = Vec::new();
+    let mut any = false;
+    loop {
+        let chunk = tokio::select! {
+            _ = closed.wait_for(|c| *c) => return Read::Failed,
+            chunk = stream.read_chunk(usize::MAX, true) => chunk,
+        };
+        let cut = match chunk {
+            Ok(Some(chunk)) => cutter.push(chunk.bytes, &mut frames),
+            Ok(None) if cutter.pending_len() > 0 => {
+                inner.reject(conn, code::BAD_FRAME, "stream ends mid-frame");
+                return Read::Failed;
+            }
+            Ok(None) if any => return Read::Frames,
+            Ok(None) => return Read::Goodbye,
+            Err(quinn::ReadError::Reset(_)) => {
+                // Nothing in this protocol resets a stream: its frames would be lost silently.
+                inner.reject(conn, code::BAD_FRAME, "stream reset by the peer");
+                return Read::Failed;
+            }
+            Err(error) => {
+                tracing::debug!(peer = %from, %error, "connection ended mid-stream");
+                return Read::Failed;
+            }
+        };
+        // Frames cut before a bad one are whole and valid: deliver them, then refuse.
+        any = true;
+        for frame in frames.drain(..) {
+            let incoming = Incoming {
+                from: from.clone(),
+                frame,
+            };
+            if !deliver(inner, incoming, &mut closed).await {
+                return Read::Failed;
+            }
         }
-        Err(error) => return reject(&inner, &conn, code::BAD_FRAME, &error.to_string()),
+        if let Err(error) = cut {
+            inner.reject(conn, code::BAD_FRAME, &error.to_string());
+            return Read::Failed;
+        }
     }
-    if data[wire::PREFIX_LEN..wire::PREFIX_LEN + 2] != wire::MAGIC {
-        return reject(
-            &inner,
-            &conn,
-            code::BAD_FRAME,
-            "frame without the Chorus magic",
-        );
-    }
-    let incoming = Incoming {
-        from,
-        frame: Bytes::from(data),
-    };
-    let mut closed = inner.closed.subscribe();
+}
+
+/// Hands a frame to `recv`, waiting while its queue is full; `false` once the transport closes.
+async fn deliver(inner: &Inner, incoming: Incoming, closed: &mut watch::Receiver<bool>) -> bool {
     tokio::select! {
-        sent = inner.incoming.send(incoming) => if sent.is_ok() {
-            bump(&inner.counters.frames_received);
-        },
-        _ = closed.wait_for(|c| *c) => {}
+        sent = inner.incoming.send(incoming) => {
+            if sent.is_ok() {
+                bump(&inner.counters.frames_received, 1);
+            }
+            sent.is_ok()
+        }
+        _ = closed.wait_for(|c| *c) => false,
     }
 }
 
@@ -822,5 +1050,158 @@ mod tests {
         a.close().await;
         b.close().await;
         s.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_frames_share_streams_and_all_arrive() {
+        let id = Identity::generate(&[]).unwrap();
+        let a = Arc::new(node(&id, &[]).await);
+        let b = node(&id, &[]).await;
+        let to = b.local_addr();
+        a.send(&to, frame("warm-up")).await.expect("send");
+        recv(&b).await;
+        let n = 2_000u64;
+        let mut sends = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let (a, to) = (Arc::clone(&a), to.clone());
+            sends.spawn(async move { a.send(&to, frame(&format!("frame {i}"))).await });
+        }
+        while let Some(result) = sends.join_next().await {
+            result.expect("task").expect("send");
+        }
+        let mut got = std::collections::HashSet::new();
+        for _ in 0..n {
+            got.insert(recv(&b).await.frame);
+        }
+        assert_eq!(got.len() as u64, n, "every frame arrives once");
+        let stats = a.stats();
+        assert_eq!(stats.frames_sent, n + 1);
+        assert!(
+            stats.streams_sent < stats.frames_sent,
+            "queued frames share streams: {stats:?}"
+        );
+        a.close().await;
+        b.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn loopback_packets_grow_to_large_mtus_without_loss() {
+        let id = Identity::generate(&[]).unwrap();
+        let a = node(&id, &[]).await;
+        let b = node(&id, &[]).await;
+        let big = {
+            let message = Message::Error {
+                reason: "x".repeat(64 * 1024),
+            };
+            wire::encode(Header::message(), &message, 1 << 20).expect("encodes")
+        };
+        for _ in 0..50 {
+            a.send(&b.local_addr(), big.clone()).await.expect("send");
+            let got = recv(&b).await;
+            b.send(&got.from, got.frame).await.expect("echo");
+            assert_eq!(recv(&a).await.frame, big);
+        }
+        let infos = a.connections();
+        assert_eq!(infos.len(), 1, "{infos:?}");
+        let info = &infos[0];
+        assert_eq!(info.peer, b.local_addr());
+        // Path MTU discovery found loopback's large MTU, and packets that size are not lost
+        // (UDP segmentation offload with 64 KiB packets would lose most of them).
+        assert!(info.mtu > 1452, "{info:?}");
+        assert!(info.lost_packets * 10 <= info.sent_packets, "{info:?}");
+        a.close().await;
+        b.close().await;
+    }
+
+    /// A raw quinn connection to `to` with a trusted identity, after sending `hello`.
+    async fn raw_client(identity: &Identity, to: &Address, hello: &[u8]) -> (Endpoint, Connection) {
+        let mut trusted = TrustedPeers::new();
+        trusted.add(identity.certificate());
+        let (_, client) =
+            endpoint_configs(&QuicConfig::local(), identity, trusted).expect("configs");
+        let mut endpoint = Endpoint::client("127.0.0.1:0".parse().unwrap()).expect("endpoint");
+        endpoint.set_default_client_config(client);
+        let conn = endpoint
+            .connect(to.as_str().parse().unwrap(), tls::SERVER_NAME)
+            .expect("connect")
+            .await
+            .expect("handshake");
+        let mut stream = conn.open_uni().await.expect("stream");
+        stream.write_all(hello).await.expect("hello");
+        stream.finish().expect("finish");
+        (endpoint, conn)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_trusted_peer_sending_bad_streams_is_disconnected_and_others_are_served() {
+        let id = Identity::generate(&[]).unwrap();
+        let a = node(&id, &[]).await;
+        let b = node(&id, &[]).await;
+        let to = a.local_addr();
+        let hello = transport::encode_hello(HELLO_MAGIC, &Address::new("127.0.0.1:9")).unwrap();
+        let good = frame("before the garbage");
+        let mut bad_magic = frame("bad magic").to_vec();
+        bad_magic[wire::PREFIX_LEN] ^= 0xFF;
+        let oversized = u32::MAX.to_be_bytes().to_vec();
+        let cut_short = frame("cut short")[..10].to_vec();
+        let cases: [(&str, Vec<u8>, bool, u32); 5] = [
+            (
+                "a frame with a bad magic",
+                [good.to_vec(), bad_magic].concat(),
+                false,
+                code::BAD_FRAME,
+            ),
+            (
+                "an oversized length prefix",
+                oversized,
+                false,
+                code::BAD_FRAME,
+            ),
+            (
+                "a stream that ends mid-frame",
+                cut_short,
+                false,
+                code::BAD_FRAME,
+            ),
+            ("a reset stream", good[..10].to_vec(), true, code::BAD_FRAME),
+            ("a bad hello", Vec::new(), false, code::BAD_HELLO),
+        ];
+        for (what, bytes, reset, expected) in cases {
+            let hello = if expected == code::BAD_HELLO {
+                &b"nonsense"[..]
+            } else {
+                &hello[..]
+            };
+            let (endpoint, conn) = raw_client(&id, &to, hello).await;
+            if expected != code::BAD_HELLO {
+                let mut stream = conn.open_uni().await.expect("stream");
+                stream.write_all(&bytes).await.expect("write");
+                if reset {
+                    // Give the bytes a moment to go out before the reset overtakes them.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    stream.reset(VarInt::from_u32(7)).expect("reset");
+                } else {
+                    stream.finish().expect("finish");
+                }
+            }
+            let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+                .await
+                .unwrap_or_else(|_| panic!("a connection sending {what} stayed open"));
+            match closed {
+                quinn::ConnectionError::ApplicationClosed(close) => {
+                    assert_eq!(close.error_code, VarInt::from_u32(expected), "{what}");
+                }
+                other => panic!("{what}: closed with {other:?}"),
+            }
+            endpoint.wait_idle().await;
+        }
+        // The valid frame ahead of the bad magic was delivered; nothing else was.
+        assert_eq!(recv(&a).await.frame, good);
+        assert_eq!(a.stats().rejected_connections, 5, "{:?}", a.stats());
+        // a still serves a well-behaved peer.
+        b.send(&to, frame("still there?")).await.expect("send");
+        assert_eq!(recv(&a).await.frame, frame("still there?"));
+        a.close().await;
+        b.close().await;
     }
 }
