@@ -29,6 +29,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use tokio::sync::{mpsc, watch};
 
 use super::{Address, TransportError};
@@ -406,6 +408,43 @@ impl Drop for Writer {
     }
 }
 
+/// Redial delays with jitter: each delay `d` becomes a draw from `[d/2, d]`, so peers that
+/// lost a node at the same moment do not redial it in step.
+pub struct Jitter(Mutex<ChaCha8Rng>);
+
+impl fmt::Debug for Jitter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Jitter").finish_non_exhaustive()
+    }
+}
+
+impl Jitter {
+    /// Draws from `seed` (for tests that replay), or when it is `None` from the clock mixed
+    /// with `salt` (say, the local port, so transports started together differ).
+    pub fn new(seed: Option<u64>, salt: u64) -> Self {
+        let seed = seed.unwrap_or_else(|| {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            nanos ^ salt.rotate_left(48)
+        });
+        Jitter(Mutex::new(ChaCha8Rng::seed_from_u64(seed)))
+    }
+
+    /// `delay` with jitter: uniformly in `[delay/2, delay]`.
+    pub fn jittered(&self, delay: Duration) -> Duration {
+        let half = delay / 2;
+        let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
+        let extra = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .random_range(0..=nanos);
+        half + Duration::from_nanos(extra)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,6 +574,20 @@ mod tests {
         assert!(!outboxes.wait_writers(Duration::from_millis(10)).await);
         drop(second);
         assert!(outboxes.wait_writers(Duration::from_millis(10)).await);
+    }
+
+    #[test]
+    fn jitter_stays_in_range_and_replays_from_a_seed() {
+        let (a, b) = (Jitter::new(Some(7), 0), Jitter::new(Some(7), 0));
+        let delay = Duration::from_millis(100);
+        let draws: Vec<Duration> = (0..100).map(|_| a.jittered(delay)).collect();
+        assert!(
+            draws.iter().all(|d| *d >= delay / 2 && *d <= delay),
+            "{draws:?}"
+        );
+        assert!(draws.iter().any(|d| *d != draws[0]), "the draws vary");
+        let replay: Vec<Duration> = (0..100).map(|_| b.jittered(delay)).collect();
+        assert_eq!(draws, replay);
     }
 
     #[tokio::test]

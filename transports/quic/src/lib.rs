@@ -87,14 +87,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chorus_core::registry::{Registry, TransportSpec};
-use chorus_core::transport::outbox::{Link, OutboxConfig, Outboxes, Writer};
+use chorus_core::transport::outbox::{Jitter, Link, OutboxConfig, Outboxes, Writer};
 use chorus_core::transport::{self, Address, Incoming, SharedTransport, Transport, TransportError};
 use chorus_core::wire::{self, FrameCutter};
 use futures::stream::{FuturesUnordered, StreamExt};
 use io_task::IoTask;
 use quinn::{Connection, Endpoint, VarInt};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use tokio::sync::{mpsc, watch};
 
 pub use config::{MAX_UDP_PAYLOAD, MIN_UDP_PAYLOAD, QuicConfig};
@@ -217,7 +215,7 @@ struct Inner {
     /// Live connections by quinn's stable id, for [`QuicTransport::connections`].
     connections: Mutex<HashMap<usize, (Address, Connection)>>,
     incoming: mpsc::Sender<Incoming>,
-    rng: Mutex<ChaCha8Rng>,
+    jitter: Jitter,
     hello: Bytes,
     counters: Counters,
 }
@@ -225,17 +223,6 @@ struct Inner {
 impl Inner {
     fn is_closed(&self) -> bool {
         self.outboxes.is_closed()
-    }
-
-    fn jittered(&self, delay: Duration) -> Duration {
-        let half = delay / 2;
-        let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
-        let extra = self
-            .rng
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .random_range(0..=nanos);
-        half + Duration::from_nanos(extra)
     }
 
     /// Handshake and hello, within the connect timeout.
@@ -405,13 +392,6 @@ impl QuicTransport {
             .clone()
             .unwrap_or_else(|| Address::new(bound.to_string()));
         let hello = transport::encode_hello(HELLO_MAGIC, &local)?;
-        let seed = config.jitter_seed.unwrap_or_else(|| {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0);
-            nanos ^ u64::from(bound.port()).rotate_left(48)
-        });
         let outboxes = Outboxes::new(OutboxConfig {
             queue_capacity: config.queue_capacity,
             queue_wait: config.queue_wait,
@@ -422,13 +402,13 @@ impl QuicTransport {
         let inner = Arc::new(Inner {
             local,
             max_frame_len: config.effective_max_frame_len(),
+            jitter: Jitter::new(config.jitter_seed, u64::from(bound.port())),
             config,
             io,
             endpoint,
             outboxes,
             connections: Mutex::new(HashMap::new()),
             incoming,
-            rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
             hello,
             counters: Counters::default(),
         });
@@ -659,7 +639,7 @@ async fn outbound(inner: Arc<Inner>, mut writer: Writer) {
                 if writer.is_closed() || writer.is_idle() {
                     break;
                 }
-                let delay = inner.jittered(backoff);
+                let delay = inner.jitter.jittered(backoff);
                 backoff = (backoff * 2).min(inner.config.backoff_max);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}

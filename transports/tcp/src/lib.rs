@@ -21,7 +21,8 @@
 //!
 //! # Backpressure
 //!
-//! A peer's queue holds at most [`TcpConfig::queue_capacity`] frames. `send` finding it full
+//! The per-peer queues, their link state and the rules below are shared with the QUIC
+//! transport ([`chorus_core::transport::outbox`]). A peer's queue holds at most [`TcpConfig::queue_capacity`] frames. `send` finding it full
 //! waits up to [`TcpConfig::queue_wait`] for room and then fails with
 //! [`TransportError::QueueFull`]: a slow or stuck peer costs bounded memory and the caller
 //! learns to slow down. On the reading side, received frames wait in a queue of
@@ -55,20 +56,18 @@
 
 mod config;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use chorus_core::registry::{Registry, TransportSpec};
+use chorus_core::transport::outbox::{Jitter, Link, OutboxConfig, Outboxes, Writer};
 use chorus_core::transport::{self, Address, Incoming, SharedTransport, Transport, TransportError};
 use chorus_core::wire;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -149,28 +148,6 @@ fn bump(counter: &AtomicU64, by: u64) {
     counter.fetch_add(by, Ordering::Relaxed);
 }
 
-/// Whether a peer's writer can take frames.
-#[derive(Clone, Debug)]
-enum Link {
-    /// Dialling (first time or again).
-    Connecting,
-    /// Connected.
-    Up,
-    /// The last dial failed; a redial is scheduled.
-    Down(Arc<str>),
-}
-
-/// A peer in the connection map.
-#[derive(Debug)]
-struct Peer {
-    /// Which registration this is, so a finished writer never removes its successor.
-    id: u64,
-    tx: mpsc::Sender<Bytes>,
-    link: watch::Receiver<Link>,
-    /// Milliseconds since the transport started at the last `send` to this peer.
-    last_send: Arc<AtomicU64>,
-}
-
 /// Traffic on one connection, shared by its reader and writer.
 #[derive(Debug)]
 struct Activity {
@@ -194,59 +171,24 @@ struct Inner {
     config: TcpConfig,
     max_frame_len: usize,
     started: Instant,
-    peers: Mutex<HashMap<Address, Peer>>,
-    next_peer_id: AtomicU64,
+    outboxes: Arc<Outboxes>,
     incoming: mpsc::Sender<Incoming>,
-    closed: watch::Sender<bool>,
-    /// Number of running writer tasks; `close` waits for zero.
-    writers: watch::Sender<usize>,
-    rng: Mutex<ChaCha8Rng>,
+    jitter: Jitter,
     hello: Bytes,
     counters: Counters,
 }
 
 impl Inner {
-    fn peers(&self) -> MutexGuard<'_, HashMap<Address, Peer>> {
-        // Every update of the map is a single insert or remove: it stays consistent.
-        self.peers.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     fn now_ms(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     fn is_closed(&self) -> bool {
-        *self.closed.borrow()
+        self.outboxes.is_closed()
     }
 
     fn idle_for(&self, last: &AtomicU64) -> Duration {
         Duration::from_millis(self.now_ms().saturating_sub(last.load(Ordering::Relaxed)))
-    }
-
-    /// Signals every task to stop and drops every queue sender, so writers drain and exit.
-    fn shut(&self) -> bool {
-        let was = self.closed.send_replace(true);
-        let peers = std::mem::take(&mut *self.peers());
-        drop(peers);
-        was
-    }
-
-    fn remove_peer(&self, addr: &Address, id: u64) {
-        let mut peers = self.peers();
-        if peers.get(addr).is_some_and(|p| p.id == id) {
-            peers.remove(addr);
-        }
-    }
-
-    fn jittered(&self, delay: Duration) -> Duration {
-        let half = delay / 2;
-        let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
-        let extra = self
-            .rng
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .random_range(0..=nanos);
-        half + Duration::from_nanos(extra)
     }
 
     fn configure(&self, stream: &TcpStream) {
@@ -281,58 +223,6 @@ impl Inner {
             Ok(result) => result,
             Err(_) => Err(format!("no connection within {timeout:?}")),
         }
-    }
-
-    /// The peer's entry, creating it (and its writer, which dials) if there is none or the
-    /// previous writer has finished.
-    fn peer(self: &Arc<Self>, to: &Address) -> (mpsc::Sender<Bytes>, watch::Receiver<Link>) {
-        let mut peers = self.peers();
-        if let Some(peer) = peers.get(to).filter(|p| !p.tx.is_closed()) {
-            peer.last_send.store(self.now_ms(), Ordering::Relaxed);
-            return (peer.tx.clone(), peer.link.clone());
-        }
-        let id = self.next_peer_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(self.config.queue_capacity.get());
-        let (link_tx, link_rx) = watch::channel(Link::Connecting);
-        let last_send = Arc::new(AtomicU64::new(self.now_ms()));
-        peers.insert(
-            to.clone(),
-            Peer {
-                id,
-                tx: tx.clone(),
-                link: link_rx.clone(),
-                last_send: Arc::clone(&last_send),
-            },
-        );
-        drop(peers);
-        let guard = WriterGuard::new(self, to.clone(), id);
-        tokio::spawn(outbound(guard, rx, link_tx, last_send));
-        (tx, link_rx)
-    }
-}
-
-/// Counts a running writer and removes its peer entry when it ends.
-struct WriterGuard {
-    inner: Arc<Inner>,
-    addr: Address,
-    id: u64,
-}
-
-impl WriterGuard {
-    fn new(inner: &Arc<Inner>, addr: Address, id: u64) -> Self {
-        inner.writers.send_modify(|n| *n += 1);
-        WriterGuard {
-            inner: Arc::clone(inner),
-            addr,
-            id,
-        }
-    }
-}
-
-impl Drop for WriterGuard {
-    fn drop(&mut self) {
-        self.inner.remove_peer(&self.addr, self.id);
-        self.inner.writers.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
@@ -371,25 +261,21 @@ impl TcpTransport {
             .clone()
             .unwrap_or_else(|| Address::new(bound.to_string()));
         let hello = transport::encode_hello(HELLO_MAGIC, &local)?;
-        let seed = config.jitter_seed.unwrap_or_else(|| {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0);
-            nanos ^ u64::from(bound.port()).rotate_left(48)
+        let outboxes = Outboxes::new(OutboxConfig {
+            queue_capacity: config.queue_capacity,
+            queue_wait: config.queue_wait,
+            connect_timeout: config.connect_timeout,
+            idle_timeout: config.idle_timeout,
         });
         let (incoming, rx) = mpsc::channel(config.recv_capacity.get());
         let inner = Arc::new(Inner {
             local,
             max_frame_len: config.effective_max_frame_len(),
+            jitter: Jitter::new(config.jitter_seed, u64::from(bound.port())),
             config,
             started: Instant::now(),
-            peers: Mutex::new(HashMap::new()),
-            next_peer_id: AtomicU64::new(0),
+            outboxes,
             incoming,
-            closed: watch::channel(false).0,
-            writers: watch::channel(0).0,
-            rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
             hello,
             counters: Counters::default(),
         });
@@ -425,67 +311,13 @@ impl TcpTransport {
 
     /// Peers with a connection (or a writer dialling one) right now.
     pub fn connected_peers(&self) -> Vec<Address> {
-        let mut peers: Vec<Address> = self.inner.peers().keys().cloned().collect();
-        peers.sort();
-        peers
+        self.inner.outboxes.addresses()
     }
-
-    /// One attempt of `send` after the checks: wait for the link, then queue.
-    async fn try_send(&self, to: &Address, frame: Bytes) -> Result<(), Retry> {
-        let inner = &self.inner;
-        let (tx, mut link) = inner.peer(to);
-        let timeout = inner.config.connect_timeout;
-        let state =
-            match tokio::time::timeout(timeout, link.wait_for(|l| !matches!(l, Link::Connecting)))
-                .await
-            {
-                Err(_) => {
-                    return Err(Retry::Fail(TransportError::Timeout {
-                        addr: to.clone(),
-                        after: timeout,
-                    }));
-                }
-                // The writer ended while dialling: the transport is closing, or it retired.
-                Ok(Err(_)) => None,
-                Ok(Ok(state)) => Some(state.clone()),
-            };
-        match state {
-            Some(Link::Up) => {}
-            Some(Link::Down(reason)) => {
-                return Err(Retry::Fail(TransportError::Unreachable {
-                    addr: to.clone(),
-                    reason: reason.to_string(),
-                }));
-            }
-            Some(Link::Connecting) | None if inner.is_closed() => {
-                return Err(Retry::Fail(TransportError::Closed));
-            }
-            Some(Link::Connecting) | None => return Err(Retry::Again(frame)),
-        }
-        let frame = match tx.try_send(frame) {
-            Ok(()) => return Ok(()),
-            Err(mpsc::error::TrySendError::Full(frame)) => frame,
-            Err(mpsc::error::TrySendError::Closed(frame)) => return Err(Retry::Again(frame)),
-        };
-        match tokio::time::timeout(inner.config.queue_wait, tx.send(frame)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(mpsc::error::SendError(frame))) => Err(Retry::Again(frame)),
-            Err(_) => Err(Retry::Fail(TransportError::QueueFull { addr: to.clone() })),
-        }
-    }
-}
-
-/// Why one attempt of `send` did not queue the frame.
-enum Retry {
-    /// The peer's writer retired; a new one may take the frame.
-    Again(Bytes),
-    /// A final error.
-    Fail(TransportError),
 }
 
 impl Drop for TcpTransport {
     fn drop(&mut self) {
-        self.inner.shut();
+        self.inner.outboxes.shut();
     }
 }
 
@@ -511,27 +343,16 @@ impl Transport for TcpTransport {
         }
         // A frame whose prefix disagrees with its length would desynchronise the stream.
         wire::split(&frame, inner.max_frame_len).map_err(TransportError::InvalidFrame)?;
-        // A writer may retire (idle, or the peer closed the connection) between looking it up
-        // and queueing; the second attempt then starts a fresh one.
-        let mut frame = frame;
-        for attempt in 0..2 {
-            match self.try_send(to, frame).await {
-                Err(Retry::Again(back)) if attempt == 0 => frame = back,
-                Err(Retry::Again(_)) => {
-                    return Err(TransportError::Unreachable {
-                        addr: to.clone(),
-                        reason: "the connection closed".to_owned(),
-                    });
-                }
-                Err(Retry::Fail(error)) => return Err(error),
-                Ok(()) => return Ok(()),
-            }
-        }
-        Err(TransportError::Closed)
+        inner
+            .outboxes
+            .send(to, frame, |writer| {
+                tokio::spawn(outbound(Arc::clone(inner), writer));
+            })
+            .await
     }
 
     async fn recv(&self) -> Result<Incoming, TransportError> {
-        let mut closed = self.inner.closed.subscribe();
+        let mut closed = self.inner.outboxes.closed();
         if *closed.borrow_and_update() {
             return Err(TransportError::Closed);
         }
@@ -547,7 +368,7 @@ impl Transport for TcpTransport {
     }
 
     async fn close(&self) {
-        self.inner.shut();
+        self.inner.outboxes.shut();
         let accept = self
             .accept
             .lock()
@@ -557,19 +378,15 @@ impl Transport for TcpTransport {
             // The loop ends as soon as it sees `closed`; awaiting it releases the port.
             let _ = accept.await;
         }
-        let mut writers = self.inner.writers.subscribe();
         let limit = self.inner.config.close_timeout;
-        if tokio::time::timeout(limit, writers.wait_for(|n| *n == 0))
-            .await
-            .is_err()
-        {
+        if !self.inner.outboxes.wait_writers(limit).await {
             tracing::warn!(local = %self.inner.local, ?limit, "close gave up waiting for writers");
         }
     }
 }
 
 async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
-    let mut closed = inner.closed.subscribe();
+    let mut closed = inner.outboxes.closed();
     loop {
         let accepted = tokio::select! {
             _ = closed.wait_for(|c| *c) => return,
@@ -628,33 +445,16 @@ async fn inbound(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr) {
         }
     };
     let activity = Activity::new(inner.now_ms());
-    let registered = {
-        let mut peers = inner.peers();
-        let live = peers.get(&from).is_some_and(|p| !p.tx.is_closed());
-        if live || inner.is_closed() {
-            None
-        } else {
-            let id = inner.next_peer_id.fetch_add(1, Ordering::Relaxed);
-            let (tx, rx) = mpsc::channel(inner.config.queue_capacity.get());
-            let (_link_tx, link) = watch::channel(Link::Up);
-            peers.insert(
-                from.clone(),
-                Peer {
-                    id,
-                    tx,
-                    link,
-                    last_send: Arc::new(AtomicU64::new(inner.now_ms())),
-                },
-            );
-            Some((id, rx))
-        }
-    };
     // Keep the write half open even when it is not used for replies: dropping it would shut
     // the peer's reading direction.
-    let _unused_write_half = match registered {
-        Some((id, rx)) => {
-            let guard = WriterGuard::new(&inner, from.clone(), id);
-            tokio::spawn(inbound_writer(guard, rx, w, Arc::clone(&activity)));
+    let _unused_write_half = match inner.outboxes.register_inbound(&from) {
+        Some(writer) => {
+            tokio::spawn(inbound_writer(
+                Arc::clone(&inner),
+                writer,
+                w,
+                Arc::clone(&activity),
+            ));
             None
         }
         None => Some(w),
@@ -663,37 +463,31 @@ async fn inbound(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr) {
 }
 
 async fn inbound_writer(
-    guard: WriterGuard,
-    mut rx: mpsc::Receiver<Bytes>,
+    inner: Arc<Inner>,
+    mut writer: Writer,
     mut w: OwnedWriteHalf,
     activity: Arc<Activity>,
 ) {
-    let inner = Arc::clone(&guard.inner);
-    let end = write_loop(&inner, &mut w, &mut rx, &activity).await;
+    let end = write_loop(&inner, &mut w, &mut writer, &activity).await;
     if let End::Broken(error) = &end {
-        tracing::debug!(peer = %guard.addr, %error, "inbound connection broke");
+        tracing::debug!(peer = %writer.addr(), %error, "inbound connection broke");
     }
-    drop_queued(&inner, &mut rx);
+    writer.retire();
+    drop_queued(&inner, &mut writer);
 }
 
 /// The writer of a dialled connection: dial (with backoff), write, redial when it breaks.
-async fn outbound(
-    guard: WriterGuard,
-    mut rx: mpsc::Receiver<Bytes>,
-    link: watch::Sender<Link>,
-    last_send: Arc<AtomicU64>,
-) {
-    let inner = Arc::clone(&guard.inner);
-    let addr = guard.addr.clone();
-    let mut closed = inner.closed.subscribe();
+async fn outbound(inner: Arc<Inner>, mut writer: Writer) {
+    let addr = writer.addr().clone();
+    let mut closed = inner.outboxes.closed();
     let mut backoff = inner.config.backoff_min;
     loop {
-        link.send_replace(Link::Connecting);
+        writer.set_link(Link::Connecting);
         match inner.dial(&addr).await {
             Ok(stream) => {
                 bump(&inner.counters.dialed, 1);
                 backoff = inner.config.backoff_min;
-                link.send_replace(Link::Up);
+                writer.set_link(Link::Up);
                 let (r, mut w) = stream.into_split();
                 let activity = Activity::new(inner.now_ms());
                 let reader = tokio::spawn({
@@ -701,15 +495,14 @@ async fn outbound(
                         (Arc::clone(&inner), addr.clone(), Arc::clone(&activity));
                     async move { read_loop(&inner, r, &addr, &activity).await }
                 });
-                let end = write_loop(&inner, &mut w, &mut rx, &activity).await;
+                let end = write_loop(&inner, &mut w, &mut writer, &activity).await;
                 reader.abort();
                 match end {
                     End::Drained => break,
                     End::Idle | End::PeerClosed => {
                         // Retire this writer: new sends start a fresh one. Frames that raced
                         // in before the queue closed are still delivered, over a new dial.
-                        rx.close();
-                        if rx.is_empty() {
+                        if writer.retire() {
                             break;
                         }
                     }
@@ -721,15 +514,12 @@ async fn outbound(
             Err(reason) => {
                 bump(&inner.counters.dial_failures, 1);
                 tracing::debug!(peer = %addr, %reason, "dial failed");
-                link.send_replace(Link::Down(Arc::from(reason.as_str())));
-                drop_queued(&inner, &mut rx);
-                if inner.is_closed()
-                    || rx.is_closed()
-                    || inner.idle_for(&last_send) >= inner.config.idle_timeout
-                {
+                writer.set_link(Link::Down(Arc::from(reason.as_str())));
+                drop_queued(&inner, &mut writer);
+                if writer.is_closed() || writer.is_idle() {
                     break;
                 }
-                let delay = inner.jittered(backoff);
+                let delay = inner.jitter.jittered(backoff);
                 backoff = (backoff * 2).min(inner.config.backoff_max);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -739,18 +529,15 @@ async fn outbound(
         }
     }
     // Refuse further frames before the entry goes, then count what is left.
-    rx.close();
-    drop_queued(&inner, &mut rx);
+    writer.retire();
+    drop_queued(&inner, &mut writer);
 }
 
-fn drop_queued(inner: &Inner, rx: &mut mpsc::Receiver<Bytes>) {
-    let mut dropped = 0;
-    while rx.try_recv().is_ok() {
-        dropped += 1;
-    }
+fn drop_queued(inner: &Inner, writer: &mut Writer) {
+    let dropped = writer.drop_queued();
     if dropped > 0 {
         bump(&inner.counters.frames_dropped, dropped);
-        tracing::debug!(dropped, "dropped queued frames");
+        tracing::debug!(peer = %writer.addr(), dropped, "dropped queued frames");
     }
 }
 
@@ -769,7 +556,7 @@ enum End {
 async fn write_loop(
     inner: &Inner,
     w: &mut OwnedWriteHalf,
-    rx: &mut mpsc::Receiver<Bytes>,
+    writer: &mut Writer,
     activity: &Activity,
 ) -> End {
     let max_batch = inner.config.effective_max_batch();
@@ -781,7 +568,7 @@ async fn write_loop(
             .saturating_sub(inner.idle_for(&activity.last));
         let first = tokio::select! {
             biased;
-            frame = rx.recv() => match frame {
+            frame = writer.queue().recv() => match frame {
                 Some(frame) => frame,
                 None => {
                     let _ = w.shutdown().await;
@@ -798,17 +585,7 @@ async fn write_loop(
                 continue;
             }
         };
-        let mut bytes = first.len();
-        batch.push(first);
-        while batch.len() < max_batch && bytes < MAX_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(frame) => {
-                    bytes += frame.len();
-                    batch.push(frame);
-                }
-                Err(_) => break,
-            }
-        }
+        writer.fill_batch(first, &mut batch, max_batch, MAX_BATCH_BYTES);
         let n = batch.len() as u64;
         let result = write_frames(w, &batch).await;
         batch.clear();
@@ -841,7 +618,7 @@ async fn write_frames(w: &mut OwnedWriteHalf, frames: &[Bytes]) -> io::Result<()
 /// every case but the transport closing, the writer is told to stop using the connection, so
 /// a connection refused here is closed in both directions.
 async fn read_loop(inner: &Inner, r: OwnedReadHalf, from: &Address, activity: &Activity) {
-    let mut closed = inner.closed.subscribe();
+    let mut closed = inner.outboxes.closed();
     read_frames(inner, r, from, activity, &mut closed).await;
     if !*closed.borrow() {
         activity.reader_done.notify_one();
