@@ -275,14 +275,18 @@ pub fn frame_len(buf: &[u8], max_frame_len: usize) -> Result<Option<usize>, Wire
     Ok(Some(total))
 }
 
+/// Frames up to this long get their whole buffer when their first bytes arrive.
+const PREALLOCATE_UP_TO: usize = 1024 * 1024;
+
 /// Cuts whole frames out of a byte stream that arrives in chunks of any size, such as the
 /// chunks a QUIC stream read yields.
 ///
 /// Every length prefix goes through [`frame_len`], so a claim over the maximum is refused
 /// before anything is buffered, and a frame's magic is checked as soon as its first
 /// [`PREFIX_LEN`] + 2 bytes are in. A frame that lies within one chunk is handed out as a slice
-/// of that chunk, without copying; only a frame split across chunks is copied together, and
-/// its buffer grows with the bytes that arrive, not with what the prefix claims.
+/// of that chunk, without copying; only a frame split across chunks is copied together, into
+/// a buffer of the frame's size when that is at most 1 MiB, or else one that grows with the
+/// bytes that arrive, not with what the prefix claims.
 #[derive(Debug)]
 pub struct FrameCutter {
     max_frame_len: usize,
@@ -313,6 +317,9 @@ impl FrameCutter {
                     None => PREFIX_LEN,
                     Some(total) => total,
                 };
+                if self.pending.capacity() < want && want <= PREALLOCATE_UP_TO {
+                    self.pending.reserve(want - have);
+                }
                 let take = (want - have).min(chunk.len());
                 self.pending.extend_from_slice(&chunk.split_to(take));
                 if self.pending.len() < want {
@@ -330,7 +337,17 @@ impl FrameCutter {
         loop {
             match self.check(&chunk)? {
                 Some(total) if chunk.len() >= total => frames.push(chunk.split_to(total)),
-                _ => {
+                claimed => {
+                    // Room for the whole frame at once when it is of a common size (copying a
+                    // 64 KiB frame into a buffer that doubles would allocate 128 KiB); a larger
+                    // claim gets room as its bytes arrive.
+                    let room = match claimed {
+                        Some(total) if total <= PREALLOCATE_UP_TO => total,
+                        _ => chunk.len(),
+                    };
+                    if self.pending.capacity() < room {
+                        self.pending = BytesMut::with_capacity(room);
+                    }
                     self.pending.extend_from_slice(&chunk);
                     return Ok(());
                 }
