@@ -275,8 +275,12 @@ pub fn frame_len(buf: &[u8], max_frame_len: usize) -> Result<Option<usize>, Wire
     Ok(Some(total))
 }
 
-/// Frames up to this long get their whole buffer when their first bytes arrive.
+/// Frames up to this long get their whole buffer at once, provided at least half of the
+/// frame has arrived (or the frame is small); see [`FrameCutter`].
 const PREALLOCATE_UP_TO: usize = 1024 * 1024;
+
+/// Frames this short get their whole buffer at once whatever has arrived.
+const SMALL_FRAME: usize = 16 * 1024;
 
 /// Cuts whole frames out of a byte stream that arrives in chunks of any size, such as the
 /// chunks a QUIC stream read yields.
@@ -284,9 +288,12 @@ const PREALLOCATE_UP_TO: usize = 1024 * 1024;
 /// Every length prefix goes through [`frame_len`], so a claim over the maximum is refused
 /// before anything is buffered, and a frame's magic is checked as soon as its first
 /// [`PREFIX_LEN`] + 2 bytes are in. A frame that lies within one chunk is handed out as a slice
-/// of that chunk, without copying; only a frame split across chunks is copied together, into
-/// a buffer of the frame's size when that is at most 1 MiB, or else one that grows with the
-/// bytes that arrive, not with what the prefix claims.
+/// of that chunk, without copying; only a frame split across chunks is copied together. Its
+/// buffer is sized from the bytes that arrived, not from what the prefix claims: the whole
+/// frame at once when at least half of it is in (or it is at most 16 KiB, and at most 1 MiB in
+/// either case), so that a 64 KiB frame split over two packets does not land in a buffer that
+/// doubled to 128 KiB; otherwise a buffer that grows with the bytes. A peer therefore makes the
+/// cutter hold at most about twice what it actually sent, plus 16 KiB.
 #[derive(Debug)]
 pub struct FrameCutter {
     max_frame_len: usize,
@@ -317,12 +324,14 @@ impl FrameCutter {
                     None => PREFIX_LEN,
                     Some(total) => total,
                 };
-                if self.pending.capacity() < want && want <= PREALLOCATE_UP_TO {
-                    self.pending.reserve(want - have);
-                }
                 let take = (want - have).min(chunk.len());
+                if want > PREFIX_LEN {
+                    self.make_room(want, have + take);
+                }
                 self.pending.extend_from_slice(&chunk.split_to(take));
                 if self.pending.len() < want {
+                    // Check what just arrived (the magic, say) rather than at the next chunk.
+                    self.check(&self.pending)?;
                     return Ok(());
                 }
                 if want == PREFIX_LEN {
@@ -338,20 +347,24 @@ impl FrameCutter {
             match self.check(&chunk)? {
                 Some(total) if chunk.len() >= total => frames.push(chunk.split_to(total)),
                 claimed => {
-                    // Room for the whole frame at once when it is of a common size (copying a
-                    // 64 KiB frame into a buffer that doubles would allocate 128 KiB); a larger
-                    // claim gets room as its bytes arrive.
-                    let room = match claimed {
-                        Some(total) if total <= PREALLOCATE_UP_TO => total,
-                        _ => chunk.len(),
-                    };
-                    if self.pending.capacity() < room {
-                        self.pending = BytesMut::with_capacity(room);
+                    if let Some(total) = claimed {
+                        self.make_room(total, chunk.len());
                     }
                     self.pending.extend_from_slice(&chunk);
                     return Ok(());
                 }
             }
+        }
+    }
+
+    /// Gives the pending frame (of `total` bytes, `arrived` of which will be in after this
+    /// chunk) its whole buffer when the rules in the type's documentation allow.
+    fn make_room(&mut self, total: usize, arrived: usize) {
+        let whole = total <= SMALL_FRAME || (total <= PREALLOCATE_UP_TO && arrived * 2 >= total);
+        if whole && self.pending.capacity() < total {
+            let mut room = BytesMut::with_capacity(total);
+            room.extend_from_slice(&self.pending);
+            self.pending = room;
         }
     }
 
@@ -778,6 +791,10 @@ mod tests {
 
     /// Frames of the given payload lengths, each a one-way message of seeded bytes.
     fn raw_frames(lens: &[usize]) -> Vec<Bytes> {
+        raw_frames_up_to(lens, MAX)
+    }
+
+    fn raw_frames_up_to(lens: &[usize], max: usize) -> Vec<Bytes> {
         lens.iter()
             .enumerate()
             .map(|(i, &len)| {
@@ -785,7 +802,7 @@ mod tests {
                 let message = Message::Get {
                     key: Bytes::from(payload),
                 };
-                encode(Header::message(), &message, MAX).unwrap()
+                encode(Header::message(), &message, max).unwrap()
             })
             .collect()
     }
@@ -822,6 +839,33 @@ mod tests {
     }
 
     #[test]
+    fn cutter_sizes_a_split_frame_from_what_arrived_not_from_the_claim() {
+        // A claim of almost 1 MiB with 100 bytes behind it reserves about what arrived.
+        let big = raw_frames_up_to(&[1000 * 1000], 1 << 20)[0].clone();
+        let mut cutter = FrameCutter::new(1 << 20);
+        let mut out = Vec::new();
+        cutter.push(big.slice(..100), &mut out).unwrap();
+        assert!(
+            cutter.pending.capacity() < 16 * 1024,
+            "{}",
+            cutter.pending.capacity()
+        );
+        // Once half is in, the frame gets its exact buffer and is not copied again.
+        cutter.push(big.slice(100..600_000), &mut out).unwrap();
+        assert_eq!(cutter.pending.capacity(), big.len());
+        let at = cutter.pending.as_ptr();
+        cutter.push(big.slice(600_000..), &mut out).unwrap();
+        assert_eq!(out, vec![big.clone()]);
+        assert_eq!(out[0].as_ptr(), at, "completed in place");
+        // A 64 KiB frame split over two packets gets its exact buffer from the first.
+        let frame = raw_frames_up_to(&[64 * 1024], 1 << 20)[0].clone();
+        let mut cutter = FrameCutter::new(1 << 20);
+        let mut out = Vec::new();
+        cutter.push(frame.slice(..65_000), &mut out).unwrap();
+        assert_eq!(cutter.pending.capacity(), frame.len());
+    }
+
+    #[test]
     fn cutter_refuses_oversized_prefixes_and_bad_magic_early() {
         // The prefix alone is refused: nothing of the claimed length is buffered.
         let mut cutter = FrameCutter::new(1024);
@@ -831,12 +875,28 @@ mod tests {
             cutter.push(claim, &mut out),
             Err(WireError::TooLarge { .. })
         ));
-        // A bad magic is refused as soon as it arrives, long before the frame's end.
+        // A bad magic is refused as soon as its bytes arrive, long before the frame's end,
+        // whether they come one at a time or with the prefix.
         let mut frame = raw_frames(&[4000])[0].to_vec();
         frame[PREFIX_LEN] ^= 0xFF;
-        let (out, result, _) = cut(&frame, &[5, 1]);
-        assert!(out.is_empty());
-        assert!(matches!(result, Err(WireError::BadMagic(_))), "{result:?}");
+        for step in [1, 3, PREFIX_LEN + MAGIC.len()] {
+            let mut cutter = FrameCutter::new(MAX);
+            let mut out = Vec::new();
+            let mut fed = 0;
+            let result = loop {
+                let end = (fed + step).min(frame.len());
+                let pushed = cutter.push(Bytes::copy_from_slice(&frame[fed..end]), &mut out);
+                fed = end;
+                if pushed.is_err() || fed == frame.len() {
+                    break pushed;
+                }
+            };
+            assert!(matches!(result, Err(WireError::BadMagic(_))), "{result:?}");
+            // The push that brought the magic's last byte is the one refused.
+            let magic_end = PREFIX_LEN + MAGIC.len();
+            assert_eq!(fed, magic_end.div_ceil(step) * step, "step {step}");
+            assert!(out.is_empty());
+        }
         let (_, _, pending) = cut(&frame[..PREFIX_LEN + 1], &[3]);
         assert_eq!(
             pending,
