@@ -16,12 +16,14 @@
 //!   is replaced once.
 //! - A [`Writer`] is what the transport's writer task owns: the queue, the link it reports,
 //!   and a guard that removes the entry and counts the writer down when it is dropped, so an
-//!   entry never outlives its writer and a finished writer never removes its successor.
+//!   entry never outlives its writer and a finished writer never removes its successor. It
+//!   also carries the redial rule both transports follow after a failed dial
+//!   ([`Writer::back_off`], with [`Backoff`] and [`Jitter`]).
 //! - [`Outboxes::shut`] refuses new sends and drops every queue's sending side, so writers see
 //!   the end of their queue after the frames already in it: they write those and end, and
 //!   [`Outboxes::wait_writers`] waits for that.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -197,7 +199,9 @@ impl Outboxes {
         frame: Bytes,
         start: &(impl Fn(Writer) + Send + Sync),
     ) -> Result<(), Retry> {
-        let (tx, mut link) = self.entry(to, start);
+        let Some((tx, mut link)) = self.entry(to, start) else {
+            return Err(Retry::Fail(TransportError::Closed));
+        };
         let timeout = self.config.connect_timeout;
         let state =
             match tokio::time::timeout(timeout, link.wait_for(|l| !matches!(l, Link::Connecting)))
@@ -239,21 +243,26 @@ impl Outboxes {
     }
 
     /// The peer's queue, creating it (and starting its writer) if there is none or the
-    /// previous writer has finished.
+    /// previous writer has finished; `None` once the transport is shut.
     fn entry(
         self: &Arc<Self>,
         to: &Address,
         start: &(impl Fn(Writer) + Send + Sync),
-    ) -> (mpsc::Sender<Bytes>, watch::Receiver<Link>) {
+    ) -> Option<(mpsc::Sender<Bytes>, watch::Receiver<Link>)> {
         let mut peers = self.peers();
+        // Checked under the lock: `shut` sets the flag before it empties the map, so an entry
+        // made after this check is either emptied by `shut` or refused here.
+        if self.is_closed() {
+            return None;
+        }
         if let Some(entry) = peers.get(to).filter(|e| !e.tx.is_closed()) {
             entry.last_send.store(self.now_ms(), Ordering::Relaxed);
-            return (entry.tx.clone(), entry.link.clone());
+            return Some((entry.tx.clone(), entry.link.clone()));
         }
         let (writer, tx, link) = self.insert(&mut peers, to, Link::Connecting);
         drop(peers);
         start(writer);
-        (tx, link)
+        Some((tx, link))
     }
 
     /// A queue for replies over a connection `from` opened to us, unless a live queue to that
@@ -290,6 +299,8 @@ impl Outboxes {
         self.writers.send_modify(|n| *n += 1);
         let writer = Writer {
             queue,
+            unread: VecDeque::new(),
+            retired: false,
             link: link_tx,
             last_send,
             outboxes: Arc::clone(self),
@@ -311,6 +322,9 @@ impl Outboxes {
 /// removes the peer's entry (if it is still this writer's) and counts the writer as ended.
 pub struct Writer {
     queue: mpsc::Receiver<Bytes>,
+    /// Frames taken from the queue and handed back (they were not sent); they go first.
+    unread: VecDeque<Bytes>,
+    retired: bool,
     link: watch::Sender<Link>,
     last_send: Arc<AtomicU64>,
     outboxes: Arc<Outboxes>,
@@ -340,13 +354,16 @@ impl Writer {
         self.link.send_replace(link);
     }
 
-    /// The queue: `recv` yields `None` once the transport is shut (or the writer
-    /// [retired](Self::retire)) and every queued frame was taken.
-    pub fn queue(&mut self) -> &mut mpsc::Receiver<Bytes> {
-        &mut self.queue
+    /// The next frame to send, waiting for one; `None` once the transport is shut (or the
+    /// writer [retired](Self::retire)) and every frame was taken. Cancel-safe.
+    pub async fn next(&mut self) -> Option<Bytes> {
+        if let Some(frame) = self.unread.pop_front() {
+            return Some(frame);
+        }
+        self.queue.recv().await
     }
 
-    /// Moves what is already queued into `batch` after `first`, until `batch` holds
+    /// Moves what is already waiting into `batch` after `first`, until `batch` holds
     /// `max_frames` frames or at least `max_bytes` bytes. Returns the bytes in `batch`.
     pub fn fill_batch(
         &mut self,
@@ -358,15 +375,25 @@ impl Writer {
         let mut bytes = first.len();
         batch.push(first);
         while batch.len() < max_frames && bytes < max_bytes {
-            match self.queue.try_recv() {
-                Ok(frame) => {
-                    bytes += frame.len();
-                    batch.push(frame);
-                }
-                Err(_) => break,
-            }
+            let Some(frame) = self
+                .unread
+                .pop_front()
+                .or_else(|| self.queue.try_recv().ok())
+            else {
+                break;
+            };
+            bytes += frame.len();
+            batch.push(frame);
         }
         bytes
+    }
+
+    /// Hands back frames that were taken but certainly not sent (the connection was gone
+    /// before any of them was written): [`next`](Self::next) yields them again, first.
+    pub fn put_back(&mut self, frames: impl IntoIterator<Item = Bytes>) {
+        let mut frames: Vec<Bytes> = frames.into_iter().collect();
+        frames.extend(self.unread.drain(..));
+        self.unread.extend(frames);
     }
 
     /// Whether nothing was sent to this peer for [`OutboxConfig::idle_timeout`].
@@ -377,25 +404,114 @@ impl Writer {
     }
 
     /// Whether the transport is shut.
-    pub fn is_closed(&self) -> bool {
+    pub fn transport_closed(&self) -> bool {
         self.outboxes.is_closed()
     }
 
-    /// Stops taking frames: senders holding the queue start a fresh writer from now on.
-    /// Returns `true` if nothing raced into the queue, so the writer may end; otherwise the
-    /// frames that did are still the writer's to deliver.
-    pub fn retire(&mut self) -> bool {
-        self.queue.close();
-        self.queue.is_empty()
+    /// Whether [`retire`](Self::retire) was called: the writer only delivers what it holds.
+    pub fn is_retired(&self) -> bool {
+        self.retired
     }
 
-    /// Discards every queued frame and returns how many there were.
+    /// Stops taking frames: senders start a fresh writer from now on. Returns `true` if
+    /// nothing is left, so the writer may end; otherwise frames that raced in (or were handed
+    /// back) are still the writer's to deliver, and [`next`](Self::next) yields them.
+    ///
+    /// Waits for senders that already hold room in the queue to put their frame in: a frame
+    /// whose `send` returned `Ok` is never dropped unseen.
+    pub async fn retire(&mut self) -> bool {
+        self.retired = true;
+        self.queue.close();
+        if !self.unread.is_empty() {
+            return false;
+        }
+        match self.queue.recv().await {
+            Some(frame) => {
+                self.unread.push_back(frame);
+                false
+            }
+            None => true,
+        }
+    }
+
+    /// Discards every frame waiting now (the queue stays open) and returns how many.
     pub fn drop_queued(&mut self) -> u64 {
-        let mut dropped = 0;
+        let mut dropped = self.unread.len() as u64;
+        self.unread.clear();
         while self.queue.try_recv().is_ok() {
             dropped += 1;
         }
         dropped
+    }
+
+    /// Retires the writer and discards everything left, including frames from senders that
+    /// hold room in the queue; returns how many. For a writer that is about to end.
+    pub async fn discard(&mut self) -> u64 {
+        self.retired = true;
+        self.queue.close();
+        let mut dropped = self.unread.len() as u64;
+        self.unread.clear();
+        while self.queue.recv().await.is_some() {
+            dropped += 1;
+        }
+        dropped
+    }
+
+    /// After a failed dial: tells senders the peer is down (they fail with
+    /// [`TransportError::Unreachable`] at once), discards what is queued (returned), and waits
+    /// out the next delay of `backoff`. The `bool` says whether to dial again: not if the
+    /// writer retired, the transport shut (also while waiting), or nothing was sent to the
+    /// peer for the idle timeout.
+    pub async fn back_off(
+        &mut self,
+        reason: &str,
+        backoff: &mut Backoff,
+        jitter: &Jitter,
+    ) -> (u64, bool) {
+        self.set_link(Link::Down(Arc::from(reason)));
+        let dropped = self.drop_queued();
+        if self.transport_closed() || self.is_retired() || self.is_idle() {
+            return (dropped, false);
+        }
+        let delay = jitter.jittered(backoff.next_delay());
+        let mut closed = self.outboxes.closed();
+        let again = tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            _ = closed.wait_for(|c| *c) => false,
+        };
+        (dropped, again)
+    }
+}
+
+/// Exponential redial delays between a floor and a ceiling: each failure doubles the delay,
+/// a success resets it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    /// Starting at `min`, doubling up to `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            min,
+            max,
+            next: min,
+        }
+    }
+
+    /// The delay before the next attempt (before jitter); the one after is twice as long.
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        delay
+    }
+
+    /// After a success: the next failure waits `min` again.
+    pub fn reset(&mut self) {
+        self.next = self.min;
     }
 }
 
@@ -491,7 +607,7 @@ mod tests {
             .take()
             .expect("one writer started");
         let mut batch = Vec::new();
-        let first = writer.queue().recv().await.expect("a frame");
+        let first = writer.next().await.expect("a frame");
         assert_eq!(writer.fill_batch(first, &mut batch, 16, 1 << 20), 2);
         assert_eq!(batch, vec![Bytes::from(vec![0]), Bytes::from(vec![1])]);
         assert_eq!(outboxes.addresses(), vec![to.clone()]);
@@ -549,8 +665,9 @@ mod tests {
             .await
             .expect("send");
         let mut first = slot.lock().expect("slot").take().expect("writer");
-        assert!(!first.retire(), "a frame is still queued");
-        assert_eq!(first.drop_queued(), 1);
+        assert!(!first.retire().await, "a frame is still queued");
+        assert!(first.is_retired());
+        assert_eq!(first.discard().await, 1);
         outboxes
             .send(&to, Bytes::from_static(b"two"), keep(&slot, Link::Up))
             .await
@@ -560,11 +677,8 @@ mod tests {
         drop(first);
         assert_eq!(outboxes.addresses(), vec![to.clone()]);
         assert!(!outboxes.shut());
-        assert_eq!(
-            second.queue().recv().await,
-            Some(Bytes::from_static(b"two"))
-        );
-        assert_eq!(second.queue().recv().await, None, "shut ends the queue");
+        assert_eq!(second.next().await, Some(Bytes::from_static(b"two")));
+        assert_eq!(second.next().await, None, "shut ends the queue");
         assert!(matches!(
             outboxes
                 .send(&to, Bytes::from_static(b"late"), keep(&slot, Link::Up))
@@ -574,6 +688,73 @@ mod tests {
         assert!(!outboxes.wait_writers(Duration::from_millis(10)).await);
         drop(second);
         assert!(outboxes.wait_writers(Duration::from_millis(10)).await);
+    }
+
+    #[tokio::test]
+    async fn handed_back_frames_come_first_and_retiring_waits_for_them() {
+        let outboxes = Outboxes::new(config());
+        let to = Address::new("peer:1");
+        let slot = Arc::new(Mutex::new(None));
+        for frame in [&b"a"[..], b"b"] {
+            outboxes
+                .send(&to, Bytes::from_static(frame), keep(&slot, Link::Up))
+                .await
+                .expect("send");
+        }
+        let mut writer = slot.lock().expect("slot").take().expect("writer");
+        let mut batch = Vec::new();
+        let first = writer.next().await.expect("a frame");
+        writer.fill_batch(first, &mut batch, 16, 1 << 20);
+        assert_eq!(batch.len(), 2);
+        // The connection was gone before the batch was written: it goes out again, first.
+        writer.put_back(batch.drain(..));
+        assert!(
+            !writer.retire().await,
+            "handed-back frames are still to deliver"
+        );
+        assert_eq!(writer.next().await, Some(Bytes::from_static(b"a")));
+        assert_eq!(writer.next().await, Some(Bytes::from_static(b"b")));
+        assert!(writer.retire().await, "nothing is left");
+    }
+
+    #[tokio::test]
+    async fn a_retired_writer_does_not_redial_and_a_shut_transport_refuses_new_peers() {
+        let outboxes = Outboxes::new(config());
+        let slot = Arc::new(Mutex::new(None));
+        let to = Address::new("peer:1");
+        outboxes
+            .send(&to, Bytes::from_static(b"x"), keep(&slot, Link::Up))
+            .await
+            .expect("send");
+        let mut writer = slot.lock().expect("slot").take().expect("writer");
+        let jitter = Jitter::new(Some(1), 0);
+        let mut backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(4));
+        let (dropped, again) = writer.back_off("refused", &mut backoff, &jitter).await;
+        assert_eq!((dropped, again), (1, true), "a live writer redials");
+        assert!(writer.retire().await, "the failed dial dropped the frame");
+        let (_, again) = writer.back_off("refused", &mut backoff, &jitter).await;
+        assert!(!again, "a retired writer ends instead of redialling");
+        outboxes.shut();
+        let other = Address::new("peer:2");
+        assert!(matches!(
+            outboxes
+                .send(&other, Bytes::from_static(b"y"), keep(&slot, Link::Up))
+                .await,
+            Err(TransportError::Closed)
+        ));
+        assert!(
+            slot.lock().expect("slot").is_none(),
+            "no writer starts after shut"
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_ceiling_and_resets() {
+        let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(35));
+        let delays: Vec<u128> = (0..4).map(|_| backoff.next_delay().as_millis()).collect();
+        assert_eq!(delays, vec![10, 20, 35, 35]);
+        backoff.reset();
+        assert_eq!(backoff.next_delay(), Duration::from_millis(10));
     }
 
     #[test]

@@ -32,7 +32,9 @@ pub struct QuicConfig {
     /// share streams and packets; a lone frame gets a stream of its own at once.
     pub max_batch: NonZeroUsize,
     /// Streams one peer may have open towards this node at once (QUIC's limit on concurrently
-    /// open unidirectional streams); a sender at the limit waits for one to finish.
+    /// open unidirectional streams); a sender at the limit waits for one to finish. Each open
+    /// stream may hold one partial frame here, so this times `max_frame_len` bounds the
+    /// memory a peer can tie up per connection.
     pub max_concurrent_streams: NonZeroU32,
     /// Bytes a connection may have sent but not yet acknowledged (QUIC's send window).
     pub send_window: NonZeroUsize,
@@ -44,7 +46,7 @@ pub struct QuicConfig {
     /// Largest UDP payload this endpoint sends and accepts, 1200 to 65527. Path MTU discovery
     /// probes up to it (packets start at 1200 bytes and grow to what the path carries).
     /// `lan()` uses 1452, which fits Ethernet's 1500-byte MTU over IPv4 and IPv6; `local()`
-    /// uses 65527 for loopback, whose MTU is 64 KiB. Above 6500 bytes, UDP segmentation
+    /// uses 65527 for loopback, whose MTU is 64 KiB. Above 6553 bytes, UDP segmentation
     /// offload (GSO) is turned off: quinn hands the kernel up to 10 packets per call, and the
     /// kernel refuses a GSO batch of more than 64 KiB.
     pub max_udp_payload: u16,
@@ -68,7 +70,8 @@ pub struct QuicConfig {
     /// once nothing was sent to the peer for this long.
     pub idle_timeout: Duration,
     /// How long [`close`](chorus_core::Transport::close) waits for queued frames to be sent
-    /// and acknowledged before closing the connections.
+    /// and for each peer to confirm it has read them (by closing the connection after the
+    /// goodbye) before closing the connections anyway.
     pub close_timeout: Duration,
     /// The address announced to peers (and returned by `local_addr`); `None` uses the bound
     /// socket address.

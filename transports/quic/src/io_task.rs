@@ -21,13 +21,15 @@
 //! while it polls is picked up before it sleeps). After [`BUDGET`] polls in a row, or once
 //! Tokio's cooperative budget is spent, the task yields to Tokio, so it never starves others. A future that panics is dropped, counted
 //! and logged; the others keep running. `run` completes once no future is left and every
-//! [`IoTask`] handle is gone.
+//! [`IoTask`] handle is gone. Dropping `run` before that (the runtime shutting down, say)
+//! drops every unfinished future, which releases the sockets and connections they hold;
+//! futures spawned afterwards are dropped at once.
 //!
 //! The price: the QUIC work of one transport runs on one core at a time. Encryption of bulk
 //! transfers to several peers does not spread over cores; the benchmarks in
 //! `docs/BENCHMARKS.md` show what one core carries.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -44,7 +46,6 @@ const BUDGET: usize = 128;
 type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// A handle that queues futures on one I/O task. Cloning it is cheap.
-#[derive(Clone)]
 pub(crate) struct IoTask {
     shared: Arc<Shared>,
 }
@@ -52,17 +53,25 @@ pub(crate) struct IoTask {
 struct Shared {
     /// Jobs woken and not yet polled.
     ready: Mutex<VecDeque<Arc<Job>>>,
+    /// Every unfinished job, so that dropping `run` can drop their futures: the futures and
+    /// the wakers they leave with quinn, timers and sockets form reference cycles that only
+    /// that breaks.
+    jobs: Mutex<HashMap<u64, Arc<Job>>>,
+    next_id: AtomicU64,
     /// Whether `run` is polling jobs right now (a wake then needs no Tokio wake-up).
     polling: AtomicBool,
+    /// Set when `run` is dropped: nothing will poll again, so new futures are dropped.
+    dead: AtomicBool,
     /// The Tokio task running `run`.
     outer: AtomicWaker,
-    /// Jobs spawned and not yet finished.
-    live: AtomicUsize,
+    /// [`IoTask`] handles alive; `run` ends when this and the job count are both zero.
+    handles: AtomicUsize,
     /// Jobs that panicked.
     panicked: AtomicU64,
 }
 
 struct Job {
+    id: u64,
     future: Mutex<Option<BoxFuture>>,
     /// Whether the job is in `ready` (so a burst of wakes queues it once).
     queued: AtomicBool,
@@ -71,10 +80,10 @@ struct Job {
 
 impl ArcWake for Job {
     fn wake_by_ref(job: &Arc<Self>) {
-        if job.queued.swap(true, Ordering::AcqRel) {
+        let shared = &job.shared;
+        if shared.dead.load(Ordering::Acquire) || job.queued.swap(true, Ordering::AcqRel) {
             return;
         }
-        let shared = &job.shared;
         lock(&shared.ready).push_back(Arc::clone(job));
         // Paired with `run` clearing `polling` before it looks at `ready` one last time:
         // either this sees `polling` cleared and wakes the task, or `run` sees the job.
@@ -84,17 +93,36 @@ impl ArcWake for Job {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Every critical section is a single push, pop or replace: the data stays consistent.
+/// Locks `m`, ignoring poisoning: every critical section in this crate is a single insert,
+/// remove, push, pop or read, so the data stays consistent even if a holder panicked.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl fmt::Debug for IoTask {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IoTask")
-            .field("live", &self.shared.live.load(Ordering::Relaxed))
+            .field("jobs", &lock(&self.shared.jobs).len())
             .field("panicked", &self.shared.panicked.load(Ordering::Relaxed))
             .finish_non_exhaustive()
+    }
+}
+
+impl Clone for IoTask {
+    fn clone(&self) -> Self {
+        self.shared.handles.fetch_add(1, Ordering::AcqRel);
+        IoTask {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl Drop for IoTask {
+    fn drop(&mut self) {
+        if self.shared.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The last handle going may be what `run` waits for.
+            self.shared.outer.wake();
+        }
     }
 }
 
@@ -104,26 +132,42 @@ impl IoTask {
         IoTask {
             shared: Arc::new(Shared {
                 ready: Mutex::new(VecDeque::new()),
+                jobs: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(0),
                 polling: AtomicBool::new(false),
+                dead: AtomicBool::new(false),
                 outer: AtomicWaker::new(),
-                live: AtomicUsize::new(0),
+                handles: AtomicUsize::new(1),
                 panicked: AtomicU64::new(0),
             }),
         }
     }
 
-    /// Queues `future` to run on this task.
+    /// Queues `future` to run on this task. After `run` was dropped (the runtime is shutting
+    /// down) the future is dropped instead.
     pub(crate) fn spawn(&self, future: impl Future<Output = ()> + Send + 'static) {
         self.spawn_boxed(Box::pin(future));
     }
 
     fn spawn_boxed(&self, future: BoxFuture) {
-        self.shared.live.fetch_add(1, Ordering::Relaxed);
+        let shared = &self.shared;
         let job = Arc::new(Job {
+            id: shared.next_id.fetch_add(1, Ordering::Relaxed),
             future: Mutex::new(Some(future)),
             queued: AtomicBool::new(false),
-            shared: Arc::clone(&self.shared),
+            shared: Arc::clone(shared),
         });
+        {
+            let mut jobs = lock(&shared.jobs);
+            // Checked under the lock `Run::drop` empties the registry with.
+            if shared.dead.load(Ordering::Acquire) {
+                drop(jobs);
+                let future = lock(&job.future).take();
+                drop(future);
+                return;
+            }
+            jobs.insert(job.id, Arc::clone(&job));
+        }
         ArcWake::wake_by_ref(&job);
     }
 
@@ -134,16 +178,41 @@ impl IoTask {
 
     /// Polls the queued futures; completes when none is left and no handle remains.
     pub(crate) fn run(self) -> impl Future<Output = ()> + Send + 'static {
-        let shared = Arc::clone(&self.shared);
-        drop(self);
-        std::future::poll_fn(move |cx| poll_jobs(&shared, cx))
+        Run {
+            shared: Arc::clone(&self.shared),
+        }
     }
 }
 
-impl Drop for IoTask {
+/// The future of [`IoTask::run`]. Dropping it before it completes drops every unfinished
+/// job's future.
+struct Run {
+    shared: Arc<Shared>,
+}
+
+impl Future for Run {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        poll_jobs(&self.shared, cx)
+    }
+}
+
+impl Drop for Run {
     fn drop(&mut self) {
-        // The last handle going may be what `run` waits for.
-        self.shared.outer.wake();
+        let shared = &self.shared;
+        let jobs: Vec<Arc<Job>> = {
+            let mut jobs = lock(&shared.jobs);
+            shared.dead.store(true, Ordering::Release);
+            jobs.drain().map(|(_, job)| job).collect()
+        };
+        lock(&shared.ready).clear();
+        // Outside every lock: a future's destructor may wake or spawn.
+        for job in jobs {
+            let future = lock(&job.future).take();
+            drop(future);
+        }
+        lock(&shared.ready).clear();
     }
 }
 
@@ -159,8 +228,7 @@ fn poll_jobs(shared: &Arc<Shared>, cx: &mut Context<'_>) -> Poll<()> {
                 shared.polling.store(true, Ordering::SeqCst);
                 continue;
             }
-            // Only `run`'s own reference is left once every handle and job is gone.
-            if shared.live.load(Ordering::Acquire) == 0 && Arc::strong_count(shared) == 1 {
+            if shared.handles.load(Ordering::Acquire) == 0 && lock(&shared.jobs).is_empty() {
                 return Poll::Ready(());
             }
             return Poll::Pending;
@@ -202,9 +270,11 @@ fn poll_job(shared: &Shared, job: &Arc<Job>) {
         }
     };
     if done {
-        *slot = None;
+        let future = slot.take();
         drop(slot);
-        shared.live.fetch_sub(1, Ordering::AcqRel);
+        lock(&shared.jobs).remove(&job.id);
+        // Dropped outside the lock: its destructor may wake or spawn jobs.
+        drop(future);
     }
 }
 
@@ -311,5 +381,52 @@ mod tests {
             ran.is_ok(),
             "a task outside the I/O task did not run within 10 s"
         );
+    }
+
+    /// Sets its flag when dropped.
+    struct Sentinel(Arc<AtomicBool>);
+
+    impl Drop for Sentinel {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn dropping_the_runtime_drops_pending_futures_even_in_a_cycle() {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let late = Arc::new(AtomicBool::new(false));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let io = rt.block_on(async {
+            let io = IoTask::new();
+            tokio::spawn(io.clone().run());
+            // The future holds a handle to its own task, as the transport's futures do
+            // (through the transport's state): without teardown, neither would ever go.
+            let (sentinel, own) = (Sentinel(Arc::clone(&dropped)), io.clone());
+            io.spawn(async move {
+                let _keep = (sentinel, own);
+                std::future::pending::<()>().await;
+            });
+            tokio::task::yield_now().await;
+            io
+        });
+        assert!(
+            !dropped.load(Ordering::SeqCst),
+            "still pending while the runtime runs"
+        );
+        drop(rt);
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "the runtime's shutdown dropped the future"
+        );
+        // Nothing polls any more: a future spawned now is dropped at once.
+        let sentinel = Sentinel(Arc::clone(&late));
+        io.spawn(async move {
+            let _keep = sentinel;
+        });
+        assert!(late.load(Ordering::SeqCst));
     }
 }

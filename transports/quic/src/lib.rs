@@ -22,8 +22,8 @@
 //!
 //! `send` puts the frame on the peer's bounded queue ([`QuicConfig::queue_capacity`]) and
 //! returns, as the TCP transport does (the queueing, backpressure and redial rules are shared:
-//! see [`chorus_core::transport::outbox`]). One writer task per connection takes every frame
-//! already queued, up to [`QuicConfig::max_batch`] frames or about 256 KiB, and sends them on
+//! see [`chorus_core::transport::outbox`]). One writer per peer, on the peer's connection, takes
+//! every frame already queued, up to [`QuicConfig::max_batch`] frames or about 256 KiB, and sends them on
 //! one fresh unidirectional stream, which it finishes at once. A lone frame therefore travels
 //! alone on its own stream, and frames sent at different moments never share one; under load,
 //! frames queued together share a stream, its packets and its per-stream costs.
@@ -39,12 +39,19 @@
 //! length prefix is checked against the maximum frame length before anything is buffered, and
 //! every magic as soon as it arrives; a frame that arrives within one packet is handed to
 //! `recv` without a copy. A stream that is not a sequence of whole frames (an oversized or
-//! malformed frame, a stream that ends mid-frame, an empty stream) closes that connection
-//! (counted in [`QuicStats::rejected_connections`], logged); bytes that are not QUIC at all are
-//! dropped by quinn before any connection exists. At most
-//! [`QuicConfig::max_concurrent_streams`] streams of a connection are read at once, and
-//! readers wait while the queue for `recv` ([`QuicConfig::recv_capacity`]) is full, so QUIC
-//! flow control ([`QuicConfig::receive_window`]) pushes back on the sender.
+//! malformed frame, a stream that ends mid-frame) or that the peer resets closes that
+//! connection (counted in [`QuicStats::rejected_connections`], logged); bytes that are not
+//! QUIC at all are dropped by quinn before any connection exists. An empty stream is the
+//! peer's goodbye (see *Shutdown*).
+//!
+//! Complete frames wait in the queue for `recv` ([`QuicConfig::recv_capacity`]); while it is
+//! full, readers stop reading, and QUIC flow control ([`QuicConfig::receive_window`]) stops the
+//! sender. A frame still arriving is held by its stream's reader: at most
+//! [`QuicConfig::max_concurrent_streams`] streams of a connection are read at once, each
+//! holding at most one partial frame of up to [`QuicConfig::max_frame_len`] bytes (sized from
+//! the bytes that arrived, see [`wire::FrameCutter`]). That product (16 GiB with the defaults)
+//! is what a misbehaving *trusted* peer could make a node hold; lower either setting where
+//! peers are not trusted that far.
 //!
 //! # Failures
 //!
@@ -64,11 +71,15 @@
 //!
 //! # Shutdown
 //!
-//! [`close`](Transport::close) refuses new sends, lets every writer send what its queue holds
-//! and waits (up to [`QuicConfig::close_timeout`]) until the receivers have acknowledged every
-//! stream, then closes the endpoint and waits for the connections to finish closing, which
-//! releases the port. Dropping the transport without `close` closes the endpoint at once:
-//! frames not yet acknowledged may be lost.
+//! [`close`](Transport::close) refuses new sends and lets every writer send what its queue
+//! holds. Then each writer opens an empty stream, the goodbye, and waits (up to
+//! [`QuicConfig::close_timeout`]) for the peer to close the connection, which the peer does
+//! once it has read every earlier stream (QUIC acknowledgements are not enough: a peer drops
+//! acknowledged but unread stream data when a connection closes). A closing transport keeps
+//! reading its connections, dropping the frames, so that two peers closing at once answer
+//! each other's goodbye. Then `close` closes the endpoint and waits for the connections to
+//! finish closing, which releases the port. Dropping the transport without `close` closes the
+//! endpoint at once: frames not yet read by the peer may be lost.
 
 #![deny(missing_docs)]
 
@@ -82,18 +93,18 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use chorus_core::registry::{Registry, TransportSpec};
-use chorus_core::transport::outbox::{Jitter, Link, OutboxConfig, Outboxes, Writer};
+use chorus_core::transport::outbox::{Backoff, Jitter, Link, OutboxConfig, Outboxes, Writer};
 use chorus_core::transport::{self, Address, Incoming, SharedTransport, Transport, TransportError};
 use chorus_core::wire::{self, FrameCutter};
 use futures::stream::{FuturesUnordered, StreamExt};
-use io_task::IoTask;
+use io_task::{IoTask, lock};
 use quinn::{Connection, Endpoint, VarInt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 pub use config::{MAX_UDP_PAYLOAD, MIN_UDP_PAYLOAD, QuicConfig};
 pub use tls::{Identity, TrustedPeers};
@@ -101,8 +112,10 @@ pub use tls::{Identity, TrustedPeers};
 /// The registry name of this transport.
 pub const SCHEME: &str = "quic";
 
-/// The ALPN protocol both ends must offer.
-pub const ALPN: &[u8] = b"chorus/1";
+/// The ALPN protocol both ends must offer. Version 2 carries several frames per stream and
+/// the goodbye stream (`docs/PROTOCOL.md`); a node speaking version 1 fails the handshake
+/// rather than misreading streams.
+pub const ALPN: &[u8] = b"chorus/2";
 
 /// The hello stream: a 4-byte big-endian length of what follows, [`HELLO_MAGIC`], then the
 /// dialler's listen address in UTF-8.
@@ -605,14 +618,13 @@ impl Transport for QuicTransport {
 /// The writer of a dialled connection: dial (with backoff), write, redial when frames are left
 /// after the connection went away.
 async fn outbound(inner: Arc<Inner>, mut writer: Writer) {
-    let mut closed = inner.outboxes.closed();
-    let mut backoff = inner.config.backoff_min;
+    let mut backoff = Backoff::new(inner.config.backoff_min, inner.config.backoff_max);
     loop {
         writer.set_link(Link::Connecting);
         match inner.dial(writer.addr()).await {
             Ok(conn) => {
                 bump(&inner.counters.dialed, 1);
-                backoff = inner.config.backoff_min;
+                backoff.reset();
                 writer.set_link(Link::Up);
                 inner.io.spawn(read_streams(
                     Arc::clone(&inner),
@@ -625,7 +637,7 @@ async fn outbound(inner: Arc<Inner>, mut writer: Writer) {
                         tracing::debug!(peer = %writer.addr(), %reason, "connection lost");
                         // Retire this writer: new sends start a fresh one. Frames that raced
                         // in before the queue closed are still delivered, over a new dial.
-                        if writer.retire() {
+                        if writer.retire().await {
                             return;
                         }
                     }
@@ -634,22 +646,15 @@ async fn outbound(inner: Arc<Inner>, mut writer: Writer) {
             Err(reason) => {
                 bump(&inner.counters.dial_failures, 1);
                 tracing::debug!(peer = %writer.addr(), %reason, "dial failed");
-                writer.set_link(Link::Down(Arc::from(reason.as_str())));
-                bump(&inner.counters.frames_dropped, writer.drop_queued());
-                if writer.is_closed() || writer.is_idle() {
+                let (dropped, again) = writer.back_off(&reason, &mut backoff, &inner.jitter).await;
+                bump(&inner.counters.frames_dropped, dropped);
+                if !again {
                     break;
-                }
-                let delay = inner.jitter.jittered(backoff);
-                backoff = (backoff * 2).min(inner.config.backoff_max);
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = closed.wait_for(|c| *c) => break,
                 }
             }
         }
     }
-    writer.retire();
-    bump(&inner.counters.frames_dropped, writer.drop_queued());
+    bump(&inner.counters.frames_dropped, writer.discard().await);
 }
 
 /// How a writer's loop over one connection ended.
@@ -671,7 +676,7 @@ async fn write_loop(inner: &Inner, conn: &Connection, writer: &mut Writer) -> En
     loop {
         let first = tokio::select! {
             biased;
-            frame = writer.queue().recv() => match frame {
+            frame = writer.next() => match frame {
                 Some(frame) => frame,
                 None => {
                     say_goodbye(inner, conn, lost, writer.addr()).await;
@@ -682,29 +687,45 @@ async fn write_loop(inner: &Inner, conn: &Connection, writer: &mut Writer) -> En
         };
         writer.fill_batch(first, &mut batch, max_batch, MAX_BATCH_BYTES);
         let frames = batch.len() as u64;
-        let sent = write_stream(conn, &mut batch).await;
-        batch.clear();
-        match sent {
+        match write_stream(conn, &mut batch).await {
             Ok(()) => {
                 bump(&inner.counters.frames_sent, frames);
                 bump(&inner.counters.streams_sent, 1);
+                batch.clear();
             }
-            Err(reason) => {
+            Err(Unsent::Untouched(reason)) => {
+                // Not a byte went out: the frames go first on the next connection.
+                writer.put_back(batch.drain(..));
+                return End::Lost(reason);
+            }
+            Err(Unsent::Lost(reason)) => {
                 bump(&inner.counters.frames_dropped, frames);
+                batch.clear();
                 return End::Lost(reason);
             }
         }
     }
 }
 
+/// Why a batch was not sent.
+enum Unsent {
+    /// No stream could be opened: nothing of the batch was written.
+    Untouched(String),
+    /// Writing failed part-way: the peer may have some of it, but not as whole frames.
+    Lost(String),
+}
+
 /// Sends `batch` on a new stream and finishes it.
-async fn write_stream(conn: &Connection, batch: &mut [Bytes]) -> Result<(), String> {
-    let mut stream = conn.open_uni().await.map_err(|e| e.to_string())?;
+async fn write_stream(conn: &Connection, batch: &mut [Bytes]) -> Result<(), Unsent> {
+    let mut stream = conn
+        .open_uni()
+        .await
+        .map_err(|e| Unsent::Untouched(e.to_string()))?;
     stream
         .write_all_chunks(batch)
         .await
-        .map_err(|e| e.to_string())?;
-    stream.finish().map_err(|e| e.to_string())
+        .map_err(|e| Unsent::Lost(e.to_string()))?;
+    stream.finish().map_err(|e| Unsent::Lost(e.to_string()))
 }
 
 /// The graceful end of a connection whose writer has sent everything: an empty stream tells
@@ -782,8 +803,7 @@ async fn inbound_writer(inner: Arc<Inner>, conn: Connection, mut writer: Writer)
     if let End::Lost(reason) = write_loop(&inner, &conn, &mut writer).await {
         tracing::debug!(peer = %writer.addr(), %reason, "inbound connection lost");
     }
-    writer.retire();
-    bump(&inner.counters.frames_dropped, writer.drop_queued());
+    bump(&inner.counters.frames_dropped, writer.discard().await);
 }
 
 async fn read_hello(conn: &Connection) -> Result<Address, String> {
@@ -807,13 +827,11 @@ async fn read_hello(conn: &Connection) -> Result<Address, String> {
 /// every stream before it is read, this closes the connection.
 async fn read_streams(inner: Arc<Inner>, conn: Connection, from: Address) {
     let _listed = Listed::new(&inner, &conn, &from);
-    let mut closed = inner.outboxes.closed();
     let max_readers = inner.config.max_concurrent_streams.get() as usize;
     let mut readers = FuturesUnordered::new();
     let mut goodbye = false;
     loop {
         tokio::select! {
-            _ = closed.wait_for(|c| *c) => return,
             stream = conn.accept_uni(), if !goodbye && readers.len() < max_readers => match stream {
                 Ok(stream) => readers.push(read_stream(&inner, &conn, stream, &from)),
                 Err(error) => {
@@ -854,19 +872,13 @@ impl Drop for Listed<'_> {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Every critical section is a single insert, remove or read: the data stays consistent.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 /// How reading one stream ended.
 enum Read {
     /// It carried frames, all handed to `recv`.
     Frames,
     /// It was empty: the peer's goodbye.
     Goodbye,
-    /// It was refused (the connection is being closed), the connection failed, or the
-    /// transport closed.
+    /// It was refused (the connection is being closed) or the connection failed.
     Failed,
 }
 
@@ -877,16 +889,11 @@ async fn read_stream(
     mut stream: quinn::RecvStream,
     from: &Address,
 ) -> Read {
-    let mut closed = inner.outboxes.closed();
     let mut cutter = FrameCutter::new(inner.max_frame_len);
     let mut frames = Vec::new();
     let mut any = false;
     loop {
-        let chunk = tokio::select! {
-            _ = closed.wait_for(|c| *c) => return Read::Failed,
-            chunk = stream.read_chunk(usize::MAX, true) => chunk,
-        };
-        let cut = match chunk {
+        let cut = match stream.read_chunk(usize::MAX, true).await {
             Ok(Some(chunk)) => cutter.push(chunk.bytes, &mut frames),
             Ok(None) if cutter.pending_len() > 0 => {
                 inner.reject(conn, code::BAD_FRAME, "stream ends mid-frame");
@@ -911,9 +918,7 @@ async fn read_stream(
                 from: from.clone(),
                 frame,
             };
-            if !deliver(inner, incoming, &mut closed).await {
-                return Read::Failed;
-            }
+            deliver(inner, incoming).await;
         }
         if let Err(error) = cut {
             inner.reject(conn, code::BAD_FRAME, &error.to_string());
@@ -922,16 +927,19 @@ async fn read_stream(
     }
 }
 
-/// Hands a frame to `recv`, waiting while its queue is full; `false` once the transport closes.
-async fn deliver(inner: &Inner, incoming: Incoming, closed: &mut watch::Receiver<bool>) -> bool {
+/// Hands a frame to `recv`, waiting while its queue is full. Once the transport is closing
+/// the frame is dropped instead: `recv` takes nothing more, but the streams are still read to
+/// their end so that a peer's goodbye is seen and answered.
+async fn deliver(inner: &Inner, incoming: Incoming) {
+    let mut closed = inner.outboxes.closed();
+    if *closed.borrow_and_update() {
+        return;
+    }
     tokio::select! {
-        sent = inner.incoming.send(incoming) => {
-            if sent.is_ok() {
-                bump(&inner.counters.frames_received, 1);
-            }
-            sent.is_ok()
-        }
-        _ = closed.wait_for(|c| *c) => false,
+        sent = inner.incoming.send(incoming) => if sent.is_ok() {
+            bump(&inner.counters.frames_received, 1);
+        },
+        _ = closed.wait_for(|c| *c) => {}
     }
 }
 
@@ -1183,5 +1191,32 @@ mod tests {
         assert_eq!(recv(&a).await.frame, frame("still there?"));
         a.close().await;
         b.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn peers_closing_at_once_answer_each_others_goodbye() {
+        let id = Identity::generate(&[]).unwrap();
+        let mut config = QuicConfig::local();
+        config.close_timeout = Duration::from_secs(5);
+        let bind = || {
+            let mut trusted = TrustedPeers::new();
+            trusted.add(id.certificate());
+            QuicTransport::bind("127.0.0.1:0", config.clone(), id.clone(), trusted)
+        };
+        let (a, b) = (bind().await.expect("a"), bind().await.expect("b"));
+        // a dials b and b answers over the same connection: both ends have a writer on it.
+        a.send(&b.local_addr(), frame("ping")).await.expect("send");
+        let got = recv(&b).await;
+        b.send(&got.from, frame("pong")).await.expect("reply");
+        recv(&a).await;
+        let started = std::time::Instant::now();
+        tokio::join!(a.close(), b.close());
+        let took = started.elapsed();
+        // Each side waits for the other to read its goodbye; if neither read after shutting
+        // down, both would wait the whole close timeout.
+        assert!(
+            took < Duration::from_secs(2),
+            "closing both ends took {took:?}"
+        );
     }
 }

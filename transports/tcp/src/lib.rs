@@ -65,7 +65,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use chorus_core::registry::{Registry, TransportSpec};
-use chorus_core::transport::outbox::{Jitter, Link, OutboxConfig, Outboxes, Writer};
+use chorus_core::transport::outbox::{Backoff, Jitter, Link, OutboxConfig, Outboxes, Writer};
 use chorus_core::transport::{self, Address, Incoming, SharedTransport, Transport, TransportError};
 use chorus_core::wire;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -472,21 +472,20 @@ async fn inbound_writer(
     if let End::Broken(error) = &end {
         tracing::debug!(peer = %writer.addr(), %error, "inbound connection broke");
     }
-    writer.retire();
-    drop_queued(&inner, &mut writer);
+    let dropped = writer.discard().await;
+    count_dropped(&inner, &writer, dropped);
 }
 
 /// The writer of a dialled connection: dial (with backoff), write, redial when it breaks.
 async fn outbound(inner: Arc<Inner>, mut writer: Writer) {
     let addr = writer.addr().clone();
-    let mut closed = inner.outboxes.closed();
-    let mut backoff = inner.config.backoff_min;
+    let mut backoff = Backoff::new(inner.config.backoff_min, inner.config.backoff_max);
     loop {
         writer.set_link(Link::Connecting);
         match inner.dial(&addr).await {
             Ok(stream) => {
                 bump(&inner.counters.dialed, 1);
-                backoff = inner.config.backoff_min;
+                backoff.reset();
                 writer.set_link(Link::Up);
                 let (r, mut w) = stream.into_split();
                 let activity = Activity::new(inner.now_ms());
@@ -502,7 +501,7 @@ async fn outbound(inner: Arc<Inner>, mut writer: Writer) {
                     End::Idle | End::PeerClosed => {
                         // Retire this writer: new sends start a fresh one. Frames that raced
                         // in before the queue closed are still delivered, over a new dial.
-                        if writer.retire() {
+                        if writer.retire().await {
                             break;
                         }
                     }
@@ -514,27 +513,20 @@ async fn outbound(inner: Arc<Inner>, mut writer: Writer) {
             Err(reason) => {
                 bump(&inner.counters.dial_failures, 1);
                 tracing::debug!(peer = %addr, %reason, "dial failed");
-                writer.set_link(Link::Down(Arc::from(reason.as_str())));
-                drop_queued(&inner, &mut writer);
-                if writer.is_closed() || writer.is_idle() {
+                let (dropped, again) = writer.back_off(&reason, &mut backoff, &inner.jitter).await;
+                count_dropped(&inner, &writer, dropped);
+                if !again {
                     break;
-                }
-                let delay = inner.jitter.jittered(backoff);
-                backoff = (backoff * 2).min(inner.config.backoff_max);
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = closed.wait_for(|c| *c) => break,
                 }
             }
         }
     }
     // Refuse further frames before the entry goes, then count what is left.
-    writer.retire();
-    drop_queued(&inner, &mut writer);
+    let dropped = writer.discard().await;
+    count_dropped(&inner, &writer, dropped);
 }
 
-fn drop_queued(inner: &Inner, writer: &mut Writer) {
-    let dropped = writer.drop_queued();
+fn count_dropped(inner: &Inner, writer: &Writer, dropped: u64) {
     if dropped > 0 {
         bump(&inner.counters.frames_dropped, dropped);
         tracing::debug!(peer = %writer.addr(), dropped, "dropped queued frames");
@@ -568,7 +560,7 @@ async fn write_loop(
             .saturating_sub(inner.idle_for(&activity.last));
         let first = tokio::select! {
             biased;
-            frame = writer.queue().recv() => match frame {
+            frame = writer.next() => match frame {
                 Some(frame) => frame,
                 None => {
                     let _ = w.shutdown().await;
