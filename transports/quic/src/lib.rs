@@ -1219,4 +1219,35 @@ mod tests {
             "closing both ends took {took:?}"
         );
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn closed_transports_leave_no_task_and_release_their_port() {
+        let metrics = tokio::runtime::Handle::current().metrics();
+        let before = metrics.num_alive_tasks();
+        let id = Identity::generate(&[]).unwrap();
+        let a = node(&id, &[]).await;
+        let b = node(&id, &[]).await;
+        let port = b.local_addr();
+        a.send(&b.local_addr(), frame("ping")).await.expect("send");
+        let got = recv(&b).await;
+        b.send(&got.from, frame("pong")).await.expect("reply");
+        recv(&a).await;
+        a.close().await;
+        b.close().await;
+        drop((a, b));
+        // Bounded wait: 100 polls of 20 ms for the I/O tasks to finish.
+        let mut alive = metrics.num_alive_tasks();
+        for _ in 0..100 {
+            if alive <= before {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            alive = metrics.num_alive_tasks();
+        }
+        assert!(
+            alive <= before,
+            "{alive} tasks alive, {before} before the transports"
+        );
+        std::net::UdpSocket::bind(port.as_str()).expect("the port is free again");
+    }
 }
