@@ -154,6 +154,18 @@ pub trait Transport: Send + Sync + 'static {
         frame: Bytes,
     ) -> impl Future<Output = Result<(), TransportError>> + Send;
 
+    /// Like [`send`](Self::send), but the transport may carry `frame` unreliably: it may be
+    /// lost or reordered and is never retransmitted. Meant for small messages of protocols
+    /// that tolerate loss (membership probes, as SWIM does over UDP). A transport without
+    /// unreliable delivery, or a frame too large for it, goes through `send` (the default).
+    fn send_unreliable(
+        &self,
+        to: &Address,
+        frame: Bytes,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        self.send(to, frame)
+    }
+
     /// The next received frame; [`TransportError::Closed`] once the transport is closed.
     fn recv(&self) -> impl Future<Output = Result<Incoming, TransportError>> + Send;
 
@@ -245,6 +257,11 @@ pub trait DynTransport: Send + Sync + 'static {
         to: &'a Address,
         frame: Bytes,
     ) -> BoxFuture<'a, Result<(), TransportError>>;
+    fn send_unreliable_dyn<'a>(
+        &'a self,
+        to: &'a Address,
+        frame: Bytes,
+    ) -> BoxFuture<'a, Result<(), TransportError>>;
     fn recv_dyn(&self) -> BoxFuture<'_, Result<Incoming, TransportError>>;
     fn close_dyn(&self) -> BoxFuture<'_, ()>;
 }
@@ -262,6 +279,13 @@ impl<T: Transport> DynTransport for T {
         frame: Bytes,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
         Box::pin(self.send(to, frame))
+    }
+    fn send_unreliable_dyn<'a>(
+        &'a self,
+        to: &'a Address,
+        frame: Bytes,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(self.send_unreliable(to, frame))
     }
     fn recv_dyn(&self) -> BoxFuture<'_, Result<Incoming, TransportError>> {
         Box::pin(self.recv())
@@ -281,6 +305,9 @@ impl Transport for SharedTransport {
     // `async fn` lets the future capture both elided lifetimes.
     async fn send(&self, to: &Address, frame: Bytes) -> Result<(), TransportError> {
         (**self).send_dyn(to, frame).await
+    }
+    async fn send_unreliable(&self, to: &Address, frame: Bytes) -> Result<(), TransportError> {
+        (**self).send_unreliable_dyn(to, frame).await
     }
     fn recv(&self) -> impl Future<Output = Result<Incoming, TransportError>> + Send {
         (**self).recv_dyn()

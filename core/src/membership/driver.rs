@@ -194,7 +194,9 @@ async fn run<T: Transport>(
         let mut changed = false;
         while let Some(t) = machine.poll_transmit() {
             match wire::encode(Header::message(), &Message::Swim(t.message), max_frame) {
-                Ok(frame) => match transport.send(&t.to, frame).await {
+                // SWIM tolerates loss (it was made for UDP): a transport with unreliable
+                // delivery (QUIC datagrams) sends small messages that way.
+                Ok(frame) => match transport.send_unreliable(&t.to, frame).await {
                     Ok(()) => {
                         counters.sent.fetch_add(1, Ordering::Relaxed);
                     }
