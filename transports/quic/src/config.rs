@@ -56,6 +56,10 @@ pub struct QuicConfig {
     /// Received frames buffered for `recv`; when full, stream readers wait and QUIC flow
     /// control slows the senders.
     pub recv_capacity: NonZeroUsize,
+    /// Whether frames given to `send_unreliable` that fit one packet travel as QUIC datagrams
+    /// (RFC 9221): no stream, no retransmission, no head-of-line blocking; they may be lost.
+    /// Off, or towards a peer that does not accept datagrams, they go on streams like `send`.
+    pub datagrams: bool,
     /// Time allowed for the handshake and the hello; `send` to a peer still connecting waits
     /// at most this long and then fails with [`TransportError::Timeout`].
     pub connect_timeout: Duration,
@@ -65,6 +69,11 @@ pub struct QuicConfig {
     pub backoff_min: Duration,
     /// Largest redial delay. Each delay is drawn uniformly from `[d/2, d]` (jitter).
     pub backoff_max: Duration,
+    /// The round-trip time assumed until one is measured. Handshake retransmissions and the
+    /// closing period of a connection that never measured one (a dial to a node that is gone,
+    /// say) scale with it, and so does how long `close` waits for such connections. RFC 9002's
+    /// 333 ms suits the internet; `lan()` assumes 10 ms, `local()` 1 ms.
+    pub initial_rtt: Duration,
     /// A connection without any packet for this long is closed (QUIC idle timeout; no
     /// keep-alives are sent, so unused connections go away). Redials after a failed dial stop
     /// once nothing was sent to the peer for this long.
@@ -115,7 +124,7 @@ const fn nz(n: usize) -> NonZeroUsize {
 
 impl QuicConfig {
     /// For a data-centre network: 2 s to connect, backoff 50 ms to 5 s, idle after 60 s,
-    /// Ethernet-sized UDP payloads.
+    /// Ethernet-sized UDP payloads, 10 ms assumed round trip before one is measured.
     pub fn lan() -> Self {
         QuicConfig {
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
@@ -128,6 +137,8 @@ impl QuicConfig {
             max_udp_payload: 1452,
             socket_buffer: nz(4 * 1024 * 1024),
             recv_capacity: nz(8192),
+            datagrams: true,
+            initial_rtt: Duration::from_millis(10),
             connect_timeout: Duration::from_secs(2),
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(5),
@@ -139,11 +150,12 @@ impl QuicConfig {
     }
 
     /// For one machine (tests, loopback clusters): 500 ms to connect, backoff 10 to 250 ms,
-    /// idle after 30 s, UDP payloads up to loopback's 64 KiB.
+    /// idle after 30 s, UDP payloads up to loopback's 64 KiB, 1 ms assumed round trip.
     pub fn local() -> Self {
         QuicConfig {
             queue_wait: Duration::from_millis(250),
             max_udp_payload: MAX_UDP_PAYLOAD,
+            initial_rtt: Duration::from_millis(1),
             connect_timeout: Duration::from_millis(500),
             backoff_min: Duration::from_millis(10),
             backoff_max: Duration::from_millis(250),
@@ -175,7 +187,8 @@ impl QuicConfig {
     /// | `max_concurrent_streams` | streams open per peer, non-zero |
     /// | `send_window`, `receive_window`, `socket_buffer` | bytes, non-zero |
     /// | `max_udp_payload` | bytes, 1200 to 65527 |
-    /// | `queue_wait_ms`, `connect_timeout_ms`, `backoff_min_ms`, `backoff_max_ms`, `idle_timeout_ms`, `close_timeout_ms` | milliseconds |
+    /// | `datagrams` | `true` (default) or `false` |
+    /// | `initial_rtt_ms`, `queue_wait_ms`, `connect_timeout_ms`, `backoff_min_ms`, `backoff_max_ms`, `idle_timeout_ms`, `close_timeout_ms` | milliseconds |
     /// | `advertise` | `host:port` announced to peers |
     /// | `jitter_seed` | integer |
     ///
@@ -205,7 +218,9 @@ impl QuicConfig {
                 "max_udp_payload" => config.max_udp_payload = parse(key, value)?,
                 "socket_buffer" => config.socket_buffer = parse(key, value)?,
                 "recv_capacity" => config.recv_capacity = parse(key, value)?,
+                "datagrams" => config.datagrams = parse(key, value)?,
                 "queue_wait_ms" => config.queue_wait = millis(key, value)?,
+                "initial_rtt_ms" => config.initial_rtt = millis(key, value)?,
                 "connect_timeout_ms" => config.connect_timeout = millis(key, value)?,
                 "backoff_min_ms" => config.backoff_min = millis(key, value)?,
                 "backoff_max_ms" => config.backoff_max = millis(key, value)?,
@@ -250,6 +265,7 @@ impl QuicConfig {
         }
         for (name, value) in [
             ("connect_timeout_ms", self.connect_timeout),
+            ("initial_rtt_ms", self.initial_rtt),
             ("idle_timeout_ms", self.idle_timeout),
         ] {
             if value.is_zero() {

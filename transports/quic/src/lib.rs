@@ -67,7 +67,16 @@
 //!
 //! Path MTU discovery grows packets from 1200 bytes up to [`QuicConfig::max_udp_payload`]:
 //! Ethernet-sized on a LAN, 64 KiB on loopback. The UDP socket's buffers are raised to
-//! [`QuicConfig::socket_buffer`]. Unreliable datagrams are not used.
+//! [`QuicConfig::socket_buffer`].
+//!
+//! # Unreliable frames
+//!
+//! [`Transport::send_unreliable`] sends a frame that fits one packet as a QUIC datagram on the
+//! peer's connection (when [`QuicConfig::datagrams`] is on and the peer accepts them): no
+//! stream, no retransmission, no waiting behind lost packets; membership messages go this
+//! way. A frame too large for a datagram, or one for a peer without a connection yet, goes
+//! through `send` (and the dial it starts). A received datagram must be exactly one valid
+//! frame; anything else closes the connection like a bad stream.
 //!
 //! # Shutdown
 //!
@@ -124,6 +133,9 @@ pub const HELLO_MAGIC: [u8; 4] = *b"CHQ1";
 /// Longest listen address a hello may carry, in bytes.
 pub use chorus_core::transport::MAX_HELLO_ADDR_LEN;
 
+/// Bytes of datagrams buffered per connection, each way; beyond it the oldest are dropped.
+const DATAGRAM_BUFFER: usize = 1024 * 1024;
+
 /// Most bytes a writer gathers onto one stream (a single larger frame still gets its own).
 const MAX_BATCH_BYTES: usize = 256 * 1024;
 
@@ -170,11 +182,15 @@ pub struct QuicStats {
     pub frames_sent: u64,
     /// Streams sent (`frames_sent / streams_sent` is the mean batch).
     pub streams_sent: u64,
-    /// Frames received and handed to `recv`.
+    /// Frames received and handed to `recv`, those that came as datagrams included.
     pub frames_received: u64,
     /// Accepted frames that were never written: queued when a dial failed, in a batch whose
     /// stream failed, or still queued when the connection or the transport went away.
     pub frames_dropped: u64,
+    /// Frames sent as datagrams (by `send_unreliable`).
+    pub datagrams_sent: u64,
+    /// Datagrams received and handed to `recv`.
+    pub datagrams_received: u64,
     /// Futures of the transport's I/O task that panicked (each was dropped and logged; a
     /// non-zero count is a bug).
     pub task_panics: u64,
@@ -211,6 +227,8 @@ struct Counters {
     streams_sent: AtomicU64,
     frames_received: AtomicU64,
     frames_dropped: AtomicU64,
+    datagrams_sent: AtomicU64,
+    datagrams_received: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -227,6 +245,8 @@ struct Inner {
     outboxes: Arc<Outboxes>,
     /// Live connections by quinn's stable id, for [`QuicTransport::connections`].
     connections: Mutex<HashMap<usize, (Address, Connection)>>,
+    /// The connection each peer's writer uses, for datagrams.
+    routes: Mutex<HashMap<Address, Connection>>,
     incoming: mpsc::Sender<Incoming>,
     jitter: Jitter,
     hello: Bytes,
@@ -260,6 +280,23 @@ impl Inner {
             Ok(result) => result,
             Err(_) => Err(format!("no connection within {timeout:?}")),
         }
+    }
+
+    /// The checks every outgoing frame passes: open transport, size, and one whole frame
+    /// (frames share streams: one whose prefix disagrees with its length would make the
+    /// receiver reject the whole stream).
+    fn check_frame(&self, frame: &[u8]) -> Result<(), TransportError> {
+        if self.is_closed() {
+            return Err(TransportError::Closed);
+        }
+        if frame.len() > self.max_frame_len {
+            return Err(TransportError::FrameTooLarge {
+                len: frame.len(),
+                max: self.max_frame_len,
+            });
+        }
+        wire::split(frame, self.max_frame_len).map_err(TransportError::InvalidFrame)?;
+        Ok(())
     }
 
     fn reject(&self, conn: &Connection, code: u32, why: &str) {
@@ -421,6 +458,7 @@ impl QuicTransport {
             endpoint,
             outboxes,
             connections: Mutex::new(HashMap::new()),
+            routes: Mutex::new(HashMap::new()),
             incoming,
             hello,
             counters: Counters::default(),
@@ -446,6 +484,8 @@ impl QuicTransport {
             streams_sent: get(&c.streams_sent),
             frames_received: get(&c.frames_received),
             frames_dropped: get(&c.frames_dropped),
+            datagrams_sent: get(&c.datagrams_sent),
+            datagrams_received: get(&c.datagrams_received),
             task_panics: self.inner.io.panicked(),
         }
     }
@@ -453,6 +493,17 @@ impl QuicTransport {
     /// The configuration in force.
     pub fn config(&self) -> &QuicConfig {
         &self.inner.config
+    }
+
+    /// Queues a checked frame for `to` (see [`chorus_core::transport::outbox`]).
+    async fn queue(&self, to: &Address, frame: Bytes) -> Result<(), TransportError> {
+        let inner = &self.inner;
+        inner
+            .outboxes
+            .send(to, frame, |writer| {
+                inner.io.spawn(outbound(Arc::clone(inner), writer));
+            })
+            .await
     }
 
     /// Peers with a connection (or a writer dialling one) right now.
@@ -526,13 +577,15 @@ fn transport_config(config: &QuicConfig) -> Result<quinn::TransportConfig, Trans
         .map_err(|_| TransportError::Config("option `idle_timeout_ms` is too large".to_owned()))?;
     t.max_idle_timeout(Some(idle));
     t.keep_alive_interval(None);
+    t.initial_rtt(config.initial_rtt);
     t.send_window(config.send_window.get() as u64);
     let window = varint("receive_window", config.receive_window.get())?;
     t.receive_window(window);
     // One stream may use the whole connection window: a batch is at most 256 KiB, but a
     // single frame may be as long as the maximum frame.
     t.stream_receive_window(window);
-    t.datagram_receive_buffer_size(None);
+    t.datagram_receive_buffer_size(config.datagrams.then_some(DATAGRAM_BUFFER));
+    t.datagram_send_buffer_size(DATAGRAM_BUFFER);
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(config.max_udp_payload);
     t.mtu_discovery_config(Some(mtu));
@@ -559,25 +612,26 @@ impl Transport for QuicTransport {
     }
 
     async fn send(&self, to: &Address, frame: Bytes) -> Result<(), TransportError> {
+        self.inner.check_frame(&frame)?;
+        self.queue(to, frame).await
+    }
+
+    async fn send_unreliable(&self, to: &Address, frame: Bytes) -> Result<(), TransportError> {
         let inner = &self.inner;
-        if inner.is_closed() {
-            return Err(TransportError::Closed);
+        inner.check_frame(&frame)?;
+        if inner.config.datagrams {
+            let route = lock(&inner.routes).get(to).cloned();
+            if let Some(conn) = route
+                && conn
+                    .max_datagram_size()
+                    .is_some_and(|max| frame.len() <= max)
+                && conn.send_datagram(frame.clone()).is_ok()
+            {
+                bump(&inner.counters.datagrams_sent, 1);
+                return Ok(());
+            }
         }
-        if frame.len() > inner.max_frame_len {
-            return Err(TransportError::FrameTooLarge {
-                len: frame.len(),
-                max: inner.max_frame_len,
-            });
-        }
-        // Frames share streams: one whose prefix disagrees with its length would make the
-        // receiver reject the whole stream.
-        wire::split(&frame, inner.max_frame_len).map_err(TransportError::InvalidFrame)?;
-        inner
-            .outboxes
-            .send(to, frame, |writer| {
-                inner.io.spawn(outbound(Arc::clone(inner), writer));
-            })
-            .await
+        self.queue(to, frame).await
     }
 
     async fn recv(&self) -> Result<Incoming, TransportError> {
@@ -669,6 +723,7 @@ enum End {
 /// Sends the queue's frames on `conn`, a stream per batch, until the queue ends or the
 /// connection goes away. When the queue ends, says goodbye (see [`say_goodbye`]).
 async fn write_loop(inner: &Inner, conn: &Connection, writer: &mut Writer) -> End {
+    let _route = Route::new(inner, writer.addr(), conn);
     let max_batch = inner.config.max_batch.get();
     let mut batch: Vec<Bytes> = Vec::with_capacity(max_batch);
     let lost = conn.closed();
@@ -844,10 +899,59 @@ async fn read_streams(inner: Arc<Inner>, conn: Connection, from: Address) {
                 Read::Goodbye => goodbye = true,
                 Read::Failed => return,
             },
+            datagram = conn.read_datagram(), if inner.config.datagrams => match datagram {
+                // One datagram, one whole frame: nothing else is ever sent as a datagram.
+                Ok(frame) => match wire::split(&frame, inner.max_frame_len) {
+                    Ok(_) => {
+                        let incoming = Incoming { from: from.clone(), frame };
+                        if deliver(&inner, incoming).await {
+                            bump(&inner.counters.datagrams_received, 1);
+                        }
+                    }
+                    Err(error) => {
+                        inner.reject(&conn, code::BAD_FRAME, &format!("datagram: {error}"));
+                        return;
+                    }
+                },
+                Err(error) => {
+                    tracing::debug!(peer = %from, %error, "connection ended");
+                    return;
+                }
+            },
         }
         if goodbye && readers.is_empty() {
             conn.close(VarInt::from_u32(code::CLOSING), b"goodbye");
             return;
+        }
+    }
+}
+
+/// Makes a writer's connection the one datagrams to its peer take, while the writer uses it.
+struct Route<'a> {
+    inner: &'a Inner,
+    peer: Address,
+    id: usize,
+}
+
+impl<'a> Route<'a> {
+    fn new(inner: &'a Inner, peer: &Address, conn: &Connection) -> Self {
+        lock(&inner.routes).insert(peer.clone(), conn.clone());
+        Route {
+            inner,
+            peer: peer.clone(),
+            id: conn.stable_id(),
+        }
+    }
+}
+
+impl Drop for Route<'_> {
+    fn drop(&mut self) {
+        let mut routes = lock(&self.inner.routes);
+        if routes
+            .get(&self.peer)
+            .is_some_and(|c| c.stable_id() == self.id)
+        {
+            routes.remove(&self.peer);
         }
     }
 }
@@ -930,16 +1034,19 @@ async fn read_stream(
 /// Hands a frame to `recv`, waiting while its queue is full. Once the transport is closing
 /// the frame is dropped instead: `recv` takes nothing more, but the streams are still read to
 /// their end so that a peer's goodbye is seen and answered.
-async fn deliver(inner: &Inner, incoming: Incoming) {
+async fn deliver(inner: &Inner, incoming: Incoming) -> bool {
     let mut closed = inner.outboxes.closed();
     if *closed.borrow_and_update() {
-        return;
+        return false;
     }
     tokio::select! {
-        sent = inner.incoming.send(incoming) => if sent.is_ok() {
-            bump(&inner.counters.frames_received, 1);
-        },
-        _ = closed.wait_for(|c| *c) => {}
+        sent = inner.incoming.send(incoming) => {
+            if sent.is_ok() {
+                bump(&inner.counters.frames_received, 1);
+            }
+            sent.is_ok()
+        }
+        _ = closed.wait_for(|c| *c) => false,
     }
 }
 
@@ -1249,5 +1356,76 @@ mod tests {
             "{alive} tasks alive, {before} before the transports"
         );
         std::net::UdpSocket::bind(port.as_str()).expect("the port is free again");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn small_unreliable_frames_go_as_datagrams_and_large_ones_on_streams() {
+        let id = Identity::generate(&[]).unwrap();
+        let a = node(&id, &[]).await;
+        let b = node(&id, &[]).await;
+        let to = b.local_addr();
+        // No connection yet: the first goes on a stream, and dials.
+        a.send_unreliable(&to, frame("first")).await.expect("send");
+        assert_eq!(recv(&b).await.frame, frame("first"));
+        let small: Vec<Bytes> = (0..20).map(|i| frame(&format!("probe {i}"))).collect();
+        for f in &small {
+            a.send_unreliable(&to, f.clone()).await.expect("send");
+        }
+        let big = {
+            let message = Message::Error {
+                reason: "x".repeat(100 * 1024),
+            };
+            wire::encode(Header::message(), &message, 1 << 20).expect("encodes")
+        };
+        a.send_unreliable(&to, big.clone()).await.expect("send");
+        // On a quiet loopback nothing is lost; datagrams and the stream may interleave.
+        let mut got = std::collections::HashSet::new();
+        for _ in 0..21 {
+            let incoming = recv(&b).await;
+            assert_eq!(incoming.from, a.local_addr());
+            got.insert(incoming.frame);
+        }
+        assert!(got.contains(&big) && small.iter().all(|f| got.contains(f)));
+        let (sa, sb) = (a.stats(), b.stats());
+        assert_eq!(sa.datagrams_sent, 20, "{sa:?}");
+        assert_eq!(sb.datagrams_received, 20, "{sb:?}");
+        assert_eq!(
+            sa.frames_sent, 2,
+            "the first and the big one on streams: {sa:?}"
+        );
+        a.close().await;
+        b.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bad_datagram_closes_the_connection() {
+        let id = Identity::generate(&[]).unwrap();
+        let a = node(&id, &[]).await;
+        let hello = transport::encode_hello(HELLO_MAGIC, &Address::new("127.0.0.1:9")).unwrap();
+        let two_frames = Bytes::from([frame("one").to_vec(), frame("two").to_vec()].concat());
+        for (what, datagram) in [
+            ("two frames in one datagram", two_frames),
+            ("a truncated frame", frame("cut").slice(..12)),
+        ] {
+            let (endpoint, conn) = raw_client(&id, &a.local_addr(), &hello).await;
+            conn.send_datagram(datagram).expect("datagram");
+            let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+                .await
+                .unwrap_or_else(|_| panic!("a connection sending {what} stayed open"));
+            match closed {
+                quinn::ConnectionError::ApplicationClosed(close) => {
+                    assert_eq!(
+                        close.error_code,
+                        VarInt::from_u32(code::BAD_FRAME),
+                        "{what}"
+                    );
+                }
+                other => panic!("{what}: closed with {other:?}"),
+            }
+            endpoint.wait_idle().await;
+        }
+        assert_eq!(a.stats().rejected_connections, 2);
+        assert_eq!(a.stats().frames_received, 0);
+        a.close().await;
     }
 }
