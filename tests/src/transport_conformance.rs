@@ -241,8 +241,15 @@ pub const RPC: Check = Check {
     run: |kit, seed| Box::pin(async move { rpc(&kit, seed).await }),
 };
 
+/// [`unreliable`] as a [`Check`].
+pub const UNRELIABLE: Check = Check {
+    name: "unreliable",
+    description: "send_unreliable: small and maximum-size frames arrive intact on a quiet link",
+    run: |kit, seed| Box::pin(async move { unreliable(&kit, seed).await }),
+};
+
 /// Every check.
-pub const ALL: [Check; 7] = [
+pub const ALL: [Check; 8] = [
     FRAMES_INTACT,
     OVERSIZED,
     RESTART,
@@ -250,6 +257,7 @@ pub const ALL: [Check; 7] = [
     GARBAGE,
     SHUTDOWN,
     RPC,
+    UNRELIABLE,
 ];
 
 /// A check that failed on a transport.
@@ -368,6 +376,9 @@ impl Transport for Erased {
     }
     async fn send(&self, to: &Address, frame: Bytes) -> Result<(), TransportError> {
         self.0.send_dyn(to, frame).await
+    }
+    async fn send_unreliable(&self, to: &Address, frame: Bytes) -> Result<(), TransportError> {
+        self.0.send_unreliable_dyn(to, frame).await
     }
     async fn recv(&self) -> Result<Incoming, TransportError> {
         self.0.recv_dyn().await
@@ -672,4 +683,34 @@ pub async fn rpc(kit: &Kit, _seed: u64) {
         kit.name
     );
     let _ = server_a.await;
+}
+
+/// `send_unreliable` on a quiet loopback: small frames (datagrams where the transport has
+/// them) and one of the maximum size (too large for a datagram) arrive intact and from the
+/// sender. A transport may lose such frames on a real network; nothing here loses packets.
+pub async fn unreliable(kit: &Kit, seed: u64) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let (a, b) = (kit.bind().await, kit.bind().await);
+    let to = b.local_addr();
+    // The first one connects (a transport without a connection sends it reliably).
+    let first = frame(100, &mut rng);
+    if let Err(e) = a.send_unreliable(&to, first.clone()).await {
+        panic!("{}: send_unreliable to {to} failed: {e}", kit.name);
+    }
+    expect_frames(kit, &b, &a.local_addr(), &[first]).await;
+    let mut frames: Vec<Bytes> = (0..20)
+        .map(|_| {
+            let n = rng.random_range(PREFIX_LEN + HEADER_LEN..512);
+            frame(n, &mut rng)
+        })
+        .collect();
+    frames.push(frame(kit.max_frame_len, &mut rng));
+    for f in &frames {
+        if let Err(e) = a.send_unreliable(&to, f.clone()).await {
+            panic!("{}: send_unreliable to {to} failed: {e}", kit.name);
+        }
+    }
+    expect_frames(kit, &b, &a.local_addr(), &frames).await;
+    a.close().await;
+    b.close().await;
 }

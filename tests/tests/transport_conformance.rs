@@ -140,6 +140,11 @@ async fn rpc() {
     on_every_transport(suite::RPC).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreliable() {
+    on_every_transport(suite::UNRELIABLE).await;
+}
+
 /// Two quic nodes bound through the registry, each trusting only itself: neither reaches
 /// the other, and nothing is delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,5 +185,5 @@ async fn untrusted_quic_peer_is_refused() {
 
 #[test]
 fn the_suite_lists_every_check() {
-    assert_eq!(suite::ALL.len(), 7);
+    assert_eq!(suite::ALL.len(), 8);
 }
