@@ -417,20 +417,34 @@ impl Writer {
     /// nothing is left, so the writer may end; otherwise frames that raced in (or were handed
     /// back) are still the writer's to deliver, and [`next`](Self::next) yields them.
     ///
-    /// Waits for senders that already hold room in the queue to put their frame in: a frame
-    /// whose `send` returned `Ok` is never dropped unseen.
+    /// Waits for senders that already hold room in the queue to put their frame in, so a
+    /// frame whose `send` returned `Ok` is not dropped unseen. `send` puts its frame in as soon
+    /// as it has room; only a `send` future that got room and was then never polled again
+    /// could hold this up, so the wait is bounded by [`OutboxConfig::queue_wait`].
     pub async fn retire(&mut self) -> bool {
         self.retired = true;
         self.queue.close();
         if !self.unread.is_empty() {
             return false;
         }
-        match self.queue.recv().await {
+        match self.last_frames().await {
             Some(frame) => {
                 self.unread.push_back(frame);
                 false
             }
             None => true,
+        }
+    }
+
+    /// The next frame of a closed queue, waiting a bounded time for senders holding room.
+    async fn last_frames(&mut self) -> Option<Bytes> {
+        let limit = self.outboxes.config.queue_wait;
+        match tokio::time::timeout(limit, self.queue.recv()).await {
+            Ok(frame) => frame,
+            Err(_) => {
+                tracing::warn!(peer = %self.addr, ?limit, "a sender held queue room without sending");
+                None
+            }
         }
     }
 
@@ -451,7 +465,7 @@ impl Writer {
         self.queue.close();
         let mut dropped = self.unread.len() as u64;
         self.unread.clear();
-        while self.queue.recv().await.is_some() {
+        while self.last_frames().await.is_some() {
             dropped += 1;
         }
         dropped
@@ -746,6 +760,70 @@ mod tests {
             slot.lock().expect("slot").is_none(),
             "no writer starts after shut"
         );
+    }
+
+    #[tokio::test]
+    async fn a_sender_waiting_for_room_when_the_writer_retires_loses_nothing() {
+        let outboxes = Outboxes::new(config());
+        let to = Address::new("peer:1");
+        let slot = Arc::new(Mutex::new(None));
+        for frame in [&b"a"[..], b"b"] {
+            outboxes
+                .send(&to, Bytes::from_static(frame), keep(&slot, Link::Up))
+                .await
+                .expect("room");
+        }
+        let mut writer = slot.lock().expect("slot").take().expect("writer");
+        // A third sender waits for room in the full queue.
+        let sender = {
+            let (outboxes, to, slot) = (Arc::clone(&outboxes), to.clone(), Arc::clone(&slot));
+            tokio::spawn(async move {
+                outboxes
+                    .send(&to, Bytes::from_static(b"c"), keep(&slot, Link::Up))
+                    .await
+            })
+        };
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        // Room frees up and the writer retires before the sender (on this one thread) ran.
+        assert_eq!(writer.next().await, Some(Bytes::from_static(b"a")));
+        assert!(!writer.retire().await, "b is still to deliver");
+        sender
+            .await
+            .expect("task")
+            .expect("the third send was accepted");
+        // The accepted frame is in this writer's queue or in its successor's: nowhere else.
+        let mut delivered = Vec::new();
+        while let Some(frame) = writer.next().await {
+            delivered.push(frame);
+        }
+        let successor = slot.lock().expect("slot").take();
+        if let Some(mut successor) = successor {
+            successor.retire().await;
+            while let Some(frame) = successor.next().await {
+                delivered.push(frame);
+            }
+        }
+        assert_eq!(
+            delivered,
+            vec![Bytes::from_static(b"b"), Bytes::from_static(b"c")]
+        );
+    }
+
+    #[tokio::test]
+    async fn no_writer_starts_once_shut_even_past_the_first_check() {
+        let outboxes = Outboxes::new(config());
+        let slot = Arc::new(Mutex::new(None));
+        outboxes.shut();
+        // What a `send` that passed its first check just before `shut` does next.
+        assert!(
+            outboxes
+                .entry(&Address::new("peer:1"), &keep(&slot, Link::Up))
+                .is_none()
+        );
+        assert!(slot.lock().expect("slot").is_none());
+        assert!(outboxes.addresses().is_empty());
     }
 
     #[test]
