@@ -15,14 +15,12 @@ const SEED: u64 = 0x51_4D_D6;
 async fn quic(identity: &Identity) -> Arc<QuicTransport> {
     let mut trusted = TrustedPeers::new();
     trusted.add(identity.certificate());
-    let transport = QuicTransport::bind(
-        "127.0.0.1:0",
-        QuicConfig::local(),
-        identity.clone(),
-        trusted,
-    )
-    .await
-    .expect("bind");
+    let mut config = QuicConfig::local();
+    // Long enough that waiting it out at shutdown would show (see the end of the test).
+    config.close_timeout = Duration::from_secs(10);
+    let transport = QuicTransport::bind("127.0.0.1:0", config, identity.clone(), trusted)
+        .await
+        .expect("bind");
     Arc::new(transport)
 }
 

@@ -78,9 +78,9 @@ pub struct QuicConfig {
     /// keep-alives are sent, so unused connections go away). Redials after a failed dial stop
     /// once nothing was sent to the peer for this long.
     pub idle_timeout: Duration,
-    /// How long [`close`](chorus_core::Transport::close) waits for queued frames to be sent
-    /// and for each peer to confirm it has read them (by closing the connection after the
-    /// goodbye) before closing the connections anyway.
+    /// How long [`close`](chorus_core::Transport::close) takes at most: it waits for queued
+    /// frames to be sent and for each peer to confirm it has read them (by closing the
+    /// connection after the goodbye), then for the connections to finish closing.
     pub close_timeout: Duration,
     /// The address announced to peers (and returned by `local_addr`); `None` uses the bound
     /// socket address.
