@@ -911,10 +911,17 @@ async fn read_streams(inner: Arc<Inner>, conn: Connection, from: Address) {
     let max_readers = inner.config.max_concurrent_streams.get() as usize;
     let mut readers = FuturesUnordered::new();
     let mut goodbye = false;
+    // Kept across iterations, so each stays registered with quinn instead of re-registering
+    // every time another branch completes.
+    let mut accept = std::pin::pin!(conn.accept_uni());
+    let mut datagram = std::pin::pin!(conn.read_datagram());
     loop {
         tokio::select! {
-            stream = conn.accept_uni(), if !goodbye && readers.len() < max_readers => match stream {
-                Ok(stream) => readers.push(read_stream(&inner, &conn, stream, &from)),
+            stream = &mut accept, if !goodbye && readers.len() < max_readers => match stream {
+                Ok(stream) => {
+                    accept.set(conn.accept_uni());
+                    readers.push(read_stream(&inner, &conn, stream, &from));
+                }
                 Err(error) => {
                     tracing::debug!(peer = %from, %error, "connection ended");
                     return;
@@ -925,8 +932,11 @@ async fn read_streams(inner: Arc<Inner>, conn: Connection, from: Address) {
                 Read::Goodbye => goodbye = true,
                 Read::Failed => return,
             },
-            datagram = conn.read_datagram(), if inner.config.datagrams => match datagram {
-                Ok(frame) => take_datagram(&inner, &from, frame),
+            got = &mut datagram, if inner.config.datagrams => match got {
+                Ok(frame) => {
+                    datagram.set(conn.read_datagram());
+                    take_datagram(&inner, &from, frame);
+                }
                 Err(error) => {
                     tracing::debug!(peer = %from, %error, "connection ended");
                     return;
