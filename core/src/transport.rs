@@ -174,6 +174,21 @@ pub trait Transport: Send + Sync + 'static {
     fn close(&self) -> impl Future<Output = ()> + Send;
 }
 
+/// The checks a network transport makes on a frame handed to `send` before taking it: at most
+/// `max_frame_len` bytes ([`TransportError::FrameTooLarge`]) and one whole frame whose length
+/// prefix matches its length ([`TransportError::InvalidFrame`]): on a stream, a frame that
+/// lied about its length would desynchronise everything after it.
+pub fn check_frame(frame: &[u8], max_frame_len: usize) -> Result<(), TransportError> {
+    if frame.len() > max_frame_len {
+        return Err(TransportError::FrameTooLarge {
+            len: frame.len(),
+            max: max_frame_len,
+        });
+    }
+    crate::wire::split(frame, max_frame_len).map_err(TransportError::InvalidFrame)?;
+    Ok(())
+}
+
 /// Longest listen address a connection [hello](encode_hello) may carry, in bytes.
 pub const MAX_HELLO_ADDR_LEN: usize = 255;
 

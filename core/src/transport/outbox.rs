@@ -597,6 +597,22 @@ mod tests {
         }
     }
 
+    /// Queues `frames` for `to` on a live link and returns the writer that got them.
+    async fn writer_with(
+        outboxes: &Arc<Outboxes>,
+        to: &Address,
+        slot: &Arc<Mutex<Option<Writer>>>,
+        frames: &[&'static [u8]],
+    ) -> Writer {
+        for frame in frames {
+            outboxes
+                .send(to, Bytes::from_static(frame), keep(slot, Link::Up))
+                .await
+                .expect("room in the queue");
+        }
+        slot.lock().expect("slot").take().expect("a writer started")
+    }
+
     #[tokio::test]
     async fn a_live_peer_queues_until_full_then_reports_queue_full() {
         let outboxes = Outboxes::new(config());
@@ -709,13 +725,7 @@ mod tests {
         let outboxes = Outboxes::new(config());
         let to = Address::new("peer:1");
         let slot = Arc::new(Mutex::new(None));
-        for frame in [&b"a"[..], b"b"] {
-            outboxes
-                .send(&to, Bytes::from_static(frame), keep(&slot, Link::Up))
-                .await
-                .expect("send");
-        }
-        let mut writer = slot.lock().expect("slot").take().expect("writer");
+        let mut writer = writer_with(&outboxes, &to, &slot, &[b"a", b"b"]).await;
         let mut batch = Vec::new();
         let first = writer.next().await.expect("a frame");
         writer.fill_batch(first, &mut batch, 16, 1 << 20);
@@ -767,13 +777,7 @@ mod tests {
         let outboxes = Outboxes::new(config());
         let to = Address::new("peer:1");
         let slot = Arc::new(Mutex::new(None));
-        for frame in [&b"a"[..], b"b"] {
-            outboxes
-                .send(&to, Bytes::from_static(frame), keep(&slot, Link::Up))
-                .await
-                .expect("room");
-        }
-        let mut writer = slot.lock().expect("slot").take().expect("writer");
+        let mut writer = writer_with(&outboxes, &to, &slot, &[b"a", b"b"]).await;
         // A third sender waits for room in the full queue.
         let sender = {
             let (outboxes, to, slot) = (Arc::clone(&outboxes), to.clone(), Arc::clone(&slot));

@@ -297,21 +297,14 @@ impl Inner {
         }
     }
 
-    /// The checks every outgoing frame passes: open transport, size, and one whole frame
-    /// (frames share streams: one whose prefix disagrees with its length would make the
-    /// receiver reject the whole stream).
+    /// The checks every outgoing frame passes: an open transport, then
+    /// [`transport::check_frame`] (frames share streams, so one whose prefix disagreed with its
+    /// length would make the receiver reject the whole stream).
     fn check_frame(&self, frame: &[u8]) -> Result<(), TransportError> {
         if self.is_closed() {
             return Err(TransportError::Closed);
         }
-        if frame.len() > self.max_frame_len {
-            return Err(TransportError::FrameTooLarge {
-                len: frame.len(),
-                max: self.max_frame_len,
-            });
-        }
-        wire::split(frame, self.max_frame_len).map_err(TransportError::InvalidFrame)?;
-        Ok(())
+        transport::check_frame(frame, self.max_frame_len)
     }
 
     fn reject(&self, conn: &Connection, code: u32, why: &str) {

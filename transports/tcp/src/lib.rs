@@ -335,14 +335,7 @@ impl Transport for TcpTransport {
         if inner.is_closed() {
             return Err(TransportError::Closed);
         }
-        if frame.len() > inner.max_frame_len {
-            return Err(TransportError::FrameTooLarge {
-                len: frame.len(),
-                max: inner.max_frame_len,
-            });
-        }
-        // A frame whose prefix disagrees with its length would desynchronise the stream.
-        wire::split(&frame, inner.max_frame_len).map_err(TransportError::InvalidFrame)?;
+        transport::check_frame(&frame, inner.max_frame_len)?;
         inner
             .outboxes
             .send(to, frame, |writer| {
