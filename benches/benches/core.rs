@@ -7,8 +7,10 @@ use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use bytes::Bytes;
+use chorus::Envelope;
 use chorus::hlc::{DEFAULT_MAX_DRIFT, Hlc, ManualClock, SystemClock};
-use chorus::wire::{self, Header, Message};
+use chorus::replication::ReplicaMessage;
+use chorus::wire::{self, Header};
 use chorus::{NodeId, Record, Ring, RingConfig, RingMember, Timestamp, Version, key_hash};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
@@ -82,13 +84,13 @@ fn hlc(c: &mut Criterion) {
 }
 
 fn frame(c: &mut Criterion) {
-    let put = Message::Put {
+    let put = Envelope::Replica(ReplicaMessage::Put {
         key: Bytes::from_static(b"user:00001234"),
         record: Record::value(
             vec![0xAB; 100],
             Version::new(Timestamp::new(1_700_000_000_000, 7), NodeId(42)),
         ),
-    };
+    });
     let max = wire::DEFAULT_MAX_FRAME_LEN;
     let encoded = wire::encode(Header::request(1), &put, max).expect("encode");
     let mut group = c.benchmark_group("frame");
@@ -97,12 +99,12 @@ fn frame(c: &mut Criterion) {
         b.iter(|| black_box(wire::encode(Header::request(1), black_box(&put), max)))
     });
     group.bench_function("decode/put_100B", |b| {
-        b.iter(|| black_box(wire::decode::<Message>(black_box(&encoded), max)))
+        b.iter(|| black_box(wire::decode::<Envelope>(black_box(&encoded), max)))
     });
     group.bench_function("encode_decode/put_100B", |b| {
         b.iter(|| {
             let frame = wire::encode(Header::request(1), black_box(&put), max).expect("encode");
-            black_box(wire::decode::<Message>(&frame, max).expect("decode"))
+            black_box(wire::decode::<Envelope>(&frame, max).expect("decode"))
         })
     });
     group.finish();

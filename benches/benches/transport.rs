@@ -27,11 +27,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chorus::Transport;
-use chorus::rpc::{RpcConfig, RpcEndpoint};
+use chorus::replication::ReplicaMessage;
+use chorus::runtime::rpc::{RpcConfig, RpcEndpoint};
 use chorus::transport::Address;
 use chorus::transport_quic::{Identity, QuicConfig, QuicTransport, TrustedPeers};
 use chorus::transport_tcp::{TcpConfig, TcpTransport};
-use chorus::wire::{self, Header, Message};
+use chorus::wire::{self, Header};
 
 const WARM_UP: Duration = Duration::from_millis(500);
 const MAX_FRAME: usize = 1024 * 1024;
@@ -122,8 +123,8 @@ async fn quic_pair() -> (QuicTransport, QuicTransport) {
     (a, b)
 }
 
-fn message(payload: usize) -> Message {
-    Message::Get {
+fn message(payload: usize) -> ReplicaMessage {
+    ReplicaMessage::Get {
         key: Bytes::from(vec![0xA5u8; payload]),
     }
 }
@@ -177,7 +178,7 @@ async fn one_way<T: Transport>(a: T, b: T, case: Case, secs: Duration) -> f64 {
 async fn round_trips<T: Transport>(a: T, b: T, case: Case, secs: Duration) -> f64 {
     let to: Address = b.local_addr();
     let (ea, _inbound_a) = RpcEndpoint::start(a, RpcConfig::default());
-    let (eb, mut inbound_b) = RpcEndpoint::start(b, RpcConfig::default());
+    let (eb, mut inbound_b) = RpcEndpoint::<_, ReplicaMessage>::start(b, RpcConfig::default());
     let server = {
         let eb = eb.clone();
         tokio::spawn(async move {

@@ -27,6 +27,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::identity::NodeId;
+
 /// Number of bits used by the logical counter inside a [`Timestamp`].
 pub const LOGICAL_BITS: u32 = 16;
 /// Largest physical value (milliseconds since the Unix epoch) a [`Timestamp`] can hold.
@@ -35,22 +37,6 @@ pub const MAX_PHYSICAL_MS: u64 = (1 << (64 - LOGICAL_BITS)) - 1;
 pub const DEFAULT_MAX_DRIFT: Duration = Duration::from_millis(500);
 
 const LOGICAL_MASK: u64 = (1 << LOGICAL_BITS) - 1;
-
-/// Identifier of a node; it breaks ties between equal timestamps.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
-pub struct NodeId(pub u64);
-
-impl fmt::Debug for NodeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "NodeId({:016x})", self.0)
-    }
-}
-
-impl fmt::Display for NodeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}", self.0)
-    }
-}
 
 /// A hybrid logical clock reading: 48 bits of milliseconds, 16 bits of logical counter.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]

@@ -1,37 +1,52 @@
 //! Chorus core: the parts every node shares, independent of any concrete backend or transport.
 //!
-//! - [`hlc`]: hybrid logical clocks and the [`Version`] that orders writes;
-//! - [`hash`] and [`ring`]: where keys live (consistent hashing with virtual nodes);
-//! - [`record`]: values, tombstones and the last-writer-wins merge;
-//! - [`storage`] and [`transport`]: the traits backends and transports implement;
-//! - [`wire`]: the frame format and the one place bincode is used;
-//! - [`rpc`]: request/response correlation over any transport;
-//! - [`registry`]: names to backend and transport factories;
-//! - [`membership`]: SWIM membership with Lifeguard as a sans-IO state machine, its tokio
-//!   driver and a deterministic simulator;
-//! - [`inproc`]: an in-process transport with seeded fault injection, for whole-cluster tests.
+//! The modules form layers; each uses only the layers below it (see `docs/ARCHITECTURE.md`):
+//!
+//! 1. identity and utilities: [`identity`] ([`NodeId`], [`Address`]), [`util`], [`codec`]
+//!    (bounded serde helpers), [`hash`], [`hlc`], [`record`], [`ring`];
+//! 2. [`wire`]: framing and bounded decoding of any message type, naming none;
+//! 3. protocols, each owning its messages: [`membership`] (SWIM with Lifeguard as a sans-IO
+//!    state machine), [`replication`] (the replica protocol's messages today);
+//! 4. [`envelope`]: the enum that multiplexes the protocols on one connection;
+//! 5. the contracts and the registry: [`storage`], [`transport`], [`registry`];
+//! 6. the runtime (feature `runtime`, on by default): `runtime::membership` (the membership
+//!    driver), `runtime::rpc` (request/response correlation), `runtime::inproc` (an
+//!    in-process transport with seeded fault injection) and the transports' shared outbox.
+//!
+//! `cargo check -p chorus-core --no-default-features` builds everything but the runtime, which
+//! proves the protocol machines and decision types free of tokio. The feature `sim` adds the
+//! deterministic membership simulator (`sim`).
 //!
 //! Users normally depend on the `chorus` facade crate, which re-exports this crate and
 //! registers the backends and transports its features compiled in.
 
 #![deny(missing_docs)]
 
+pub mod codec;
+pub mod envelope;
 pub mod hash;
 pub mod hlc;
-pub mod inproc;
+pub mod identity;
 pub mod membership;
 pub mod record;
 pub mod registry;
+pub mod replication;
 pub mod ring;
-pub mod rpc;
+#[cfg(feature = "runtime")]
+pub mod runtime;
+#[cfg(feature = "sim")]
+pub mod sim;
 pub mod storage;
 pub mod transport;
+pub mod util;
 pub mod wire;
 
+pub use envelope::Envelope;
 pub use hash::{HashRange, key_hash};
-pub use hlc::{ClockError, Hlc, NodeId, Timestamp, Version};
+pub use hlc::{ClockError, Hlc, Timestamp, Version};
+pub use identity::{Address, NodeId};
 pub use record::{Payload, Record};
-pub use registry::{Registry, RegistryError};
+pub use registry::{ComponentKind, Registry, RegistryError, StorageSpec, TransportSpec};
 pub use ring::{Ring, RingConfig, RingMember};
 pub use storage::{SharedStorage, Storage, StorageError};
-pub use transport::{Address, SharedTransport, Transport, TransportError};
+pub use transport::{SharedTransport, Transport, TransportError};

@@ -20,7 +20,7 @@ use crate::hlc::Version;
 #[derive(Clone, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
 pub enum Payload {
     /// A live value.
-    Value(#[serde(with = "crate::wire::serde_bytes")] Bytes),
+    Value(#[serde(with = "crate::codec::serde_bytes")] Bytes),
     /// A delete marker; it shadows older values until it is collected after the grace period.
     Tombstone,
 }

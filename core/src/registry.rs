@@ -11,8 +11,9 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::storage::{BoxFuture, SharedStorage, StorageError};
+use crate::storage::{SharedStorage, StorageError};
 use crate::transport::{SharedTransport, TransportError};
+use crate::util::BoxFuture;
 
 /// What to open: a backend name plus its settings.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -73,18 +74,18 @@ pub type TransportFactory = Arc<
 /// The kinds of pluggable component.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[non_exhaustive]
-pub enum Kind {
+pub enum ComponentKind {
     /// A storage backend.
     Backend,
     /// A transport.
     Transport,
 }
 
-impl fmt::Display for Kind {
+impl fmt::Display for ComponentKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Kind::Backend => "storage backend",
-            Kind::Transport => "transport",
+            ComponentKind::Backend => "storage backend",
+            ComponentKind::Transport => "transport",
         })
     }
 }
@@ -97,7 +98,7 @@ pub enum RegistryError {
     #[error("{}", unknown_message(.kind, .name, .available, .feature.as_deref()))]
     Unknown {
         /// Backend or transport.
-        kind: Kind,
+        kind: ComponentKind,
         /// The name asked for.
         name: String,
         /// The names that are registered.
@@ -109,7 +110,7 @@ pub enum RegistryError {
     #[error("{kind} {name:?} is registered twice")]
     Duplicate {
         /// Backend or transport.
-        kind: Kind,
+        kind: ComponentKind,
         /// The name.
         name: String,
     },
@@ -131,7 +132,12 @@ pub enum RegistryError {
     },
 }
 
-fn unknown_message(kind: &Kind, name: &str, available: &[String], feature: Option<&str>) -> String {
+fn unknown_message(
+    kind: &ComponentKind,
+    name: &str,
+    available: &[String],
+    feature: Option<&str>,
+) -> String {
     let list = if available.is_empty() {
         "none".to_owned()
     } else {
@@ -152,7 +158,7 @@ pub struct Registry {
     backends: BTreeMap<String, BackendFactory>,
     transports: BTreeMap<String, TransportFactory>,
     /// Known names that this build did not compile in, with the feature that would.
-    missing: BTreeMap<(Kind, String), String>,
+    missing: BTreeMap<(ComponentKind, String), String>,
 }
 
 impl fmt::Debug for Registry {
@@ -179,7 +185,7 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         if self.backends.contains_key(scheme) {
             return Err(RegistryError::Duplicate {
-                kind: Kind::Backend,
+                kind: ComponentKind::Backend,
                 name: scheme.to_owned(),
             });
         }
@@ -198,7 +204,7 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         if self.transports.contains_key(scheme) {
             return Err(RegistryError::Duplicate {
-                kind: Kind::Transport,
+                kind: ComponentKind::Transport,
                 name: scheme.to_owned(),
             });
         }
@@ -207,7 +213,7 @@ impl Registry {
     }
 
     /// Records that `scheme` exists but this build left it out; `feature` would compile it in.
-    pub fn note_missing(&mut self, kind: Kind, scheme: &str, feature: &str) {
+    pub fn note_missing(&mut self, kind: ComponentKind, scheme: &str, feature: &str) {
         self.missing
             .insert((kind, scheme.to_owned()), feature.to_owned());
     }
@@ -224,10 +230,9 @@ impl Registry {
 
     /// Opens the backend `spec.scheme` names.
     pub fn open_backend(&self, spec: &StorageSpec) -> Result<SharedStorage, RegistryError> {
-        let factory = self
-            .backends
-            .get(&spec.scheme)
-            .ok_or_else(|| self.unknown(Kind::Backend, &spec.scheme, self.backend_names()))?;
+        let factory = self.backends.get(&spec.scheme).ok_or_else(|| {
+            self.unknown(ComponentKind::Backend, &spec.scheme, self.backend_names())
+        })?;
         factory(spec).map_err(|source| RegistryError::Storage {
             name: spec.scheme.clone(),
             source,
@@ -242,7 +247,13 @@ impl Registry {
         let factory = self
             .transports
             .get(&spec.scheme)
-            .ok_or_else(|| self.unknown(Kind::Transport, &spec.scheme, self.transport_names()))?
+            .ok_or_else(|| {
+                self.unknown(
+                    ComponentKind::Transport,
+                    &spec.scheme,
+                    self.transport_names(),
+                )
+            })?
             .clone();
         let name = spec.scheme.clone();
         factory(spec)
@@ -250,7 +261,7 @@ impl Registry {
             .map_err(|source| RegistryError::Transport { name, source })
     }
 
-    fn unknown(&self, kind: Kind, name: &str, available: Vec<String>) -> RegistryError {
+    fn unknown(&self, kind: ComponentKind, name: &str, available: Vec<String>) -> RegistryError {
         let feature = self.missing.get(&(kind, name.to_owned())).cloned();
         RegistryError::Unknown {
             kind,
@@ -273,12 +284,11 @@ mod tests {
                 Err(StorageError::Config("test factory".into()))
             })
             .expect("first registration");
-        registry.note_missing(Kind::Backend, "beta", "backend-beta");
+        registry.note_missing(ComponentKind::Backend, "beta", "backend-beta");
 
         let err = registry
             .open_backend(&StorageSpec::new("beta"))
-            .err()
-            .expect("beta is missing");
+            .expect_err("beta is missing");
         match &err {
             RegistryError::Unknown {
                 available, feature, ..
@@ -296,16 +306,14 @@ mod tests {
 
         let text = registry
             .open_backend(&StorageSpec::new("gamma"))
-            .err()
-            .expect("missing")
+            .expect_err("missing")
             .to_string();
         assert!(text.contains("no crate known"), "{text}");
 
         // The factory's own error is reported with the backend's name.
         let text = registry
             .open_backend(&StorageSpec::new("alpha"))
-            .err()
-            .expect("fails")
+            .expect_err("fails")
             .to_string();
         assert!(
             text.contains("\"alpha\"") && text.contains("test factory"),
@@ -322,7 +330,7 @@ mod tests {
         assert!(matches!(
             registry.register_backend("x", |_| Err(StorageError::Closed)),
             Err(RegistryError::Duplicate {
-                kind: Kind::Backend,
+                kind: ComponentKind::Backend,
                 ..
             })
         ));
@@ -334,8 +342,7 @@ mod tests {
         let text = registry
             .bind_transport(TransportSpec::new("tcp", "127.0.0.1:0"))
             .await
-            .err()
-            .expect("missing")
+            .expect_err("missing")
             .to_string();
         assert!(
             text.contains("unknown transport \"tcp\" (available: none)"),

@@ -21,7 +21,6 @@
 
 use std::future::Future;
 use std::num::{NonZeroU32, NonZeroUsize};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,15 +30,38 @@ use serde::{Deserialize, Serialize};
 use crate::hash::HashRange;
 use crate::hlc::Version;
 use crate::record::Record;
+use crate::util::BoxFuture;
 
 /// The most buckets one [`Storage::digest`] call may ask for (16 bytes each).
 pub const MAX_DIGEST_BUCKETS: u32 = 1 << 16;
 
-/// A boxed, sendable future, as returned by the object-safe traits.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+/// A storage backend chosen at run time: a cheap-to-clone handle to any [`Storage`], as the
+/// registry hands out.
+///
+/// A struct, not a bare `Arc<dyn DynStorage>`, for the reason given at
+/// [`SharedTransport`](crate::transport::SharedTransport): futures over the bare `dyn` type
+/// cannot be passed to `tokio::spawn`.
+#[derive(Clone)]
+pub struct SharedStorage(Arc<dyn DynStorage>);
 
-/// A storage backend chosen at run time.
-pub type SharedStorage = Arc<dyn DynStorage>;
+impl SharedStorage {
+    /// Wraps `storage`.
+    pub fn new(storage: impl Storage) -> Self {
+        SharedStorage(Arc::new(storage))
+    }
+}
+
+impl<S: Storage> From<Arc<S>> for SharedStorage {
+    fn from(storage: Arc<S>) -> Self {
+        SharedStorage(storage)
+    }
+}
+
+impl std::fmt::Debug for SharedStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedStorage")
+    }
+}
 
 /// What went wrong inside a backend.
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +115,7 @@ pub struct Entry {
     /// Ring position of the key.
     pub hash: u64,
     /// The key.
-    #[serde(with = "crate::wire::serde_bytes")]
+    #[serde(with = "crate::codec::serde_bytes")]
     pub key: Bytes,
     /// The stored record.
     pub record: Record,
@@ -105,7 +127,7 @@ pub struct ScanCursor {
     /// Ring position of the last returned key.
     pub hash: u64,
     /// The last returned key.
-    #[serde(with = "crate::wire::serde_bytes")]
+    #[serde(with = "crate::codec::serde_bytes")]
     pub key: Bytes,
 }
 
@@ -321,14 +343,14 @@ impl<S: Storage> DynStorage for S {
 impl Storage for SharedStorage {
     // `async fn` lets the future capture both elided lifetimes.
     async fn get(&self, key: &[u8]) -> Result<Option<Record>, StorageError> {
-        (**self).get_dyn(key).await
+        self.0.get_dyn(key).await
     }
     fn apply(
         &self,
         key: Bytes,
         record: Record,
     ) -> impl Future<Output = Result<ApplyOutcome, StorageError>> + Send {
-        (**self).apply_dyn(key, record)
+        self.0.apply_dyn(key, record)
     }
     fn scan(
         &self,
@@ -336,30 +358,30 @@ impl Storage for SharedStorage {
         cursor: Option<ScanCursor>,
         limit: NonZeroUsize,
     ) -> impl Future<Output = Result<ScanPage, StorageError>> + Send {
-        (**self).scan_dyn(range, cursor, limit)
+        self.0.scan_dyn(range, cursor, limit)
     }
     fn digest(
         &self,
         range: HashRange,
         buckets: NonZeroU32,
     ) -> impl Future<Output = Result<Vec<RangeDigest>, StorageError>> + Send {
-        (**self).digest_dyn(range, buckets)
+        self.0.digest_dyn(range, buckets)
     }
     fn purge(
         &self,
         now_ms: u64,
         grace: Duration,
     ) -> impl Future<Output = Result<PurgeStats, StorageError>> + Send {
-        (**self).purge_dyn(now_ms, grace)
+        self.0.purge_dyn(now_ms, grace)
     }
     fn stats(&self) -> impl Future<Output = Result<StorageStats, StorageError>> + Send {
-        (**self).stats_dyn()
+        self.0.stats_dyn()
     }
     fn flush(&self) -> impl Future<Output = Result<(), StorageError>> + Send {
-        (**self).flush_dyn()
+        self.0.flush_dyn()
     }
     fn close(&self) -> impl Future<Output = Result<(), StorageError>> + Send {
-        (**self).close_dyn()
+        self.0.close_dyn()
     }
 }
 

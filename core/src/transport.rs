@@ -10,66 +10,44 @@
 //! As with [`crate::storage`], [`Transport`] is the generic trait and [`DynTransport`] its
 //! object-safe twin for the runtime-selected edge ([`SharedTransport`]).
 
-use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use crate::identity::Address;
+use crate::util::BoxFuture;
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 
-use crate::storage::BoxFuture;
-
+#[cfg(feature = "runtime")]
 pub mod outbox;
 
-/// A transport chosen at run time.
-pub type SharedTransport = Arc<dyn DynTransport>;
+/// A transport chosen at run time: a cheap-to-clone handle to any [`Transport`], as the
+/// registry hands out.
+///
+/// A struct, not a bare `Arc<dyn DynTransport>`: futures over `Arc<dyn DynTransport>`, such as
+/// an [`RpcEndpoint`](crate::runtime::rpc::RpcEndpoint)'s `request`, could not be passed to
+/// `tokio::spawn`, because the compiler must then prove `Transport` for the `dyn` object at
+/// every lifetime and the impl exists only for `'static` ("implementation of `Transport` is not
+/// general enough"). A named type has no lifetime to generalise over.
+#[derive(Clone)]
+pub struct SharedTransport(Arc<dyn DynTransport>);
 
-/// Where a node can be reached: `host:port` for network transports, a name in process.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub struct Address(Arc<str>);
-
-impl<'de> Deserialize<'de> for Address {
-    // Through the borrowed string path: addresses travel in peers' messages, and the owned
-    // path would allocate whatever length a frame claims.
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        crate::wire::serde_str::deserialize(deserializer).map(Address::from)
+impl SharedTransport {
+    /// Wraps `transport`.
+    pub fn new(transport: impl Transport) -> Self {
+        SharedTransport(Arc::new(transport))
     }
 }
 
-impl Address {
-    /// An address from its textual form.
-    pub fn new(addr: impl AsRef<str>) -> Self {
-        Address(Arc::from(addr.as_ref()))
-    }
-
-    /// The textual form.
-    pub fn as_str(&self) -> &str {
-        &self.0
+impl<T: Transport> From<Arc<T>> for SharedTransport {
+    fn from(transport: Arc<T>) -> Self {
+        SharedTransport(transport)
     }
 }
 
-impl fmt::Debug for Address {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Address({})", self.0)
-    }
-}
-
-impl fmt::Display for Address {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl From<&str> for Address {
-    fn from(s: &str) -> Self {
-        Address::new(s)
-    }
-}
-
-impl From<String> for Address {
-    fn from(s: String) -> Self {
-        Address(Arc::from(s))
+impl std::fmt::Debug for SharedTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SharedTransport({})", self.0.local_addr_dyn())
     }
 }
 
@@ -312,23 +290,23 @@ impl<T: Transport> DynTransport for T {
 
 impl Transport for SharedTransport {
     fn local_addr(&self) -> Address {
-        (**self).local_addr_dyn()
+        self.0.local_addr_dyn()
     }
     fn max_frame_len(&self) -> usize {
-        (**self).max_frame_len_dyn()
+        self.0.max_frame_len_dyn()
     }
     // `async fn` lets the future capture both elided lifetimes.
     async fn send(&self, to: &Address, frame: Bytes) -> Result<(), TransportError> {
-        (**self).send_dyn(to, frame).await
+        self.0.send_dyn(to, frame).await
     }
     async fn send_unreliable(&self, to: &Address, frame: Bytes) -> Result<(), TransportError> {
-        (**self).send_unreliable_dyn(to, frame).await
+        self.0.send_unreliable_dyn(to, frame).await
     }
     fn recv(&self) -> impl Future<Output = Result<Incoming, TransportError>> + Send {
-        (**self).recv_dyn()
+        self.0.recv_dyn()
     }
     fn close(&self) -> impl Future<Output = ()> + Send {
-        (**self).close_dyn()
+        self.0.close_dyn()
     }
 }
 

@@ -15,19 +15,22 @@
 //! decoder runs under a byte limit (the frame ceiling, as a backstop) and decodes every byte
 //! string and string by borrowing from the input, so a length claimed inside the payload is
 //! checked against the bytes actually present before anything is allocated; and a payload that
-//! does not consume its frame exactly is rejected. Malformed input of any kind yields a [`WireError`], never a panic.
+//! does not consume its frame exactly is rejected. Malformed input of any kind yields a
+//! [`WireError`], never a panic.
+//!
+//! The wire knows framing only: it encodes and decodes any serde message type and names none.
+//! Each protocol owns its message types ([`crate::membership::message`],
+//! [`crate::replication::message`]), and [`crate::envelope::Envelope`] multiplexes them on one
+//! connection, above the protocols.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-
-use crate::hlc::Version;
-use crate::record::Record;
 
 /// First two bytes after the length prefix.
 pub const MAGIC: [u8; 2] = [0xC4, 0x05];
 /// The wire version this build speaks.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 /// Size of the length prefix.
 pub const PREFIX_LEN: usize = 4;
 /// Size of the header after the length prefix.
@@ -157,7 +160,7 @@ pub enum WireError {
 /// The bincode configuration of the payload. Changing it is a wire-version change.
 ///
 /// The limit is a backstop; the real bound is that every byte string and string field decodes
-/// through [`serde_bytes`] / [`serde_str`], which borrow from the input instead of allocating
+/// through [`crate::codec::serde_bytes`] / [`crate::codec::serde_str`], which borrow from the input instead of allocating
 /// a claimed length.
 fn config() -> bincode::config::Configuration<
     bincode::config::LittleEndian,
@@ -165,92 +168,6 @@ fn config() -> bincode::config::Configuration<
     bincode::config::Limit<MAX_FRAME_LEN_CEILING>,
 > {
     bincode::config::standard().with_limit::<MAX_FRAME_LEN_CEILING>()
-}
-
-/// Serde helpers for `Bytes` fields of wire types: `#[serde(with = "crate::wire::serde_bytes")]`.
-///
-/// Deserializing through `deserialize_bytes` makes bincode hand out a slice of the input after
-/// checking the claimed length against what is actually there, so a peer cannot make us allocate
-/// more than it sent. The owned path (`deserialize_byte_buf`, which `Bytes` uses by default)
-/// allocates the claimed length first.
-pub mod serde_bytes {
-    use std::fmt;
-
-    use bytes::Bytes;
-    use serde::{Deserializer, Serializer};
-
-    /// Serializes as a byte string.
-    pub fn serialize<S: Serializer>(bytes: &Bytes, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_bytes(bytes)
-    }
-
-    /// Deserializes from a borrowed byte string, copying exactly what is present.
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Bytes, D::Error> {
-        deserializer.deserialize_bytes(BytesVisitor)
-    }
-
-    struct BytesVisitor;
-
-    impl<'de> serde::de::Visitor<'de> for BytesVisitor {
-        type Value = Bytes;
-
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a byte string")
-        }
-
-        fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Bytes, E> {
-            Ok(Bytes::copy_from_slice(v))
-        }
-
-        fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
-            Ok(Bytes::from(v))
-        }
-
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Bytes, A::Error> {
-            // Self-describing formats (JSON in tools and tests) write bytes as a sequence;
-            // growth follows the elements actually present.
-            let mut out = Vec::new();
-            while let Some(b) = seq.next_element::<u8>()? {
-                out.push(b);
-            }
-            Ok(Bytes::from(out))
-        }
-    }
-}
-
-/// Serde helpers for `String` fields of wire types, for the same reason as [`serde_bytes`].
-pub mod serde_str {
-    use std::fmt;
-
-    use serde::{Deserializer, Serializer};
-
-    /// Serializes as a string.
-    pub fn serialize<S: Serializer>(s: &str, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(s)
-    }
-
-    /// Deserializes from a borrowed string, copying exactly what is present.
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
-        deserializer.deserialize_str(StrVisitor)
-    }
-
-    struct StrVisitor;
-
-    impl serde::de::Visitor<'_> for StrVisitor {
-        type Value = String;
-
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a string")
-        }
-
-        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
-            Ok(v.to_owned())
-        }
-
-        fn visit_string<E: serde::de::Error>(self, v: String) -> Result<String, E> {
-            Ok(v)
-        }
-    }
 }
 
 /// Given at least the first [`PREFIX_LEN`] bytes of a stream, the length of the whole frame,
@@ -480,199 +397,62 @@ pub fn split(frame: &[u8], max_frame_len: usize) -> Result<(Header, &[u8]), Wire
     Ok((header, &frame[PREFIX_LEN + HEADER_LEN..]))
 }
 
-/// Messages exchanged between nodes: the data plane and, in [`Message::Swim`], membership.
-///
-/// Later protocol parts (anti-entropy) add variants; adding a variant at the end is
-/// compatible for peers that know it, and a peer that does not reports a typed decode error.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub enum Message {
-    /// Store `record` under `key` if it is newer than what the replica holds.
-    Put {
-        /// The key.
-        #[serde(with = "serde_bytes")]
-        key: Bytes,
-        /// The record to apply.
-        record: Record,
-    },
-    /// The outcome of a [`Message::Put`].
-    PutReply {
-        /// Whether the record was stored.
-        applied: bool,
-        /// The version the replica holds afterwards.
-        current: Version,
-    },
-    /// Read the record stored under `key`.
-    Get {
-        /// The key.
-        #[serde(with = "serde_bytes")]
-        key: Bytes,
-    },
-    /// The outcome of a [`Message::Get`].
-    GetReply {
-        /// The stored record, tombstones included.
-        record: Option<Record>,
-    },
-    /// The request could not be served.
-    Error {
-        /// Why, for logs.
-        #[serde(with = "serde_str")]
-        reason: String,
-    },
-    /// A membership protocol message (see [`crate::membership`]).
-    Swim(crate::membership::SwimMessage),
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hlc::{NodeId, Timestamp};
-    use crate::membership::{Life, Member, MemberMeta, MemberState, SwimMessage, Update};
-    use crate::transport::Address;
     use proptest::prelude::*;
+    use serde::Deserialize;
 
     const MAX: usize = 64 * 1024;
 
-    fn put(value_len: usize) -> Message {
-        Message::Put {
-            key: Bytes::from_static(b"user:1234"),
-            record: Record::value(
-                vec![7u8; value_len],
-                Version::new(Timestamp::new(1_700_000_000_000, 3), NodeId(42)),
-            ),
-        }
+    /// A stand-in payload: the wire is generic over message types and names none of the
+    /// protocols' own.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    enum TestMessage {
+        Blob(#[serde(with = "crate::codec::serde_bytes")] Bytes),
+        Text(#[serde(with = "crate::codec::serde_str")] String),
+        Numbers(Vec<u32>),
     }
 
-    fn arb_message() -> impl Strategy<Value = Message> {
-        let version = (any::<u64>(), any::<u64>())
-            .prop_map(|(t, n)| Version::new(Timestamp::from_u64(t), NodeId(n)));
-        let record = (
-            prop::option::of(prop::collection::vec(any::<u8>(), 0..64)),
-            version.clone(),
-            prop::option::of(any::<u64>()),
-        )
-            .prop_map(|(v, version, exp)| Record {
-                payload: v.map_or(crate::record::Payload::Tombstone, |v| {
-                    crate::record::Payload::Value(v.into())
-                }),
-                version,
-                expires_at_ms: exp,
-            });
-        let key = prop::collection::vec(any::<u8>(), 0..32).prop_map(Bytes::from);
-        prop_oneof![
-            (key.clone(), record.clone()).prop_map(|(key, record)| Message::Put { key, record }),
-            (any::<bool>(), version)
-                .prop_map(|(applied, current)| Message::PutReply { applied, current }),
-            key.prop_map(|key| Message::Get { key }),
-            prop::option::of(record).prop_map(|record| Message::GetReply { record }),
-            ".{0,40}".prop_map(|reason| Message::Error { reason }),
-            arb_swim().prop_map(Message::Swim),
-        ]
+    fn blob(value_len: usize) -> TestMessage {
+        TestMessage::Blob(Bytes::from(vec![7u8; value_len]))
     }
 
-    fn arb_swim() -> impl Strategy<Value = SwimMessage> {
-        let id = any::<u64>().prop_map(NodeId);
-        let life = (any::<u64>(), any::<u64>()).prop_map(|(generation, incarnation)| Life {
-            generation,
-            incarnation,
-        });
-        let addr = "[a-z0-9.:-]{0,24}".prop_map(Address::from);
-        let meta = (addr.clone(), 1u32.., any::<[u8; 32]>()).prop_map(|(addr, w, public_key)| {
-            MemberMeta {
-                addr,
-                weight: std::num::NonZeroU32::new(w).unwrap(),
-                public_key,
-            }
-        });
-        let update =
-            prop_oneof![
-                (id.clone(), life.clone(), meta.clone())
-                    .prop_map(|(id, life, meta)| Update::Alive { id, life, meta }),
-                (id.clone(), life.clone(), id.clone())
-                    .prop_map(|(id, life, from)| Update::Suspect { id, life, from }),
-                (id.clone(), life.clone(), id.clone()).prop_map(|(id, life, from)| Update::Dead {
-                    id,
-                    life,
-                    from
-                }),
-                (id.clone(), life.clone()).prop_map(|(id, life)| Update::Left { id, life }),
-            ];
-        let updates = prop::collection::vec(update, 0..4);
-        let state = prop_oneof![
-            Just(MemberState::Alive),
-            Just(MemberState::Suspect),
-            Just(MemberState::Dead),
-            Just(MemberState::Left),
-        ];
-        let member = (id.clone(), life, state, meta).prop_map(|(id, life, state, meta)| Member {
-            id,
-            life,
-            state,
-            meta,
-        });
+    fn arb_message() -> impl Strategy<Value = TestMessage> {
         prop_oneof![
-            (any::<u32>(), id.clone(), id.clone(), updates.clone()).prop_map(
-                |(seq, from, target, updates)| SwimMessage::Ping {
-                    seq,
-                    from,
-                    target,
-                    updates
-                }
-            ),
-            (any::<u32>(), id.clone(), updates.clone())
-                .prop_map(|(seq, from, updates)| { SwimMessage::Ack { seq, from, updates } }),
-            (any::<u32>(), id.clone(), id.clone(), addr, updates.clone()).prop_map(
-                |(seq, from, target, target_addr, updates)| SwimMessage::PingReq {
-                    seq,
-                    from,
-                    target,
-                    target_addr,
-                    updates
-                }
-            ),
-            (any::<u32>(), id.clone()).prop_map(|(seq, from)| SwimMessage::Nack { seq, from }),
-            (id.clone(), updates).prop_map(|(from, updates)| SwimMessage::Gossip { from, updates }),
-            (
-                id,
-                any::<bool>(),
-                any::<bool>(),
-                prop::collection::vec(member, 0..4)
-            )
-                .prop_map(|(from, join, reply, members)| SwimMessage::PushPull {
-                    from,
-                    join,
-                    reply,
-                    members
-                }),
+            prop::collection::vec(any::<u8>(), 0..64)
+                .prop_map(|b| TestMessage::Blob(Bytes::from(b))),
+            ".{0,40}".prop_map(TestMessage::Text),
+            prop::collection::vec(any::<u32>(), 0..16).prop_map(TestMessage::Numbers),
         ]
     }
 
     #[test]
     fn put_round_trips() {
-        let frame = encode(Header::request(9), &put(100), MAX).expect("encode");
+        let frame = encode(Header::request(9), &blob(100), MAX).expect("encode");
         assert_eq!(frame_len(&frame, MAX), Ok(Some(frame.len())));
-        let (header, msg): (Header, Message) = decode(&frame, MAX).expect("decode");
+        let (header, msg): (Header, TestMessage) = decode(&frame, MAX).expect("decode");
         assert_eq!(header, Header::request(9));
-        assert_eq!(msg, put(100));
+        assert_eq!(msg, blob(100));
     }
 
     #[test]
     fn header_errors_are_typed() {
-        let frame = encode(Header::message(), &put(10), MAX)
+        let frame = encode(Header::message(), &blob(10), MAX)
             .expect("encode")
             .to_vec();
 
         let mut bad = frame.clone();
         bad[4] = 0;
         assert!(matches!(
-            decode::<Message>(&bad, MAX),
+            decode::<TestMessage>(&bad, MAX),
             Err(WireError::BadMagic(_))
         ));
 
         let mut bad = frame.clone();
         bad[6] = WIRE_VERSION + 1;
         assert_eq!(
-            decode::<Message>(&bad, MAX).unwrap_err(),
+            decode::<TestMessage>(&bad, MAX).unwrap_err(),
             WireError::UnsupportedVersion {
                 got: WIRE_VERSION + 1
             }
@@ -681,23 +461,23 @@ mod tests {
         let mut bad = frame.clone();
         bad[7] = 9;
         assert_eq!(
-            decode::<Message>(&bad, MAX).unwrap_err(),
+            decode::<TestMessage>(&bad, MAX).unwrap_err(),
             WireError::UnknownKind(9)
         );
 
         let mut bad = frame.clone();
         bad.push(0);
         assert_eq!(
-            decode::<Message>(&bad, MAX).unwrap_err(),
+            decode::<TestMessage>(&bad, MAX).unwrap_err(),
             WireError::TrailingBytes { extra: 1 }
         );
 
         assert!(matches!(
-            decode::<Message>(&frame[..frame.len() - 1], MAX),
+            decode::<TestMessage>(&frame[..frame.len() - 1], MAX),
             Err(WireError::Truncated { .. })
         ));
         assert!(matches!(
-            decode::<Message>(&frame[..2], MAX),
+            decode::<TestMessage>(&frame[..2], MAX),
             Err(WireError::Truncated { .. })
         ));
         assert_eq!(frame_len(&frame[..3], MAX), Ok(None));
@@ -725,7 +505,7 @@ mod tests {
     #[test]
     fn oversized_payload_is_refused_on_encode() {
         assert!(matches!(
-            encode(Header::message(), &put(MAX), MAX),
+            encode(Header::message(), &blob(MAX), MAX),
             Err(WireError::TooLarge { .. })
         ));
     }
@@ -735,9 +515,7 @@ mod tests {
         // A valid payload followed by junk inside a correctly prefixed frame.
         let mut frame = encode(
             Header::message(),
-            &Message::Get {
-                key: Bytes::from_static(b"k"),
-            },
+            &TestMessage::Blob(Bytes::from_static(b"k")),
             MAX,
         )
         .expect("encode")
@@ -746,15 +524,15 @@ mod tests {
         let body = (frame.len() - PREFIX_LEN) as u32;
         frame[..4].copy_from_slice(&body.to_be_bytes());
         assert_eq!(
-            decode::<Message>(&frame, MAX).unwrap_err(),
+            decode::<TestMessage>(&frame, MAX).unwrap_err(),
             WireError::TrailingBytes { extra: 3 }
         );
     }
 
     #[test]
     fn lying_inner_length_does_not_decode() {
-        // A Get whose key claims 2^40 bytes in a tiny frame.
-        let mut payload = vec![2u8]; // variant index of Get
+        // A Blob whose bytes claim 2^40 bytes in a tiny frame.
+        let mut payload = vec![0u8]; // variant index of Blob
         payload.push(253); // bincode varint marker for u64
         payload.extend_from_slice(&(1u64 << 40).to_le_bytes());
         let mut frame = vec![0u8; PREFIX_LEN + HEADER_LEN];
@@ -764,27 +542,7 @@ mod tests {
         let body = (frame.len() - PREFIX_LEN) as u32;
         frame[..4].copy_from_slice(&body.to_be_bytes());
         assert!(matches!(
-            decode::<Message>(&frame, MAX),
-            Err(WireError::Payload(_))
-        ));
-    }
-
-    #[test]
-    fn swim_message_with_a_lying_update_count_does_not_decode() {
-        // A Gossip claiming 2^40 updates in a tiny frame.
-        let mut payload = vec![5u8]; // variant index of Swim
-        payload.push(4); // variant index of Gossip
-        payload.push(7); // from
-        payload.push(253); // bincode varint marker for u64
-        payload.extend_from_slice(&(1u64 << 40).to_le_bytes());
-        let mut frame = vec![0u8; PREFIX_LEN + HEADER_LEN];
-        frame[4..6].copy_from_slice(&MAGIC);
-        frame[6] = WIRE_VERSION;
-        frame.extend_from_slice(&payload);
-        let body = (frame.len() - PREFIX_LEN) as u32;
-        frame[..4].copy_from_slice(&body.to_be_bytes());
-        assert!(matches!(
-            decode::<Message>(&frame, MAX),
+            decode::<TestMessage>(&frame, MAX),
             Err(WireError::Payload(_))
         ));
     }
@@ -799,9 +557,7 @@ mod tests {
             .enumerate()
             .map(|(i, &len)| {
                 let payload: Vec<u8> = (0..len).map(|j| (i * 31 + j) as u8).collect();
-                let message = Message::Get {
-                    key: Bytes::from(payload),
-                };
+                let message = TestMessage::Blob(Bytes::from(payload));
                 encode(Header::message(), &message, max).unwrap()
             })
             .collect()
@@ -910,7 +666,7 @@ mod tests {
         fn every_message_round_trips(msg in arb_message(), correlation: u64, kind in 0u8..3) {
             let header = Header { kind: FrameKind::from_byte(kind).unwrap(), correlation };
             let frame = encode(header, &msg, MAX).unwrap();
-            let (h, m): (Header, Message) = decode(&frame, MAX).unwrap();
+            let (h, m): (Header, TestMessage) = decode(&frame, MAX).unwrap();
             prop_assert_eq!(h, header);
             prop_assert_eq!(m, msg);
         }
@@ -918,7 +674,7 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
             let _ = frame_len(&bytes, MAX);
-            let _ = decode::<Message>(&bytes, MAX);
+            let _ = decode::<TestMessage>(&bytes, MAX);
         }
 
         // Random bytes behind a valid prefix and header exercise the payload decoder itself.
@@ -932,7 +688,7 @@ mod tests {
             frame.extend_from_slice(&payload);
             let body = (frame.len() - PREFIX_LEN) as u32;
             frame[..4].copy_from_slice(&body.to_be_bytes());
-            if let Ok((header, _)) = decode::<Message>(&frame, MAX) {
+            if let Ok((header, _)) = decode::<TestMessage>(&frame, MAX) {
                 prop_assert_eq!(header.correlation, correlation);
             }
         }
@@ -974,7 +730,7 @@ mod tests {
             let mut frame = encode(Header::request(1), &msg, MAX).unwrap().to_vec();
             let i = at.index(frame.len());
             frame[i] ^= 1 << bit;
-            let _ = decode::<Message>(&frame, MAX);
+            let _ = decode::<TestMessage>(&frame, MAX);
         }
     }
 }

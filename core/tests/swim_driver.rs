@@ -4,13 +4,14 @@
 use std::time::Duration;
 
 use chorus_core::NodeId;
-use chorus_core::inproc::InProcessNetwork;
-use chorus_core::membership::driver::{self, MembershipHandle};
 use chorus_core::membership::{
     MemberMeta, MemberState, Membership, MembershipConfig, MembershipEvent,
 };
+use chorus_core::replication::ReplicaMessage;
+use chorus_core::runtime::inproc::InProcessNetwork;
+use chorus_core::runtime::membership::{self as driver, MembershipHandle};
 use chorus_core::transport::{Address, Transport};
-use chorus_core::wire::{self, Header, Message};
+use chorus_core::wire::{self, Header};
 
 const SEED: u64 = 0xD_41_7E;
 
@@ -103,7 +104,7 @@ async fn driver_drops_and_counts_frames_that_are_not_membership_messages() {
     let peer = net.bind("peer").expect("bind");
     let data = wire::encode(
         Header::message(),
-        &Message::Get {
+        &ReplicaMessage::Get {
             key: bytes::Bytes::from_static(b"k"),
         },
         wire::DEFAULT_MAX_FRAME_LEN,

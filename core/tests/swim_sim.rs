@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use chorus_core::membership::sim::Simulation;
 use chorus_core::membership::{MemberState, MembershipConfig, MembershipEvent};
+use chorus_core::sim::Simulation;
 
 const DEFAULT_SEED: u64 = 0x5_1A_7E;
 

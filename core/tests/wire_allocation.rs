@@ -6,7 +6,9 @@
 
 use bytes::Bytes;
 use cap::Cap;
-use chorus_core::wire::{self, HEADER_LEN, Header, Message, PREFIX_LEN};
+use chorus_core::Envelope;
+use chorus_core::replication::ReplicaMessage;
+use chorus_core::wire::{self, HEADER_LEN, Header, PREFIX_LEN};
 use chorus_core::{NodeId, Record, Timestamp, Version};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -28,25 +30,25 @@ fn hostile_frame(rng: &mut ChaCha8Rng) -> Vec<u8> {
     let key = Bytes::from(vec![b'k'; rng.random_range(0..16)]);
     let value = vec![b'v'; rng.random_range(0..64)];
     let message = match rng.random_range(0..5) {
-        0 => Message::Put {
+        0 => ReplicaMessage::Put {
             key,
             record: Record::value(value, version),
         },
-        1 => Message::PutReply {
+        1 => ReplicaMessage::PutReply {
             applied: true,
             current: version,
         },
-        2 => Message::Get { key },
-        3 => Message::GetReply {
+        2 => ReplicaMessage::Get { key },
+        3 => ReplicaMessage::GetReply {
             record: Some(Record::value(value, version).with_expiry(7)),
         },
-        _ => Message::Error {
+        _ => ReplicaMessage::Error {
             reason: "x".repeat(rng.random_range(0..32)),
         },
     };
     let mut frame = wire::encode(
         Header::request(rng.random()),
-        &message,
+        &Envelope::Replica(message),
         wire::DEFAULT_MAX_FRAME_LEN,
     )
     .expect("encode")
@@ -91,7 +93,7 @@ fn hostile_frames_stay_within_allocation_budget() {
         let frame = hostile_frame(&mut rng);
         let limit = ALLOCATOR.allocated() + budget(frame.len());
         ALLOCATOR.set_limit(limit).expect("limit above current use");
-        let result = wire::decode::<Message>(&frame, wire::DEFAULT_MAX_FRAME_LEN);
+        let result = wire::decode::<Envelope>(&frame, wire::DEFAULT_MAX_FRAME_LEN);
         ALLOCATOR.set_limit(usize::MAX).expect("lift the limit");
         if result.is_err() {
             rejected += 1;

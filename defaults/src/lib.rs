@@ -13,7 +13,7 @@
 //! | `backend-moka`   | backend `"moka"`     | no      |
 //!
 //! ```
-//! use chorus::registry::StorageSpec;
+//! use chorus::StorageSpec;
 //!
 //! let registry = chorus::registry();
 //! // Every compiled-in backend is listed; volatile ones open from just their name (persistent
@@ -25,10 +25,32 @@
 //! let err = registry.open_backend(&StorageSpec::new("no-such-backend")).err().unwrap();
 //! assert!(err.to_string().contains("available:"));
 //! ```
+//!
+//! `chorus::registry` names only that function; the registry's types are at the root
+//! ([`Registry`], [`StorageSpec`], [`TransportSpec`], [`ComponentKind`]), so there is no
+//! module of the same name to confuse it with:
+//!
+//! ```compile_fail
+//! use chorus::registry::StorageSpec; // error: `registry` is a function, not a module
+//! ```
 
 #![deny(missing_docs)]
 
-pub use chorus_core::*;
+// Explicit rather than a glob: the core's `registry` module stays out, so `chorus::registry`
+// names only the function below; its types are re-exported at the root.
+pub use chorus_core::registry::{BackendFactory, TransportFactory};
+#[cfg(feature = "sim")]
+pub use chorus_core::sim;
+pub use chorus_core::{
+    Address, ClockError, ComponentKind, Envelope, HashRange, Hlc, NodeId, Payload, Record,
+    Registry, RegistryError, Ring, RingConfig, RingMember, SharedStorage, SharedTransport, Storage,
+    StorageError, StorageSpec, Timestamp, Transport, TransportError, TransportSpec, Version,
+    key_hash,
+};
+pub use chorus_core::{
+    codec, envelope, hash, hlc, identity, membership, record, replication, ring, runtime, storage,
+    transport, util, wire,
+};
 
 #[cfg(feature = "backend-memory")]
 pub use chorus_backend_memory as backend_memory;
@@ -55,26 +77,26 @@ pub fn registry() -> Registry {
     #[cfg(feature = "backend-memory")]
     chorus_backend_memory::register(&mut registry);
     #[cfg(not(feature = "backend-memory"))]
-    registry.note_missing(registry::Kind::Backend, "memory", "backend-memory");
+    registry.note_missing(ComponentKind::Backend, "memory", "backend-memory");
     #[cfg(feature = "transport-tcp")]
     chorus_transport_tcp::register(&mut registry);
     #[cfg(not(feature = "transport-tcp"))]
-    registry.note_missing(registry::Kind::Transport, "tcp", "transport-tcp");
+    registry.note_missing(ComponentKind::Transport, "tcp", "transport-tcp");
     #[cfg(feature = "transport-quic")]
     chorus_transport_quic::register(&mut registry);
     #[cfg(not(feature = "transport-quic"))]
-    registry.note_missing(registry::Kind::Transport, "quic", "transport-quic");
+    registry.note_missing(ComponentKind::Transport, "quic", "transport-quic");
     #[cfg(feature = "backend-file")]
     chorus_backend_file::register(&mut registry);
     #[cfg(not(feature = "backend-file"))]
-    registry.note_missing(registry::Kind::Backend, "file", "backend-file");
+    registry.note_missing(ComponentKind::Backend, "file", "backend-file");
     #[cfg(feature = "backend-sled")]
     chorus_backend_sled::register(&mut registry);
     #[cfg(not(feature = "backend-sled"))]
-    registry.note_missing(registry::Kind::Backend, "sled", "backend-sled");
+    registry.note_missing(ComponentKind::Backend, "sled", "backend-sled");
     #[cfg(feature = "backend-moka")]
     chorus_backend_moka::register(&mut registry);
     #[cfg(not(feature = "backend-moka"))]
-    registry.note_missing(registry::Kind::Backend, "moka", "backend-moka");
+    registry.note_missing(ComponentKind::Backend, "moka", "backend-moka");
     registry
 }

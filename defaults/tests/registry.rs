@@ -4,7 +4,7 @@
 //! error for "memory" must name the feature that would compile it in.
 
 use chorus::RegistryError;
-use chorus::registry::StorageSpec;
+use chorus::StorageSpec;
 
 #[cfg(feature = "backend-memory")]
 #[tokio::test]
@@ -30,8 +30,7 @@ fn missing_memory_names_its_feature() {
     assert!(!registry.backend_names().contains(&"memory".to_owned()));
     let err = registry
         .open_backend(&StorageSpec::new("memory"))
-        .err()
-        .expect("not compiled in");
+        .expect_err("not compiled in");
     match &err {
         RegistryError::Unknown {
             name,
@@ -54,8 +53,7 @@ fn unknown_name_lists_available_backends() {
     let registry = chorus::registry();
     let err = registry
         .open_backend(&StorageSpec::new("cassandra"))
-        .err()
-        .expect("unknown");
+        .expect_err("unknown");
     let RegistryError::Unknown {
         available, feature, ..
     } = &err
@@ -75,7 +73,7 @@ fn unknown_name_lists_available_backends() {
 #[tokio::test]
 async fn tcp_is_registered_and_binds() {
     use chorus::Transport;
-    use chorus::registry::TransportSpec;
+    use chorus::TransportSpec;
 
     let registry = chorus::registry();
     assert!(registry.transport_names().contains(&"tcp".to_owned()));
@@ -90,14 +88,13 @@ async fn tcp_is_registered_and_binds() {
 #[cfg(not(feature = "transport-tcp"))]
 #[tokio::test]
 async fn missing_tcp_names_its_feature() {
-    use chorus::registry::TransportSpec;
+    use chorus::TransportSpec;
 
     let registry = chorus::registry();
     let err = registry
         .bind_transport(TransportSpec::new("tcp", "127.0.0.1:0"))
         .await
-        .err()
-        .expect("not compiled in");
+        .expect_err("not compiled in");
     let text = err.to_string();
     assert!(text.contains("`transport-tcp`"), "{text}");
 }
@@ -105,7 +102,7 @@ async fn missing_tcp_names_its_feature() {
 #[cfg(feature = "transport-quic")]
 #[tokio::test]
 async fn quic_says_which_key_material_it_needs() {
-    use chorus::registry::TransportSpec;
+    use chorus::TransportSpec;
     use chorus::transport::TransportError;
 
     let registry = chorus::registry();
@@ -113,8 +110,7 @@ async fn quic_says_which_key_material_it_needs() {
     match registry
         .bind_transport(TransportSpec::new("quic", "127.0.0.1:0"))
         .await
-        .err()
-        .expect("no identity given")
+        .expect_err("no identity given")
     {
         RegistryError::Transport {
             source: TransportError::Config(message),
@@ -127,14 +123,13 @@ async fn quic_says_which_key_material_it_needs() {
 #[cfg(not(feature = "transport-quic"))]
 #[tokio::test]
 async fn missing_quic_names_its_feature() {
-    use chorus::registry::TransportSpec;
+    use chorus::TransportSpec;
 
     let registry = chorus::registry();
     let err = registry
         .bind_transport(TransportSpec::new("quic", "127.0.0.1:0"))
         .await
-        .err()
-        .expect("not compiled in");
+        .expect_err("not compiled in");
     let text = err.to_string();
     assert!(text.contains("`transport-quic`"), "{text}");
 }

@@ -16,11 +16,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use chorus::StorageSpec;
 use chorus::hlc::{SystemClock, WallClock};
-use chorus::inproc::{InProcessNetwork, InProcessTransport};
-use chorus::registry::StorageSpec;
-use chorus::rpc::{RpcConfig, RpcEndpoint};
-use chorus::wire::Message;
+use chorus::replication::ReplicaMessage;
+use chorus::runtime::inproc::{InProcessNetwork, InProcessTransport};
+use chorus::runtime::rpc::{RpcConfig, RpcEndpoint};
 use chorus::{
     Address, Hlc, NodeId, Record, Ring, RingConfig, RingMember, SharedStorage, Storage, Timestamp,
     Version,
@@ -36,40 +36,42 @@ const TIMEOUT: Duration = Duration::from_millis(200);
 fn spawn_replica(
     hlc: Arc<Hlc>,
     storage: SharedStorage,
-    endpoint: RpcEndpoint<InProcessTransport>,
-    mut inbound: tokio::sync::mpsc::Receiver<chorus::rpc::Inbound>,
+    endpoint: RpcEndpoint<InProcessTransport, ReplicaMessage>,
+    mut inbound: tokio::sync::mpsc::Receiver<chorus::runtime::rpc::Inbound<ReplicaMessage>>,
 ) {
     tokio::spawn(async move {
         while let Some(request) = inbound.recv().await {
             let reply = match &request.message {
                 // A version too far ahead of this replica's clock would win every later write
                 // to the key: refuse it (and keep the local clock ahead of what it stores).
-                Message::Put { record, .. } if hlc.observe(record.version.timestamp).is_err() => {
-                    Message::Error {
+                ReplicaMessage::Put { record, .. }
+                    if hlc.observe(record.version.timestamp).is_err() =>
+                {
+                    ReplicaMessage::Error {
                         reason: "version too far in the future".into(),
                     }
                 }
-                Message::Put { key, record } => {
+                ReplicaMessage::Put { key, record } => {
                     match storage.apply(key.clone(), record.clone()).await {
-                        Ok(outcome) => Message::PutReply {
+                        Ok(outcome) => ReplicaMessage::PutReply {
                             applied: outcome.is_applied(),
                             current: match outcome {
                                 chorus::storage::ApplyOutcome::Stale { current } => current,
                                 _ => record.version,
                             },
                         },
-                        Err(e) => Message::Error {
+                        Err(e) => ReplicaMessage::Error {
                             reason: e.to_string(),
                         },
                     }
                 }
-                Message::Get { key } => match storage.get(key).await {
-                    Ok(record) => Message::GetReply { record },
-                    Err(e) => Message::Error {
+                ReplicaMessage::Get { key } => match storage.get(key).await {
+                    Ok(record) => ReplicaMessage::GetReply { record },
+                    Err(e) => ReplicaMessage::Error {
                         reason: e.to_string(),
                     },
                 },
-                _ => Message::Error {
+                _ => ReplicaMessage::Error {
                     reason: "unsupported".into(),
                 },
             };
@@ -82,12 +84,12 @@ fn spawn_replica(
 
 /// Writes to every replica at once and counts acknowledgements; success needs `W`.
 async fn write(
-    client: &RpcEndpoint<InProcessTransport>,
+    client: &RpcEndpoint<InProcessTransport, ReplicaMessage>,
     replicas: &[Address],
     key: &Bytes,
     record: Record,
 ) -> Result<usize, String> {
-    let message = Message::Put {
+    let message = ReplicaMessage::Put {
         key: key.clone(),
         record,
     };
@@ -97,7 +99,7 @@ async fn write(
     let acks = join_all(requests)
         .await
         .into_iter()
-        .filter(|r| matches!(r, Ok(Message::PutReply { .. })))
+        .filter(|r| matches!(r, Ok(ReplicaMessage::PutReply { .. })))
         .count();
     if acks >= W {
         Ok(acks)
@@ -110,11 +112,11 @@ async fn write(
 
 /// Reads from every replica, needs `R` answers, returns the merged (newest) record.
 async fn read(
-    client: &RpcEndpoint<InProcessTransport>,
+    client: &RpcEndpoint<InProcessTransport, ReplicaMessage>,
     replicas: &[Address],
     key: &Bytes,
 ) -> Result<Option<Record>, String> {
-    let message = Message::Get { key: key.clone() };
+    let message = ReplicaMessage::Get { key: key.clone() };
     let answers: Vec<Option<Record>> = join_all(
         replicas
             .iter()
@@ -123,7 +125,7 @@ async fn read(
     .await
     .into_iter()
     .filter_map(|r| match r {
-        Ok(Message::GetReply { record }) => Some(record),
+        Ok(ReplicaMessage::GetReply { record }) => Some(record),
         _ => None,
     })
     .collect();

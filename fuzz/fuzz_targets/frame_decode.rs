@@ -2,7 +2,8 @@
 //! re-encodes to a frame decoding to the same message. Never a panic, never an abort.
 #![no_main]
 
-use chorus_core::wire::{self, Message};
+use chorus_core::Envelope;
+use chorus_core::wire;
 use libfuzzer_sys::fuzz_target;
 
 const MAX: usize = 1 << 20;
@@ -12,9 +13,9 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(Some(len)) = wire::frame_len(data, MAX) {
         assert!(len <= MAX);
     }
-    if let Ok((header, message)) = wire::decode::<Message>(data, MAX) {
+    if let Ok((header, message)) = wire::decode::<Envelope>(data, MAX) {
         let again = wire::encode(header, &message, MAX).expect("a decoded message re-encodes");
-        let (header2, message2) = wire::decode::<Message>(&again, MAX).expect("re-encoded frame decodes");
+        let (header2, message2) = wire::decode::<Envelope>(&again, MAX).expect("re-encoded frame decodes");
         assert_eq!(header, header2);
         assert_eq!(message, message2);
     }

@@ -39,11 +39,12 @@ use bytes::Bytes;
 use chorus::hash::{HashRange, key_hash};
 use chorus::hlc::{NodeId, Timestamp, Version};
 use chorus::record::Record;
-use chorus::registry::{Registry, StorageSpec};
 use chorus::storage::{
-    ApplyOutcome, BoxFuture, Entry, MAX_DIGEST_BUCKETS, PurgeStats, RangeDigest, ScanCursor,
-    ScanPage, SharedStorage, Storage, StorageError, after_cursor, scan_order,
+    ApplyOutcome, Entry, MAX_DIGEST_BUCKETS, PurgeStats, RangeDigest, ScanCursor, ScanPage,
+    SharedStorage, Storage, StorageError, after_cursor, scan_order,
 };
+use chorus::util::BoxFuture;
+use chorus::{Registry, StorageSpec};
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -810,7 +811,7 @@ pub async fn concurrent_writers(backend: &Backend, seed: u64) {
         } else {
             writes.shuffle(&mut rng);
         }
-        let store = Arc::clone(&store);
+        let store = store.clone();
         tasks.push(tokio::spawn(async move {
             let mut log = Vec::with_capacity(writes.len());
             let mut last_read: BTreeMap<Bytes, Record> = BTreeMap::new();
@@ -943,7 +944,7 @@ pub async fn tombstones(backend: &Backend) {
     let store = backend.open();
     let grace = Duration::from_millis(100);
     let stats = |expected: (u64, u64), what: &'static str| {
-        let store = Arc::clone(&store);
+        let store = store.clone();
         async move {
             let stats = ok(store.stats().await, what);
             assert_eq!(
@@ -954,7 +955,7 @@ pub async fn tombstones(backend: &Backend) {
         }
     };
     let apply = |key: &'static str, record: Record, expected: ApplyOutcome| {
-        let store = Arc::clone(&store);
+        let store = store.clone();
         async move {
             let what = format!("apply {key:?} {record:?}");
             let outcome = ok(
@@ -967,7 +968,7 @@ pub async fn tombstones(backend: &Backend) {
         }
     };
     let get = |key: &'static str| {
-        let store = Arc::clone(&store);
+        let store = store.clone();
         async move { ok(store.get(key.as_bytes()).await, format!("get {key:?}")) }
     };
     let applied = |previous: Option<Version>| ApplyOutcome::Applied { previous };

@@ -19,13 +19,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use chorus::registry::{Registry, TransportSpec};
-use chorus::rpc::{RpcConfig, RpcEndpoint};
-use chorus::storage::BoxFuture;
+use chorus::replication::ReplicaMessage;
+use chorus::runtime::rpc::{RpcConfig, RpcEndpoint};
 use chorus::transport::{
     Address, DynTransport, Incoming, SharedTransport, Transport, TransportError,
 };
-use chorus::wire::{HEADER_LEN, MAGIC, Message, PREFIX_LEN, WIRE_VERSION};
+use chorus::util::BoxFuture;
+use chorus::wire::{HEADER_LEN, MAGIC, PREFIX_LEN, WIRE_VERSION};
+use chorus::{Registry, TransportSpec};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -83,14 +84,15 @@ impl fmt::Debug for Kit {
 impl Kit {
     /// The in-process transport on a network whose frames may be `max_frame_len` long.
     pub fn inproc(max_frame_len: usize) -> Self {
-        let config = chorus::inproc::InProcessConfig::default().with_max_frame_len(max_frame_len);
-        let net = chorus::inproc::InProcessNetwork::with_config(0, config);
+        let config =
+            chorus::runtime::inproc::InProcessConfig::default().with_max_frame_len(max_frame_len);
+        let net = chorus::runtime::inproc::InProcessNetwork::with_config(0, config);
         let counter = Arc::new(AtomicU64::new(0));
         Kit {
             name: "inproc".to_owned(),
             bind: Arc::new(move |addr: String| {
                 let net = net.clone();
-                Box::pin(async move { Ok(Arc::new(net.bind(addr)?) as SharedTransport) })
+                Box::pin(async move { Ok(SharedTransport::new(net.bind(addr)?)) })
             }),
             fresh: Arc::new(move || format!("node-{}", counter.fetch_add(1, Ordering::Relaxed))),
             max_frame_len,
@@ -619,16 +621,18 @@ pub async fn rpc(kit: &Kit, _seed: u64) {
     let b_addr = b.local_addr();
     let (ea, inbound_a) = RpcEndpoint::start(Erased(a), RpcConfig::default());
     let (eb, inbound_b) = RpcEndpoint::start(Erased(b), RpcConfig::default());
-    let serve = |endpoint: RpcEndpoint<Erased>,
-                 mut inbound: tokio::sync::mpsc::Receiver<chorus::rpc::Inbound>| {
+    let serve = |endpoint: RpcEndpoint<Erased, ReplicaMessage>,
+                 mut inbound: tokio::sync::mpsc::Receiver<
+        chorus::runtime::rpc::Inbound<ReplicaMessage>,
+    >| {
         tokio::spawn(async move {
             let mut callers = Vec::new();
             while let Some(request) = inbound.recv().await {
                 let reply = match &request.message {
-                    Message::Get { key } => Message::Error {
+                    ReplicaMessage::Get { key } => ReplicaMessage::Error {
                         reason: format!("echo {}", String::from_utf8_lossy(key)),
                     },
-                    _ => Message::Error {
+                    _ => ReplicaMessage::Error {
                         reason: "unexpected".to_owned(),
                     },
                 };
@@ -646,13 +650,16 @@ pub async fn rpc(kit: &Kit, _seed: u64) {
         let (ea, to) = (ea.clone(), b_addr.clone());
         requests.spawn(async move {
             let key = Bytes::from(format!("k{i}"));
-            (i, ea.request(&to, &Message::Get { key }, timeout).await)
+            (
+                i,
+                ea.request(&to, &ReplicaMessage::Get { key }, timeout).await,
+            )
         });
     }
     while let Some(done) = requests.join_next().await {
         let (i, reply) = done.expect("request task");
         match reply {
-            Ok(Message::Error { reason }) => {
+            Ok(ReplicaMessage::Error { reason }) => {
                 assert_eq!(reason, format!("echo k{i}"), "{}", kit.name)
             }
             other => panic!("{}: request {i} to b gave {other:?}", kit.name),
@@ -664,14 +671,14 @@ pub async fn rpc(kit: &Kit, _seed: u64) {
     let reply = eb
         .request(
             &a_addr,
-            &Message::Get {
+            &ReplicaMessage::Get {
                 key: Bytes::from_static(b"back"),
             },
             timeout,
         )
         .await;
     match reply {
-        Ok(Message::Error { reason }) => assert_eq!(reason, "echo back", "{}", kit.name),
+        Ok(ReplicaMessage::Error { reason }) => assert_eq!(reason, "echo back", "{}", kit.name),
         other => panic!("{}: request from b to a gave {other:?}", kit.name),
     }
     ea.close().await;

@@ -4,15 +4,15 @@
 use std::collections::BTreeMap;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
 use chorus::hash::{HashRange, key_hash};
 use chorus::record::Record;
 use chorus::storage::{
-    ApplyOutcome, Entry, PurgeStats, RangeDigest, ScanCursor, ScanPage, Storage, StorageError,
-    StorageStats, after_cursor, scan_order,
+    ApplyOutcome, Entry, PurgeStats, RangeDigest, ScanCursor, ScanPage, SharedStorage, Storage,
+    StorageError, StorageStats, after_cursor, scan_order,
 };
 use chorus_tests::conformance::{self, Backend, Check};
 
@@ -51,7 +51,7 @@ struct Reference {
 impl Reference {
     fn backend(bug: Bug) -> Backend {
         Backend::new(format!("reference({bug:?})"), move || {
-            Arc::new(Reference {
+            SharedStorage::new(Reference {
                 bug,
                 map: Mutex::default(),
                 closed: AtomicBool::new(false),

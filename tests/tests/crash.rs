@@ -13,10 +13,10 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use chorus::StorageSpec;
 use chorus::hash::HashRange;
 use chorus::hlc::{NodeId, Timestamp, Version};
 use chorus::record::{Payload, Record};
-use chorus::registry::StorageSpec;
 use chorus::storage::Storage;
 use chorus_tests::{conformance, crash};
 use rand::{Rng, SeedableRng};

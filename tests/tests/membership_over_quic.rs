@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chorus::NodeId;
-use chorus::membership::driver::{self, MembershipHandle};
 use chorus::membership::{MemberMeta, MemberState, Membership, MembershipConfig};
+use chorus::runtime::membership::{self as driver, MembershipHandle};
 use chorus::transport::{Address, SharedTransport, Transport};
 use chorus::transport_quic::{Identity, QuicConfig, QuicTransport, TrustedPeers};
 
@@ -35,7 +35,7 @@ fn member(transport: &Arc<QuicTransport>, id: u64, seeds: &[Address]) -> Members
         SEED ^ id,
         tokio::time::Instant::now().into_std(),
     );
-    driver::start(Arc::clone(transport) as SharedTransport, machine)
+    driver::start(SharedTransport::from(Arc::clone(transport)), machine)
 }
 
 fn all_alive(handle: &MembershipHandle, n: usize) -> bool {

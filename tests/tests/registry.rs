@@ -4,7 +4,7 @@
 //! the facade itself (`defaults/tests/registry.rs`).
 
 use chorus::RegistryError;
-use chorus::registry::StorageSpec;
+use chorus::StorageSpec;
 use chorus::storage::StorageError;
 
 #[test]
@@ -13,7 +13,7 @@ fn memory_rejects_unknown_options_by_name() {
     let mut spec = StorageSpec::new("memory");
     spec.options
         .insert("max_bytes".to_owned(), "1GiB".to_owned());
-    match registry.open_backend(&spec).err().expect("unknown option") {
+    match registry.open_backend(&spec).expect_err("unknown option") {
         RegistryError::Storage {
             name,
             source: StorageError::Config(message),
@@ -27,7 +27,7 @@ fn memory_rejects_unknown_options_by_name() {
 
 #[tokio::test]
 async fn tcp_rejects_unknown_options_by_name() {
-    use chorus::registry::TransportSpec;
+    use chorus::TransportSpec;
     use chorus::transport::TransportError;
 
     let registry = chorus::registry();
@@ -36,8 +36,7 @@ async fn tcp_rejects_unknown_options_by_name() {
     match registry
         .bind_transport(spec)
         .await
-        .err()
-        .expect("unknown option")
+        .expect_err("unknown option")
     {
         RegistryError::Transport {
             name,

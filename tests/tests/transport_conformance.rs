@@ -150,7 +150,7 @@ async fn unreliable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn untrusted_quic_peer_is_refused() {
     use chorus::Transport;
-    use chorus::registry::TransportSpec;
+    use chorus::TransportSpec;
     use chorus::transport::TransportError;
 
     let registry = chorus::registry();

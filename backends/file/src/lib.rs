@@ -122,7 +122,7 @@ fn open(spec: &StorageSpec) -> Result<SharedStorage, StorageError> {
             "the {SCHEME:?} backend needs a data directory (StorageSpec::path)"
         ))
     })?;
-    Ok(Arc::new(FileStorage::open(path, options)?))
+    Ok(SharedStorage::new(FileStorage::open(path, options)?))
 }
 
 /// When the writer thread makes written records durable with `fdatasync`.

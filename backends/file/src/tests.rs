@@ -95,8 +95,7 @@ fn the_registry_factory_needs_a_path() {
     register(&mut registry);
     let err = registry
         .open_backend(&StorageSpec::new(SCHEME))
-        .err()
-        .expect("no path");
+        .expect_err("no path");
     assert!(err.to_string().contains("StorageSpec::path"), "{err}");
 }
 

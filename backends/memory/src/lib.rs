@@ -45,7 +45,6 @@ use std::cmp::Ordering as CmpOrdering;
 use std::collections::BinaryHeap;
 use std::fmt;
 use std::num::{NonZeroU32, NonZeroUsize};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -92,7 +91,7 @@ fn open(spec: &StorageSpec) -> Result<SharedStorage, StorageError> {
             names.join(", "),
         )));
     }
-    Ok(Arc::new(MemoryStorage::new()))
+    Ok(SharedStorage::new(MemoryStorage::new()))
 }
 
 /// What the map stores per key: the record and the key's ring position, cached for scans and
@@ -403,6 +402,8 @@ impl Storage for MemoryStorage {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use chorus_core::hlc::{NodeId, Timestamp, Version};
 
@@ -642,7 +643,7 @@ mod tests {
 
         let mut spec = StorageSpec::new(SCHEME);
         spec.options.insert("capacity".into(), "10".into());
-        let err = registry.open_backend(&spec).err().expect("unknown option");
+        let err = registry.open_backend(&spec).expect_err("unknown option");
         let text = err.to_string();
         assert!(text.contains("\"capacity\""), "{text}");
     }

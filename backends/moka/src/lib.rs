@@ -49,7 +49,6 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -83,7 +82,7 @@ pub fn register(registry: &mut Registry) {
 
 fn open(spec: &StorageSpec) -> Result<SharedStorage, StorageError> {
     let options = MokaOptions::from_options(&spec.options)?;
-    Ok(Arc::new(MokaStorage::new(options)))
+    Ok(SharedStorage::new(MokaStorage::new(options)))
 }
 
 /// Settings of a [`MokaStorage`].

@@ -99,7 +99,7 @@ fn open(spec: &StorageSpec) -> Result<SharedStorage, StorageError> {
             "the {SCHEME:?} backend needs a database directory (StorageSpec::path)"
         ))
     })?;
-    Ok(Arc::new(SledStorage::open(path, options)?))
+    Ok(SharedStorage::new(SledStorage::open(path, options)?))
 }
 
 /// When sled's buffered writes are flushed to disk.

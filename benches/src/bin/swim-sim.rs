@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use chorus::membership::MembershipConfig;
-use chorus::membership::sim::Simulation;
+use chorus::sim::Simulation;
 
 const SEEDS: [usize; 3] = [0, 1, 2];
 const CRASHES: usize = 5;

@@ -1,6 +1,6 @@
 //! What membership nodes say to each other, and the member records they say it about.
 //!
-//! These travel inside [`crate::wire::Message::Swim`] frames, on the same transport and frame
+//! These travel inside [`crate::envelope::Envelope::Swim`] frames, on the same transport and frame
 //! format as the data plane. Every string goes through the bounded decode path.
 
 use std::num::NonZeroU32;

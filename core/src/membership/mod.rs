@@ -4,8 +4,10 @@
 //! (SWIM with Lifeguard's refinements) written as a state machine in the style of quinn-proto
 //! and foca: it never reads a clock, never sleeps, never performs I/O, and draws randomness
 //! only from a seeded [`ChaCha8Rng`]. Given the same seed and the same sequence of inputs it
-//! produces the same outputs, which is what lets [`sim`] run 1,000 nodes in one thread,
-//! deterministically, and lets [`driver`] run one node over any [`crate::Transport`].
+//! produces the same outputs, which is what lets the simulator (`crate::sim`, feature `sim`)
+//! run 1,000 nodes in one thread, deterministically, and lets the tokio driver
+//! (`crate::runtime::membership`, feature `runtime`) run one node over any
+//! [`crate::Transport`].
 //!
 //! # Driving contract
 //!
@@ -54,9 +56,7 @@
 //!   replaces its old self everywhere and news about the old life is ignored.
 
 pub mod config;
-pub mod driver;
 pub mod message;
-pub mod sim;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};

@@ -10,9 +10,9 @@ use std::io::Write;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use chorus::StorageSpec;
 use chorus::hlc::{NodeId, Timestamp, Version};
 use chorus::record::Record;
-use chorus::registry::StorageSpec;
 use chorus::storage::Storage;
 use chorus_tests::crash;
 

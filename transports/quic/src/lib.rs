@@ -162,7 +162,7 @@ pub fn register(registry: &mut Registry) {
             Box::pin(async move {
                 let (config, identity, trusted) = QuicConfig::from_options(&spec.options)?;
                 let transport = QuicTransport::bind(&spec.bind, config, identity, trusted).await?;
-                Ok(Arc::new(transport) as SharedTransport)
+                Ok(SharedTransport::new(transport))
             })
         })
         .expect("the quic transport is registered once");
@@ -1109,10 +1109,11 @@ async fn deliver(inner: &Inner, incoming: Incoming) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chorus_core::wire::{Header, Message};
+    use chorus_core::replication::ReplicaMessage;
+    use chorus_core::wire::Header;
 
     fn frame(text: &str) -> Bytes {
-        let message = Message::Error {
+        let message = ReplicaMessage::Error {
             reason: text.to_owned(),
         };
         wire::encode(Header::message(), &message, 1 << 20).expect("encodes")
@@ -1241,7 +1242,7 @@ mod tests {
         let a = node(&id, &[]).await;
         let b = node(&id, &[]).await;
         let big = {
-            let message = Message::Error {
+            let message = ReplicaMessage::Error {
                 reason: "x".repeat(64 * 1024),
             };
             wire::encode(Header::message(), &message, 1 << 20).expect("encodes")
@@ -1428,7 +1429,7 @@ mod tests {
             a.send_unreliable(&to, f.clone()).await.expect("send");
         }
         let big = {
-            let message = Message::Error {
+            let message = ReplicaMessage::Error {
                 reason: "x".repeat(100 * 1024),
             };
             wire::encode(Header::message(), &message, 1 << 20).expect("encodes")

@@ -87,7 +87,7 @@ pub fn register(registry: &mut Registry) {
             Box::pin(async move {
                 let config = TcpConfig::from_options(&spec.options)?;
                 let transport = TcpTransport::bind(&spec.bind, config).await?;
-                Ok(Arc::new(transport) as SharedTransport)
+                Ok(SharedTransport::new(transport))
             })
         })
         .expect("the tcp transport is registered once");
@@ -684,10 +684,11 @@ mod tests {
     use std::num::NonZeroUsize;
 
     use super::*;
-    use chorus_core::wire::{Header, Message};
+    use chorus_core::replication::ReplicaMessage;
+    use chorus_core::wire::Header;
 
     fn frame(text: &str) -> Bytes {
-        let message = Message::Error {
+        let message = ReplicaMessage::Error {
             reason: text.to_owned(),
         };
         wire::encode(Header::message(), &message, 1 << 20).expect("encodes")
@@ -811,7 +812,7 @@ mod tests {
             .await
             .expect("bind");
         let big = {
-            let message = Message::Error {
+            let message = ReplicaMessage::Error {
                 reason: "x".repeat(512 * 1024),
             };
             wire::encode(Header::message(), &message, 1 << 20).expect("encodes")

@@ -2,13 +2,13 @@
 //!
 //! [`start`] spawns two tasks: one receives frames from the transport and hands them over a
 //! channel (so no transport future is ever cancelled half-way), the other owns the machine and
-//! does what its driving contract asks: it feeds decoded [`Message::Swim`] frames and timer
+//! does what its driving contract asks: it feeds decoded [`Envelope::Swim`] frames and timer
 //! expiries to the machine with tokio's clock (so a paused test clock drives it), encodes and
 //! sends what the machine wants sent, publishes the membership as a watchable view and every
 //! change as an event.
 //!
 //! Membership uses its own transport endpoint (as memberlist uses its own port): every frame
-//! that arrives on it must be a [`Message::Swim`]; anything else, or anything that does not
+//! that arrives on it must be a [`Envelope::Swim`]; anything else, or anything that does not
 //! decode, is dropped, counted in [`DriverStats::rejected_frames`] and logged.
 
 use std::sync::Arc;
@@ -18,9 +18,10 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::{Member, Membership, MembershipEvent};
+use crate::envelope::Envelope;
+use crate::membership::{Member, Membership, MembershipEvent};
 use crate::transport::{Incoming, Transport, TransportError};
-use crate::wire::{self, Header, Message};
+use crate::wire::{self, Header};
 
 /// Events buffered per subscriber; a subscriber that falls further behind skips events (and
 /// can re-read the whole view).
@@ -122,7 +123,7 @@ impl MembershipHandle {
 }
 
 /// Runs `machine` over `transport` on the current tokio runtime. The machine's own address
-/// (its [`super::MemberMeta::addr`]) should be the transport's local address.
+/// (its [`crate::membership::MemberMeta::addr`]) should be the transport's local address.
 pub fn start<T: Transport>(transport: T, machine: Membership) -> MembershipHandle {
     let transport = Arc::new(transport);
     let counters = Arc::new(Counters::default());
@@ -193,7 +194,7 @@ async fn run<T: Transport>(
         // Effects of the last input.
         let mut changed = false;
         while let Some(t) = machine.poll_transmit() {
-            match wire::encode(Header::message(), &Message::Swim(t.message), max_frame) {
+            match wire::encode(Header::message(), &Envelope::Swim(t.message), max_frame) {
                 // SWIM tolerates loss (it was made for UDP): a transport with unreliable
                 // delivery (QUIC datagrams) sends small messages that way.
                 Ok(frame) => match transport.send_unreliable(&t.to, frame).await {
@@ -235,8 +236,8 @@ async fn run<T: Transport>(
         tokio::select! {
             incoming = ch.inbound.recv() => {
                 let Some(incoming) = incoming else { break };
-                match wire::decode::<Message>(&incoming.frame, max_frame) {
-                    Ok((_, Message::Swim(message))) => {
+                match wire::decode::<Envelope>(&incoming.frame, max_frame) {
+                    Ok((_, Envelope::Swim(message))) => {
                         counters.received.fetch_add(1, Ordering::Relaxed);
                         machine.handle_message(Instant::now().into_std(), incoming.from, message);
                     }

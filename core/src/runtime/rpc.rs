@@ -22,8 +22,12 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::envelope::Envelope;
 use crate::transport::{Address, Transport, TransportError};
-use crate::wire::{self, FrameKind, Header, Message, WireError};
+use crate::wire::{self, FrameKind, Header, WireError};
 
 /// Settings of an [`RpcEndpoint`].
 #[derive(Clone, Copy, Debug)]
@@ -102,18 +106,23 @@ pub struct RpcStats {
     pub shed_inbound: u64,
 }
 
+/// What an [`RpcEndpoint`] carries: any serde message type (the node uses [`Envelope`]).
+pub trait RpcMessage: Serialize + DeserializeOwned + Send + 'static {}
+
+impl<M: Serialize + DeserializeOwned + Send + 'static> RpcMessage for M {}
+
 /// A request or one-way message received from a peer.
 #[derive(Debug)]
-pub struct Inbound {
+pub struct Inbound<M = Envelope> {
     /// Where replies go.
     pub from: Address,
     /// Kind and correlation id.
     pub header: Header,
     /// The decoded message.
-    pub message: Message,
+    pub message: M,
 }
 
-impl Inbound {
+impl<M> Inbound<M> {
     /// Whether the sender waits for a response.
     pub fn expects_response(&self) -> bool {
         self.header.kind == FrameKind::Request
@@ -121,14 +130,14 @@ impl Inbound {
 }
 
 /// A request waiting for its response: who it went to, and where to deliver the answer.
-struct Pending {
+struct Pending<M> {
     to: Address,
-    reply: oneshot::Sender<Message>,
+    reply: oneshot::Sender<M>,
 }
 
-struct Shared<T> {
+struct Shared<T, M> {
     transport: T,
-    pending: Mutex<HashMap<u64, Pending>>,
+    pending: Mutex<HashMap<u64, Pending<M>>>,
     next_correlation: AtomicU64,
     rejected_frames: AtomicU64,
     unmatched_responses: AtomicU64,
@@ -136,8 +145,8 @@ struct Shared<T> {
     shed_inbound: AtomicU64,
 }
 
-impl<T> Shared<T> {
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Pending>> {
+impl<T, M> Shared<T, M> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Pending<M>>> {
         // The map stays consistent even if a holder panicked: every operation is one insert
         // or remove.
         self.pending
@@ -146,12 +155,12 @@ impl<T> Shared<T> {
     }
 }
 
-/// Correlates requests and responses over a transport. Cheap to clone.
-pub struct RpcEndpoint<T: Transport> {
-    shared: Arc<Shared<T>>,
+/// Correlates requests and responses of message type `M` over a transport. Cheap to clone.
+pub struct RpcEndpoint<T: Transport, M: RpcMessage = Envelope> {
+    shared: Arc<Shared<T, M>>,
 }
 
-impl<T: Transport> Clone for RpcEndpoint<T> {
+impl<T: Transport, M: RpcMessage> Clone for RpcEndpoint<T, M> {
     fn clone(&self) -> Self {
         RpcEndpoint {
             shared: self.shared.clone(),
@@ -159,7 +168,7 @@ impl<T: Transport> Clone for RpcEndpoint<T> {
     }
 }
 
-impl<T: Transport> std::fmt::Debug for RpcEndpoint<T> {
+impl<T: Transport, M: RpcMessage> std::fmt::Debug for RpcEndpoint<T, M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RpcEndpoint")
             .field("local_addr", &self.shared.transport.local_addr())
@@ -168,13 +177,13 @@ impl<T: Transport> std::fmt::Debug for RpcEndpoint<T> {
     }
 }
 
-impl<T: Transport> RpcEndpoint<T> {
+impl<T: Transport, M: RpcMessage> RpcEndpoint<T, M> {
     /// Starts the receive task on the current tokio runtime and returns the endpoint and the
     /// channel of inbound requests and messages. The task ends when the transport closes.
     ///
     /// The task holds the transport: call [`RpcEndpoint::close`] to stop it and release the
     /// address; dropping the handles alone does not.
-    pub fn start(transport: T, config: RpcConfig) -> (Self, mpsc::Receiver<Inbound>) {
+    pub fn start(transport: T, config: RpcConfig) -> (Self, mpsc::Receiver<Inbound<M>>) {
         let first = config.first_correlation.unwrap_or_else(|| {
             let nanos = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -210,9 +219,9 @@ impl<T: Transport> RpcEndpoint<T> {
     pub async fn request(
         &self,
         to: &Address,
-        message: &Message,
+        message: &M,
         timeout: Duration,
-    ) -> Result<Message, RpcError> {
+    ) -> Result<M, RpcError> {
         let correlation = self.shared.next_correlation.fetch_add(1, Ordering::Relaxed); // wraps
         let frame = wire::encode(
             Header::request(correlation),
@@ -244,7 +253,7 @@ impl<T: Transport> RpcEndpoint<T> {
     }
 
     /// Sends `message` to `to` without expecting a response.
-    pub async fn send(&self, to: &Address, message: &Message) -> Result<(), RpcError> {
+    pub async fn send(&self, to: &Address, message: &M) -> Result<(), RpcError> {
         let frame = wire::encode(
             Header::message(),
             message,
@@ -256,7 +265,7 @@ impl<T: Transport> RpcEndpoint<T> {
 
     /// Answers `request` with `response`. One-way messages expect no answer: this is a no-op
     /// for them.
-    pub async fn respond(&self, request: &Inbound, response: &Message) -> Result<(), RpcError> {
+    pub async fn respond(&self, request: &Inbound<M>, response: &M) -> Result<(), RpcError> {
         if !request.expects_response() {
             return Ok(());
         }
@@ -283,18 +292,21 @@ impl<T: Transport> RpcEndpoint<T> {
     }
 }
 
-struct PendingGuard<'a, T> {
-    shared: &'a Shared<T>,
+struct PendingGuard<'a, T, M> {
+    shared: &'a Shared<T, M>,
     correlation: u64,
 }
 
-impl<T> Drop for PendingGuard<'_, T> {
+impl<T, M> Drop for PendingGuard<'_, T, M> {
     fn drop(&mut self) {
         self.shared.pending().remove(&self.correlation);
     }
 }
 
-async fn receive_loop<T: Transport>(shared: Arc<Shared<T>>, inbound: mpsc::Sender<Inbound>) {
+async fn receive_loop<T: Transport, M: RpcMessage>(
+    shared: Arc<Shared<T, M>>,
+    inbound: mpsc::Sender<Inbound<M>>,
+) {
     let max = shared.transport.max_frame_len();
     loop {
         let incoming = match shared.transport.recv().await {
@@ -306,7 +318,7 @@ async fn receive_loop<T: Transport>(shared: Arc<Shared<T>>, inbound: mpsc::Sende
                 continue;
             }
         };
-        let (header, message) = match wire::decode::<Message>(&incoming.frame, max) {
+        let (header, message) = match wire::decode::<M>(&incoming.frame, max) {
             Ok(decoded) => decoded,
             Err(error) => {
                 shared.rejected_frames.fetch_add(1, Ordering::Relaxed);
@@ -365,13 +377,17 @@ async fn receive_loop<T: Transport>(shared: Arc<Shared<T>>, inbound: mpsc::Sende
 mod tests {
     use super::*;
     use crate::hlc::{NodeId, Timestamp, Version};
-    use crate::inproc::{InProcessNetwork, InProcessTransport};
+    use crate::replication::ReplicaMessage as Message;
+    use crate::runtime::inproc::{InProcessNetwork, InProcessTransport};
     use bytes::Bytes;
 
     const SECOND: Duration = Duration::from_secs(1);
 
     /// Answers every `Get` with an empty `GetReply` and every `Put` with a `PutReply`.
-    fn serve(endpoint: RpcEndpoint<InProcessTransport>, mut inbound: mpsc::Receiver<Inbound>) {
+    fn serve(
+        endpoint: RpcEndpoint<InProcessTransport, Message>,
+        mut inbound: mpsc::Receiver<Inbound<Message>>,
+    ) {
         tokio::spawn(async move {
             while let Some(request) = inbound.recv().await {
                 let reply = match &request.message {
@@ -599,5 +615,46 @@ mod tests {
             client.send(&Address::new("b"), &get()).await,
             Err(RpcError::Transport(TransportError::Closed))
         ));
+    }
+}
+
+#[cfg(test)]
+mod shared_transport_tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::replication::ReplicaMessage;
+    use crate::runtime::inproc::InProcessNetwork;
+    use crate::transport::SharedTransport;
+
+    /// The node serves requests from spawned tasks over a transport chosen by name; both
+    /// `request` and `respond` over a `SharedTransport` must be spawnable.
+    #[tokio::test(start_paused = true)]
+    async fn endpoints_over_a_shared_transport_work_in_spawned_tasks() {
+        let net = InProcessNetwork::new(3);
+        let a = SharedTransport::new(net.bind("a").unwrap());
+        let b = SharedTransport::new(net.bind("b").unwrap());
+        let (client, _client_inbound) =
+            RpcEndpoint::<SharedTransport, ReplicaMessage>::start(a, RpcConfig::default());
+        let (server, mut server_inbound) =
+            RpcEndpoint::<SharedTransport, ReplicaMessage>::start(b, RpcConfig::default());
+        let serving = tokio::spawn(async move {
+            let request = server_inbound.recv().await.expect("a request");
+            let reply = ReplicaMessage::GetReply { record: None };
+            server.respond(&request, &reply).await.expect("respond");
+        });
+        let asking = tokio::spawn(async move {
+            let get = ReplicaMessage::Get {
+                key: Bytes::from_static(b"k"),
+            };
+            client
+                .request(&Address::new("b"), &get, Duration::from_secs(1))
+                .await
+        });
+        let reply = asking.await.expect("task").expect("reply");
+        assert_eq!(reply, ReplicaMessage::GetReply { record: None });
+        serving.await.expect("task");
     }
 }

@@ -20,10 +20,12 @@ use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::{MemberMeta, MemberState, Membership, MembershipConfig, MembershipEvent, SwimMessage};
-use crate::hlc::NodeId;
-use crate::transport::Address;
-use crate::wire::{self, Header, Message};
+use crate::envelope::Envelope;
+use crate::identity::{Address, NodeId};
+use crate::membership::{
+    MemberMeta, MemberState, Membership, MembershipConfig, MembershipEvent, SwimMessage,
+};
+use crate::wire::{self, Header};
 
 /// Counters of a simulation run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -413,8 +415,8 @@ impl Simulation {
                     let message = match payload {
                         Payload::Message(m) => *m,
                         Payload::Frame(frame) => {
-                            match wire::decode::<Message>(&frame, wire::DEFAULT_MAX_FRAME_LEN) {
-                                Ok((_, Message::Swim(m))) => m,
+                            match wire::decode::<Envelope>(&frame, wire::DEFAULT_MAX_FRAME_LEN) {
+                                Ok((_, Envelope::Swim(m))) => m,
                                 _ => {
                                     self.stats.rejected_frames += 1;
                                     continue;
@@ -553,7 +555,7 @@ impl Simulation {
         let payload = if self.codec {
             match wire::encode(
                 Header::message(),
-                &Message::Swim(message),
+                &Envelope::Swim(message),
                 wire::DEFAULT_MAX_FRAME_LEN,
             ) {
                 Ok(frame) => {
