@@ -84,6 +84,7 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, PoisonError};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -240,6 +241,8 @@ type Reply = oneshot::Receiver<Result<(), StorageError>>;
 pub struct FileStorage {
     shared: Arc<Shared>,
     tx: Sender<Cmd>,
+    /// The writer thread, joined on drop: it holds the directory lock until it stops.
+    writer: Option<JoinHandle<()>>,
     fsync: FsyncPolicy,
     closed: AtomicBool,
 }
@@ -297,10 +300,11 @@ impl FileStorage {
             options.compact_min_bytes,
         ));
         let (tx, rx) = mpsc::channel();
-        log::spawn_writer(recovered.writer, Arc::clone(&shared), rx, tx.clone())?;
+        let writer = log::spawn_writer(recovered.writer, Arc::clone(&shared), rx, tx.clone())?;
         Ok(FileStorage {
             shared,
             tx,
+            writer: Some(writer),
             fsync: options.fsync,
             closed: AtomicBool::new(false),
         })
@@ -534,11 +538,16 @@ impl Storage for FileStorage {
 }
 
 impl Drop for FileStorage {
-    /// Stops the writer without waiting (it syncs what is queued first). Call
-    /// [`Storage::close`] to wait, and before reopening the directory.
+    /// Stops the writer and waits for it: it writes and syncs what is queued, waits for
+    /// running compactions and releases the directory, so the directory can be reopened as
+    /// soon as the drop returns. Unlike [`Storage::close`], a failure is not reported.
     fn drop(&mut self) {
         if !self.closed.load(Ordering::Acquire) {
             let _ = self.tx.send(Cmd::Close(None));
+        }
+        if let Some(writer) = self.writer.take() {
+            // A panicked writer has released the lock too; there is no one to tell.
+            let _ = writer.join();
         }
     }
 }
