@@ -92,8 +92,8 @@ use chorus_core::hash::{HashRange, key_hash};
 use chorus_core::record::Record;
 use chorus_core::registry::{Registry, StorageSpec};
 use chorus_core::storage::{
-    ApplyOutcome, Entry, PurgeStats, RangeDigest, ScanCursor, ScanPage, SharedStorage, Storage,
-    StorageError, StorageStats, empty_digests,
+    ApplyOutcome, Capabilities, Durability, Entry, PurgeStats, RangeDigest, ScanCost, ScanCursor,
+    ScanPage, SharedStorage, Storage, StorageError, StorageStats, empty_digests,
 };
 use tokio::sync::oneshot;
 
@@ -451,11 +451,7 @@ impl FileStorage {
         for slot in collectable {
             if let Some(record) = index.map.remove(&slot) {
                 index.count_out(slot.1.len(), &record);
-                if record.is_tombstone() {
-                    stats.tombstones += 1;
-                } else {
-                    stats.expired += 1;
-                }
+                stats.count(&record);
             }
         }
         Ok(stats)
@@ -463,6 +459,16 @@ impl FileStorage {
 }
 
 impl Storage for FileStorage {
+    /// Ordered scans, never evicts; durability by the fsync policy: `always` syncs before the
+    /// ack, `interval` and `never` acknowledge once the record is queued for the writer.
+    fn capabilities(&self) -> Capabilities {
+        let durability = match self.fsync {
+            FsyncPolicy::Always => Durability::PowerLoss,
+            FsyncPolicy::Interval(_) | FsyncPolicy::Never => Durability::Deferred,
+        };
+        Capabilities::new(durability, ScanCost::Ordered)
+    }
+
     async fn get(&self, key: &[u8]) -> Result<Option<Record>, StorageError> {
         self.check_open()?;
         let slot = (key_hash(key), Bytes::copy_from_slice(key));
@@ -511,11 +517,11 @@ impl Storage for FileStorage {
     async fn stats(&self) -> Result<StorageStats, StorageError> {
         self.check_open()?;
         let index = self.shared.index_read();
-        Ok(StorageStats {
-            records: index.map.len() as u64,
-            tombstones: index.tombstones,
-            bytes: index.bytes,
-        })
+        Ok(StorageStats::new(
+            index.map.len() as u64,
+            index.tombstones,
+            index.bytes,
+        ))
     }
 
     /// Writes and syncs everything applied before the call.
