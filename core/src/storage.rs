@@ -64,27 +64,68 @@ impl std::fmt::Debug for SharedStorage {
 }
 
 /// What went wrong inside a backend.
+///
+/// Each variant says what the failed request did to the stored state, and
+/// [`StorageError::is_retryable`] says whether sending the same request again can succeed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StorageError {
     /// An I/O error from the underlying files or database.
+    ///
+    /// State: unknown. An `apply` may have stored its record (it may be readable, and durable
+    /// or not); a read changed nothing. Retryable: the error may be transient. A backend that
+    /// treats an I/O failure as fatal (file, sled) answers the retry with [`Closed`](Self::Closed).
     #[error("storage I/O error: {0}")]
     Io(#[from] std::io::Error),
     /// Stored data failed validation (checksum, framing, decoding).
+    ///
+    /// State: the request stored nothing; what is stored is damaged. Not retryable: the same
+    /// data fails the same way.
     #[error("storage corruption: {0}")]
     Corruption(String),
     /// The store was closed, or failed fatally earlier and refuses further work.
+    ///
+    /// State: nothing stored, except by an `apply` that raced the close or the failure: its
+    /// record may have reached the store's memory without being made durable. Not retryable
+    /// on this store (reopen it).
     #[error("storage is closed")]
     Closed,
     /// The backend's configuration is invalid.
+    ///
+    /// State: nothing opened or stored. Not retryable without another configuration.
     #[error("invalid storage configuration: {0}")]
     Config(String),
     /// The request is outside what the contract allows (for example too many digest buckets).
+    ///
+    /// State: nothing stored or changed. Not retryable: the same request is refused again.
     #[error("invalid storage request: {0}")]
     InvalidRequest(String),
-    /// The backend's own error, described.
+    /// The backend's own error, kept as the source.
+    ///
+    /// State: unknown, as for [`Io`](Self::Io). Not retryable: backends report their transient
+    /// failures as `Io` and use this for the rest (bugs, unsupported states).
     #[error("storage backend error: {0}")]
-    Backend(String),
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl StorageError {
+    /// Whether sending the same request again may succeed (see each variant). A retry should
+    /// back off; an `apply` is safe to retry, since applying a record twice is idempotent.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StorageError::Io(_) => true,
+            StorageError::Corruption(_)
+            | StorageError::Closed
+            | StorageError::Config(_)
+            | StorageError::InvalidRequest(_)
+            | StorageError::Backend(_) => false,
+        }
+    }
+
+    /// A [`StorageError::Backend`] with `source` as its source.
+    pub fn backend(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        StorageError::Backend(source.into())
+    }
 }
 
 /// The result of an apply-if-newer.
@@ -199,6 +240,7 @@ impl RangeDigest {
 
 /// Counters a backend reports.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct StorageStats {
     /// Stored records, tombstones included.
     pub records: u64,
@@ -208,8 +250,33 @@ pub struct StorageStats {
     pub bytes: u64,
 }
 
+impl StorageStats {
+    /// Counters with these values.
+    pub fn new(records: u64, tombstones: u64, bytes: u64) -> Self {
+        StorageStats {
+            records,
+            tombstones,
+            bytes,
+        }
+    }
+
+    /// Counts one stored record (for backends that count by iterating).
+    pub fn add(&mut self, key: &[u8], record: &Record) {
+        self.records += 1;
+        self.tombstones += u64::from(record.is_tombstone());
+        self.bytes += footprint(key, record);
+    }
+}
+
+/// Bytes a record stored under `key` accounts for in [`StorageStats::bytes`]: the key and
+/// [`Record::encoded_len`].
+pub fn footprint(key: &[u8], record: &Record) -> u64 {
+    (key.len() + record.encoded_len()) as u64
+}
+
 /// What a [`Storage::purge`] removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PurgeStats {
     /// Tombstones removed after their grace period.
     pub tombstones: u64,
@@ -217,8 +284,162 @@ pub struct PurgeStats {
     pub expired: u64,
 }
 
+impl PurgeStats {
+    /// Counters with these values.
+    pub fn new(tombstones: u64, expired: u64) -> Self {
+        PurgeStats {
+            tombstones,
+            expired,
+        }
+    }
+
+    /// Counts one record the purge removed.
+    pub fn count(&mut self, removed: &Record) {
+        if removed.is_tombstone() {
+            self.tombstones += 1;
+        } else {
+            self.expired += 1;
+        }
+    }
+}
+
+/// A purge for backends whose iteration cannot remove entries (a sharded map or cache that
+/// locks while it iterates): `candidates` are the keys seen collectable, collected first;
+/// `remove_if` then removes each one only if it is still collectable by `collectable`,
+/// checked under the key's lock (a record replaced meanwhile by one that is not collectable
+/// yet stays), and returns the record it removed.
+pub fn purge_candidates<K>(
+    now_ms: u64,
+    grace: Duration,
+    candidates: Vec<K>,
+    mut remove_if: impl FnMut(K, &dyn Fn(&Record) -> bool) -> Option<Record>,
+) -> PurgeStats {
+    let collectable = |record: &Record| record.is_collectable(now_ms, grace);
+    let mut stats = PurgeStats::default();
+    for key in candidates {
+        if let Some(removed) = remove_if(key, &collectable) {
+            stats.count(&removed);
+        }
+    }
+    stats
+}
+
+/// What an acknowledged [`Storage::apply`] (an `Ok(Applied)`) has survived by the time it
+/// returns. Ordered from weakest to strongest.
+///
+/// A `Stale` answer promises nothing more: the newer record it reports may still be on its
+/// way to durability (another writer's apply may not have returned yet). Reads may see a
+/// record before it is as durable as this says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum Durability {
+    /// Kept in process memory only, and never written anywhere: lost when the store is closed
+    /// or dropped, or the process exits (memory, moka).
+    Volatile,
+    /// Kept in process memory at the ack and written out later (in the background, at
+    /// [`Storage::flush`] or [`Storage::close`]): a crash, even of the process alone, can lose
+    /// recent acknowledged writes; a clean close keeps them.
+    Deferred,
+    /// Handed to the operating system before the ack: survives a crash of the process, not
+    /// of the machine.
+    ProcessCrash,
+    /// Synced to stable storage (fsync) before the ack: survives a power loss.
+    PowerLoss,
+}
+
+impl Durability {
+    /// Whether records survive closing and reopening the store (everything but
+    /// [`Durability::Volatile`]); what survives a crash is what the level says.
+    pub fn is_persistent(self) -> bool {
+        self >= Durability::Deferred
+    }
+}
+
+/// How a backend may drop records on its own, without a [`Storage::purge`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct Eviction {
+    /// Records are evicted only while the stored bytes ([`StorageStats::bytes`]) exceed this;
+    /// `None`: any record may be evicted at any time.
+    pub capacity_bytes: Option<u64>,
+    /// A record is evicted once it has been collectable ([`Record::is_collectable`]) by the
+    /// wall clock for this long; `None`: collectable records stay until a purge.
+    pub expires_after: Option<Duration>,
+}
+
+impl Eviction {
+    /// Eviction above `capacity_bytes` and, with `expires_after`, of collectable records.
+    pub fn new(capacity_bytes: Option<u64>, expires_after: Option<Duration>) -> Self {
+        Eviction {
+            capacity_bytes,
+            expires_after,
+        }
+    }
+}
+
+/// What a [`Storage::scan`] or [`Storage::digest`] costs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ScanCost {
+    /// An ordered index: only the range asked for is read, O(log n + page) per scan page.
+    Ordered,
+    /// Every stored record is visited on each scan page and digest, whatever the range: O(n).
+    FullScan,
+}
+
+/// What a backend promises, for callers that must decide by it rather than by backend name
+/// (where hints may live, how much an acknowledgement counts, how to page anti-entropy).
+///
+/// It depends on the backend's configuration and does not change while a store is open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// What an acknowledged apply has survived when it returns.
+    pub durability: Durability,
+    /// How the backend drops records on its own; `None`: it never does, records leave only
+    /// through [`Storage::purge`] (or by losing what [`durability`](Self::durability) allows).
+    pub eviction: Option<Eviction>,
+    /// What scans and digests cost.
+    pub scans: ScanCost,
+}
+
+impl Capabilities {
+    /// A backend with this durability and scan cost that never evicts.
+    pub fn new(durability: Durability, scans: ScanCost) -> Self {
+        Capabilities {
+            durability,
+            eviction: None,
+            scans,
+        }
+    }
+
+    /// The same capabilities, evicting as `eviction` says.
+    pub fn with_eviction(mut self, eviction: Eviction) -> Self {
+        self.eviction = Some(eviction);
+        self
+    }
+
+    /// Whether a store holding at most `bytes` ([`StorageStats::bytes`]) keeps every record
+    /// until it is purged: it never evicts, or evicts only above a capacity of at least
+    /// `bytes` and never expires records on its own.
+    pub fn keeps_everything_within(&self, bytes: u64) -> bool {
+        match self.eviction {
+            None => true,
+            Some(eviction) => {
+                eviction.expires_after.is_none()
+                    && eviction
+                        .capacity_bytes
+                        .is_some_and(|capacity| bytes <= capacity)
+            }
+        }
+    }
+}
+
 /// A storage backend. See the [module documentation](self) for the contract.
 pub trait Storage: Send + Sync + 'static {
+    /// What this store promises (see [`Capabilities`]); the same for the life of the store.
+    fn capabilities(&self) -> Capabilities;
+
     /// The record stored under `key`, tombstones and expired values included.
     fn get(&self, key: &[u8]) -> impl Future<Output = Result<Option<Record>, StorageError>> + Send;
 
@@ -269,6 +490,7 @@ pub trait Storage: Send + Sync + 'static {
 /// The object-safe form of [`Storage`]; implemented for every `Storage`.
 #[allow(missing_docs)] // Each method mirrors the `Storage` method of the same name.
 pub trait DynStorage: Send + Sync + 'static {
+    fn capabilities_dyn(&self) -> Capabilities;
     fn get_dyn<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<Option<Record>, StorageError>>;
     fn apply_dyn(
         &self,
@@ -297,6 +519,9 @@ pub trait DynStorage: Send + Sync + 'static {
 }
 
 impl<S: Storage> DynStorage for S {
+    fn capabilities_dyn(&self) -> Capabilities {
+        self.capabilities()
+    }
     fn get_dyn<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<Option<Record>, StorageError>> {
         Box::pin(self.get(key))
     }
@@ -341,6 +566,9 @@ impl<S: Storage> DynStorage for S {
 }
 
 impl Storage for SharedStorage {
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities_dyn()
+    }
     // `async fn` lets the future capture both elided lifetimes.
     async fn get(&self, key: &[u8]) -> Result<Option<Record>, StorageError> {
         self.0.get_dyn(key).await
@@ -407,4 +635,75 @@ pub fn after_cursor(range: &HashRange, hash: u64, key: &[u8], cursor: &ScanCurso
         .cmp(&range.offset(cursor.hash))
         .then_with(|| key.cmp(&cursor.key[..]))
         .is_gt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hlc::{NodeId, Timestamp};
+
+    fn version(ms: u64) -> Version {
+        Version::new(Timestamp::new(ms, 0), NodeId(1))
+    }
+
+    #[test]
+    fn only_io_errors_are_retryable_and_backend_errors_keep_their_source() {
+        let io = StorageError::from(std::io::Error::other("disk busy"));
+        assert!(io.is_retryable());
+        for err in [
+            StorageError::Corruption("bad".into()),
+            StorageError::Closed,
+            StorageError::Config("bad".into()),
+            StorageError::InvalidRequest("bad".into()),
+        ] {
+            assert!(!err.is_retryable(), "{err}");
+        }
+        let backend = StorageError::backend(std::io::Error::other("inner"));
+        assert!(!backend.is_retryable());
+        let source = std::error::Error::source(&backend).expect("kept");
+        assert_eq!(source.to_string(), "inner");
+    }
+
+    #[test]
+    fn durability_is_ordered_and_persistence_starts_at_deferred() {
+        assert!(Durability::Volatile < Durability::Deferred);
+        assert!(Durability::ProcessCrash < Durability::PowerLoss);
+        assert!(!Durability::Volatile.is_persistent());
+        assert!(Durability::Deferred.is_persistent());
+    }
+
+    #[test]
+    fn what_a_store_keeps_follows_its_eviction() {
+        let never = Capabilities::new(Durability::Volatile, ScanCost::FullScan);
+        assert!(never.keeps_everything_within(u64::MAX));
+        let bounded = never.with_eviction(Eviction::new(Some(100), None));
+        assert!(bounded.keeps_everything_within(100));
+        assert!(!bounded.keeps_everything_within(101));
+        let expiring = never.with_eviction(Eviction::new(Some(100), Some(Duration::ZERO)));
+        assert!(!expiring.keeps_everything_within(1));
+        let anytime = never.with_eviction(Eviction::new(None, None));
+        assert!(!anytime.keeps_everything_within(1));
+    }
+
+    #[test]
+    fn purge_candidates_counts_only_what_is_still_collectable() {
+        let grace = Duration::from_millis(10);
+        let mut stored = [
+            Some(Record::tombstone(version(1))),
+            Some(Record::value("v", version(1)).with_expiry(5)),
+            // Replaced after it was seen collectable: stays.
+            Some(Record::value("new", version(2))),
+        ];
+        let stats = purge_candidates(100, grace, vec![0, 1, 2], |i, collectable| {
+            stored[i].take_if(|record| collectable(record))
+        });
+        assert_eq!(stats, PurgeStats::new(1, 1));
+        assert!(stored[2].is_some());
+        let mut counted = StorageStats::default();
+        counted.add(b"k", &Record::tombstone(version(1)));
+        assert_eq!(
+            counted,
+            StorageStats::new(1, 1, footprint(b"k", &Record::tombstone(version(1))))
+        );
+    }
 }

@@ -7,6 +7,7 @@
 //!   `chorus` registry lists by `tests/backend_conformance.rs`;
 //! - [`transport_conformance`]: the transport conformance suite, run against the in-process,
 //!   tcp and quic transports by `tests/transport_conformance.rs`.
+//! - [`runner`]: the check runner, seeds and failure reports both suites share;
 //! - [`crash`]: what the crash test's child process (`chorus-crash-writer`) writes, so that
 //!   `tests/crash.rs` can check what survived a SIGKILL.
 
@@ -14,4 +15,5 @@
 
 pub mod conformance;
 pub mod crash;
+pub mod runner;
 pub mod transport_conformance;

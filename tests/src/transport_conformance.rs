@@ -31,10 +31,8 @@ use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::conformance::{SEED_ENV, panic_message};
-
-/// How long one check may run before it counts as hung.
-pub const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
+use crate::runner::{self, Subject};
+pub use crate::runner::{CHECK_TIMEOUT, Failure, Ran};
 
 /// How long a check waits for one expected frame.
 pub const FRAME_WAIT: Duration = Duration::from_secs(10);
@@ -176,79 +174,72 @@ impl Kit {
     }
 }
 
-/// One conformance check.
-#[derive(Clone, Copy)]
-pub struct Check {
-    /// Short name used in reports.
-    pub name: &'static str,
-    /// What the check verifies.
-    pub description: &'static str,
-    run: fn(Kit, u64) -> BoxFuture<'static, ()>,
-}
+/// One conformance check of a transport.
+pub type Check = runner::Check<Kit>;
 
-impl fmt::Debug for Check {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Check")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
+impl Subject for Kit {
+    const KIND: &'static str = "transport";
+
+    fn name(&self) -> &str {
+        &self.name
     }
 }
 
 /// [`frames_intact`] as a [`Check`].
-pub const FRAMES_INTACT: Check = Check {
-    name: "frames_intact",
-    description: "frames of seeded sizes up to the maximum arrive intact, from the sender",
-    run: |kit, seed| Box::pin(async move { frames_intact(&kit, seed).await }),
-};
+pub const FRAMES_INTACT: Check = Check::new(
+    "frames_intact",
+    "frames of seeded sizes up to the maximum arrive intact, from the sender",
+    |kit, seed| Box::pin(async move { frames_intact(&kit, seed).await }),
+);
 
 /// [`oversized`] as a [`Check`].
-pub const OVERSIZED: Check = Check {
-    name: "oversized",
-    description: "a frame over the maximum is refused with FrameTooLarge; other frames flow",
-    run: |kit, seed| Box::pin(async move { oversized(&kit, seed).await }),
-};
+pub const OVERSIZED: Check = Check::new(
+    "oversized",
+    "a frame over the maximum is refused with FrameTooLarge; other frames flow",
+    |kit, seed| Box::pin(async move { oversized(&kit, seed).await }),
+);
 
 /// [`restart`] as a [`Check`].
-pub const RESTART: Check = Check {
-    name: "restart",
-    description: "a peer that closes and binds again is reached without intervention",
-    run: |kit, seed| Box::pin(async move { restart(&kit, seed).await }),
-};
+pub const RESTART: Check = Check::new(
+    "restart",
+    "a peer that closes and binds again is reached without intervention",
+    |kit, seed| Box::pin(async move { restart(&kit, seed).await }),
+);
 
 /// [`unreachable()`] as a [`Check`].
-pub const UNREACHABLE: Check = Check {
-    name: "unreachable",
-    description: "sending where nothing listens fails with Unreachable or Timeout in time",
-    run: |kit, seed| Box::pin(async move { unreachable(&kit, seed).await }),
-};
+pub const UNREACHABLE: Check = Check::new(
+    "unreachable",
+    "sending where nothing listens fails with Unreachable or Timeout in time",
+    |kit, seed| Box::pin(async move { unreachable(&kit, seed).await }),
+);
 
 /// [`garbage`] as a [`Check`].
-pub const GARBAGE: Check = Check {
-    name: "garbage",
-    description: "garbage from a raw socket closes that connection; other peers are served",
-    run: |kit, seed| Box::pin(async move { garbage(&kit, seed).await }),
-};
+pub const GARBAGE: Check = Check::new(
+    "garbage",
+    "garbage from a raw socket closes that connection; other peers are served",
+    |kit, seed| Box::pin(async move { garbage(&kit, seed).await }),
+);
 
 /// [`shutdown`] as a [`Check`].
-pub const SHUTDOWN: Check = Check {
-    name: "shutdown",
-    description: "close delivers every frame send accepted, then sends fail with Closed",
-    run: |kit, seed| Box::pin(async move { shutdown(&kit, seed).await }),
-};
+pub const SHUTDOWN: Check = Check::new(
+    "shutdown",
+    "close delivers every frame send accepted, then sends fail with Closed",
+    |kit, seed| Box::pin(async move { shutdown(&kit, seed).await }),
+);
 
 /// [`rpc`] as a [`Check`].
-pub const RPC: Check = Check {
-    name: "rpc",
-    description: "request/response over the transport in both directions",
-    run: |kit, seed| Box::pin(async move { rpc(&kit, seed).await }),
-};
+pub const RPC: Check = Check::new(
+    "rpc",
+    "request/response over the transport in both directions",
+    |kit, seed| Box::pin(async move { rpc(&kit, seed).await }),
+);
 
 /// [`unreliable`] as a [`Check`].
-pub const UNRELIABLE: Check = Check {
-    name: "unreliable",
-    description: "send_unreliable: small and maximum-size frames arrive intact on a quiet link",
-    run: |kit, seed| Box::pin(async move { unreliable(&kit, seed).await }),
-};
+pub const UNRELIABLE: Check = Check::new(
+    "unreliable",
+    "send_unreliable: small and maximum-size frames arrive intact on a quiet link",
+    |kit, seed| Box::pin(async move { unreliable(&kit, seed).await }),
+);
 
 /// Every check.
 pub const ALL: [Check; 8] = [
@@ -262,46 +253,9 @@ pub const ALL: [Check; 8] = [
     UNRELIABLE,
 ];
 
-/// A check that failed on a transport.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Failure {
-    /// Name of the transport.
-    pub transport: String,
-    /// Name of the check.
-    pub check: &'static str,
-    /// Seed the check ran with.
-    pub seed: u64,
-    /// The panic message, or why the check did not finish.
-    pub message: String,
-}
-
-impl fmt::Display for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "transport {:?} failed conformance check {:?} (seed {}; rerun with {SEED_ENV}={}): {}",
-            self.transport, self.check, self.seed, self.seed, self.message
-        )
-    }
-}
-
 /// Runs `check` against `kit` in its own Tokio task, with [`CHECK_TIMEOUT`].
-pub async fn run_check(kit: &Kit, check: &Check, seed: u64) -> Result<(), Failure> {
-    let task = tokio::spawn((check.run)(kit.clone(), seed));
-    let message = match tokio::time::timeout(CHECK_TIMEOUT, task).await {
-        Ok(Ok(())) => return Ok(()),
-        Ok(Err(join)) => match join.try_into_panic() {
-            Ok(payload) => panic_message(payload.as_ref()),
-            Err(join) => format!("the check's task failed: {join}"),
-        },
-        Err(_) => format!("did not finish within {CHECK_TIMEOUT:?}"),
-    };
-    Err(Failure {
-        transport: kit.name.clone(),
-        check: check.name,
-        seed,
-        message,
-    })
+pub async fn run_check(kit: &Kit, check: &Check, seed: u64) -> Result<Ran, Failure> {
+    runner::run_check(kit, check, seed).await
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ use chorus::StorageSpec;
 use chorus::hash::HashRange;
 use chorus::hlc::{NodeId, Timestamp, Version};
 use chorus::record::{Payload, Record};
-use chorus::storage::Storage;
+use chorus::storage::{Durability, Storage};
 use chorus_tests::{conformance, crash};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -54,6 +54,12 @@ async fn verify(backend: &str, dir: &Path, acked: &BTreeMap<String, Version>, ct
     let store = chorus::registry()
         .open_backend(&spec)
         .unwrap_or_else(|err| panic!("{ctx}: reopening: {err}"));
+    // The test holds a backend to what it promises; it must promise enough for a SIGKILL.
+    let durability = store.capabilities().durability;
+    assert!(
+        durability >= Durability::ProcessCrash,
+        "{ctx}: the crash options give {durability:?}, which a SIGKILL may undo"
+    );
     for (key, version) in acked {
         let record = store
             .get(key.as_bytes())

@@ -84,6 +84,7 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, PoisonError};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -91,8 +92,8 @@ use chorus_core::hash::{HashRange, key_hash};
 use chorus_core::record::Record;
 use chorus_core::registry::{Registry, StorageSpec};
 use chorus_core::storage::{
-    ApplyOutcome, Entry, PurgeStats, RangeDigest, ScanCursor, ScanPage, SharedStorage, Storage,
-    StorageError, StorageStats, empty_digests,
+    ApplyOutcome, Capabilities, Durability, Entry, PurgeStats, RangeDigest, ScanCost, ScanCursor,
+    ScanPage, SharedStorage, Storage, StorageError, StorageStats, empty_digests,
 };
 use tokio::sync::oneshot;
 
@@ -240,6 +241,8 @@ type Reply = oneshot::Receiver<Result<(), StorageError>>;
 pub struct FileStorage {
     shared: Arc<Shared>,
     tx: Sender<Cmd>,
+    /// The writer thread, joined on drop: it holds the directory lock until it stops.
+    writer: Option<JoinHandle<()>>,
     fsync: FsyncPolicy,
     closed: AtomicBool,
 }
@@ -297,10 +300,11 @@ impl FileStorage {
             options.compact_min_bytes,
         ));
         let (tx, rx) = mpsc::channel();
-        log::spawn_writer(recovered.writer, Arc::clone(&shared), rx, tx.clone())?;
+        let writer = log::spawn_writer(recovered.writer, Arc::clone(&shared), rx, tx.clone())?;
         Ok(FileStorage {
             shared,
             tx,
+            writer: Some(writer),
             fsync: options.fsync,
             closed: AtomicBool::new(false),
         })
@@ -447,11 +451,7 @@ impl FileStorage {
         for slot in collectable {
             if let Some(record) = index.map.remove(&slot) {
                 index.count_out(slot.1.len(), &record);
-                if record.is_tombstone() {
-                    stats.tombstones += 1;
-                } else {
-                    stats.expired += 1;
-                }
+                stats.count(&record);
             }
         }
         Ok(stats)
@@ -459,6 +459,16 @@ impl FileStorage {
 }
 
 impl Storage for FileStorage {
+    /// Ordered scans, never evicts; durability by the fsync policy: `always` syncs before the
+    /// ack, `interval` and `never` acknowledge once the record is queued for the writer.
+    fn capabilities(&self) -> Capabilities {
+        let durability = match self.fsync {
+            FsyncPolicy::Always => Durability::PowerLoss,
+            FsyncPolicy::Interval(_) | FsyncPolicy::Never => Durability::Deferred,
+        };
+        Capabilities::new(durability, ScanCost::Ordered)
+    }
+
     async fn get(&self, key: &[u8]) -> Result<Option<Record>, StorageError> {
         self.check_open()?;
         let slot = (key_hash(key), Bytes::copy_from_slice(key));
@@ -507,11 +517,11 @@ impl Storage for FileStorage {
     async fn stats(&self) -> Result<StorageStats, StorageError> {
         self.check_open()?;
         let index = self.shared.index_read();
-        Ok(StorageStats {
-            records: index.map.len() as u64,
-            tombstones: index.tombstones,
-            bytes: index.bytes,
-        })
+        Ok(StorageStats::new(
+            index.map.len() as u64,
+            index.tombstones,
+            index.bytes,
+        ))
     }
 
     /// Writes and syncs everything applied before the call.
@@ -534,11 +544,16 @@ impl Storage for FileStorage {
 }
 
 impl Drop for FileStorage {
-    /// Stops the writer without waiting (it syncs what is queued first). Call
-    /// [`Storage::close`] to wait, and before reopening the directory.
+    /// Stops the writer and waits for it: it writes and syncs what is queued, waits for
+    /// running compactions and releases the directory, so the directory can be reopened as
+    /// soon as the drop returns. Unlike [`Storage::close`], a failure is not reported.
     fn drop(&mut self) {
         if !self.closed.load(Ordering::Acquire) {
             let _ = self.tx.send(Cmd::Close(None));
+        }
+        if let Some(writer) = self.writer.take() {
+            // A panicked writer has released the lock too; there is no one to tell.
+            let _ = writer.join();
         }
     }
 }

@@ -319,7 +319,7 @@ pub(crate) fn spawn_writer(
     shared: Arc<Shared>,
     rx: Receiver<Cmd>,
     tx: Sender<Cmd>,
-) -> io::Result<()> {
+) -> io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("chorus-file-writer".into())
         .spawn(move || {
@@ -345,8 +345,7 @@ pub(crate) fn spawn_writer(
                 };
                 let _ = ack.send(result);
             }
-        })?;
-    Ok(())
+        })
 }
 
 /// The writer loop; returns the close acknowledgement once asked to stop (or when every sender

@@ -138,6 +138,30 @@ async fn reopen_recovers_the_merge_and_the_directory_is_locked() {
 }
 
 #[tokio::test]
+async fn dropping_without_close_releases_the_directory_with_the_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // `never` acknowledges before the writer has written anything, so the drop has a queue
+    // to write out; several rounds give a writer that outlives the drop every chance to show.
+    let options = FileOptions::default().with_fsync(FsyncPolicy::Never);
+    let mut expected = BTreeMap::new();
+    for round in 0..5u64 {
+        let store = FileStorage::open(dir.path(), options.clone())
+            .unwrap_or_else(|err| panic!("round {round}: open right after the drop: {err}"));
+        assert_eq!(contents(&store).await, expected, "round {round}: recovered");
+        for i in 0..2_000u64 {
+            let k = key(&format!("r{round}-{i}"));
+            let record = Record::value(vec![b'v'; 512], version(round * 10_000 + i + 1, 1));
+            store.apply(k.clone(), record.clone()).await.expect("apply");
+            expected.insert(k, record);
+        }
+        drop(store);
+    }
+    let store = FileStorage::open(dir.path(), options).expect("final open");
+    assert_eq!(contents(&store).await, expected);
+    store.close().await.expect("close");
+}
+
+#[tokio::test]
 async fn compaction_drops_superseded_and_purged_records() {
     let dir = tempfile::tempdir().expect("tempdir");
     let options = FileOptions::default()

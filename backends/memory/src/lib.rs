@@ -53,8 +53,9 @@ use chorus_core::hash::{HashRange, key_hash};
 use chorus_core::record::Record;
 use chorus_core::registry::{Registry, StorageSpec};
 use chorus_core::storage::{
-    ApplyOutcome, Entry, PurgeStats, RangeDigest, ScanCursor, ScanPage, SharedStorage, Storage,
-    StorageError, StorageStats, after_cursor, empty_digests, scan_order,
+    ApplyOutcome, Capabilities, Durability, Entry, PurgeStats, RangeDigest, ScanCost, ScanCursor,
+    ScanPage, SharedStorage, Storage, StorageError, StorageStats, after_cursor, empty_digests,
+    footprint, purge_candidates, scan_order,
 };
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
@@ -127,11 +128,6 @@ impl Default for MemoryStorage {
     fn default() -> Self {
         MemoryStorage::new()
     }
-}
-
-/// Bytes a stored record accounts for in [`StorageStats::bytes`].
-fn footprint(key: &[u8], record: &Record) -> u64 {
-    (key.len() + record.encoded_len()) as u64
 }
 
 /// A scan candidate, ordered by `(offset from range start, key)`: the scan order.
@@ -309,23 +305,18 @@ impl MemoryStorage {
             .filter(|item| item.value().record.is_collectable(now_ms, grace))
             .map(|item| item.key().clone())
             .collect();
-        let mut stats = PurgeStats::default();
-        for key in candidates {
-            // Re-check under the write lock: a record that was replaced in the meantime by one
-            // that is not collectable yet stays.
-            let removed = self
-                .map
-                .remove_if(&key, |_, slot| slot.record.is_collectable(now_ms, grace));
-            if let Some((key, slot)) = removed {
+        Ok(purge_candidates(
+            now_ms,
+            grace,
+            candidates,
+            |key, collectable| {
+                let (key, slot) = self
+                    .map
+                    .remove_if(&key, |_, slot| collectable(&slot.record))?;
                 self.count_out(&key, &slot.record);
-                if slot.record.is_tombstone() {
-                    stats.tombstones += 1;
-                } else {
-                    stats.expired += 1;
-                }
-            }
-        }
-        Ok(stats)
+                Some(slot.record)
+            },
+        ))
     }
 
     fn stats_now(&self) -> Result<StorageStats, StorageError> {
@@ -334,11 +325,7 @@ impl MemoryStorage {
         let tombstones = self.tombstones.load(Ordering::Relaxed);
         let bytes = self.bytes.load(Ordering::Relaxed);
         // Racing writers can make the separately read counters disagree for a moment.
-        Ok(StorageStats {
-            records,
-            tombstones: tombstones.min(records),
-            bytes,
-        })
+        Ok(StorageStats::new(records, tombstones.min(records), bytes))
     }
 
     fn close_now(&self) -> Result<(), StorageError> {
@@ -353,6 +340,11 @@ impl MemoryStorage {
 }
 
 impl Storage for MemoryStorage {
+    /// Volatile, never evicts, full scans.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(Durability::Volatile, ScanCost::FullScan)
+    }
+
     async fn get(&self, key: &[u8]) -> Result<Option<Record>, StorageError> {
         self.check_open()?;
         Ok(self.map.get(key).map(|slot| slot.record.clone()))
@@ -419,9 +411,7 @@ mod tests {
     fn counted(store: &MemoryStorage) -> StorageStats {
         let mut stats = StorageStats::default();
         for item in store.map.iter() {
-            stats.records += 1;
-            stats.tombstones += u64::from(item.record.is_tombstone());
-            stats.bytes += footprint(item.key(), &item.record);
+            stats.add(item.key(), &item.record);
         }
         stats
     }
@@ -523,17 +513,11 @@ mod tests {
         );
         assert_eq!(
             store.purge(1_100, grace).await.unwrap(),
-            PurgeStats {
-                tombstones: 1,
-                expired: 0
-            }
+            PurgeStats::new(1, 0)
         );
         assert_eq!(
             store.purge(2_100, grace).await.unwrap(),
-            PurgeStats {
-                tombstones: 0,
-                expired: 1
-            }
+            PurgeStats::new(0, 1)
         );
         assert_eq!(store.get(b"dead").await.unwrap(), None);
         assert_eq!(store.get(b"ttl").await.unwrap(), None);

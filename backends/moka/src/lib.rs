@@ -57,8 +57,9 @@ use chorus_core::hash::{HashRange, key_hash};
 use chorus_core::record::{Payload, Record};
 use chorus_core::registry::{Registry, StorageSpec};
 use chorus_core::storage::{
-    ApplyOutcome, Entry, PurgeStats, RangeDigest, ScanCursor, ScanPage, SharedStorage, Storage,
-    StorageError, StorageStats, after_cursor, empty_digests, scan_order,
+    ApplyOutcome, Capabilities, Durability, Entry, Eviction, PurgeStats, RangeDigest, ScanCost,
+    ScanCursor, ScanPage, SharedStorage, Storage, StorageError, StorageStats, after_cursor,
+    empty_digests, footprint, purge_candidates, scan_order,
 };
 use moka::ops::compute::Op;
 use moka::sync::Cache;
@@ -215,6 +216,7 @@ impl moka::Expiry<Bytes, Slot> for CollectableExpiry {
 pub struct MokaStorage {
     cache: Cache<Bytes, Slot>,
     closed: AtomicBool,
+    capabilities: Capabilities,
 }
 
 impl fmt::Debug for MokaStorage {
@@ -228,7 +230,7 @@ impl fmt::Debug for MokaStorage {
 }
 
 fn weight(key: &Bytes, slot: &Slot) -> u32 {
-    u32::try_from(key.len() + slot.record.encoded_len()).unwrap_or(u32::MAX)
+    u32::try_from(footprint(key, &slot.record)).unwrap_or(u32::MAX)
 }
 
 impl MokaStorage {
@@ -241,9 +243,12 @@ impl MokaStorage {
             Some(grace) => builder.expire_after(CollectableExpiry { grace }).build(),
             None => builder.build(),
         };
+        let eviction = Eviction::new(Some(options.capacity_bytes.get()), options.expiry_grace);
         MokaStorage {
             cache,
             closed: AtomicBool::new(false),
+            capabilities: Capabilities::new(Durability::Volatile, ScanCost::FullScan)
+                .with_eviction(eviction),
         }
     }
 
@@ -280,7 +285,7 @@ impl MokaStorage {
                 record: record.clone(),
             })
         });
-        outcome.ok_or_else(|| StorageError::Backend("moka did not run the compute step".into()))
+        outcome.ok_or_else(|| StorageError::backend("moka did not run the compute step"))
     }
 
     fn scan_now(
@@ -333,41 +338,44 @@ impl MokaStorage {
             .filter(|(_, slot)| slot.record.is_collectable(now_ms, grace))
             .map(|(key, _)| (*key).clone())
             .collect();
-        let mut stats = PurgeStats::default();
-        for key in candidates {
-            let mut removed = None;
-            // Re-checked under the key's lock: a record replaced meanwhile stays.
-            self.cache
-                .entry(key)
-                .and_compute_with(|current| match current {
-                    Some(entry) if entry.value().record.is_collectable(now_ms, grace) => {
-                        removed = Some(entry.value().record.is_tombstone());
-                        Op::Remove
-                    }
-                    _ => Op::Nop,
-                });
-            match removed {
-                Some(true) => stats.tombstones += 1,
-                Some(false) => stats.expired += 1,
-                None => {}
-            }
-        }
-        Ok(stats)
+        Ok(purge_candidates(
+            now_ms,
+            grace,
+            candidates,
+            |key, collectable| {
+                let mut removed = None;
+                // Re-checked under the key's lock: a record replaced meanwhile stays.
+                self.cache
+                    .entry(key)
+                    .and_compute_with(|current| match current {
+                        Some(entry) if collectable(&entry.value().record) => {
+                            removed = Some(entry.into_value().record);
+                            Op::Remove
+                        }
+                        _ => Op::Nop,
+                    });
+                removed
+            },
+        ))
     }
 
     fn stats_now(&self) -> Result<StorageStats, StorageError> {
         self.check_open()?;
         let mut stats = StorageStats::default();
         for (key, slot) in self.cache.iter() {
-            stats.records += 1;
-            stats.tombstones += u64::from(slot.record.is_tombstone());
-            stats.bytes += u64::from(weight(&key, &slot));
+            stats.add(&key, &slot.record);
         }
         Ok(stats)
     }
 }
 
 impl Storage for MokaStorage {
+    /// Volatile, evicting above `capacity_bytes` and (unless `expiry_grace = "off"`) once
+    /// records are collectable, full scans.
+    fn capabilities(&self) -> Capabilities {
+        self.capabilities
+    }
+
     /// The cached record; `None` if it was never stored, or evicted.
     async fn get(&self, key: &[u8]) -> Result<Option<Record>, StorageError> {
         self.check_open()?;

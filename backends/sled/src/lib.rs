@@ -70,8 +70,8 @@ use chorus_core::hlc::{NodeId, Timestamp, Version};
 use chorus_core::record::{Payload, Record};
 use chorus_core::registry::{Registry, StorageSpec};
 use chorus_core::storage::{
-    ApplyOutcome, Entry, PurgeStats, RangeDigest, ScanCursor, ScanPage, SharedStorage, Storage,
-    StorageError, StorageStats, empty_digests,
+    ApplyOutcome, Capabilities, Durability, Entry, PurgeStats, RangeDigest, ScanCost, ScanCursor,
+    ScanPage, SharedStorage, Storage, StorageError, StorageStats, empty_digests,
 };
 use tokio::sync::oneshot;
 
@@ -225,22 +225,20 @@ fn run_flusher(
         while let Ok(more) = requests.try_recv() {
             waiters.push(more);
         }
-        let result = if failed.load(Ordering::Acquire) {
-            Err(StorageError::Closed)
+        // One failure answers every waiter, so it is shared rather than flattened to text.
+        let result: Result<(), Option<Arc<sled::Error>>> = if failed.load(Ordering::Acquire) {
+            Err(None)
         } else {
             db.flush().map(drop).map_err(|err| {
                 failed.store(true, Ordering::Release);
-                sled_error(err)
+                Some(Arc::new(err))
             })
         };
         for waiter in waiters {
             let reply = match &result {
                 Ok(()) => Ok(()),
-                Err(StorageError::Io(err)) => Err(StorageError::Io(std::io::Error::new(
-                    err.kind(),
-                    err.to_string(),
-                ))),
-                Err(other) => Err(StorageError::Backend(other.to_string())),
+                Err(None) => Err(StorageError::Closed),
+                Err(Some(err)) => Err(shared_sled_error(err)),
             };
             let _ = waiter.send(reply);
         }
@@ -276,10 +274,21 @@ impl fmt::Debug for SledStorage {
 fn sled_error(err: sled::Error) -> StorageError {
     match err {
         sled::Error::Io(err) => StorageError::Io(err),
-        sled::Error::Corruption { at, .. } => {
-            StorageError::Corruption(format!("sled reports corruption at {at:?}"))
-        }
-        other => StorageError::Backend(format!("sled: {other}")),
+        sled::Error::Corruption { at, .. } => corruption_at(&at),
+        other => StorageError::backend(other),
+    }
+}
+
+fn corruption_at(at: &impl fmt::Debug) -> StorageError {
+    StorageError::Corruption(format!("sled reports corruption at {at:?}"))
+}
+
+/// [`sled_error`] for one error reported to several callers: each gets the same source.
+fn shared_sled_error(err: &Arc<sled::Error>) -> StorageError {
+    match &**err {
+        sled::Error::Io(io) => StorageError::Io(std::io::Error::new(io.kind(), Arc::clone(err))),
+        sled::Error::Corruption { at, .. } => corruption_at(at),
+        _ => StorageError::backend(Arc::clone(err)),
     }
 }
 
@@ -581,11 +590,7 @@ impl SledStorage {
                 .map_err(sled_error)?;
             if swapped.is_ok() {
                 self.count(raw_key.len() - 8, &record, -1);
-                if record.is_tombstone() {
-                    stats.tombstones += 1;
-                } else {
-                    stats.expired += 1;
-                }
+                stats.count(&record);
             }
         }
         Ok(stats)
@@ -593,6 +598,17 @@ impl SledStorage {
 }
 
 impl Storage for SledStorage {
+    /// Ordered scans, never evicts; durability by the flush policy: `always` flushes (and
+    /// fsyncs) before the ack, `interval` and `never` leave acknowledged writes in sled's
+    /// in-process buffers until the next flush.
+    fn capabilities(&self) -> Capabilities {
+        let durability = match self.flush {
+            FlushPolicy::Always => Durability::PowerLoss,
+            FlushPolicy::Interval(_) | FlushPolicy::Never => Durability::Deferred,
+        };
+        Capabilities::new(durability, ScanCost::Ordered)
+    }
+
     async fn get(&self, key: &[u8]) -> Result<Option<Record>, StorageError> {
         let db = self.db()?;
         match db.get(db_key(key_hash(key), key)).map_err(sled_error)? {
@@ -640,11 +656,8 @@ impl Storage for SledStorage {
         self.db()?;
         let records = self.records.load(Ordering::Relaxed).max(0) as u64;
         let tombstones = self.tombstones.load(Ordering::Relaxed).max(0) as u64;
-        Ok(StorageStats {
-            records,
-            tombstones: tombstones.min(records),
-            bytes: self.bytes.load(Ordering::Relaxed).max(0) as u64,
-        })
+        let bytes = self.bytes.load(Ordering::Relaxed).max(0) as u64;
+        Ok(StorageStats::new(records, tombstones.min(records), bytes))
     }
 
     /// Flushes on the flusher thread.
