@@ -210,6 +210,24 @@ impl Broadcasts {
     }
 }
 
+/// Who a node is in this life and how it joins: what [`Membership::new`] needs besides the
+/// configuration and the start time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeStart {
+    /// The node's id, the same in every life.
+    pub id: NodeId,
+    /// This life of the node: bump it on every restart (for example use the start time in
+    /// milliseconds), so the new life supersedes everything said about the old one.
+    pub generation: u64,
+    /// What the node publishes about itself, its address among it.
+    pub meta: MemberMeta,
+    /// Where to join: empty for the first node of a cluster; the node's own address among
+    /// them is skipped.
+    pub seeds: Vec<Address>,
+    /// The seed of every random choice the machine makes.
+    pub rng_seed: u64,
+}
+
 /// The membership state machine of one node. See the [module documentation](self).
 #[derive(Debug)]
 pub struct Membership {
@@ -246,19 +264,15 @@ pub struct Membership {
 }
 
 impl Membership {
-    /// A node `id` in its life `generation` (bump it on every restart, for example use the
-    /// start time in milliseconds), published with `meta`, joining through `seeds` (empty for
-    /// the first node of a cluster; the node's own address among them is skipped), with
-    /// randomness from `rng_seed`. `now` is the start time.
-    pub fn new(
-        config: MembershipConfig,
-        id: NodeId,
-        generation: u64,
-        meta: MemberMeta,
-        seeds: Vec<Address>,
-        rng_seed: u64,
-        now: Instant,
-    ) -> Self {
+    /// The node described by `start`, started at `now`.
+    pub fn new(config: MembershipConfig, start: NodeStart, now: Instant) -> Self {
+        let NodeStart {
+            id,
+            generation,
+            meta,
+            seeds,
+            rng_seed,
+        } = start;
         let seeds: Vec<Address> = seeds.into_iter().filter(|s| *s != meta.addr).collect();
         let mut rng = ChaCha8Rng::seed_from_u64(rng_seed);
         // Spread the first probe over one period so nodes started together do not probe in

@@ -20,7 +20,9 @@ use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::{MemberMeta, MemberState, Membership, MembershipConfig, MembershipEvent, SwimMessage};
+use super::{
+    MemberMeta, MemberState, Membership, MembershipConfig, MembershipEvent, NodeStart, SwimMessage,
+};
 use crate::hlc::NodeId;
 use crate::transport::Address;
 use crate::wire::{self, Header, Message};
@@ -254,11 +256,13 @@ impl Simulation {
         let rng_seed = mix(self.seed ^ mix(i as u64) ^ mix(node.generation << 32));
         let machine = Membership::new(
             node.config,
-            Self::id(i),
-            node.generation,
-            MemberMeta::new(addr.clone()),
-            seeds,
-            rng_seed,
+            NodeStart {
+                id: Self::id(i),
+                generation: node.generation,
+                meta: MemberMeta::new(addr.clone()),
+                seeds,
+                rng_seed,
+            },
             now,
         );
         let node = &mut self.nodes[i];
