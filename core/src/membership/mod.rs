@@ -418,3 +418,5 @@ impl Membership {
     }
 }
 
+#[cfg(test)]
+mod tests;
