@@ -23,7 +23,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::envelope::Envelope;
 use crate::identity::{Address, NodeId};
 use crate::membership::{
-    MemberMeta, MemberState, Membership, MembershipConfig, MembershipEvent, SwimMessage,
+    MemberMeta, MemberState, Membership, MembershipConfig, MembershipEvent, NodeStart, SwimMessage,
 };
 use crate::wire::{self, Header};
 
@@ -227,7 +227,7 @@ impl Simulation {
             config,
             seeds: seeds.to_vec(),
             generation: 1,
-            addr: Address::new(""),
+            addr: Self::addr_of(i, 1),
             machine: None,
             epoch: 0,
             timer_at: None,
@@ -243,24 +243,26 @@ impl Simulation {
     fn boot(&mut self, i: usize) {
         let now = self.base + self.now;
         let node = &self.nodes[i];
-        let addr = Address::new(format!("n{i}.g{}", node.generation));
+        let addr = Self::addr_of(i, node.generation);
         let seeds = node
             .seeds
             .iter()
             .map(|&s| {
                 // A seed not added yet will be, in its first life.
                 let generation = self.nodes.get(s).map_or(1, |n| n.generation);
-                Address::new(format!("n{s}.g{generation}"))
+                Self::addr_of(s, generation)
             })
             .collect();
         let rng_seed = mix(self.seed ^ mix(i as u64) ^ mix(node.generation << 32));
         let machine = Membership::new(
             node.config,
-            Self::id(i),
-            node.generation,
-            MemberMeta::new(addr.clone()),
-            seeds,
-            rng_seed,
+            NodeStart {
+                id: Self::id(i),
+                generation: node.generation,
+                meta: MemberMeta::new(addr.clone()),
+                seeds,
+                rng_seed,
+            },
             now,
         );
         let node = &mut self.nodes[i];
@@ -270,6 +272,11 @@ impl Simulation {
         node.timer_at = None;
         self.by_addr.insert(addr, i);
         self.after(i);
+    }
+
+    /// The address of node `i` in its life `generation`.
+    fn addr_of(i: usize, generation: u64) -> Address {
+        Address::new(format!("n{i}.g{generation}"))
     }
 
     /// The id of node `i`.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chorus_core::NodeId;
 use chorus_core::membership::{
-    MemberMeta, MemberState, Membership, MembershipConfig, MembershipEvent,
+    MemberMeta, MemberState, Membership, MembershipConfig, MembershipEvent, NodeStart,
 };
 use chorus_core::replication::ReplicaMessage;
 use chorus_core::runtime::inproc::InProcessNetwork;
@@ -20,11 +20,13 @@ fn node(net: &InProcessNetwork, i: u64, seeds: &[&str]) -> MembershipHandle {
     let transport = net.bind(addr.as_str()).expect("bind");
     let machine = Membership::new(
         MembershipConfig::local(),
-        NodeId(i),
-        1,
-        MemberMeta::new(addr.as_str()),
-        seeds.iter().map(|s| Address::new(*s)).collect(),
-        SEED ^ i,
+        NodeStart {
+            id: NodeId(i),
+            generation: 1,
+            meta: MemberMeta::new(addr.as_str()),
+            seeds: seeds.iter().map(|s| Address::new(*s)).collect(),
+            rng_seed: SEED ^ i,
+        },
         tokio::time::Instant::now().into_std(),
     );
     driver::start(transport, machine)

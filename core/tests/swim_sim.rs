@@ -413,17 +413,19 @@ fn claim_at_the_largest_incarnation_does_not_overflow() {
     use std::time::Instant;
 
     use chorus_core::hlc::NodeId;
-    use chorus_core::membership::{Life, MemberMeta, Membership, SwimMessage, Update};
+    use chorus_core::membership::{Life, MemberMeta, Membership, NodeStart, SwimMessage, Update};
     use chorus_core::transport::Address;
 
     let now = Instant::now();
     let mut node = Membership::new(
         MembershipConfig::local(),
-        NodeId(1),
-        7,
-        MemberMeta::new("n1"),
-        Vec::new(),
-        base_seed(),
+        NodeStart {
+            id: NodeId(1),
+            generation: 7,
+            meta: MemberMeta::new("n1"),
+            seeds: Vec::new(),
+            rng_seed: base_seed(),
+        },
         now,
     );
     let before = node.stats().ignored_messages;

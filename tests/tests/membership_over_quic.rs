@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chorus::NodeId;
-use chorus::membership::{MemberMeta, MemberState, Membership, MembershipConfig};
+use chorus::membership::{MemberMeta, MemberState, Membership, MembershipConfig, NodeStart};
 use chorus::runtime::membership::{self as driver, MembershipHandle};
 use chorus::transport::{Address, SharedTransport, Transport};
 use chorus::transport_quic::{Identity, QuicConfig, QuicTransport, TrustedPeers};
@@ -28,11 +28,13 @@ fn member(transport: &Arc<QuicTransport>, id: u64, seeds: &[Address]) -> Members
     let addr = transport.local_addr();
     let machine = Membership::new(
         MembershipConfig::local(),
-        NodeId(id),
-        1,
-        MemberMeta::new(addr.as_str()),
-        seeds.to_vec(),
-        SEED ^ id,
+        NodeStart {
+            id: NodeId(id),
+            generation: 1,
+            meta: MemberMeta::new(addr.as_str()),
+            seeds: seeds.to_vec(),
+            rng_seed: SEED ^ id,
+        },
         tokio::time::Instant::now().into_std(),
     );
     driver::start(SharedTransport::from(Arc::clone(transport)), machine)

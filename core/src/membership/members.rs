@@ -1,0 +1,160 @@
+//! The member table: what this node knows about every other member, and the index of the
+//! live ones (alive or suspect) that random choices draw from.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+use super::message::Member;
+use super::suspicion::Suspicion;
+use crate::hlc::NodeId;
+use crate::transport::Address;
+
+/// One known member.
+#[derive(Debug)]
+pub(super) struct Entry {
+    pub(super) member: Member,
+    /// When its state or life last changed.
+    pub(super) since: Instant,
+    pub(super) suspicion: Option<Box<Suspicion>>,
+}
+
+/// Every other member this node knows, by id, and the live ones among them.
+#[derive(Debug, Default)]
+pub(super) struct MemberTable {
+    entries: BTreeMap<NodeId, Entry>,
+    /// Alive and suspect members, for random choices.
+    live: Vec<NodeId>,
+    live_pos: HashMap<NodeId, usize>,
+    /// How many live members use each address (to tell which seeds are known alive).
+    live_addrs: HashMap<Address, u32>,
+}
+
+impl MemberTable {
+    pub(super) fn get(&self, id: NodeId) -> Option<&Entry> {
+        self.entries.get(&id)
+    }
+
+    pub(super) fn get_mut(&mut self, id: NodeId) -> Option<&mut Entry> {
+        self.entries.get_mut(&id)
+    }
+
+    pub(super) fn insert(&mut self, entry: Entry) {
+        self.entries.insert(entry.member.id, entry);
+    }
+
+    /// Forgets `id`. The caller removes it from the live index first.
+    pub(super) fn remove(&mut self, id: NodeId) {
+        self.entries.remove(&id);
+    }
+
+    /// Every known member, by id.
+    pub(super) fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.values()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Where `id` is reached, if it is known.
+    pub(super) fn addr(&self, id: NodeId) -> Option<Address> {
+        self.entries.get(&id).map(|e| e.member.meta.addr.clone())
+    }
+
+    /// Live members other than this node.
+    pub(super) fn live(&self) -> &[NodeId] {
+        &self.live
+    }
+
+    pub(super) fn is_live(&self, id: NodeId) -> bool {
+        self.live_pos.contains_key(&id)
+    }
+
+    /// Whether some live member uses `addr`.
+    pub(super) fn addr_is_live(&self, addr: &Address) -> bool {
+        self.live_addrs.contains_key(addr)
+    }
+
+    /// Adds a known member to the live index; true if it was not in it.
+    pub(super) fn add_live(&mut self, id: NodeId) -> bool {
+        if self.live_pos.contains_key(&id) {
+            return false;
+        }
+        if let Some(addr) = self.addr(id) {
+            self.count_addr(&addr, true);
+        }
+        self.live_pos.insert(id, self.live.len());
+        self.live.push(id);
+        true
+    }
+
+    pub(super) fn remove_live(&mut self, id: NodeId) {
+        if let Some(pos) = self.live_pos.remove(&id) {
+            if let Some(addr) = self.addr(id) {
+                self.count_addr(&addr, false);
+            }
+            self.live.swap_remove(pos);
+            if let Some(&moved) = self.live.get(pos) {
+                self.live_pos.insert(moved, pos);
+            }
+        }
+    }
+
+    /// A live member moved from `old` to `new`.
+    pub(super) fn move_addr(&mut self, old: &Address, new: &Address) {
+        self.count_addr(old, false);
+        self.count_addr(new, true);
+    }
+
+    /// Up to `k` distinct random live members not in `exclude`.
+    pub(super) fn sample_live(
+        &self,
+        rng: &mut ChaCha8Rng,
+        k: usize,
+        exclude: &[NodeId],
+    ) -> Vec<NodeId> {
+        let mut out = Vec::with_capacity(k);
+        if self.live.len() <= k + exclude.len() {
+            let mut all: Vec<NodeId> = self
+                .live
+                .iter()
+                .copied()
+                .filter(|id| !exclude.contains(id))
+                .collect();
+            shuffle(rng, &mut all);
+            all.truncate(k);
+            return all;
+        }
+        let mut attempts = 4 * k + 16;
+        while out.len() < k && attempts > 0 {
+            attempts -= 1;
+            let id = self.live[rng.random_range(0..self.live.len())];
+            if !exclude.contains(&id) && !out.contains(&id) {
+                out.push(id);
+            }
+        }
+        out
+    }
+
+    fn count_addr(&mut self, addr: &Address, up: bool) {
+        if up {
+            *self.live_addrs.entry(addr.clone()).or_insert(0) += 1;
+        } else if let Some(n) = self.live_addrs.get_mut(addr) {
+            *n -= 1;
+            if *n == 0 {
+                self.live_addrs.remove(addr);
+            }
+        }
+    }
+}
+
+/// Fisher-Yates, drawing from `rng` from the back.
+pub(super) fn shuffle(rng: &mut ChaCha8Rng, ids: &mut [NodeId]) {
+    for i in (1..ids.len()).rev() {
+        let j = rng.random_range(0..=i);
+        ids.swap(i, j);
+    }
+}

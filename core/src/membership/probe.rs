@@ -1,0 +1,361 @@
+//! Failure detection: the probe of one member per protocol period (direct ping, then
+//! ping-reqs through helpers), the pings this node relays for others (and their nacks), and
+//! Lifeguard's local health score that paces probing.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+use super::members::{MemberTable, shuffle};
+use super::message::{MemberState, SwimMessage, Update};
+use super::timers::Timer;
+use super::{Membership, MembershipConfig};
+use crate::hlc::NodeId;
+use crate::transport::Address;
+
+/// Probing state: whom to probe next, the probe in progress, the relays in progress.
+#[derive(Debug)]
+pub(super) struct Prober {
+    /// This round's randomised order of members to probe, and the next place in it.
+    order: Vec<NodeId>,
+    index: usize,
+    current: Option<Probe>,
+    next_seq: u32,
+    /// Pings relayed for ping-reqs, by the sequence number of the relayed ping.
+    relays: HashMap<u32, Relay>,
+    pub(super) health: Health,
+}
+
+#[derive(Debug)]
+struct Probe {
+    seq: u32,
+    target: NodeId,
+    /// Helpers asked with Lifeguard on, whose nacks soften the health penalty.
+    expected_nacks: u32,
+    nacks: u32,
+}
+
+#[derive(Debug)]
+struct Relay {
+    requester: Address,
+    seq: u32,
+    target: NodeId,
+}
+
+impl Default for Prober {
+    fn default() -> Self {
+        Prober {
+            order: Vec::new(),
+            index: 0,
+            current: None,
+            next_seq: 1,
+            relays: HashMap::new(),
+            health: Health::default(),
+        }
+    }
+}
+
+impl Prober {
+    fn next_seq(&mut self) -> u32 {
+        let seq = self.next_seq;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        seq
+    }
+
+    /// Puts a member that just became live into the current round, at a random place among
+    /// those still due.
+    pub(super) fn add_newcomer(&mut self, rng: &mut ChaCha8Rng, id: NodeId) {
+        self.order.push(id);
+        let last = self.order.len() - 1;
+        let from = self.index.min(last);
+        let at = rng.random_range(from..=last);
+        self.order.swap(at, last);
+    }
+
+    /// The next live member in the round; a new round (a fresh shuffle) once it is through.
+    fn next_target(&mut self, rng: &mut ChaCha8Rng, members: &MemberTable) -> Option<NodeId> {
+        for _ in 0..=self.order.len() {
+            if self.index >= self.order.len() {
+                self.order = members.live().to_vec();
+                shuffle(rng, &mut self.order);
+                self.index = 0;
+                if self.order.is_empty() {
+                    return None;
+                }
+            }
+            let id = self.order[self.index];
+            self.index += 1;
+            if members.is_live(id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// Whether `id` is the member being probed.
+    pub(super) fn is_probing(&self, id: NodeId) -> bool {
+        self.current.as_ref().is_some_and(|p| p.target == id)
+    }
+
+    pub(super) fn is_active(&self) -> bool {
+        self.current.is_some()
+    }
+}
+
+/// Lifeguard's local health score (0 = healthy): raised when this node's probes fail without
+/// the helpers' nacks or when it must refute a suspicion about itself, lowered by timely acks.
+#[derive(Debug, Default)]
+pub(super) struct Health {
+    score: u32,
+}
+
+impl Health {
+    pub(super) fn score(&self) -> u32 {
+        self.score
+    }
+
+    pub(super) fn raise(&mut self, config: &MembershipConfig, by: u32) {
+        if config.lifeguard {
+            self.score = (self.score + by).min(config.awareness_max_multiplier.get() - 1);
+        }
+    }
+
+    fn lower(&mut self, config: &MembershipConfig) {
+        if config.lifeguard {
+            self.score = self.score.saturating_sub(1);
+        }
+    }
+
+    /// What probe interval and timeout are multiplied by.
+    fn multiplier(&self, config: &MembershipConfig) -> u32 {
+        if config.lifeguard { self.score + 1 } else { 1 }
+    }
+}
+
+impl Membership {
+    /// The protocol period starts: probe the next member with a direct ping.
+    pub(super) fn start_probe(&mut self, now: Instant) {
+        let mult = self.probes.health.multiplier(&self.config);
+        self.timers
+            .set(Timer::ProbePeriod, now + self.config.probe_interval * mult);
+        let Some(target) = self.probes.next_target(&mut self.rng, &self.members) else {
+            return;
+        };
+        let Some(entry) = self.members.get(target) else {
+            return;
+        };
+        // Buddy system: a suspected member learns of it from the probe itself.
+        let buddy = match (&entry.suspicion, self.config.lifeguard) {
+            (Some(s), true) => Some(Update::Suspect {
+                id: target,
+                life: entry.member.life,
+                from: s.suspecter().unwrap_or(self.local.id),
+            }),
+            _ => None,
+        };
+        let addr = entry.member.meta.addr.clone();
+        let seq = self.probes.next_seq();
+        self.stats.probes += 1;
+        self.probes.current = Some(Probe {
+            seq,
+            target,
+            expected_nacks: 0,
+            nacks: 0,
+        });
+        self.timers
+            .set(Timer::ProbeAck, now + self.config.probe_timeout * mult);
+        let updates = self.piggyback(buddy);
+        self.send(
+            addr,
+            SwimMessage::Ping {
+                seq,
+                from: self.local.id,
+                target,
+                updates,
+            },
+        );
+    }
+
+    /// The direct ping got no ack in time: ask helpers to ping the target.
+    pub(super) fn send_indirect_probes(&mut self) {
+        let Some(p) = &self.probes.current else {
+            return;
+        };
+        let (seq, target) = (p.seq, p.target);
+        let Some(target_addr) = self.members.addr(target) else {
+            return;
+        };
+        let helpers =
+            self.members
+                .sample_live(&mut self.rng, self.config.indirect_checks, &[target]);
+        if let Some(p) = &mut self.probes.current
+            && self.config.lifeguard
+        {
+            p.expected_nacks = helpers.len() as u32;
+        }
+        for helper in helpers {
+            let Some(to) = self.members.addr(helper) else {
+                continue;
+            };
+            let updates = self.piggyback(None);
+            self.send(
+                to,
+                SwimMessage::PingReq {
+                    seq,
+                    from: self.local.id,
+                    target,
+                    target_addr: target_addr.clone(),
+                    updates,
+                },
+            );
+        }
+    }
+
+    /// Ends the probe in progress, if any, without a verdict.
+    pub(super) fn cancel_probe(&mut self) {
+        self.probes.current = None;
+        self.timers.cancel(Timer::ProbeAck);
+    }
+
+    /// The protocol period ended without an ack: suspect the target.
+    pub(super) fn finish_probe(&mut self, now: Instant) {
+        let Some(p) = self.probes.current.take() else {
+            return;
+        };
+        self.timers.cancel(Timer::ProbeAck);
+        self.stats.failed_probes += 1;
+        let penalty = if p.expected_nacks > 0 {
+            p.expected_nacks.saturating_sub(p.nacks)
+        } else {
+            1
+        };
+        self.probes.health.raise(&self.config, penalty);
+        let life = match self.members.get(p.target) {
+            Some(e) if matches!(e.member.state, MemberState::Alive | MemberState::Suspect) => {
+                e.member.life
+            }
+            _ => return,
+        };
+        self.stats.suspicions_raised += 1;
+        self.apply(
+            now,
+            Update::Suspect {
+                id: p.target,
+                life,
+                from: self.local.id,
+            },
+        );
+    }
+
+    pub(super) fn on_ping(
+        &mut self,
+        now: Instant,
+        from: Address,
+        seq: u32,
+        target: NodeId,
+        updates: Vec<Update>,
+    ) {
+        self.apply_all(now, updates);
+        if target != self.local.id {
+            self.stats.ignored_messages += 1;
+            return;
+        }
+        let updates = self.piggyback(None);
+        self.send(
+            from,
+            SwimMessage::Ack {
+                seq,
+                from: self.local.id,
+                updates,
+            },
+        );
+    }
+
+    pub(super) fn on_ack(&mut self, now: Instant, seq: u32, acker: NodeId, updates: Vec<Update>) {
+        self.apply_all(now, updates);
+        if let Some(p) = &self.probes.current
+            && p.seq == seq
+            && p.target == acker
+        {
+            // Only an ack to the direct ping shows this node is healthy.
+            if self.timers.deadline(Timer::ProbeAck).is_some() {
+                self.probes.health.lower(&self.config);
+            }
+            self.cancel_probe();
+        } else if let Some(relay) = self.probes.relays.remove(&seq) {
+            if relay.target != acker {
+                self.probes.relays.insert(seq, relay);
+                self.stats.ignored_messages += 1;
+                return;
+            }
+            let updates = self.piggyback(None);
+            self.send(
+                relay.requester,
+                SwimMessage::Ack {
+                    seq: relay.seq,
+                    from: acker,
+                    updates,
+                },
+            );
+        } else {
+            self.stats.ignored_messages += 1;
+        }
+    }
+
+    pub(super) fn on_ping_req(
+        &mut self,
+        now: Instant,
+        requester: Address,
+        seq: u32,
+        target: NodeId,
+        target_addr: Address,
+        updates: Vec<Update>,
+    ) {
+        self.apply_all(now, updates);
+        let own = self.probes.next_seq();
+        self.probes.relays.insert(
+            own,
+            Relay {
+                requester,
+                seq,
+                target,
+            },
+        );
+        self.timers
+            .set(Timer::Relay(own), now + self.config.probe_timeout);
+        let updates = self.piggyback(None);
+        self.send(
+            target_addr,
+            SwimMessage::Ping {
+                seq: own,
+                from: self.local.id,
+                target,
+                updates,
+            },
+        );
+    }
+
+    pub(super) fn on_nack(&mut self, seq: u32) {
+        match &mut self.probes.current {
+            Some(p) if p.seq == seq => p.nacks += 1,
+            _ => self.stats.ignored_messages += 1,
+        }
+    }
+
+    /// A relayed ping got no ack in time: tell the requester (Lifeguard).
+    pub(super) fn relay_expired(&mut self, seq: u32) {
+        if let Some(relay) = self.probes.relays.remove(&seq)
+            && self.config.lifeguard
+        {
+            self.send(
+                relay.requester,
+                SwimMessage::Nack {
+                    seq: relay.seq,
+                    from: self.local.id,
+                },
+            );
+        }
+    }
+}

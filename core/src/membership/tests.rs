@@ -1,0 +1,816 @@
+//! Transition tests: two or three machines on a virtual clock, driven one input at a time.
+//! The test hands every message to its target itself and asserts everything each input
+//! produces: the messages sent, the events, the next timeout.
+//!
+//! Node 0 (`A`) runs the LAN preset and does the probing. The others are quiet: their own
+//! protocol period is a year, so they only answer, relay and gossip, and a script never has
+//! to interleave their probes. Periodic push-pull and re-announce are a year away for every
+//! node. Randomness comes from a seed: `CHORUS_SEED` (decimal or `0x` hex) when set,
+//! otherwise a fixed default; a failing test prints it.
+
+use std::time::{Duration, Instant};
+
+use super::*;
+
+const DEFAULT_SEED: u64 = 0x7E_57;
+const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+const A: usize = 0;
+const B: usize = 1;
+const C: usize = 2;
+
+fn seed() -> u64 {
+    match std::env::var("CHORUS_SEED") {
+        Ok(s) => {
+            let s = s.trim();
+            let parsed = match s.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16),
+                None => s.parse(),
+            };
+            parsed.unwrap_or_else(|_| panic!("CHORUS_SEED={s} is not a u64"))
+        }
+        Err(_) => DEFAULT_SEED,
+    }
+}
+
+fn prober_config() -> MembershipConfig {
+    let mut config = MembershipConfig::lan();
+    config.push_pull_interval = YEAR;
+    config.reannounce_interval = YEAR;
+    config
+}
+
+fn quiet_config() -> MembershipConfig {
+    let mut config = prober_config();
+    config.probe_interval = YEAR;
+    config
+}
+
+const LAN: MembershipConfig = MembershipConfig::lan();
+
+/// Everything one input produced.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Out {
+    sent: Vec<Transmit>,
+    events: Vec<MembershipEvent>,
+    timeout: Option<Instant>,
+}
+
+/// The nodes and the virtual clock.
+struct Net {
+    seed: u64,
+    start: Instant,
+    now: Instant,
+    nodes: Vec<Membership>,
+    addrs: Vec<Address>,
+    /// Each node's first deadline: its first probe (a year away for the quiet ones).
+    idle: Vec<Instant>,
+}
+
+impl Net {
+    /// `n` nodes that know each other alive, as after their join news has spread: nothing is
+    /// left to disseminate.
+    fn new(n: usize) -> Net {
+        let seed = seed();
+        let start = Instant::now();
+        let mut net = Net {
+            seed,
+            start,
+            now: start,
+            nodes: Vec::new(),
+            addrs: Vec::new(),
+            idle: Vec::new(),
+        };
+        for i in 0..n {
+            let addr = Address::new(format!("n{}", i + 1));
+            let config = if i == A {
+                prober_config()
+            } else {
+                quiet_config()
+            };
+            let start = NodeStart {
+                id: id(i),
+                generation: 1,
+                meta: MemberMeta::new(addr.clone()),
+                seeds: Vec::new(),
+                rng_seed: seed ^ i as u64,
+            };
+            net.nodes.push(Membership::new(config, start, net.now));
+            net.addrs.push(addr);
+        }
+        for i in 0..n {
+            for j in (0..n).filter(|&j| j != i) {
+                let known = net.nodes[j].local().clone();
+                let out = net.deliver_from(j, i, push_pull_reply(j, vec![known.clone()]));
+                assert_eq!(out.events, [MembershipEvent::Joined(known)]);
+            }
+            net.nodes[i].broadcasts = Broadcasts::default();
+        }
+        for i in 0..n {
+            let idle = net.nodes[i].poll_timeout().expect("a deadline");
+            let limit = start + net.nodes[i].config.probe_interval;
+            assert!(idle <= limit, "node {i} first probes at {idle:?}");
+            for timer in [Timer::PushPull, Timer::Reannounce] {
+                let at = net.nodes[i].timers.deadline(timer).expect("set");
+                // A seed that staggers these into the script's hours is too unlikely to
+                // design around; report it rather than fail obscurely.
+                assert!(
+                    at > start + 24 * Duration::from_secs(3600),
+                    "{timer:?} soon"
+                );
+            }
+            net.idle.push(idle);
+        }
+        net
+    }
+
+    fn node(&self, i: usize) -> &Membership {
+        &self.nodes[i]
+    }
+
+    fn addr(&self, i: usize) -> Address {
+        self.addrs[i].clone()
+    }
+
+    fn index(&self, addr: &Address) -> usize {
+        self.addrs
+            .iter()
+            .position(|a| a == addr)
+            .unwrap_or_else(|| panic!("nobody at {addr}"))
+    }
+
+    fn idle(&self, i: usize) -> Option<Instant> {
+        Some(self.idle[i])
+    }
+
+    /// The current virtual time plus `d`.
+    fn at(&self, d: Duration) -> Instant {
+        self.now + d
+    }
+
+    fn advance_to(&mut self, at: Instant) {
+        assert!(at >= self.now, "time goes forward only");
+        self.now = at;
+    }
+
+    fn out(&mut self, i: usize) -> Out {
+        let node = &mut self.nodes[i];
+        Out {
+            sent: std::iter::from_fn(|| node.poll_transmit()).collect(),
+            events: std::iter::from_fn(|| node.poll_event()).collect(),
+            timeout: node.poll_timeout(),
+        }
+    }
+
+    fn leave(&mut self, i: usize) {
+        self.nodes[i].leave(self.now);
+    }
+
+    /// Advances to node `i`'s deadline and fires it.
+    fn step(&mut self, i: usize) -> Out {
+        let at = self.nodes[i].poll_timeout().expect("a deadline");
+        self.advance_to(at.max(self.now));
+        self.fire(i)
+    }
+
+    /// Node `i`'s timers at the current time.
+    fn fire(&mut self, i: usize) -> Out {
+        self.nodes[i].handle_timeout(self.now);
+        self.out(i)
+    }
+
+    /// Hands `t` (sent by node `from`) to the node at its address.
+    fn deliver(&mut self, from: usize, t: &Transmit) -> Out {
+        let to = self.index(&t.to);
+        self.deliver_from(from, to, t.message.clone())
+    }
+
+    fn deliver_from(&mut self, from: usize, to: usize, message: SwimMessage) -> Out {
+        let from = self.addr(from);
+        self.nodes[to].handle_message(self.now, from, message);
+        self.out(to)
+    }
+
+    /// Fires node `i` at each of its deadlines up to `until`; every output, merged.
+    fn run(&mut self, i: usize, until: Instant) -> Out {
+        let mut all = Out::default();
+        while let Some(at) = self.nodes[i].poll_timeout()
+            && at <= until
+        {
+            let out = self.step(i);
+            all.sent.extend(out.sent);
+            all.events.extend(out.events);
+        }
+        self.advance_to(until);
+        all.timeout = self.nodes[i].poll_timeout();
+        all
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("seed {0}; rerun with CHORUS_SEED={0}", self.seed);
+        }
+    }
+}
+
+fn id(i: usize) -> NodeId {
+    NodeId(i as u64 + 1)
+}
+
+fn to(net: &Net, i: usize, message: SwimMessage) -> Transmit {
+    Transmit {
+        to: net.addr(i),
+        message,
+    }
+}
+
+fn ping(seq: u32, from: usize, target: usize, updates: Vec<Update>) -> SwimMessage {
+    SwimMessage::Ping {
+        seq,
+        from: id(from),
+        target: id(target),
+        updates,
+    }
+}
+
+fn ack(seq: u32, from: usize, updates: Vec<Update>) -> SwimMessage {
+    SwimMessage::Ack {
+        seq,
+        from: id(from),
+        updates,
+    }
+}
+
+fn gossip(from: usize, updates: Vec<Update>) -> SwimMessage {
+    SwimMessage::Gossip {
+        from: id(from),
+        updates,
+    }
+}
+
+fn push_pull_reply(from: usize, members: Vec<Member>) -> SwimMessage {
+    SwimMessage::PushPull {
+        from: id(from),
+        join: false,
+        reply: true,
+        members,
+    }
+}
+
+fn life(generation: u64, incarnation: u64) -> Life {
+    Life {
+        generation,
+        incarnation,
+    }
+}
+
+fn suspect(i: usize, life: Life, from: usize) -> Update {
+    Update::Suspect {
+        id: id(i),
+        life,
+        from: id(from),
+    }
+}
+
+/// `i` as node `A` records it in `state` and `life`.
+fn member(net: &Net, i: usize, state: MemberState, life: Life) -> Member {
+    Member {
+        id: id(i),
+        life,
+        state,
+        meta: MemberMeta::new(net.addr(i)),
+    }
+}
+
+/// Messages of one gossip round, whose targets come in random order, by address.
+fn by_address(mut sent: Vec<Transmit>) -> Vec<Transmit> {
+    sent.sort_by(|a, b| a.to.cmp(&b.to));
+    sent
+}
+
+/// Node `A`'s first probe: fires it and returns the probe's target and when it started.
+fn first_probe(net: &mut Net) -> (usize, Instant) {
+    let out = net.step(A);
+    let t = net.now;
+    let [
+        Transmit {
+            message: SwimMessage::Ping { target, .. },
+            ..
+        },
+    ] = out.sent[..]
+    else {
+        panic!("not one ping: {out:?}");
+    };
+    let target = target.0 as usize - 1;
+    assert_eq!(
+        out,
+        Out {
+            sent: vec![to(net, target, ping(1, A, target, vec![]))],
+            events: vec![],
+            timeout: Some(t + LAN.probe_timeout),
+        }
+    );
+    (target, t)
+}
+
+#[test]
+fn a_ping_is_answered_by_an_ack_and_the_period_runs_on() {
+    let mut net = Net::new(2);
+    let (target, t) = first_probe(&mut net);
+    assert_eq!(target, B);
+
+    let first = to(&net, B, ping(1, A, B, vec![]));
+    let out = net.deliver(A, &first);
+    assert_eq!(
+        out,
+        Out {
+            sent: vec![to(&net, A, ack(1, B, vec![]))],
+            events: vec![],
+            timeout: net.idle(B),
+        }
+    );
+
+    let out = net.deliver(B, &out.sent[0]);
+    // The ack ends the wait: next comes the end of the protocol period.
+    assert_eq!(
+        out,
+        Out {
+            sent: vec![],
+            events: vec![],
+            timeout: Some(t + LAN.probe_interval),
+        }
+    );
+
+    let out = net.step(A);
+    assert_eq!(out.sent, [to(&net, B, ping(2, A, B, vec![]))]);
+    assert_eq!(out.events, []);
+    assert_eq!(net.node(A).stats().failed_probes, 0);
+    assert_eq!(net.node(A).health_score(), 0);
+}
+
+#[test]
+fn a_probe_timeout_sends_a_ping_req_and_the_helper_relays_the_ack() {
+    let mut net = Net::new(3);
+    let (target, t) = first_probe(&mut net);
+    let helper = B + C - target;
+
+    // The direct ping is lost.
+    net.advance_to(t + LAN.probe_timeout);
+    let out = net.fire(A);
+    let ping_req = SwimMessage::PingReq {
+        seq: 1,
+        from: id(A),
+        target: id(target),
+        target_addr: net.addr(target),
+        updates: vec![],
+    };
+    assert_eq!(
+        out,
+        Out {
+            sent: vec![to(&net, helper, ping_req)],
+            events: vec![],
+            timeout: Some(t + LAN.probe_interval),
+        }
+    );
+
+    let relay_deadline = net.at(LAN.probe_timeout);
+    let out = net.deliver(A, &out.sent[0]);
+    assert_eq!(
+        out,
+        Out {
+            sent: vec![to(&net, target, ping(1, helper, target, vec![]))],
+            events: vec![],
+            timeout: Some(relay_deadline),
+        }
+    );
+
+    let out = net.deliver(helper, &out.sent[0]);
+    assert_eq!(out.sent, [to(&net, helper, ack(1, target, vec![]))]);
+
+    let out = net.deliver(target, &out.sent[0]);
+    // The relayed ack carries the requester's sequence number and the target's id. The
+    // answered relay's deadline stays in the table and fires to no effect.
+    assert_eq!(
+        out,
+        Out {
+            sent: vec![to(&net, A, ack(1, target, vec![]))],
+            events: vec![],
+            timeout: Some(relay_deadline),
+        }
+    );
+
+    let out = net.deliver(helper, &out.sent[0]);
+    assert_eq!(
+        out,
+        Out {
+            sent: vec![],
+            events: vec![],
+            timeout: Some(t + LAN.probe_interval),
+        }
+    );
+
+    // No nack for an answered relay; no suspicion at the end of the period.
+    net.advance_to(relay_deadline);
+    let out = net.fire(helper);
+    assert_eq!(out.sent, []);
+    assert_eq!(out.timeout, net.idle(helper));
+    let out = net.step(A);
+    assert_eq!(out.events, []);
+    assert_eq!(net.node(A).stats().failed_probes, 0);
+}
+
+#[test]
+fn a_ping_req_to_an_unreachable_target_is_nacked_and_spares_the_requesters_health() {
+    let mut net = Net::new(3);
+    let (target, t) = first_probe(&mut net);
+    let helper = B + C - target;
+    net.advance_to(t + LAN.probe_timeout);
+    let out = net.fire(A);
+    let out = net.deliver(A, &out.sent[0]);
+    assert_eq!(
+        out.sent,
+        [to(&net, target, ping(1, helper, target, vec![]))]
+    );
+
+    // The target is down: the relayed ping is lost.
+    net.advance_to(net.at(LAN.probe_timeout));
+    let out = net.fire(helper);
+    let nack = SwimMessage::Nack {
+        seq: 1,
+        from: id(helper),
+    };
+    assert_eq!(
+        out,
+        Out {
+            sent: vec![to(&net, A, nack)],
+            events: vec![],
+            timeout: net.idle(helper),
+        }
+    );
+    let out = net.deliver(helper, &out.sent[0]);
+    assert_eq!(out.sent, []);
+    assert_eq!(out.timeout, Some(t + LAN.probe_interval));
+
+    // The period ends: the target is suspected, and the helper's nack shows this node is not
+    // the one at fault, so its health is unchanged.
+    assert_eq!(net.now, t + LAN.probe_interval);
+    let out = net.fire(A);
+    let suspicion = suspect(target, life(1, 0), A);
+    assert_eq!(
+        out.events,
+        [MembershipEvent::Suspect(member(
+            &net,
+            target,
+            MemberState::Suspect,
+            life(1, 0)
+        ))]
+    );
+    assert_eq!(net.node(A).health_score(), 0);
+    assert_eq!(net.node(A).stats().failed_probes, 1);
+    // Then: the next probe (a suspected target also hears of it from the ping itself, the
+    // buddy system) and a gossip round with the news.
+    let (next, updates) = match &out.sent[0].message {
+        SwimMessage::Ping { target: t2, .. } if *t2 == id(target) => {
+            (target, vec![suspicion.clone(), suspicion.clone()])
+        }
+        _ => (helper, vec![suspicion.clone()]),
+    };
+    assert_eq!(out.sent[0], to(&net, next, ping(2, A, next, updates)));
+    assert_eq!(
+        by_address(out.sent[1..].to_vec()),
+        by_address(vec![
+            to(&net, helper, gossip(A, vec![suspicion.clone()])),
+            to(&net, target, gossip(A, vec![suspicion])),
+        ])
+    );
+}
+
+/// Node `A` probes `B`, which does not answer, until it suspects `B`; returns when the
+/// probe started.
+fn suspect_b(net: &mut Net) -> Instant {
+    let (_, t) = first_probe(net);
+    // No helper to ask with two nodes.
+    let out = net.step(A);
+    assert_eq!(
+        out,
+        Out {
+            sent: vec![],
+            events: vec![],
+            timeout: Some(t + LAN.probe_interval),
+        }
+    );
+    let out = net.step(A);
+    let suspicion = suspect(B, life(1, 0), A);
+    // The next probe carries the suspicion twice: once for the buddy system, once from the
+    // broadcast queue. The gossip deadline passed while there was nothing to say, so a
+    // gossip round goes out too.
+    assert_eq!(
+        out,
+        Out {
+            sent: vec![
+                to(
+                    net,
+                    B,
+                    ping(2, A, B, vec![suspicion.clone(), suspicion.clone()])
+                ),
+                to(net, B, gossip(A, vec![suspicion])),
+            ],
+            events: vec![MembershipEvent::Suspect(member(
+                net,
+                B,
+                MemberState::Suspect,
+                life(1, 0)
+            ))],
+            timeout: Some(net.at(LAN.gossip_interval)),
+        }
+    );
+    // A probe that failed without a helper's nack counts against this node's health.
+    assert_eq!(net.node(A).health_score(), 1);
+    t
+}
+
+#[test]
+fn a_suspected_member_refutes_with_a_higher_incarnation() {
+    let mut net = Net::new(2);
+    suspect_b(&mut net);
+    let gossip_at = net.at(LAN.gossip_interval);
+    let probe = to(&net, B, ping(2, A, B, vec![suspect(B, life(1, 0), A); 2]));
+    let out = net.deliver(A, &probe);
+    let refuted = Update::Alive {
+        id: id(B),
+        life: life(1, 1),
+        meta: MemberMeta::new(net.addr(B)),
+    };
+    // B's own gossip deadline passed long ago: it gossips the refutation at once.
+    assert_eq!(
+        out,
+        Out {
+            sent: vec![to(&net, A, ack(2, B, vec![refuted]))],
+            events: vec![],
+            timeout: Some(net.start + LAN.gossip_interval),
+        }
+    );
+    assert_eq!(net.node(B).local().life, life(1, 1));
+    assert_eq!(net.node(B).stats().refutations, 1);
+
+    let out = net.deliver(B, &out.sent[0]);
+    assert_eq!(
+        out,
+        Out {
+            sent: vec![],
+            events: vec![MembershipEvent::Alive(member(
+                &net,
+                B,
+                MemberState::Alive,
+                life(1, 1)
+            ))],
+            timeout: Some(gossip_at),
+        }
+    );
+    // The direct ack also restored this node's health, and the suspicion timer is gone.
+    assert_eq!(net.node(A).health_score(), 0);
+    assert_eq!(net.node(A).timers.deadline(Timer::Suspicion(id(B))), None);
+}
+
+#[test]
+fn a_suspicion_that_runs_out_declares_the_member_dead() {
+    let mut net = Net::new(2);
+    let t = suspect_b(&mut net);
+    let suspected_at = t + LAN.probe_interval;
+    // With two live members the timeout is the minimum: suspicion_mult * probe_interval.
+    let timeout = LAN.probe_interval * LAN.suspicion_mult.get();
+
+    // Two more gossip rounds use up the news's four transmissions (ping, first round, these).
+    let out = net.run(A, suspected_at + timeout - Duration::from_nanos(1));
+    let suspicion = suspect(B, life(1, 0), A);
+    assert_eq!(
+        out,
+        Out {
+            sent: vec![
+                to(&net, B, gossip(A, vec![suspicion.clone()])),
+                to(&net, B, gossip(A, vec![suspicion])),
+            ],
+            events: vec![],
+            timeout: Some(suspected_at + timeout),
+        }
+    );
+
+    let out = net.step(A);
+    assert_eq!(net.now, suspected_at + timeout);
+    // Dead, and nobody is left to tell: the news waits and gossip keeps waking the node.
+    assert_eq!(
+        out,
+        Out {
+            sent: vec![],
+            events: vec![MembershipEvent::Dead(member(
+                &net,
+                B,
+                MemberState::Dead,
+                life(1, 0)
+            ))],
+            timeout: Some(net.at(LAN.gossip_interval)),
+        }
+    );
+    assert_eq!(net.node(A).live_count(), 1);
+    assert_eq!(net.node(A).stats().suspicions_raised, 1);
+}
+
+#[test]
+fn a_dead_member_is_reaped_after_reap_after() {
+    let mut net = Net::new(2);
+    let t = suspect_b(&mut net);
+    let dead_at = t + LAN.probe_interval + LAN.probe_interval * LAN.suspicion_mult.get();
+    let out = net.run(A, dead_at);
+    assert_eq!(out.events.len(), 1, "{out:?}");
+    assert!(matches!(&out.events[0], MembershipEvent::Dead(m) if m.id == id(B)));
+
+    let reap_at = dead_at + LAN.reap_after;
+    let out = net.run(A, reap_at - Duration::from_nanos(1));
+    assert_eq!((out.sent, out.events), (vec![], vec![]));
+    assert_eq!(
+        net.node(A).member(id(B)).map(|m| m.state),
+        Some(MemberState::Dead)
+    );
+    assert!(out.timeout.is_some_and(|at| at <= reap_at));
+
+    let out = net.run(A, reap_at);
+    // Forgetting is not an event.
+    assert_eq!((out.sent, out.events), (vec![], vec![]));
+    assert_eq!(net.node(A).member(id(B)), None);
+    assert_eq!(net.node(A).members().count(), 0);
+}
+
+#[test]
+fn a_leaving_node_announces_it_and_stops_probing() {
+    let mut net = Net::new(3);
+    net.leave(A);
+    let left = Update::Left {
+        id: id(A),
+        life: life(1, 1),
+    };
+    let out = net.out(A);
+    // Gossip is due at once.
+    assert_eq!(
+        out,
+        Out {
+            sent: vec![],
+            events: vec![],
+            timeout: Some(net.now),
+        }
+    );
+    assert_eq!(net.node(A).local().state, MemberState::Left);
+
+    let out = net.fire(A);
+    let round = by_address(vec![
+        to(&net, B, gossip(A, vec![left.clone()])),
+        to(&net, C, gossip(A, vec![left.clone()])),
+    ]);
+    assert_eq!(by_address(out.sent), round);
+    assert_eq!(out.events, []);
+    assert_eq!(out.timeout, Some(net.at(LAN.gossip_interval)));
+
+    let out = net.deliver(A, &round[0]);
+    assert_eq!(
+        out,
+        Out {
+            sent: vec![],
+            events: vec![MembershipEvent::Left(member(
+                &net,
+                A,
+                MemberState::Left,
+                life(1, 1)
+            ))],
+            timeout: Some(net.start + LAN.gossip_interval),
+        }
+    );
+
+    // A second round uses up the four transmissions; then no probe, no gossip: only the
+    // year-away push-pull is left.
+    let out = net.step(A);
+    assert_eq!(by_address(out.sent), round);
+    let idle = net.node(A).timers.deadline(Timer::PushPull);
+    assert_eq!(
+        out.timeout,
+        idle.min(net.node(A).timers.deadline(Timer::Reannounce))
+    );
+    assert_eq!(net.node(A).stats().probes, 0);
+}
+
+#[test]
+fn a_restart_with_a_new_generation_replaces_the_old_entry() {
+    let mut net = Net::new(2);
+    // B restarts: same id, next generation, new address, joining through A.
+    let addr = Address::new("n2.g2");
+    let restarted = NodeStart {
+        id: id(B),
+        generation: 2,
+        meta: MemberMeta::new(addr.clone()),
+        seeds: vec![net.addr(A)],
+        rng_seed: net.seed ^ 0xB2,
+    };
+    net.nodes[B] = Membership::new(quiet_config(), restarted, net.now);
+    net.addrs[B] = addr.clone();
+    let new_b = Member {
+        id: id(B),
+        life: life(2, 0),
+        state: MemberState::Alive,
+        meta: MemberMeta::new(addr.clone()),
+    };
+
+    let out = net.fire(B);
+    let join = SwimMessage::PushPull {
+        from: id(B),
+        join: true,
+        reply: false,
+        members: vec![new_b.clone()],
+    };
+    assert_eq!(out.sent, [to(&net, A, join)]);
+    assert_eq!(out.timeout, Some(net.at(LAN.join_retry_interval)));
+
+    let out = net.deliver(B, &out.sent[0]);
+    let a = net.node(A).local().clone();
+    let reply = push_pull_reply(A, vec![a.clone(), new_b.clone()]);
+    assert_eq!(
+        out,
+        Out {
+            sent: vec![to(&net, B, reply.clone())],
+            events: vec![MembershipEvent::Updated(new_b.clone())],
+            // Gossip of the news is due; the deadline passed while there was nothing to say.
+            timeout: net.idle(A).min(Some(net.start + LAN.gossip_interval)),
+        }
+    );
+    // The live address moved with it.
+    assert!(net.node(A).members.addr_is_live(&addr));
+    assert!(!net.node(A).members.addr_is_live(&Address::new("n2")));
+
+    // News about the old life, even at a higher incarnation, is ignored.
+    let stale = gossip(
+        B,
+        vec![
+            Update::Alive {
+                id: id(B),
+                life: life(1, 9),
+                meta: MemberMeta::new("n2"),
+            },
+            suspect(B, life(1, 9), B),
+        ],
+    );
+    let out = net.deliver_from(B, A, stale);
+    assert_eq!((out.sent, out.events), (vec![], vec![]));
+    assert_eq!(net.node(A).member(id(B)), Some(&new_b));
+
+    let out = net.deliver(A, &to(&net, B, reply));
+    assert_eq!(out.events, [MembershipEvent::Joined(a)]);
+    assert!(net.node(B).is_joined());
+    assert_eq!(net.node(B).timers.deadline(Timer::Join), None);
+}
+
+#[test]
+fn messages_from_an_unknown_sender() {
+    let mut net = Net::new(2);
+    let stranger = Address::new("x9");
+    let before = net.node(A).stats().ignored_messages;
+    let idle = net.idle(A);
+
+    // A ping is answered wherever it came from; the sender does not become a member.
+    let from_stranger = SwimMessage::Ping {
+        seq: 7,
+        from: NodeId(9),
+        target: id(A),
+        updates: vec![],
+    };
+    net.nodes[A].handle_message(net.now, stranger.clone(), from_stranger);
+    let answer = Transmit {
+        to: stranger.clone(),
+        message: ack(7, A, vec![]),
+    };
+    assert_eq!(
+        net.out(A),
+        Out {
+            sent: vec![answer],
+            events: vec![],
+            timeout: idle,
+        }
+    );
+    assert_eq!(net.node(A).member(NodeId(9)), None);
+
+    // An ack nobody waits for, and a ping meant for someone else, are counted and dropped.
+    net.nodes[A].handle_message(net.now, stranger.clone(), ack(3, 8, vec![]));
+    let misdirected = SwimMessage::Ping {
+        seq: 8,
+        from: NodeId(9),
+        target: NodeId(5),
+        updates: vec![],
+    };
+    net.nodes[A].handle_message(net.now, stranger, misdirected);
+    assert_eq!(
+        net.out(A),
+        Out {
+            sent: vec![],
+            events: vec![],
+            timeout: idle,
+        }
+    );
+    assert_eq!(net.node(A).stats().ignored_messages, before + 2);
+}
