@@ -21,9 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use chorus::replication::ReplicaMessage;
 use chorus::runtime::rpc::{RpcConfig, RpcEndpoint};
-use chorus::transport::{
-    Address, DynTransport, Incoming, SharedTransport, Transport, TransportError,
-};
+use chorus::transport::{Address, Incoming, SharedTransport, Transport, TransportError};
 use chorus::util::BoxFuture;
 use chorus::wire::{HEADER_LEN, MAGIC, PREFIX_LEN, WIRE_VERSION};
 use chorus::{Registry, TransportSpec};
@@ -318,32 +316,6 @@ async fn send_ok(kit: &Kit, from: &SharedTransport, to: &Address, frame: Bytes) 
     }
 }
 
-/// A [`SharedTransport`] behind a concrete type: spawning futures of
-/// `RpcEndpoint<SharedTransport>` trips a compiler limitation ("implementation of `Transport`
-/// is not general enough", about the `dyn` object's lifetime); a plain struct does not.
-struct Erased(SharedTransport);
-
-impl Transport for Erased {
-    fn local_addr(&self) -> Address {
-        self.0.local_addr_dyn()
-    }
-    fn max_frame_len(&self) -> usize {
-        self.0.max_frame_len_dyn()
-    }
-    async fn send(&self, to: &Address, frame: Bytes) -> Result<(), TransportError> {
-        self.0.send_dyn(to, frame).await
-    }
-    async fn send_unreliable(&self, to: &Address, frame: Bytes) -> Result<(), TransportError> {
-        self.0.send_unreliable_dyn(to, frame).await
-    }
-    async fn recv(&self) -> Result<Incoming, TransportError> {
-        self.0.recv_dyn().await
-    }
-    async fn close(&self) {
-        self.0.close_dyn().await
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The checks.
 
@@ -573,9 +545,9 @@ pub async fn shutdown(kit: &Kit, seed: u64) {
 pub async fn rpc(kit: &Kit, _seed: u64) {
     let (a, b) = (kit.bind().await, kit.bind().await);
     let b_addr = b.local_addr();
-    let (ea, inbound_a) = RpcEndpoint::start(Erased(a), RpcConfig::default());
-    let (eb, inbound_b) = RpcEndpoint::start(Erased(b), RpcConfig::default());
-    let serve = |endpoint: RpcEndpoint<Erased, ReplicaMessage>,
+    let (ea, inbound_a) = RpcEndpoint::start(a, RpcConfig::default());
+    let (eb, inbound_b) = RpcEndpoint::start(b, RpcConfig::default());
+    let serve = |endpoint: RpcEndpoint<SharedTransport, ReplicaMessage>,
                  mut inbound: tokio::sync::mpsc::Receiver<
         chorus::runtime::rpc::Inbound<ReplicaMessage>,
     >| {
