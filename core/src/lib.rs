@@ -6,7 +6,8 @@
 //! - [`storage`] and [`transport`]: the traits backends and transports implement;
 //! - [`wire`]: the frame format and the one place bincode is used;
 //! - [`rpc`]: request/response correlation over any transport;
-//! - [`registry`]: names to backend and transport factories;
+//! - [`registry`]: names to backend and transport factories, and [`options`], the typed
+//!   reader of their options;
 //! - [`membership`]: SWIM membership with Lifeguard as a sans-IO state machine, its tokio
 //!   driver and a deterministic simulator;
 //! - [`inproc`]: an in-process transport with seeded fault injection, for whole-cluster tests.
@@ -20,6 +21,7 @@ pub mod hash;
 pub mod hlc;
 pub mod inproc;
 pub mod membership;
+pub mod options;
 pub mod record;
 pub mod registry;
 pub mod ring;
