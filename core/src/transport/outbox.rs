@@ -18,7 +18,8 @@
 //!   and a guard that removes the entry and counts the writer down when it is dropped, so an
 //!   entry never outlives its writer and a finished writer never removes its successor. It
 //!   also carries the redial rule both transports follow after a failed dial
-//!   ([`Writer::back_off`], with [`Backoff`] and [`Jitter`]).
+//!   ([`Writer::back_off`]: a [`Backoff`] per writer, jittered by the [`Jitter`] that
+//!   [`Outboxes`] seeds once per transport from [`OutboxConfig`]).
 //! - [`Outboxes::shut`] refuses new sends and drops every queue's sending side, so writers see
 //!   the end of their queue after the frames already in it: they write those and end, and
 //!   [`Outboxes::wait_writers`] waits for that.
@@ -61,6 +62,38 @@ pub struct OutboxConfig {
     pub connect_timeout: Duration,
     /// A writer whose peer saw no `send` for this long is [idle](Writer::is_idle).
     pub idle_timeout: Duration,
+    /// First redial delay after a failed dial; doubled after each failure (see [`Backoff`]).
+    pub backoff_min: Duration,
+    /// Largest redial delay.
+    pub backoff_max: Duration,
+    /// Seed of the redial [`Jitter`]; `None` derives one from the clock and `jitter_salt`.
+    pub jitter_seed: Option<u64>,
+    /// Mixed into a clock-derived jitter seed (the local port, say), so that transports
+    /// started at the same moment do not redial in step.
+    pub jitter_salt: u64,
+}
+
+impl OutboxConfig {
+    /// Checks the settings, naming the options tcp and quic take them from.
+    pub fn validate(&self) -> Result<(), TransportError> {
+        if self.backoff_min > self.backoff_max {
+            return Err(TransportError::Config(format!(
+                "option `backoff_min_ms` ({:?}) exceeds `backoff_max_ms` ({:?})",
+                self.backoff_min, self.backoff_max
+            )));
+        }
+        for (name, value) in [
+            ("connect_timeout_ms", self.connect_timeout),
+            ("idle_timeout_ms", self.idle_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(TransportError::Config(format!(
+                    "option `{name}` must be positive"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A peer in the map.
@@ -77,6 +110,7 @@ struct Entry {
 /// The per-peer queues of one transport. See the [module documentation](self).
 pub struct Outboxes {
     config: OutboxConfig,
+    jitter: Jitter,
     started: Instant,
     peers: Mutex<HashMap<Address, Entry>>,
     next_id: AtomicU64,
@@ -107,6 +141,7 @@ impl Outboxes {
     /// No peers yet.
     pub fn new(config: OutboxConfig) -> Arc<Self> {
         Arc::new(Outboxes {
+            jitter: Jitter::new(config.jitter_seed, config.jitter_salt),
             config,
             started: Instant::now(),
             peers: Mutex::new(HashMap::new()),
@@ -299,6 +334,7 @@ impl Outboxes {
         self.writers.send_modify(|n| *n += 1);
         let writer = Writer {
             queue,
+            backoff: Backoff::new(self.config.backoff_min, self.config.backoff_max),
             unread: VecDeque::new(),
             retired: false,
             link: link_tx,
@@ -322,6 +358,8 @@ impl Outboxes {
 /// removes the peer's entry (if it is still this writer's) and counts the writer as ended.
 pub struct Writer {
     queue: mpsc::Receiver<Bytes>,
+    /// Redial delays; reset by [`Writer::connected`].
+    backoff: Backoff,
     /// Frames taken from the queue and handed back (they were not sent); they go first.
     unread: VecDeque<Bytes>,
     retired: bool,
@@ -352,6 +390,13 @@ impl Writer {
     /// Reports the link state to senders.
     pub fn set_link(&self, link: Link) {
         self.link.send_replace(link);
+    }
+
+    /// After a successful dial: the link is [`Link::Up`], and the next failed dial waits the
+    /// shortest delay again.
+    pub fn connected(&mut self) {
+        self.backoff.reset();
+        self.set_link(Link::Up);
     }
 
     /// The next frame to send, waiting for one; `None` once the transport is shut (or the
@@ -473,21 +518,16 @@ impl Writer {
 
     /// After a failed dial: tells senders the peer is down (they fail with
     /// [`TransportError::Unreachable`] at once), discards what is queued (returned), and waits
-    /// out the next delay of `backoff`. The `bool` says whether to dial again: not if the
+    /// out the next jittered backoff delay. The `bool` says whether to dial again: not if the
     /// writer retired, the transport shut (also while waiting), or nothing was sent to the
     /// peer for the idle timeout.
-    pub async fn back_off(
-        &mut self,
-        reason: &str,
-        backoff: &mut Backoff,
-        jitter: &Jitter,
-    ) -> (u64, bool) {
+    pub async fn back_off(&mut self, reason: &str) -> (u64, bool) {
         self.set_link(Link::Down(Arc::from(reason)));
         let dropped = self.drop_queued();
         if self.transport_closed() || self.is_retired() || self.is_idle() {
             return (dropped, false);
         }
-        let delay = jitter.jittered(backoff.next_delay());
+        let delay = self.outboxes.jitter.jittered(self.backoff.next_delay());
         let mut closed = self.outboxes.closed();
         let again = tokio::select! {
             _ = tokio::time::sleep(delay) => true,
@@ -585,6 +625,10 @@ mod tests {
             queue_wait: Duration::from_millis(20),
             connect_timeout: Duration::from_millis(50),
             idle_timeout: Duration::from_secs(60),
+            backoff_min: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(4),
+            jitter_seed: Some(1),
+            jitter_salt: 0,
         }
     }
 
@@ -751,12 +795,10 @@ mod tests {
             .await
             .expect("send");
         let mut writer = slot.lock().expect("slot").take().expect("writer");
-        let jitter = Jitter::new(Some(1), 0);
-        let mut backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(4));
-        let (dropped, again) = writer.back_off("refused", &mut backoff, &jitter).await;
+        let (dropped, again) = writer.back_off("refused").await;
         assert_eq!((dropped, again), (1, true), "a live writer redials");
         assert!(writer.retire().await, "the failed dial dropped the frame");
-        let (_, again) = writer.back_off("refused", &mut backoff, &jitter).await;
+        let (_, again) = writer.back_off("refused").await;
         assert!(!again, "a retired writer ends instead of redialling");
         outboxes.shut();
         let other = Address::new("peer:2");
@@ -837,6 +879,25 @@ mod tests {
         assert_eq!(delays, vec![10, 20, 35, 35]);
         backoff.reset();
         assert_eq!(backoff.next_delay(), Duration::from_millis(10));
+    }
+
+    #[test]
+    fn validation_names_the_option_at_fault() {
+        let mut inverted = config();
+        inverted.backoff_min = inverted.backoff_max * 2;
+        let mut no_connect = config();
+        no_connect.connect_timeout = Duration::ZERO;
+        for (bad, option) in [
+            (inverted, "`backoff_min_ms`"),
+            (no_connect, "`connect_timeout_ms`"),
+        ] {
+            let err = bad.validate().expect_err("invalid");
+            assert!(
+                matches!(&err, TransportError::Config(m) if m.contains(option)),
+                "{err}"
+            );
+        }
+        config().validate().expect("valid");
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use chorus_core::registry::Options;
+use chorus_core::transport::outbox::OutboxConfig;
 use chorus_core::transport::{Address, TransportError};
 use chorus_core::wire::{DEFAULT_MAX_FRAME_LEN, MAX_FRAME_LEN_CEILING};
 
@@ -262,24 +263,28 @@ impl QuicConfig {
         Ok((config, identity, trusted))
     }
 
+    /// The settings of the per-peer queues and redials; `jitter_salt` goes into a jitter seed
+    /// derived from the clock.
+    pub(crate) fn outbox(&self, jitter_salt: u64) -> OutboxConfig {
+        OutboxConfig {
+            queue_capacity: self.queue_capacity,
+            queue_wait: self.queue_wait,
+            connect_timeout: self.connect_timeout,
+            idle_timeout: self.idle_timeout,
+            backoff_min: self.backoff_min,
+            backoff_max: self.backoff_max,
+            jitter_seed: self.jitter_seed,
+            jitter_salt,
+        }
+    }
+
     /// Checks relations between fields.
     pub fn validate(&self) -> Result<(), TransportError> {
-        if self.backoff_min > self.backoff_max {
-            return Err(TransportError::Config(format!(
-                "option `backoff_min_ms` ({:?}) exceeds `backoff_max_ms` ({:?})",
-                self.backoff_min, self.backoff_max
-            )));
-        }
-        for (name, value) in [
-            ("connect_timeout_ms", self.connect_timeout),
-            ("initial_rtt_ms", self.initial_rtt),
-            ("idle_timeout_ms", self.idle_timeout),
-        ] {
-            if value.is_zero() {
-                return Err(TransportError::Config(format!(
-                    "option `{name}` must be positive"
-                )));
-            }
+        self.outbox(0).validate()?;
+        if self.initial_rtt.is_zero() {
+            return Err(TransportError::Config(
+                "option `initial_rtt_ms` must be positive".to_owned(),
+            ));
         }
         if !(MIN_UDP_PAYLOAD..=MAX_UDP_PAYLOAD).contains(&self.max_udp_payload) {
             return Err(TransportError::Config(format!(

@@ -114,7 +114,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use chorus_core::registry::{Registry, TransportSpec};
-use chorus_core::transport::outbox::{Jitter, OutboxConfig, Outboxes};
+use chorus_core::transport::outbox::Outboxes;
 use chorus_core::transport::{self, Address, Incoming, SharedTransport, Transport, TransportError};
 #[cfg(doc)]
 use chorus_core::wire;
@@ -187,7 +187,6 @@ struct Inner {
     /// The connection each peer's writer uses, for datagrams.
     routes: Mutex<HashMap<Address, Connection>>,
     incoming: mpsc::Sender<Incoming>,
-    jitter: Jitter,
     hello: Bytes,
     counters: Counters,
 }
@@ -344,17 +343,11 @@ impl QuicTransport {
             .clone()
             .unwrap_or_else(|| Address::new(bound.to_string()));
         let hello = transport::encode_hello(HELLO_MAGIC, &local)?;
-        let outboxes = Outboxes::new(OutboxConfig {
-            queue_capacity: config.queue_capacity,
-            queue_wait: config.queue_wait,
-            connect_timeout: config.connect_timeout,
-            idle_timeout: config.idle_timeout,
-        });
+        let outboxes = Outboxes::new(config.outbox(u64::from(bound.port())));
         let (incoming, rx) = mpsc::channel(config.recv_capacity.get());
         let inner = Arc::new(Inner {
             local,
             max_frame_len: config.effective_max_frame_len(),
-            jitter: Jitter::new(config.jitter_seed, u64::from(bound.port())),
             config,
             io,
             endpoint,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use chorus_core::transport::Address;
-use chorus_core::transport::outbox::{Backoff, Link, Writer};
+use chorus_core::transport::outbox::{Link, Writer};
 use quinn::{Connection, VarInt};
 
 use crate::inbound::read_streams;
@@ -52,14 +52,12 @@ impl Inner {
 /// The writer of a dialled connection: dial (with backoff), write, redial when frames are left
 /// after the connection went away.
 pub(crate) async fn outbound(inner: Arc<Inner>, mut writer: Writer) {
-    let mut backoff = Backoff::new(inner.config.backoff_min, inner.config.backoff_max);
     loop {
         writer.set_link(Link::Connecting);
         match inner.dial(writer.addr()).await {
             Ok(conn) => {
                 bump(&inner.counters.dialed, 1);
-                backoff.reset();
-                writer.set_link(Link::Up);
+                writer.connected();
                 inner.io.spawn(read_streams(
                     Arc::clone(&inner),
                     conn.clone(),
@@ -80,7 +78,7 @@ pub(crate) async fn outbound(inner: Arc<Inner>, mut writer: Writer) {
             Err(reason) => {
                 bump(&inner.counters.dial_failures, 1);
                 tracing::debug!(peer = %writer.addr(), %reason, "dial failed");
-                let (dropped, again) = writer.back_off(&reason, &mut backoff, &inner.jitter).await;
+                let (dropped, again) = writer.back_off(&reason).await;
                 bump(&inner.counters.frames_dropped, dropped);
                 if !again {
                     break;

@@ -5,6 +5,7 @@ use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use chorus_core::registry::Options;
+use chorus_core::transport::outbox::OutboxConfig;
 use chorus_core::transport::{Address, TransportError};
 use chorus_core::wire::{DEFAULT_MAX_FRAME_LEN, MAX_FRAME_LEN_CEILING};
 
@@ -163,24 +164,24 @@ impl TcpConfig {
         Ok(config)
     }
 
+    /// The settings of the per-peer queues and redials; `jitter_salt` goes into a jitter seed
+    /// derived from the clock.
+    pub(crate) fn outbox(&self, jitter_salt: u64) -> OutboxConfig {
+        OutboxConfig {
+            queue_capacity: self.queue_capacity,
+            queue_wait: self.queue_wait,
+            connect_timeout: self.connect_timeout,
+            idle_timeout: self.idle_timeout,
+            backoff_min: self.backoff_min,
+            backoff_max: self.backoff_max,
+            jitter_seed: self.jitter_seed,
+            jitter_salt,
+        }
+    }
+
     /// Checks relations between fields.
     pub fn validate(&self) -> Result<(), TransportError> {
-        if self.backoff_min > self.backoff_max {
-            return Err(TransportError::Config(format!(
-                "option `backoff_min_ms` ({:?}) exceeds `backoff_max_ms` ({:?})",
-                self.backoff_min, self.backoff_max
-            )));
-        }
-        if self.connect_timeout.is_zero() {
-            return Err(TransportError::Config(
-                "option `connect_timeout_ms` must be positive".to_owned(),
-            ));
-        }
-        if self.idle_timeout.is_zero() {
-            return Err(TransportError::Config(
-                "option `idle_timeout_ms` must be positive".to_owned(),
-            ));
-        }
+        self.outbox(0).validate()?;
         Ok(())
     }
 }

@@ -65,7 +65,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use chorus_core::registry::{Registry, TransportSpec};
-use chorus_core::transport::outbox::{Backoff, Jitter, Link, OutboxConfig, Outboxes, Writer};
+use chorus_core::transport::outbox::{Link, Outboxes, Writer};
 use chorus_core::transport::{self, Address, Incoming, SharedTransport, Transport, TransportError};
 use chorus_core::wire;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -173,7 +173,6 @@ struct Inner {
     started: Instant,
     outboxes: Arc<Outboxes>,
     incoming: mpsc::Sender<Incoming>,
-    jitter: Jitter,
     hello: Bytes,
     counters: Counters,
 }
@@ -261,17 +260,11 @@ impl TcpTransport {
             .clone()
             .unwrap_or_else(|| Address::new(bound.to_string()));
         let hello = transport::encode_hello(HELLO_MAGIC, &local)?;
-        let outboxes = Outboxes::new(OutboxConfig {
-            queue_capacity: config.queue_capacity,
-            queue_wait: config.queue_wait,
-            connect_timeout: config.connect_timeout,
-            idle_timeout: config.idle_timeout,
-        });
+        let outboxes = Outboxes::new(config.outbox(u64::from(bound.port())));
         let (incoming, rx) = mpsc::channel(config.recv_capacity.get());
         let inner = Arc::new(Inner {
             local,
             max_frame_len: config.effective_max_frame_len(),
-            jitter: Jitter::new(config.jitter_seed, u64::from(bound.port())),
             config,
             started: Instant::now(),
             outboxes,
@@ -472,14 +465,12 @@ async fn inbound_writer(
 /// The writer of a dialled connection: dial (with backoff), write, redial when it breaks.
 async fn outbound(inner: Arc<Inner>, mut writer: Writer) {
     let addr = writer.addr().clone();
-    let mut backoff = Backoff::new(inner.config.backoff_min, inner.config.backoff_max);
     loop {
         writer.set_link(Link::Connecting);
         match inner.dial(&addr).await {
             Ok(stream) => {
                 bump(&inner.counters.dialed, 1);
-                backoff.reset();
-                writer.set_link(Link::Up);
+                writer.connected();
                 let (r, mut w) = stream.into_split();
                 let activity = Activity::new(inner.now_ms());
                 let reader = tokio::spawn({
@@ -506,7 +497,7 @@ async fn outbound(inner: Arc<Inner>, mut writer: Writer) {
             Err(reason) => {
                 bump(&inner.counters.dial_failures, 1);
                 tracing::debug!(peer = %addr, %reason, "dial failed");
-                let (dropped, again) = writer.back_off(&reason, &mut backoff, &inner.jitter).await;
+                let (dropped, again) = writer.back_off(&reason).await;
                 count_dropped(&inner, &writer, dropped);
                 if !again {
                     break;
