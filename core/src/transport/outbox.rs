@@ -26,6 +26,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::io;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -36,18 +37,18 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::{mpsc, watch};
 
-use super::{Address, TransportError};
+use super::{Address, ErrorCause, TransportError};
 
 /// What a peer's writer can do with frames right now, as `send` sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Link {
     /// Dialling, for the first time or again: `send` waits.
     Connecting,
     /// Connected: `send` queues.
     Up,
-    /// The last dial failed for the given reason and a redial is scheduled: `send` fails with
-    /// [`TransportError::Unreachable`].
-    Down(Arc<str>),
+    /// The last dial failed with this error and a redial is scheduled: `send` fails with
+    /// [`TransportError::Unreachable`], whose source it is.
+    Down(ErrorCause),
 }
 
 /// The settings [`Outboxes`] needs from a transport's configuration.
@@ -216,10 +217,9 @@ impl Outboxes {
                 Ok(()) => return Ok(()),
                 Err(Retry::Again(back)) if attempt == 0 => frame = back,
                 Err(Retry::Again(_)) => {
-                    return Err(TransportError::Unreachable {
-                        addr: to.clone(),
-                        reason: "the connection closed".to_owned(),
-                    });
+                    let closed =
+                        io::Error::new(io::ErrorKind::ConnectionAborted, "the connection closed");
+                    return Err(TransportError::unreachable(to, closed));
                 }
                 Err(Retry::Fail(error)) => return Err(error),
             }
@@ -254,10 +254,10 @@ impl Outboxes {
             };
         match state {
             Some(Link::Up) => {}
-            Some(Link::Down(reason)) => {
+            Some(Link::Down(cause)) => {
                 return Err(Retry::Fail(TransportError::Unreachable {
                     addr: to.clone(),
-                    reason: reason.to_string(),
+                    source: cause,
                 }));
             }
             Some(Link::Connecting) | None if self.is_closed() => {
@@ -521,8 +521,8 @@ impl Writer {
     /// out the next jittered backoff delay. The `bool` says whether to dial again: not if the
     /// writer retired, the transport shut (also while waiting), or nothing was sent to the
     /// peer for the idle timeout.
-    pub async fn back_off(&mut self, reason: &str) -> (u64, bool) {
-        self.set_link(Link::Down(Arc::from(reason)));
+    pub async fn back_off(&mut self, cause: ErrorCause) -> (u64, bool) {
+        self.set_link(Link::Down(cause));
         let dropped = self.drop_queued();
         if self.transport_closed() || self.is_retired() || self.is_idle() {
             return (dropped, false);
@@ -632,6 +632,10 @@ mod tests {
         }
     }
 
+    fn refused() -> ErrorCause {
+        Arc::new(io::Error::new(io::ErrorKind::ConnectionRefused, "refused"))
+    }
+
     /// A `start` that keeps the writer in `slot` and reports `link`.
     fn keep(slot: &Arc<Mutex<Option<Writer>>>, link: Link) -> impl Fn(Writer) + Send + Sync {
         let slot = Arc::clone(slot);
@@ -702,12 +706,12 @@ mod tests {
             .send(
                 &down,
                 Bytes::from_static(b"x"),
-                keep(&slot, Link::Down("refused".into())),
+                keep(&slot, Link::Down(refused())),
             )
             .await
         {
-            Err(TransportError::Unreachable { addr, reason }) => {
-                assert_eq!((addr, reason.as_str()), (down, "refused"));
+            Err(TransportError::Unreachable { addr, source }) => {
+                assert_eq!((addr, source.to_string()), (down, "refused".to_owned()));
             }
             other => panic!("a down link gave {other:?}"),
         }
@@ -795,10 +799,10 @@ mod tests {
             .await
             .expect("send");
         let mut writer = slot.lock().expect("slot").take().expect("writer");
-        let (dropped, again) = writer.back_off("refused").await;
+        let (dropped, again) = writer.back_off(refused()).await;
         assert_eq!((dropped, again), (1, true), "a live writer redials");
         assert!(writer.retire().await, "the failed dial dropped the frame");
-        let (_, again) = writer.back_off("refused").await;
+        let (_, again) = writer.back_off(refused()).await;
         assert!(!again, "a retired writer ends instead of redialling");
         outboxes.shut();
         let other = Address::new("peer:2");

@@ -207,15 +207,32 @@ impl Inner {
     }
 }
 
-async fn resolve(to: &Address) -> Result<SocketAddr, String> {
+async fn resolve(to: &Address) -> Result<SocketAddr, ResolveError> {
     if let Ok(addr) = to.as_str().parse::<SocketAddr>() {
         return Ok(addr);
     }
     tokio::net::lookup_host(to.as_str())
         .await
-        .map_err(|e| format!("resolving {to}: {e}"))?
+        .map_err(|source| ResolveError::Lookup {
+            addr: to.clone(),
+            source,
+        })?
         .next()
-        .ok_or_else(|| format!("{to} resolves to no address"))
+        .ok_or_else(|| ResolveError::NoAddress(to.clone()))
+}
+
+/// Why an address did not resolve to a socket address.
+#[derive(Debug, thiserror::Error)]
+enum ResolveError {
+    /// The lookup failed.
+    #[error("resolving {addr}: {source}")]
+    Lookup {
+        addr: Address,
+        source: std::io::Error,
+    },
+    /// The lookup found nothing.
+    #[error("{0} resolves to no address")]
+    NoAddress(Address),
 }
 
 /// quinn's runtime for one transport: Tokio's timers and sockets, with every driver future on

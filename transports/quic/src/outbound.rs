@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use chorus_core::transport::Address;
@@ -13,40 +14,67 @@ use quinn::{Connection, VarInt};
 use crate::inbound::read_streams;
 use crate::io_task::lock;
 use crate::stats::bump;
-use crate::{Inner, code, resolve, tls};
+use crate::{Inner, ResolveError, code, resolve, tls};
 
 /// Most bytes a writer gathers onto one stream (a single larger frame still gets its own).
 const MAX_BATCH_BYTES: usize = 256 * 1024;
 
 impl Inner {
     /// Handshake and hello, within the connect timeout.
-    async fn dial(&self, to: &Address) -> Result<Connection, String> {
+    async fn dial(&self, to: &Address) -> Result<Connection, DialError> {
         let timeout = self.config.connect_timeout;
         let attempt = async {
             let addr = resolve(to).await?;
-            let connecting = self
-                .endpoint
-                .connect(addr, tls::SERVER_NAME)
-                .map_err(|e| e.to_string())?;
-            let conn = connecting.await.map_err(|e| e.to_string())?;
-            let mut hello = conn.open_uni().await.map_err(|e| e.to_string())?;
+            let connecting = self.endpoint.connect(addr, tls::SERVER_NAME)?;
+            let conn = connecting.await?;
+            let mut hello = conn.open_uni().await?;
             hello
                 .write_all(&self.hello)
                 .await
-                .map_err(|e| format!("writing the hello: {e}"))?;
-            hello.finish().map_err(|e| e.to_string())?;
-            Ok::<_, String>(conn)
+                .map_err(DialError::Hello)?;
+            hello.finish().map_err(|_| DialError::HelloClosed)?;
+            Ok(conn)
         };
         let mut closed = self.outboxes.closed();
         tokio::select! {
             attempt = tokio::time::timeout(timeout, attempt) => match attempt {
                 Ok(result) => result,
-                Err(_) => Err(format!("no connection within {timeout:?}")),
+                Err(_) => Err(DialError::TimedOut(timeout)),
             },
             // `close` need not wait out a dial to a node that is gone.
-            _ = closed.wait_for(|c| *c) => Err("the transport is closing".to_owned()),
+            _ = closed.wait_for(|c| *c) => Err(DialError::Closing),
         }
     }
+}
+
+/// Why a dial failed: the source of the [`TransportError::Unreachable`] that sends get until
+/// a redial succeeds.
+///
+/// [`TransportError::Unreachable`]: chorus_core::transport::TransportError::Unreachable
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DialError {
+    /// The peer's address did not resolve.
+    #[error("{0}")]
+    Resolve(#[from] ResolveError),
+    /// quinn refused to start the connection.
+    #[error("{0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// The handshake failed (an untrusted certificate included), or the connection was lost
+    /// before the hello stream opened.
+    #[error("{0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// The connection was lost while the hello was written.
+    #[error("writing the hello: {0}")]
+    Hello(#[source] quinn::WriteError),
+    /// The hello stream was closed before it could be finished.
+    #[error("the hello stream closed before it was finished")]
+    HelloClosed,
+    /// The handshake and the hello took longer than the connect timeout.
+    #[error("no connection within {0:?}")]
+    TimedOut(Duration),
+    /// The transport started closing during the dial.
+    #[error("the transport is closing")]
+    Closing,
 }
 
 /// The writer of a dialled connection: dial (with backoff), write, redial when frames are left
@@ -75,10 +103,10 @@ pub(crate) async fn outbound(inner: Arc<Inner>, mut writer: Writer) {
                     }
                 }
             }
-            Err(reason) => {
+            Err(error) => {
                 bump(&inner.counters.dial_failures, 1);
-                tracing::debug!(peer = %writer.addr(), %reason, "dial failed");
-                let (dropped, again) = writer.back_off(&reason).await;
+                tracing::debug!(peer = %writer.addr(), %error, "dial failed");
+                let (dropped, again) = writer.back_off(Arc::new(error)).await;
                 bump(&inner.counters.frames_dropped, dropped);
                 if !again {
                     break;

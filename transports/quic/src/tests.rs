@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use super::*;
 use chorus_core::wire::{self, Header, Message};
+use outbound::DialError;
 
 fn frame(text: &str) -> Bytes {
     let message = Message::Error {
@@ -61,8 +62,8 @@ async fn an_untrusted_peer_fails_the_handshake_both_ways() {
     // The stranger trusts a, but a does not trust the stranger: a refuses it as a client.
     let s = node(&stranger, &[&ia, &ib]).await;
     match s.send(&a.local_addr(), frame("let me in")).await {
-        Err(TransportError::Unreachable { reason, .. }) => {
-            assert!(!reason.is_empty());
+        Err(TransportError::Unreachable { source, .. }) => {
+            assert!(!source.to_string().is_empty());
         }
         // The client may finish its side of the handshake before the server's refusal
         // arrives; then the frame is written to a connection that is already being closed.
@@ -72,7 +73,14 @@ async fn an_untrusted_peer_fails_the_handshake_both_ways() {
     // a dials the stranger: the stranger's certificate is not trusted, so a's own dial
     // fails in a's certificate check.
     match a.send(&s.local_addr(), frame("who are you")).await {
-        Err(TransportError::Unreachable { reason, .. }) => {
+        Err(TransportError::Unreachable { source, .. }) => {
+            // The handshake's own error is kept, not a copy of its text.
+            let handshake = source.downcast_ref::<DialError>();
+            assert!(
+                matches!(handshake, Some(DialError::Connection(_))),
+                "{source:?}"
+            );
+            let reason = source.to_string();
             assert!(reason.to_lowercase().contains("certificate"), "{reason}");
         }
         other => panic!("dialling an untrusted peer gave {other:?}"),

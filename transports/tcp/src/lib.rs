@@ -205,24 +205,39 @@ impl Inner {
     }
 
     /// Connects to `addr` and writes the hello, all within the connect timeout.
-    async fn dial(&self, addr: &Address) -> Result<TcpStream, String> {
+    async fn dial(&self, addr: &Address) -> Result<TcpStream, DialError> {
         let timeout = self.config.connect_timeout;
         let attempt = async {
             let mut stream = TcpStream::connect(addr.as_str())
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(DialError::Connect)?;
             self.configure(&stream);
             stream
                 .write_all(&self.hello)
                 .await
-                .map_err(|e| format!("writing the hello: {e}"))?;
-            Ok::<_, String>(stream)
+                .map_err(DialError::Hello)?;
+            Ok(stream)
         };
         match tokio::time::timeout(timeout, attempt).await {
             Ok(result) => result,
-            Err(_) => Err(format!("no connection within {timeout:?}")),
+            Err(_) => Err(DialError::TimedOut(timeout)),
         }
     }
+}
+
+/// Why a dial failed: the source of the [`TransportError::Unreachable`] that sends get until
+/// a redial succeeds.
+#[derive(Debug, thiserror::Error)]
+enum DialError {
+    /// The connection could not be made.
+    #[error("{0}")]
+    Connect(#[source] io::Error),
+    /// The connection broke while the hello was written.
+    #[error("writing the hello: {0}")]
+    Hello(#[source] io::Error),
+    /// Connecting and writing the hello took longer than the connect timeout.
+    #[error("no connection within {0:?}")]
+    TimedOut(Duration),
 }
 
 /// A TCP [`Transport`]. See the [crate documentation](crate).
@@ -494,10 +509,10 @@ async fn outbound(inner: Arc<Inner>, mut writer: Writer) {
                     }
                 }
             }
-            Err(reason) => {
+            Err(error) => {
                 bump(&inner.counters.dial_failures, 1);
-                tracing::debug!(peer = %addr, %reason, "dial failed");
-                let (dropped, again) = writer.back_off(&reason).await;
+                tracing::debug!(peer = %addr, %error, "dial failed");
+                let (dropped, again) = writer.back_off(Arc::new(error)).await;
                 count_dropped(&inner, &writer, dropped);
                 if !again {
                     break;
