@@ -37,7 +37,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::{mpsc, watch};
 
-use super::{Address, ErrorCause, TransportError};
+use super::{Address, ErrorCause, Incoming, TransportError};
 
 /// What a peer's writer can do with frames right now, as `send` sees it.
 #[derive(Clone, Debug)]
@@ -179,6 +179,28 @@ impl Outboxes {
         let peers = std::mem::take(&mut *self.peers());
         drop(peers);
         was
+    }
+
+    /// The transport's `recv`: the next frame its readers put in `rx`, or
+    /// [`TransportError::Closed`] once [`shut`](Self::shut) was called (also while waiting,
+    /// and ahead of frames still buffered).
+    pub async fn recv(
+        &self,
+        rx: &tokio::sync::Mutex<mpsc::Receiver<Incoming>>,
+    ) -> Result<Incoming, TransportError> {
+        let mut closed = self.closed();
+        if *closed.borrow_and_update() {
+            return Err(TransportError::Closed);
+        }
+        let mut rx = tokio::select! {
+            rx = rx.lock() => rx,
+            _ = closed.wait_for(|c| *c) => return Err(TransportError::Closed),
+        };
+        tokio::select! {
+            biased;
+            _ = closed.wait_for(|c| *c) => Err(TransportError::Closed),
+            got = rx.recv() => got.ok_or(TransportError::Closed),
+        }
     }
 
     /// Waits up to `limit` for every writer to end; `false` if some were still running.
@@ -916,6 +938,25 @@ mod tests {
         assert!(draws.iter().any(|d| *d != draws[0]), "the draws vary");
         let replay: Vec<Duration> = (0..100).map(|_| b.jittered(delay)).collect();
         assert_eq!(draws, replay);
+    }
+
+    #[tokio::test]
+    async fn recv_yields_frames_until_shut_then_closed() {
+        let outboxes = Outboxes::new(config());
+        let (tx, rx) = mpsc::channel(4);
+        let rx = tokio::sync::Mutex::new(rx);
+        let incoming = Incoming {
+            from: Address::new("peer:1"),
+            frame: Bytes::from_static(b"x"),
+        };
+        tx.send(incoming.clone()).await.expect("room");
+        assert_eq!(outboxes.recv(&rx).await.expect("a frame"), incoming);
+        tx.send(incoming).await.expect("room");
+        outboxes.shut();
+        assert!(
+            matches!(outboxes.recv(&rx).await, Err(TransportError::Closed)),
+            "shut wins over buffered frames"
+        );
     }
 
     #[tokio::test]

@@ -505,19 +505,7 @@ impl Transport for QuicTransport {
     }
 
     async fn recv(&self) -> Result<Incoming, TransportError> {
-        let mut closed = self.inner.outboxes.closed();
-        if *closed.borrow_and_update() {
-            return Err(TransportError::Closed);
-        }
-        let mut rx = tokio::select! {
-            rx = self.rx.lock() => rx,
-            _ = closed.wait_for(|c| *c) => return Err(TransportError::Closed),
-        };
-        tokio::select! {
-            biased;
-            _ = closed.wait_for(|c| *c) => Err(TransportError::Closed),
-            got = rx.recv() => got.ok_or(TransportError::Closed),
-        }
+        self.inner.outboxes.recv(&self.rx).await
     }
 
     async fn close(&self) {
