@@ -8,7 +8,8 @@
 //! 3. protocols, each owning its messages: [`membership`] (SWIM with Lifeguard as a sans-IO
 //!    state machine), [`replication`] (the replica protocol's messages today);
 //! 4. [`envelope`]: the enum that multiplexes the protocols on one connection;
-//! 5. the contracts and the registry: [`storage`], [`transport`], [`registry`];
+//! 5. the contracts and the registry: [`storage`], [`transport`], [`registry`] and
+//!    [`options`], the typed reader of backends' and transports' options;
 //! 6. the runtime (feature `runtime`, on by default): `runtime::membership` (the membership
 //!    driver), `runtime::rpc` (request/response correlation), `runtime::inproc` (an
 //!    in-process transport with seeded fault injection) and the transports' shared outbox.
@@ -28,6 +29,7 @@ pub mod hash;
 pub mod hlc;
 pub mod identity;
 pub mod membership;
+pub mod options;
 pub mod record;
 pub mod registry;
 pub mod replication;

@@ -15,6 +15,8 @@ use crate::storage::{SharedStorage, StorageError};
 use crate::transport::{SharedTransport, TransportError};
 use crate::util::BoxFuture;
 
+pub use crate::options::{Options, OptionsError};
+
 /// What to open: a backend name plus its settings.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -23,7 +25,8 @@ pub struct StorageSpec {
     pub scheme: String,
     /// Data directory, for persistent backends.
     pub path: Option<PathBuf>,
-    /// Backend-specific options, as written in the configuration file.
+    /// Backend-specific options, as written in the configuration file (read them with
+    /// [`Options`]).
     pub options: BTreeMap<String, String>,
 }
 
@@ -45,7 +48,8 @@ pub struct TransportSpec {
     pub scheme: String,
     /// Local address to listen on.
     pub bind: String,
-    /// Transport-specific options, as written in the configuration file.
+    /// Transport-specific options, as written in the configuration file (read them with
+    /// [`Options`]).
     pub options: BTreeMap<String, String>,
 }
 

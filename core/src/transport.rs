@@ -62,19 +62,30 @@ pub struct Incoming {
     pub frame: Bytes,
 }
 
-/// What went wrong moving a frame.
+/// The error a [`TransportError`] keeps as its source. Shared, because one failed dial is
+/// reported to every `send` that finds the peer down.
+pub type ErrorCause = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What went wrong moving a frame. Each variant says what became of the frame handed to
+/// `send`; [`is_retryable`](Self::is_retryable) says whether sending it again may succeed.
+/// (A frame that was queued is never reported by an error: `Ok` means accepted, not
+/// delivered, and its fate is unknown until a response arrives.)
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TransportError {
-    /// Nothing is listening at the address, or the connection could not be made.
-    #[error("peer {addr} is unreachable: {reason}")]
+    /// Not sent: the peer could not be reached (nothing is listening, the connection could not
+    /// be made, or the last dial failed and a redial is pending). Retryable: the peer may be
+    /// back later.
+    #[error("peer {addr} is unreachable: {source}")]
     Unreachable {
         /// The peer.
         addr: Address,
-        /// Why.
-        reason: String,
+        /// Why: the dial's own error (an [`std::io::Error`], a TLS or QUIC error, ...); downcast
+        /// it through this field, as the error chain yields the `Arc` around it.
+        source: ErrorCause,
     },
-    /// The peer did not accept the frame within the configured time.
+    /// Not sent: no connection to the peer was ready within the configured time, and the frame
+    /// was not queued. Retryable.
     #[error("sending to {addr} timed out after {after:?}")]
     Timeout {
         /// The peer.
@@ -82,7 +93,7 @@ pub enum TransportError {
         /// The configured timeout.
         after: Duration,
     },
-    /// The frame is larger than the transport's maximum.
+    /// Refused: the frame is larger than the transport's maximum. Not retryable.
     #[error("frame of {len} bytes exceeds the maximum of {max}")]
     FrameTooLarge {
         /// Its length.
@@ -90,30 +101,68 @@ pub enum TransportError {
         /// The maximum.
         max: usize,
     },
-    /// The queue towards the peer is full; the caller should slow down or drop.
+    /// Not sent: the queue towards the peer stayed full. Retryable once the caller has slowed
+    /// down (or it may drop the frame).
     #[error("send queue to {addr} is full")]
     QueueFull {
         /// The peer.
         addr: Address,
     },
-    /// The local address is already bound.
+    /// The local address is already bound (from binding; no frame is involved). Not
+    /// retryable as such: another address, or stopping the other process, is needed.
     #[error("address {0} is already in use")]
     AddressInUse(Address),
-    /// The transport was closed.
+    /// Refused: the transport was closed. Not retryable on this transport.
     #[error("transport is closed")]
     Closed,
-    /// The bytes handed to `send` are not one whole frame (the length prefix disagrees with
-    /// the length, or the header is not a Chorus header); stream transports refuse them rather
-    /// than desynchronise the stream.
+    /// Refused: the bytes handed to `send` are not one whole frame (the length prefix
+    /// disagrees with the length, or the header is not a Chorus header); stream transports
+    /// refuse them rather than desynchronise the stream. Not retryable.
     #[error("not a whole frame: {0}")]
-    InvalidFrame(crate::wire::WireError),
+    InvalidFrame(#[source] crate::wire::WireError),
     /// The transport's configuration (its options or key material) is invalid; the message
-    /// names the field.
+    /// names the field. From binding; not retryable.
     #[error("invalid transport configuration: {0}")]
     Config(String),
-    /// An I/O error.
+    /// An I/O error of the transport itself (binding its socket, say); from `send`, the frame
+    /// was not sent. Retryable only for transient kinds (interrupted, would block, timed out).
     #[error("transport I/O error: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl TransportError {
+    /// [`TransportError::Unreachable`] for `addr`, caused by `cause`.
+    pub fn unreachable(
+        addr: &Address,
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        TransportError::Unreachable {
+            addr: addr.clone(),
+            source: Arc::from(cause.into()),
+        }
+    }
+
+    /// Whether the same call, made again later without changing anything, may succeed: the
+    /// peer may come back, the queue drain or the connection come up. `false` for errors
+    /// that only a change of frame, configuration or transport can fix. See each variant.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            TransportError::Unreachable { .. }
+            | TransportError::Timeout { .. }
+            | TransportError::QueueFull { .. } => true,
+            TransportError::Io(error) => matches!(
+                error.kind(),
+                std::io::ErrorKind::Interrupted
+                    | std::io::ErrorKind::WouldBlock
+                    | std::io::ErrorKind::TimedOut
+            ),
+            TransportError::FrameTooLarge { .. }
+            | TransportError::AddressInUse(_)
+            | TransportError::Closed
+            | TransportError::InvalidFrame(_)
+            | TransportError::Config(_) => false,
+        }
+    }
 }
 
 /// A transport. See the [module documentation](self).
@@ -351,6 +400,50 @@ mod tests {
             decode_hello_body(MAGIC, "TST1é".as_bytes()),
             Err(HelloError::Address)
         );
+    }
+
+    #[test]
+    fn errors_keep_their_source_and_say_whether_a_retry_can_help() {
+        use std::error::Error as _;
+
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let err = TransportError::unreachable(&Address::new("peer:1"), refused);
+        assert_eq!(err.to_string(), "peer peer:1 is unreachable: refused");
+        assert_eq!(
+            err.source().map(|e| e.to_string()).as_deref(),
+            Some("refused")
+        );
+        // The cause keeps its type: the field downcasts (the chain yields the shared `Arc`).
+        let TransportError::Unreachable { source, .. } = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(
+            source.downcast_ref::<std::io::Error>().map(|e| e.kind()),
+            Some(std::io::ErrorKind::ConnectionRefused)
+        );
+        assert!(err.is_retryable());
+        let addr = Address::new("peer:1");
+        assert!(TransportError::QueueFull { addr: addr.clone() }.is_retryable());
+        let after = Duration::from_secs(1);
+        assert!(TransportError::Timeout { addr, after }.is_retryable());
+        assert!(TransportError::Io(std::io::ErrorKind::Interrupted.into()).is_retryable());
+        let frame = vec![0u8; 8];
+        let too_large = check_frame(&frame, 4).expect_err("too large");
+        assert!(!too_large.is_retryable());
+        for fatal in [
+            TransportError::Closed,
+            TransportError::Config("bad".to_owned()),
+            TransportError::AddressInUse(Address::new("127.0.0.1:1")),
+            TransportError::Io(std::io::ErrorKind::PermissionDenied.into()),
+        ] {
+            assert!(!fatal.is_retryable(), "{fatal}");
+        }
+        let invalid = check_frame(&frame, 1 << 20).expect_err("not a frame");
+        assert!(
+            matches!(invalid, TransportError::InvalidFrame(_)),
+            "{invalid}"
+        );
+        assert!(invalid.source().is_some() && !invalid.is_retryable());
     }
 
     #[test]

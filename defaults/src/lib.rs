@@ -48,8 +48,8 @@ pub use chorus_core::{
     key_hash,
 };
 pub use chorus_core::{
-    codec, envelope, hash, hlc, identity, membership, record, replication, ring, runtime, storage,
-    transport, util, wire,
+    codec, envelope, hash, hlc, identity, membership, options, record, replication, ring, runtime,
+    storage, transport, util, wire,
 };
 
 #[cfg(feature = "backend-memory")]

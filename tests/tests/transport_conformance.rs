@@ -168,7 +168,8 @@ async fn untrusted_quic_peer_is_refused() {
     };
     let f = suite::frame(64, &mut rng_frame);
     match a.send(&b.local_addr(), f.clone()).await {
-        Err(TransportError::Unreachable { reason, .. }) => {
+        Err(TransportError::Unreachable { source, .. }) => {
+            let reason = source.to_string();
             assert!(reason.to_lowercase().contains("certificate"), "{reason}")
         }
         other => panic!("a dialled an untrusted b: {other:?}"),

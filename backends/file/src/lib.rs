@@ -89,8 +89,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chorus_core::hash::{HashRange, key_hash};
+use chorus_core::options::DurationUnit::{Micros, Millis, Secs};
+use chorus_core::options::parse_duration;
 use chorus_core::record::Record;
-use chorus_core::registry::{Registry, StorageSpec};
+use chorus_core::registry::{Options, Registry, StorageSpec};
 use chorus_core::storage::{
     ApplyOutcome, Capabilities, Durability, Entry, PurgeStats, RangeDigest, ScanCost, ScanCursor,
     ScanPage, SharedStorage, Storage, StorageError, StorageStats, empty_digests,
@@ -148,7 +150,7 @@ impl FromStr for FsyncPolicy {
             "always" => Ok(FsyncPolicy::Always),
             other => other
                 .strip_prefix("interval:")
-                .and_then(log::parse_duration)
+                .and_then(|d| parse_duration(d, &[Micros, Millis, Secs]))
                 .filter(|d| !d.is_zero())
                 .map(FsyncPolicy::Interval)
                 .ok_or_else(|| {
@@ -201,35 +203,16 @@ impl FileOptions {
     /// `segment_bytes` and `compact_min_bytes` (integers). Anything else, or a value that does
     /// not parse, is a [`StorageError::Config`] naming the option.
     pub fn from_options(options: &BTreeMap<String, String>) -> Result<Self, StorageError> {
-        let mut parsed = FileOptions::default();
-        for (name, value) in options {
-            let bad = |why: String| {
-                StorageError::Config(format!(
-                    "option {name:?} = {value:?} of the {SCHEME:?} backend: {why}"
-                ))
-            };
-            match name.as_str() {
-                "fsync" => parsed.fsync = value.parse().map_err(bad)?,
-                "segment_bytes" => {
-                    parsed.segment_bytes = value
-                        .trim()
-                        .parse()
-                        .map_err(|e| bad(format!("not a positive integer ({e})")))?;
-                }
-                "compact_min_bytes" => {
-                    parsed.compact_min_bytes = value
-                        .trim()
-                        .parse()
-                        .map_err(|e| bad(format!("not an integer ({e})")))?;
-                }
-                _ => {
-                    return Err(StorageError::Config(format!(
-                        "unknown option {name:?} for the {SCHEME:?} backend (known: fsync, \
-                         segment_bytes, compact_min_bytes)"
-                    )));
-                }
-            }
-        }
+        let mut o = Options::new(format!("the {SCHEME:?} backend"), options);
+        let default = FileOptions::default();
+        let parsed = FileOptions {
+            fsync: o.parse("fsync")?.unwrap_or(default.fsync),
+            segment_bytes: o.parse("segment_bytes")?.unwrap_or(default.segment_bytes),
+            compact_min_bytes: o
+                .parse("compact_min_bytes")?
+                .unwrap_or(default.compact_min_bytes),
+        };
+        o.finish()?;
         Ok(parsed)
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use chorus_core::hash::key_hash;
@@ -658,16 +658,3 @@ fn compact(shared: &Shared, tx: &Sender<Cmd>) -> Result<(), StorageError> {
 /// Queued, unwritten frame bytes above which `never`/`interval` writers wait for their write
 /// (back-pressure instead of an unbounded queue).
 pub(crate) const MAX_QUEUED_BYTES: u64 = 64 << 20;
-
-/// A duration in the form the `fsync` option takes (`50ms`, `2s`, `250us`).
-pub(crate) fn parse_duration(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit())?);
-    let n: u64 = number.parse().ok()?;
-    match unit {
-        "us" => Some(Duration::from_micros(n)),
-        "ms" => Some(Duration::from_millis(n)),
-        "s" => Some(Duration::from_secs(n)),
-        _ => None,
-    }
-}

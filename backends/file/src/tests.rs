@@ -79,7 +79,7 @@ fn options_parse_and_name_the_bad_field() {
         let text = FileOptions::from_options(&options)
             .expect_err("invalid")
             .to_string();
-        assert!(text.contains(&format!("{name:?}")), "{text}");
+        assert!(text.contains(&format!("`{name}`")), "{text}");
     }
     assert_eq!("never".parse(), Ok(FsyncPolicy::Never));
     assert_eq!("always".parse(), Ok(FsyncPolicy::Always));

@@ -67,8 +67,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use chorus_core::hash::{HashRange, key_hash};
 use chorus_core::hlc::{NodeId, Timestamp, Version};
+use chorus_core::options::DurationUnit::{Millis, Secs};
+use chorus_core::options::parse_duration;
 use chorus_core::record::{Payload, Record};
-use chorus_core::registry::{Registry, StorageSpec};
+use chorus_core::registry::{Options, Registry, StorageSpec};
 use chorus_core::storage::{
     ApplyOutcome, Capabilities, Durability, Entry, PurgeStats, RangeDigest, ScanCost, ScanCursor,
     ScanPage, SharedStorage, Storage, StorageError, StorageStats, empty_digests,
@@ -125,21 +127,13 @@ impl FromStr for FlushPolicy {
         match text.trim() {
             "never" => Ok(FlushPolicy::Never),
             "always" => Ok(FlushPolicy::Always),
-            other => {
-                let every = other.strip_prefix("interval:").ok_or_else(bad)?;
-                let (number, scale) = if let Some(ms) = every.strip_suffix("ms") {
-                    (ms, 1)
-                } else if let Some(s) = every.strip_suffix('s') {
-                    (s, 1_000)
-                } else {
-                    return Err(bad());
-                };
-                let n: u64 = number.parse().map_err(|_| bad())?;
-                match n.checked_mul(scale) {
-                    Some(ms) if ms > 0 => Ok(FlushPolicy::Interval(Duration::from_millis(ms))),
-                    _ => Err(bad()),
-                }
-            }
+            other => other
+                .strip_prefix("interval:")
+                // sled flushes on a whole number of milliseconds.
+                .and_then(|d| parse_duration(d, &[Millis, Secs]))
+                .filter(|d| !d.is_zero())
+                .map(FlushPolicy::Interval)
+                .ok_or_else(bad),
         }
     }
 }
@@ -174,29 +168,13 @@ impl SledOptions {
     /// `cache_bytes` (an integer). Anything else, or a value that does not parse, is a
     /// [`StorageError::Config`] naming the option.
     pub fn from_options(options: &BTreeMap<String, String>) -> Result<Self, StorageError> {
-        let mut parsed = SledOptions::default();
-        for (name, value) in options {
-            let bad = |why: String| {
-                StorageError::Config(format!(
-                    "option {name:?} = {value:?} of the {SCHEME:?} backend: {why}"
-                ))
-            };
-            match name.as_str() {
-                "flush" => parsed.flush = value.parse().map_err(bad)?,
-                "cache_bytes" => {
-                    parsed.cache_bytes = value
-                        .trim()
-                        .parse()
-                        .map_err(|e| bad(format!("not an integer ({e})")))?;
-                }
-                _ => {
-                    return Err(StorageError::Config(format!(
-                        "unknown option {name:?} for the {SCHEME:?} backend (known: flush, \
-                         cache_bytes)"
-                    )));
-                }
-            }
-        }
+        let mut o = Options::new(format!("the {SCHEME:?} backend"), options);
+        let default = SledOptions::default();
+        let parsed = SledOptions {
+            flush: o.parse("flush")?.unwrap_or(default.flush),
+            cache_bytes: o.parse("cache_bytes")?.unwrap_or(default.cache_bytes),
+        };
+        o.finish()?;
         Ok(parsed)
     }
 }
@@ -737,7 +715,7 @@ mod tests {
             let text = SledOptions::from_options(&options)
                 .expect_err("invalid")
                 .to_string();
-            assert!(text.contains(&format!("{name:?}")), "{text}");
+            assert!(text.contains(&format!("`{name}`")), "{text}");
         }
     }
 

@@ -18,13 +18,15 @@
 //!   and a guard that removes the entry and counts the writer down when it is dropped, so an
 //!   entry never outlives its writer and a finished writer never removes its successor. It
 //!   also carries the redial rule both transports follow after a failed dial
-//!   ([`Writer::back_off`], with [`Backoff`] and [`Jitter`]).
+//!   ([`Writer::back_off`]: a [`Backoff`] per writer, jittered by the [`Jitter`] that
+//!   [`Outboxes`] seeds once per transport from [`OutboxConfig`]).
 //! - [`Outboxes::shut`] refuses new sends and drops every queue's sending side, so writers see
 //!   the end of their queue after the frames already in it: they write those and end, and
 //!   [`Outboxes::wait_writers`] waits for that.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::io;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -35,18 +37,18 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::{mpsc, watch};
 
-use super::{Address, TransportError};
+use super::{Address, ErrorCause, Incoming, TransportError};
 
 /// What a peer's writer can do with frames right now, as `send` sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Link {
     /// Dialling, for the first time or again: `send` waits.
     Connecting,
     /// Connected: `send` queues.
     Up,
-    /// The last dial failed for the given reason and a redial is scheduled: `send` fails with
-    /// [`TransportError::Unreachable`].
-    Down(Arc<str>),
+    /// The last dial failed with this error and a redial is scheduled: `send` fails with
+    /// [`TransportError::Unreachable`], whose source it is.
+    Down(ErrorCause),
 }
 
 /// The settings [`Outboxes`] needs from a transport's configuration.
@@ -61,6 +63,38 @@ pub struct OutboxConfig {
     pub connect_timeout: Duration,
     /// A writer whose peer saw no `send` for this long is [idle](Writer::is_idle).
     pub idle_timeout: Duration,
+    /// First redial delay after a failed dial; doubled after each failure (see [`Backoff`]).
+    pub backoff_min: Duration,
+    /// Largest redial delay.
+    pub backoff_max: Duration,
+    /// Seed of the redial [`Jitter`]; `None` derives one from the clock and `jitter_salt`.
+    pub jitter_seed: Option<u64>,
+    /// Mixed into a clock-derived jitter seed (the local port, say), so that transports
+    /// started at the same moment do not redial in step.
+    pub jitter_salt: u64,
+}
+
+impl OutboxConfig {
+    /// Checks the settings, naming the options tcp and quic take them from.
+    pub fn validate(&self) -> Result<(), TransportError> {
+        if self.backoff_min > self.backoff_max {
+            return Err(TransportError::Config(format!(
+                "option `backoff_min_ms` ({:?}) exceeds `backoff_max_ms` ({:?})",
+                self.backoff_min, self.backoff_max
+            )));
+        }
+        for (name, value) in [
+            ("connect_timeout_ms", self.connect_timeout),
+            ("idle_timeout_ms", self.idle_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(TransportError::Config(format!(
+                    "option `{name}` must be positive"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A peer in the map.
@@ -77,6 +111,7 @@ struct Entry {
 /// The per-peer queues of one transport. See the [module documentation](self).
 pub struct Outboxes {
     config: OutboxConfig,
+    jitter: Jitter,
     started: Instant,
     peers: Mutex<HashMap<Address, Entry>>,
     next_id: AtomicU64,
@@ -107,6 +142,7 @@ impl Outboxes {
     /// No peers yet.
     pub fn new(config: OutboxConfig) -> Arc<Self> {
         Arc::new(Outboxes {
+            jitter: Jitter::new(config.jitter_seed, config.jitter_salt),
             config,
             started: Instant::now(),
             peers: Mutex::new(HashMap::new()),
@@ -145,6 +181,28 @@ impl Outboxes {
         was
     }
 
+    /// The transport's `recv`: the next frame its readers put in `rx`, or
+    /// [`TransportError::Closed`] once [`shut`](Self::shut) was called (also while waiting,
+    /// and ahead of frames still buffered).
+    pub async fn recv(
+        &self,
+        rx: &tokio::sync::Mutex<mpsc::Receiver<Incoming>>,
+    ) -> Result<Incoming, TransportError> {
+        let mut closed = self.closed();
+        if *closed.borrow_and_update() {
+            return Err(TransportError::Closed);
+        }
+        let mut rx = tokio::select! {
+            rx = rx.lock() => rx,
+            _ = closed.wait_for(|c| *c) => return Err(TransportError::Closed),
+        };
+        tokio::select! {
+            biased;
+            _ = closed.wait_for(|c| *c) => Err(TransportError::Closed),
+            got = rx.recv() => got.ok_or(TransportError::Closed),
+        }
+    }
+
     /// Waits up to `limit` for every writer to end; `false` if some were still running.
     pub async fn wait_writers(&self, limit: Duration) -> bool {
         let mut writers = self.writers.subscribe();
@@ -181,10 +239,9 @@ impl Outboxes {
                 Ok(()) => return Ok(()),
                 Err(Retry::Again(back)) if attempt == 0 => frame = back,
                 Err(Retry::Again(_)) => {
-                    return Err(TransportError::Unreachable {
-                        addr: to.clone(),
-                        reason: "the connection closed".to_owned(),
-                    });
+                    let closed =
+                        io::Error::new(io::ErrorKind::ConnectionAborted, "the connection closed");
+                    return Err(TransportError::unreachable(to, closed));
                 }
                 Err(Retry::Fail(error)) => return Err(error),
             }
@@ -219,10 +276,10 @@ impl Outboxes {
             };
         match state {
             Some(Link::Up) => {}
-            Some(Link::Down(reason)) => {
+            Some(Link::Down(cause)) => {
                 return Err(Retry::Fail(TransportError::Unreachable {
                     addr: to.clone(),
-                    reason: reason.to_string(),
+                    source: cause,
                 }));
             }
             Some(Link::Connecting) | None if self.is_closed() => {
@@ -299,6 +356,7 @@ impl Outboxes {
         self.writers.send_modify(|n| *n += 1);
         let writer = Writer {
             queue,
+            backoff: Backoff::new(self.config.backoff_min, self.config.backoff_max),
             unread: VecDeque::new(),
             retired: false,
             link: link_tx,
@@ -322,6 +380,8 @@ impl Outboxes {
 /// removes the peer's entry (if it is still this writer's) and counts the writer as ended.
 pub struct Writer {
     queue: mpsc::Receiver<Bytes>,
+    /// Redial delays; reset by [`Writer::connected`].
+    backoff: Backoff,
     /// Frames taken from the queue and handed back (they were not sent); they go first.
     unread: VecDeque<Bytes>,
     retired: bool,
@@ -352,6 +412,13 @@ impl Writer {
     /// Reports the link state to senders.
     pub fn set_link(&self, link: Link) {
         self.link.send_replace(link);
+    }
+
+    /// After a successful dial: the link is [`Link::Up`], and the next failed dial waits the
+    /// shortest delay again.
+    pub fn connected(&mut self) {
+        self.backoff.reset();
+        self.set_link(Link::Up);
     }
 
     /// The next frame to send, waiting for one; `None` once the transport is shut (or the
@@ -473,21 +540,16 @@ impl Writer {
 
     /// After a failed dial: tells senders the peer is down (they fail with
     /// [`TransportError::Unreachable`] at once), discards what is queued (returned), and waits
-    /// out the next delay of `backoff`. The `bool` says whether to dial again: not if the
+    /// out the next jittered backoff delay. The `bool` says whether to dial again: not if the
     /// writer retired, the transport shut (also while waiting), or nothing was sent to the
     /// peer for the idle timeout.
-    pub async fn back_off(
-        &mut self,
-        reason: &str,
-        backoff: &mut Backoff,
-        jitter: &Jitter,
-    ) -> (u64, bool) {
-        self.set_link(Link::Down(Arc::from(reason)));
+    pub async fn back_off(&mut self, cause: ErrorCause) -> (u64, bool) {
+        self.set_link(Link::Down(cause));
         let dropped = self.drop_queued();
         if self.transport_closed() || self.is_retired() || self.is_idle() {
             return (dropped, false);
         }
-        let delay = jitter.jittered(backoff.next_delay());
+        let delay = self.outboxes.jitter.jittered(self.backoff.next_delay());
         let mut closed = self.outboxes.closed();
         let again = tokio::select! {
             _ = tokio::time::sleep(delay) => true,
@@ -585,7 +647,15 @@ mod tests {
             queue_wait: Duration::from_millis(20),
             connect_timeout: Duration::from_millis(50),
             idle_timeout: Duration::from_secs(60),
+            backoff_min: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(4),
+            jitter_seed: Some(1),
+            jitter_salt: 0,
         }
+    }
+
+    fn refused() -> ErrorCause {
+        Arc::new(io::Error::new(io::ErrorKind::ConnectionRefused, "refused"))
     }
 
     /// A `start` that keeps the writer in `slot` and reports `link`.
@@ -658,12 +728,12 @@ mod tests {
             .send(
                 &down,
                 Bytes::from_static(b"x"),
-                keep(&slot, Link::Down("refused".into())),
+                keep(&slot, Link::Down(refused())),
             )
             .await
         {
-            Err(TransportError::Unreachable { addr, reason }) => {
-                assert_eq!((addr, reason.as_str()), (down, "refused"));
+            Err(TransportError::Unreachable { addr, source }) => {
+                assert_eq!((addr, source.to_string()), (down, "refused".to_owned()));
             }
             other => panic!("a down link gave {other:?}"),
         }
@@ -751,12 +821,10 @@ mod tests {
             .await
             .expect("send");
         let mut writer = slot.lock().expect("slot").take().expect("writer");
-        let jitter = Jitter::new(Some(1), 0);
-        let mut backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(4));
-        let (dropped, again) = writer.back_off("refused", &mut backoff, &jitter).await;
+        let (dropped, again) = writer.back_off(refused()).await;
         assert_eq!((dropped, again), (1, true), "a live writer redials");
         assert!(writer.retire().await, "the failed dial dropped the frame");
-        let (_, again) = writer.back_off("refused", &mut backoff, &jitter).await;
+        let (_, again) = writer.back_off(refused()).await;
         assert!(!again, "a retired writer ends instead of redialling");
         outboxes.shut();
         let other = Address::new("peer:2");
@@ -840,6 +908,25 @@ mod tests {
     }
 
     #[test]
+    fn validation_names_the_option_at_fault() {
+        let mut inverted = config();
+        inverted.backoff_min = inverted.backoff_max * 2;
+        let mut no_connect = config();
+        no_connect.connect_timeout = Duration::ZERO;
+        for (bad, option) in [
+            (inverted, "`backoff_min_ms`"),
+            (no_connect, "`connect_timeout_ms`"),
+        ] {
+            let err = bad.validate().expect_err("invalid");
+            assert!(
+                matches!(&err, TransportError::Config(m) if m.contains(option)),
+                "{err}"
+            );
+        }
+        config().validate().expect("valid");
+    }
+
+    #[test]
     fn jitter_stays_in_range_and_replays_from_a_seed() {
         let (a, b) = (Jitter::new(Some(7), 0), Jitter::new(Some(7), 0));
         let delay = Duration::from_millis(100);
@@ -851,6 +938,25 @@ mod tests {
         assert!(draws.iter().any(|d| *d != draws[0]), "the draws vary");
         let replay: Vec<Duration> = (0..100).map(|_| b.jittered(delay)).collect();
         assert_eq!(draws, replay);
+    }
+
+    #[tokio::test]
+    async fn recv_yields_frames_until_shut_then_closed() {
+        let outboxes = Outboxes::new(config());
+        let (tx, rx) = mpsc::channel(4);
+        let rx = tokio::sync::Mutex::new(rx);
+        let incoming = Incoming {
+            from: Address::new("peer:1"),
+            frame: Bytes::from_static(b"x"),
+        };
+        tx.send(incoming.clone()).await.expect("room");
+        assert_eq!(outboxes.recv(&rx).await.expect("a frame"), incoming);
+        tx.send(incoming).await.expect("room");
+        outboxes.shut();
+        assert!(
+            matches!(outboxes.recv(&rx).await, Err(TransportError::Closed)),
+            "shut wins over buffered frames"
+        );
     }
 
     #[tokio::test]

@@ -5,6 +5,8 @@ use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::Path;
 use std::time::Duration;
 
+use chorus_core::registry::Options;
+use chorus_core::transport::outbox::OutboxConfig;
 use chorus_core::transport::{Address, TransportError};
 use chorus_core::wire::{DEFAULT_MAX_FRAME_LEN, MAX_FRAME_LEN_CEILING};
 
@@ -197,82 +199,92 @@ impl QuicConfig {
     pub fn from_options(
         options: &BTreeMap<String, String>,
     ) -> Result<(Self, Identity, TrustedPeers), TransportError> {
-        let mut config = match options.get("preset").map(String::as_str) {
-            None | Some("lan") => QuicConfig::lan(),
-            Some("local") => QuicConfig::local(),
-            Some(other) => {
-                return Err(TransportError::Config(format!(
-                    "option `preset`: {other:?} is not one of `lan`, `local`"
-                )));
-            }
+        let mut o = Options::new("the quic transport", options);
+        let presets = [
+            ("lan", QuicConfig::lan as fn() -> Self),
+            ("local", QuicConfig::local),
+        ];
+        let base = o.choice("preset", &presets)?.unwrap_or(QuicConfig::lan)();
+        let config = QuicConfig {
+            max_frame_len: o.parse("max_frame_len")?.unwrap_or(base.max_frame_len),
+            queue_capacity: o.parse("queue_capacity")?.unwrap_or(base.queue_capacity),
+            queue_wait: o.millis("queue_wait_ms")?.unwrap_or(base.queue_wait),
+            max_batch: o.parse("max_batch")?.unwrap_or(base.max_batch),
+            max_concurrent_streams: o
+                .parse("max_concurrent_streams")?
+                .unwrap_or(base.max_concurrent_streams),
+            send_window: o.parse("send_window")?.unwrap_or(base.send_window),
+            receive_window: o.parse("receive_window")?.unwrap_or(base.receive_window),
+            max_udp_payload: o.parse("max_udp_payload")?.unwrap_or(base.max_udp_payload),
+            socket_buffer: o.parse("socket_buffer")?.unwrap_or(base.socket_buffer),
+            recv_capacity: o.parse("recv_capacity")?.unwrap_or(base.recv_capacity),
+            datagrams: o.parse("datagrams")?.unwrap_or(base.datagrams),
+            connect_timeout: o
+                .millis("connect_timeout_ms")?
+                .unwrap_or(base.connect_timeout),
+            backoff_min: o.millis("backoff_min_ms")?.unwrap_or(base.backoff_min),
+            backoff_max: o.millis("backoff_max_ms")?.unwrap_or(base.backoff_max),
+            initial_rtt: o.millis("initial_rtt_ms")?.unwrap_or(base.initial_rtt),
+            idle_timeout: o.millis("idle_timeout_ms")?.unwrap_or(base.idle_timeout),
+            close_timeout: o.millis("close_timeout_ms")?.unwrap_or(base.close_timeout),
+            advertise: o.string("advertise").map(Address::new).or(base.advertise),
+            jitter_seed: o.parse("jitter_seed")?.or(base.jitter_seed),
         };
-        for (key, value) in options {
-            match key.as_str() {
-                "preset" | "cert" | "key" | "trust" => {}
-                "max_frame_len" => config.max_frame_len = parse(key, value)?,
-                "queue_capacity" => config.queue_capacity = parse(key, value)?,
-                "max_batch" => config.max_batch = parse(key, value)?,
-                "max_concurrent_streams" => config.max_concurrent_streams = parse(key, value)?,
-                "send_window" => config.send_window = parse(key, value)?,
-                "receive_window" => config.receive_window = parse(key, value)?,
-                "max_udp_payload" => config.max_udp_payload = parse(key, value)?,
-                "socket_buffer" => config.socket_buffer = parse(key, value)?,
-                "recv_capacity" => config.recv_capacity = parse(key, value)?,
-                "datagrams" => config.datagrams = parse(key, value)?,
-                "queue_wait_ms" => config.queue_wait = millis(key, value)?,
-                "initial_rtt_ms" => config.initial_rtt = millis(key, value)?,
-                "connect_timeout_ms" => config.connect_timeout = millis(key, value)?,
-                "backoff_min_ms" => config.backoff_min = millis(key, value)?,
-                "backoff_max_ms" => config.backoff_max = millis(key, value)?,
-                "idle_timeout_ms" => config.idle_timeout = millis(key, value)?,
-                "close_timeout_ms" => config.close_timeout = millis(key, value)?,
-                "advertise" => config.advertise = Some(Address::new(value)),
-                "jitter_seed" => config.jitter_seed = Some(parse(key, value)?),
-                _ => {
-                    return Err(TransportError::Config(format!(
-                        "unknown option `{key}` for the quic transport"
-                    )));
-                }
-            }
-        }
+        let cert = o.path("cert");
+        let key = o.path("key");
+        let trust = o.list("trust");
+        o.finish()?;
         config.validate()?;
-        let required = |key: &str, what: &str| {
-            options.get(key).ok_or_else(|| {
-                TransportError::Config(format!(
-                    "option `{key}` is required: {what} (the quic transport authenticates \
-                     every peer by certificate)"
-                ))
-            })
-        };
-        let cert = required("cert", "a PEM file with this node's certificate")?;
-        let key = required("key", "a PEM file with this node's private key")?;
-        let trust = required("trust", "comma-separated PEM files of the trusted peers")?;
-        let identity = Identity::from_pem_files(Path::new(cert), Path::new(key))?;
+        // Checked after the other options, so that a misspelt key is reported as such.
+        let why = "(the quic transport authenticates every peer by certificate)";
+        let cert = cert.ok_or_else(|| {
+            o.missing(
+                "cert",
+                &format!("a PEM file with this node's certificate {why}"),
+            )
+        })?;
+        let key = key.ok_or_else(|| {
+            o.missing(
+                "key",
+                &format!("a PEM file with this node's private key {why}"),
+            )
+        })?;
+        let trust = trust.ok_or_else(|| {
+            o.missing(
+                "trust",
+                &format!("comma-separated PEM files of the trusted peers {why}"),
+            )
+        })?;
+        let identity = Identity::from_pem_files(&cert, &key)?;
         let mut trusted = TrustedPeers::new();
-        for path in trust.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        for path in trust {
             trusted.add_pem_file(Path::new(path))?;
         }
         Ok((config, identity, trusted))
     }
 
+    /// The settings of the per-peer queues and redials; `jitter_salt` goes into a jitter seed
+    /// derived from the clock.
+    pub(crate) fn outbox(&self, jitter_salt: u64) -> OutboxConfig {
+        OutboxConfig {
+            queue_capacity: self.queue_capacity,
+            queue_wait: self.queue_wait,
+            connect_timeout: self.connect_timeout,
+            idle_timeout: self.idle_timeout,
+            backoff_min: self.backoff_min,
+            backoff_max: self.backoff_max,
+            jitter_seed: self.jitter_seed,
+            jitter_salt,
+        }
+    }
+
     /// Checks relations between fields.
     pub fn validate(&self) -> Result<(), TransportError> {
-        if self.backoff_min > self.backoff_max {
-            return Err(TransportError::Config(format!(
-                "option `backoff_min_ms` ({:?}) exceeds `backoff_max_ms` ({:?})",
-                self.backoff_min, self.backoff_max
-            )));
-        }
-        for (name, value) in [
-            ("connect_timeout_ms", self.connect_timeout),
-            ("initial_rtt_ms", self.initial_rtt),
-            ("idle_timeout_ms", self.idle_timeout),
-        ] {
-            if value.is_zero() {
-                return Err(TransportError::Config(format!(
-                    "option `{name}` must be positive"
-                )));
-            }
+        self.outbox(0).validate()?;
+        if self.initial_rtt.is_zero() {
+            return Err(TransportError::Config(
+                "option `initial_rtt_ms` must be positive".to_owned(),
+            ));
         }
         if !(MIN_UDP_PAYLOAD..=MAX_UDP_PAYLOAD).contains(&self.max_udp_payload) {
             return Err(TransportError::Config(format!(
@@ -287,20 +299,6 @@ impl QuicConfig {
         }
         Ok(())
     }
-}
-
-fn parse<T: std::str::FromStr>(key: &str, value: &str) -> Result<T, TransportError>
-where
-    T::Err: std::fmt::Display,
-{
-    value
-        .trim()
-        .parse()
-        .map_err(|e| TransportError::Config(format!("option `{key}`: {value:?}: {e}")))
-}
-
-fn millis(key: &str, value: &str) -> Result<Duration, TransportError> {
-    parse::<u64>(key, value).map(Duration::from_millis)
 }
 
 #[cfg(test)]

@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
+use chorus_core::registry::Options;
+use chorus_core::transport::outbox::OutboxConfig;
 use chorus_core::transport::{Address, TransportError};
 use chorus_core::wire::{DEFAULT_MAX_FRAME_LEN, MAX_FRAME_LEN_CEILING};
 
@@ -130,79 +132,58 @@ impl TcpConfig {
     ///
     /// An unknown key or a bad value is a [`TransportError::Config`] naming the key.
     pub fn from_options(options: &BTreeMap<String, String>) -> Result<Self, TransportError> {
-        let mut config = match options.get("preset").map(String::as_str) {
-            None | Some("lan") => TcpConfig::lan(),
-            Some("local") => TcpConfig::local(),
-            Some(other) => {
-                return Err(TransportError::Config(format!(
-                    "option `preset`: {other:?} is not one of `lan`, `local`"
-                )));
-            }
+        let mut o = Options::new("the tcp transport", options);
+        let presets = [
+            ("lan", TcpConfig::lan as fn() -> Self),
+            ("local", TcpConfig::local),
+        ];
+        let base = o.choice("preset", &presets)?.unwrap_or(TcpConfig::lan)();
+        let config = TcpConfig {
+            max_frame_len: o.parse("max_frame_len")?.unwrap_or(base.max_frame_len),
+            queue_capacity: o.parse("queue_capacity")?.unwrap_or(base.queue_capacity),
+            recv_capacity: o.parse("recv_capacity")?.unwrap_or(base.recv_capacity),
+            max_batch: o.parse("max_batch")?.unwrap_or(base.max_batch),
+            queue_wait: o.millis("queue_wait_ms")?.unwrap_or(base.queue_wait),
+            connect_timeout: o
+                .millis("connect_timeout_ms")?
+                .unwrap_or(base.connect_timeout),
+            backoff_min: o.millis("backoff_min_ms")?.unwrap_or(base.backoff_min),
+            backoff_max: o.millis("backoff_max_ms")?.unwrap_or(base.backoff_max),
+            idle_timeout: o.millis("idle_timeout_ms")?.unwrap_or(base.idle_timeout),
+            close_timeout: o.millis("close_timeout_ms")?.unwrap_or(base.close_timeout),
+            // 0 turns keepalive off.
+            keepalive: match o.millis("keepalive_ms")? {
+                Some(every) => (!every.is_zero()).then_some(every),
+                None => base.keepalive,
+            },
+            advertise: o.string("advertise").map(Address::new).or(base.advertise),
+            jitter_seed: o.parse("jitter_seed")?.or(base.jitter_seed),
         };
-        for (key, value) in options {
-            match key.as_str() {
-                "preset" => {}
-                "max_frame_len" => config.max_frame_len = parse(key, value)?,
-                "queue_capacity" => config.queue_capacity = parse(key, value)?,
-                "recv_capacity" => config.recv_capacity = parse(key, value)?,
-                "max_batch" => config.max_batch = parse(key, value)?,
-                "queue_wait_ms" => config.queue_wait = millis(key, value)?,
-                "connect_timeout_ms" => config.connect_timeout = millis(key, value)?,
-                "backoff_min_ms" => config.backoff_min = millis(key, value)?,
-                "backoff_max_ms" => config.backoff_max = millis(key, value)?,
-                "idle_timeout_ms" => config.idle_timeout = millis(key, value)?,
-                "close_timeout_ms" => config.close_timeout = millis(key, value)?,
-                "keepalive_ms" => {
-                    let d = millis(key, value)?;
-                    config.keepalive = (!d.is_zero()).then_some(d);
-                }
-                "advertise" => config.advertise = Some(Address::new(value)),
-                "jitter_seed" => config.jitter_seed = Some(parse(key, value)?),
-                _ => {
-                    return Err(TransportError::Config(format!(
-                        "unknown option `{key}` for the tcp transport"
-                    )));
-                }
-            }
-        }
+        o.finish()?;
         config.validate()?;
         Ok(config)
     }
 
+    /// The settings of the per-peer queues and redials; `jitter_salt` goes into a jitter seed
+    /// derived from the clock.
+    pub(crate) fn outbox(&self, jitter_salt: u64) -> OutboxConfig {
+        OutboxConfig {
+            queue_capacity: self.queue_capacity,
+            queue_wait: self.queue_wait,
+            connect_timeout: self.connect_timeout,
+            idle_timeout: self.idle_timeout,
+            backoff_min: self.backoff_min,
+            backoff_max: self.backoff_max,
+            jitter_seed: self.jitter_seed,
+            jitter_salt,
+        }
+    }
+
     /// Checks relations between fields.
     pub fn validate(&self) -> Result<(), TransportError> {
-        if self.backoff_min > self.backoff_max {
-            return Err(TransportError::Config(format!(
-                "option `backoff_min_ms` ({:?}) exceeds `backoff_max_ms` ({:?})",
-                self.backoff_min, self.backoff_max
-            )));
-        }
-        if self.connect_timeout.is_zero() {
-            return Err(TransportError::Config(
-                "option `connect_timeout_ms` must be positive".to_owned(),
-            ));
-        }
-        if self.idle_timeout.is_zero() {
-            return Err(TransportError::Config(
-                "option `idle_timeout_ms` must be positive".to_owned(),
-            ));
-        }
+        self.outbox(0).validate()?;
         Ok(())
     }
-}
-
-fn parse<T: std::str::FromStr>(key: &str, value: &str) -> Result<T, TransportError>
-where
-    T::Err: std::fmt::Display,
-{
-    value
-        .trim()
-        .parse()
-        .map_err(|e| TransportError::Config(format!("option `{key}`: {value:?}: {e}")))
-}
-
-fn millis(key: &str, value: &str) -> Result<Duration, TransportError> {
-    parse::<u64>(key, value).map(Duration::from_millis)
 }
 
 #[cfg(test)]

@@ -65,7 +65,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use chorus_core::registry::{Registry, TransportSpec};
-use chorus_core::transport::outbox::{Backoff, Jitter, Link, OutboxConfig, Outboxes, Writer};
+use chorus_core::transport::outbox::{Link, Outboxes, Writer};
 use chorus_core::transport::{self, Address, Incoming, SharedTransport, Transport, TransportError};
 use chorus_core::wire;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -173,7 +173,6 @@ struct Inner {
     started: Instant,
     outboxes: Arc<Outboxes>,
     incoming: mpsc::Sender<Incoming>,
-    jitter: Jitter,
     hello: Bytes,
     counters: Counters,
 }
@@ -206,24 +205,39 @@ impl Inner {
     }
 
     /// Connects to `addr` and writes the hello, all within the connect timeout.
-    async fn dial(&self, addr: &Address) -> Result<TcpStream, String> {
+    async fn dial(&self, addr: &Address) -> Result<TcpStream, DialError> {
         let timeout = self.config.connect_timeout;
         let attempt = async {
             let mut stream = TcpStream::connect(addr.as_str())
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(DialError::Connect)?;
             self.configure(&stream);
             stream
                 .write_all(&self.hello)
                 .await
-                .map_err(|e| format!("writing the hello: {e}"))?;
-            Ok::<_, String>(stream)
+                .map_err(DialError::Hello)?;
+            Ok(stream)
         };
         match tokio::time::timeout(timeout, attempt).await {
             Ok(result) => result,
-            Err(_) => Err(format!("no connection within {timeout:?}")),
+            Err(_) => Err(DialError::TimedOut(timeout)),
         }
     }
+}
+
+/// Why a dial failed: the source of the [`TransportError::Unreachable`] that sends get until
+/// a redial succeeds.
+#[derive(Debug, thiserror::Error)]
+enum DialError {
+    /// The connection could not be made.
+    #[error("{0}")]
+    Connect(#[source] io::Error),
+    /// The connection broke while the hello was written.
+    #[error("writing the hello: {0}")]
+    Hello(#[source] io::Error),
+    /// Connecting and writing the hello took longer than the connect timeout.
+    #[error("no connection within {0:?}")]
+    TimedOut(Duration),
 }
 
 /// A TCP [`Transport`]. See the [crate documentation](crate).
@@ -261,17 +275,11 @@ impl TcpTransport {
             .clone()
             .unwrap_or_else(|| Address::new(bound.to_string()));
         let hello = transport::encode_hello(HELLO_MAGIC, &local)?;
-        let outboxes = Outboxes::new(OutboxConfig {
-            queue_capacity: config.queue_capacity,
-            queue_wait: config.queue_wait,
-            connect_timeout: config.connect_timeout,
-            idle_timeout: config.idle_timeout,
-        });
+        let outboxes = Outboxes::new(config.outbox(u64::from(bound.port())));
         let (incoming, rx) = mpsc::channel(config.recv_capacity.get());
         let inner = Arc::new(Inner {
             local,
             max_frame_len: config.effective_max_frame_len(),
-            jitter: Jitter::new(config.jitter_seed, u64::from(bound.port())),
             config,
             started: Instant::now(),
             outboxes,
@@ -345,19 +353,7 @@ impl Transport for TcpTransport {
     }
 
     async fn recv(&self) -> Result<Incoming, TransportError> {
-        let mut closed = self.inner.outboxes.closed();
-        if *closed.borrow_and_update() {
-            return Err(TransportError::Closed);
-        }
-        let mut rx = tokio::select! {
-            rx = self.rx.lock() => rx,
-            _ = closed.wait_for(|c| *c) => return Err(TransportError::Closed),
-        };
-        tokio::select! {
-            biased;
-            _ = closed.wait_for(|c| *c) => Err(TransportError::Closed),
-            got = rx.recv() => got.ok_or(TransportError::Closed),
-        }
+        self.inner.outboxes.recv(&self.rx).await
     }
 
     async fn close(&self) {
@@ -472,14 +468,12 @@ async fn inbound_writer(
 /// The writer of a dialled connection: dial (with backoff), write, redial when it breaks.
 async fn outbound(inner: Arc<Inner>, mut writer: Writer) {
     let addr = writer.addr().clone();
-    let mut backoff = Backoff::new(inner.config.backoff_min, inner.config.backoff_max);
     loop {
         writer.set_link(Link::Connecting);
         match inner.dial(&addr).await {
             Ok(stream) => {
                 bump(&inner.counters.dialed, 1);
-                backoff.reset();
-                writer.set_link(Link::Up);
+                writer.connected();
                 let (r, mut w) = stream.into_split();
                 let activity = Activity::new(inner.now_ms());
                 let reader = tokio::spawn({
@@ -503,10 +497,10 @@ async fn outbound(inner: Arc<Inner>, mut writer: Writer) {
                     }
                 }
             }
-            Err(reason) => {
+            Err(error) => {
                 bump(&inner.counters.dial_failures, 1);
-                tracing::debug!(peer = %addr, %reason, "dial failed");
-                let (dropped, again) = writer.back_off(&reason, &mut backoff, &inner.jitter).await;
+                tracing::debug!(peer = %addr, %error, "dial failed");
+                let (dropped, again) = writer.back_off(Arc::new(error)).await;
                 count_dropped(&inner, &writer, dropped);
                 if !again {
                     break;

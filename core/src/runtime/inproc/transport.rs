@@ -62,10 +62,11 @@ impl InProcessTransport {
         }
         let mut state = self.shared.lock();
         let Some(endpoint) = state.endpoints.get(to) else {
-            return Err(TransportError::Unreachable {
-                addr: to.clone(),
-                reason: "no in-process transport is bound there".to_owned(),
-            });
+            let refused = std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                "no in-process transport is bound there",
+            );
+            return Err(TransportError::unreachable(to, refused));
         };
         let (tx, to_id) = (endpoint.tx.clone(), endpoint.id);
         // Always exactly two draws per frame entering the network; see the module docs.
@@ -94,10 +95,13 @@ impl InProcessTransport {
                 state.stats.sent += 1;
                 deliver(&mut state, &tx, incoming).map_err(|fail| match fail {
                     DeliveryFailure::Full => TransportError::QueueFull { addr: to.clone() },
-                    DeliveryFailure::Gone => TransportError::Unreachable {
-                        addr: to.clone(),
-                        reason: "the in-process transport there has closed".to_owned(),
-                    },
+                    DeliveryFailure::Gone => TransportError::unreachable(
+                        to,
+                        std::io::Error::new(
+                            std::io::ErrorKind::ConnectionRefused,
+                            "the in-process transport there has closed",
+                        ),
+                    ),
                 })
             }
             Fate::Deliver(delay) => {
