@@ -1,6 +1,6 @@
 //! The conformance suite every storage backend must pass.
 //!
-//! The [`Storage`](chorus::storage::Storage) contract is written once in
+//! The [`Storage`] contract is written once in
 //! `chorus_core::storage`; this module checks it against any backend, so every backend
 //! (memory, file, sled, moka) is held to the same behaviour by the same code. A backend is
 //! described by a [`Backend`]: a name for reports and a factory that opens a fresh, empty
@@ -11,7 +11,7 @@
 //! The checks are plain async functions that panic on the first violation, one file per
 //! group: [`model`], [`concurrent_writers`], [`tombstones`], [`ranges`], [`expiry`],
 //! [`capabilities`], [`closed`]. [`run_check`] runs one of the [`ALL`] descriptors through the
-//! shared [`runner`](crate::runner) and turns a panic or a hang into a [`Failure`] that names
+//! shared [`runner`] and turns a panic or a hang into a [`Failure`] that names
 //! the backend, the check and the seed. [`backends_agree`] compares backends with each other:
 //! the same records applied in different orders must give every backend the same scans and
 //! digests.
@@ -27,7 +27,7 @@
 //! # Seeds
 //!
 //! Randomised checks draw everything from a `ChaCha8Rng` seeded with one `u64` ([`seed`], from
-//! `CHORUS_SEED`, [`SEED_ENV`]); see the [`runner`](crate::runner).
+//! `CHORUS_SEED`, [`SEED_ENV`]); see the [`runner`].
 //!
 //! # Requirements on the runtime
 //!

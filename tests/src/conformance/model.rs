@@ -15,7 +15,7 @@ use super::support::{
     random_range, random_record, random_record_at,
 };
 
-/// Runs `ops` random operations against a fresh store and a [`BTreeMap`] model side by side.
+/// Runs `ops` random operations against a fresh store and a [`BTreeMap`](std::collections::BTreeMap) model side by side.
 ///
 /// Operations: apply a value, a tombstone, a strictly older version of a stored key (must be
 /// `Stale`), a same-version rival (the merge's tie-breaks decide) or an identical copy (must be
