@@ -3,16 +3,17 @@
 //! The modules form layers; each uses only the layers below it (see `docs/ARCHITECTURE.md`):
 //!
 //! 1. identity and utilities: [`identity`] ([`NodeId`], [`Address`]), [`util`], [`codec`]
-//!    (bounded serde helpers), [`hash`], [`hlc`], [`record`], [`ring`];
+//!    (bounded serde helpers), [`options`] (the typed reader of backends' and transports'
+//!    options), [`hash`], [`hlc`], [`record`], [`ring`];
 //! 2. [`wire`]: framing and bounded decoding of any message type, naming none;
-//! 3. protocols, each owning its messages: [`membership`] (SWIM with Lifeguard as a sans-IO
+//! 3. the contracts and the registry: [`storage`], [`transport`], [`registry`];
+//! 4. protocols, each owning its messages: [`membership`] (SWIM with Lifeguard as a sans-IO
 //!    state machine), [`replication`] (the replica protocol's messages today);
-//! 4. [`envelope`]: the enum that multiplexes the protocols on one connection;
-//! 5. the contracts and the registry: [`storage`], [`transport`], [`registry`] and
-//!    [`options`], the typed reader of backends' and transports' options;
+//! 5. [`envelope`]: the enum that multiplexes the protocols on one connection;
 //! 6. the runtime (feature `runtime`, on by default): `runtime::membership` (the membership
 //!    driver), `runtime::rpc` (request/response correlation), `runtime::inproc` (an
-//!    in-process transport with seeded fault injection) and the transports' shared outbox.
+//!    in-process transport with seeded fault injection) and the transports' shared outbox;
+//!    and the simulator (feature `sim`).
 //!
 //! `cargo check -p chorus-core --no-default-features` builds everything but the runtime, which
 //! proves the protocol machines and decision types free of tokio. The feature `sim` adds the

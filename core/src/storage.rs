@@ -73,8 +73,9 @@ pub enum StorageError {
     /// An I/O error from the underlying files or database.
     ///
     /// State: unknown. An `apply` may have stored its record (it may be readable, and durable
-    /// or not); a read changed nothing. Retryable: the error may be transient. A backend that
-    /// treats an I/O failure as fatal (file, sled) answers the retry with [`Closed`](Self::Closed).
+    /// or not); a read changed nothing. Retryable only for transient kinds (interrupted,
+    /// would block, timed out): file and sled treat any other I/O failure as fatal and answer
+    /// a retry with [`Closed`](Self::Closed).
     #[error("storage I/O error: {0}")]
     Io(#[from] std::io::Error),
     /// Stored data failed validation (checksum, framing, decoding).
@@ -108,12 +109,23 @@ pub enum StorageError {
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
+impl From<crate::options::OptionsError> for StorageError {
+    fn from(error: crate::options::OptionsError) -> Self {
+        StorageError::Config(error.to_string())
+    }
+}
+
 impl StorageError {
     /// Whether sending the same request again may succeed (see each variant). A retry should
     /// back off; an `apply` is safe to retry, since applying a record twice is idempotent.
     pub fn is_retryable(&self) -> bool {
         match self {
-            StorageError::Io(_) => true,
+            StorageError::Io(error) => matches!(
+                error.kind(),
+                std::io::ErrorKind::Interrupted
+                    | std::io::ErrorKind::WouldBlock
+                    | std::io::ErrorKind::TimedOut
+            ),
             StorageError::Corruption(_)
             | StorageError::Closed
             | StorageError::Config(_)
@@ -647,10 +659,24 @@ mod tests {
     }
 
     #[test]
-    fn only_io_errors_are_retryable_and_backend_errors_keep_their_source() {
-        let io = StorageError::from(std::io::Error::other("disk busy"));
-        assert!(io.is_retryable());
+    fn options_errors_become_config_errors_that_name_the_key() {
+        let map = std::collections::BTreeMap::new();
+        let options = crate::options::Options::new("the test backend", &map);
+        let err = StorageError::from(options.missing("path", "a directory"));
+        assert!(
+            matches!(&err, StorageError::Config(m)
+                if m == "option `path` of the test backend is required: a directory"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn only_transient_io_errors_are_retryable_and_backend_errors_keep_their_source() {
+        let busy = StorageError::from(std::io::Error::from(std::io::ErrorKind::Interrupted));
+        assert!(busy.is_retryable());
         for err in [
+            StorageError::from(std::io::Error::other("disk failed")),
+            StorageError::from(std::io::Error::from(std::io::ErrorKind::StorageFull)),
             StorageError::Corruption("bad".into()),
             StorageError::Closed,
             StorageError::Config("bad".into()),

@@ -25,7 +25,7 @@ pub mod outbox;
 /// registry hands out.
 ///
 /// A struct, not a bare `Arc<dyn DynTransport>`: futures over `Arc<dyn DynTransport>`, such as
-/// an [`RpcEndpoint`](crate::runtime::rpc::RpcEndpoint)'s `request`, could not be passed to
+/// an `RpcEndpoint`'s `request` (`runtime::rpc`), could not be passed to
 /// `tokio::spawn`, because the compiler must then prove `Transport` for the `dyn` object at
 /// every lifetime and the impl exists only for `'static` ("implementation of `Transport` is not
 /// general enough"). A named type has no lifetime to generalise over.
@@ -128,6 +128,12 @@ pub enum TransportError {
     /// was not sent. Retryable only for transient kinds (interrupted, would block, timed out).
     #[error("transport I/O error: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<crate::options::OptionsError> for TransportError {
+    fn from(error: crate::options::OptionsError) -> Self {
+        TransportError::Config(error.to_string())
+    }
 }
 
 impl TransportError {
@@ -364,6 +370,21 @@ mod tests {
     use super::*;
 
     const MAGIC: [u8; 4] = *b"TST1";
+
+    #[test]
+    fn options_errors_become_config_errors_that_name_the_key() {
+        let map = std::collections::BTreeMap::from([("colour".to_owned(), "red".to_owned())]);
+        let err = TransportError::from(
+            crate::options::Options::new("the test transport", &map)
+                .finish()
+                .expect_err("unknown"),
+        );
+        assert!(
+            matches!(&err, TransportError::Config(m) if m.contains("`colour`")),
+            "{err}"
+        );
+        assert!(!err.is_retryable());
+    }
 
     #[test]
     fn hello_round_trips_and_refuses_what_is_not_a_hello() {

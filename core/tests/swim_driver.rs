@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use chorus_core::Envelope;
 use chorus_core::NodeId;
 use chorus_core::membership::{
     MemberMeta, MemberState, Membership, MembershipConfig, MembershipEvent, NodeStart,
@@ -106,9 +107,9 @@ async fn driver_drops_and_counts_frames_that_are_not_membership_messages() {
     let peer = net.bind("peer").expect("bind");
     let data = wire::encode(
         Header::message(),
-        &ReplicaMessage::Get {
+        &Envelope::Replica(ReplicaMessage::Get {
             key: bytes::Bytes::from_static(b"k"),
-        },
+        }),
         wire::DEFAULT_MAX_FRAME_LEN,
     )
     .expect("encode");

@@ -11,6 +11,7 @@
 //! | `backend-file`   | backend `"file"`     | no      |
 //! | `backend-sled`   | backend `"sled"`     | no      |
 //! | `backend-moka`   | backend `"moka"`     | no      |
+//! | `sim`            | `chorus::sim`, the deterministic membership simulator | no |
 //!
 //! ```
 //! use chorus::StorageSpec;

@@ -50,6 +50,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chorus_core::hash::{HashRange, key_hash};
+use chorus_core::options::Options;
 use chorus_core::record::Record;
 use chorus_core::registry::{Registry, StorageSpec};
 use chorus_core::storage::{
@@ -80,18 +81,8 @@ pub fn register(registry: &mut Registry) {
 
 /// The registry factory: validates `spec` and opens a fresh store.
 fn open(spec: &StorageSpec) -> Result<SharedStorage, StorageError> {
-    if !spec.options.is_empty() {
-        let names: Vec<String> = spec
-            .options
-            .keys()
-            .map(|name| format!("{name:?}"))
-            .collect();
-        return Err(StorageError::Config(format!(
-            "unknown option{} {} for the {SCHEME:?} backend (it accepts none)",
-            if names.len() == 1 { "" } else { "s" },
-            names.join(", "),
-        )));
-    }
+    // It takes no options: any is unknown.
+    Options::new(format!("the {SCHEME:?} backend"), &spec.options).finish()?;
     Ok(SharedStorage::new(MemoryStorage::new()))
 }
 
@@ -629,6 +620,9 @@ mod tests {
         spec.options.insert("capacity".into(), "10".into());
         let err = registry.open_backend(&spec).expect_err("unknown option");
         let text = err.to_string();
-        assert!(text.contains("\"capacity\""), "{text}");
+        assert!(
+            text.contains("`capacity`") && text.contains("takes none"),
+            "{text}"
+        );
     }
 }

@@ -54,6 +54,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use chorus_core::hash::{HashRange, key_hash};
+use chorus_core::options::{DurationUnit, Options};
 use chorus_core::record::{Payload, Record};
 use chorus_core::registry::{Registry, StorageSpec};
 use chorus_core::storage::{
@@ -123,48 +124,19 @@ impl MokaOptions {
     /// `expiry_grace` (`off`, or a duration such as `500ms` or `60s`). Anything else, or a
     /// value that does not parse, is a [`StorageError::Config`] naming the option.
     pub fn from_options(options: &BTreeMap<String, String>) -> Result<Self, StorageError> {
-        let mut parsed = MokaOptions::default();
-        for (name, value) in options {
-            let bad = |why: &str| {
-                StorageError::Config(format!(
-                    "option {name:?} = {value:?} of the {SCHEME:?} backend: {why}"
-                ))
-            };
-            match name.as_str() {
-                "capacity_bytes" => {
-                    parsed.capacity_bytes = value
-                        .trim()
-                        .parse()
-                        .map_err(|_| bad("not a positive integer"))?;
-                }
-                "expiry_grace" => {
-                    parsed.expiry_grace = match value.trim() {
-                        "off" => None,
-                        text => Some(
-                            parse_duration(text).ok_or_else(|| bad("not \"off\" or <n><ms|s>"))?,
-                        ),
-                    };
-                }
-                _ => {
-                    return Err(StorageError::Config(format!(
-                        "unknown option {name:?} for the {SCHEME:?} backend (known: \
-                         capacity_bytes, expiry_grace)"
-                    )));
-                }
-            }
-        }
+        let mut o = Options::new(format!("the {SCHEME:?} backend"), options);
+        let default = MokaOptions::default();
+        let expiry_grace = match o.string("expiry_grace").map(str::trim) {
+            Some("off") => None,
+            Some(_) => o.duration("expiry_grace", &[DurationUnit::Millis, DurationUnit::Secs])?,
+            None => default.expiry_grace,
+        };
+        let parsed = MokaOptions {
+            capacity_bytes: o.parse("capacity_bytes")?.unwrap_or(default.capacity_bytes),
+            expiry_grace,
+        };
+        o.finish()?;
         Ok(parsed)
-    }
-}
-
-fn parse_duration(text: &str) -> Option<Duration> {
-    if let Some(ms) = text.strip_suffix("ms") {
-        ms.parse().ok().map(Duration::from_millis)
-    } else {
-        text.strip_suffix('s')?
-            .parse()
-            .ok()
-            .map(Duration::from_secs)
     }
 }
 
@@ -453,6 +425,9 @@ mod tests {
         let parsed = MokaOptions::from_options(&options).expect("valid");
         assert_eq!(parsed.capacity_bytes.get(), 1024);
         assert_eq!(parsed.expiry_grace, None);
+        options.insert("expiry_grace".to_owned(), "250ms".to_owned());
+        let parsed = MokaOptions::from_options(&options).expect("valid");
+        assert_eq!(parsed.expiry_grace, Some(Duration::from_millis(250)));
         for (name, value) in [
             ("capacity_bytes", "0"),
             ("expiry_grace", "soon"),
@@ -463,7 +438,7 @@ mod tests {
             let text = MokaOptions::from_options(&options)
                 .expect_err("invalid")
                 .to_string();
-            assert!(text.contains(&format!("{name:?}")), "{text}");
+            assert!(text.contains(&format!("`{name}`")), "{text}");
         }
     }
 

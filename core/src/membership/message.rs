@@ -1,7 +1,7 @@
 //! What membership nodes say to each other, and the member records they say it about.
 //!
-//! These travel inside [`crate::envelope::Envelope::Swim`] frames, on the same transport and frame
-//! format as the data plane. Every string goes through the bounded decode path.
+//! The envelope (a layer above) carries them in its `Swim` frames, on the same transport and
+//! frame format as the data plane. Every string goes through the bounded decode path.
 
 use std::num::NonZeroU32;
 

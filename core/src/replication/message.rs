@@ -1,6 +1,6 @@
 //! The replica protocol's messages: what a coordinator asks a key's replicas, and their answers.
 //!
-//! They travel inside [`crate::envelope::Envelope::Replica`] frames. Byte strings and strings
+//! The envelope (a layer above) carries them in its `Replica` frames. Byte strings and strings
 //! decode through [`crate::codec`], so a length claimed inside a frame is checked against the
 //! bytes present before anything is allocated.
 

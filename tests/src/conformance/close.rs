@@ -32,7 +32,7 @@ pub async fn closed(backend: &Backend) {
         if let Err(err) = result {
             assert!(
                 !err.is_retryable(),
-                "{what} after close: {err} is not retryable"
+                "{what} after close: {err} must not say a retry can help"
             );
         }
     }
