@@ -406,59 +406,97 @@ fn lifeguard_cuts_false_suspicions_caused_by_a_slow_member() {
 
 /// Regression: a peer's claim about this node at incarnation `u64::MAX` used to overflow
 /// `incarnation + 1` in `refute` (a panic in debug builds, a wrap to 0 in release, after which
-/// every refutation lost). Now the claim is counted as ignored and the node stays alive at
-/// its own incarnation.
+/// every refutation lost), and then was ignored, leaving the node unable to refute. Now the
+/// node moves to the next generation, and the rest of the cluster, which believed the forged
+/// claim, accepts the refutation.
 #[test]
-fn claim_at_the_largest_incarnation_does_not_overflow() {
+fn claim_at_the_largest_incarnation_is_refuted_with_a_new_generation() {
     use std::time::Instant;
 
     use chorus_core::hlc::NodeId;
-    use chorus_core::membership::{Life, MemberMeta, Membership, NodeStart, SwimMessage, Update};
+    use chorus_core::membership::{
+        Life, Member, MemberMeta, Membership, NodeStart, SwimMessage, Update,
+    };
     use chorus_core::transport::Address;
 
     let now = Instant::now();
-    let mut node = Membership::new(
-        MembershipConfig::local(),
-        NodeStart {
-            id: NodeId(1),
-            generation: 7,
-            meta: MemberMeta::new("n1"),
-            seeds: Vec::new(),
-            rng_seed: base_seed(),
-        },
-        now,
-    );
-    let before = node.stats().ignored_messages;
+    let start = |id: u64, addr: &str| NodeStart {
+        id: NodeId(id),
+        generation: 7,
+        meta: MemberMeta::new(addr),
+        seeds: Vec::new(),
+        rng_seed: base_seed() ^ id,
+    };
+    let mut node = Membership::new(MembershipConfig::local(), start(1, "n1"), now);
+    let mut peer = Membership::new(MembershipConfig::local(), start(2, "n2"), now);
+    // They know each other alive.
+    let state = |m: &Membership| SwimMessage::PushPull {
+        from: m.local().id,
+        join: false,
+        reply: true,
+        part: 0,
+        members: vec![m.local().clone()],
+    };
+    let (to_peer, to_node) = (state(&node), state(&peer));
+    peer.handle_message(now, Address::new("n1"), to_peer);
+    node.handle_message(now, Address::new("n2"), to_node);
+
     let forged = Life {
         generation: 7,
         incarnation: u64::MAX,
     };
-    for update in [
-        Update::Suspect {
-            id: NodeId(1),
-            life: forged,
-            from: NodeId(2),
-        },
-        Update::Dead {
-            id: NodeId(1),
-            life: forged,
-            from: NodeId(2),
-        },
-    ] {
-        node.handle_message(
-            now,
-            Address::new("n2"),
-            SwimMessage::Gossip {
-                from: NodeId(2),
-                updates: vec![update],
+    let claims = SwimMessage::Gossip {
+        from: NodeId(3),
+        updates: vec![
+            Update::Suspect {
+                id: NodeId(1),
+                life: forged,
+                from: NodeId(3),
             },
-        );
+            Update::Dead {
+                id: NodeId(1),
+                life: forged,
+                from: NodeId(3),
+            },
+        ],
+    };
+    for m in [&mut node, &mut peer] {
+        m.handle_message(now, Address::new("n3"), claims.clone());
     }
-    assert_eq!(node.local().life.incarnation, 0, "no wrapped incarnation");
+    assert_eq!(
+        peer.member(NodeId(1)).map(|m| (m.state, m.life)),
+        Some((MemberState::Dead, forged)),
+        "the peer believed the claim"
+    );
+    let refuted = Life {
+        generation: 8,
+        incarnation: 0,
+    };
+    assert_eq!(node.local().life, refuted, "moved to the next generation");
     assert_eq!(node.local().state, MemberState::Alive);
-    assert!(
-        node.stats().ignored_messages >= before + 2,
-        "both claims counted as ignored: {:?}",
-        node.stats()
+    assert_eq!(node.stats().generation_bumps, 1);
+
+    // The refutation reaches the peer with the next gossip round, and it takes it.
+    let mut t = now;
+    for _ in 0..10 {
+        t += MembershipConfig::local().gossip_interval;
+        node.handle_timeout(t);
+        while let Some(tx) = node.poll_transmit() {
+            if tx.to == Address::new("n2") {
+                peer.handle_message(t, Address::new("n1"), tx.message);
+            }
+        }
+    }
+    let expected = Member {
+        id: NodeId(1),
+        life: refuted,
+        state: MemberState::Alive,
+        meta: MemberMeta::new("n1"),
+    };
+    assert_eq!(
+        peer.member(NodeId(1)),
+        Some(&expected),
+        "the cluster accepted the refutation (seed {})",
+        base_seed()
     );
 }

@@ -265,12 +265,8 @@ impl<T: Transport> Outbox<T> {
         let _ = tx.try_send(frame);
         self.queues.insert(to.clone(), tx);
         self.counters.destinations.fetch_add(1, Ordering::Relaxed);
-        self.tasks.spawn(drain(
-            self.transport.clone(),
-            to,
-            rx,
-            self.counters.clone(),
-        ));
+        self.tasks
+            .spawn(drain(self.transport.clone(), to, rx, self.counters.clone()));
     }
 
     fn drop_one(&self, to: &Address, why: &'static str) {
@@ -283,8 +279,8 @@ impl<T: Transport> Outbox<T> {
     async fn close(mut self, flush: Duration) {
         self.queues.clear();
         let tasks = &mut self.tasks;
-        let _ = tokio::time::timeout(flush, async { while tasks.join_next().await.is_some() {} })
-            .await;
+        let _ =
+            tokio::time::timeout(flush, async { while tasks.join_next().await.is_some() {} }).await;
         self.tasks.abort_all();
     }
 }
