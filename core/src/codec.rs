@@ -92,13 +92,17 @@ pub mod serde_str {
     }
 }
 
+/// Most bytes [`bounded_vec`] reserves up front on the strength of a claimed length.
+pub const PREALLOC_BYTES: usize = 4096;
+
 /// Deserializes a `Vec<T>` of at most `N` elements: `#[serde(deserialize_with =
 /// "crate::codec::bounded_vec::<_, _, N>")]`.
 ///
 /// A longer sequence is an error as soon as its claimed length is read (bincode gives it up
 /// front) or, for formats that do not claim one, once element `N + 1` is seen. Pre-allocation
-/// follows the claim only up to `N` elements, so a peer's claim costs at most `N` slots plus
-/// what the elements actually present decode into.
+/// follows the claim only up to [`PREALLOC_BYTES`] worth of elements; past that the vector
+/// grows with the elements actually decoded, so a claim costs nothing beyond what the bytes
+/// present decode into, and a list never holds more than `N` elements.
 pub fn bounded_vec<'de, D, T, const N: usize>(deserializer: D) -> Result<Vec<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
@@ -123,7 +127,7 @@ impl<'de, T: serde::Deserialize<'de>, const N: usize> serde::de::Visitor<'de>
         if claimed > N {
             return Err(serde::de::Error::invalid_length(claimed, &self));
         }
-        let mut out = Vec::with_capacity(claimed);
+        let mut out = Vec::with_capacity(claimed.min(PREALLOC_BYTES / size_of::<T>().max(1)));
         while let Some(element) = seq.next_element()? {
             if out.len() == N {
                 return Err(serde::de::Error::invalid_length(N + 1, &self));
