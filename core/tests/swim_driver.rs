@@ -185,7 +185,11 @@ async fn a_destination_whose_sends_hang_stalls_nobody_else() {
                 hung: hung.clone(),
                 stall: Duration::from_secs(2),
             };
-            let seeds = if i == 1 { vec![] } else { vec![Address::new("node-1")] };
+            let seeds = if i == 1 {
+                vec![]
+            } else {
+                vec![Address::new("node-1")]
+            };
             let machine = Membership::new(
                 config,
                 NodeStart {

@@ -500,3 +500,124 @@ fn claim_at_the_largest_incarnation_is_refuted_with_a_new_generation() {
         base_seed()
     );
 }
+
+#[test]
+fn a_restart_at_the_same_address_is_adopted() {
+    let n = 20;
+    let mut sim = cluster(
+        base_seed(),
+        n,
+        MembershipConfig::lan(),
+        Duration::from_millis(5),
+    );
+    check(
+        run_until_converged(&mut sim, Duration::from_secs(30)),
+        &sim,
+        "did not converge",
+    );
+    let addr = sim.address(10).clone();
+    sim.restart_in_place(10);
+    check(
+        run_until_converged(&mut sim, Duration::from_secs(30)),
+        &sim,
+        "a member restarted at the same address was not adopted",
+    );
+    for j in (0..n).filter(|&j| j != 10) {
+        let m = sim.node(j).unwrap().member(Simulation::id(10)).unwrap();
+        check(
+            m.life.generation == 2 && m.meta.addr == addr && m.state == MemberState::Alive,
+            &sim,
+            "a member holds the old life",
+        );
+    }
+    sim.run_for(Duration::from_secs(60));
+    check(sim.converged(), &sim, "views diverged after the restart");
+    check(sim.stats().false_deaths == 0, &sim, "a false death");
+    check(
+        sim.stats().stale_resurrections == 0,
+        &sim,
+        "an old life came back",
+    );
+}
+
+/// A node restarted with a lower generation than the cluster remembers (its clock went
+/// back) is told about its later life and moves past it instead of staying excluded.
+#[test]
+fn a_restart_with_a_lower_generation_moves_past_the_remembered_one() {
+    let n = 20;
+    let mut sim = cluster(
+        base_seed(),
+        n,
+        MembershipConfig::lan(),
+        Duration::from_millis(5),
+    );
+    sim.restart(10);
+    check(
+        run_until_converged(&mut sim, Duration::from_secs(30)),
+        &sim,
+        "did not converge",
+    );
+    check(sim.generation(10) == 2, &sim, "restart did not bump");
+    // Before and after the cluster forgot the generation-2 life.
+    for wait in [Duration::ZERO, MembershipConfig::lan().reap_after * 2] {
+        let before = sim.generation(10);
+        sim.crash(10);
+        sim.run_for(wait);
+        sim.restart_with_generation(10, 1);
+        check(
+            run_until_converged(&mut sim, Duration::from_secs(30)),
+            &sim,
+            "a member restarted with a lower generation was not adopted",
+        );
+        check(
+            sim.generation(10) > before,
+            &sim,
+            "the node did not move past its remembered life",
+        );
+    }
+    check(sim.stats().false_deaths == 0, &sim, "a false death");
+}
+
+/// A 2 s stop-the-world pause of one member (longer than a protocol period) is survived
+/// without a death at 10 and 100 members.
+///
+/// Open (issue 11, item 6): with the LAN preset's suspicion multiplier of 1 this fails at
+/// N = 10 (CHORUS_SEED=10, 62, 1000 among others); with a multiplier of 2 N = 10 passes but
+/// the default seed still loses one member at N = 100, where one observer never hears the
+/// refutation before its suspicion runs out. Run it with `--ignored`.
+#[test]
+#[ignore = "open: issue 11 item 6, the LAN preset does not yet survive a 2 s pause"]
+fn a_two_second_pause_is_not_a_death_at_10_and_100_nodes() {
+    for n in [10, 100] {
+        for k in 0..3 {
+            let seed = base_seed().wrapping_add(k);
+            let mut sim = cluster(seed, n, MembershipConfig::lan(), Duration::from_millis(5));
+            check(
+                run_until_converged(&mut sim, Duration::from_secs(30)),
+                &sim,
+                "did not converge",
+            );
+            sim.run_for(Duration::from_secs(5));
+            let before = sim.stats().false_suspicions;
+            // Five members in turn, 15 s apart.
+            for p in 0..5 {
+                let victim = (3 + (p * (n - 3)) / 5 + k as usize) % n;
+                sim.pause(victim, Duration::from_secs(2));
+                sim.run_for(Duration::from_secs(15));
+                check(
+                    sim.stats().false_deaths == 0,
+                    &sim,
+                    &format!("a 2 s pause of node {victim} at N = {n} caused a death"),
+                );
+            }
+            // The pauses were felt: paused members, or those they failed to answer, were
+            // suspected meanwhile.
+            check(
+                sim.stats().false_suspicions > before,
+                &sim,
+                "the pauses went unnoticed",
+            );
+            check(sim.converged(), &sim, "views differ after the pause");
+        }
+    }
+}
