@@ -91,3 +91,73 @@ pub mod serde_str {
         }
     }
 }
+
+/// Most bytes [`bounded_vec`] reserves up front on the strength of a claimed length.
+pub const PREALLOC_BYTES: usize = 4096;
+
+/// Deserializes a `Vec<T>` of at most `N` elements: `#[serde(deserialize_with =
+/// "crate::codec::bounded_vec::<_, _, N>")]`.
+///
+/// A longer sequence is an error as soon as its claimed length is read (bincode gives it up
+/// front) or, for formats that do not claim one, once element `N + 1` is seen. Pre-allocation
+/// follows the claim only up to [`PREALLOC_BYTES`] worth of elements; past that the vector
+/// grows with the elements actually decoded, so a claim costs nothing beyond what the bytes
+/// present decode into, and a list never holds more than `N` elements.
+pub fn bounded_vec<'de, D, T, const N: usize>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    deserializer.deserialize_seq(BoundedVecVisitor::<T, N>(std::marker::PhantomData))
+}
+
+struct BoundedVecVisitor<T, const N: usize>(std::marker::PhantomData<T>);
+
+impl<'de, T: serde::Deserialize<'de>, const N: usize> serde::de::Visitor<'de>
+    for BoundedVecVisitor<T, N>
+{
+    type Value = Vec<T>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a sequence of at most {N} elements")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+        let claimed = seq.size_hint().unwrap_or(0);
+        if claimed > N {
+            return Err(serde::de::Error::invalid_length(claimed, &self));
+        }
+        let mut out = Vec::with_capacity(claimed.min(PREALLOC_BYTES / size_of::<T>().max(1)));
+        while let Some(element) = seq.next_element()? {
+            if out.len() == N {
+                return Err(serde::de::Error::invalid_length(N + 1, &self));
+            }
+            out.push(element);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    struct Three {
+        #[serde(deserialize_with = "super::bounded_vec::<_, _, 3>")]
+        v: Vec<u8>,
+    }
+
+    #[test]
+    fn bounded_vec_takes_up_to_n_elements_and_refuses_more() {
+        let cfg = bincode::config::standard();
+        let ok = bincode::serde::encode_to_vec((vec![1u8, 2, 3],), cfg).unwrap();
+        let (three, _): (Three, usize) = bincode::serde::decode_from_slice(&ok, cfg).unwrap();
+        assert_eq!(three.v, [1, 2, 3]);
+        let long = bincode::serde::encode_to_vec((vec![1u8, 2, 3, 4],), cfg).unwrap();
+        assert!(bincode::serde::decode_from_slice::<Three, _>(&long, cfg).is_err());
+        // A claim far beyond what follows is refused before anything is allocated.
+        let claim = [253u8, 0, 0, 0, 0, 0, 0, 0, 1];
+        assert!(bincode::serde::decode_from_slice::<Three, _>(&claim, cfg).is_err());
+    }
+}

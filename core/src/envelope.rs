@@ -156,12 +156,14 @@ mod tests {
                 id,
                 any::<bool>(),
                 any::<bool>(),
+                any::<u32>(),
                 prop::collection::vec(member, 0..4)
             )
-                .prop_map(|(from, join, reply, members)| SwimMessage::PushPull {
+                .prop_map(|(from, join, reply, part, members)| SwimMessage::PushPull {
                     from,
                     join,
                     reply,
+                    part,
                     members
                 }),
         ]

@@ -7,10 +7,14 @@
 //!
 //! Faults: global and per-link loss, a uniform delay range, two-way partitions between groups,
 //! one-way blocks, crashes (the machine is dropped with everything in flight to it), restarts
-//! (a new generation at a new address, joining through the original seeds) and slow nodes
-//! (every message to them is processed late, as on an overloaded machine).
+//! (a new generation at a new address, joining through the original seeds; or at the same
+//! address; or with a chosen, possibly lower, generation), slow nodes (every message to them is
+//! processed late, as on an overloaded machine) and pauses (a stop-the-world pause: nothing is
+//! processed for a while, then everything that arrived and every timer that fell due meanwhile
+//! is handled at once, in order).
 //!
-//! Nodes are numbered from 0; node `i` has id `NodeId(i + 1)` and address `n{i}.g{generation}`.
+//! Nodes are numbered from 0; node `i` has id `NodeId(i + 1)` and address `n{i}.g{generation}`
+//! (the generation it was started with; a restart in place keeps the address).
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -54,7 +58,7 @@ pub struct SimStats {
     pub false_suspicions: u64,
     /// Dead events (summed over observers) about a healthy member, in the same sense.
     pub false_deaths: u64,
-    /// Joined, alive or updated events about an older life of a node that has restarted.
+    /// Joined, alive or updated events about an ended life of a node that has restarted.
     pub stale_resurrections: u64,
 }
 
@@ -114,7 +118,13 @@ impl Ord for Scheduled {
 struct SimNode {
     config: MembershipConfig,
     seeds: Vec<usize>,
+    /// The generation of the current (or, crashed, the last) life, as the machine has it: a
+    /// machine may move itself to a newer one.
     generation: u64,
+    /// Generations of lives that ended.
+    ended: HashSet<u64>,
+    /// Nothing is processed before then (a pause).
+    paused_until: Duration,
     addr: Address,
     machine: Option<Membership>,
     epoch: u64,
@@ -227,6 +237,8 @@ impl Simulation {
             config,
             seeds: seeds.to_vec(),
             generation: 1,
+            ended: HashSet::new(),
+            paused_until: Duration::ZERO,
             addr: Self::addr_of(i, 1),
             machine: None,
             epoch: 0,
@@ -236,14 +248,13 @@ impl Simulation {
             sent_bytes: 0,
         });
         self.groups.push(0);
-        self.boot(i);
+        self.boot(i, Self::addr_of(i, 1));
         i
     }
 
-    fn boot(&mut self, i: usize) {
+    fn boot(&mut self, i: usize, addr: Address) {
         let now = self.base + self.now;
         let node = &self.nodes[i];
-        let addr = Self::addr_of(i, node.generation);
         let seeds = node
             .seeds
             .iter()
@@ -299,9 +310,12 @@ impl Simulation {
         self.nodes[i].machine.is_some()
     }
 
-    /// Node `i`'s current generation.
+    /// Node `i`'s current generation (crashed: its last), as its machine has it.
     pub fn generation(&self, i: usize) -> u64 {
-        self.nodes[i].generation
+        self.nodes[i]
+            .machine
+            .as_ref()
+            .map_or(self.nodes[i].generation, |m| m.local().life.generation)
     }
 
     /// Node `i`'s current address.
@@ -362,7 +376,12 @@ impl Simulation {
 
     /// Crashes node `i`: its machine and everything in flight to it are gone.
     pub fn crash(&mut self, i: usize) {
+        let generation = self.generation(i);
         let node = &mut self.nodes[i];
+        if node.machine.is_some() {
+            node.ended.insert(generation);
+        }
+        node.generation = generation;
         node.machine = None;
         node.epoch += 1;
         node.timer_at = None;
@@ -372,11 +391,40 @@ impl Simulation {
 
     /// Restarts node `i` in a new generation at a new address (crashing it first if it runs).
     pub fn restart(&mut self, i: usize) {
+        let generation = self.generation(i) + 1;
+        self.restart_as(i, generation, false);
+    }
+
+    /// Restarts node `i` in a new generation at the address it had (crashing it first if it
+    /// runs), as a process restarted on the same host and port does.
+    pub fn restart_in_place(&mut self, i: usize) {
+        let generation = self.generation(i) + 1;
+        self.restart_as(i, generation, true);
+    }
+
+    /// Restarts node `i` with the given generation, which may be lower than the last one (a
+    /// node whose clock went back), at the address of that generation.
+    pub fn restart_with_generation(&mut self, i: usize, generation: u64) {
+        self.restart_as(i, generation, false);
+    }
+
+    fn restart_as(&mut self, i: usize, generation: u64, keep_address: bool) {
         if self.is_running(i) {
             self.crash(i);
         }
-        self.nodes[i].generation += 1;
-        self.boot(i);
+        self.nodes[i].generation = generation;
+        let addr = if keep_address {
+            self.nodes[i].addr.clone()
+        } else {
+            Self::addr_of(i, generation)
+        };
+        self.boot(i, addr);
+    }
+
+    /// Pauses node `i` for `d` from now (stop the world): nothing it receives and none of its
+    /// timers is processed until then; then all of it is, in the order it fell due.
+    pub fn pause(&mut self, i: usize, d: Duration) {
+        self.nodes[i].paused_until = self.now + d;
     }
 
     /// Starts a graceful leave of node `i` (it keeps running until crashed).
@@ -402,6 +450,12 @@ impl Simulation {
                     if n.epoch != epoch || n.timer_at != Some(item.at) {
                         continue;
                     }
+                    if n.paused_until > item.at {
+                        let at = n.paused_until;
+                        n.timer_at = Some(at);
+                        self.schedule(at, Action::Timer { node, epoch });
+                        continue;
+                    }
                     n.timer_at = None;
                     let now = self.base + self.now;
                     if let Some(m) = n.machine.as_mut() {
@@ -417,6 +471,17 @@ impl Simulation {
                 } => {
                     if self.nodes[to].epoch != epoch || self.nodes[to].machine.is_none() {
                         self.stats.dropped_unreachable += 1;
+                        continue;
+                    }
+                    if self.nodes[to].paused_until > item.at {
+                        let at = self.nodes[to].paused_until;
+                        let action = Action::Deliver {
+                            to,
+                            epoch,
+                            from,
+                            payload,
+                        };
+                        self.schedule(at, action);
                         continue;
                     }
                     let message = match payload {
@@ -462,7 +527,7 @@ impl Simulation {
                     let j = member.id.0 as usize - 1;
                     if j >= self.nodes.len()
                         || !self.is_running(j)
-                        || self.nodes[j].generation != member.life.generation
+                        || self.generation(j) != member.life.generation
                     {
                         return false;
                     }
@@ -521,9 +586,11 @@ impl Simulation {
         let subject_running_same_life = j < self.nodes.len()
             && self.is_running(j)
             && self.nodes[j].slow.is_zero()
-            && self.nodes[j].generation == member.life.generation;
-        let subject_newer =
-            j < self.nodes.len() && self.nodes[j].generation > member.life.generation;
+            && self.generation(j) == member.life.generation;
+        // An ended life of a node that has moved on to another.
+        let subject_newer = j < self.nodes.len()
+            && self.generation(j) != member.life.generation
+            && self.nodes[j].ended.contains(&member.life.generation);
         match &event {
             MembershipEvent::Suspect(_) if subject_running_same_life => {
                 self.stats.false_suspicions += 1

@@ -1,6 +1,7 @@
 //! The tokio membership driver over the in-process transport: join, failure detection, leave
 //! and the event stream, on a paused tokio clock (virtual time, no real waiting).
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chorus_core::Envelope;
@@ -9,9 +10,9 @@ use chorus_core::membership::{
     MemberMeta, MemberState, Membership, MembershipConfig, MembershipEvent, NodeStart,
 };
 use chorus_core::replication::ReplicaMessage;
-use chorus_core::runtime::inproc::InProcessNetwork;
+use chorus_core::runtime::inproc::{InProcessNetwork, InProcessTransport};
 use chorus_core::runtime::membership::{self as driver, MembershipHandle};
-use chorus_core::transport::{Address, Transport};
+use chorus_core::transport::{Address, Incoming, Transport, TransportError};
 use chorus_core::wire::{self, Header};
 
 const SEED: u64 = 0xD_41_7E;
@@ -121,4 +122,133 @@ async fn driver_drops_and_counts_frames_that_are_not_membership_messages() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(handle.stats().rejected_frames, 2);
     assert_eq!(alive_count(&handle), 1);
+}
+
+/// The in-process transport, except that once `hung` names an address, every send to it waits
+/// `stall` (a dialling transport's connect timeout towards a crashed host that drops
+/// connection attempts) and then fails.
+struct Stalling {
+    inner: InProcessTransport,
+    hung: Arc<Mutex<Option<Address>>>,
+    stall: Duration,
+}
+
+impl Stalling {
+    fn is_hung(&self, to: &Address) -> bool {
+        self.hung.lock().unwrap().as_ref() == Some(to)
+    }
+}
+
+impl Transport for Stalling {
+    fn local_addr(&self) -> Address {
+        self.inner.local_addr()
+    }
+
+    fn max_frame_len(&self) -> usize {
+        self.inner.max_frame_len()
+    }
+
+    async fn send(&self, to: &Address, frame: bytes::Bytes) -> Result<(), TransportError> {
+        if self.is_hung(to) {
+            tokio::time::sleep(self.stall).await;
+            return Err(TransportError::unreachable(
+                to,
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+            ));
+        }
+        self.inner.send(to, frame).await
+    }
+
+    async fn recv(&self) -> Result<Incoming, TransportError> {
+        self.inner.recv().await
+    }
+
+    async fn close(&self) {
+        self.inner.close().await
+    }
+}
+
+/// Issue 11: the driver used to await every send on the task that owns the machine, so one
+/// destination whose sends stall (2 s, twice the LAN probe interval) stalled probing and
+/// answering for everyone: healthy members were suspected and declared dead. Sends now go
+/// through per-destination queues; the stalled destination's queue fills and drops.
+#[tokio::test(start_paused = true)]
+async fn a_destination_whose_sends_hang_stalls_nobody_else() {
+    let net = InProcessNetwork::new(SEED);
+    let hung = Arc::new(Mutex::new(None));
+    let n = 6;
+    let config = MembershipConfig::lan();
+    let handles: Vec<MembershipHandle> = (1..=n)
+        .map(|i| {
+            let addr = format!("node-{i}");
+            let transport = Stalling {
+                inner: net.bind(addr.as_str()).expect("bind"),
+                hung: hung.clone(),
+                stall: Duration::from_secs(2),
+            };
+            let seeds = if i == 1 {
+                vec![]
+            } else {
+                vec![Address::new("node-1")]
+            };
+            let machine = Membership::new(
+                config,
+                NodeStart {
+                    id: NodeId(i),
+                    generation: 1,
+                    meta: MemberMeta::new(addr.as_str()),
+                    seeds,
+                    rng_seed: SEED ^ i,
+                },
+                tokio::time::Instant::now().into_std(),
+            );
+            driver::start(transport, machine)
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    for h in &handles {
+        assert_eq!(alive_count(h), n as usize, "{:?}", h.members());
+    }
+    let mut events: Vec<_> = handles.iter().map(|h| h.subscribe()).collect();
+
+    // Node 4 crashes, and every send to it now stalls for 2 s before failing.
+    let victim = 4;
+    handles[victim as usize - 1].shutdown().await;
+    *hung.lock().unwrap() = Some(Address::new(format!("node-{victim}")));
+    let crashed = tokio::time::Instant::now();
+    let live: Vec<&MembershipHandle> = handles
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| *k as u64 + 1 != victim)
+        .map(|(_, h)| h)
+        .collect();
+    // Detected by every live member within the LAN bound of 10 s.
+    while !live
+        .iter()
+        .all(|h| state_of(h, victim) == Some(MemberState::Dead))
+    {
+        assert!(
+            crashed.elapsed() <= Duration::from_secs(10),
+            "node {victim} not declared dead by everyone within 10 s (seed {SEED})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Keep going a while: the stalled destination must not hurt anyone else.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    for (k, rx) in events.iter_mut().enumerate() {
+        while let Ok(e) = rx.try_recv() {
+            let about = e.member().id;
+            assert!(
+                about == NodeId(victim)
+                    || !matches!(e, MembershipEvent::Suspect(_) | MembershipEvent::Dead(_)),
+                "node {} saw a healthy member suspected or dead: {e:?} (seed {SEED})",
+                k + 1
+            );
+        }
+    }
+    for h in &live {
+        assert_eq!(alive_count(h), n as usize - 1, "{:?}", h.members());
+    }
+    let stats = live[0].stats();
+    assert!(stats.sent > 0, "{stats:?}");
 }

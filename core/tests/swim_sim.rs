@@ -406,59 +406,218 @@ fn lifeguard_cuts_false_suspicions_caused_by_a_slow_member() {
 
 /// Regression: a peer's claim about this node at incarnation `u64::MAX` used to overflow
 /// `incarnation + 1` in `refute` (a panic in debug builds, a wrap to 0 in release, after which
-/// every refutation lost). Now the claim is counted as ignored and the node stays alive at
-/// its own incarnation.
+/// every refutation lost), and then was ignored, leaving the node unable to refute. Now the
+/// node moves to the next generation, and the rest of the cluster, which believed the forged
+/// claim, accepts the refutation.
 #[test]
-fn claim_at_the_largest_incarnation_does_not_overflow() {
+fn claim_at_the_largest_incarnation_is_refuted_with_a_new_generation() {
     use std::time::Instant;
 
     use chorus_core::hlc::NodeId;
-    use chorus_core::membership::{Life, MemberMeta, Membership, NodeStart, SwimMessage, Update};
+    use chorus_core::membership::{
+        Life, Member, MemberMeta, Membership, NodeStart, SwimMessage, Update,
+    };
     use chorus_core::transport::Address;
 
     let now = Instant::now();
-    let mut node = Membership::new(
-        MembershipConfig::local(),
-        NodeStart {
-            id: NodeId(1),
-            generation: 7,
-            meta: MemberMeta::new("n1"),
-            seeds: Vec::new(),
-            rng_seed: base_seed(),
-        },
-        now,
-    );
-    let before = node.stats().ignored_messages;
+    let start = |id: u64, addr: &str| NodeStart {
+        id: NodeId(id),
+        generation: 7,
+        meta: MemberMeta::new(addr),
+        seeds: Vec::new(),
+        rng_seed: base_seed() ^ id,
+    };
+    let mut node = Membership::new(MembershipConfig::local(), start(1, "n1"), now);
+    let mut peer = Membership::new(MembershipConfig::local(), start(2, "n2"), now);
+    // They know each other alive.
+    let state = |m: &Membership| SwimMessage::PushPull {
+        from: m.local().id,
+        join: false,
+        reply: true,
+        part: 0,
+        members: vec![m.local().clone()],
+    };
+    let (to_peer, to_node) = (state(&node), state(&peer));
+    peer.handle_message(now, Address::new("n1"), to_peer);
+    node.handle_message(now, Address::new("n2"), to_node);
+
     let forged = Life {
         generation: 7,
         incarnation: u64::MAX,
     };
-    for update in [
-        Update::Suspect {
-            id: NodeId(1),
-            life: forged,
-            from: NodeId(2),
-        },
-        Update::Dead {
-            id: NodeId(1),
-            life: forged,
-            from: NodeId(2),
-        },
-    ] {
-        node.handle_message(
-            now,
-            Address::new("n2"),
-            SwimMessage::Gossip {
-                from: NodeId(2),
-                updates: vec![update],
+    let claims = SwimMessage::Gossip {
+        from: NodeId(3),
+        updates: vec![
+            Update::Suspect {
+                id: NodeId(1),
+                life: forged,
+                from: NodeId(3),
             },
+            Update::Dead {
+                id: NodeId(1),
+                life: forged,
+                from: NodeId(3),
+            },
+        ],
+    };
+    for m in [&mut node, &mut peer] {
+        m.handle_message(now, Address::new("n3"), claims.clone());
+    }
+    assert_eq!(
+        peer.member(NodeId(1)).map(|m| (m.state, m.life)),
+        Some((MemberState::Dead, forged)),
+        "the peer believed the claim"
+    );
+    let refuted = Life {
+        generation: 8,
+        incarnation: 0,
+    };
+    assert_eq!(node.local().life, refuted, "moved to the next generation");
+    assert_eq!(node.local().state, MemberState::Alive);
+    assert_eq!(node.stats().generation_bumps, 1);
+
+    // The refutation reaches the peer with the next gossip round, and it takes it.
+    let mut t = now;
+    for _ in 0..10 {
+        t += MembershipConfig::local().gossip_interval;
+        node.handle_timeout(t);
+        while let Some(tx) = node.poll_transmit() {
+            if tx.to == Address::new("n2") {
+                peer.handle_message(t, Address::new("n1"), tx.message);
+            }
+        }
+    }
+    let expected = Member {
+        id: NodeId(1),
+        life: refuted,
+        state: MemberState::Alive,
+        meta: MemberMeta::new("n1"),
+    };
+    assert_eq!(
+        peer.member(NodeId(1)),
+        Some(&expected),
+        "the cluster accepted the refutation (seed {})",
+        base_seed()
+    );
+}
+
+#[test]
+fn a_restart_at_the_same_address_is_adopted() {
+    let n = 20;
+    let mut sim = cluster(
+        base_seed(),
+        n,
+        MembershipConfig::lan(),
+        Duration::from_millis(5),
+    );
+    check(
+        run_until_converged(&mut sim, Duration::from_secs(30)),
+        &sim,
+        "did not converge",
+    );
+    let addr = sim.address(10).clone();
+    sim.restart_in_place(10);
+    check(
+        run_until_converged(&mut sim, Duration::from_secs(30)),
+        &sim,
+        "a member restarted at the same address was not adopted",
+    );
+    for j in (0..n).filter(|&j| j != 10) {
+        let m = sim.node(j).unwrap().member(Simulation::id(10)).unwrap();
+        check(
+            m.life.generation == 2 && m.meta.addr == addr && m.state == MemberState::Alive,
+            &sim,
+            "a member holds the old life",
         );
     }
-    assert_eq!(node.local().life.incarnation, 0, "no wrapped incarnation");
-    assert_eq!(node.local().state, MemberState::Alive);
-    assert!(
-        node.stats().ignored_messages >= before + 2,
-        "both claims counted as ignored: {:?}",
-        node.stats()
+    sim.run_for(Duration::from_secs(60));
+    check(sim.converged(), &sim, "views diverged after the restart");
+    check(sim.stats().false_deaths == 0, &sim, "a false death");
+    check(
+        sim.stats().stale_resurrections == 0,
+        &sim,
+        "an old life came back",
     );
+}
+
+/// A node restarted with a lower generation than the cluster remembers (its clock went
+/// back) is told about its later life and moves past it instead of staying excluded.
+#[test]
+fn a_restart_with_a_lower_generation_moves_past_the_remembered_one() {
+    let n = 20;
+    let mut sim = cluster(
+        base_seed(),
+        n,
+        MembershipConfig::lan(),
+        Duration::from_millis(5),
+    );
+    sim.restart(10);
+    check(
+        run_until_converged(&mut sim, Duration::from_secs(30)),
+        &sim,
+        "did not converge",
+    );
+    check(sim.generation(10) == 2, &sim, "restart did not bump");
+    // Before and after the cluster forgot the generation-2 life.
+    for wait in [Duration::ZERO, MembershipConfig::lan().reap_after * 2] {
+        let before = sim.generation(10);
+        sim.crash(10);
+        sim.run_for(wait);
+        sim.restart_with_generation(10, 1);
+        check(
+            run_until_converged(&mut sim, Duration::from_secs(30)),
+            &sim,
+            "a member restarted with a lower generation was not adopted",
+        );
+        check(
+            sim.generation(10) > before,
+            &sim,
+            "the node did not move past its remembered life",
+        );
+    }
+    check(sim.stats().false_deaths == 0, &sim, "a false death");
+}
+
+/// A 2 s stop-the-world pause of one member (longer than a protocol period) is survived
+/// without a death at 10 and 100 members.
+///
+/// Open (issue 11, item 6): with the LAN preset's suspicion multiplier of 1 this fails at
+/// N = 10 (CHORUS_SEED=10, 62, 1000 among others); with a multiplier of 2 N = 10 passes but
+/// the default seed still loses one member at N = 100, where one observer never hears the
+/// refutation before its suspicion runs out. Run it with `--ignored`.
+#[test]
+#[ignore = "open: issue 11 item 6, the LAN preset does not yet survive a 2 s pause"]
+fn a_two_second_pause_is_not_a_death_at_10_and_100_nodes() {
+    for n in [10, 100] {
+        for k in 0..3 {
+            let seed = base_seed().wrapping_add(k);
+            let mut sim = cluster(seed, n, MembershipConfig::lan(), Duration::from_millis(5));
+            check(
+                run_until_converged(&mut sim, Duration::from_secs(30)),
+                &sim,
+                "did not converge",
+            );
+            sim.run_for(Duration::from_secs(5));
+            let before = sim.stats().false_suspicions;
+            // Five members in turn, 15 s apart.
+            for p in 0..5 {
+                let victim = (3 + (p * (n - 3)) / 5 + k as usize) % n;
+                sim.pause(victim, Duration::from_secs(2));
+                sim.run_for(Duration::from_secs(15));
+                check(
+                    sim.stats().false_deaths == 0,
+                    &sim,
+                    &format!("a 2 s pause of node {victim} at N = {n} caused a death"),
+                );
+            }
+            // The pauses were felt: paused members, or those they failed to answer, were
+            // suspected meanwhile.
+            check(
+                sim.stats().false_suspicions > before,
+                &sim,
+                "the pauses went unnoticed",
+            );
+            check(sim.converged(), &sim, "views differ after the pause");
+        }
+    }
 }

@@ -7,6 +7,7 @@
 use bytes::Bytes;
 use cap::Cap;
 use chorus_core::Envelope;
+use chorus_core::membership::{Life, Member, MemberMeta, MemberState, SwimMessage, Update};
 use chorus_core::replication::ReplicaMessage;
 use chorus_core::wire::{self, HEADER_LEN, Header, PREFIX_LEN};
 use chorus_core::{NodeId, Record, Timestamp, Version};
@@ -24,11 +25,69 @@ fn budget(frame_len: usize) -> usize {
 
 /// A valid frame of a random message, then corrupted: a varint length marker planted at a
 /// random offset followed by a huge little-endian length, plus a few random byte flips. Starting
-/// from valid encodings makes the decoder reach the inner length fields of every variant.
+/// from valid encodings makes the decoder reach the inner length fields of every variant:
+/// replica messages and membership messages (whose update and member lists are sequences of
+/// elements larger in memory than on the wire, and must be bounded).
 fn hostile_frame(rng: &mut ChaCha8Rng) -> Vec<u8> {
     let version = Version::new(Timestamp::from_u64(rng.random()), NodeId(rng.random()));
     let key = Bytes::from(vec![b'k'; rng.random_range(0..16)]);
     let value = vec![b'v'; rng.random_range(0..64)];
+    let life = Life {
+        generation: rng.random(),
+        incarnation: rng.random_range(0..4),
+    };
+    let node = NodeId(rng.random());
+    let updates: Vec<Update> = (0..rng.random_range(0..6))
+        .map(|i| match i % 3 {
+            0 => Update::Suspect {
+                id: node,
+                life,
+                from: node,
+            },
+            1 => Update::Alive {
+                id: node,
+                life,
+                meta: MemberMeta::new("10.0.0.1:7000"),
+            },
+            _ => Update::Left { id: node, life },
+        })
+        .collect();
+    let swim = match rng.random_range(0..4) {
+        0 => SwimMessage::Ping {
+            seq: rng.random(),
+            from: node,
+            target: node,
+            updates,
+        },
+        1 => SwimMessage::Gossip {
+            from: node,
+            updates,
+        },
+        2 => SwimMessage::PingReq {
+            seq: rng.random(),
+            from: node,
+            target: node,
+            target_addr: "n1.g1".into(),
+            updates,
+        },
+        _ => SwimMessage::PushPull {
+            from: node,
+            join: false,
+            reply: true,
+            part: 0,
+            members: (0..rng.random_range(0..4))
+                .map(|_| Member {
+                    id: node,
+                    life,
+                    state: MemberState::Alive,
+                    meta: MemberMeta::new("n2.g1"),
+                })
+                .collect(),
+        },
+    };
+    if rng.random_bool(0.5) {
+        return corrupt(rng, Envelope::Swim(swim));
+    }
     let message = match rng.random_range(0..5) {
         0 => ReplicaMessage::Put {
             key,
@@ -46,9 +105,13 @@ fn hostile_frame(rng: &mut ChaCha8Rng) -> Vec<u8> {
             reason: "x".repeat(rng.random_range(0..32)),
         },
     };
+    corrupt(rng, Envelope::Replica(message))
+}
+
+fn corrupt(rng: &mut ChaCha8Rng, envelope: Envelope) -> Vec<u8> {
     let mut frame = wire::encode(
         Header::request(rng.random()),
-        &Envelope::Replica(message),
+        &envelope,
         wire::DEFAULT_MAX_FRAME_LEN,
     )
     .expect("encode")

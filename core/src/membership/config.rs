@@ -32,7 +32,9 @@ pub struct MembershipConfig {
     pub gossip_interval: Duration,
     /// Members each gossip round sends to.
     pub gossip_nodes: NonZeroUsize,
-    /// Most updates piggybacked on one message (keeps messages near one UDP datagram).
+    /// Most updates piggybacked on one message (keeps messages near one UDP datagram), and most
+    /// applied from one received message (the rest are dropped and counted). Capped at
+    /// [`MAX_UPDATES_PER_MESSAGE`](super::message::MAX_UPDATES_PER_MESSAGE).
     pub max_updates_per_message: NonZeroUsize,
     /// Time between two periodic full-state exchanges with a random member, for clusters of
     /// up to 32 members; larger clusters stretch it by `log2(n / 32) + 1`, as memberlist does.
@@ -50,7 +52,28 @@ pub struct MembershipConfig {
     /// Lifeguard on (awareness, nacks, dynamic suspicion timeout, buddy system) or off (plain
     /// SWIM with a fixed suspicion timeout equal to the minimum).
     pub lifeguard: bool,
+    /// Most members this node knows, itself included. News of a new member past it is
+    /// refused and counted ([`MembershipStats::refused_members`]) unless a dead or left member
+    /// can be forgotten early to make room. Also bounds the memory of forgotten members.
+    ///
+    /// [`MembershipStats::refused_members`]: super::MembershipStats::refused_members
+    pub max_members: NonZeroUsize,
+    /// Largest encoded membership message this node builds, in bytes: a full state that does
+    /// not fit is split into several push-pull messages. Keep it at or below the transport's
+    /// `max_frame_len`.
+    pub max_message_len: NonZeroUsize,
+    /// Ping-reqs this node relays per second at most (a token bucket holding one second's
+    /// worth); those past it are refused and counted
+    /// ([`MembershipStats::refused_relays`]).
+    ///
+    /// [`MembershipStats::refused_relays`]: super::MembershipStats::refused_relays
+    pub max_relays_per_second: NonZeroU32,
 }
+
+/// [`MembershipConfig::max_members`] in every preset: four times the largest cluster the
+/// simulator pins (1,000 members). A full state of that many members with 20-byte addresses
+/// is about 300 KB, sent as five push-pull messages of 64 KiB.
+pub const DEFAULT_MAX_MEMBERS: usize = 4096;
 
 const fn nz32(n: u32) -> NonZeroU32 {
     match NonZeroU32::new(n) {
@@ -91,6 +114,9 @@ impl MembershipConfig {
             reap_after: Duration::from_secs(60),
             awareness_max_multiplier: nz32(8),
             lifeguard: true,
+            max_members: nzu(DEFAULT_MAX_MEMBERS),
+            max_message_len: nzu(64 * 1024),
+            max_relays_per_second: nz32(64),
         }
     }
 
@@ -122,6 +148,7 @@ impl MembershipConfig {
             join_retry_interval: Duration::from_millis(200),
             reannounce_interval: Duration::from_secs(1),
             reap_after: Duration::from_secs(12),
+            max_relays_per_second: nz32(320),
             ..Self::lan()
         }
     }

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 
 use super::Membership;
-use super::message::{Member, MemberState, SwimMessage, Update};
+use super::message::{
+    Life, MAX_MEMBERS_PER_MESSAGE, MAX_UPDATES_PER_MESSAGE, Member, MemberState, SwimMessage,
+    Update,
+};
 use super::timers::Timer;
 use crate::hlc::NodeId;
 use crate::transport::Address;
@@ -66,7 +69,7 @@ impl Broadcasts {
 impl Membership {
     /// News for one outgoing message: `first` (if any), then the least-sent pending updates.
     pub(super) fn piggyback(&mut self, first: Option<Update>) -> Vec<Update> {
-        let max = self.config.max_updates_per_message.get();
+        let max = self.max_updates_per_message();
         let mut out = Vec::new();
         if let Some(u) = first {
             out.push(u);
@@ -75,6 +78,14 @@ impl Membership {
         self.broadcasts
             .take(max.saturating_sub(out.len()), limit, &mut out);
         out
+    }
+
+    /// Updates sent on, and applied from, one message.
+    pub(super) fn max_updates_per_message(&self) -> usize {
+        self.config
+            .max_updates_per_message
+            .get()
+            .min(MAX_UPDATES_PER_MESSAGE)
     }
 
     fn retransmit_limit(&self) -> u32 {
@@ -106,40 +117,60 @@ impl Membership {
         }
     }
 
-    /// This node and every member it knows.
-    fn full_state(&self) -> Vec<Member> {
-        let mut out = Vec::with_capacity(self.members.len() + 1);
-        out.push(self.local.clone());
-        out.extend(self.members.entries().map(|e| e.member.clone()));
-        out
+    /// This node and every member it knows, split into parts that each encode within
+    /// [`MembershipConfig::max_message_len`](super::MembershipConfig::max_message_len) and
+    /// hold at most [`MAX_MEMBERS_PER_MESSAGE`]; this node is first in the first part.
+    fn full_state(&self) -> Vec<Vec<Member>> {
+        // Bound of a message without its members: frame prefix and header, envelope and
+        // message tags, sender id, flags, part number and list length, all varints at most.
+        const MESSAGE_OVERHEAD: usize = 64;
+        let budget = self
+            .config
+            .max_message_len
+            .get()
+            .saturating_sub(MESSAGE_OVERHEAD);
+        let mut parts = Vec::new();
+        let mut part: Vec<Member> = Vec::new();
+        let mut used = 0;
+        for m in std::iter::once(&self.local).chain(self.members.entries().map(|e| &e.member)) {
+            let len = encoded_len_bound(m);
+            if !part.is_empty() && (used + len > budget || part.len() == MAX_MEMBERS_PER_MESSAGE) {
+                parts.push(std::mem::take(&mut part));
+                used = 0;
+            }
+            used += len;
+            part.push(m.clone());
+        }
+        parts.push(part);
+        parts
+    }
+
+    /// Sends `state` to `to` as push-pull parts.
+    fn send_state(&mut self, to: Address, join: bool, reply: bool, state: Vec<Vec<Member>>) {
+        for (part, members) in state.into_iter().enumerate() {
+            self.send(
+                to.clone(),
+                SwimMessage::PushPull {
+                    from: self.local.id,
+                    join,
+                    reply,
+                    part: part as u32,
+                    members,
+                },
+            );
+        }
     }
 
     fn push_pull(&mut self, to: Address) {
-        let members = self.full_state();
-        self.send(
-            to,
-            SwimMessage::PushPull {
-                from: self.local.id,
-                join: false,
-                reply: false,
-                members,
-            },
-        );
+        let state = self.full_state();
+        self.send_state(to, false, false, state);
     }
 
     /// A join attempt: this node's state to every seed.
     pub(super) fn join_seeds(&mut self) {
         let state = self.full_state();
         for seed in self.seeds.clone() {
-            self.send(
-                seed,
-                SwimMessage::PushPull {
-                    from: self.local.id,
-                    join: true,
-                    reply: false,
-                    members: state.clone(),
-                },
-            );
+            self.send_state(seed, true, false, state.clone());
         }
     }
 
@@ -192,24 +223,39 @@ impl Membership {
         from: Address,
         sender: NodeId,
         reply: bool,
+        part: u32,
         members: Vec<Member>,
     ) {
+        // A sender this node forgot in a life at least as new as the one it now claims (it
+        // restarted with a lower generation, say) would be refused everywhere and never hear
+        // why: the answer tells it the life it was forgotten in, so it moves past it.
+        let forgotten = (!reply && part == 0)
+            .then(|| self.forgotten_record(sender, &members))
+            .flatten();
         self.merge_state(now, sender, members);
         if reply {
             self.joined = true;
             self.timers.cancel(Timer::Join);
-        } else {
-            let members = self.full_state();
-            self.send(
-                from,
-                SwimMessage::PushPull {
-                    from: self.local.id,
-                    join: false,
-                    reply: true,
-                    members,
-                },
-            );
+        } else if part == 0 {
+            let mut state = self.full_state();
+            if let Some(record) = forgotten {
+                state[0].push(record);
+            }
+            self.send_state(from, false, true, state);
         }
+    }
+
+    /// A dead record of `sender` in the life it was forgotten in, if that is at least as new as
+    /// the life it claims in `members`.
+    fn forgotten_record(&self, sender: NodeId, members: &[Member]) -> Option<Member> {
+        let claimed = members.iter().find(|m| m.id == sender)?;
+        let life: Life = self.members.forgotten(sender)?;
+        (claimed.life <= life).then(|| Member {
+            id: sender,
+            life,
+            state: MemberState::Dead,
+            meta: claimed.meta.clone(),
+        })
     }
 
     fn merge_state(&mut self, now: Instant, sender: NodeId, members: Vec<Member>) {
@@ -235,4 +281,10 @@ impl Membership {
             self.apply(now, update);
         }
     }
+}
+
+/// An upper bound of `m`'s encoded length: varints at their widest, the address as it is.
+fn encoded_len_bound(m: &Member) -> usize {
+    // id 9, two life varints 10 each, state 1, address length 3, weight 5, key 32.
+    70 + m.meta.addr.as_str().len()
 }

@@ -1,13 +1,13 @@
 //! The member table: what this node knows about every other member, and the index of the
 //! live ones (alive or suspect) that random choices draw from.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Instant;
 
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use super::message::Member;
+use super::message::{Life, Member, MemberState};
 use super::suspicion::Suspicion;
 use crate::hlc::NodeId;
 use crate::transport::Address;
@@ -30,6 +30,10 @@ pub(super) struct MemberTable {
     live_pos: HashMap<NodeId, usize>,
     /// How many live members use each address (to tell which seeds are known alive).
     live_addrs: HashMap<Address, u32>,
+    /// Members forgotten (reaped or evicted) and the life they were forgotten in, so a stale
+    /// alive about that life cannot bring them back; oldest first in `forgotten_order`.
+    forgotten: HashMap<NodeId, Life>,
+    forgotten_order: VecDeque<(NodeId, Life)>,
 }
 
 impl MemberTable {
@@ -42,12 +46,53 @@ impl MemberTable {
     }
 
     pub(super) fn insert(&mut self, entry: Entry) {
+        self.unforget(entry.member.id);
         self.entries.insert(entry.member.id, entry);
     }
 
-    /// Forgets `id`. The caller removes it from the live index first.
-    pub(super) fn remove(&mut self, id: NodeId) {
-        self.entries.remove(&id);
+    /// Forgets `id`, remembering its last life among at most `memory` forgotten members. The
+    /// caller removes it from the live index first.
+    pub(super) fn remove(&mut self, id: NodeId, memory: usize) {
+        let Some(e) = self.entries.remove(&id) else {
+            return;
+        };
+        let life = e.member.life;
+        self.forgotten.insert(id, life);
+        self.forgotten_order.push_back((id, life));
+        while self.forgotten.len() > memory {
+            let Some((old, old_life)) = self.forgotten_order.pop_front() else {
+                break;
+            };
+            if self.forgotten.get(&old) == Some(&old_life) {
+                self.forgotten.remove(&old);
+            }
+        }
+        // Entries superseded by a later forget or a return stay in the order until they reach
+        // its front; keep that bounded too.
+        if self.forgotten_order.len() > 2 * memory.max(1) {
+            let forgotten = &self.forgotten;
+            self.forgotten_order
+                .retain(|(id, life)| forgotten.get(id) == Some(life));
+        }
+    }
+
+    /// The life `id` was forgotten in, if it is remembered.
+    pub(super) fn forgotten(&self, id: NodeId) -> Option<Life> {
+        self.forgotten.get(&id).copied()
+    }
+
+    /// `id` is known again: no longer remembered as forgotten.
+    fn unforget(&mut self, id: NodeId) {
+        self.forgotten.remove(&id);
+    }
+
+    /// The dead or left member buried longest ago, to forget early when the table is full.
+    pub(super) fn oldest_buried(&self) -> Option<NodeId> {
+        self.entries
+            .values()
+            .filter(|e| matches!(e.member.state, MemberState::Dead | MemberState::Left))
+            .min_by_key(|e| (e.since, e.member.id))
+            .map(|e| e.member.id)
     }
 
     /// Every known member, by id.

@@ -10,6 +10,25 @@ use serde::{Deserialize, Serialize};
 use crate::hlc::NodeId;
 use crate::transport::Address;
 
+/// Most updates one decoded message may carry; a message claiming more does not decode.
+/// Senders put at most [`MembershipConfig::max_updates_per_message`] on a message (capped at
+/// this), and receivers apply at most that many.
+///
+/// [`MembershipConfig::max_updates_per_message`]: super::MembershipConfig::max_updates_per_message
+pub const MAX_UPDATES_PER_MESSAGE: usize = 256;
+
+/// Most member records one decoded push-pull message may carry; a message claiming more does
+/// not decode. A larger state travels as several push-pull messages.
+pub const MAX_MEMBERS_PER_MESSAGE: usize = 4096;
+
+/// Longest member address accepted from a peer, in bytes (the transports' hello carries at
+/// most as much: [`crate::transport::MAX_HELLO_ADDR_LEN`]).
+pub const MAX_ADDR_LEN: usize = crate::transport::MAX_HELLO_ADDR_LEN;
+
+/// Largest ring weight accepted from a peer: a member of this weight places
+/// `256 * vnodes_per_weight` tokens on the ring (524,288 with the default 2,048).
+pub const MAX_WEIGHT: u32 = 256;
+
 /// What a member publishes about itself.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberMeta {
@@ -21,7 +40,47 @@ pub struct MemberMeta {
     pub public_key: [u8; 32],
 }
 
+/// Why a peer's [`MemberMeta`] was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MetaError {
+    /// The address is empty.
+    #[error("empty address")]
+    EmptyAddress,
+    /// The address is longer than [`MAX_ADDR_LEN`].
+    #[error("address of {0} bytes, longer than {MAX_ADDR_LEN}")]
+    AddressTooLong(usize),
+    /// The address holds a byte that is not printable ASCII (space and controls included).
+    #[error("address holds a byte that is not printable ASCII")]
+    AddressNotPrintable,
+    /// The weight is above [`MAX_WEIGHT`].
+    #[error("weight {0} above {MAX_WEIGHT}")]
+    WeightTooLarge(u32),
+}
+
 impl MemberMeta {
+    /// Checks metadata that came from a peer: an address of 1 to [`MAX_ADDR_LEN`] printable
+    /// ASCII bytes without spaces (`host:port`, `[v6]:port`, or an in-process name such as
+    /// the simulator's `n3.g1`; the form is the transport's business, as it is for the
+    /// transports' hello) and a weight of at most [`MAX_WEIGHT`]. The rest is fixed-size, so
+    /// the address bounds the whole record.
+    pub fn validate(&self) -> Result<(), MetaError> {
+        let addr = self.addr.as_str().as_bytes();
+        if addr.is_empty() {
+            return Err(MetaError::EmptyAddress);
+        }
+        if addr.len() > MAX_ADDR_LEN {
+            return Err(MetaError::AddressTooLong(addr.len()));
+        }
+        if !addr.iter().all(|b| b.is_ascii_graphic()) {
+            return Err(MetaError::AddressNotPrintable);
+        }
+        if self.weight.get() > MAX_WEIGHT {
+            return Err(MetaError::WeightTooLarge(self.weight.get()));
+        }
+        Ok(())
+    }
+
     /// Metadata with weight 1 and an all-zero key.
     pub fn new(addr: impl Into<Address>) -> Self {
         MemberMeta {
@@ -133,6 +192,7 @@ pub enum SwimMessage {
         /// The node probed.
         target: NodeId,
         /// Piggybacked news.
+        #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_UPDATES_PER_MESSAGE>")]
         updates: Vec<Update>,
     },
     /// `from` is alive: the answer to the ping with `seq` (possibly relayed by a helper).
@@ -142,6 +202,7 @@ pub enum SwimMessage {
         /// The node that answered the ping.
         from: NodeId,
         /// Piggybacked news.
+        #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_UPDATES_PER_MESSAGE>")]
         updates: Vec<Update>,
     },
     /// Please probe `target` at `target_addr` for me and relay its ack.
@@ -155,6 +216,7 @@ pub enum SwimMessage {
         /// Where it is.
         target_addr: Address,
         /// Piggybacked news.
+        #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_UPDATES_PER_MESSAGE>")]
         updates: Vec<Update>,
     },
     /// The helper asked with `seq` got no ack from the target in time (Lifeguard).
@@ -169,10 +231,12 @@ pub enum SwimMessage {
         /// The sender.
         from: NodeId,
         /// The news.
+        #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_UPDATES_PER_MESSAGE>")]
         updates: Vec<Update>,
     },
-    /// A full-state exchange; a message with `reply == false` is answered with the receiver's
-    /// state.
+    /// A full-state exchange, split into parts numbered from 0 when the state is too large
+    /// for one message; part 0 of a message with `reply == false` is answered with the
+    /// receiver's state.
     PushPull {
         /// The sender.
         from: NodeId,
@@ -180,7 +244,10 @@ pub enum SwimMessage {
         join: bool,
         /// This is the answer to a push-pull.
         reply: bool,
-        /// Every member the sender knows, itself included.
+        /// Which part of the sender's state this is (0 for the first or only one).
+        part: u32,
+        /// Members the sender knows, itself included in part 0.
+        #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_MEMBERS_PER_MESSAGE>")]
         members: Vec<Member>,
     },
 }

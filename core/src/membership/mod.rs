@@ -71,7 +71,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 pub use config::MembershipConfig;
-pub use message::{Life, Member, MemberMeta, MemberState, SwimMessage, Update};
+pub use message::{
+    Life, MAX_ADDR_LEN, MAX_MEMBERS_PER_MESSAGE, MAX_UPDATES_PER_MESSAGE, MAX_WEIGHT, Member,
+    MemberMeta, MemberState, MetaError, SwimMessage, Update,
+};
 
 use crate::hlc::NodeId;
 use crate::transport::Address;
@@ -135,8 +138,27 @@ pub struct MembershipStats {
     /// Times this node refuted a suspicion or death notice about itself.
     pub refutations: u64,
     /// Messages ignored because they did not fit this node (a ping for another node id, an
-    /// ack nobody waits for).
+    /// ack nobody waits for, a nack from a helper this node did not ask).
     pub ignored_messages: u64,
+    /// News of a new member refused because [`MembershipConfig::max_members`] were known.
+    pub refused_members: u64,
+    /// Updates refused for invalid metadata (see [`MemberMeta::validate`]).
+    pub invalid_updates: u64,
+    /// Updates dropped because a message carried more than
+    /// [`MembershipConfig::max_updates_per_message`].
+    pub dropped_updates: u64,
+    /// Suspect, dead or left news about a newer life of a member than this node knows:
+    /// only an alive update (with the new life's metadata) introduces a new life.
+    pub newer_life_ignored: u64,
+    /// Alive news about a forgotten (reaped) member in a life no newer than the one it was
+    /// forgotten in.
+    pub forgotten_refused: u64,
+    /// Ping-reqs not relayed: from an unknown or dead requester, about a target not known
+    /// alive, or past [`MembershipConfig::max_relays_per_second`].
+    pub refused_relays: u64,
+    /// Times this node moved itself to a new generation because it was told about itself in
+    /// a generation at or above its own that it could not otherwise outbid.
+    pub generation_bumps: u64,
 }
 
 /// Who a node is in this life and how it joins: what [`Membership::new`] needs besides the
@@ -285,7 +307,9 @@ impl Membership {
             return;
         }
         self.leaving = true;
-        self.local.life.incarnation += 1;
+        // At the largest incarnation the leave goes out at the same life, which still
+        // supersedes an alive, suspect or dead record of it.
+        self.local.life.incarnation = self.local.life.incarnation.saturating_add(1);
         self.local.state = MemberState::Left;
         self.cancel_probe();
         self.timers.cancel(Timer::ProbePeriod);
@@ -397,19 +421,20 @@ impl Membership {
             } => self.on_ack(now, seq, acker, updates),
             SwimMessage::PingReq {
                 seq,
-                from: _,
+                from: requester,
                 target,
-                target_addr,
+                target_addr: _,
                 updates,
-            } => self.on_ping_req(now, from, seq, target, target_addr, updates),
-            SwimMessage::Nack { seq, from: _ } => self.on_nack(seq),
+            } => self.on_ping_req(now, requester, seq, target, updates),
+            SwimMessage::Nack { seq, from: helper } => self.on_nack(seq, helper),
             SwimMessage::Gossip { from: _, updates } => self.apply_all(now, updates),
             SwimMessage::PushPull {
                 from: sender,
                 join: _,
                 reply,
+                part,
                 members,
-            } => self.on_push_pull(now, from, sender, reply, members),
+            } => self.on_push_pull(now, from, sender, reply, part, members),
         }
     }
 

@@ -25,7 +25,36 @@ pub(super) struct Prober {
     next_seq: u32,
     /// Pings relayed for ping-reqs, by the sequence number of the relayed ping.
     relays: HashMap<u32, Relay>,
+    /// The token bucket of relays ([`MembershipConfig::max_relays_per_second`]).
+    relay_budget: RelayBudget,
     pub(super) health: Health,
+}
+
+/// A token bucket holding one second's worth of relays, refilled continuously by `now`.
+#[derive(Debug, Default)]
+struct RelayBudget {
+    tokens: f64,
+    last: Option<Instant>,
+}
+
+impl RelayBudget {
+    fn take(&mut self, now: Instant, per_second: u32) -> bool {
+        let cap = f64::from(per_second);
+        self.tokens = match self.last {
+            None => cap,
+            Some(last) => {
+                let elapsed = now.saturating_duration_since(last).as_secs_f64();
+                (self.tokens + elapsed * cap).min(cap)
+            }
+        };
+        self.last = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -33,8 +62,9 @@ struct Probe {
     seq: u32,
     target: NodeId,
     /// Helpers asked with Lifeguard on, whose nacks soften the health penalty.
-    expected_nacks: u32,
-    nacks: u32,
+    helpers: Vec<NodeId>,
+    /// Those of them that nacked.
+    nacked: Vec<NodeId>,
 }
 
 #[derive(Debug)]
@@ -52,6 +82,7 @@ impl Default for Prober {
             current: None,
             next_seq: 1,
             relays: HashMap::new(),
+            relay_budget: RelayBudget::default(),
             health: Health::default(),
         }
     }
@@ -161,8 +192,8 @@ impl Membership {
         self.probes.current = Some(Probe {
             seq,
             target,
-            expected_nacks: 0,
-            nacks: 0,
+            helpers: Vec::new(),
+            nacked: Vec::new(),
         });
         self.timers
             .set(Timer::ProbeAck, now + self.config.probe_timeout * mult);
@@ -193,7 +224,7 @@ impl Membership {
         if let Some(p) = &mut self.probes.current
             && self.config.lifeguard
         {
-            p.expected_nacks = helpers.len() as u32;
+            p.helpers = helpers.clone();
         }
         for helper in helpers {
             let Some(to) = self.members.addr(helper) else {
@@ -226,8 +257,8 @@ impl Membership {
         };
         self.timers.cancel(Timer::ProbeAck);
         self.stats.failed_probes += 1;
-        let penalty = if p.expected_nacks > 0 {
-            p.expected_nacks.saturating_sub(p.nacks)
+        let penalty = if !p.helpers.is_empty() {
+            (p.helpers.len() - p.nacked.len()) as u32
         } else {
             1
         };
@@ -304,21 +335,46 @@ impl Membership {
         }
     }
 
+    /// A ping-req: relayed only for a live member, only to the address this node knows for a
+    /// live target (never to an address named in the message), within the relay budget.
     pub(super) fn on_ping_req(
         &mut self,
         now: Instant,
-        requester: Address,
+        requester: NodeId,
         seq: u32,
         target: NodeId,
-        target_addr: Address,
         updates: Vec<Update>,
     ) {
         self.apply_all(now, updates);
+        let requester_addr = self
+            .members
+            .is_live(requester)
+            .then(|| self.members.addr(requester))
+            .flatten();
+        let target_addr = self
+            .members
+            .is_live(target)
+            .then(|| self.members.addr(target))
+            .flatten();
+        let (Some(requester_addr), Some(target_addr)) = (requester_addr, target_addr) else {
+            self.stats.refused_relays += 1;
+            tracing::debug!(%requester, %target, "ping-req from or about a member not known alive");
+            return;
+        };
+        if !self
+            .probes
+            .relay_budget
+            .take(now, self.config.max_relays_per_second.get())
+        {
+            self.stats.refused_relays += 1;
+            tracing::debug!(%requester, "ping-req over the relay budget");
+            return;
+        }
         let own = self.probes.next_seq();
         self.probes.relays.insert(
             own,
             Relay {
-                requester,
+                requester: requester_addr,
                 seq,
                 target,
             },
@@ -337,9 +393,14 @@ impl Membership {
         );
     }
 
-    pub(super) fn on_nack(&mut self, seq: u32) {
+    /// A nack counts only for the probe in progress and from a helper it asked, once.
+    pub(super) fn on_nack(&mut self, seq: u32, helper: NodeId) {
         match &mut self.probes.current {
-            Some(p) if p.seq == seq => p.nacks += 1,
+            Some(p)
+                if p.seq == seq && p.helpers.contains(&helper) && !p.nacked.contains(&helper) =>
+            {
+                p.nacked.push(helper)
+            }
             _ => self.stats.ignored_messages += 1,
         }
     }

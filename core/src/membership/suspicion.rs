@@ -90,6 +90,13 @@ impl Membership {
         if life < e.member.life {
             return;
         }
+        if life.generation > e.member.life.generation {
+            // Only an alive update, with the new life's metadata, introduces a new life:
+            // adopting it here would keep the old address and ignore the real alive (its life
+            // would no longer be newer), a false death and a rejoin.
+            self.stats.newer_life_ignored += 1;
+            return;
+        }
         match e.member.state {
             MemberState::Dead | MemberState::Left => return,
             MemberState::Suspect if life == e.member.life => {
@@ -143,24 +150,35 @@ impl Membership {
         }
     }
 
-    /// Answers a claim that this node, in `life`, is suspect, dead or gone.
+    /// Answers a claim that this node, in `life`, is suspect, dead or gone (or alive in a
+    /// newer life than its own): it moves to a newer life than the claim's. Within its own
+    /// generation that is the next incarnation; a claim about a newer generation (this node
+    /// restarted with a lower one, or the cluster remembers a later life) or at the largest
+    /// incarnation moves it to the generation after the claim's, so it is never left
+    /// excluded by news it cannot outbid.
     pub(super) fn refute(&mut self, life: Life) {
-        if self.leaving || life.generation != self.local.life.generation {
+        if self.leaving || life < self.local.life {
             return;
         }
-        if life.incarnation < self.local.life.incarnation {
-            return;
+        let same_generation = life.generation == self.local.life.generation;
+        match life.incarnation.checked_add(1) {
+            Some(next) if same_generation => self.local.life.incarnation = next,
+            _ => {
+                let Some(generation) = life.generation.checked_add(1) else {
+                    self.stats.ignored_messages += 1;
+                    tracing::warn!(
+                        "cannot refute a claim about this node at the largest generation; ignored"
+                    );
+                    return;
+                };
+                self.local.life = Life {
+                    generation,
+                    incarnation: 0,
+                };
+                self.stats.generation_bumps += 1;
+                tracing::info!(generation, "moved to a new generation to refute a claim");
+            }
         }
-        // The incarnation comes from a peer's message: one claiming u64::MAX cannot be
-        // outbid, and wrapping would make every later refutation lose.
-        let Some(next) = life.incarnation.checked_add(1) else {
-            self.stats.ignored_messages += 1;
-            tracing::warn!(
-                "cannot refute a claim about this node at the largest incarnation; ignored"
-            );
-            return;
-        };
-        self.local.life.incarnation = next;
         self.stats.refutations += 1;
         self.probes.health.raise(&self.config, 1);
         self.broadcasts.push(Update::Alive {

@@ -10,6 +10,8 @@
 
 use std::time::{Duration, Instant};
 
+use std::num::{NonZeroU32, NonZeroUsize};
+
 use super::*;
 
 const DEFAULT_SEED: u64 = 0x7E_57;
@@ -254,6 +256,7 @@ fn push_pull_reply(from: usize, members: Vec<Member>) -> SwimMessage {
         from: id(from),
         join: false,
         reply: true,
+        part: 0,
         members,
     }
 }
@@ -723,6 +726,7 @@ fn a_restart_with_a_new_generation_replaces_the_old_entry() {
         from: id(B),
         join: true,
         reply: false,
+        part: 0,
         members: vec![new_b.clone()],
     };
     assert_eq!(out.sent, [to(&net, A, join)]);
@@ -813,4 +817,211 @@ fn messages_from_an_unknown_sender() {
         }
     );
     assert_eq!(net.node(A).stats().ignored_messages, before + 2);
+}
+
+fn alive(i: usize, life: Life, addr: &str) -> Update {
+    Update::Alive {
+        id: id(i),
+        life,
+        meta: MemberMeta::new(addr),
+    }
+}
+
+fn ping_req(from: usize, target: NodeId, target_addr: &str) -> SwimMessage {
+    SwimMessage::PingReq {
+        seq: 1,
+        from: id(from),
+        target,
+        target_addr: Address::new(target_addr),
+        updates: vec![],
+    }
+}
+
+#[test]
+fn a_ping_req_is_relayed_only_for_live_members_to_their_known_address_within_budget() {
+    let mut net = Net::new(3);
+    // From a stranger, or about a member not known alive: refused.
+    let out = net.deliver_from(A, B, ping_req(7, id(C), "n3"));
+    assert_eq!(out.sent, []);
+    let out = net.deliver_from(A, B, ping_req(A, NodeId(8), "victim:80"));
+    assert_eq!(out.sent, []);
+    assert_eq!(net.node(B).stats().refused_relays, 2);
+    // From a live member: relayed to the target's known address, never the one named.
+    let out = net.deliver_from(A, B, ping_req(A, id(C), "victim:80"));
+    assert_eq!(out.sent, [to(&net, C, ping(1, B, C, vec![]))]);
+    // The budget holds one second's worth; the next ping-req in the same instant is refused,
+    // and a second later there is room again.
+    let budget = net.node(B).config.max_relays_per_second.get();
+    for _ in 1..budget {
+        assert_eq!(
+            net.deliver_from(A, B, ping_req(A, id(C), "n3")).sent.len(),
+            1
+        );
+    }
+    assert_eq!(net.deliver_from(A, B, ping_req(A, id(C), "n3")).sent, []);
+    assert_eq!(net.node(B).stats().refused_relays, 3);
+    net.advance_to(net.at(Duration::from_secs(1)));
+    assert_eq!(
+        net.deliver_from(A, B, ping_req(A, id(C), "n3")).sent.len(),
+        1
+    );
+}
+
+#[test]
+fn a_nack_counts_only_from_a_helper_asked_for_that_probe() {
+    let mut net = Net::new(3);
+    let (target, t) = first_probe(&mut net);
+    let helper = B + C - target;
+    net.advance_to(t + LAN.probe_timeout);
+    let out = net.fire(A);
+    assert_eq!(out.sent.len(), 1, "{out:?}");
+    let before = net.node(A).stats().ignored_messages;
+    // Nacks from the target, from a stranger, and for another probe: ignored.
+    for (seq, from) in [(1, id(target)), (1, NodeId(9)), (2, id(helper))] {
+        let nack = SwimMessage::Nack { seq, from };
+        net.deliver_from(helper, A, nack);
+    }
+    assert_eq!(net.node(A).stats().ignored_messages, before + 3);
+    // The period ends without the helper's nack: the failed probe counts against A.
+    net.advance_to(t + LAN.probe_interval);
+    net.fire(A);
+    assert_eq!(net.node(A).health_score(), 1);
+}
+
+#[test]
+fn alive_news_is_validated_capped_per_message_and_by_the_member_limit() {
+    let mut net = Net::new(2);
+    net.nodes[A].config.max_members = NonZeroUsize::new(3).unwrap();
+    let bad_weight = Update::Alive {
+        id: NodeId(20),
+        life: life(1, 0),
+        meta: MemberMeta {
+            weight: NonZeroU32::new(MAX_WEIGHT + 1).unwrap(),
+            ..MemberMeta::new("n20")
+        },
+    };
+    let long = "a".repeat(MAX_ADDR_LEN + 1);
+    let updates = vec![
+        alive(20, life(1, 0), ""),
+        alive(20, life(1, 0), "has space:1"),
+        alive(20, life(1, 0), &long),
+        bad_weight,
+    ];
+    let out = net.deliver_from(B, A, gossip(B, updates));
+    assert_eq!(out.events, []);
+    assert_eq!(net.node(A).stats().invalid_updates, 4);
+
+    // Room for one more member (A and B make two of three), then the table is full.
+    let out = net.deliver_from(
+        B,
+        A,
+        gossip(B, vec![alive(4, life(1, 0), "127.0.0.1:7005")]),
+    );
+    assert_eq!(out.events.len(), 1, "{out:?}");
+    let out = net.deliver_from(B, A, gossip(B, vec![alive(5, life(1, 0), "n6")]));
+    assert_eq!(out.events, []);
+    assert_eq!(net.node(A).stats().refused_members, 1);
+
+    // At most max_updates_per_message are applied from one message.
+    let max = LAN.max_updates_per_message.get();
+    let many = (0..max + 4)
+        .map(|_| suspect(B, life(1, 0), A))
+        .collect::<Vec<_>>();
+    net.deliver_from(B, A, gossip(B, many));
+    assert_eq!(net.node(A).stats().dropped_updates, 4);
+}
+
+#[test]
+fn a_full_state_too_large_for_one_message_goes_in_parts_and_only_part_0_is_answered() {
+    let mut net = Net::new(3);
+    // Room for one member record per message.
+    net.nodes[A].config.max_message_len = NonZeroUsize::new(150).unwrap();
+    let b = net.node(B).local().clone();
+    let request = |part| SwimMessage::PushPull {
+        from: id(B),
+        join: false,
+        reply: false,
+        part,
+        members: vec![b.clone()],
+    };
+    let out = net.deliver_from(B, A, request(0));
+    let parts: Vec<(u32, usize)> = out
+        .sent
+        .iter()
+        .map(|t| match &t.message {
+            SwimMessage::PushPull {
+                reply: true,
+                part,
+                members,
+                ..
+            } => (*part, members.len()),
+            other => panic!("not a push-pull reply: {other:?}"),
+        })
+        .collect();
+    assert_eq!(parts, [(0, 1), (1, 1), (2, 1)]);
+    let out = net.deliver_from(B, A, request(1));
+    assert_eq!(out.sent, []);
+}
+
+#[test]
+fn suspect_or_dead_news_about_a_newer_generation_does_not_replace_the_old_life() {
+    let mut net = Net::new(2);
+    // B restarted as generation 2 at n2.g2; A hears a suspicion and a death of the new life
+    // before the new life's alive.
+    let news = vec![
+        suspect(B, life(2, 0), C),
+        Update::Dead {
+            id: id(B),
+            life: life(2, 0),
+            from: id(C),
+        },
+    ];
+    let out = net.deliver_from(B, A, gossip(B, news));
+    assert_eq!(out.events, []);
+    assert_eq!(net.node(A).stats().newer_life_ignored, 2);
+    assert_eq!(net.node(A).member(id(B)).unwrap().life, life(1, 0));
+    // The alive of the new life, with its address, is taken.
+    let out = net.deliver_from(B, A, gossip(B, vec![alive(B, life(2, 0), "n2.g2")]));
+    let new_b = Member {
+        id: id(B),
+        life: life(2, 0),
+        state: MemberState::Alive,
+        meta: MemberMeta::new("n2.g2"),
+    };
+    assert_eq!(out.events, [MembershipEvent::Updated(new_b)]);
+}
+
+#[test]
+fn a_reaped_member_does_not_come_back_from_a_stale_alive() {
+    let mut net = Net::new(2);
+    let t = suspect_b(&mut net);
+    let dead_at = t + LAN.probe_interval + LAN.probe_interval * LAN.suspicion_mult.get();
+    net.run(A, dead_at + LAN.reap_after);
+    assert_eq!(net.node(A).member(id(B)), None, "reaped");
+    // A stale alive of the life it died in (from a member with an old view) is refused.
+    let stale = gossip(C, vec![alive(B, life(1, 0), "n2")]);
+    let out = net.deliver_from(B, A, stale);
+    assert_eq!(out.events, []);
+    assert_eq!(net.node(A).stats().forgotten_refused, 1);
+    // A newer incarnation (B was alive after all) is a return.
+    let out = net.deliver_from(B, A, gossip(B, vec![alive(B, life(1, 1), "n2")]));
+    assert!(
+        matches!(&out.events[..], [MembershipEvent::Joined(m)] if m.id == id(B)),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_leave_at_the_largest_incarnation_does_not_overflow() {
+    let mut net = Net::new(2);
+    net.nodes[A].local.life.incarnation = u64::MAX;
+    net.leave(A);
+    assert_eq!(net.node(A).local().life, life(1, u64::MAX));
+    assert_eq!(net.node(A).local().state, MemberState::Left);
+    let out = net.step(A);
+    let left = Update::Left {
+        id: id(A),
+        life: life(1, u64::MAX),
+    };
+    assert_eq!(out.sent, [to(&net, B, gossip(A, vec![left]))]);
 }

@@ -1,5 +1,6 @@
 //! Applying news: which [`Update`] supersedes what this node knows (lives compare by
-//! generation, then incarnation; a death is final for its life), and the events it causes.
+//! generation, then incarnation; a death is final for its life; only an alive update, which
+//! carries the new life's metadata, introduces a new generation), and the events it causes.
 
 use std::time::Instant;
 
@@ -10,8 +11,16 @@ use super::{Membership, MembershipEvent};
 use crate::hlc::NodeId;
 
 impl Membership {
+    /// Applies the news of one received message, at most
+    /// [`MembershipConfig::max_updates_per_message`](super::MembershipConfig) of it.
     pub(super) fn apply_all(&mut self, now: Instant, updates: Vec<Update>) {
-        for u in updates {
+        let max = self.max_updates_per_message();
+        if updates.len() > max {
+            let dropped = (updates.len() - max) as u64;
+            self.stats.dropped_updates += dropped;
+            tracing::debug!(dropped, "membership message with too many updates");
+        }
+        for u in updates.into_iter().take(max) {
             self.apply(now, u);
         }
     }
@@ -43,15 +52,29 @@ impl Membership {
 
     fn alive(&mut self, now: Instant, id: NodeId, life: Life, meta: MemberMeta) {
         if id == self.local.id {
-            if life.generation == self.local.life.generation
-                && life.incarnation > self.local.life.incarnation
-            {
+            if life > self.local.life {
                 self.refute(life);
             }
             return;
         }
+        if let Err(error) = meta.validate() {
+            self.stats.invalid_updates += 1;
+            tracing::debug!(%id, %error, "alive update with invalid metadata refused");
+            return;
+        }
         let event = match self.members.get_mut(id) {
             None => {
+                if let Some(last) = self.members.forgotten(id)
+                    && life <= last
+                {
+                    self.stats.forgotten_refused += 1;
+                    return;
+                }
+                if !self.room_for_one_more(now) {
+                    self.stats.refused_members += 1;
+                    tracing::debug!(%id, max = self.config.max_members, "member table full");
+                    return;
+                }
                 let member = Member {
                     id,
                     life,
@@ -111,12 +134,31 @@ impl Membership {
         self.events.push_back(event);
     }
 
+    /// Whether one more member fits in the table, forgetting the dead or left member buried
+    /// longest ago if that makes room.
+    fn room_for_one_more(&mut self, now: Instant) -> bool {
+        if self.members.len() + 1 < self.config.max_members.get() {
+            return true;
+        }
+        match self.members.oldest_buried() {
+            Some(old) => {
+                self.forget(now, old);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Marks a member dead or left; true if that was news.
     fn bury(&mut self, now: Instant, id: NodeId, life: Life, state: MemberState) -> bool {
         let Some(e) = self.members.get_mut(id) else {
             return false;
         };
         if life < e.member.life {
+            return false;
+        }
+        if life.generation > e.member.life.generation {
+            self.stats.newer_life_ignored += 1;
             return false;
         }
         match e.member.state {
@@ -154,7 +196,15 @@ impl Membership {
                 && e.since + self.config.reap_after <= now
         });
         if due {
-            self.members.remove(id);
+            self.forget(now, id);
         }
+    }
+
+    /// Forgets `id` (dead or left), remembering its last life so a stale alive about it is
+    /// refused.
+    fn forget(&mut self, _now: Instant, id: NodeId) {
+        self.members.remove_live(id);
+        self.clear_suspicion(id);
+        self.members.remove(id, self.config.max_members.get());
     }
 }

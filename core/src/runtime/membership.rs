@@ -7,10 +7,20 @@
 //! sends what the machine wants sent, publishes the membership as a watchable view and every
 //! change as an event.
 //!
+//! The task that owns the machine never waits on a peer: it hands each encoded message to a
+//! bounded queue per destination ([`SEND_QUEUE_CAPACITY`] frames) with a non-blocking
+//! `try_send`, and a sender task per destination drains its queue into
+//! [`Transport::send_unreliable`]. A destination whose sends hang (a crashed host that drops
+//! connection attempts keeps a dialling transport waiting up to its connect timeout) fills its
+//! own queue, whose further messages are dropped and counted
+//! ([`DriverStats::send_dropped`]); probes and gossip to everyone else go on. A sender task
+//! idle for [`SENDER_IDLE`] exits, so destinations that left cost nothing.
+//!
 //! Membership uses its own transport endpoint (as memberlist uses its own port): every frame
 //! that arrives on it must be a [`Envelope::Swim`]; anything else, or anything that does not
 //! decode, is dropped, counted in [`DriverStats::rejected_frames`] and logged.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -20,12 +30,29 @@ use tokio::time::Instant;
 
 use crate::envelope::Envelope;
 use crate::membership::{Member, Membership, MembershipEvent};
-use crate::transport::{Incoming, Transport, TransportError};
+use bytes::Bytes;
+
+use crate::transport::{Address, Incoming, Transport, TransportError};
 use crate::wire::{self, Header};
 
 /// Events buffered per subscriber; a subscriber that falls further behind skips events (and
 /// can re-read the whole view).
 pub const EVENT_CAPACITY: usize = 1024;
+
+/// Frames queued per destination; a message to a destination whose queue is full is dropped
+/// and counted in [`DriverStats::send_dropped`] (SWIM tolerates loss).
+pub const SEND_QUEUE_CAPACITY: usize = 64;
+
+/// A destination's sender task exits after this long without a message to send.
+pub const SENDER_IDLE: Duration = Duration::from_secs(30);
+
+/// Destinations with a sender task at most; past it, messages to new destinations are dropped
+/// and counted until idle ones exit.
+pub const MAX_DESTINATIONS: usize = 16 * 1024;
+
+/// How long a leave waits for the queued messages (its announcement among them) to go out
+/// before the transport closes.
+const LEAVE_FLUSH: Duration = Duration::from_secs(1);
 
 /// How long the receive task pauses after a transport error other than `Closed`.
 const RECV_ERROR_BACKOFF: Duration = Duration::from_millis(10);
@@ -40,8 +67,14 @@ pub struct DriverStats {
     pub rejected_frames: u64,
     /// Messages sent.
     pub sent: u64,
-    /// Messages the transport refused (unreachable peer, full queue, ...).
+    /// Messages the transport refused (unreachable peer, full queue, ...) or that did not
+    /// encode.
     pub send_errors: u64,
+    /// Messages dropped before reaching the transport: their destination's queue was full
+    /// (its sends are slow or hang) or [`MAX_DESTINATIONS`] had sender tasks.
+    pub send_dropped: u64,
+    /// Destinations with a sender task now.
+    pub destinations: u64,
 }
 
 #[derive(Debug, Default)]
@@ -50,6 +83,8 @@ struct Counters {
     rejected_frames: AtomicU64,
     sent: AtomicU64,
     send_errors: AtomicU64,
+    send_dropped: AtomicU64,
+    destinations: AtomicU64,
 }
 
 enum Command {
@@ -100,6 +135,8 @@ impl MembershipHandle {
             rejected_frames: self.counters.rejected_frames.load(Ordering::Relaxed),
             sent: self.counters.sent.load(Ordering::Relaxed),
             send_errors: self.counters.send_errors.load(Ordering::Relaxed),
+            send_dropped: self.counters.send_dropped.load(Ordering::Relaxed),
+            destinations: self.counters.destinations.load(Ordering::Relaxed),
         }
     }
 
@@ -181,6 +218,113 @@ async fn receive<T: Transport>(transport: Arc<T>, tx: mpsc::Sender<Incoming>) {
     }
 }
 
+/// The per-destination queues and their sender tasks.
+struct Outbox<T> {
+    transport: Arc<T>,
+    queues: HashMap<Address, mpsc::Sender<Bytes>>,
+    tasks: tokio::task::JoinSet<()>,
+    counters: Arc<Counters>,
+}
+
+impl<T: Transport> Outbox<T> {
+    fn new(transport: Arc<T>, counters: Arc<Counters>) -> Self {
+        Outbox {
+            transport,
+            queues: HashMap::new(),
+            tasks: tokio::task::JoinSet::new(),
+            counters,
+        }
+    }
+
+    /// Queues `frame` for `to` without waiting; drops and counts it if `to`'s queue is full.
+    fn send(&mut self, to: Address, frame: Bytes) {
+        let frame = match self.queues.get(&to) {
+            None => frame,
+            Some(queue) => match queue.try_send(frame) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.drop_one(&to, "send queue full");
+                    return;
+                }
+                // Its sender task exited idle: start another.
+                Err(mpsc::error::TrySendError::Closed(frame)) => {
+                    self.queues.remove(&to);
+                    frame
+                }
+            },
+        };
+        if self.queues.len() >= MAX_DESTINATIONS {
+            self.queues.retain(|_, q| !q.is_closed());
+            if self.queues.len() >= MAX_DESTINATIONS {
+                self.drop_one(&to, "too many destinations");
+                return;
+            }
+        }
+        let (tx, rx) = mpsc::channel(SEND_QUEUE_CAPACITY);
+        // A fresh queue has room.
+        let _ = tx.try_send(frame);
+        self.queues.insert(to.clone(), tx);
+        self.counters.destinations.fetch_add(1, Ordering::Relaxed);
+        self.tasks
+            .spawn(drain(self.transport.clone(), to, rx, self.counters.clone()));
+    }
+
+    fn drop_one(&self, to: &Address, why: &'static str) {
+        self.counters.send_dropped.fetch_add(1, Ordering::Relaxed);
+        tracing::trace!(%to, why, "membership message dropped");
+    }
+
+    /// Closes every queue and waits up to `flush` for what is queued to go out; sender tasks
+    /// still busy after that (a hung destination) are aborted.
+    async fn close(mut self, flush: Duration) {
+        self.queues.clear();
+        let tasks = &mut self.tasks;
+        let _ =
+            tokio::time::timeout(flush, async { while tasks.join_next().await.is_some() {} }).await;
+        self.tasks.abort_all();
+    }
+}
+
+/// One destination's sender task: sends what is queued for `to`, in order, until the queue
+/// closes or stays empty for [`SENDER_IDLE`].
+async fn drain<T: Transport>(
+    transport: Arc<T>,
+    to: Address,
+    mut rx: mpsc::Receiver<Bytes>,
+    counters: Arc<Counters>,
+) {
+    loop {
+        let frame = match tokio::time::timeout(SENDER_IDLE, rx.recv()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(_) => {
+                // Idle: refuse new frames, then send any that slipped in meanwhile.
+                rx.close();
+                while let Ok(frame) = rx.try_recv() {
+                    send_one(&*transport, &to, frame, &counters).await;
+                }
+                break;
+            }
+        };
+        send_one(&*transport, &to, frame, &counters).await;
+    }
+    counters.destinations.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn send_one<T: Transport>(transport: &T, to: &Address, frame: Bytes, counters: &Counters) {
+    // SWIM tolerates loss (it was made for UDP): a transport with unreliable delivery (QUIC
+    // datagrams) sends small messages that way.
+    match transport.send_unreliable(to, frame).await {
+        Ok(()) => {
+            counters.sent.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            counters.send_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::trace!(%to, error = %e, "membership send failed");
+        }
+    }
+}
+
 async fn run<T: Transport>(
     transport: Arc<T>,
     mut machine: Membership,
@@ -188,24 +332,16 @@ async fn run<T: Transport>(
     counters: Arc<Counters>,
 ) {
     let max_frame = transport.max_frame_len();
+    let mut outbox = Outbox::new(transport.clone(), counters.clone());
     let mut leaving_until: Option<(Instant, oneshot::Sender<()>)> = None;
     let mut stopped: Option<oneshot::Sender<()>> = None;
+    let mut leaving = false;
     loop {
         // Effects of the last input.
         let mut changed = false;
         while let Some(t) = machine.poll_transmit() {
             match wire::encode(Header::message(), &Envelope::Swim(t.message), max_frame) {
-                // SWIM tolerates loss (it was made for UDP): a transport with unreliable
-                // delivery (QUIC datagrams) sends small messages that way.
-                Ok(frame) => match transport.send_unreliable(&t.to, frame).await {
-                    Ok(()) => {
-                        counters.sent.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        counters.send_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::trace!(to = %t.to, error = %e, "membership send failed");
-                    }
-                },
+                Ok(frame) => outbox.send(t.to, frame),
                 Err(e) => {
                     counters.send_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(to = %t.to, error = %e, "membership message does not encode");
@@ -224,6 +360,7 @@ async fn run<T: Transport>(
             && Instant::now() >= *until
         {
             stopped = leaving_until.take().map(|(_, tx)| tx);
+            leaving = true;
             break;
         }
         let mut deadline = machine
@@ -267,6 +404,9 @@ async fn run<T: Transport>(
             },
         }
     }
+    // A leave flushes its announcement; a shutdown looks like a crash and sends nothing more.
+    let flush = if leaving { LEAVE_FLUSH } else { Duration::ZERO };
+    outbox.close(flush).await;
     transport.close().await;
     if let Some(tx) = stopped {
         let _ = tx.send(());
