@@ -620,7 +620,7 @@ impl Storage for FileStorage {
         self.digest_now(range, buckets)
     }
 
-    /// Walks the index in batches of [`PURGE_BATCH`] entries, releasing the index lock
+    /// Walks the index in batches of 1,024 entries, releasing the index lock
     /// between them, and logs a removal for every record removed (each batch's removals are
     /// written, and synced under `always`, before the next batch). Then starts a background
     /// compaction if the log holds enough garbage to justify one; it does not wait for it.
