@@ -336,12 +336,14 @@ pub fn purge_candidates<K>(
     stats
 }
 
-/// What an acknowledged [`Storage::apply`] (an `Ok(Applied)`) has survived by the time it
-/// returns. Ordered from weakest to strongest.
+/// What an acknowledged [`Storage::apply`] has survived by the time it returns. Ordered from
+/// weakest to strongest.
 ///
-/// A `Stale` answer promises nothing more: the newer record it reports may still be on its
-/// way to durability (another writer's apply may not have returned yet). Reads may see a
-/// record before it is as durable as this says.
+/// Every `Ok` outcome carries the promise, for a record at least as new as the one applied:
+/// `Applied` for the record itself, `Stale` for the equal or newer record it reports (which
+/// another writer's apply may have stored and not yet made durable: the `Stale` answer waits
+/// for it). Retries, hint replays and read repair rely on this. Reads may see a record before
+/// it is as durable as this says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[non_exhaustive]
 pub enum Durability {
@@ -406,7 +408,8 @@ pub enum ScanCost {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub struct Capabilities {
-    /// What an acknowledged apply has survived when it returns.
+    /// What an acknowledged apply (`Applied` or `Stale`) has survived when it returns, for a
+    /// record at least as new as the one applied.
     pub durability: Durability,
     /// How the backend drops records on its own; `None`: it never does, records leave only
     /// through [`Storage::purge`] (or by losing what [`durability`](Self::durability) allows).
@@ -456,6 +459,10 @@ pub trait Storage: Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> impl Future<Output = Result<Option<Record>, StorageError>> + Send;
 
     /// Atomically stores `record` under `key` unless an equal or newer record is stored.
+    ///
+    /// Either outcome means a record at least this new is as durable as
+    /// [`Capabilities::durability`] says: a `Stale` answer waits until the record it reports
+    /// is.
     fn apply(
         &self,
         key: Bytes,

@@ -9,15 +9,23 @@
 //!
 //! # On disk
 //!
-//! Each segment is a sequence of frames `[length u32][CRC32C u32][payload]` (see the `codec`
-//! module source for the payload layout). One dedicated **writer thread** owns the active
-//! segment: [`Storage::apply`] decides the last-writer-wins winner under the index lock, sends
-//! the frame to the writer through a channel in that same order, and the writer takes
-//! everything queued, writes it with one `write`, and (under [`FsyncPolicy::Always`]) calls
-//! `fdatasync` once for the whole batch before acknowledging every write in it: concurrent
-//! writers share fsyncs (group commit), and no fsync ever runs on a Tokio worker thread.
+//! Each segment starts with a header naming the log format version (a segment of another
+//! version is refused with [`StorageError::Config`]) and holds **batches**: a header (length,
+//! the segment's synced length when the batch was written, a CRC32C of the body and one of
+//! the header itself, bound to the segment and offset) and a body of frames, one per record
+//! or logged purge removal (see the `codec` module source for the layout). One dedicated
+//! **writer thread** owns the active segment: [`Storage::apply`] decides the
+//! last-writer-wins winner under the index lock, sends the frame to the writer through a
+//! channel in that same order, and the writer takes everything queued, writes it as one
+//! batch with one `write`, and (under [`FsyncPolicy::Always`]) calls `fdatasync` once for the
+//! whole batch before acknowledging every write in it: concurrent writers share fsyncs (group
+//! commit), and no fsync ever runs on a Tokio worker thread.
 //!
-//! - [`FsyncPolicy::Always`] (the default): `apply` returns only after its record is synced.
+//! - [`FsyncPolicy::Always`] (the default): `apply` returns only after a record at least as
+//!   new as the one applied is synced. An `Applied` answer waits for its own record; a
+//!   `Stale` answer waits until the equal or newer record it reports is synced (another
+//!   writer's apply may still be waiting for that fsync), without an fsync of its own if it
+//!   already is.
 //! - [`FsyncPolicy::Interval`]: the writer syncs at most that long after a write. `apply`
 //!   returns once the record is queued; it survives a process crash once the writer wrote it
 //!   (normally within microseconds) and a machine crash once the next sync ran.
@@ -26,29 +34,42 @@
 //!
 //! A record is visible to reads as soon as `apply` decided it won, which may be before it is
 //! durable. New files are made durable by an fsync of the directory. **A failed write or fsync
-//! is fatal**: it is never retried (the kernel may already have dropped the dirty pages), the
-//! batch's writers get [`StorageError::Io`] and every later call [`StorageError::Closed`].
+//! of the log is fatal**: it is never retried (the kernel may already have dropped the dirty
+//! pages, and a failed write may have left part of a batch behind), the batch's writers get
+//! [`StorageError::Io`] and every later call [`StorageError::Closed`]. A new segment that
+//! cannot be created (a full disk) is not: writing goes on in the current one.
 //!
 //! # Recovery
 //!
-//! Opening reads every segment and merges the records with [`Record::merge`] (not "last in the
-//! log wins"), so the winner of each key does not depend on the order segments are read in.
-//! An invalid frame at the end of the newest segment with no valid frame after it is a write
-//! torn by a crash and is truncated away. Any other invalid frame (a bad checksum, length or
-//! payload followed by valid frames, or in an older segment) fails the open with
-//! [`StorageError::Corruption`] naming the file and offset: it is never skipped and never
-//! returned as data. Writing always starts in a new segment. The directory is locked (a `LOCK`
-//! file) while a store has it open.
+//! Opening replays every segment in log order with the rules the live index follows: a record
+//! is kept if it supersedes the stored one ([`Record::merge`]), a logged removal drops the
+//! stored record unless it is newer. Only the newest segment may end in a **torn tail**, and
+//! only where no later batch header says the damaged bytes had been synced: a write torn by a
+//! crash cannot be followed by a batch written after it was synced. Recovery cuts such a
+//! tail exactly after the last complete batch and moves the cut bytes aside into
+//! `<segment>.seg.<offset>.damaged` (never read again; [`FileStorage::recovery`] and a
+//! warning in the log report it). Damage anywhere else (an older segment, a batch a later
+//! one vouches for, a bad segment header) fails the open with [`StorageError::Corruption`]
+//! naming the file and offset: it is never skipped and never returned as data. A clean close
+//! ends the log with a commit marker that vouches for the last batch, so after a clean close
+//! even damage in the last record is reported; after a crash the last batch is ambiguous (a
+//! torn write and a damaged synced batch look alike) and is cut and kept aside. Everything
+//! read is synced before the store opens. Writing always starts in a new segment. The
+//! directory is locked (a `LOCK` file) while a store has it open.
 //!
-//! # Compaction
+//! # Purge and compaction
 //!
-//! Segments are sealed at `segment_bytes`. A compaction seals the active segment, snapshots
-//! the index, writes the snapshot as one new segment (synced, renamed into place, directory
-//! synced) and then deletes the sealed segments: superseded records and purged tombstones are
-//! dropped. It runs after a [`Storage::purge`] that removed anything (the purge waits for it)
-//! and in the background when the log exceeds both `compact_min_bytes` and twice the live
-//! data. Purges are not logged themselves: a crash before the following compaction completes
-//! brings purged records back, all still collectable, and the next purge removes them again.
+//! [`Storage::purge`] walks the index in batches of 1,024 entries, releasing the index lock
+//! between them, and logs a removal for each record it removes; it rewrites nothing. Segments
+//! are sealed at `segment_bytes`. A compaction seals the active segment, snapshots the index,
+//! writes the snapshot as one new segment (synced, renamed into place, directory synced) and
+//! then deletes the sealed segments, oldest first: superseded records, purged records and
+//! removals are dropped. It runs in the background when the log exceeds both
+//! `compact_min_bytes` and twice the live data (checked after each segment rotation and
+//! each purge that removed something), or when [`FileStorage::compact`] asks. A failed
+//! compaction (a full disk, a failed fsync of its output) removes its temporary file, leaves
+//! the log as it was and the store working, and is retried by a later trigger after a
+//! back-off (1 s, doubling up to 5 min).
 //!
 //! ```
 //! use bytes::Bytes;
@@ -73,13 +94,14 @@
 #![deny(missing_docs)]
 
 mod codec;
+mod fs;
 mod log;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::ops::Bound;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
@@ -99,7 +121,28 @@ use chorus_core::storage::{
 };
 use tokio::sync::oneshot;
 
-use crate::log::{Cmd, MAX_QUEUED_BYTES, Shared};
+use crate::log::{Cmd, MAX_QUEUED_BYTES, Shared, Tuning};
+
+/// Index entries a purge examines under one hold of the index lock; the lock is released
+/// between batches, so writers wait at most for one batch.
+const PURGE_BATCH: usize = 1024;
+
+/// What opening a store found in its directory.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Recovery {
+    /// Segment files read.
+    pub segments: u64,
+    /// Records replayed (superseded ones included).
+    pub records: u64,
+    /// Logged purge removals replayed.
+    pub removals: u64,
+    /// Bytes of torn tails cut from the newest segment.
+    pub torn_bytes: u64,
+    /// Where the torn tails were moved (`<segment>.seg.<offset>.damaged`): kept for
+    /// inspection, never read again; remove them when done.
+    pub damaged: Vec<PathBuf>,
+}
 
 /// Registry name of this backend.
 pub const SCHEME: &str = "file";
@@ -228,6 +271,7 @@ pub struct FileStorage {
     writer: Option<JoinHandle<()>>,
     fsync: FsyncPolicy,
     closed: AtomicBool,
+    recovery: Recovery,
 }
 
 impl fmt::Debug for FileStorage {
@@ -275,12 +319,22 @@ impl FileStorage {
     /// [crate documentation](crate)), and with [`StorageError::Config`] if another open store
     /// holds the directory.
     pub fn open(dir: &Path, options: FileOptions) -> Result<Self, StorageError> {
-        let recovered = log::recover(dir, options.fsync, options.segment_bytes.get())?;
+        FileStorage::open_tuned(dir, options, Tuning::default())
+    }
+
+    /// [`FileStorage::open`] with crate-internal settings (tests inject faults through them).
+    pub(crate) fn open_tuned(
+        dir: &Path,
+        options: FileOptions,
+        tuning: Tuning,
+    ) -> Result<Self, StorageError> {
+        let recovered = log::recover(dir, options.fsync, options.segment_bytes.get(), &tuning.fs)?;
         let shared = Arc::new(Shared::new(
             dir.to_owned(),
             recovered.index,
             recovered.log_bytes,
             options.compact_min_bytes,
+            &tuning,
         ));
         let (tx, rx) = mpsc::channel();
         let writer = log::spawn_writer(recovered.writer, Arc::clone(&shared), rx, tx.clone())?;
@@ -290,7 +344,22 @@ impl FileStorage {
             writer: Some(writer),
             fsync: options.fsync,
             closed: AtomicBool::new(false),
+            recovery: recovered.report,
         })
+    }
+
+    /// What opening the store found: segments and records replayed, torn tails cut and where
+    /// they were moved.
+    pub fn recovery(&self) -> &Recovery {
+        &self.recovery
+    }
+
+    /// Compactions that failed since the store opened. A failed compaction leaves the store
+    /// working (its partial output is removed, the log is untouched) and is retried later.
+    pub fn failed_compactions(&self) -> u64 {
+        self.shared
+            .compactions_failed
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn check_open(&self) -> Result<(), StorageError> {
@@ -335,12 +404,20 @@ impl FileStorage {
         self.check_open()?;
         let previous = match index.map.get(&(hash, key.clone())) {
             Some(current) if !record.supersedes(current) => {
-                return Ok((
-                    ApplyOutcome::Stale {
-                        current: current.version,
-                    },
-                    None,
-                ));
+                let outcome = ApplyOutcome::Stale {
+                    current: current.version,
+                };
+                if self.fsync != FsyncPolicy::Always {
+                    return Ok((outcome, None));
+                }
+                // The record that wins may still wait for its fsync (its apply has not
+                // returned): answer only once it is durable. Sent under the index lock, after
+                // that record's frame.
+                let (ack, reply) = oneshot::channel();
+                self.tx
+                    .send(Cmd::Barrier(ack))
+                    .map_err(|_| StorageError::Closed)?;
+                return Ok((outcome, Some(reply)));
             }
             Some(current) => Some(current.version),
             None => None,
@@ -421,23 +498,61 @@ impl FileStorage {
         Ok(digests)
     }
 
-    fn purge_index(&self, now_ms: u64, grace: Duration) -> Result<PurgeStats, StorageError> {
-        self.check_open()?;
-        let mut stats = PurgeStats::default();
+    /// Purges the index entries after `cursor` (up to [`PURGE_BATCH`] examined) under one
+    /// hold of the index lock, logging a removal for each record removed; moves `cursor` on
+    /// (`None` at the end) and returns where the removals' write is acknowledged.
+    fn purge_batch(
+        &self,
+        now_ms: u64,
+        grace: Duration,
+        cursor: &mut Option<(u64, Bytes)>,
+        stats: &mut PurgeStats,
+    ) -> Result<Option<Reply>, StorageError> {
         let mut index = self.shared.index_write();
-        let collectable: Vec<(u64, Bytes)> = index
-            .map
-            .iter()
-            .filter(|(_, record)| record.is_collectable(now_ms, grace))
-            .map(|(slot, _)| slot.clone())
-            .collect();
+        self.check_open()?;
+        let lower = match cursor.take() {
+            Some(slot) => Bound::Excluded(slot),
+            None => Bound::Unbounded,
+        };
+        let mut examined = 0;
+        let mut last = None;
+        let mut collectable = Vec::new();
+        for (slot, record) in index.map.range((lower, Bound::Unbounded)).take(PURGE_BATCH) {
+            examined += 1;
+            last = Some(slot);
+            if record.is_collectable(now_ms, grace) {
+                collectable.push(slot.clone());
+            }
+        }
+        // A short batch was the last one.
+        *cursor = if examined < PURGE_BATCH {
+            None
+        } else {
+            last.cloned()
+        };
+        let mut frames = Vec::new();
         for slot in collectable {
             if let Some(record) = index.map.remove(&slot) {
+                codec::encode_removal(&slot.1, record.version, &mut frames);
                 index.count_out(slot.1.len(), &record);
                 stats.count(&record);
             }
         }
-        Ok(stats)
+        if frames.is_empty() {
+            return Ok(None);
+        }
+        let (ack, reply) = oneshot::channel();
+        self.shared
+            .queued
+            .fetch_add(frames.len() as u64, Ordering::Relaxed);
+        // Sent under the index lock: the removals lie in the log where they were decided.
+        self.tx
+            .send(Cmd::Write {
+                frame: frames,
+                ack: Some(ack),
+            })
+            .map_err(|_| StorageError::Closed)?;
+        Ok(Some(reply))
     }
 }
 
@@ -459,7 +574,8 @@ impl Storage for FileStorage {
     }
 
     /// Decides the winner under the index lock; under [`FsyncPolicy::Always`] waits until the
-    /// record is synced (sharing the fsync with every write queued alongside).
+    /// record is synced (sharing the fsync with every write queued alongside), and a `Stale`
+    /// answer waits until the equal or newer record it reports is synced.
     async fn apply(&self, key: Bytes, record: Record) -> Result<ApplyOutcome, StorageError> {
         let (outcome, reply) = self.apply_locked(key, record)?;
         if let Some(reply) = reply {
@@ -487,12 +603,25 @@ impl Storage for FileStorage {
         self.digest_now(range, buckets)
     }
 
-    /// Removes collectable records from the index, then, if any were removed, compacts the
-    /// log (on a background thread) and waits for it.
+    /// Walks the index in batches of 1,024 entries, releasing the index lock
+    /// between them, and logs a removal for every record removed (each batch's removals are
+    /// written, and synced under `always`, before the next batch). Then starts a background
+    /// compaction if the log holds enough garbage to justify one; it does not wait for it.
     async fn purge(&self, now_ms: u64, grace: Duration) -> Result<PurgeStats, StorageError> {
-        let stats = self.purge_index(now_ms, grace)?;
+        self.check_open()?;
+        let mut stats = PurgeStats::default();
+        let mut cursor = None;
+        loop {
+            if let Some(reply) = self.purge_batch(now_ms, grace, &mut cursor, &mut stats)? {
+                reply.await.map_err(|_| StorageError::Closed)??;
+            }
+            if cursor.is_none() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
         if stats != PurgeStats::default() {
-            self.compact().await?;
+            log::maybe_compact(&self.shared, &self.tx);
         }
         Ok(stats)
     }

@@ -19,8 +19,11 @@
 //! sled keeps recent writes in its in-process log buffers and writes them out on a flush.
 //! The `flush` option picks when ([`FlushPolicy`]):
 //!
-//! - `always`: every `apply` that stored a record waits for a flush before returning, so an
-//!   acknowledged write survives a process or machine crash. Flushes run on a dedicated
+//! - `always`: every `apply` waits for a flush before returning, so an acknowledged write
+//!   survives a process or machine crash. That includes an apply answered `Stale`: the equal
+//!   or newer record it reports may come from another writer whose flush has not completed,
+//!   so the answer waits for a flush too and then means "a record at least this new is
+//!   durable" (retries, hint replays and read repair rely on it). Flushes run on a dedicated
 //!   flusher thread (never on a Tokio worker), which flushes once for every request queued at
 //!   that moment: concurrent writers share flushes (group commit). A failed flush is fatal:
 //!   that call gets the error, every later call [`StorageError::Closed`].
@@ -112,7 +115,7 @@ pub enum FlushPolicy {
     Never,
     /// By sled's background thread, this often (`flush_every_ms`).
     Interval(Duration),
-    /// Before each `apply` that stored a record returns.
+    /// Before each `apply` returns (`Stale` answers included).
     Always,
 }
 
@@ -189,6 +192,9 @@ struct Open {
     flusher: mpsc::Sender<FlushAck>,
 }
 
+/// Called by the flusher thread before each flush (tests hold or count flushes with it).
+type BeforeFlush = Arc<dyn Fn() + Send + Sync>;
+
 /// The flusher thread: takes every waiting request, flushes once for all of them (group
 /// commit), answers them all. A failed flush marks the store failed. It stops, dropping its
 /// handle on the database, when every sender is gone, and then reports on `exited`.
@@ -197,8 +203,12 @@ fn run_flusher(
     requests: mpsc::Receiver<FlushAck>,
     failed: Arc<AtomicBool>,
     exited: oneshot::Sender<()>,
+    before_flush: Option<BeforeFlush>,
 ) {
     while let Ok(first) = requests.recv() {
+        if let Some(hook) = &before_flush {
+            hook();
+        }
         let mut waiters = vec![first];
         while let Ok(more) = requests.try_recv() {
             waiters.push(more);
@@ -383,6 +393,15 @@ fn footprint(key_len: usize, record: &Record) -> i64 {
 impl SledStorage {
     /// Opens (creating if needed) the database in `dir`.
     pub fn open(dir: &Path, options: SledOptions) -> Result<Self, StorageError> {
+        SledStorage::open_hooked(dir, options, None)
+    }
+
+    /// [`SledStorage::open`] with a hook the flusher thread calls before each flush.
+    fn open_hooked(
+        dir: &Path,
+        options: SledOptions,
+        before_flush: Option<BeforeFlush>,
+    ) -> Result<Self, StorageError> {
         let flush_every_ms = match options.flush {
             FlushPolicy::Interval(every) => {
                 Some(u64::try_from(every.as_millis()).unwrap_or(u64::MAX))
@@ -417,7 +436,7 @@ impl SledStorage {
         let failed = Arc::clone(&store.failed);
         std::thread::Builder::new()
             .name("chorus-sled-flush".into())
-            .spawn(move || run_flusher(thread_db, requests, failed, exited_tx))?;
+            .spawn(move || run_flusher(thread_db, requests, failed, exited_tx, before_flush))?;
         *store.open.write().unwrap_or_else(PoisonError::into_inner) = Some(Open { db, flusher });
         *store
             .flusher_exited
@@ -596,11 +615,13 @@ impl Storage for SledStorage {
     }
 
     /// A compare-and-swap loop; under [`FlushPolicy::Always`] also awaits a flush by the
-    /// flusher thread.
+    /// flusher thread, whatever the outcome: a `Stale` answer reports a record another
+    /// writer's apply may not have flushed yet, so it too returns only once a flush that
+    /// started after the decision completed.
     async fn apply(&self, key: Bytes, record: Record) -> Result<ApplyOutcome, StorageError> {
         let open = self.opened()?;
         let outcome = self.apply_now(&open.db, &key, &record)?;
-        if self.flush == FlushPolicy::Always && outcome.is_applied() {
+        if self.flush == FlushPolicy::Always {
             Self::flush_via(&open.flusher).await?;
         }
         Ok(outcome)
@@ -759,6 +780,86 @@ mod tests {
         assert_eq!(
             winners[0].as_ref().map(|r| r.version),
             Some(version(300, 3))
+        );
+        store.close().await.expect("close");
+    }
+
+    /// A flush the test holds open: the flusher thread announces each flush on `entered` and
+    /// waits until the test releases it.
+    struct Gate {
+        held: std::sync::Mutex<bool>,
+        released: std::sync::Condvar,
+        entered: tokio::sync::mpsc::UnboundedSender<()>,
+    }
+
+    impl Gate {
+        fn pass(&self) {
+            let _ = self.entered.send(());
+            let mut held = self.held.lock().expect("gate");
+            while *held {
+                held = self.released.wait(held).expect("gate");
+            }
+        }
+
+        fn release(&self) {
+            *self.held.lock().expect("gate") = false;
+            self.released.notify_all();
+        }
+    }
+
+    /// Polls `future` once, without a runtime waking it.
+    fn poll_once<F: std::future::Future>(
+        future: std::pin::Pin<&mut F>,
+    ) -> std::task::Poll<F::Output> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        future.poll(&mut cx)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stale_apply_returns_only_after_the_record_it_reports_is_flushed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (entered, mut flushes) = tokio::sync::mpsc::unbounded_channel();
+        let gate = Arc::new(Gate {
+            held: std::sync::Mutex::new(true),
+            released: std::sync::Condvar::new(),
+            entered,
+        });
+        let hook: BeforeFlush = {
+            let gate = Arc::clone(&gate);
+            Arc::new(move || gate.pass())
+        };
+        let store = Arc::new(
+            SledStorage::open_hooked(
+                dir.path(),
+                SledOptions::default().with_flush(FlushPolicy::Always),
+                Some(hook),
+            )
+            .expect("open"),
+        );
+        let record = Record::value("v", version(7, 1));
+        let first = tokio::spawn({
+            let store = Arc::clone(&store);
+            let record = record.clone();
+            async move { store.apply(Bytes::from("k"), record).await }
+        });
+        // The first writer's record is stored; its flush is held open.
+        flushes.recv().await.expect("the first flush starts");
+        let retry = store.apply(Bytes::from("k"), record.clone());
+        let mut retry = std::pin::pin!(retry);
+        assert!(
+            poll_once(retry.as_mut()).is_pending(),
+            "a Stale apply returned while the record it reports was not flushed"
+        );
+        gate.release();
+        assert_eq!(
+            first.await.expect("first").expect("apply"),
+            ApplyOutcome::Applied { previous: None }
+        );
+        assert_eq!(
+            retry.await.expect("retry"),
+            ApplyOutcome::Stale {
+                current: record.version
+            }
         );
         store.close().await.expect("close");
     }
