@@ -54,9 +54,17 @@ impl std::fmt::Debug for SharedTransport {
 /// A frame received from a peer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Incoming {
-    /// An address that reaches the sender: a frame sent to it arrives at the transport this
-    /// frame came from. Stream transports may use the connection's peer address and send
-    /// replies back over that connection.
+    /// An address that reaches the sender over the way this frame came: a frame sent to it
+    /// arrives at the transport this frame came from.
+    ///
+    /// For a frame read from a connection this node dialled, it is the dialled address. For a
+    /// frame read from a connection the peer opened, connection-oriented transports (tcp,
+    /// quic) give that connection's [inbound address](inbound_address): sending to it travels
+    /// back on that connection and fails with [`TransportError::Unreachable`] once the
+    /// connection is gone; it is never dialled. The listen address a peer announces is not
+    /// trusted to route anything: traffic to a listen address only ever travels on a
+    /// connection this node dialled to it, so a peer claiming another's address receives the
+    /// replies to its own frames and nothing else.
     pub from: Address,
     /// The whole frame, length prefix included.
     pub frame: Bytes,
@@ -214,6 +222,32 @@ pub fn check_frame(frame: &[u8], max_frame_len: usize) -> Result<(), TransportEr
     }
     crate::wire::split(frame, max_frame_len).map_err(TransportError::InvalidFrame)?;
     Ok(())
+}
+
+/// What [`inbound_address`] puts between the announced address and the connection number.
+const INBOUND_MARK: &str = " (inbound #";
+
+/// The address that names connection number `connection`, which a peer opened announcing the
+/// listen address `announced`: `"{announced} (inbound #{connection})"`. It is what
+/// [`Incoming::from`] says for frames read from that connection, and a transport routes a
+/// frame sent to it onto that connection only.
+///
+/// It contains a space, which no [hello](decode_hello_body) and no advertised address may
+/// contain, so it never equals an address a node listens on: sending to a listen address can
+/// never pick an accepted connection.
+pub fn inbound_address(announced: &Address, connection: u64) -> Address {
+    Address::new(format!("{announced}{INBOUND_MARK}{connection})"))
+}
+
+/// The listen address the peer announced when it opened the connection `addr` names, if `addr`
+/// is an [`inbound_address`]; `None` for any other address. The announcement is the peer's
+/// claim (authenticated by nothing but the transport's own handshake): good for logs and for
+/// matching a reply to a request, not for routing.
+pub fn inbound_peer(addr: &Address) -> Option<Address> {
+    let (announced, rest) = addr.as_str().rsplit_once(INBOUND_MARK)?;
+    let number = rest.strip_suffix(')')?;
+    (!number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| Address::new(announced))
 }
 
 /// Longest listen address a connection [hello](encode_hello) may carry, in bytes.
@@ -444,6 +478,20 @@ mod tests {
             "{invalid}"
         );
         assert!(invalid.source().is_some() && !invalid.is_retryable());
+    }
+
+    #[test]
+    fn inbound_addresses_name_the_announcement_and_never_a_listen_address() {
+        let announced = Address::new("10.0.0.1:7000");
+        let named = inbound_address(&announced, 17);
+        assert_eq!(named.as_str(), "10.0.0.1:7000 (inbound #17)");
+        assert_eq!(inbound_peer(&named), Some(announced.clone()));
+        assert_eq!(inbound_peer(&announced), None);
+        assert_eq!(inbound_peer(&Address::new("x (inbound #)")), None);
+        assert_eq!(inbound_peer(&Address::new("x (inbound #1a)")), None);
+        // No hello can announce one, so no listen address is ever one.
+        let err = encode_hello(MAGIC, &named).expect_err("a space");
+        assert!(matches!(err, TransportError::Config(_)), "{err}");
     }
 
     #[test]

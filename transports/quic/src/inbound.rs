@@ -52,16 +52,23 @@ async fn inbound(inner: Arc<Inner>, incoming: quinn::Incoming) {
         }
     };
     bump(&inner.counters.accepted, 1);
-    let from = match tokio::time::timeout(timeout, read_hello(&conn)).await {
-        Ok(Ok(from)) => from,
+    let announced = match tokio::time::timeout(timeout, read_hello(&conn)).await {
+        Ok(Ok(announced)) => announced,
         Ok(Err(why)) => return inner.reject(&conn, code::BAD_HELLO, &why),
         Err(_) => return inner.reject(&conn, code::BAD_HELLO, "no hello in time"),
     };
-    if let Some(writer) = inner.outboxes.register_inbound(&from) {
-        inner
-            .io
-            .spawn(inbound_writer(Arc::clone(&inner), conn.clone(), writer));
-    }
+    // The connection gets a queue under its own inbound address, never under the announced
+    // one: the certificate proves the peer is trusted, not that it is the node at
+    // `announced`, so this connection must not carry traffic meant for that address.
+    let Some(writer) = inner.outboxes.register_inbound(&announced) else {
+        // The transport is closing.
+        conn.close(VarInt::from_u32(code::CLOSING), b"closing");
+        return;
+    };
+    let from = writer.addr().clone();
+    inner
+        .io
+        .spawn(inbound_writer(Arc::clone(&inner), conn.clone(), writer));
     read_streams(inner, conn, from).await;
 }
 

@@ -10,13 +10,19 @@
 //!
 //! # Connections and addressing
 //!
-//! One connection per peer, kept and reused, filed under the peer's *listen* address. Right
-//! after the handshake the dialler opens a unidirectional stream carrying a *hello* with its
-//! own listen address (see `docs/PROTOCOL.md`); the listener files the connection under that
-//! address and sends replies over it. Frames from a dialled connection carry the dialled
-//! address as [`Incoming::from`], frames from an accepted one the address its hello announced.
-//! The hello itself is inside the authenticated connection, but it is not bound to the
-//! certificate: a trusted peer could announce another trusted peer's address.
+//! One connection per peer and direction, kept and reused. `send` to a listen address uses the
+//! connection this node dialled to it, dialling when there is none. Right after the handshake
+//! the dialler opens a unidirectional stream carrying a *hello* with its own listen address
+//! (see `docs/PROTOCOL.md`). The hello is inside the authenticated connection, but it is not
+//! bound to the certificate (every trusted certificate is trusted for every address until
+//! identities are tied to member addresses), so the listener does not let it route anything:
+//! it gives the accepted connection an
+//! [inbound address](chorus_core::transport::inbound_address) of its own
+//! (`10.0.0.1:7000 (inbound #3)`), which frames read from it carry as [`Incoming::from`] and
+//! which sends (and datagrams) go back on; once the connection is closed, sending to it fails
+//! with [`TransportError::Unreachable`]. Frames from a dialled connection carry the dialled
+//! address. So replies travel on the connection the request came on, and a trusted peer that
+//! announces another's address gets the replies to its own frames and nothing else.
 //!
 //! # Sending: a writer per peer, a stream per batch
 //!

@@ -2,15 +2,21 @@
 //!
 //! # Connections
 //!
-//! One connection per peer, kept and reused, in one map keyed by the peer's *listen* address.
-//! `send` to an address without a connection dials it; the dialer first writes a *hello*
-//! announcing its own listen address (see `docs/PROTOCOL.md`), so the listener files the
-//! accepted connection under that address and sends its replies back over it. Frames read from
-//! a dialed connection carry the dialed address as [`Incoming::from`]; frames read from an
-//! accepted connection carry the address its hello announced. Either way, sending to
-//! `Incoming::from` reaches the sender, which is what request/response correlation needs. The
-//! hello is not authenticated: on an untrusted network use the QUIC transport, whose mutual
-//! TLS does that.
+//! One connection per peer and direction, kept and reused. `send` to a listen address uses the
+//! connection this node dialled to it, dialling when there is none; the dialler first writes a
+//! *hello* announcing its own listen address (see `docs/PROTOCOL.md`). The listener does not
+//! trust that announcement to route anything: it gives the accepted connection an
+//! [inbound address](chorus_core::transport::inbound_address) of its own (the announced
+//! address and a connection number, `10.0.0.1:7000 (inbound #3)`), which frames read from it
+//! carry as [`Incoming::from`], and a send to that address goes back on that connection (and
+//! fails with [`TransportError::Unreachable`] once it is closed). Frames read from a dialled
+//! connection carry the dialled address. Either way, sending to `Incoming::from` reaches the
+//! sender over the connection the frame came on, which is what request/response correlation
+//! needs; and a peer that announces another node's address (by mistake, two nodes sharing an
+//! `advertise` address, or on purpose) gets the replies to its own frames and nothing else:
+//! traffic to a listen address only ever travels on a connection dialled to it. The hello is
+//! not authenticated: on an untrusted network use the QUIC transport, whose mutual TLS does
+//! that.
 //!
 //! # Writing
 //!
@@ -421,33 +427,32 @@ async fn read_hello(r: &mut OwnedReadHalf, timeout: Duration) -> Result<Address,
         .map_err(|_| HelloError::Timeout(timeout))?
 }
 
-/// An accepted connection: read the hello, file the connection under the announced address
-/// (unless a live connection to that peer exists), then read frames.
+/// An accepted connection: read the hello, give the connection a queue of its own under its
+/// inbound address (never under the announced address: see [`Incoming::from`]), then read
+/// frames, which carry that inbound address.
 async fn inbound(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr) {
     let (mut r, w) = stream.into_split();
-    let from = match read_hello(&mut r, inner.config.connect_timeout).await {
-        Ok(from) => from,
+    let announced = match read_hello(&mut r, inner.config.connect_timeout).await {
+        Ok(announced) => announced,
         Err(error) => {
             bump(&inner.counters.rejected_connections, 1);
             tracing::warn!(%peer, %error, "closing connection: bad hello");
             return;
         }
     };
-    let activity = Activity::new(inner.now_ms());
-    // Keep the write half open even when it is not used for replies: dropping it would shut
-    // the peer's reading direction.
-    let _unused_write_half = match inner.outboxes.register_inbound(&from) {
-        Some(writer) => {
-            tokio::spawn(inbound_writer(
-                Arc::clone(&inner),
-                writer,
-                w,
-                Arc::clone(&activity),
-            ));
-            None
-        }
-        None => Some(w),
+    // `None`: the transport is closing.
+    let Some(writer) = inner.outboxes.register_inbound(&announced) else {
+        return;
     };
+    let from = writer.addr().clone();
+    tracing::debug!(%peer, %from, "accepted a connection");
+    let activity = Activity::new(inner.now_ms());
+    tokio::spawn(inbound_writer(
+        Arc::clone(&inner),
+        writer,
+        w,
+        Arc::clone(&activity),
+    ));
     read_loop(&inner, r, &from, &activity).await;
 }
 
@@ -711,9 +716,9 @@ mod tests {
         a.send(&b.local_addr(), frame("ping")).await.expect("send");
         let got = recv(&b).await;
         assert_eq!(
-            got.from,
-            a.local_addr(),
-            "the hello names a's listen address"
+            transport::inbound_peer(&got.from),
+            Some(a.local_addr()),
+            "the frame names the accepted connection, and the hello a's listen address"
         );
         b.send(&got.from, frame("pong")).await.expect("reply");
         let back = recv(&a).await;
