@@ -19,6 +19,8 @@ use crate::util::BoxFuture;
 use bytes::Bytes;
 
 #[cfg(feature = "runtime")]
+pub mod inbound;
+#[cfg(feature = "runtime")]
 pub mod outbox;
 
 /// A transport chosen at run time: a cheap-to-clone handle to any [`Transport`], as the
@@ -248,6 +250,53 @@ pub fn inbound_peer(addr: &Address) -> Option<Address> {
     let number = rest.strip_suffix(')')?;
     (!number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()))
         .then(|| Address::new(announced))
+}
+
+/// Refuses an `advertise` address peers could not reach: an unspecified IP (`0.0.0.0`,
+/// `[::]`), port 0, or no port at all. The error is a [`TransportError::Config`] naming the
+/// `advertise` option. Host names are accepted with a non-zero port (they are resolved when
+/// dialled).
+pub fn check_advertise(addr: &Address) -> Result<(), TransportError> {
+    let refuse = |why: &str| {
+        Err(TransportError::Config(format!(
+            "option `advertise`: {addr} {why}; give the address peers dial to reach this node"
+        )))
+    };
+    if let Ok(socket) = addr.as_str().parse::<std::net::SocketAddr>() {
+        if socket.ip().is_unspecified() {
+            return refuse("is an unspecified (wildcard) address");
+        }
+        if socket.port() == 0 {
+            return refuse("has port 0");
+        }
+        return Ok(());
+    }
+    match addr
+        .as_str()
+        .rsplit_once(':')
+        .map(|(_, port)| port.parse::<u16>())
+    {
+        Some(Ok(0)) => refuse("has port 0"),
+        Some(Ok(_)) => Ok(()),
+        _ => refuse("is not host:port"),
+    }
+}
+
+/// The address a transport bound at `bound` announces: `advertise` if set (checked with
+/// [`check_advertise`]), else the bound address, which must then be one peers can dial (a
+/// wildcard bind such as `0.0.0.0:7000` needs `advertise`).
+pub fn advertised(
+    advertise: Option<&Address>,
+    bound: std::net::SocketAddr,
+) -> Result<Address, TransportError> {
+    match advertise {
+        Some(addr) => check_advertise(addr).map(|()| addr.clone()),
+        None if bound.ip().is_unspecified() => Err(TransportError::Config(format!(
+            "option `advertise` is required: the transport is bound to the wildcard address \
+             {bound}, which peers cannot dial"
+        ))),
+        None => Ok(Address::new(bound.to_string())),
+    }
 }
 
 /// Longest listen address a connection [hello](encode_hello) may carry, in bytes.
@@ -492,6 +541,39 @@ mod tests {
         // No hello can announce one, so no listen address is ever one.
         let err = encode_hello(MAGIC, &named).expect_err("a space");
         assert!(matches!(err, TransportError::Config(_)), "{err}");
+    }
+
+    #[test]
+    fn an_address_peers_cannot_dial_is_refused_as_advertise() {
+        for bad in [
+            "0.0.0.0:7000",
+            "[::]:7000",
+            "127.0.0.1:0",
+            "node-1:0",
+            "node-1",
+        ] {
+            let err = check_advertise(&Address::new(bad)).expect_err(bad);
+            assert!(
+                matches!(&err, TransportError::Config(m) if m.contains("`advertise`")),
+                "{bad}: {err}"
+            );
+        }
+        for good in ["10.0.0.1:7000", "[::1]:7000", "node-1.example:7000"] {
+            check_advertise(&Address::new(good)).expect(good);
+        }
+        let wildcard: std::net::SocketAddr = "0.0.0.0:7000".parse().expect("addr");
+        let err = advertised(None, wildcard).expect_err("wildcard");
+        assert!(
+            matches!(&err, TransportError::Config(m) if m.contains("`advertise`")),
+            "{err}"
+        );
+        let public = Address::new("10.0.0.1:7000");
+        assert_eq!(advertised(Some(&public), wildcard).expect("set"), public);
+        let bound: std::net::SocketAddr = "127.0.0.1:7000".parse().expect("addr");
+        assert_eq!(
+            advertised(None, bound).expect("bound").as_str(),
+            "127.0.0.1:7000"
+        );
     }
 
     #[test]

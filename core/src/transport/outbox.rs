@@ -42,6 +42,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::{mpsc, watch};
 
+use super::inbound::RecvQueue;
 use super::{Address, ErrorCause, Incoming, TransportError};
 
 /// What a peer's writer can do with frames right now, as `send` sees it.
@@ -186,25 +187,18 @@ impl Outboxes {
         was
     }
 
-    /// The transport's `recv`: the next frame its readers put in `rx`, or
+    /// The transport's `recv`: the next frame its readers put in `queue`, or
     /// [`TransportError::Closed`] once [`shut`](Self::shut) was called (also while waiting,
     /// and ahead of frames still buffered).
-    pub async fn recv(
-        &self,
-        rx: &tokio::sync::Mutex<mpsc::Receiver<Incoming>>,
-    ) -> Result<Incoming, TransportError> {
+    pub async fn recv(&self, queue: &RecvQueue) -> Result<Incoming, TransportError> {
         let mut closed = self.closed();
         if *closed.borrow_and_update() {
             return Err(TransportError::Closed);
         }
-        let mut rx = tokio::select! {
-            rx = rx.lock() => rx,
-            _ = closed.wait_for(|c| *c) => return Err(TransportError::Closed),
-        };
         tokio::select! {
             biased;
             _ = closed.wait_for(|c| *c) => Err(TransportError::Closed),
-            got = rx.recv() => got.ok_or(TransportError::Closed),
+            got = queue.pop() => got.ok_or(TransportError::Closed),
         }
     }
 
@@ -959,18 +953,18 @@ mod tests {
     #[tokio::test]
     async fn recv_yields_frames_until_shut_then_closed() {
         let outboxes = Outboxes::new(config());
-        let (tx, rx) = mpsc::channel(4);
-        let rx = tokio::sync::Mutex::new(rx);
+        let n = NonZeroUsize::new(4).expect("non-zero");
+        let queue = RecvQueue::new(n, n, "recv_bytes").expect("queue");
         let incoming = Incoming {
             from: Address::new("peer:1"),
             frame: Bytes::from_static(b"x"),
         };
-        tx.send(incoming.clone()).await.expect("room");
-        assert_eq!(outboxes.recv(&rx).await.expect("a frame"), incoming);
-        tx.send(incoming).await.expect("room");
+        queue.push(incoming.clone()).await;
+        assert_eq!(outboxes.recv(&queue).await.expect("a frame"), incoming);
+        queue.push(incoming).await;
         outboxes.shut();
         assert!(
-            matches!(outboxes.recv(&rx).await, Err(TransportError::Closed)),
+            matches!(outboxes.recv(&queue).await, Err(TransportError::Closed)),
             "shut wins over buffered frames"
         );
     }
