@@ -19,6 +19,8 @@ use crate::util::BoxFuture;
 use bytes::Bytes;
 
 #[cfg(feature = "runtime")]
+pub mod inbound;
+#[cfg(feature = "runtime")]
 pub mod outbox;
 
 /// A transport chosen at run time: a cheap-to-clone handle to any [`Transport`], as the
@@ -54,9 +56,17 @@ impl std::fmt::Debug for SharedTransport {
 /// A frame received from a peer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Incoming {
-    /// An address that reaches the sender: a frame sent to it arrives at the transport this
-    /// frame came from. Stream transports may use the connection's peer address and send
-    /// replies back over that connection.
+    /// An address that reaches the sender over the way this frame came: a frame sent to it
+    /// arrives at the transport this frame came from.
+    ///
+    /// For a frame read from a connection this node dialled, it is the dialled address. For a
+    /// frame read from a connection the peer opened, connection-oriented transports (tcp,
+    /// quic) give that connection's [inbound address](inbound_address): sending to it travels
+    /// back on that connection and fails with [`TransportError::Unreachable`] once the
+    /// connection is gone; it is never dialled. The listen address a peer announces is not
+    /// trusted to route anything: traffic to a listen address only ever travels on a
+    /// connection this node dialled to it, so a peer claiming another's address receives the
+    /// replies to its own frames and nothing else.
     pub from: Address,
     /// The whole frame, length prefix included.
     pub frame: Bytes,
@@ -220,6 +230,79 @@ pub fn check_frame(frame: &[u8], max_frame_len: usize) -> Result<(), TransportEr
     }
     crate::wire::split(frame, max_frame_len).map_err(TransportError::InvalidFrame)?;
     Ok(())
+}
+
+/// What [`inbound_address`] puts between the announced address and the connection number.
+const INBOUND_MARK: &str = " (inbound #";
+
+/// The address that names connection number `connection`, which a peer opened announcing the
+/// listen address `announced`: `"{announced} (inbound #{connection})"`. It is what
+/// [`Incoming::from`] says for frames read from that connection, and a transport routes a
+/// frame sent to it onto that connection only.
+///
+/// It contains a space, which no [hello](decode_hello_body) and no advertised address may
+/// contain, so it never equals an address a node listens on: sending to a listen address can
+/// never pick an accepted connection.
+pub fn inbound_address(announced: &Address, connection: u64) -> Address {
+    Address::new(format!("{announced}{INBOUND_MARK}{connection})"))
+}
+
+/// The listen address the peer announced when it opened the connection `addr` names, if `addr`
+/// is an [`inbound_address`]; `None` for any other address. The announcement is the peer's
+/// claim (authenticated by nothing but the transport's own handshake): good for logs and for
+/// matching a reply to a request, not for routing.
+pub fn inbound_peer(addr: &Address) -> Option<Address> {
+    let (announced, rest) = addr.as_str().rsplit_once(INBOUND_MARK)?;
+    let number = rest.strip_suffix(')')?;
+    (!number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| Address::new(announced))
+}
+
+/// Refuses an `advertise` address peers could not reach: an unspecified IP (`0.0.0.0`,
+/// `[::]`), port 0, or no port at all. The error is a [`TransportError::Config`] naming the
+/// `advertise` option. Host names are accepted with a non-zero port (they are resolved when
+/// dialled).
+pub fn check_advertise(addr: &Address) -> Result<(), TransportError> {
+    let refuse = |why: &str| {
+        Err(TransportError::Config(format!(
+            "option `advertise`: {addr} {why}; give the address peers dial to reach this node"
+        )))
+    };
+    if let Ok(socket) = addr.as_str().parse::<std::net::SocketAddr>() {
+        if socket.ip().is_unspecified() {
+            return refuse("is an unspecified (wildcard) address");
+        }
+        if socket.port() == 0 {
+            return refuse("has port 0");
+        }
+        return Ok(());
+    }
+    match addr
+        .as_str()
+        .rsplit_once(':')
+        .map(|(_, port)| port.parse::<u16>())
+    {
+        Some(Ok(0)) => refuse("has port 0"),
+        Some(Ok(_)) => Ok(()),
+        _ => refuse("is not host:port"),
+    }
+}
+
+/// The address a transport bound at `bound` announces: `advertise` if set (checked with
+/// [`check_advertise`]), else the bound address, which must then be one peers can dial (a
+/// wildcard bind such as `0.0.0.0:7000` needs `advertise`).
+pub fn advertised(
+    advertise: Option<&Address>,
+    bound: std::net::SocketAddr,
+) -> Result<Address, TransportError> {
+    match advertise {
+        Some(addr) => check_advertise(addr).map(|()| addr.clone()),
+        None if bound.ip().is_unspecified() => Err(TransportError::Config(format!(
+            "option `advertise` is required: the transport is bound to the wildcard address \
+             {bound}, which peers cannot dial"
+        ))),
+        None => Ok(Address::new(bound.to_string())),
+    }
 }
 
 /// Longest listen address a connection [hello](encode_hello) may carry, in bytes.
@@ -465,6 +548,53 @@ mod tests {
             "{invalid}"
         );
         assert!(invalid.source().is_some() && !invalid.is_retryable());
+    }
+
+    #[test]
+    fn inbound_addresses_name_the_announcement_and_never_a_listen_address() {
+        let announced = Address::new("10.0.0.1:7000");
+        let named = inbound_address(&announced, 17);
+        assert_eq!(named.as_str(), "10.0.0.1:7000 (inbound #17)");
+        assert_eq!(inbound_peer(&named), Some(announced.clone()));
+        assert_eq!(inbound_peer(&announced), None);
+        assert_eq!(inbound_peer(&Address::new("x (inbound #)")), None);
+        assert_eq!(inbound_peer(&Address::new("x (inbound #1a)")), None);
+        // No hello can announce one, so no listen address is ever one.
+        let err = encode_hello(MAGIC, &named).expect_err("a space");
+        assert!(matches!(err, TransportError::Config(_)), "{err}");
+    }
+
+    #[test]
+    fn an_address_peers_cannot_dial_is_refused_as_advertise() {
+        for bad in [
+            "0.0.0.0:7000",
+            "[::]:7000",
+            "127.0.0.1:0",
+            "node-1:0",
+            "node-1",
+        ] {
+            let err = check_advertise(&Address::new(bad)).expect_err(bad);
+            assert!(
+                matches!(&err, TransportError::Config(m) if m.contains("`advertise`")),
+                "{bad}: {err}"
+            );
+        }
+        for good in ["10.0.0.1:7000", "[::1]:7000", "node-1.example:7000"] {
+            check_advertise(&Address::new(good)).expect(good);
+        }
+        let wildcard: std::net::SocketAddr = "0.0.0.0:7000".parse().expect("addr");
+        let err = advertised(None, wildcard).expect_err("wildcard");
+        assert!(
+            matches!(&err, TransportError::Config(m) if m.contains("`advertise`")),
+            "{err}"
+        );
+        let public = Address::new("10.0.0.1:7000");
+        assert_eq!(advertised(Some(&public), wildcard).expect("set"), public);
+        let bound: std::net::SocketAddr = "127.0.0.1:7000".parse().expect("addr");
+        assert_eq!(
+            advertised(None, bound).expect("bound").as_str(),
+            "127.0.0.1:7000"
+        );
     }
 
     #[test]

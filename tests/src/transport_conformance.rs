@@ -35,9 +35,12 @@ pub use crate::runner::{CHECK_TIMEOUT, Failure, Ran};
 /// How long a check waits for one expected frame.
 pub const FRAME_WAIT: Duration = Duration::from_secs(10);
 
-/// Binds a transport at the given bind string.
+/// Binds a transport at the given bind string, announcing the given address instead of its own
+/// when there is one (the `advertise` option).
 type Binder = Arc<
-    dyn Fn(String) -> BoxFuture<'static, Result<SharedTransport, TransportError>> + Send + Sync,
+    dyn Fn(String, Option<Address>) -> BoxFuture<'static, Result<SharedTransport, TransportError>>
+        + Send
+        + Sync,
 >;
 
 /// Which raw socket can talk to the transport, for [`garbage`].
@@ -86,7 +89,8 @@ impl Kit {
         let counter = Arc::new(AtomicU64::new(0));
         Kit {
             name: "inproc".to_owned(),
-            bind: Arc::new(move |addr: String| {
+            // In process, an address belongs to one transport: nothing can claim another's.
+            bind: Arc::new(move |addr: String, _advertise: Option<Address>| {
                 let net = net.clone();
                 Box::pin(async move { Ok(SharedTransport::new(net.bind(addr)?)) })
             }),
@@ -110,9 +114,13 @@ impl Kit {
         let scheme_owned = scheme.to_owned();
         Kit {
             name: scheme.to_owned(),
-            bind: Arc::new(move |bind: String| {
+            bind: Arc::new(move |bind: String, advertise: Option<Address>| {
                 let mut spec = TransportSpec::new(scheme_owned.as_str(), bind);
                 spec.options = options.clone();
+                if let Some(advertise) = advertise {
+                    spec.options
+                        .insert("advertise".to_owned(), advertise.to_string());
+                }
                 let registry = Arc::clone(&registry);
                 Box::pin(async move {
                     registry.bind_transport(spec).await.map_err(|e| match e {
@@ -136,16 +144,30 @@ impl Kit {
     /// A fresh transport.
     pub async fn bind(&self) -> SharedTransport {
         let bind = (self.fresh)();
-        (self.bind)(bind.clone())
+        (self.bind)(bind.clone(), None)
             .await
             .unwrap_or_else(|e| panic!("{}: binding {bind}: {e}", self.name))
+    }
+
+    /// A fresh transport that announces `claimed` as its listen address (an impostor, or a
+    /// node misconfigured with another's `advertise` address); `None` for a transport where
+    /// no one can claim another's address (in process).
+    pub async fn bind_claiming(&self, claimed: &Address) -> Option<SharedTransport> {
+        if self.raw == Raw::None {
+            return None;
+        }
+        let bind = (self.fresh)();
+        let t = (self.bind)(bind.clone(), Some(claimed.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("{}: binding {bind} claiming {claimed}: {e}", self.name));
+        Some(t)
     }
 
     /// A transport at `addr` again (after the previous one closed). The port may take a moment
     /// to be released: `AddressInUse` is retried for up to 5 s.
     pub async fn rebind(&self, addr: &Address) -> SharedTransport {
         for _ in 0..100 {
-            match (self.bind)(addr.to_string()).await {
+            match (self.bind)(addr.to_string(), None).await {
                 Ok(t) => return t,
                 Err(TransportError::AddressInUse(_)) => {
                     tokio::time::sleep(Duration::from_millis(50)).await
@@ -232,6 +254,13 @@ pub const RPC: Check = Check::new(
     |kit, seed| Box::pin(async move { rpc(&kit, seed).await }),
 );
 
+/// [`hijack`] as a [`Check`].
+pub const HIJACK: Check = Check::new(
+    "hijack",
+    "a peer claiming another's address gets replies to its own frames, not traffic for that address",
+    |kit, seed| Box::pin(async move { hijack(&kit, seed).await }),
+);
+
 /// [`unreliable`] as a [`Check`].
 pub const UNRELIABLE: Check = Check::new(
     "unreliable",
@@ -240,7 +269,7 @@ pub const UNRELIABLE: Check = Check::new(
 );
 
 /// Every check.
-pub const ALL: [Check; 8] = [
+pub const ALL: [Check; 9] = [
     FRAMES_INTACT,
     OVERSIZED,
     RESTART,
@@ -248,6 +277,7 @@ pub const ALL: [Check; 8] = [
     GARBAGE,
     SHUTDOWN,
     RPC,
+    HIJACK,
     UNRELIABLE,
 ];
 
@@ -286,16 +316,25 @@ async fn recv_one(kit: &Kit, t: &SharedTransport, what: &str) -> Incoming {
     }
 }
 
+/// Whether `from`, an [`Incoming::from`], names the transport listening at `sender`: either
+/// `sender` itself (a connection the receiver dialled, or a transport without connections) or
+/// the [inbound address](chorus::transport::inbound_address) of a connection whose hello
+/// announced `sender`.
+pub fn names(from: &Address, sender: &Address) -> bool {
+    from == sender || chorus::transport::inbound_peer(from).as_ref() == Some(sender)
+}
+
 /// Receives `expected.len()` frames and checks they are exactly `expected` (in any order: QUIC
-/// streams are independent) and all come from `from`.
+/// streams are independent) and all come from `from` (see [`names`]).
 async fn expect_frames(kit: &Kit, t: &SharedTransport, from: &Address, expected: &[Bytes]) {
     let mut got = Vec::with_capacity(expected.len());
     for i in 0..expected.len() {
         let incoming = recv_one(kit, t, &format!("frame {i} of {}", expected.len())).await;
-        assert_eq!(
-            &incoming.from, from,
-            "{}: frame {i} says it is from",
-            kit.name
+        assert!(
+            names(&incoming.from, from),
+            "{}: frame {i} says it is from {}, not {from}",
+            kit.name,
+            incoming.from
         );
         got.push(incoming.frame);
     }
@@ -384,7 +423,12 @@ pub async fn restart(kit: &Kit, seed: u64) {
         let f = frame(100, &mut rng);
         let _ = a.send(&to, f.clone()).await;
         if let Ok(Ok(incoming)) = tokio::time::timeout(Duration::from_millis(50), b.recv()).await {
-            assert_eq!(incoming.from, a.local_addr(), "{}", kit.name);
+            assert!(
+                names(&incoming.from, &a.local_addr()),
+                "{}: {}",
+                kit.name,
+                incoming.from
+            );
             reached = Some(attempt);
             break;
         }
@@ -540,19 +584,22 @@ pub async fn shutdown(kit: &Kit, seed: u64) {
     b.close().await;
 }
 
-/// Requests in both directions over [`RpcEndpoint`]: `a` asks `b` (over `a`'s connection) and
-/// `b` asks `a` back at the address `a`'s requests came from.
+/// Requests in both directions over [`RpcEndpoint`]: `a` asks `b` (over `a`'s connection),
+/// then `b` asks `a` back, both at the address `a`'s requests came from (over the same
+/// connection) and at `a`'s listen address.
 pub async fn rpc(kit: &Kit, _seed: u64) {
     let (a, b) = (kit.bind().await, kit.bind().await);
     let b_addr = b.local_addr();
     let (ea, inbound_a) = RpcEndpoint::start(a, RpcConfig::default());
     let (eb, inbound_b) = RpcEndpoint::start(b, RpcConfig::default());
+    // Each server records where its requests came from, as it sees them.
     let serve = |endpoint: RpcEndpoint<SharedTransport, ReplicaMessage>,
                  mut inbound: tokio::sync::mpsc::Receiver<
         chorus::runtime::rpc::Inbound<ReplicaMessage>,
     >| {
+        let callers = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::clone(&callers);
         tokio::spawn(async move {
-            let mut callers = Vec::new();
             while let Some(request) = inbound.recv().await {
                 let reply = match &request.message {
                     ReplicaMessage::Get { key } => ReplicaMessage::Error {
@@ -562,15 +609,15 @@ pub async fn rpc(kit: &Kit, _seed: u64) {
                         reason: "unexpected".to_owned(),
                     },
                 };
-                callers.push(request.from.clone());
+                seen.lock().expect("callers").push(request.from.clone());
                 let _ = endpoint.respond(&request, &reply).await;
             }
-            callers
-        })
+        });
+        callers
     };
     let timeout = Duration::from_secs(10);
     // a -> b, 32 requests in flight at once.
-    let server_b = serve(eb.clone(), inbound_b);
+    let callers_b = serve(eb.clone(), inbound_b);
     let mut requests = tokio::task::JoinSet::new();
     for i in 0..32 {
         let (ea, to) = (ea.clone(), b_addr.clone());
@@ -591,31 +638,78 @@ pub async fn rpc(kit: &Kit, _seed: u64) {
             other => panic!("{}: request {i} to b gave {other:?}", kit.name),
         }
     }
-    // b -> a, to the address a's requests came from.
-    let server_a = serve(ea.clone(), inbound_a);
     let a_addr = ea.local_addr();
-    let reply = eb
-        .request(
-            &a_addr,
-            &ReplicaMessage::Get {
-                key: Bytes::from_static(b"back"),
-            },
-            timeout,
-        )
-        .await;
-    match reply {
-        Ok(ReplicaMessage::Error { reason }) => assert_eq!(reason, "echo back", "{}", kit.name),
-        other => panic!("{}: request from b to a gave {other:?}", kit.name),
+    let callers: Vec<Address> = callers_b.lock().expect("callers").clone();
+    assert_eq!(callers.len(), 32, "{}", kit.name);
+    assert!(
+        callers.iter().all(|c| names(c, &a_addr)),
+        "{}: b saw requests from {callers:?}, not only {a_addr}",
+        kit.name
+    );
+    // b -> a: at the address a's requests came from (back over a's connection), then at a's
+    // listen address (over whatever connection b uses for it).
+    let _callers_a = serve(ea.clone(), inbound_a);
+    for (what, to) in [
+        ("the address a's requests came from", callers[0].clone()),
+        ("a's listen address", a_addr.clone()),
+    ] {
+        let reply = eb
+            .request(
+                &to,
+                &ReplicaMessage::Get {
+                    key: Bytes::from_static(b"back"),
+                },
+                timeout,
+            )
+            .await;
+        match reply {
+            Ok(ReplicaMessage::Error { reason }) => {
+                assert_eq!(reason, "echo back", "{}: {what}", kit.name)
+            }
+            other => panic!(
+                "{}: request from b to {what} ({to}) gave {other:?}",
+                kit.name
+            ),
+        }
     }
     ea.close().await;
     eb.close().await;
-    let callers_b = server_b.await.expect("server b");
-    assert!(
-        callers_b.iter().all(|c| *c == a_addr),
-        "{}: b saw requests from {callers_b:?}, not only {a_addr}",
-        kit.name
-    );
-    let _ = server_a.await;
+}
+
+/// A third transport announces `b`'s address as its own (an impostor, or a second node
+/// configured with the same `advertise` address) and sends `a` a frame. `a` answers it at the
+/// address it came from, which reaches the impostor; then `a` sends to `b`'s address, and that
+/// frame reaches the real `b` (over a connection `a` dials), not the impostor. Skipped where
+/// no one can claim another's address (in process).
+pub async fn hijack(kit: &Kit, seed: u64) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let (a, b) = (kit.bind().await, kit.bind().await);
+    let b_addr = b.local_addr();
+    let Some(impostor) = kit.bind_claiming(&b_addr).await else {
+        a.close().await;
+        b.close().await;
+        return;
+    };
+    assert_eq!(impostor.local_addr(), b_addr, "{}", kit.name);
+    let claim = frame(100, &mut rng);
+    send_ok(kit, &impostor, &a.local_addr(), claim.clone()).await;
+    let got = recv_one(kit, &a, "the impostor's frame").await;
+    assert_eq!(got.frame, claim, "{}", kit.name);
+    // The reply to the impostor's frame goes back to the impostor.
+    let reply = frame(120, &mut rng);
+    send_ok(kit, &a, &got.from, reply.clone()).await;
+    let back = recv_one(kit, &impostor, "a's reply to the impostor").await;
+    assert_eq!(back.frame, reply, "{}", kit.name);
+    // Traffic for b's address goes to b. Had the impostor's connection become a's route to
+    // b, this frame would have gone to the impostor and never reached b.
+    let for_b = frame(140, &mut rng);
+    send_ok(kit, &a, &b_addr, for_b.clone()).await;
+    let at_b = recv_one(kit, &b, "a's frame for b").await;
+    assert_eq!(at_b.frame, for_b, "{}", kit.name);
+    assert!(names(&at_b.from, &a.local_addr()), "{}", kit.name);
+    a.close().await;
+    b.close().await;
+    impostor.close().await;
 }
 
 /// `send_unreliable` on a quiet loopback: small frames (datagrams where the transport has

@@ -141,6 +141,11 @@ async fn rpc() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hijack() {
+    on_every_transport(suite::HIJACK).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreliable() {
     on_every_transport(suite::UNRELIABLE).await;
 }
@@ -186,5 +191,5 @@ async fn untrusted_quic_peer_is_refused() {
 
 #[test]
 fn the_suite_lists_every_check() {
-    assert_eq!(suite::ALL.len(), 8);
+    assert_eq!(suite::ALL.len(), 9);
 }

@@ -12,7 +12,9 @@
 //!
 //! Replies go to [`Incoming::from`](crate::transport::Incoming), which every transport
 //! guarantees reaches the sender. A request that gets no response within its timeout fails
-//! with [`RpcError::Timeout`]; one whose endpoint closes fails with [`RpcError::Closed`].
+//! with [`RpcError::Timeout`]; the timeout counts from the call, so time spent in the
+//! transport's `send` (dialling, waiting for queue room) is part of it. One whose endpoint
+//! closes fails with [`RpcError::Closed`].
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -72,7 +74,8 @@ const RECV_ERROR_BACKOFF: Duration = Duration::from_millis(10);
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RpcError {
-    /// No response arrived in time. The request may or may not have been processed.
+    /// No response arrived within the request's timeout, which counts from the call (sending
+    /// included). The request may or may not have been sent, and if sent, processed.
     #[error("no response from {to} within {after:?}")]
     Timeout {
         /// The peer.
@@ -215,7 +218,10 @@ impl<T: Transport, M: RpcMessage> RpcEndpoint<T, M> {
         &self.shared.transport
     }
 
-    /// Sends `message` as a request to `to` and waits up to `timeout` for the response.
+    /// Sends `message` as a request to `to` and waits for the response. `timeout` bounds the
+    /// whole request, the transport's `send` included (which may wait for a connection or for
+    /// room in a full queue): past it the request fails with [`RpcError::Timeout`], whether
+    /// the frame was still being sent or already sent and unanswered.
     pub async fn request(
         &self,
         to: &Address,
@@ -241,10 +247,14 @@ impl<T: Transport, M: RpcMessage> RpcEndpoint<T, M> {
             shared: &self.shared,
             correlation,
         };
-        self.shared.transport.send(to, frame).await?;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(_)) => Err(RpcError::Closed),
+        // One deadline for the whole request: a send that waits for a connection or for room
+        // in a full queue spends the caller's time too.
+        let exchange = async {
+            self.shared.transport.send(to, frame).await?;
+            rx.await.map_err(|_| RpcError::Closed)
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result,
             Err(_) => Err(RpcError::Timeout {
                 to: to.clone(),
                 after: timeout,
@@ -615,6 +625,75 @@ mod tests {
             client.send(&Address::new("b"), &get()).await,
             Err(RpcError::Transport(TransportError::Closed))
         ));
+    }
+}
+
+#[cfg(test)]
+mod deadline_tests {
+    use std::future::Future;
+
+    use bytes::Bytes;
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::replication::ReplicaMessage;
+    use crate::runtime::inproc::{InProcessNetwork, InProcessTransport};
+    use crate::transport::Incoming;
+
+    /// An in-process transport whose `send` never completes, as a dial to a black hole or a
+    /// queue that never drains would.
+    struct StuckSend(InProcessTransport);
+
+    impl Transport for StuckSend {
+        fn local_addr(&self) -> Address {
+            self.0.local_addr()
+        }
+        fn max_frame_len(&self) -> usize {
+            self.0.max_frame_len()
+        }
+        fn send(
+            &self,
+            _to: &Address,
+            _frame: Bytes,
+        ) -> impl Future<Output = Result<(), TransportError>> + Send {
+            std::future::pending()
+        }
+        fn recv(&self) -> impl Future<Output = Result<Incoming, TransportError>> + Send {
+            self.0.recv()
+        }
+        fn close(&self) -> impl Future<Output = ()> + Send {
+            self.0.close()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_timeout_covers_a_send_that_never_returns() {
+        let net = InProcessNetwork::new(9);
+        let transport = StuckSend(net.bind("a").expect("bind"));
+        let (client, _inbound) =
+            RpcEndpoint::<_, ReplicaMessage>::start(transport, RpcConfig::default());
+        let timeout = Duration::from_secs(2);
+        let started = Instant::now();
+        let get = ReplicaMessage::Get {
+            key: Bytes::from_static(b"k"),
+        };
+        // Bounded by the test's own limit: without the deadline covering `send`, the request
+        // would wait forever.
+        let result = tokio::time::timeout(
+            timeout * 10,
+            client.request(&Address::new("b"), &get, timeout),
+        )
+        .await
+        .expect("the request ends by its own deadline");
+        match result {
+            Err(RpcError::Timeout { to, after }) => {
+                assert_eq!((to, after), (Address::new("b"), timeout));
+            }
+            other => panic!("a stuck send gave {other:?}"),
+        }
+        // The paused clock moves only to the next timer: the request ended at its deadline.
+        assert_eq!(started.elapsed(), timeout);
+        client.close().await;
     }
 }
 

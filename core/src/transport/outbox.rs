@@ -14,6 +14,11 @@
 //!   [`OutboxConfig::queue_wait`] for room in a full queue before failing with
 //!   [`TransportError::QueueFull`]. A writer that retired between the lookup and the queueing
 //!   is replaced once.
+//! - A connection a peer opened gets a queue of its own with [`Outboxes::register_inbound`],
+//!   filed under the connection's [inbound address](super::inbound_address), never under the
+//!   listen address the peer announced: replies (sent to [`Incoming::from`]) go back on that
+//!   connection, and traffic to a listen address only ever goes on a connection this node
+//!   dialled, so a peer that claims another's address cannot capture its traffic.
 //! - A [`Writer`] is what the transport's writer task owns: the queue, the link it reports,
 //!   and a guard that removes the entry and counts the writer down when it is dropped, so an
 //!   entry never outlives its writer and a finished writer never removes its successor. It
@@ -37,6 +42,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::{mpsc, watch};
 
+use super::inbound::RecvQueue;
 use super::{Address, ErrorCause, Incoming, TransportError};
 
 /// What a peer's writer can do with frames right now, as `send` sees it.
@@ -181,25 +187,18 @@ impl Outboxes {
         was
     }
 
-    /// The transport's `recv`: the next frame its readers put in `rx`, or
+    /// The transport's `recv`: the next frame its readers put in `queue`, or
     /// [`TransportError::Closed`] once [`shut`](Self::shut) was called (also while waiting,
     /// and ahead of frames still buffered).
-    pub async fn recv(
-        &self,
-        rx: &tokio::sync::Mutex<mpsc::Receiver<Incoming>>,
-    ) -> Result<Incoming, TransportError> {
+    pub async fn recv(&self, queue: &RecvQueue) -> Result<Incoming, TransportError> {
         let mut closed = self.closed();
         if *closed.borrow_and_update() {
             return Err(TransportError::Closed);
         }
-        let mut rx = tokio::select! {
-            rx = rx.lock() => rx,
-            _ = closed.wait_for(|c| *c) => return Err(TransportError::Closed),
-        };
         tokio::select! {
             biased;
             _ = closed.wait_for(|c| *c) => Err(TransportError::Closed),
-            got = rx.recv() => got.ok_or(TransportError::Closed),
+            got = queue.pop() => got.ok_or(TransportError::Closed),
         }
     }
 
@@ -256,9 +255,7 @@ impl Outboxes {
         frame: Bytes,
         start: &(impl Fn(Writer) + Send + Sync),
     ) -> Result<(), Retry> {
-        let Some((tx, mut link)) = self.entry(to, start) else {
-            return Err(Retry::Fail(TransportError::Closed));
-        };
+        let (tx, mut link) = self.entry(to, start).map_err(Retry::Fail)?;
         let timeout = self.config.connect_timeout;
         let state =
             match tokio::time::timeout(timeout, link.wait_for(|l| !matches!(l, Link::Connecting)))
@@ -299,48 +296,62 @@ impl Outboxes {
         }
     }
 
-    /// The peer's queue, creating it (and starting its writer) if there is none or the
-    /// previous writer has finished; `None` once the transport is shut.
+    /// The peer's queue, creating it (and starting its writer, which dials) if there is none
+    /// or the previous writer has finished. [`TransportError::Closed`] once the transport is
+    /// shut; [`TransportError::Unreachable`] for an [inbound address](super::inbound_address)
+    /// whose connection is gone, which is never dialled.
     fn entry(
         self: &Arc<Self>,
         to: &Address,
         start: &(impl Fn(Writer) + Send + Sync),
-    ) -> Option<(mpsc::Sender<Bytes>, watch::Receiver<Link>)> {
+    ) -> Result<(mpsc::Sender<Bytes>, watch::Receiver<Link>), TransportError> {
         let mut peers = self.peers();
         // Checked under the lock: `shut` sets the flag before it empties the map, so an entry
         // made after this check is either emptied by `shut` or refused here.
         if self.is_closed() {
-            return None;
+            return Err(TransportError::Closed);
         }
         if let Some(entry) = peers.get(to).filter(|e| !e.tx.is_closed()) {
             entry.last_send.store(self.now_ms(), Ordering::Relaxed);
-            return Some((entry.tx.clone(), entry.link.clone()));
+            return Ok((entry.tx.clone(), entry.link.clone()));
         }
-        let (writer, tx, link) = self.insert(&mut peers, to, Link::Connecting);
+        if super::inbound_peer(to).is_some() {
+            let gone = io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the connection this address names is closed (it is never dialled)",
+            );
+            return Err(TransportError::unreachable(to, gone));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (writer, tx, link) = self.insert(&mut peers, id, to, Link::Connecting);
         drop(peers);
         start(writer);
-        Some((tx, link))
+        Ok((tx, link))
     }
 
-    /// A queue for replies over a connection `from` opened to us, unless a live queue to that
-    /// peer exists (replies then use it) or the transport is shut. The writer starts
-    /// [`Link::Up`].
-    pub fn register_inbound(self: &Arc<Self>, from: &Address) -> Option<Writer> {
+    /// A queue for frames to a connection the peer opened, announcing `announced` as its
+    /// listen address; `None` once the transport is shut. The writer starts [`Link::Up`] and
+    /// its [address](Writer::addr) is the connection's own
+    /// [inbound address](super::inbound_address), which the transport gives as
+    /// [`Incoming::from`] for the connection's frames: sends to it go on this connection, and
+    /// nowhere else. Sends to `announced` itself never use this connection; they dial.
+    pub fn register_inbound(self: &Arc<Self>, announced: &Address) -> Option<Writer> {
         let mut peers = self.peers();
-        let live = peers.get(from).is_some_and(|e| !e.tx.is_closed());
-        if live || self.is_closed() {
+        if self.is_closed() {
             return None;
         }
-        Some(self.insert(&mut peers, from, Link::Up).0)
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let addr = super::inbound_address(announced, id);
+        Some(self.insert(&mut peers, id, &addr, Link::Up).0)
     }
 
     fn insert(
         self: &Arc<Self>,
         peers: &mut HashMap<Address, Entry>,
+        id: u64,
         addr: &Address,
         link: Link,
     ) -> (Writer, mpsc::Sender<Bytes>, watch::Receiver<Link>) {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, queue) = mpsc::channel(self.config.queue_capacity.get());
         let (link_tx, link_rx) = watch::channel(link);
         let last_send = Arc::new(AtomicU64::new(self.now_ms()));
@@ -889,11 +900,10 @@ mod tests {
         let slot = Arc::new(Mutex::new(None));
         outboxes.shut();
         // What a `send` that passed its first check just before `shut` does next.
-        assert!(
-            outboxes
-                .entry(&Address::new("peer:1"), &keep(&slot, Link::Up))
-                .is_none()
-        );
+        assert!(matches!(
+            outboxes.entry(&Address::new("peer:1"), &keep(&slot, Link::Up)),
+            Err(TransportError::Closed)
+        ));
         assert!(slot.lock().expect("slot").is_none());
         assert!(outboxes.addresses().is_empty());
     }
@@ -943,32 +953,62 @@ mod tests {
     #[tokio::test]
     async fn recv_yields_frames_until_shut_then_closed() {
         let outboxes = Outboxes::new(config());
-        let (tx, rx) = mpsc::channel(4);
-        let rx = tokio::sync::Mutex::new(rx);
+        let n = NonZeroUsize::new(4).expect("non-zero");
+        let queue = RecvQueue::new(n, n, "recv_bytes").expect("queue");
         let incoming = Incoming {
             from: Address::new("peer:1"),
             frame: Bytes::from_static(b"x"),
         };
-        tx.send(incoming.clone()).await.expect("room");
-        assert_eq!(outboxes.recv(&rx).await.expect("a frame"), incoming);
-        tx.send(incoming).await.expect("room");
+        queue.push(incoming.clone()).await;
+        assert_eq!(outboxes.recv(&queue).await.expect("a frame"), incoming);
+        queue.push(incoming).await;
         outboxes.shut();
         assert!(
-            matches!(outboxes.recv(&rx).await, Err(TransportError::Closed)),
+            matches!(outboxes.recv(&queue).await, Err(TransportError::Closed)),
             "shut wins over buffered frames"
         );
     }
 
     #[tokio::test]
-    async fn inbound_registration_defers_to_a_live_queue() {
+    async fn an_accepted_connection_never_carries_traffic_to_the_address_it_claims() {
         let outboxes = Outboxes::new(config());
-        let from = Address::new("peer:1");
-        let inbound = outboxes.register_inbound(&from).expect("no queue yet");
-        assert!(
-            outboxes.register_inbound(&from).is_none(),
-            "one queue per peer"
-        );
+        let claimed = Address::new("peer:1");
+        let mut inbound = outboxes.register_inbound(&claimed).expect("open");
+        let named = inbound.addr().clone();
+        assert_eq!(super::super::inbound_peer(&named), Some(claimed.clone()));
+        // A second connection claiming the same address gets a name of its own.
+        let other = outboxes.register_inbound(&claimed).expect("open");
+        assert_ne!(other.addr(), &named);
+        // Traffic to the claimed address dials (a fresh writer), it does not take the
+        // accepted connection.
+        let slot = Arc::new(Mutex::new(None));
+        outboxes
+            .send(&claimed, Bytes::from_static(b"new"), keep(&slot, Link::Up))
+            .await
+            .expect("queued for a dial");
+        let mut dialler = slot
+            .lock()
+            .expect("slot")
+            .take()
+            .expect("a dialling writer");
+        assert_eq!(dialler.addr(), &claimed);
+        assert_eq!(dialler.next().await, Some(Bytes::from_static(b"new")));
+        // Replies to the connection's name go on it.
+        outboxes
+            .send(&named, Bytes::from_static(b"reply"), keep(&slot, Link::Up))
+            .await
+            .expect("the connection is open");
+        assert!(slot.lock().expect("slot").is_none(), "no writer started");
+        assert_eq!(inbound.next().await, Some(Bytes::from_static(b"reply")));
+        // Once the connection is gone its name is unreachable, never dialled.
         drop(inbound);
-        assert!(outboxes.register_inbound(&from).is_some());
+        match outboxes
+            .send(&named, Bytes::from_static(b"late"), keep(&slot, Link::Up))
+            .await
+        {
+            Err(TransportError::Unreachable { addr, .. }) => assert_eq!(addr, named),
+            other => panic!("a closed inbound connection gave {other:?}"),
+        }
+        assert!(slot.lock().expect("slot").is_none(), "nothing was dialled");
     }
 }

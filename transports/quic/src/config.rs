@@ -6,8 +6,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use chorus_core::registry::Options;
+use chorus_core::transport::inbound::MAX_RECV_BYTES;
 use chorus_core::transport::outbox::OutboxConfig;
-use chorus_core::transport::{Address, TransportError};
+use chorus_core::transport::{self, Address, TransportError};
 use chorus_core::wire::{DEFAULT_MAX_FRAME_LEN, MAX_FRAME_LEN_CEILING};
 
 use crate::tls::{Identity, TrustedPeers};
@@ -56,13 +57,29 @@ pub struct QuicConfig {
     /// request at `net.core.rmem_max` / `wmem_max`; a cap below the request is logged.
     pub socket_buffer: NonZeroUsize,
     /// Received frames buffered for `recv`; when full, stream readers wait and QUIC flow
-    /// control slows the senders.
+    /// control slows the senders (datagrams that find it full are dropped).
     pub recv_capacity: NonZeroUsize,
+    /// Bytes of received frames buffered for `recv`, at most [`MAX_RECV_BYTES`]; full, it
+    /// acts like `recv_capacity`. A frame larger than this still passes once the queue is
+    /// empty.
+    pub recv_bytes: NonZeroUsize,
+    /// Connections peers may have open to this node at once (handshakes in progress
+    /// included); one more is refused before its handshake (QUIC `CONNECTION_REFUSED`) and
+    /// counted in [`QuicStats::refused_connections`](crate::QuicStats::refused_connections).
+    pub max_inbound_connections: NonZeroUsize,
+    /// Incoming handshakes (TLS and the hello) in progress at once; one more is refused and
+    /// counted like a connection over `max_inbound_connections`.
+    pub max_handshakes: NonZeroUsize,
+    /// Time an incoming connection has to complete its handshake and send its hello; then it
+    /// is dropped and counted in [`QuicStats::handshake_failures`](crate::QuicStats::handshake_failures)
+    /// (handshake) or [`QuicStats::rejected_connections`](crate::QuicStats::rejected_connections)
+    /// (hello).
+    pub handshake_timeout: Duration,
     /// Whether frames given to `send_unreliable` that fit one packet travel as QUIC datagrams
     /// (RFC 9221): no stream, no retransmission, no head-of-line blocking; they may be lost.
     /// Off, or towards a peer that does not accept datagrams, they go on streams like `send`.
     pub datagrams: bool,
-    /// Time allowed for the handshake and the hello; `send` to a peer still connecting waits
+    /// Time allowed for a dial (handshake and hello); `send` to a peer still connecting waits
     /// at most this long and then fails with [`TransportError::Timeout`].
     pub connect_timeout: Duration,
     /// First delay before redialling a peer whose dial failed; doubled after each failure.
@@ -85,7 +102,8 @@ pub struct QuicConfig {
     /// connection after the goodbye), then for the connections to finish closing.
     pub close_timeout: Duration,
     /// The address announced to peers (and returned by `local_addr`); `None` uses the bound
-    /// socket address.
+    /// socket address. An unspecified address (`0.0.0.0`, `[::]`) or port 0 is refused, and
+    /// so is `None` with a wildcard bind: peers could not dial it.
     pub advertise: Option<Address>,
     /// Seed of the backoff jitter; `None` derives one from the clock and the local port.
     pub jitter_seed: Option<u64>,
@@ -125,8 +143,10 @@ const fn nz(n: usize) -> NonZeroUsize {
 }
 
 impl QuicConfig {
-    /// For a data-centre network: 2 s to connect, backoff 50 ms to 5 s, idle after 60 s,
-    /// Ethernet-sized UDP payloads, 10 ms assumed round trip before one is measured.
+    /// For a data-centre network: 2 s to connect and for an incoming handshake, backoff 50 ms
+    /// to 5 s, idle after 60 s, Ethernet-sized UDP payloads, 10 ms assumed round trip before
+    /// one is measured; at most 1024 inbound connections (64 in their handshake) and 64 MiB of
+    /// received frames waiting for `recv`.
     pub fn lan() -> Self {
         QuicConfig {
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
@@ -139,6 +159,10 @@ impl QuicConfig {
             max_udp_payload: 1452,
             socket_buffer: nz(4 * 1024 * 1024),
             recv_capacity: nz(8192),
+            recv_bytes: nz(64 * 1024 * 1024),
+            max_inbound_connections: nz(1024),
+            max_handshakes: nz(64),
+            handshake_timeout: Duration::from_secs(2),
             datagrams: true,
             initial_rtt: Duration::from_millis(10),
             connect_timeout: Duration::from_secs(2),
@@ -151,10 +175,13 @@ impl QuicConfig {
         }
     }
 
-    /// For one machine (tests, loopback clusters): 500 ms to connect, backoff 10 to 250 ms,
-    /// idle after 30 s, UDP payloads up to loopback's 64 KiB, 1 ms assumed round trip.
+    /// For one machine (tests, loopback clusters): 500 ms to connect and for an incoming
+    /// handshake, backoff 10 to 250 ms, idle after 30 s, UDP payloads up to loopback's 64 KiB,
+    /// 1 ms assumed round trip; at most 256 inbound connections (64 in their handshake).
     pub fn local() -> Self {
         QuicConfig {
+            handshake_timeout: Duration::from_millis(500),
+            max_inbound_connections: nz(256),
             queue_wait: Duration::from_millis(250),
             max_udp_payload: MAX_UDP_PAYLOAD,
             initial_rtt: Duration::from_millis(1),
@@ -186,12 +213,14 @@ impl QuicConfig {
     /// | `preset` | `lan` (default) or `local`, applied before the other keys |
     /// | `max_frame_len` | bytes |
     /// | `queue_capacity`, `max_batch`, `recv_capacity` | frames, non-zero |
+    /// | `recv_bytes` | bytes, non-zero, at most 4 GiB - 1 |
+    /// | `max_inbound_connections`, `max_handshakes` | connections, non-zero |
     /// | `max_concurrent_streams` | streams open per peer, non-zero |
     /// | `send_window`, `receive_window`, `socket_buffer` | bytes, non-zero |
     /// | `max_udp_payload` | bytes, 1200 to 65527 |
     /// | `datagrams` | `true` (default) or `false` |
-    /// | `initial_rtt_ms`, `queue_wait_ms`, `connect_timeout_ms`, `backoff_min_ms`, `backoff_max_ms`, `idle_timeout_ms`, `close_timeout_ms` | milliseconds |
-    /// | `advertise` | `host:port` announced to peers |
+    /// | `initial_rtt_ms`, `queue_wait_ms`, `connect_timeout_ms`, `handshake_timeout_ms`, `backoff_min_ms`, `backoff_max_ms`, `idle_timeout_ms`, `close_timeout_ms` | milliseconds |
+    /// | `advertise` | `host:port` announced to peers; not `0.0.0.0`, `[::]` or port 0 |
     /// | `jitter_seed` | integer |
     ///
     /// A missing required key, an unknown key or a bad value is a [`TransportError::Config`]
@@ -218,6 +247,14 @@ impl QuicConfig {
             max_udp_payload: o.parse("max_udp_payload")?.unwrap_or(base.max_udp_payload),
             socket_buffer: o.parse("socket_buffer")?.unwrap_or(base.socket_buffer),
             recv_capacity: o.parse("recv_capacity")?.unwrap_or(base.recv_capacity),
+            recv_bytes: o.parse("recv_bytes")?.unwrap_or(base.recv_bytes),
+            max_inbound_connections: o
+                .parse("max_inbound_connections")?
+                .unwrap_or(base.max_inbound_connections),
+            max_handshakes: o.parse("max_handshakes")?.unwrap_or(base.max_handshakes),
+            handshake_timeout: o
+                .millis("handshake_timeout_ms")?
+                .unwrap_or(base.handshake_timeout),
             datagrams: o.parse("datagrams")?.unwrap_or(base.datagrams),
             connect_timeout: o
                 .millis("connect_timeout_ms")?
@@ -278,9 +315,23 @@ impl QuicConfig {
         }
     }
 
-    /// Checks relations between fields.
+    /// Checks relations between fields, and the `advertise` address.
     pub fn validate(&self) -> Result<(), TransportError> {
         self.outbox(0).validate()?;
+        if self.handshake_timeout.is_zero() {
+            return Err(TransportError::Config(
+                "option `handshake_timeout_ms` must be positive".to_owned(),
+            ));
+        }
+        if self.recv_bytes.get() > MAX_RECV_BYTES {
+            return Err(TransportError::Config(format!(
+                "option `recv_bytes`: {} exceeds the maximum of {MAX_RECV_BYTES}",
+                self.recv_bytes
+            )));
+        }
+        if let Some(advertise) = &self.advertise {
+            transport::check_advertise(advertise)?;
+        }
         if self.initial_rtt.is_zero() {
             return Err(TransportError::Config(
                 "option `initial_rtt_ms` must be positive".to_owned(),
@@ -341,6 +392,15 @@ mod tests {
             (&[("max_udp_payload", "70000")][..], "max_udp_payload"),
             (&[("queue_capacity", "0")][..], "queue_capacity"),
             (&[("colour", "blue")][..], "colour"),
+            (&[("advertise", "0.0.0.0:7000")][..], "advertise"),
+            (&[("advertise", "[::]:0")][..], "advertise"),
+            (
+                &[("max_inbound_connections", "0")][..],
+                "max_inbound_connections",
+            ),
+            (&[("max_handshakes", "0")][..], "max_handshakes"),
+            (&[("handshake_timeout_ms", "0")][..], "handshake_timeout_ms"),
+            (&[("recv_bytes", "4294967296")][..], "recv_bytes"),
         ] {
             let err = QuicConfig::from_options(&options(pairs)).expect_err("invalid");
             assert!(

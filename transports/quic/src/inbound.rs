@@ -2,8 +2,10 @@
 //! handing frames to `recv`.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
+use chorus_core::transport::inbound::Admitted;
 use chorus_core::transport::{self, Address, Incoming};
 use chorus_core::wire::{self, FrameCutter};
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -30,15 +32,27 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>) {
             incoming = inner.endpoint.accept() => incoming,
         };
         let Some(incoming) = incoming else { return };
-        inner.io.spawn(inbound(Arc::clone(&inner), incoming));
+        match inner.admission.admit() {
+            Ok(admitted) => inner
+                .io
+                .spawn(inbound(Arc::clone(&inner), incoming, admitted)),
+            Err(refused) => {
+                bump(&inner.counters.refused_connections, 1);
+                tracing::warn!(remote = %incoming.remote_address(), %refused, "refusing connection");
+                incoming.refuse();
+            }
+        }
     }
 }
 
-/// An incoming connection: handshake, hello, a writer for replies, then its streams.
-async fn inbound(inner: Arc<Inner>, incoming: quinn::Incoming) {
+/// An incoming connection: handshake and hello (within the handshake timeout), a writer for
+/// replies, then its streams. It holds its place among the admitted connections until its
+/// streams are read to the end.
+async fn inbound(inner: Arc<Inner>, incoming: quinn::Incoming, mut admitted: Admitted) {
     let remote = incoming.remote_address();
-    let timeout = inner.config.connect_timeout;
-    let conn = match tokio::time::timeout(timeout, async { incoming.accept()?.await }).await {
+    let timeout = inner.config.handshake_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let conn = match tokio::time::timeout_at(deadline, async { incoming.accept()?.await }).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(error)) => {
             bump(&inner.counters.handshake_failures, 1);
@@ -52,17 +66,27 @@ async fn inbound(inner: Arc<Inner>, incoming: quinn::Incoming) {
         }
     };
     bump(&inner.counters.accepted, 1);
-    let from = match tokio::time::timeout(timeout, read_hello(&conn)).await {
-        Ok(Ok(from)) => from,
+    // One deadline for the handshake and the hello.
+    let announced = match tokio::time::timeout_at(deadline, read_hello(&conn)).await {
+        Ok(Ok(announced)) => announced,
         Ok(Err(why)) => return inner.reject(&conn, code::BAD_HELLO, &why),
         Err(_) => return inner.reject(&conn, code::BAD_HELLO, "no hello in time"),
     };
-    if let Some(writer) = inner.outboxes.register_inbound(&from) {
-        inner
-            .io
-            .spawn(inbound_writer(Arc::clone(&inner), conn.clone(), writer));
-    }
+    // The connection gets a queue under its own inbound address, never under the announced
+    // one: the certificate proves the peer is trusted, not that it is the node at
+    // `announced`, so this connection must not carry traffic meant for that address.
+    let Some(writer) = inner.outboxes.register_inbound(&announced) else {
+        // The transport is closing.
+        conn.close(VarInt::from_u32(code::CLOSING), b"closing");
+        return;
+    };
+    admitted.handshake_done();
+    let from = writer.addr().clone();
+    inner
+        .io
+        .spawn(inbound_writer(Arc::clone(&inner), conn.clone(), writer));
     read_streams(inner, conn, from).await;
+    drop(admitted);
 }
 
 async fn read_hello(conn: &Connection) -> Result<Address, String> {
@@ -144,19 +168,24 @@ fn take_datagram(inner: &Inner, from: &Address, frame: Bytes) {
     if inner.outboxes.is_closed() {
         return;
     }
-    match inner.incoming.try_reserve() {
-        Ok(permit) => {
-            bump(&inner.counters.frames_received, 1);
-            bump(&inner.counters.datagrams_received, 1);
-            permit.send(Incoming {
-                from: from.clone(),
-                frame,
-            });
-        }
-        Err(_) => {
-            bump(&inner.counters.datagrams_dropped, 1);
-            tracing::debug!(peer = %from, "dropped a datagram: the recv queue is full");
-        }
+    let incoming = Incoming {
+        from: from.clone(),
+        frame,
+    };
+    // Counted first, so stats never lag what `recv` can see; taken back if it did not fit.
+    bump(&inner.counters.frames_received, 1);
+    bump(&inner.counters.datagrams_received, 1);
+    if inner.recv.try_push(incoming).is_err() {
+        inner
+            .counters
+            .frames_received
+            .fetch_sub(1, Ordering::Relaxed);
+        inner
+            .counters
+            .datagrams_received
+            .fetch_sub(1, Ordering::Relaxed);
+        bump(&inner.counters.datagrams_dropped, 1);
+        tracing::debug!(peer = %from, "dropped a datagram: the recv queue is full");
     }
 }
 
@@ -243,12 +272,14 @@ async fn deliver(inner: &Inner, incoming: Incoming) {
     if *closed.borrow_and_update() {
         return;
     }
+    // Waits while the queue is full (in frames or bytes): the stream is not read meanwhile,
+    // and QUIC flow control stops the sender. Counted before `recv` can see it, so stats never
+    // lag what was received; taken back if the transport closed first.
+    bump(&inner.counters.frames_received, 1);
     tokio::select! {
-        permit = inner.incoming.reserve() => if let Ok(permit) = permit {
-            // Counted before `recv` can see it, so stats never lag what was received.
-            bump(&inner.counters.frames_received, 1);
-            permit.send(incoming);
-        },
-        _ = closed.wait_for(|c| *c) => {}
+        () = inner.recv.push(incoming) => {}
+        _ = closed.wait_for(|c| *c) => {
+            inner.counters.frames_received.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }

@@ -10,13 +10,19 @@
 //!
 //! # Connections and addressing
 //!
-//! One connection per peer, kept and reused, filed under the peer's *listen* address. Right
-//! after the handshake the dialler opens a unidirectional stream carrying a *hello* with its
-//! own listen address (see `docs/PROTOCOL.md`); the listener files the connection under that
-//! address and sends replies over it. Frames from a dialled connection carry the dialled
-//! address as [`Incoming::from`], frames from an accepted one the address its hello announced.
-//! The hello itself is inside the authenticated connection, but it is not bound to the
-//! certificate: a trusted peer could announce another trusted peer's address.
+//! One connection per peer and direction, kept and reused. `send` to a listen address uses the
+//! connection this node dialled to it, dialling when there is none. Right after the handshake
+//! the dialler opens a unidirectional stream carrying a *hello* with its own listen address
+//! (see `docs/PROTOCOL.md`). The hello is inside the authenticated connection, but it is not
+//! bound to the certificate (every trusted certificate is trusted for every address until
+//! identities are tied to member addresses), so the listener does not let it route anything:
+//! it gives the accepted connection an
+//! [inbound address](chorus_core::transport::inbound_address) of its own
+//! (`10.0.0.1:7000 (inbound #3)`), which frames read from it carry as [`Incoming::from`] and
+//! which sends (and datagrams) go back on; once the connection is closed, sending to it fails
+//! with [`TransportError::Unreachable`]. Frames from a dialled connection carry the dialled
+//! address. So replies travel on the connection the request came on, and a trusted peer that
+//! announces another's address gets the replies to its own frames and nothing else.
 //!
 //! # Sending: a writer per peer, a stream per batch
 //!
@@ -44,9 +50,20 @@
 //! QUIC at all are dropped by quinn before any connection exists. An empty stream is the
 //! peer's goodbye (see *Shutdown*).
 //!
-//! Complete frames wait in the queue for `recv` ([`QuicConfig::recv_capacity`]); while it is
-//! full, readers stop reading, and QUIC flow control ([`QuicConfig::receive_window`]) stops the
-//! sender. A frame still arriving is held by its stream's reader: at most
+//! Complete frames wait in the queue for `recv`, at most [`QuicConfig::recv_capacity`] frames
+//! and [`QuicConfig::recv_bytes`] bytes; while it is full, readers stop reading, and QUIC flow
+//! control ([`QuicConfig::receive_window`]) stops the sender (a datagram that finds it full is
+//! dropped and counted).
+//!
+//! # Limits on inbound connections
+//!
+//! At most [`QuicConfig::max_inbound_connections`] incoming connections are open at once and at
+//! most [`QuicConfig::max_handshakes`] of them in their handshake; one over either cap is
+//! refused before its handshake (QUIC `CONNECTION_REFUSED`), counted in
+//! [`QuicStats::refused_connections`] and logged. The handshake and the hello together must
+//! complete within [`QuicConfig::handshake_timeout`], or the connection is dropped (counted in
+//! [`QuicStats::handshake_failures`] or [`QuicStats::rejected_connections`]). Idle connections
+//! are closed by QUIC's idle timeout ([`QuicConfig::idle_timeout`]), in both directions. A frame still arriving is held by its stream's reader: at most
 //! [`QuicConfig::max_concurrent_streams`] streams of a connection are read at once, each
 //! holding at most one partial frame of up to [`QuicConfig::max_frame_len`] bytes (sized from
 //! the bytes that arrived, see [`wire::FrameCutter`]). That product (16 GiB with the defaults)
@@ -114,13 +131,13 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use chorus_core::registry::{Registry, TransportSpec};
+use chorus_core::transport::inbound::{Admission, RecvQueue};
 use chorus_core::transport::outbox::Outboxes;
 use chorus_core::transport::{self, Address, Incoming, SharedTransport, Transport, TransportError};
 #[cfg(doc)]
 use chorus_core::wire;
 use io_task::{IoTask, lock};
 use quinn::{Connection, Endpoint, VarInt};
-use tokio::sync::mpsc;
 
 use inbound::accept_loop;
 use outbound::outbound;
@@ -186,7 +203,9 @@ struct Inner {
     connections: Mutex<HashMap<usize, (Address, Connection)>>,
     /// The connection each peer's writer uses, for datagrams.
     routes: Mutex<HashMap<Address, Connection>>,
-    incoming: mpsc::Sender<Incoming>,
+    /// Received frames waiting for `recv`.
+    recv: RecvQueue,
+    admission: Admission,
     hello: Bytes,
     counters: Counters,
 }
@@ -264,7 +283,6 @@ impl quinn::Runtime for IoRuntime {
 /// A QUIC [`Transport`]. See the [crate documentation](crate).
 pub struct QuicTransport {
     inner: Arc<Inner>,
-    rx: tokio::sync::Mutex<mpsc::Receiver<Incoming>>,
 }
 
 impl fmt::Debug for QuicTransport {
@@ -355,13 +373,11 @@ impl QuicTransport {
         let mut endpoint = Endpoint::new(endpoint_config, Some(server), socket, runtime)?;
         endpoint.set_default_client_config(client);
         let bound = endpoint.local_addr()?;
-        let local = config
-            .advertise
-            .clone()
-            .unwrap_or_else(|| Address::new(bound.to_string()));
+        let local = transport::advertised(config.advertise.as_ref(), bound)?;
         let hello = transport::encode_hello(HELLO_MAGIC, &local)?;
         let outboxes = Outboxes::new(config.outbox(u64::from(bound.port())));
-        let (incoming, rx) = mpsc::channel(config.recv_capacity.get());
+        let recv = RecvQueue::new(config.recv_capacity, config.recv_bytes, "recv_bytes")?;
+        let admission = Admission::new(config.max_inbound_connections, config.max_handshakes);
         let inner = Arc::new(Inner {
             local,
             max_frame_len: config.effective_max_frame_len(),
@@ -371,15 +387,13 @@ impl QuicTransport {
             outboxes,
             connections: Mutex::new(HashMap::new()),
             routes: Mutex::new(HashMap::new()),
-            incoming,
+            recv,
+            admission,
             hello,
             counters: Counters::default(),
         });
         inner.io.spawn(accept_loop(Arc::clone(&inner)));
-        Ok(QuicTransport {
-            inner,
-            rx: tokio::sync::Mutex::new(rx),
-        })
+        Ok(QuicTransport { inner })
     }
 
     /// The configuration in force.
@@ -505,7 +519,7 @@ impl Transport for QuicTransport {
     }
 
     async fn recv(&self) -> Result<Incoming, TransportError> {
-        self.inner.outboxes.recv(&self.rx).await
+        self.inner.outboxes.recv(&self.inner.recv).await
     }
 
     async fn close(&self) {

@@ -21,14 +21,23 @@ pub struct QuicStats {
     pub accepted: u64,
     /// Incoming handshakes that failed (an untrusted certificate included).
     pub handshake_failures: u64,
-    /// Connections closed because of a bad hello or a stream that was not whole, valid frames.
+    /// Connections closed because of a bad hello (none within
+    /// [`QuicConfig::handshake_timeout`](crate::QuicConfig::handshake_timeout) included) or a
+    /// stream that was not whole, valid frames.
     pub rejected_connections: u64,
+    /// Incoming connections refused before their handshake:
+    /// [`QuicConfig::max_inbound_connections`](crate::QuicConfig::max_inbound_connections) were
+    /// open, or [`QuicConfig::max_handshakes`](crate::QuicConfig::max_handshakes) in progress.
+    pub refused_connections: u64,
     /// Frames written to streams.
     pub frames_sent: u64,
     /// Streams sent (`frames_sent / streams_sent` is the mean batch).
     pub streams_sent: u64,
     /// Frames received and handed to `recv`, those that came as datagrams included.
     pub frames_received: u64,
+    /// Bytes of received frames waiting for `recv` now (at most
+    /// [`QuicConfig::recv_bytes`](crate::QuicConfig::recv_bytes)).
+    pub recv_queue_bytes: u64,
     /// Accepted frames that were never written: queued when a dial failed, in a batch whose
     /// stream failed, or still queued when the connection or the transport went away.
     pub frames_dropped: u64,
@@ -72,6 +81,7 @@ pub(crate) struct Counters {
     pub(crate) accepted: AtomicU64,
     pub(crate) handshake_failures: AtomicU64,
     pub(crate) rejected_connections: AtomicU64,
+    pub(crate) refused_connections: AtomicU64,
     pub(crate) frames_sent: AtomicU64,
     pub(crate) streams_sent: AtomicU64,
     pub(crate) frames_received: AtomicU64,
@@ -97,9 +107,11 @@ impl QuicTransport {
             accepted: get(&c.accepted),
             handshake_failures: get(&c.handshake_failures),
             rejected_connections: get(&c.rejected_connections),
+            refused_connections: get(&c.refused_connections),
             frames_sent: get(&c.frames_sent),
             streams_sent: get(&c.streams_sent),
             frames_received: get(&c.frames_received),
+            recv_queue_bytes: self.inner.recv.queued_bytes() as u64,
             frames_dropped: get(&c.frames_dropped),
             datagrams_sent: get(&c.datagrams_sent),
             datagrams_received: get(&c.datagrams_received),

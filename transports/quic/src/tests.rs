@@ -1,5 +1,6 @@
 //! Tests of the whole transport over loopback.
 
+use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use super::*;
@@ -41,7 +42,7 @@ async fn trusted_peers_talk_both_ways_over_one_connection() {
     let b = node(&ib, &[&ia]).await;
     a.send(&b.local_addr(), frame("ping")).await.expect("send");
     let got = recv(&b).await;
-    assert_eq!(got.from, a.local_addr());
+    assert_eq!(transport::inbound_peer(&got.from), Some(a.local_addr()));
     assert_eq!(got.frame, frame("ping"));
     b.send(&got.from, frame("pong")).await.expect("reply");
     let back = recv(&a).await;
@@ -340,7 +341,10 @@ async fn small_unreliable_frames_go_as_datagrams_and_large_ones_on_streams() {
     let mut got = std::collections::HashSet::new();
     for _ in 0..21 {
         let incoming = recv(&b).await;
-        assert_eq!(incoming.from, a.local_addr());
+        assert_eq!(
+            transport::inbound_peer(&incoming.from),
+            Some(a.local_addr())
+        );
         got.insert(incoming.frame);
     }
     assert!(got.contains(&big) && small.iter().all(|f| got.contains(f)));
@@ -378,4 +382,135 @@ async fn a_datagram_that_is_not_one_frame_is_dropped_and_counted() {
     conn.close(VarInt::from_u32(0), b"done");
     endpoint.wait_idle().await;
     a.close().await;
+}
+
+/// A client endpoint and a connection to `to` that completed its handshake; `None` if the
+/// handshake failed.
+async fn raw_connect(identity: &Identity, to: &Address) -> (Endpoint, Option<Connection>) {
+    let mut trusted = TrustedPeers::new();
+    trusted.add(identity.certificate());
+    let (_, client) = endpoint_configs(&QuicConfig::local(), identity, trusted).expect("configs");
+    let mut endpoint = Endpoint::client("127.0.0.1:0".parse().unwrap()).expect("endpoint");
+    endpoint.set_default_client_config(client);
+    let conn = endpoint
+        .connect(to.as_str().parse().unwrap(), tls::SERVER_NAME)
+        .expect("connect")
+        .await
+        .ok();
+    (endpoint, conn)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_cap_are_refused_and_counted() {
+    let id = Identity::generate(&[]).unwrap();
+    let mut config = QuicConfig::local();
+    config.max_inbound_connections = NonZeroUsize::MIN;
+    let mut trusted = TrustedPeers::new();
+    trusted.add(id.certificate());
+    let a = QuicTransport::bind("127.0.0.1:0", config, id.clone(), trusted)
+        .await
+        .expect("bind");
+    let hello = transport::encode_hello(HELLO_MAGIC, &Address::new("127.0.0.1:9")).unwrap();
+    let (_first_endpoint, first) = raw_client(&id, &a.local_addr(), &hello).await;
+    let (_second_endpoint, second) = raw_connect(&id, &a.local_addr()).await;
+    assert!(second.is_none(), "a second connection got through the cap");
+    let stats = a.stats();
+    assert_eq!(
+        (stats.accepted, stats.refused_connections),
+        (1, 1),
+        "{stats:?}"
+    );
+    assert!(first.close_reason().is_none(), "the first stays open");
+    a.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_sends_its_hello_is_dropped_after_the_handshake_timeout() {
+    let id = Identity::generate(&[]).unwrap();
+    let mut config = QuicConfig::local();
+    config.handshake_timeout = Duration::from_millis(200);
+    let mut trusted = TrustedPeers::new();
+    trusted.add(id.certificate());
+    let a = QuicTransport::bind("127.0.0.1:0", config, id.clone(), trusted)
+        .await
+        .expect("bind");
+    let started = std::time::Instant::now();
+    let (_endpoint, conn) = raw_connect(&id, &a.local_addr()).await;
+    let conn = conn.expect("the handshake completes");
+    let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("closed within 10 s");
+    assert!(started.elapsed() >= Duration::from_millis(200), "{reason}");
+    assert!(
+        matches!(&reason, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == VarInt::from_u32(code::BAD_HELLO)),
+        "{reason}"
+    );
+    assert_eq!(a.stats().rejected_connections, 1, "{:?}", a.stats());
+    a.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_datagrams_over_the_byte_bound_is_shed() {
+    let id = Identity::generate(&[]).unwrap();
+    let mut config = QuicConfig::local();
+    config.recv_bytes = NonZeroUsize::new(4096).expect("non-zero");
+    let mut trusted = TrustedPeers::new();
+    trusted.add(id.certificate());
+    let a = QuicTransport::bind("127.0.0.1:0", config, id.clone(), trusted)
+        .await
+        .expect("bind");
+    let hello = transport::encode_hello(HELLO_MAGIC, &Address::new("127.0.0.1:9")).unwrap();
+    let (endpoint, conn) = raw_client(&id, &a.local_addr(), &hello).await;
+    let one = frame(&"d".repeat(900));
+    let n = 40u64;
+    for _ in 0..n {
+        // The client's own datagram buffer may drop some; what arrives is what counts.
+        let _ = conn.send_datagram(one.clone());
+    }
+    // Bounded wait: every datagram that arrived is either queued or shed.
+    let budget = 4096;
+    let mut settled = false;
+    for _ in 0..500 {
+        let s = a.stats();
+        if s.datagrams_received + s.datagrams_dropped >= n.min(10) && s.datagrams_dropped > 0 {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stats = a.stats();
+    assert!(settled, "{stats:?}");
+    assert!(stats.recv_queue_bytes as usize <= budget, "{stats:?}");
+    assert!(
+        stats.datagrams_received * one.len() as u64 <= budget as u64,
+        "more than the budget was queued: {stats:?}"
+    );
+    conn.close(VarInt::from_u32(0), b"done");
+    endpoint.wait_idle().await;
+    a.close().await;
+}
+
+#[tokio::test]
+async fn an_address_peers_cannot_dial_is_refused() {
+    let id = Identity::generate(&[]).unwrap();
+    let wildcard = QuicTransport::bind(
+        "0.0.0.0:0",
+        QuicConfig::local(),
+        id.clone(),
+        TrustedPeers::new(),
+    )
+    .await;
+    assert!(
+        matches!(&wildcard, Err(TransportError::Config(m)) if m.contains("`advertise`")),
+        "{wildcard:?}"
+    );
+    let mut config = QuicConfig::local();
+    config.advertise = Some(Address::new("[::]:7000"));
+    let err = QuicTransport::bind("127.0.0.1:0", config, id, TrustedPeers::new())
+        .await
+        .expect_err("unspecified advertise");
+    assert!(
+        matches!(&err, TransportError::Config(m) if m.contains("`advertise`")),
+        "{err}"
+    );
 }

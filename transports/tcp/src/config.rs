@@ -5,8 +5,9 @@ use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use chorus_core::registry::Options;
+use chorus_core::transport::inbound::MAX_RECV_BYTES;
 use chorus_core::transport::outbox::OutboxConfig;
-use chorus_core::transport::{Address, TransportError};
+use chorus_core::transport::{self, Address, TransportError};
 use chorus_core::wire::{DEFAULT_MAX_FRAME_LEN, MAX_FRAME_LEN_CEILING};
 
 #[cfg(doc)]
@@ -29,24 +30,39 @@ pub struct TcpConfig {
     /// Received frames buffered for [`recv`](chorus_core::Transport::recv); when full, readers
     /// stop reading and TCP flow control slows the senders.
     pub recv_capacity: NonZeroUsize,
+    /// Bytes of received frames buffered for `recv`, at most [`MAX_RECV_BYTES`]; like
+    /// `recv_capacity`, when full, readers stop reading. A frame larger than this still passes
+    /// once the queue is empty.
+    pub recv_bytes: NonZeroUsize,
+    /// Connections peers may have open to this node at once (hellos still awaited included);
+    /// one more is closed as soon as it is accepted, and counted in
+    /// [`TcpStats::refused_connections`](crate::TcpStats::refused_connections).
+    pub max_inbound_connections: NonZeroUsize,
+    /// Accepted connections that may be waiting for their hello at once; one more is closed at
+    /// once and counted like a connection over `max_inbound_connections`.
+    pub max_handshakes: NonZeroUsize,
+    /// Time an accepted connection has to send its hello; then it is closed and counted in
+    /// [`TcpStats::rejected_connections`](crate::TcpStats::rejected_connections).
+    pub handshake_timeout: Duration,
     /// Most frames written with one `writev` call (at most 1024, the kernel's `IOV_MAX`).
     pub max_batch: NonZeroUsize,
     /// Time allowed to connect and send the hello; `send` to a peer still connecting waits at
-    /// most this long and then fails with [`TransportError::Timeout`]. Also the time an
-    /// accepted connection has to send its hello.
+    /// most this long and then fails with [`TransportError::Timeout`].
     pub connect_timeout: Duration,
     /// First delay before redialling a peer whose dial failed; doubled after each failure.
     pub backoff_min: Duration,
     /// Largest redial delay. Each delay is drawn uniformly from `[d/2, d]` (jitter).
     pub backoff_max: Duration,
-    /// A connection with no frame read or written for this long is closed.
+    /// A connection, dialled or accepted, with no bytes read or written for this long is
+    /// closed (and counted in [`TcpStats::idle_closed`](crate::TcpStats::idle_closed)).
     pub idle_timeout: Duration,
     /// TCP keepalive idle time and probe interval; `None` leaves keepalive off.
     pub keepalive: Option<Duration>,
     /// How long [`close`](chorus_core::Transport::close) waits for queued frames to be written.
     pub close_timeout: Duration,
     /// The address announced to peers (and returned by `local_addr`); `None` uses the bound
-    /// socket address, which is wrong for a wildcard bind such as `0.0.0.0:7000`.
+    /// socket address. An unspecified address (`0.0.0.0`, `[::]`) or port 0 is refused, and
+    /// so is `None` with a wildcard bind such as `0.0.0.0:7000`: peers could not dial it.
     pub advertise: Option<Address>,
     /// Seed of the reconnect jitter; `None` derives one from the clock and the local address.
     pub jitter_seed: Option<u64>,
@@ -67,14 +83,20 @@ const fn nz(n: usize) -> NonZeroUsize {
 }
 
 impl TcpConfig {
-    /// For a data-centre network: 1 s to connect, redial between 50 ms and 5 s, connections
-    /// idle for 60 s closed, keepalive every 15 s.
+    /// For a data-centre network: 1 s to connect and to send the hello, redial between 50 ms
+    /// and 5 s, connections idle for 60 s closed, keepalive every 15 s; at most 1024 inbound
+    /// connections (64 awaiting their hello) and 64 MiB of received frames waiting for
+    /// `recv`.
     pub fn lan() -> Self {
         TcpConfig {
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             queue_capacity: nz(4096),
             queue_wait: Duration::from_secs(1),
             recv_capacity: nz(8192),
+            recv_bytes: nz(64 * 1024 * 1024),
+            max_inbound_connections: nz(1024),
+            max_handshakes: nz(64),
+            handshake_timeout: Duration::from_secs(1),
             max_batch: nz(256),
             connect_timeout: Duration::from_secs(1),
             backoff_min: Duration::from_millis(50),
@@ -87,12 +109,15 @@ impl TcpConfig {
         }
     }
 
-    /// For one machine (tests, loopback clusters): 250 ms to connect, redial between 10 ms and
-    /// 250 ms, idle after 30 s, keepalive every 5 s.
+    /// For one machine (tests, loopback clusters): 250 ms to connect and to send the hello,
+    /// redial between 10 ms and 250 ms, idle after 30 s, keepalive every 5 s; at most 256
+    /// inbound connections (64 awaiting their hello), 64 MiB waiting for `recv`.
     pub fn local() -> Self {
         TcpConfig {
             queue_wait: Duration::from_millis(250),
             connect_timeout: Duration::from_millis(250),
+            handshake_timeout: Duration::from_millis(250),
+            max_inbound_connections: nz(256),
             backoff_min: Duration::from_millis(10),
             backoff_max: Duration::from_millis(250),
             idle_timeout: Duration::from_secs(30),
@@ -125,9 +150,11 @@ impl TcpConfig {
     /// | `preset` | `lan` (default) or `local`, applied before the other keys |
     /// | `max_frame_len` | bytes |
     /// | `queue_capacity`, `recv_capacity`, `max_batch` | frames, non-zero |
-    /// | `queue_wait_ms`, `connect_timeout_ms`, `backoff_min_ms`, `backoff_max_ms`, `idle_timeout_ms`, `close_timeout_ms` | milliseconds |
+    /// | `recv_bytes` | bytes, non-zero, at most 4 GiB - 1 |
+    /// | `max_inbound_connections`, `max_handshakes` | connections, non-zero |
+    /// | `queue_wait_ms`, `connect_timeout_ms`, `handshake_timeout_ms`, `backoff_min_ms`, `backoff_max_ms`, `idle_timeout_ms`, `close_timeout_ms` | milliseconds |
     /// | `keepalive_ms` | milliseconds, `0` turns keepalive off |
-    /// | `advertise` | `host:port` announced to peers |
+    /// | `advertise` | `host:port` announced to peers; not `0.0.0.0`, `[::]` or port 0 |
     /// | `jitter_seed` | integer |
     ///
     /// An unknown key or a bad value is a [`TransportError::Config`] naming the key.
@@ -142,6 +169,14 @@ impl TcpConfig {
             max_frame_len: o.parse("max_frame_len")?.unwrap_or(base.max_frame_len),
             queue_capacity: o.parse("queue_capacity")?.unwrap_or(base.queue_capacity),
             recv_capacity: o.parse("recv_capacity")?.unwrap_or(base.recv_capacity),
+            recv_bytes: o.parse("recv_bytes")?.unwrap_or(base.recv_bytes),
+            max_inbound_connections: o
+                .parse("max_inbound_connections")?
+                .unwrap_or(base.max_inbound_connections),
+            max_handshakes: o.parse("max_handshakes")?.unwrap_or(base.max_handshakes),
+            handshake_timeout: o
+                .millis("handshake_timeout_ms")?
+                .unwrap_or(base.handshake_timeout),
             max_batch: o.parse("max_batch")?.unwrap_or(base.max_batch),
             queue_wait: o.millis("queue_wait_ms")?.unwrap_or(base.queue_wait),
             connect_timeout: o
@@ -179,9 +214,23 @@ impl TcpConfig {
         }
     }
 
-    /// Checks relations between fields.
+    /// Checks relations between fields, and the `advertise` address.
     pub fn validate(&self) -> Result<(), TransportError> {
         self.outbox(0).validate()?;
+        if self.handshake_timeout.is_zero() {
+            return Err(TransportError::Config(
+                "option `handshake_timeout_ms` must be positive".to_owned(),
+            ));
+        }
+        if self.recv_bytes.get() > MAX_RECV_BYTES {
+            return Err(TransportError::Config(format!(
+                "option `recv_bytes`: {} exceeds the maximum of {MAX_RECV_BYTES}",
+                self.recv_bytes
+            )));
+        }
+        if let Some(advertise) = &self.advertise {
+            transport::check_advertise(advertise)?;
+        }
         Ok(())
     }
 }
@@ -204,8 +253,23 @@ mod tests {
             ("connect_timeout_ms", "75"),
             ("keepalive_ms", "0"),
             ("queue_capacity", "8"),
+            ("recv_bytes", "65536"),
+            ("max_inbound_connections", "3"),
+            ("max_handshakes", "2"),
+            ("handshake_timeout_ms", "40"),
+            ("advertise", "10.0.0.1:7000"),
         ]))
         .expect("valid");
+        assert_eq!(config.recv_bytes.get(), 65536);
+        assert_eq!(
+            (
+                config.max_inbound_connections.get(),
+                config.max_handshakes.get()
+            ),
+            (3, 2)
+        );
+        assert_eq!(config.handshake_timeout, Duration::from_millis(40));
+        assert_eq!(config.advertise, Some(Address::new("10.0.0.1:7000")));
         assert_eq!(config.connect_timeout, Duration::from_millis(75));
         assert_eq!(config.keepalive, None);
         assert_eq!(config.queue_capacity.get(), 8);
@@ -219,6 +283,17 @@ mod tests {
             (&[("connect_timeout_ms", "soon")][..], "connect_timeout_ms"),
             (&[("colour", "blue")][..], "colour"),
             (&[("preset", "moon")][..], "preset"),
+            (&[("advertise", "0.0.0.0:7000")][..], "advertise"),
+            (&[("advertise", "[::]:7000")][..], "advertise"),
+            (&[("advertise", "10.0.0.1:0")][..], "advertise"),
+            (
+                &[("max_inbound_connections", "0")][..],
+                "max_inbound_connections",
+            ),
+            (&[("max_handshakes", "none")][..], "max_handshakes"),
+            (&[("handshake_timeout_ms", "0")][..], "handshake_timeout_ms"),
+            (&[("recv_bytes", "0")][..], "recv_bytes"),
+            (&[("recv_bytes", "4294967296")][..], "recv_bytes"),
             (
                 &[("backoff_min_ms", "10"), ("backoff_max_ms", "5")][..],
                 "backoff_min_ms",

@@ -2,15 +2,21 @@
 //!
 //! # Connections
 //!
-//! One connection per peer, kept and reused, in one map keyed by the peer's *listen* address.
-//! `send` to an address without a connection dials it; the dialer first writes a *hello*
-//! announcing its own listen address (see `docs/PROTOCOL.md`), so the listener files the
-//! accepted connection under that address and sends its replies back over it. Frames read from
-//! a dialed connection carry the dialed address as [`Incoming::from`]; frames read from an
-//! accepted connection carry the address its hello announced. Either way, sending to
-//! `Incoming::from` reaches the sender, which is what request/response correlation needs. The
-//! hello is not authenticated: on an untrusted network use the QUIC transport, whose mutual
-//! TLS does that.
+//! One connection per peer and direction, kept and reused. `send` to a listen address uses the
+//! connection this node dialled to it, dialling when there is none; the dialler first writes a
+//! *hello* announcing its own listen address (see `docs/PROTOCOL.md`). The listener does not
+//! trust that announcement to route anything: it gives the accepted connection an
+//! [inbound address](chorus_core::transport::inbound_address) of its own (the announced
+//! address and a connection number, `10.0.0.1:7000 (inbound #3)`), which frames read from it
+//! carry as [`Incoming::from`], and a send to that address goes back on that connection (and
+//! fails with [`TransportError::Unreachable`] once it is closed). Frames read from a dialled
+//! connection carry the dialled address. Either way, sending to `Incoming::from` reaches the
+//! sender over the connection the frame came on, which is what request/response correlation
+//! needs; and a peer that announces another node's address (by mistake, two nodes sharing an
+//! `advertise` address, or on purpose) gets the replies to its own frames and nothing else:
+//! traffic to a listen address only ever travels on a connection dialled to it. The hello is
+//! not authenticated: on an untrusted network use the QUIC transport, whose mutual TLS does
+//! that.
 //!
 //! # Writing
 //!
@@ -25,9 +31,19 @@
 //! transport ([`chorus_core::transport::outbox`]). A peer's queue holds at most [`TcpConfig::queue_capacity`] frames. `send` finding it full
 //! waits up to [`TcpConfig::queue_wait`] for room and then fails with
 //! [`TransportError::QueueFull`]: a slow or stuck peer costs bounded memory and the caller
-//! learns to slow down. On the reading side, received frames wait in a queue of
-//! [`TcpConfig::recv_capacity`]; when it is full, readers stop reading and TCP's flow control
-//! pushes back on the senders.
+//! learns to slow down. On the reading side, received frames wait in a queue of at most
+//! [`TcpConfig::recv_capacity`] frames and [`TcpConfig::recv_bytes`] bytes
+//! ([`RecvQueue`]); when it is full, readers stop reading and TCP's flow control pushes back on
+//! the senders ([`TcpStats::recv_queue_bytes`] shows how full it is).
+//!
+//! # Limits on inbound connections
+//!
+//! At most [`TcpConfig::max_inbound_connections`] accepted connections are open at once, and
+//! at most [`TcpConfig::max_handshakes`] of them are still waiting for their hello; a
+//! connection over either cap is closed as soon as it is accepted, before a byte is read, and
+//! counted in [`TcpStats::refused_connections`] (and logged). A connection that does not send
+//! its hello within [`TcpConfig::handshake_timeout`] is closed and counted in
+//! [`TcpStats::rejected_connections`].
 //!
 //! # Failures
 //!
@@ -44,7 +60,11 @@
 //!   longer than the maximum before anything is buffered, and the header's magic is checked. A
 //!   bad hello, an oversized or malformed frame closes *that* connection only; it is counted in
 //!   [`TcpStats::rejected_connections`] and logged.
-//! - A connection with no traffic for [`TcpConfig::idle_timeout`] is closed.
+//! - A connection, dialled or accepted, with no traffic for [`TcpConfig::idle_timeout`] is
+//!   closed in both directions (counted in [`TcpStats::idle_closed`]), whether or not the peer
+//!   answers the shutdown.
+//! - [`bind`](TcpTransport::bind) refuses to announce an address peers cannot dial: an
+//!   unspecified `advertise` (`0.0.0.0`, `[::]`) or port 0, or a wildcard bind without one.
 //!
 //! # Shutdown
 //!
@@ -65,13 +85,14 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use chorus_core::registry::{Registry, TransportSpec};
+use chorus_core::transport::inbound::{Admission, Admitted, RecvQueue};
 use chorus_core::transport::outbox::{Link, Outboxes, Writer};
 use chorus_core::transport::{self, Address, Incoming, SharedTransport, Transport, TransportError};
 use chorus_core::wire;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 pub use config::TcpConfig;
@@ -116,8 +137,12 @@ pub struct TcpStats {
     pub dial_failures: u64,
     /// Connections accepted from peers.
     pub accepted: u64,
-    /// Connections closed because of a bad hello, an oversized or malformed frame.
+    /// Connections closed because of a bad hello (a hello not received within
+    /// [`TcpConfig::handshake_timeout`] included), an oversized or malformed frame.
     pub rejected_connections: u64,
+    /// Connections closed as soon as they were accepted: [`TcpConfig::max_inbound_connections`]
+    /// were open, or [`TcpConfig::max_handshakes`] were awaiting their hello.
+    pub refused_connections: u64,
     /// Connections closed because they were idle.
     pub idle_closed: u64,
     /// Frames written to sockets.
@@ -126,6 +151,8 @@ pub struct TcpStats {
     pub writes: u64,
     /// Frames read from sockets and handed to `recv`.
     pub frames_received: u64,
+    /// Bytes of received frames waiting for `recv` now (at most [`TcpConfig::recv_bytes`]).
+    pub recv_queue_bytes: u64,
     /// Accepted frames that were never written: queued when a dial failed, in a batch whose
     /// write failed, or still queued when `close` gave up.
     pub frames_dropped: u64,
@@ -137,6 +164,7 @@ struct Counters {
     dial_failures: AtomicU64,
     accepted: AtomicU64,
     rejected_connections: AtomicU64,
+    refused_connections: AtomicU64,
     idle_closed: AtomicU64,
     frames_sent: AtomicU64,
     writes: AtomicU64,
@@ -172,7 +200,9 @@ struct Inner {
     max_frame_len: usize,
     started: Instant,
     outboxes: Arc<Outboxes>,
-    incoming: mpsc::Sender<Incoming>,
+    /// Received frames waiting for `recv`.
+    recv: RecvQueue,
+    admission: Admission,
     hello: Bytes,
     counters: Counters,
 }
@@ -243,7 +273,6 @@ enum DialError {
 /// A TCP [`Transport`]. See the [crate documentation](crate).
 pub struct TcpTransport {
     inner: Arc<Inner>,
-    rx: tokio::sync::Mutex<mpsc::Receiver<Incoming>>,
     accept: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -259,7 +288,9 @@ impl fmt::Debug for TcpTransport {
 
 impl TcpTransport {
     /// Binds a listener at `bind` (`host:port`; port 0 picks a free one) and starts accepting.
-    /// Fails with [`TransportError::AddressInUse`] if the port is taken.
+    /// Fails with [`TransportError::AddressInUse`] if the port is taken, and with
+    /// [`TransportError::Config`] naming `advertise` if the address to announce is one peers
+    /// cannot dial (a wildcard bind without [`TcpConfig::advertise`]).
     pub async fn bind(bind: &str, config: TcpConfig) -> Result<Self, TransportError> {
         config.validate()?;
         let listener = TcpListener::bind(bind).await.map_err(|e| {
@@ -270,27 +301,25 @@ impl TcpTransport {
             }
         })?;
         let bound: SocketAddr = listener.local_addr()?;
-        let local = config
-            .advertise
-            .clone()
-            .unwrap_or_else(|| Address::new(bound.to_string()));
+        let local = transport::advertised(config.advertise.as_ref(), bound)?;
         let hello = transport::encode_hello(HELLO_MAGIC, &local)?;
         let outboxes = Outboxes::new(config.outbox(u64::from(bound.port())));
-        let (incoming, rx) = mpsc::channel(config.recv_capacity.get());
+        let recv = RecvQueue::new(config.recv_capacity, config.recv_bytes, "recv_bytes")?;
+        let admission = Admission::new(config.max_inbound_connections, config.max_handshakes);
         let inner = Arc::new(Inner {
             local,
             max_frame_len: config.effective_max_frame_len(),
             config,
             started: Instant::now(),
             outboxes,
-            incoming,
+            recv,
+            admission,
             hello,
             counters: Counters::default(),
         });
         let accept = tokio::spawn(accept_loop(Arc::clone(&inner), listener));
         Ok(TcpTransport {
             inner,
-            rx: tokio::sync::Mutex::new(rx),
             accept: Mutex::new(Some(accept)),
         })
     }
@@ -304,10 +333,12 @@ impl TcpTransport {
             dial_failures: get(&c.dial_failures),
             accepted: get(&c.accepted),
             rejected_connections: get(&c.rejected_connections),
+            refused_connections: get(&c.refused_connections),
             idle_closed: get(&c.idle_closed),
             frames_sent: get(&c.frames_sent),
             writes: get(&c.writes),
             frames_received: get(&c.frames_received),
+            recv_queue_bytes: self.inner.recv.queued_bytes() as u64,
             frames_dropped: get(&c.frames_dropped),
         }
     }
@@ -353,7 +384,7 @@ impl Transport for TcpTransport {
     }
 
     async fn recv(&self) -> Result<Incoming, TransportError> {
-        self.inner.outboxes.recv(&self.rx).await
+        self.inner.outboxes.recv(&self.inner.recv).await
     }
 
     async fn close(&self) {
@@ -382,11 +413,18 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, peer)) => {
-                bump(&inner.counters.accepted, 1);
-                inner.configure(&stream);
-                tokio::spawn(inbound(Arc::clone(&inner), stream, peer));
-            }
+            Ok((stream, peer)) => match inner.admission.admit() {
+                Ok(admitted) => {
+                    bump(&inner.counters.accepted, 1);
+                    inner.configure(&stream);
+                    tokio::spawn(inbound(Arc::clone(&inner), stream, peer, admitted));
+                }
+                Err(refused) => {
+                    // Dropping the stream closes it before a byte is read.
+                    bump(&inner.counters.refused_connections, 1);
+                    tracing::warn!(%peer, %refused, "refusing connection");
+                }
+            },
             Err(error) => {
                 // Usually out of file descriptors: pause rather than spin.
                 tracing::warn!(%error, "accept failed");
@@ -421,34 +459,47 @@ async fn read_hello(r: &mut OwnedReadHalf, timeout: Duration) -> Result<Address,
         .map_err(|_| HelloError::Timeout(timeout))?
 }
 
-/// An accepted connection: read the hello, file the connection under the announced address
-/// (unless a live connection to that peer exists), then read frames.
-async fn inbound(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr) {
+/// An accepted connection: read the hello (within the handshake timeout), give the
+/// connection a queue of its own under its inbound address (never under the announced address:
+/// see [`Incoming::from`]), then read frames, which carry that inbound address. The connection
+/// ends, both directions at once, when either its reader or its writer does (the writer ends
+/// when the connection is idle), and only then gives up its place among the admitted ones.
+async fn inbound(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr, mut admitted: Admitted) {
     let (mut r, w) = stream.into_split();
-    let from = match read_hello(&mut r, inner.config.connect_timeout).await {
-        Ok(from) => from,
+    let announced = match read_hello(&mut r, inner.config.handshake_timeout).await {
+        Ok(announced) => announced,
         Err(error) => {
             bump(&inner.counters.rejected_connections, 1);
             tracing::warn!(%peer, %error, "closing connection: bad hello");
             return;
         }
     };
-    let activity = Activity::new(inner.now_ms());
-    // Keep the write half open even when it is not used for replies: dropping it would shut
-    // the peer's reading direction.
-    let _unused_write_half = match inner.outboxes.register_inbound(&from) {
-        Some(writer) => {
-            tokio::spawn(inbound_writer(
-                Arc::clone(&inner),
-                writer,
-                w,
-                Arc::clone(&activity),
-            ));
-            None
-        }
-        None => Some(w),
+    admitted.handshake_done();
+    // `None`: the transport is closing.
+    let Some(writer) = inner.outboxes.register_inbound(&announced) else {
+        return;
     };
-    read_loop(&inner, r, &from, &activity).await;
+    let from = writer.addr().clone();
+    tracing::debug!(%peer, %from, "accepted a connection");
+    let activity = Activity::new(inner.now_ms());
+    let mut writing = tokio::spawn(inbound_writer(
+        Arc::clone(&inner),
+        writer,
+        w,
+        Arc::clone(&activity),
+    ));
+    tokio::select! {
+        // The reader told the writer (unless the transport is closing, when the writer ends
+        // with its queue): wait for it to finish.
+        () = read_loop(&inner, r, &from, &activity) => {
+            let _ = writing.await;
+        }
+        // The writer closed the connection (idle, or a write failed): dropping the reader
+        // here drops the read half, so the socket closes even if the peer never answers the
+        // shutdown.
+        _ = &mut writing => {}
+    }
+    drop(admitted);
 }
 
 async fn inbound_writer(
@@ -626,8 +677,10 @@ async fn read_frames(
                         from: from.clone(),
                         frame,
                     };
+                    // Waits while the queue is full (in frames or bytes): the reader stops
+                    // reading, and TCP flow control slows the sender.
                     tokio::select! {
-                        sent = inner.incoming.send(incoming) => if sent.is_err() { return },
+                        () = inner.recv.push(incoming) => {}
                         _ = closed.wait_for(|c| *c) => return,
                     }
                     bump(&inner.counters.frames_received, 1);
@@ -711,9 +764,9 @@ mod tests {
         a.send(&b.local_addr(), frame("ping")).await.expect("send");
         let got = recv(&b).await;
         assert_eq!(
-            got.from,
-            a.local_addr(),
-            "the hello names a's listen address"
+            transport::inbound_peer(&got.from),
+            Some(a.local_addr()),
+            "the frame names the accepted connection, and the hello a's listen address"
         );
         b.send(&got.from, frame("pong")).await.expect("reply");
         let back = recv(&a).await;
@@ -785,6 +838,201 @@ mod tests {
         assert_eq!(a.stats().dialed, 2);
         a.close().await;
         b.close().await;
+    }
+
+    /// A raw connection to `to` that sends a hello announcing `claimed` (or nothing).
+    async fn raw(to: &Address, claimed: Option<&Address>) -> TcpStream {
+        let mut stream = TcpStream::connect(to.as_str()).await.expect("connect");
+        if let Some(claimed) = claimed {
+            let hello = transport::encode_hello(HELLO_MAGIC, claimed).expect("hello");
+            stream.write_all(&hello).await.expect("hello");
+        }
+        stream
+    }
+
+    /// Whether `stream` sees the end of the stream (or an error) within 10 s.
+    async fn closed_within_10s(stream: &mut TcpStream) -> bool {
+        let mut sink = [0u8; 64];
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+
+    /// Polls `condition` every 10 ms for up to 10 s; whether it held.
+    async fn eventually(mut condition: impl FnMut() -> bool) -> bool {
+        for _ in 0..1000 {
+            if condition() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        condition()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_over_the_cap_are_refused_and_counted() {
+        let mut config = TcpConfig::local();
+        config.max_inbound_connections = NonZeroUsize::new(2).expect("non-zero");
+        let b = TcpTransport::bind("127.0.0.1:0", config)
+            .await
+            .expect("bind");
+        let to = b.local_addr();
+        let me = Address::new("127.0.0.1:9");
+        let _first = raw(&to, Some(&me)).await;
+        let _second = raw(&to, Some(&me)).await;
+        let mut third = raw(&to, Some(&me)).await;
+        assert!(
+            closed_within_10s(&mut third).await,
+            "the third was not closed"
+        );
+        let stats = b.stats();
+        assert_eq!(
+            (stats.accepted, stats.refused_connections),
+            (2, 1),
+            "{stats:?}"
+        );
+        b.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn handshakes_over_the_cap_are_refused_and_a_silent_client_is_dropped_in_time() {
+        let mut config = TcpConfig::local();
+        config.max_handshakes = NonZeroUsize::MIN;
+        config.handshake_timeout = Duration::from_millis(200);
+        let b = TcpTransport::bind("127.0.0.1:0", config)
+            .await
+            .expect("bind");
+        let to = b.local_addr();
+        let started = Instant::now();
+        // Never sends its hello: it holds the only handshake place until the timeout.
+        let mut silent = raw(&to, None).await;
+        let mut second = raw(&to, None).await;
+        assert!(
+            closed_within_10s(&mut second).await,
+            "the second was not refused"
+        );
+        assert_eq!(b.stats().refused_connections, 1, "{:?}", b.stats());
+        assert!(
+            closed_within_10s(&mut silent).await,
+            "the silent client stayed"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert_eq!(b.stats().rejected_connections, 1, "{:?}", b.stats());
+        // The place is free again.
+        let me = Address::new("127.0.0.1:9");
+        let _third = raw(&to, Some(&me)).await;
+        // (`accepted` counts admitted connections: the silent one and this one.)
+        assert!(
+            eventually(|| b.stats().accepted == 2).await,
+            "{:?}",
+            b.stats()
+        );
+        assert_eq!(b.stats().refused_connections, 1);
+        b.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_inbound_connection_is_closed_and_frees_its_place() {
+        let mut config = TcpConfig::local();
+        config.idle_timeout = Duration::from_millis(200);
+        config.max_inbound_connections = NonZeroUsize::MIN;
+        let b = TcpTransport::bind("127.0.0.1:0", config)
+            .await
+            .expect("bind");
+        let peer = TcpTransport::bind("127.0.0.1:0", TcpConfig::local())
+            .await
+            .expect("bind peer");
+        // b has a live connection to the peer; a client then claims the peer's address.
+        b.send(&peer.local_addr(), frame("hi")).await.expect("send");
+        recv(&peer).await;
+        let mut idle = raw(&b.local_addr(), Some(&peer.local_addr())).await;
+        assert!(
+            closed_within_10s(&mut idle).await,
+            "the idle connection stayed open"
+        );
+        assert!(b.stats().idle_closed >= 1, "{:?}", b.stats());
+        // Closed in both directions: its place among the admitted connections is free.
+        let _next = raw(&b.local_addr(), Some(&peer.local_addr())).await;
+        assert!(
+            eventually(|| b.stats().accepted == 2).await,
+            "{:?}",
+            b.stats()
+        );
+        assert_eq!(b.stats().refused_connections, 0, "{:?}", b.stats());
+        b.close().await;
+        peer.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_over_the_byte_bound_waits_instead_of_buffering() {
+        let budget = 64 * 1024;
+        let mut config = TcpConfig::local();
+        config.recv_bytes = NonZeroUsize::new(budget).expect("non-zero");
+        let b = TcpTransport::bind("127.0.0.1:0", config)
+            .await
+            .expect("bind b");
+        let a = TcpTransport::bind("127.0.0.1:0", TcpConfig::local())
+            .await
+            .expect("bind a");
+        let big = frame(&"x".repeat(16 * 1024));
+        let n = 64;
+        for _ in 0..n {
+            a.send(&b.local_addr(), big.clone()).await.expect("send");
+        }
+        // Far more than the budget is on its way; b's queue fills up to it and stops there
+        // (frames count in full, so the queue is full once one more would not fit).
+        let full = |s: TcpStats| s.recv_queue_bytes as usize + big.len() > budget;
+        assert!(
+            eventually(|| full(b.stats()) || b.stats().frames_received == n).await,
+            "{:?}",
+            b.stats()
+        );
+        let stats = b.stats();
+        assert!(
+            stats.recv_queue_bytes as usize <= budget,
+            "{} bytes queued over a budget of {budget}: {stats:?}",
+            stats.recv_queue_bytes
+        );
+        assert!(stats.frames_received < n, "{stats:?}");
+        // Nothing was lost: the reader waited, and every frame arrives as recv takes them.
+        for _ in 0..n {
+            assert_eq!(recv(&b).await.frame, big);
+        }
+        assert_eq!(b.stats().recv_queue_bytes, 0);
+        a.close().await;
+        b.close().await;
+    }
+
+    #[tokio::test]
+    async fn an_address_peers_cannot_dial_is_refused() {
+        let wildcard = TcpTransport::bind("0.0.0.0:0", TcpConfig::local()).await;
+        assert!(
+            matches!(&wildcard, Err(TransportError::Config(m)) if m.contains("`advertise`")),
+            "{wildcard:?}"
+        );
+        let mut config = TcpConfig::local();
+        config.advertise = Some(Address::new("0.0.0.0:7000"));
+        let err = TcpTransport::bind("127.0.0.1:0", config)
+            .await
+            .expect_err("unspecified advertise");
+        assert!(
+            matches!(&err, TransportError::Config(m) if m.contains("`advertise`")),
+            "{err}"
+        );
+        let mut config = TcpConfig::local();
+        config.advertise = Some(Address::new("127.0.0.1:7000"));
+        let t = TcpTransport::bind("0.0.0.0:0", config)
+            .await
+            .expect("a wildcard bind with an advertise address");
+        assert_eq!(t.local_addr(), Address::new("127.0.0.1:7000"));
+        t.close().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
