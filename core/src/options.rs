@@ -143,6 +143,40 @@ pub fn duration_syntax(units: &[DurationUnit]) -> String {
     format!("<n><{}>", suffixes.join("|"))
 }
 
+/// When a durable backend makes writes durable: the `never | always | interval:<d>` grammar
+/// the file backend's `fsync` and sled's `flush` options share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SyncPolicy {
+    /// Only when asked (flush, close, and whatever the backend does on its own).
+    Never,
+    /// At most this long after a write; never zero.
+    Interval(Duration),
+    /// Before acknowledging each write.
+    Always,
+}
+
+impl SyncPolicy {
+    /// Parses `never`, `always` or `interval:<n><unit>` with one of `units` and `n > 0`.
+    pub fn parse(text: &str, units: &[DurationUnit]) -> Result<SyncPolicy, String> {
+        match text.trim() {
+            "never" => Ok(SyncPolicy::Never),
+            "always" => Ok(SyncPolicy::Always),
+            other => other
+                .strip_prefix("interval:")
+                .and_then(|d| parse_duration(d, units))
+                .filter(|d| !d.is_zero())
+                .map(SyncPolicy::Interval)
+                .ok_or_else(|| {
+                    format!(
+                        "{other:?} is not \"never\", \"always\" or \"interval:{}\" with n > 0",
+                        duration_syntax(units)
+                    )
+                }),
+        }
+    }
+}
+
 /// Typed access to one component's options. See the [module documentation](self).
 #[derive(Debug)]
 pub struct Options<'a> {
@@ -402,6 +436,27 @@ mod tests {
             err.to_string(),
             "option `cert` of the test transport is required: a PEM file"
         );
+    }
+
+    #[test]
+    fn sync_policies_share_one_grammar() {
+        let units = [Millis, Secs];
+        assert_eq!(SyncPolicy::parse(" never", &units), Ok(SyncPolicy::Never));
+        assert_eq!(SyncPolicy::parse("always ", &units), Ok(SyncPolicy::Always));
+        assert_eq!(
+            SyncPolicy::parse("interval:50ms", &units),
+            Ok(SyncPolicy::Interval(Duration::from_millis(50)))
+        );
+        for bad in [
+            "interval:0ms",
+            "interval:5us",
+            "interval:",
+            "sometimes",
+            "interval:-1s",
+        ] {
+            let err = SyncPolicy::parse(bad, &units).expect_err(bad);
+            assert!(err.contains("interval:<n><ms|s>"), "{bad}: {err}");
+        }
     }
 
     #[test]

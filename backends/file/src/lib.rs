@@ -112,7 +112,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chorus_core::hash::{HashRange, key_hash};
 use chorus_core::options::DurationUnit::{Micros, Millis, Secs};
-use chorus_core::options::parse_duration;
+use chorus_core::options::SyncPolicy;
 use chorus_core::record::Record;
 use chorus_core::registry::{Options, Registry, StorageSpec};
 use chorus_core::storage::{
@@ -186,23 +186,15 @@ pub enum FsyncPolicy {
 impl FromStr for FsyncPolicy {
     type Err = String;
 
-    /// `never`, `always`, or `interval:<n><us|ms|s>` such as `interval:50ms`.
+    /// `never`, `always`, or `interval:<n><us|ms|s>` such as `interval:50ms`
+    /// ([`SyncPolicy::parse`]).
     fn from_str(text: &str) -> Result<Self, String> {
-        match text.trim() {
-            "never" => Ok(FsyncPolicy::Never),
-            "always" => Ok(FsyncPolicy::Always),
-            other => other
-                .strip_prefix("interval:")
-                .and_then(|d| parse_duration(d, &[Micros, Millis, Secs]))
-                .filter(|d| !d.is_zero())
-                .map(FsyncPolicy::Interval)
-                .ok_or_else(|| {
-                    format!(
-                        "{other:?} is not \"never\", \"always\" or \"interval:<n><us|ms|s>\" \
-                         with n > 0"
-                    )
-                }),
-        }
+        Ok(match SyncPolicy::parse(text, &[Micros, Millis, Secs])? {
+            SyncPolicy::Never => FsyncPolicy::Never,
+            SyncPolicy::Interval(every) => FsyncPolicy::Interval(every),
+            // `SyncPolicy` is non-exhaustive; `Always` and anything stricter sync every write.
+            _ => FsyncPolicy::Always,
+        })
     }
 }
 

@@ -71,7 +71,7 @@ use bytes::Bytes;
 use chorus_core::hash::{HashRange, key_hash};
 use chorus_core::hlc::{NodeId, Timestamp, Version};
 use chorus_core::options::DurationUnit::{Millis, Secs};
-use chorus_core::options::parse_duration;
+use chorus_core::options::SyncPolicy;
 use chorus_core::record::{Payload, Record};
 use chorus_core::registry::{Options, Registry, StorageSpec};
 use chorus_core::storage::{
@@ -122,22 +122,15 @@ pub enum FlushPolicy {
 impl FromStr for FlushPolicy {
     type Err = String;
 
-    /// `never`, `always`, or `interval:<n><ms|s>` such as `interval:500ms`.
+    /// `never`, `always`, or `interval:<n><ms|s>` such as `interval:500ms`
+    /// ([`SyncPolicy::parse`]; sled flushes on a whole number of milliseconds).
     fn from_str(text: &str) -> Result<Self, String> {
-        let bad = || {
-            format!("{text:?} is not \"never\", \"always\" or \"interval:<n><ms|s>\" with n > 0")
-        };
-        match text.trim() {
-            "never" => Ok(FlushPolicy::Never),
-            "always" => Ok(FlushPolicy::Always),
-            other => other
-                .strip_prefix("interval:")
-                // sled flushes on a whole number of milliseconds.
-                .and_then(|d| parse_duration(d, &[Millis, Secs]))
-                .filter(|d| !d.is_zero())
-                .map(FlushPolicy::Interval)
-                .ok_or_else(bad),
-        }
+        Ok(match SyncPolicy::parse(text, &[Millis, Secs])? {
+            SyncPolicy::Never => FlushPolicy::Never,
+            SyncPolicy::Interval(every) => FlushPolicy::Interval(every),
+            // `SyncPolicy` is non-exhaustive; `Always` and anything stricter flush every write.
+            _ => FlushPolicy::Always,
+        })
     }
 }
 
