@@ -15,8 +15,6 @@ use crate::storage::{SharedStorage, StorageError};
 use crate::transport::{SharedTransport, TransportError};
 use crate::util::BoxFuture;
 
-pub use crate::options::{Options, OptionsError};
-
 /// What to open: a backend name plus its settings.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -26,7 +24,7 @@ pub struct StorageSpec {
     /// Data directory, for persistent backends.
     pub path: Option<PathBuf>,
     /// Backend-specific options, as written in the configuration file (read them with
-    /// [`Options`]).
+    /// [`Options`](crate::options::Options)).
     pub options: BTreeMap<String, String>,
 }
 
@@ -49,7 +47,7 @@ pub struct TransportSpec {
     /// Local address to listen on.
     pub bind: String,
     /// Transport-specific options, as written in the configuration file (read them with
-    /// [`Options`]).
+    /// [`Options`](crate::options::Options)).
     pub options: BTreeMap<String, String>,
 }
 

@@ -112,9 +112,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use chorus_core::hash::{HashRange, key_hash};
 use chorus_core::options::DurationUnit::{Micros, Millis, Secs};
+use chorus_core::options::Options;
 use chorus_core::options::SyncPolicy;
 use chorus_core::record::Record;
-use chorus_core::registry::{Options, Registry, StorageSpec};
+use chorus_core::registry::{Registry, StorageSpec};
 use chorus_core::storage::{
     ApplyOutcome, Capabilities, Durability, Entry, PurgeStats, RangeDigest, ScanCost, ScanCursor,
     ScanPage, SharedStorage, Storage, StorageError, StorageStats, empty_digests,

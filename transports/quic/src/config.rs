@@ -5,7 +5,7 @@ use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::Path;
 use std::time::Duration;
 
-use chorus_core::registry::Options;
+use chorus_core::options::Options;
 use chorus_core::transport::inbound::MAX_RECV_BYTES;
 use chorus_core::transport::outbox::OutboxConfig;
 use chorus_core::transport::{self, Address, TransportError};
