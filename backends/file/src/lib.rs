@@ -652,6 +652,10 @@ impl Drop for FileStorage {
     /// Stops the writer and waits for it: it writes and syncs what is queued, waits for
     /// running compactions and releases the directory, so the directory can be reopened as
     /// soon as the drop returns. Unlike [`Storage::close`], a failure is not reported.
+    ///
+    /// The drop blocks the calling thread for as long as that takes (a final fsync, a
+    /// compaction in progress). Async code should `close().await` the store before dropping
+    /// its last handle, so that wait never lands on a runtime worker.
     fn drop(&mut self) {
         if !self.closed.load(Ordering::Acquire) {
             let _ = self.tx.send(Cmd::Close(None));
