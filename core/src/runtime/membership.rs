@@ -260,6 +260,9 @@ impl<T: Transport> Outbox<T> {
                 return;
             }
         }
+        // Reap sender tasks that exited idle: a JoinSet keeps every finished task until it is
+        // joined, and destinations come and go (one per accepted connection a peer dials from).
+        while self.tasks.try_join_next().is_some() {}
         let (tx, rx) = mpsc::channel(SEND_QUEUE_CAPACITY);
         // A fresh queue has room.
         let _ = tx.try_send(frame);
@@ -293,6 +296,8 @@ async fn drain<T: Transport>(
     mut rx: mpsc::Receiver<Bytes>,
     counters: Arc<Counters>,
 ) {
+    // Counts the destination out however the task ends, aborted at close included.
+    let _live = DestinationGuard(counters.clone());
     loop {
         let frame = match tokio::time::timeout(SENDER_IDLE, rx.recv()).await {
             Ok(Some(frame)) => frame,
@@ -308,7 +313,15 @@ async fn drain<T: Transport>(
         };
         send_one(&*transport, &to, frame, &counters).await;
     }
-    counters.destinations.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Decrements [`Counters::destinations`] when a sender task ends, however it ends.
+struct DestinationGuard(Arc<Counters>);
+
+impl Drop for DestinationGuard {
+    fn drop(&mut self) {
+        self.0.destinations.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 async fn send_one<T: Transport>(transport: &T, to: &Address, frame: Bytes, counters: &Counters) {
@@ -410,5 +423,34 @@ async fn run<T: Transport>(
     transport.close().await;
     if let Some(tx) = stopped {
         let _ = tx.send(());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::inproc::InProcessNetwork;
+
+    /// Sender tasks that went idle are reaped, not kept until close: destinations come and
+    /// go for as long as a node runs (one per connection a peer dials from).
+    #[tokio::test(start_paused = true)]
+    async fn idle_sender_tasks_are_reaped_not_kept() {
+        let net = InProcessNetwork::new(11);
+        let transport = Arc::new(net.bind("me").expect("bind"));
+        let counters = Arc::new(Counters::default());
+        let mut outbox = Outbox::new(transport, Arc::clone(&counters));
+        for i in 0..50 {
+            let _peer = net.bind(format!("peer-{i}")).expect("bind");
+            outbox.send(Address::new(format!("peer-{i}")), Bytes::from_static(b"x"));
+        }
+        assert_eq!(outbox.tasks.len(), 50);
+        // Every sender goes idle and exits.
+        tokio::time::sleep(SENDER_IDLE + Duration::from_secs(1)).await;
+        assert_eq!(counters.destinations.load(Ordering::Relaxed), 0);
+        let _late = net.bind("late").expect("bind");
+        outbox.send(Address::new("late"), Bytes::from_static(b"x"));
+        assert_eq!(outbox.tasks.len(), 1, "finished sender tasks were kept");
+        outbox.close(Duration::from_secs(1)).await;
+        assert_eq!(counters.destinations.load(Ordering::Relaxed), 0);
     }
 }
