@@ -398,7 +398,10 @@ fn lifeguard_cuts_false_suspicions_caused_by_a_slow_member() {
     };
     let (on, off) = (run(true), run(false));
     assert!(
-        off.0 > 0 && off.1 > 0 && on.0 * 10 <= off.0 && on.1 * 10 <= off.1,
+        // Plain SWIM need not kill anyone any more (stale suspicions are answered with the
+        // newer alive, and the LAN preset's suspicion multiplier is 2), but it must suspect
+        // ten times as often and die at least ten times as often as Lifeguard.
+        off.0 > 0 && on.0 * 10 <= off.0 && on.1 * 10 <= off.1,
         "Lifeguard on {on:?} vs off {off:?} (suspicions, deaths) (seed {})",
         base_seed()
     );
@@ -581,12 +584,11 @@ fn a_restart_with_a_lower_generation_moves_past_the_remembered_one() {
 /// A 2 s stop-the-world pause of one member (longer than a protocol period) is survived
 /// without a death at 10 and 100 members.
 ///
-/// Open (issue 11, item 6): with the LAN preset's suspicion multiplier of 1 this fails at
-/// N = 10 (CHORUS_SEED=10, 62, 1000 among others); with a multiplier of 2 N = 10 passes but
-/// the default seed still loses one member at N = 100, where one observer never hears the
-/// refutation before its suspicion runs out. Run it with `--ignored`.
+/// It needs the LAN preset's suspicion multiplier of 2 (with 1 a pause at N = 10 outlasts the
+/// shrunk suspicion: CHORUS_SEED=10, 62, 1000) and stale suspicions answered with the newer
+/// alive (without, the default seed lost one member at N = 100: one observer missed the
+/// refutation burst and its suspicion ran out).
 #[test]
-#[ignore = "open: issue 11 item 6, the LAN preset does not yet survive a 2 s pause"]
 fn a_two_second_pause_is_not_a_death_at_10_and_100_nodes() {
     for n in [10, 100] {
         for k in 0..3 {
