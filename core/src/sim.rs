@@ -427,6 +427,20 @@ impl Simulation {
         self.nodes[i].paused_until = self.now + d;
     }
 
+    /// Hands `message` to node `to` now, as if node `from` (at its current address) had sent
+    /// it: a delayed or duplicated message arriving late, say. It passes every fault (loss,
+    /// partitions, delay) and the codec, but a paused node still gets it only when it resumes,
+    /// and a crashed one never.
+    pub fn inject(&mut self, from: usize, to: usize, message: SwimMessage) {
+        let action = Action::Deliver {
+            to,
+            epoch: self.nodes[to].epoch,
+            from: self.nodes[from].addr.clone(),
+            payload: Payload::Message(Box::new(message)),
+        };
+        self.schedule(self.now, action);
+    }
+
     /// Starts a graceful leave of node `i` (it keeps running until crashed).
     pub fn leave(&mut self, i: usize) {
         let now = self.base + self.now;

@@ -9,7 +9,10 @@
 //! steady-state load (messages and bytes sent per member per second), then crashes members one
 //! at a time and records when each live member declares each of them dead. Then, with one
 //! member whose incoming messages are processed 1.5 s late, counts false suspicions and false
-//! deaths of healthy members with Lifeguard on and off, from the same seeds.
+//! deaths of healthy members with Lifeguard on and off, from the same seeds. Last, at N = 10
+//! and 100 (those of `--sizes` up to 100), pauses one member at a time for 2 s (stop the
+//! world: nothing it receives and none of its timers is processed meanwhile), five members
+//! 15 s apart, and counts false suspicions and false deaths.
 
 use std::time::Duration;
 
@@ -165,6 +168,31 @@ fn slow_member(seed: u64, lifeguard: bool) -> (u64, u64) {
     )
 }
 
+const PAUSES: usize = 5;
+const PAUSE: Duration = Duration::from_secs(2);
+
+/// False suspicions and false deaths caused by `PAUSES` pauses of `PAUSE`, one member at a
+/// time, 15 s apart, in a converged cluster of `n`.
+fn paused_member(seed: u64, n: usize) -> (u64, u64) {
+    let mut sim = cluster(seed, n, MembershipConfig::lan());
+    let start = sim.now();
+    while !sim.converged() && sim.now() < start + Duration::from_secs(300) {
+        sim.run_for(Duration::from_millis(500));
+    }
+    sim.run_for(Duration::from_secs(60));
+    let before = sim.stats();
+    for p in 0..PAUSES {
+        let victim = 3 + (p * (n - 3)) / PAUSES;
+        sim.pause(victim, PAUSE);
+        sim.run_for(Duration::from_secs(15));
+    }
+    let after = sim.stats();
+    (
+        after.false_suspicions - before.false_suspicions,
+        after.false_deaths - before.false_deaths,
+    )
+}
+
 fn main() {
     let args = match parse_args() {
         Ok(a) => a,
@@ -228,6 +256,23 @@ fn main() {
         ratio(s_off, s_on),
         ratio(d_off, d_on)
     );
+    let pause_sizes: Vec<usize> = args.sizes.iter().copied().filter(|&n| n <= 100).collect();
+    if !pause_sizes.is_empty() {
+        println!();
+        println!(
+            "# pause (LAN preset, {PAUSES} members paused {} s each, one at a time, 15 s apart): false positives",
+            PAUSE.as_secs()
+        );
+        println!();
+        println!("| N | seed | false suspicions | false deaths |");
+        println!("|---|---|---|---|");
+        for &n in &pause_sizes {
+            for &seed in &seeds {
+                let (s, d) = paused_member(seed, n);
+                println!("| {n} | {seed} | {s} | {d} |");
+            }
+        }
+    }
     eprintln!(
         "swim-sim: done in {:.1} s of real time",
         wall.elapsed().as_secs_f64()

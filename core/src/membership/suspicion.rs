@@ -88,6 +88,17 @@ impl Membership {
             return;
         };
         if life < e.member.life {
+            // Someone still spreads a suspicion of an older life: the member refuted it, but
+            // the refutation is a short burst and may have missed the sender. Queue the newer
+            // record afresh so the next messages, the ack to a ping carrying the stale news
+            // among them, carry it.
+            if e.member.state == MemberState::Alive {
+                self.broadcasts.push(Update::Alive {
+                    id,
+                    life: e.member.life,
+                    meta: e.member.meta.clone(),
+                });
+            }
             return;
         }
         if life.generation > e.member.life.generation {
@@ -157,7 +168,18 @@ impl Membership {
     /// incarnation moves it to the generation after the claim's, so it is never left
     /// excluded by news it cannot outbid.
     pub(super) fn refute(&mut self, life: Life) {
-        if self.leaving || life < self.local.life {
+        if self.leaving {
+            return;
+        }
+        if life < self.local.life {
+            // A claim about a life already refuted: whoever sent it missed the refutation
+            // (the buddy system's ping says so directly). Send it again, without a new
+            // incarnation, first in the next messages (the ack among them).
+            self.broadcasts.push(Update::Alive {
+                id: self.local.id,
+                life: self.local.life,
+                meta: self.local.meta.clone(),
+            });
             return;
         }
         let same_generation = life.generation == self.local.life.generation;

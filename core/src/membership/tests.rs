@@ -1025,3 +1025,46 @@ fn a_leave_at_the_largest_incarnation_does_not_overflow() {
     };
     assert_eq!(out.sent, [to(&net, B, gossip(A, vec![left]))]);
 }
+
+/// A refutation is a short burst of `retransmit_mult * ceil(log10(n + 1))` messages to random
+/// members; one that misses a suspecter used to be final (the suspecter declared the live
+/// member dead when its suspicion ran out) because news of the refuted life was ignored
+/// without an answer. Now the suspect answers the buddy system's ping with its current alive,
+/// and so does a third party that knows the newer life.
+#[test]
+fn a_stale_suspicion_is_answered_with_the_newer_alive() {
+    let mut net = Net::new(3);
+    let (target, _) = first_probe(&mut net);
+    let other = if target == B { C } else { B };
+    // `other` is suspected and refutes (as if A's suspicion reached it through gossip)...
+    let out = net.deliver_from(A, other, gossip(A, vec![suspect(other, life(1, 0), A)]));
+    assert!(out.events.is_empty(), "{out:?}");
+    assert_eq!(net.node(other).local().life, life(1, 1));
+    assert_eq!(net.node(other).stats().refutations, 1);
+    // ...and its refutation burst ends without reaching A, which still suspects life 1.0.
+    net.nodes[other].broadcasts = Broadcasts::default();
+    let refuted = alive(other, life(1, 1), net.addr(other).as_str());
+
+    // A's probe of the suspect carries the stale suspicion (buddy system): the ack answers
+    // it with the current life, and the suspect does not move to yet another incarnation.
+    let out = net.deliver_from(
+        A,
+        other,
+        ping(9, A, other, vec![suspect(other, life(1, 0), A)]),
+    );
+    assert_eq!(
+        out.sent,
+        [to(&net, A, ack(9, other, vec![refuted.clone()]))]
+    );
+    assert_eq!(net.node(other).local().life, life(1, 1));
+    assert_eq!(net.node(other).stats().refutations, 1);
+
+    // A third party that knows the newer life answers stale news the same way.
+    let third = target;
+    let out = net.deliver_from(other, third, gossip(other, vec![refuted.clone()]));
+    assert!(out.events.is_empty(), "alive to alive is no event: {out:?}");
+    net.nodes[third].broadcasts = Broadcasts::default();
+    let stale = suspect(other, life(1, 0), A);
+    let out = net.deliver_from(A, third, ping(10, A, third, vec![stale]));
+    assert_eq!(out.sent, [to(&net, A, ack(10, third, vec![refuted]))]);
+}
