@@ -27,9 +27,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chorus::Transport;
+use chorus::identity::Address;
 use chorus::replication::ReplicaMessage;
 use chorus::runtime::rpc::{RpcConfig, RpcEndpoint};
-use chorus::transport::Address;
 use chorus::transport_quic::{Identity, QuicConfig, QuicTransport, TrustedPeers};
 use chorus::transport_tcp::{TcpConfig, TcpTransport};
 use chorus::wire::{self, Header};

@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::identity::NodeId;
+use crate::identity::NodeId;
 
 /// Number of bits used by the logical counter inside a [`Timestamp`].
 pub const LOGICAL_BITS: u32 = 16;

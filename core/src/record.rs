@@ -164,7 +164,8 @@ impl Record {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hlc::{NodeId, Timestamp};
+    use crate::hlc::Timestamp;
+    use crate::identity::NodeId;
     use proptest::prelude::*;
 
     fn version(ms: u64, logical: u16, node: u64) -> Version {

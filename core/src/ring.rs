@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::hash::{HashRange, key_hash};
-use crate::hlc::NodeId;
+use crate::identity::NodeId;
 
 /// Seed for token positions. Part of the placement contract: never change it.
 const TOKEN_SEED: u64 = 0x7269_6e67_746f_6b6e; // "ringtokn"

@@ -659,7 +659,8 @@ pub fn after_cursor(range: &HashRange, hash: u64, key: &[u8], cursor: &ScanCurso
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hlc::{NodeId, Timestamp};
+    use crate::hlc::Timestamp;
+    use crate::identity::NodeId;
 
     fn version(ms: u64) -> Version {
         Version::new(Timestamp::new(ms, 0), NodeId(1))

@@ -14,7 +14,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use crate::identity::Address;
+use crate::identity::Address;
 use crate::util::BoxFuture;
 use bytes::Bytes;
 

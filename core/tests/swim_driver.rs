@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use chorus_core::Envelope;
 use chorus_core::NodeId;
+use chorus_core::identity::Address;
 use chorus_core::membership::{
     MemberMeta, MemberState, Membership, MembershipConfig, MembershipEvent, NodeStart,
 };
 use chorus_core::replication::ReplicaMessage;
 use chorus_core::runtime::inproc::{InProcessNetwork, InProcessTransport};
 use chorus_core::runtime::membership::{self as driver, MembershipHandle};
-use chorus_core::transport::{Address, Incoming, Transport, TransportError};
+use chorus_core::transport::{Incoming, Transport, TransportError};
 use chorus_core::wire::{self, Header};
 
 const SEED: u64 = 0xD_41_7E;

@@ -418,11 +418,11 @@ fn lifeguard_cuts_false_suspicions_caused_by_a_slow_member() {
 fn claim_at_the_largest_incarnation_is_refuted_with_a_new_generation() {
     use std::time::Instant;
 
-    use chorus_core::hlc::NodeId;
+    use chorus_core::identity::Address;
+    use chorus_core::identity::NodeId;
     use chorus_core::membership::{
         Life, Member, MemberMeta, Membership, NodeStart, SwimMessage, Update,
     };
-    use chorus_core::transport::Address;
 
     let now = Instant::now();
     let start = |id: u64, addr: &str| NodeStart {

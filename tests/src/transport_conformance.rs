@@ -19,9 +19,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use chorus::identity::Address;
 use chorus::replication::ReplicaMessage;
 use chorus::runtime::rpc::{RpcConfig, RpcEndpoint};
-use chorus::transport::{Address, Incoming, SharedTransport, Transport, TransportError};
+use chorus::transport::{Incoming, SharedTransport, Transport, TransportError};
 use chorus::util::BoxFuture;
 use chorus::wire::{HEADER_LEN, MAGIC, PREFIX_LEN, WIRE_VERSION};
 use chorus::{Registry, TransportSpec};

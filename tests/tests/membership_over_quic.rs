@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chorus::NodeId;
+use chorus::identity::Address;
 use chorus::membership::{MemberMeta, MemberState, Membership, MembershipConfig, NodeStart};
 use chorus::runtime::membership::{self as driver, MembershipHandle};
-use chorus::transport::{Address, SharedTransport, Transport};
+use chorus::transport::{SharedTransport, Transport};
 use chorus::transport_quic::{Identity, QuicConfig, QuicTransport, TrustedPeers};
 
 const SEED: u64 = 0x51_4D_D6;

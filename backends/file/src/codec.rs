@@ -34,7 +34,8 @@
 //! allocation larger than the file, or a record whose checksum did not match.
 
 use bytes::Bytes;
-use chorus_core::hlc::{NodeId, Timestamp, Version};
+use chorus_core::hlc::{Timestamp, Version};
+use chorus_core::identity::NodeId;
 use chorus_core::record::{Payload, Record};
 
 /// The log format this build writes and the only one it reads.

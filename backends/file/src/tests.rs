@@ -10,7 +10,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Condvar, Mutex};
 use std::task::{Context, Poll, Waker};
 
-use chorus_core::hlc::{NodeId, Timestamp, Version};
+use chorus_core::hlc::{Timestamp, Version};
+use chorus_core::identity::NodeId;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

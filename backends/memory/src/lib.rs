@@ -388,7 +388,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use chorus_core::hlc::{NodeId, Timestamp, Version};
+    use chorus_core::hlc::{Timestamp, Version};
+    use chorus_core::identity::NodeId;
 
     fn version(ms: u64, node: u64) -> Version {
         Version::new(Timestamp::new(ms, 0), NodeId(node))

@@ -404,7 +404,8 @@ impl Storage for MokaStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chorus_core::hlc::{NodeId, Timestamp, Version};
+    use chorus_core::hlc::{Timestamp, Version};
+    use chorus_core::identity::NodeId;
 
     fn now_ms() -> u64 {
         SystemTime::now()

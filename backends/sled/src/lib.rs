@@ -69,7 +69,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chorus_core::hash::{HashRange, key_hash};
-use chorus_core::hlc::{NodeId, Timestamp, Version};
+use chorus_core::hlc::{Timestamp, Version};
+use chorus_core::identity::NodeId;
 use chorus_core::options::DurationUnit::{Millis, Secs};
 use chorus_core::options::Options;
 use chorus_core::options::SyncPolicy;

@@ -14,8 +14,8 @@ use super::message::{
     Update,
 };
 use super::timers::Timer;
-use crate::hlc::NodeId;
-use crate::transport::Address;
+use crate::identity::Address;
+use crate::identity::NodeId;
 
 /// Updates waiting to be piggybacked, least-transmitted (then newest) first.
 #[derive(Debug, Default)]

@@ -9,8 +9,8 @@ use rand_chacha::ChaCha8Rng;
 
 use super::message::{Life, Member, MemberState};
 use super::suspicion::Suspicion;
-use crate::hlc::NodeId;
-use crate::transport::Address;
+use crate::identity::Address;
+use crate::identity::NodeId;
 
 /// One known member.
 #[derive(Debug)]

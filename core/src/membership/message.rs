@@ -7,8 +7,8 @@ use std::num::NonZeroU32;
 
 use serde::{Deserialize, Serialize};
 
-use crate::hlc::NodeId;
-use crate::transport::Address;
+use crate::identity::Address;
+use crate::identity::NodeId;
 
 /// Most updates one decoded message may carry; a message claiming more does not decode.
 /// Senders put at most [`MembershipConfig::max_updates_per_message`] on a message (capped at

@@ -76,8 +76,8 @@ pub use message::{
     MemberMeta, MemberState, MetaError, SwimMessage, Update,
 };
 
-use crate::hlc::NodeId;
-use crate::transport::Address;
+use crate::identity::Address;
+use crate::identity::NodeId;
 
 use dissemination::Broadcasts;
 use members::MemberTable;

@@ -12,8 +12,8 @@ use super::members::{MemberTable, shuffle};
 use super::message::{MemberState, SwimMessage, Update};
 use super::timers::Timer;
 use super::{Membership, MembershipConfig};
-use crate::hlc::NodeId;
-use crate::transport::Address;
+use crate::identity::Address;
+use crate::identity::NodeId;
 
 /// Probing state: whom to probe next, the probe in progress, the relays in progress.
 #[derive(Debug)]

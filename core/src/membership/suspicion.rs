@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::message::{Life, MemberState, Update};
 use super::timers::Timer;
 use super::{Membership, MembershipConfig, MembershipEvent};
-use crate::hlc::NodeId;
+use crate::identity::NodeId;
 
 /// A suspicion in progress.
 #[derive(Debug)]

@@ -8,7 +8,7 @@ use super::members::Entry;
 use super::message::{Life, Member, MemberMeta, MemberState, Update};
 use super::timers::Timer;
 use super::{Membership, MembershipEvent};
-use crate::hlc::NodeId;
+use crate::identity::NodeId;
 
 impl Membership {
     /// Applies the news of one received message, at most

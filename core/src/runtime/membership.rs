@@ -32,7 +32,8 @@ use crate::envelope::Envelope;
 use crate::membership::{Member, Membership, MembershipEvent};
 use bytes::Bytes;
 
-use crate::transport::{Address, Incoming, Transport, TransportError};
+use crate::identity::Address;
+use crate::transport::{Incoming, Transport, TransportError};
 use crate::wire::{self, Header};
 
 /// Events buffered per subscriber; a subscriber that falls further behind skips events (and

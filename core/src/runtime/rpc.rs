@@ -28,7 +28,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::envelope::Envelope;
-use crate::transport::{Address, Transport, TransportError};
+use crate::identity::Address;
+use crate::transport::{Transport, TransportError};
 use crate::wire::{self, FrameKind, Header, WireError};
 
 /// Settings of an [`RpcEndpoint`].
@@ -386,7 +387,8 @@ async fn receive_loop<T: Transport, M: RpcMessage>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hlc::{NodeId, Timestamp, Version};
+    use crate::hlc::{Timestamp, Version};
+    use crate::identity::NodeId;
     use crate::replication::ReplicaMessage as Message;
     use crate::runtime::inproc::{InProcessNetwork, InProcessTransport};
     use bytes::Bytes;

@@ -188,7 +188,7 @@ impl Admission {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::Address;
+    use crate::identity::Address;
     use bytes::Bytes;
 
     fn nz(n: usize) -> NonZeroUsize {

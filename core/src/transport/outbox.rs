@@ -43,7 +43,8 @@ use rand_chacha::ChaCha8Rng;
 use tokio::sync::{mpsc, watch};
 
 use super::inbound::RecvQueue;
-use super::{Address, ErrorCause, Incoming, TransportError};
+use super::{ErrorCause, Incoming, TransportError};
+use crate::identity::Address;
 
 /// What a peer's writer can do with frames right now, as `send` sees it.
 #[derive(Clone, Debug)]

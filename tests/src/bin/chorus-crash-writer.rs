@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use chorus::StorageSpec;
-use chorus::hlc::{NodeId, Timestamp, Version};
+use chorus::hlc::{Timestamp, Version};
+use chorus::identity::NodeId;
 use chorus::record::Record;
 use chorus::storage::Storage;
 use chorus_tests::crash;

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chorus::hash::{HashRange, key_hash};
-use chorus::hlc::{NodeId, Timestamp, Version};
+use chorus::hlc::{Timestamp, Version};
+use chorus::identity::NodeId;
 use chorus::record::Record;
 use chorus::storage::{
     ApplyOutcome, Entry, PurgeStats, RangeDigest, ScanCursor, ScanPage, SharedStorage, Storage,

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
+use chorus_core::identity::Address;
 use chorus_core::transport::inbound::Admitted;
-use chorus_core::transport::{self, Address, Incoming};
+use chorus_core::transport::{self, Incoming};
 use chorus_core::wire::{self, FrameCutter};
 use futures::stream::{FuturesUnordered, StreamExt};
 use quinn::{Connection, VarInt};

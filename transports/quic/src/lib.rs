@@ -130,10 +130,11 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use chorus_core::identity::Address;
 use chorus_core::registry::{Registry, TransportSpec};
 use chorus_core::transport::inbound::{Admission, RecvQueue};
 use chorus_core::transport::outbox::Outboxes;
-use chorus_core::transport::{self, Address, Incoming, SharedTransport, Transport, TransportError};
+use chorus_core::transport::{self, Incoming, SharedTransport, Transport, TransportError};
 #[cfg(doc)]
 use chorus_core::wire;
 use io_task::{IoTask, lock};

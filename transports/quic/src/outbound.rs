@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use chorus_core::transport::Address;
+use chorus_core::identity::Address;
 use chorus_core::transport::outbox::{Link, Writer};
 use quinn::{Connection, VarInt};
 

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use chorus_core::transport::Address;
+use chorus_core::identity::Address;
 
 use crate::QuicTransport;
 use crate::io_task::lock;

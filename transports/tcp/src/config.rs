@@ -4,10 +4,11 @@ use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
+use chorus_core::identity::Address;
 use chorus_core::options::Options;
 use chorus_core::transport::inbound::MAX_RECV_BYTES;
 use chorus_core::transport::outbox::OutboxConfig;
-use chorus_core::transport::{self, Address, TransportError};
+use chorus_core::transport::{self, TransportError};
 use chorus_core::wire::{DEFAULT_MAX_FRAME_LEN, MAX_FRAME_LEN_CEILING};
 
 #[cfg(doc)]

@@ -84,10 +84,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use chorus_core::identity::Address;
 use chorus_core::registry::{Registry, TransportSpec};
 use chorus_core::transport::inbound::{Admission, Admitted, RecvQueue};
 use chorus_core::transport::outbox::{Link, Outboxes, Writer};
-use chorus_core::transport::{self, Address, Incoming, SharedTransport, Transport, TransportError};
+use chorus_core::transport::{self, Incoming, SharedTransport, Transport, TransportError};
 use chorus_core::wire;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};

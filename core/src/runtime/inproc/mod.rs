@@ -66,7 +66,8 @@
 //!
 //! use bytes::Bytes;
 //! use chorus_core::runtime::inproc::InProcessNetwork;
-//! use chorus_core::transport::{Address, Transport};
+//! use chorus_core::identity::Address;
+//! use chorus_core::transport::Transport;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -99,9 +100,10 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::{mpsc, watch};
 
+use crate::identity::Address;
 #[cfg(doc)]
 use crate::transport::Transport;
-use crate::transport::{Address, Incoming, TransportError};
+use crate::transport::{Incoming, TransportError};
 use crate::wire::{DEFAULT_MAX_FRAME_LEN, MAX_FRAME_LEN_CEILING};
 
 mod faults;

@@ -10,7 +10,8 @@ use tokio::sync::{mpsc, watch};
 
 use super::faults::Fate;
 use super::{InProcessNetwork, Shared, State};
-use crate::transport::{Address, Incoming, Transport, TransportError};
+use crate::identity::Address;
+use crate::transport::{Incoming, Transport, TransportError};
 
 /// One endpoint of an [`InProcessNetwork`], bound by [`InProcessNetwork::bind`].
 ///
