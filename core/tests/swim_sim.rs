@@ -689,3 +689,52 @@ fn a_stale_alive_after_reaping_does_not_bring_the_member_back() {
     check(nobody_knows(&sim), &sim, "the reaped member came back");
     check(sim.converged(), &sim, "views differ");
 }
+
+/// A claim about this node at the top of the generation range is refused as forged: taking it
+/// would move the node to the last generation in one step, after which no claim could ever be
+/// refuted again. A claim at a plausible higher generation still moves the node past it.
+#[test]
+fn a_claim_at_an_impossible_generation_is_refused() {
+    use std::time::Instant;
+
+    use chorus_core::identity::{Address, NodeId};
+    use chorus_core::membership::{Life, MemberMeta, Membership, NodeStart, SwimMessage, Update};
+
+    let now = Instant::now();
+    let mut node = Membership::new(
+        MembershipConfig::local(),
+        NodeStart {
+            id: NodeId(1),
+            generation: 7,
+            meta: MemberMeta::new("n1"),
+            seeds: Vec::new(),
+            rng_seed: base_seed(),
+        },
+        now,
+    );
+    let claim = |generation: u64| SwimMessage::Gossip {
+        from: NodeId(3),
+        updates: vec![Update::Suspect {
+            id: NodeId(1),
+            life: Life {
+                generation,
+                incarnation: 0,
+            },
+            from: NodeId(3),
+        }],
+    };
+    node.handle_message(now, Address::new("n3"), claim(u64::MAX - 1));
+    assert_eq!(
+        node.local().life.generation,
+        7,
+        "a forged claim moved the node"
+    );
+    assert_eq!(node.stats().invalid_updates, 1);
+    assert_eq!(node.stats().generation_bumps, 0);
+    node.handle_message(now, Address::new("n3"), claim(9));
+    assert_eq!(
+        node.local().life.generation,
+        10,
+        "a plausible claim is refuted"
+    );
+}

@@ -29,6 +29,13 @@ pub const MAX_ADDR_LEN: usize = crate::transport::MAX_HELLO_ADDR_LEN;
 /// `256 * vnodes_per_weight` tokens on the ring (524,288 with the default 2,048).
 pub const MAX_WEIGHT: u32 = 256;
 
+/// Generations from here up are refused in every update as forged: no restart counter or
+/// clock-derived generation gets there, and a claim about a member at the top of the range
+/// would leave it no generation to refute from (a forged claim about this node at
+/// `u64::MAX - 1` would otherwise push it to `u64::MAX` in one step, after which it could
+/// never refute again).
+pub const MAX_GENERATION: u64 = 1 << 62;
+
 /// What a member publishes about itself.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberMeta {
@@ -175,6 +182,16 @@ impl Update {
             | Update::Suspect { id, .. }
             | Update::Dead { id, .. }
             | Update::Left { id, .. } => *id,
+        }
+    }
+
+    /// The life of the member the update is about.
+    pub fn life(&self) -> Life {
+        match self {
+            Update::Alive { life, .. }
+            | Update::Suspect { life, .. }
+            | Update::Dead { life, .. }
+            | Update::Left { life, .. } => *life,
         }
     }
 }

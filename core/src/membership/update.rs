@@ -26,6 +26,11 @@ impl Membership {
     }
 
     pub(super) fn apply(&mut self, now: Instant, update: Update) {
+        if update.life().generation >= super::message::MAX_GENERATION {
+            self.stats.invalid_updates += 1;
+            tracing::debug!(?update, "update at an impossible generation refused");
+            return;
+        }
         match update {
             Update::Alive { id, life, meta } => self.alive(now, id, life, meta),
             Update::Suspect { id, life, from } => self.suspect(now, id, life, from),
