@@ -59,8 +59,10 @@ pub struct MembershipConfig {
     /// [`MembershipStats::refused_members`]: super::MembershipStats::refused_members
     pub max_members: NonZeroUsize,
     /// Largest encoded membership message this node builds, in bytes: a full state that does
-    /// not fit is split into several push-pull messages. Keep it at or below the transport's
-    /// `max_frame_len`.
+    /// not fit is split into several push-pull messages. The driver lowers it to the
+    /// transport's `max_frame_len` if it is larger ([`Membership::limit_message_len`]).
+    ///
+    /// [`Membership::limit_message_len`]: super::Membership::limit_message_len
     pub max_message_len: NonZeroUsize,
     /// Ping-reqs this node relays per second at most (a token bucket holding one second's
     /// worth); those past it are refused and counted

@@ -265,6 +265,18 @@ impl Membership {
         &self.config
     }
 
+    /// Lowers [`MembershipConfig::max_message_len`] to `max_frame_len`, the largest frame the
+    /// transport carries, if it is larger: a full state split for a larger limit would never
+    /// encode, and push-pull would stop without a word. The drivers call it with their
+    /// transport's limit.
+    pub fn limit_message_len(&mut self, max_frame_len: usize) {
+        if let Some(max) = std::num::NonZeroUsize::new(max_frame_len)
+            && max < self.config.max_message_len
+        {
+            self.config.max_message_len = max;
+        }
+    }
+
     /// Whether a seed has answered (always true for a node started without seeds).
     pub fn is_joined(&self) -> bool {
         self.joined

@@ -1068,3 +1068,26 @@ fn a_stale_suspicion_is_answered_with_the_newer_alive() {
     let out = net.deliver_from(A, third, ping(10, A, third, vec![stale]));
     assert_eq!(out.sent, [to(&net, A, ack(10, third, vec![refuted]))]);
 }
+
+#[test]
+fn the_message_limit_is_lowered_to_the_transports_frame_limit_never_raised() {
+    let mut config = MembershipConfig::local();
+    config.max_message_len = NonZeroUsize::new(1 << 20).unwrap();
+    let mut machine = Membership::new(
+        config,
+        NodeStart {
+            id: NodeId(1),
+            generation: 1,
+            meta: MemberMeta::new("n1"),
+            seeds: Vec::new(),
+            rng_seed: seed(),
+        },
+        Instant::now(),
+    );
+    machine.limit_message_len(64 * 1024);
+    assert_eq!(machine.config().max_message_len.get(), 64 * 1024);
+    machine.limit_message_len(1 << 30);
+    assert_eq!(machine.config().max_message_len.get(), 64 * 1024);
+    machine.limit_message_len(0);
+    assert_eq!(machine.config().max_message_len.get(), 64 * 1024);
+}

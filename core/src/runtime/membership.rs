@@ -162,7 +162,8 @@ impl MembershipHandle {
 
 /// Runs `machine` over `transport` on the current tokio runtime. The machine's own address
 /// (its [`crate::membership::MemberMeta::addr`]) should be the transport's local address.
-pub fn start<T: Transport>(transport: T, machine: Membership) -> MembershipHandle {
+pub fn start<T: Transport>(transport: T, mut machine: Membership) -> MembershipHandle {
+    machine.limit_message_len(transport.max_frame_len());
     let transport = Arc::new(transport);
     let counters = Arc::new(Counters::default());
     let (view_tx, view_rx) = watch::channel(snapshot(&machine));
