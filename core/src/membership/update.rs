@@ -145,6 +145,11 @@ impl Membership {
         if self.members.len() + 1 < self.config.max_members.get() {
             return true;
         }
+        if self.members.len() == self.members.live().len() {
+            // Nobody to forget. Skipping the scan keeps a flood of new ids against a table
+            // full of live members at constant cost per update.
+            return false;
+        }
         match self.members.oldest_buried() {
             Some(old) => {
                 self.forget(now, old);
