@@ -239,7 +239,9 @@ impl Membership {
         } else if part == 0 {
             let mut state = self.full_state();
             if let Some(record) = forgotten {
-                state[0].push(record);
+                // A part of its own: added to a part that is already full, it could push that
+                // part past the member cap or the message limit, and the answer would fail.
+                state.push(vec![record]);
             }
             self.send_state(from, false, true, state);
         }

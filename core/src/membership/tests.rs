@@ -1091,3 +1091,55 @@ fn the_message_limit_is_lowered_to_the_transports_frame_limit_never_raised() {
     machine.limit_message_len(0);
     assert_eq!(machine.config().max_message_len.get(), 64 * 1024);
 }
+
+#[test]
+fn the_answer_to_a_forgotten_member_keeps_every_part_within_the_message_limit() {
+    let mut net = Net::new(2);
+    let t = suspect_b(&mut net);
+    let dead_at = t + LAN.probe_interval + LAN.probe_interval * LAN.suspicion_mult.get();
+    net.run(A, dead_at + LAN.reap_after);
+    assert_eq!(net.node(A).member(id(B)), None, "reaped");
+    // Room for one member record per frame (each is about 40 bytes, the frame around it about
+    // 20): A's own record fills part 0.
+    let limit = 80;
+    net.nodes[A].config.max_message_len = NonZeroUsize::new(limit).unwrap();
+    // B comes back in the life A forgot it in and asks for the state.
+    let b = Member {
+        id: id(B),
+        life: life(1, 0),
+        state: MemberState::Alive,
+        meta: MemberMeta::new("n2"),
+    };
+    let request = SwimMessage::PushPull {
+        from: id(B),
+        join: false,
+        reply: false,
+        part: 0,
+        members: vec![b],
+    };
+    let out = net.deliver_from(B, A, request);
+    let mut told_dead = false;
+    for t in &out.sent {
+        let SwimMessage::PushPull { members, .. } = &t.message else {
+            panic!("not a push-pull: {t:?}");
+        };
+        let frame = crate::wire::encode(
+            crate::wire::Header::message(),
+            &crate::envelope::Envelope::Swim(t.message.clone()),
+            crate::wire::DEFAULT_MAX_FRAME_LEN,
+        )
+        .expect("encodes");
+        assert!(
+            frame.len() <= limit,
+            "a part of {} bytes: {t:?}",
+            frame.len()
+        );
+        told_dead |= members
+            .iter()
+            .any(|m| m.id == id(B) && m.state == MemberState::Dead && m.life == life(1, 0));
+    }
+    assert!(
+        told_dead,
+        "B was not told the life it was forgotten in: {out:?}"
+    );
+}
