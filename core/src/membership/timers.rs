@@ -1,7 +1,10 @@
 //! The timer table: every deadline of a [`Membership`](super::Membership) in one place.
 //!
-//! `poll_timeout` is the table's [`Timers::next`], so a new kind of deadline cannot be left
-//! out of it; `handle_timeout` takes what is due from the same table.
+//! `poll_timeout` is the table's [`Timers::next`] over the timers that can fire now, so a new
+//! kind of deadline cannot be left out of it; which can fire is one exhaustive `match` in
+//! `poll_timeout` (two are held back: the end of the protocol period while the direct ping's
+//! ack deadline is pending, which always comes first, and a gossip round with nothing to
+//! send). `handle_timeout` takes what is due from the same table.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
