@@ -23,6 +23,31 @@ use super::{Incoming, TransportError};
 /// permits).
 pub const MAX_RECV_BYTES: usize = u32::MAX as usize;
 
+/// The checks tcp and quic make on their inbound settings: a positive `handshake_timeout_ms`,
+/// `recv_bytes` within [`MAX_RECV_BYTES`], and a dialable `advertise` address
+/// ([`check_advertise`](super::check_advertise)). Each refusal is a
+/// [`TransportError::Config`] naming the option.
+pub fn check_inbound_limits(
+    handshake_timeout: std::time::Duration,
+    recv_bytes: NonZeroUsize,
+    advertise: Option<&crate::identity::Address>,
+) -> Result<(), TransportError> {
+    if handshake_timeout.is_zero() {
+        return Err(TransportError::Config(
+            "option `handshake_timeout_ms` must be positive".to_owned(),
+        ));
+    }
+    if recv_bytes.get() > MAX_RECV_BYTES {
+        return Err(TransportError::Config(format!(
+            "option `recv_bytes`: {recv_bytes} exceeds the maximum of {MAX_RECV_BYTES}"
+        )));
+    }
+    if let Some(advertise) = advertise {
+        super::check_advertise(advertise)?;
+    }
+    Ok(())
+}
+
 /// A frame in the queue, holding its share of the byte budget until `recv` takes it.
 struct Queued {
     incoming: Incoming,
@@ -199,6 +224,35 @@ mod tests {
         Incoming {
             from: Address::new("peer:1"),
             frame: Bytes::from(vec![0u8; len]),
+        }
+    }
+
+    #[test]
+    fn inbound_limits_name_the_option_they_refuse() {
+        use std::time::Duration;
+        let ok = NonZeroUsize::new(1024).unwrap();
+        assert!(check_inbound_limits(Duration::from_secs(1), ok, None).is_ok());
+        let cases = [
+            (Duration::ZERO, ok, None, "handshake_timeout_ms"),
+            (
+                Duration::from_secs(1),
+                NonZeroUsize::new(MAX_RECV_BYTES + 1).unwrap(),
+                None,
+                "recv_bytes",
+            ),
+            (
+                Duration::from_secs(1),
+                ok,
+                Some(crate::identity::Address::new("0.0.0.0:7000")),
+                "advertise",
+            ),
+        ];
+        for (timeout, bytes, advertise, option) in cases {
+            let err = check_inbound_limits(timeout, bytes, advertise.as_ref()).expect_err(option);
+            assert!(
+                matches!(&err, TransportError::Config(m) if m.contains(option)),
+                "{option}: {err}"
+            );
         }
     }
 

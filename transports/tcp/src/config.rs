@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use chorus_core::identity::Address;
 use chorus_core::options::Options;
-use chorus_core::transport::inbound::MAX_RECV_BYTES;
+use chorus_core::transport::TransportError;
+use chorus_core::transport::inbound;
 use chorus_core::transport::outbox::OutboxConfig;
-use chorus_core::transport::{self, TransportError};
 use chorus_core::wire::{DEFAULT_MAX_FRAME_LEN, MAX_FRAME_LEN_CEILING};
 
 #[cfg(doc)]
@@ -31,7 +31,7 @@ pub struct TcpConfig {
     /// Received frames buffered for [`recv`](chorus_core::Transport::recv); when full, readers
     /// stop reading and TCP flow control slows the senders.
     pub recv_capacity: NonZeroUsize,
-    /// Bytes of received frames buffered for `recv`, at most [`MAX_RECV_BYTES`]; like
+    /// Bytes of received frames buffered for `recv`, at most [`MAX_RECV_BYTES`](inbound::MAX_RECV_BYTES); like
     /// `recv_capacity`, when full, readers stop reading. A frame larger than this still passes
     /// once the queue is empty.
     pub recv_bytes: NonZeroUsize,
@@ -218,20 +218,11 @@ impl TcpConfig {
     /// Checks relations between fields, and the `advertise` address.
     pub fn validate(&self) -> Result<(), TransportError> {
         self.outbox(0).validate()?;
-        if self.handshake_timeout.is_zero() {
-            return Err(TransportError::Config(
-                "option `handshake_timeout_ms` must be positive".to_owned(),
-            ));
-        }
-        if self.recv_bytes.get() > MAX_RECV_BYTES {
-            return Err(TransportError::Config(format!(
-                "option `recv_bytes`: {} exceeds the maximum of {MAX_RECV_BYTES}",
-                self.recv_bytes
-            )));
-        }
-        if let Some(advertise) = &self.advertise {
-            transport::check_advertise(advertise)?;
-        }
+        inbound::check_inbound_limits(
+            self.handshake_timeout,
+            self.recv_bytes,
+            self.advertise.as_ref(),
+        )?;
         Ok(())
     }
 }
