@@ -13,7 +13,7 @@
 //! processed for a while, then everything that arrived and every timer that fell due meanwhile
 //! is handled at once, in order).
 //!
-//! Nodes are numbered from 0; node `i` has id `NodeId(i + 1)` and address `n{i}.g{generation}`
+//! Nodes are numbered from 0; node `i` has id `NodeId(i + 1)` and address `n{i}.g{generation}:1`
 //! (the generation it was started with; a restart in place keeps the address).
 
 use std::cmp::Ordering;
@@ -287,7 +287,7 @@ impl Simulation {
 
     /// The address of node `i` in its life `generation`.
     fn addr_of(i: usize, generation: u64) -> Address {
-        Address::new(format!("n{i}.g{generation}"))
+        Address::new(format!("n{i}.g{generation}:1"))
     }
 
     /// The id of node `i`.

@@ -19,7 +19,7 @@ use chorus_core::wire::{self, Header};
 const SEED: u64 = 0xD_41_7E;
 
 fn node(net: &InProcessNetwork, i: u64, seeds: &[&str]) -> MembershipHandle {
-    let addr = format!("node-{i}");
+    let addr = format!("node-{i}:1");
     let transport = net.bind(addr.as_str()).expect("bind");
     let machine = Membership::new(
         MembershipConfig::local(),
@@ -56,7 +56,7 @@ async fn driver_joins_detects_a_crash_and_sees_a_leave() {
     let net = InProcessNetwork::new(SEED);
     let first = node(&net, 1, &[]);
     let mut events = first.subscribe();
-    let others: Vec<MembershipHandle> = (2..=5).map(|i| node(&net, i, &["node-1"])).collect();
+    let others: Vec<MembershipHandle> = (2..=5).map(|i| node(&net, i, &["node-1:1"])).collect();
 
     // Join: everyone sees all five alive (itself included).
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -115,7 +115,7 @@ async fn driver_drops_and_counts_frames_that_are_not_membership_messages() {
         wire::DEFAULT_MAX_FRAME_LEN,
     )
     .expect("encode");
-    let to = Address::new("node-1");
+    let to = Address::new("node-1:1");
     peer.send(&to, data).await.expect("send");
     peer.send(&to, bytes::Bytes::from_static(b"garbage"))
         .await
@@ -181,7 +181,7 @@ async fn a_destination_whose_sends_hang_stalls_nobody_else() {
     let config = MembershipConfig::lan();
     let handles: Vec<MembershipHandle> = (1..=n)
         .map(|i| {
-            let addr = format!("node-{i}");
+            let addr = format!("node-{i}:1");
             let transport = Stalling {
                 inner: net.bind(addr.as_str()).expect("bind"),
                 hung: hung.clone(),
@@ -190,7 +190,7 @@ async fn a_destination_whose_sends_hang_stalls_nobody_else() {
             let seeds = if i == 1 {
                 vec![]
             } else {
-                vec![Address::new("node-1")]
+                vec![Address::new("node-1:1")]
             };
             let machine = Membership::new(
                 config,
@@ -215,7 +215,7 @@ async fn a_destination_whose_sends_hang_stalls_nobody_else() {
     // Node 4 crashes, and every send to it now stalls for 2 s before failing.
     let victim = 4;
     handles[victim as usize - 1].shutdown().await;
-    *hung.lock().unwrap() = Some(Address::new(format!("node-{victim}")));
+    *hung.lock().unwrap() = Some(Address::new(format!("node-{victim}:1")));
     let crashed = tokio::time::Instant::now();
     let live: Vec<&MembershipHandle> = handles
         .iter()

@@ -432,8 +432,8 @@ fn claim_at_the_largest_incarnation_is_refuted_with_a_new_generation() {
         seeds: Vec::new(),
         rng_seed: base_seed() ^ id,
     };
-    let mut node = Membership::new(MembershipConfig::local(), start(1, "n1"), now);
-    let mut peer = Membership::new(MembershipConfig::local(), start(2, "n2"), now);
+    let mut node = Membership::new(MembershipConfig::local(), start(1, "n1:1"), now);
+    let mut peer = Membership::new(MembershipConfig::local(), start(2, "n2:1"), now);
     // They know each other alive.
     let state = |m: &Membership| SwimMessage::PushPull {
         from: m.local().id,
@@ -443,8 +443,8 @@ fn claim_at_the_largest_incarnation_is_refuted_with_a_new_generation() {
         members: vec![m.local().clone()],
     };
     let (to_peer, to_node) = (state(&node), state(&peer));
-    peer.handle_message(now, Address::new("n1"), to_peer);
-    node.handle_message(now, Address::new("n2"), to_node);
+    peer.handle_message(now, Address::new("n1:1"), to_peer);
+    node.handle_message(now, Address::new("n2:1"), to_node);
 
     let forged = Life {
         generation: 7,
@@ -466,7 +466,7 @@ fn claim_at_the_largest_incarnation_is_refuted_with_a_new_generation() {
         ],
     };
     for m in [&mut node, &mut peer] {
-        m.handle_message(now, Address::new("n3"), claims.clone());
+        m.handle_message(now, Address::new("n3:1"), claims.clone());
     }
     assert_eq!(
         peer.member(NodeId(1)).map(|m| (m.state, m.life)),
@@ -487,8 +487,8 @@ fn claim_at_the_largest_incarnation_is_refuted_with_a_new_generation() {
         t += MembershipConfig::local().gossip_interval;
         node.handle_timeout(t);
         while let Some(tx) = node.poll_transmit() {
-            if tx.to == Address::new("n2") {
-                peer.handle_message(t, Address::new("n1"), tx.message);
+            if tx.to == Address::new("n2:1") {
+                peer.handle_message(t, Address::new("n1:1"), tx.message);
             }
         }
     }
@@ -496,7 +496,7 @@ fn claim_at_the_largest_incarnation_is_refuted_with_a_new_generation() {
         id: NodeId(1),
         life: refuted,
         state: MemberState::Alive,
-        meta: MemberMeta::new("n1"),
+        meta: MemberMeta::new("n1:1"),
     };
     assert_eq!(
         peer.member(NodeId(1)),
@@ -706,7 +706,7 @@ fn a_claim_at_an_impossible_generation_is_refused() {
         NodeStart {
             id: NodeId(1),
             generation: 7,
-            meta: MemberMeta::new("n1"),
+            meta: MemberMeta::new("n1:1"),
             seeds: Vec::new(),
             rng_seed: base_seed(),
         },
@@ -723,7 +723,7 @@ fn a_claim_at_an_impossible_generation_is_refused() {
             from: NodeId(3),
         }],
     };
-    node.handle_message(now, Address::new("n3"), claim(u64::MAX - 1));
+    node.handle_message(now, Address::new("n3:1"), claim(u64::MAX - 1));
     assert_eq!(
         node.local().life.generation,
         7,
@@ -731,7 +731,7 @@ fn a_claim_at_an_impossible_generation_is_refused() {
     );
     assert_eq!(node.stats().invalid_updates, 1);
     assert_eq!(node.stats().generation_bumps, 0);
-    node.handle_message(now, Address::new("n3"), claim(9));
+    node.handle_message(now, Address::new("n3:1"), claim(9));
     assert_eq!(
         node.local().life.generation,
         10,

@@ -60,6 +60,9 @@ pub enum MetaError {
     /// The address holds a byte that is not printable ASCII (space and controls included).
     #[error("address holds a byte that is not printable ASCII")]
     AddressNotPrintable,
+    /// The address is not `host:port` (a port from 1 to 65535).
+    #[error("address is not host:port with a port from 1 to 65535")]
+    NotHostPort,
     /// The weight is above [`MAX_WEIGHT`].
     #[error("weight {0} above {MAX_WEIGHT}")]
     WeightTooLarge(u32),
@@ -67,10 +70,10 @@ pub enum MetaError {
 
 impl MemberMeta {
     /// Checks metadata that came from a peer: an address of 1 to [`MAX_ADDR_LEN`] printable
-    /// ASCII bytes without spaces (`host:port`, `[v6]:port`, or an in-process name such as
-    /// the simulator's `n3.g1`; the form is the transport's business, as it is for the
-    /// transports' hello) and a weight of at most [`MAX_WEIGHT`]. The rest is fixed-size, so
-    /// the address bounds the whole record.
+    /// ASCII bytes in `host:port` form (`10.0.0.1:7946`, `db-3.example:7946`, `[::1]:7946`;
+    /// a port from 1 to 65535; the simulator's and in-process tests' names follow it too,
+    /// `n3.g1:1`) and a weight of at most [`MAX_WEIGHT`]. The rest is fixed-size, so the
+    /// address bounds the whole record.
     pub fn validate(&self) -> Result<(), MetaError> {
         let addr = self.addr.as_str().as_bytes();
         if addr.is_empty() {
@@ -81,6 +84,9 @@ impl MemberMeta {
         }
         if !addr.iter().all(|b| b.is_ascii_graphic()) {
             return Err(MetaError::AddressNotPrintable);
+        }
+        if !is_host_port(self.addr.as_str()) {
+            return Err(MetaError::NotHostPort);
         }
         if self.weight.get() > MAX_WEIGHT {
             return Err(MetaError::WeightTooLarge(self.weight.get()));
@@ -96,6 +102,20 @@ impl MemberMeta {
             public_key: [0; 32],
         }
     }
+}
+
+/// Whether `addr` is `host:port`: a non-empty host (a name or IPv4 address without `:`, or an
+/// IPv6 address in brackets) and a port from 1 to 65535.
+fn is_host_port(addr: &str) -> bool {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return false;
+    };
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0) && !port.starts_with('+');
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.contains(':') && v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => !host.is_empty() && !host.contains(':') && !host.contains(['[', ']']),
+    };
+    port_ok && host_ok
 }
 
 /// A member's liveness as one node sees it.

@@ -83,7 +83,7 @@ impl Net {
             idle: Vec::new(),
         };
         for i in 0..n {
-            let addr = Address::new(format!("n{}", i + 1));
+            let addr = Address::new(format!("n{}:1", i + 1));
             let config = if i == A {
                 prober_config()
             } else {
@@ -704,7 +704,7 @@ fn a_leaving_node_announces_it_and_stops_probing() {
 fn a_restart_with_a_new_generation_replaces_the_old_entry() {
     let mut net = Net::new(2);
     // B restarts: same id, next generation, new address, joining through A.
-    let addr = Address::new("n2.g2");
+    let addr = Address::new("n2.g2:1");
     let restarted = NodeStart {
         id: id(B),
         generation: 2,
@@ -746,7 +746,7 @@ fn a_restart_with_a_new_generation_replaces_the_old_entry() {
     );
     // The live address moved with it.
     assert!(net.node(A).members.addr_is_live(&addr));
-    assert!(!net.node(A).members.addr_is_live(&Address::new("n2")));
+    assert!(!net.node(A).members.addr_is_live(&Address::new("n2:1")));
 
     // News about the old life, even at a higher incarnation, is ignored.
     let stale = gossip(
@@ -755,7 +755,7 @@ fn a_restart_with_a_new_generation_replaces_the_old_entry() {
             Update::Alive {
                 id: id(B),
                 life: life(1, 9),
-                meta: MemberMeta::new("n2"),
+                meta: MemberMeta::new("n2:1"),
             },
             suspect(B, life(1, 9), B),
         ],
@@ -841,7 +841,7 @@ fn ping_req(from: usize, target: NodeId, target_addr: &str) -> SwimMessage {
 fn a_ping_req_is_relayed_only_for_live_members_to_their_known_address_within_budget() {
     let mut net = Net::new(3);
     // From a stranger, or about a member not known alive: refused.
-    let out = net.deliver_from(A, B, ping_req(7, id(C), "n3"));
+    let out = net.deliver_from(A, B, ping_req(7, id(C), "n3:1"));
     assert_eq!(out.sent, []);
     let out = net.deliver_from(A, B, ping_req(A, NodeId(8), "victim:80"));
     assert_eq!(out.sent, []);
@@ -854,15 +854,19 @@ fn a_ping_req_is_relayed_only_for_live_members_to_their_known_address_within_bud
     let budget = net.node(B).config.max_relays_per_second.get();
     for _ in 1..budget {
         assert_eq!(
-            net.deliver_from(A, B, ping_req(A, id(C), "n3")).sent.len(),
+            net.deliver_from(A, B, ping_req(A, id(C), "n3:1"))
+                .sent
+                .len(),
             1
         );
     }
-    assert_eq!(net.deliver_from(A, B, ping_req(A, id(C), "n3")).sent, []);
+    assert_eq!(net.deliver_from(A, B, ping_req(A, id(C), "n3:1")).sent, []);
     assert_eq!(net.node(B).stats().refused_relays, 3);
     net.advance_to(net.at(Duration::from_secs(1)));
     assert_eq!(
-        net.deliver_from(A, B, ping_req(A, id(C), "n3")).sent.len(),
+        net.deliver_from(A, B, ping_req(A, id(C), "n3:1"))
+            .sent
+            .len(),
         1
     );
 }
@@ -897,7 +901,7 @@ fn alive_news_is_validated_capped_per_message_and_by_the_member_limit() {
         life: life(1, 0),
         meta: MemberMeta {
             weight: NonZeroU32::new(MAX_WEIGHT + 1).unwrap(),
-            ..MemberMeta::new("n20")
+            ..MemberMeta::new("n20:1")
         },
     };
     let long = "a".repeat(MAX_ADDR_LEN + 1);
@@ -918,7 +922,7 @@ fn alive_news_is_validated_capped_per_message_and_by_the_member_limit() {
         gossip(B, vec![alive(4, life(1, 0), "127.0.0.1:7005")]),
     );
     assert_eq!(out.events.len(), 1, "{out:?}");
-    let out = net.deliver_from(B, A, gossip(B, vec![alive(5, life(1, 0), "n6")]));
+    let out = net.deliver_from(B, A, gossip(B, vec![alive(5, life(1, 0), "n6:1")]));
     assert_eq!(out.events, []);
     assert_eq!(net.node(A).stats().refused_members, 1);
 
@@ -981,12 +985,12 @@ fn suspect_or_dead_news_about_a_newer_generation_does_not_replace_the_old_life()
     assert_eq!(net.node(A).stats().newer_life_ignored, 2);
     assert_eq!(net.node(A).member(id(B)).unwrap().life, life(1, 0));
     // The alive of the new life, with its address, is taken.
-    let out = net.deliver_from(B, A, gossip(B, vec![alive(B, life(2, 0), "n2.g2")]));
+    let out = net.deliver_from(B, A, gossip(B, vec![alive(B, life(2, 0), "n2.g2:1")]));
     let new_b = Member {
         id: id(B),
         life: life(2, 0),
         state: MemberState::Alive,
-        meta: MemberMeta::new("n2.g2"),
+        meta: MemberMeta::new("n2.g2:1"),
     };
     assert_eq!(out.events, [MembershipEvent::Updated(new_b)]);
 }
@@ -999,12 +1003,12 @@ fn a_reaped_member_does_not_come_back_from_a_stale_alive() {
     net.run(A, dead_at + LAN.reap_after);
     assert_eq!(net.node(A).member(id(B)), None, "reaped");
     // A stale alive of the life it died in (from a member with an old view) is refused.
-    let stale = gossip(C, vec![alive(B, life(1, 0), "n2")]);
+    let stale = gossip(C, vec![alive(B, life(1, 0), "n2:1")]);
     let out = net.deliver_from(B, A, stale);
     assert_eq!(out.events, []);
     assert_eq!(net.node(A).stats().forgotten_refused, 1);
     // A newer incarnation (B was alive after all) is a return.
-    let out = net.deliver_from(B, A, gossip(B, vec![alive(B, life(1, 1), "n2")]));
+    let out = net.deliver_from(B, A, gossip(B, vec![alive(B, life(1, 1), "n2:1")]));
     assert!(
         matches!(&out.events[..], [MembershipEvent::Joined(m)] if m.id == id(B)),
         "{out:?}"
@@ -1078,7 +1082,7 @@ fn the_message_limit_is_lowered_to_the_transports_frame_limit_never_raised() {
         NodeStart {
             id: NodeId(1),
             generation: 1,
-            meta: MemberMeta::new("n1"),
+            meta: MemberMeta::new("n1:1"),
             seeds: Vec::new(),
             rng_seed: seed(),
         },
@@ -1108,7 +1112,7 @@ fn the_answer_to_a_forgotten_member_keeps_every_part_within_the_message_limit() 
         id: id(B),
         life: life(1, 0),
         state: MemberState::Alive,
-        meta: MemberMeta::new("n2"),
+        meta: MemberMeta::new("n2:1"),
     };
     let request = SwimMessage::PushPull {
         from: id(B),
@@ -1142,4 +1146,30 @@ fn the_answer_to_a_forgotten_member_keeps_every_part_within_the_message_limit() 
         told_dead,
         "B was not told the life it was forgotten in: {out:?}"
     );
+}
+
+#[test]
+fn member_addresses_must_be_host_port() {
+    for good in [
+        "10.0.0.1:7946",
+        "db-3.example:7946",
+        "[::1]:7946",
+        "n3.g1:1",
+    ] {
+        assert_eq!(MemberMeta::new(good).validate(), Ok(()), "{good}");
+    }
+    for bad in [
+        "n3", "n3:", "n3:0", "n3:65536", ":7946", "::1:7946", "[::1]", "[nope]:1", "a:b:1", "n3:+1",
+    ] {
+        assert_eq!(
+            MemberMeta::new(bad).validate(),
+            Err(super::message::MetaError::NotHostPort),
+            "{bad}"
+        );
+    }
+    // Refused on receipt like any invalid metadata.
+    let mut net = Net::new(2);
+    let out = net.deliver_from(B, A, gossip(B, vec![alive(20, life(1, 0), "n20")]));
+    assert_eq!(out.events, []);
+    assert_eq!(net.node(A).stats().invalid_updates, 1);
 }
