@@ -105,6 +105,16 @@ impl Prober {
         self.order.swap(at, last);
     }
 
+    /// Makes `id` the next member probed (Lifeguard's confirmations come from independent
+    /// probes; see [`Membership::suspect`]). It is not probed again later in this round.
+    pub(super) fn probe_next(&mut self, id: NodeId) {
+        let from = self.index.min(self.order.len());
+        if let Some(at) = self.order[from..].iter().position(|&m| m == id) {
+            self.order.remove(from + at);
+        }
+        self.order.insert(from, id);
+    }
+
     /// The next live member in the round; a new round (a fresh shuffle) once it is through.
     fn next_target(&mut self, rng: &mut ChaCha8Rng, members: &MemberTable) -> Option<NodeId> {
         for _ in 0..=self.order.len() {
@@ -123,6 +133,12 @@ impl Prober {
             }
         }
         None
+    }
+
+    /// The members still due in this round, next first.
+    #[cfg(test)]
+    pub(super) fn upcoming(&self) -> &[NodeId] {
+        &self.order[self.index.min(self.order.len())..]
     }
 
     /// Whether `id` is the member being probed.

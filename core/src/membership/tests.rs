@@ -1149,6 +1149,50 @@ fn the_answer_to_a_forgotten_member_keeps_every_part_within_the_message_limit() 
 }
 
 #[test]
+fn a_member_that_hears_a_fresh_suspicion_probes_the_suspect_next() {
+    // Six live members: K = 3 confirmations apply and 2K / live = 1, so the early probe is
+    // certain (at N = 1,000 it is 0.6%, about six members).
+    let mut net = Net::new(6);
+    let (first, t) = first_probe(&mut net);
+    let out = net.deliver_from(first, A, ack(1, first, vec![]));
+    assert_eq!(out.timeout, Some(t + LAN.probe_interval));
+    let upcoming = net.node(A).probes.upcoming().to_vec();
+    assert_eq!(upcoming.len(), 4, "{upcoming:?}");
+    // A member due last in A's round is suspected by another member.
+    let suspected = upcoming[3].0 as usize - 1;
+    let sender = upcoming[0].0 as usize - 1;
+    let out = net.deliver_from(
+        sender,
+        A,
+        gossip(sender, vec![suspect(suspected, life(1, 0), sender)]),
+    );
+    assert_eq!(
+        out.events,
+        [MembershipEvent::Suspect(member(
+            &net,
+            suspected,
+            MemberState::Suspect,
+            life(1, 0)
+        ))]
+    );
+    // A's next probe goes to the suspect (with the buddy-system news), not to `sender`...
+    net.advance_to(t + LAN.probe_interval);
+    let out = net.step(A);
+    let pings: Vec<_> = out
+        .sent
+        .iter()
+        .filter_map(|t| match &t.message {
+            SwimMessage::Ping { target, .. } => Some((t.to.clone(), *target)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(pings, [(net.addr(suspected), id(suspected))]);
+    // ...and the suspect is not probed a second time in this round.
+    let rest = net.node(A).probes.upcoming().to_vec();
+    assert_eq!(rest, upcoming[..3], "the rest of the round, in order");
+}
+
+#[test]
 fn member_addresses_must_be_host_port() {
     for good in [
         "10.0.0.1:7946",
