@@ -55,10 +55,7 @@ fn spawn_replica(
                     match storage.apply(key.clone(), record.clone()).await {
                         Ok(outcome) => ReplicaMessage::PutReply {
                             applied: outcome.is_applied(),
-                            current: match outcome {
-                                chorus::storage::ApplyOutcome::Stale { current } => current,
-                                _ => record.version,
-                            },
+                            current: outcome.current_version(&record.version),
                         },
                         Err(e) => ReplicaMessage::Error {
                             reason: e.to_string(),
