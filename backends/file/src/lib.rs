@@ -32,6 +32,11 @@
 //! - [`FsyncPolicy::Never`]: synced only by [`Storage::flush`], [`Storage::close`] and segment
 //!   rotation; a machine crash can lose any write since.
 //!
+//! [`Storage::apply_batch`] decides every write of the batch in order under one hold of the
+//! index lock and sends the winners' frames to the writer as one command: the batch costs one
+//! `write` and, under [`FsyncPolicy::Always`], one `fdatasync` (shared with concurrent
+//! writers), not one per record.
+//!
 //! A record is visible to reads as soon as `apply` decided it won, which may be before it is
 //! durable. New files are made durable by an fsync of the directory. **A failed write or fsync
 //! of the log is fatal**: it is never retried (the kernel may already have dropped the dirty
@@ -56,6 +61,20 @@
 //! torn write and a damaged synced batch look alike) and is cut and kept aside. Everything
 //! read is synced before the store opens. Writing always starts in a new segment. The
 //! directory is locked (a `LOCK` file) while a store has it open.
+//!
+//! # Metadata
+//!
+//! [`Storage::store_meta`] keeps each metadata value in its own small file,
+//! `meta/<name>.meta` (magic, metadata format version, length, a CRC32C bound to the name, the
+//! value), outside the segments: the log format is unchanged, a directory written before
+//! metadata existed opens as before, and compaction never touches it. The writer thread
+//! replaces a value by writing `<name>.tmp`, syncing it, renaming it over the old file and
+//! syncing the directory, **under every fsync policy** (metadata is small and rarely written,
+//! and a crash must leave the old or the new value, never a torn or empty one), and
+//! `store_meta` returns after that. Opening reads every value into memory (where
+//! [`Storage::load_meta`] reads it), removes leftover `.tmp` files, and fails with
+//! [`StorageError::Corruption`] naming the file if one is damaged. A failed metadata write is
+//! not fatal to the store: the old value stays unless the rename happened.
 //!
 //! # Purge and compaction
 //!
@@ -763,6 +782,12 @@ impl Storage for FileStorage {
         // Release the memory now rather than when the last handle is dropped.
         let mut index = self.shared.index_write();
         index.map.clear();
+        drop(index);
+        self.shared
+            .meta
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
         result
     }
 }

@@ -17,6 +17,8 @@
 //! - The map is unordered, so [`Storage::scan`] and [`Storage::digest`] visit **every** stored
 //!   record: each scan page and each digest costs O(n) in the number of records, whatever the
 //!   size of the range or of the page. A scan page keeps only `limit + 1` candidates in memory.
+//! - [`Storage::apply_batch`] applies each write in turn; metadata
+//!   ([`Storage::store_meta`]) is a map beside the records, lost with them.
 //! - [`Storage::stats`] is O(1): counters are maintained while the shard lock of each apply is
 //!   held (a purge adjusts them just after each removal). They are exact whenever no write or
 //!   purge is in flight, and a momentary approximation while one races with the read.

@@ -26,6 +26,8 @@
 //!   once `expiry_grace` has passed after it took effect on the wall clock, the same moment
 //!   [`Storage::purge`] with that grace would collect it ([`Record::is_collectable`]). With
 //!   `expiry_grace = "off"` nothing expires on its own and only `purge` removes such records.
+//! - [`Storage::apply_batch`] applies each write in turn. Metadata ([`Storage::store_meta`]) is
+//!   kept in a map outside the cache: never evicted, lost when the store is closed or dropped.
 //! - The cache is unordered: [`Storage::scan`], [`Storage::digest`], [`Storage::purge`] and
 //!   [`Storage::stats`] visit every cached entry (O(n)); a scan page also sorts its matches.
 //!

@@ -33,6 +33,11 @@
 //! - `never`: only [`Storage::flush`] and [`Storage::close`] flush; a crash loses everything
 //!   since.
 //!
+//! [`Storage::apply_batch`] runs one compare-and-swap loop per write and then, under
+//! `always`, waits for one flush for the whole batch. Metadata ([`Storage::store_meta`])
+//! lives in a separate sled tree (`chorus-meta`) that scans, digests, stats and purges never
+//! read; it is flushed like the records (under `always`, before `store_meta` returns).
+//!
 //! sled is beta software and its on-disk format is not stable across its versions; the
 //! dependency is pinned to 0.34.7.
 //!
