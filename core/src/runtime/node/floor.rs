@@ -41,13 +41,10 @@ fn decode_u64(bytes: &[u8]) -> Option<u64> {
 
 impl Floor {
     /// Reads the stored floor (zero when none, or when the storage is volatile).
-    pub(crate) async fn restore(
-        storage: &SharedStorage,
-        _now_ms: u64,
-    ) -> Result<Self, StorageError> {
+    pub(crate) async fn restore(storage: &SharedStorage, _now_ms: u64) -> Result<Self, StorageError> {
         let persistent = storage.capabilities().durability.is_persistent();
         let restored = if persistent {
-            match None::<Bytes> {
+            match storage.load_meta(FLOOR_META).await? {
                 Some(b) => Timestamp::from_u64(decode_u64(&b).ok_or_else(|| {
                     StorageError::Corruption(format!("{FLOOR_META} is {} bytes, not 8", b.len()))
                 })?),
@@ -90,9 +87,10 @@ impl Floor {
         }
         let until = last.saturating_add(FLOOR_LEASE.as_millis() as u64);
         let floor = Timestamp::new(until.min(crate::hlc::MAX_PHYSICAL_MS), 0);
-        let _ = storage;
-        self.reserved_ms
-            .store(floor.physical_ms(), Ordering::Release);
+        storage
+            .store_meta(FLOOR_META, Bytes::copy_from_slice(&floor.as_u64().to_be_bytes()))
+            .await?;
+        self.reserved_ms.store(floor.physical_ms(), Ordering::Release);
         Ok(())
     }
 }
@@ -105,13 +103,14 @@ pub(crate) async fn next_generation(
 ) -> Result<u64, StorageError> {
     let mut generation = now_ms.clamp(1, MAX_GENERATION - 1);
     if storage.capabilities().durability.is_persistent() {
-        if let Some(b) = None::<Bytes>
+        if let Some(b) = storage.load_meta(GENERATION_META).await?
             && let Some(last) = decode_u64(&b)
         {
-            generation = generation
-                .max(last.saturating_add(1))
-                .min(MAX_GENERATION - 1);
+            generation = generation.max(last.saturating_add(1)).min(MAX_GENERATION - 1);
         }
+        storage
+            .store_meta(GENERATION_META, Bytes::copy_from_slice(&generation.to_be_bytes()))
+            .await?;
     }
     Ok(generation)
 }

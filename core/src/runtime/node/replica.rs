@@ -78,23 +78,29 @@ impl Inner {
             }
             accepted.clear();
         }
-        for (i, key, record) in accepted {
-            let outcome = match self.storage.apply(key, record).await {
-                Ok(ApplyOutcome::Applied { .. }) => {
-                    self.stats.replica_applied.fetch_add(1, Ordering::Relaxed);
-                    WriteOutcome::Applied
+        if !accepted.is_empty() {
+            let (idx, batch): (Vec<usize>, Vec<(Bytes, Record)>) =
+                accepted.into_iter().map(|(i, k, r)| (i, (k, r))).unzip();
+            match self.storage.apply_batch(batch).await {
+                Ok(results) if results.len() == idx.len() => {
+                    for (i, outcome) in idx.into_iter().zip(results) {
+                        outcomes[i] = Some(self.count_outcome(outcome));
+                    }
                 }
-                Ok(ApplyOutcome::Stale { current }) => {
-                    self.stats.replica_stale.fetch_add(1, Ordering::Relaxed);
-                    WriteOutcome::Stale { current }
+                Ok(_) => {
+                    tracing::error!("storage answered a batch with the wrong number of outcomes");
                 }
                 Err(e) => {
-                    self.stats.storage_failures.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .storage_failures
+                        .fetch_add(idx.len() as u64, Ordering::Relaxed);
                     tracing::warn!(error = %e, "replica apply failed");
-                    WriteOutcome::Refused(storage_refusal(&e))
+                    let refusal = storage_refusal(&e);
+                    for i in idx {
+                        outcomes[i] = Some(WriteOutcome::Refused(refusal.clone()));
+                    }
                 }
-            };
-            outcomes[i] = Some(outcome);
+            }
         }
         outcomes
             .into_iter()
@@ -104,6 +110,21 @@ impl Inner {
                 }))
             })
             .collect()
+    }
+
+    fn count_outcome(&self, outcome: ApplyOutcome) -> WriteOutcome {
+        match outcome {
+            ApplyOutcome::Applied { .. } => {
+                self.stats.replica_applied.fetch_add(1, Ordering::Relaxed);
+                WriteOutcome::Applied
+            }
+            ApplyOutcome::Stale { current } => {
+                self.stats.replica_stale.fetch_add(1, Ordering::Relaxed);
+                WriteOutcome::Stale {
+                    current: current.version,
+                }
+            }
+        }
     }
 
     /// Limits, then the clock: a refused write leaves the clock as it was.
