@@ -182,11 +182,11 @@ pub(crate) mod duration {
     /// Writes the shortest exact form (`"1500ms"`, `"2s"`).
     pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         let ms = d.as_millis();
-        let text = if ms % 3_600_000 == 0 && ms > 0 {
+        let text = if ms.is_multiple_of(3_600_000) && ms > 0 {
             format!("{}h", ms / 3_600_000)
-        } else if ms % 60_000 == 0 && ms > 0 {
+        } else if ms.is_multiple_of(60_000) && ms > 0 {
             format!("{}m", ms / 60_000)
-        } else if ms % 1000 == 0 {
+        } else if ms.is_multiple_of(1000) {
             format!("{}s", ms / 1000)
         } else {
             format!("{ms}ms")

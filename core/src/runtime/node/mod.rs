@@ -343,15 +343,11 @@ impl NodeBuilder {
             bugs: self.bugs,
             config,
         });
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(view::follow(
-            inner.membership.view(),
-            view,
-            n,
-            ring_config,
-        )));
-        tasks.push(tokio::spawn(dispatch(inner.clone(), inbound, swim)));
-        tasks.push(tokio::spawn(purge_loop(inner.clone())));
+        let tasks = vec![
+            tokio::spawn(view::follow(inner.membership.view(), view, n, ring_config)),
+            tokio::spawn(dispatch(inner.clone(), inbound, swim)),
+            tokio::spawn(purge_loop(inner.clone())),
+        ];
         Ok(Node {
             inner,
             tasks: Arc::new(std::sync::Mutex::new(tasks)),

@@ -22,7 +22,7 @@ impl Inner {
                     return refused;
                 }
                 ReplicaMessage::Applied {
-                    outcomes: self.apply_writes(writes).await,
+                    outcomes: self.apply_writes(writes, false).await,
                 }
             }
             ReplicaMessage::Read { version, keys } => {
@@ -58,12 +58,14 @@ impl Inner {
     }
 
     /// Applies `writes` to local storage (apply-if-newer), each checked first: limits, then
-    /// the clock-drift bound. One outcome per write, in order.
-    pub(crate) async fn apply_writes(&self, writes: Vec<Write>) -> Vec<WriteOutcome> {
+    /// the clock-drift bound (unless `own`: records this node's clock just stamped, whose
+    /// versions the HLC already covers even when the wall clock went back across a restart).
+    /// One outcome per write, in order.
+    pub(crate) async fn apply_writes(&self, writes: Vec<Write>, own: bool) -> Vec<WriteOutcome> {
         let mut outcomes: Vec<Option<WriteOutcome>> = Vec::with_capacity(writes.len());
         let mut accepted: Vec<(usize, Bytes, Record)> = Vec::with_capacity(writes.len());
         for (i, w) in writes.into_iter().enumerate() {
-            match self.admit(&w) {
+            match self.admit(&w, own) {
                 Ok(()) => {
                     outcomes.push(None);
                     accepted.push((i, w.key, w.record));
@@ -128,7 +130,7 @@ impl Inner {
     }
 
     /// Limits, then the clock: a refused write leaves the clock as it was.
-    fn admit(&self, w: &Write) -> Result<(), Refusal> {
+    fn admit(&self, w: &Write, own: bool) -> Result<(), Refusal> {
         if w.key.is_empty() || w.key.len() > self.config.max_key_len.get() {
             self.stats.replica_invalid.fetch_add(1, Ordering::Relaxed);
             return Err(Refusal::Invalid {
@@ -143,7 +145,7 @@ impl Inner {
                 reason: format!("value of {} bytes", v.len()),
             });
         }
-        if self.bugs.skip_drift_check {
+        if own || self.bugs.skip_drift_check {
             return Ok(());
         }
         match self.hlc.observe(w.record.version.timestamp) {
