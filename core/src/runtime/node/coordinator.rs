@@ -573,6 +573,6 @@ impl Inner {
 
     /// A read at `One` of keys this node replicates: local storage, no message.
     pub(crate) fn is_local_replica(&self, view: &View, key: &[u8]) -> bool {
-        view.replicas(key).contains(&self.id)
+        super::view::is_replica(view, key, self.id)
     }
 }

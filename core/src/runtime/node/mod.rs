@@ -498,7 +498,50 @@ impl Node {
         key: impl Into<Bytes>,
         options: ReadOptions,
     ) -> Result<Option<Versioned>, ReplicationError> {
-        one(self.get_many(vec![key.into()], options).await)
+        let key = key.into();
+        if let Some(local) = self.read_locally(&key, &options).await {
+            return local;
+        }
+        one(self.get_many(vec![key], options).await)
+    }
+
+    /// The fast path of a single read at `One` of a key this node replicates: local storage,
+    /// no message, no allocation beyond the value. `None` when it does not apply.
+    async fn read_locally(
+        &self,
+        key: &Bytes,
+        options: &ReadOptions,
+    ) -> Option<Result<Option<Versioned>, ReplicationError>> {
+        let inner = &self.inner;
+        let consistency = options.consistency.unwrap_or(inner.config.read_consistency);
+        if consistency != Consistency::One && consistency != Consistency::Count(NonZeroUsize::MIN) {
+            return None;
+        }
+        if options.timeout.is_some_and(|t| t.is_zero()) || self.check_key(key).is_err() {
+            return None;
+        }
+        if !view::is_replica(&inner.view.load(), key, inner.id) {
+            return None;
+        }
+        let _pass = match inner.gate.enter() {
+            Ok(pass) => pass,
+            Err(e) => return Some(Err(e)),
+        };
+        let now_ms = inner.hlc.wall_clock().now_ms();
+        Some(match inner.storage.get(key).await {
+            Ok(record) => {
+                inner.stats.local_reads.fetch_add(1, Ordering::Relaxed);
+                inner.stats.reads.fetch_add(1, Ordering::Relaxed);
+                Ok(live(record, now_ms))
+            }
+            Err(e) => Err(ReplicationError::Failed {
+                op: Operation::Read,
+                acks: 0,
+                required: 1,
+                refusals: vec![(inner.id, replica::storage_refusal(&e))],
+                unreachable: 0,
+            }),
+        })
     }
 
     /// Stores each `(key, value)`; one result per entry, in order. Entries for the same
