@@ -739,3 +739,62 @@ async fn a_restarted_file_node_keeps_its_data_and_never_reissues_a_version() {
     assert_eq!(got.as_deref(), Some(&b"second"[..]));
     cluster.stop().await;
 }
+
+#[test]
+fn the_handle_is_send_sync_and_cheap_to_clone() {
+    fn check<T: Send + Sync + Clone + 'static>() {}
+    check::<chorus::Node>();
+}
+
+#[test]
+fn a_config_file_that_is_wrong_says_which_field_and_why() {
+    use chorus::NodeConfig;
+    let good: NodeConfig = toml::from_str(
+        r#"
+        id = 7
+        seeds = ["10.0.0.2:7946"]
+        replication_factor = 3
+        read_consistency = "one"
+        write_consistency = 2
+        request_timeout = "1500ms"
+        tombstone_grace = "48h"
+        [transport]
+        scheme = "tcp"
+        bind = "10.0.0.1:7946"
+        [storage]
+        scheme = "file"
+        path = "/var/lib/chorus"
+        options = { fsync = "always" }
+        "#,
+    )
+    .expect("a valid file");
+    assert_eq!(good.id, chorus::NodeId(7));
+    assert_eq!(good.request_timeout, Duration::from_millis(1500));
+    assert_eq!(good.tombstone_grace, Duration::from_secs(48 * 3600));
+    assert_eq!(good.read_consistency, Consistency::One);
+    assert_eq!(good.write_consistency, Consistency::Count(nz(2)));
+    assert!(good.validate().is_ok());
+    // Defaults fill what a file leaves out, and survive a round trip.
+    let text = toml::to_string(&good).expect("serialises");
+    let back: NodeConfig = toml::from_str(&text).expect("reads back");
+    assert_eq!(back, good);
+
+    for (file, field) in [
+        ("request_timeout = \"soon\"", "request_timeout"),
+        ("replication_factor = 0", "replication_factor"),
+        ("read_consistency = \"most\"", "read_consistency"),
+        ("replicaton_factor = 3", "replicaton_factor"),
+    ] {
+        let err = toml::from_str::<NodeConfig>(file)
+            .expect_err(file)
+            .to_string();
+        assert!(err.contains(field), "{file}: {err}");
+    }
+    let mut bad = NodeConfig::default();
+    bad.write_consistency = Consistency::Count(nz(5));
+    let err = bad.validate().expect_err("count above N").to_string();
+    assert!(
+        err.contains("write_consistency") && err.contains("5"),
+        "{err}"
+    );
+}

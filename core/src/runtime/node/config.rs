@@ -95,6 +95,11 @@ pub struct NodeConfig {
     /// How far ahead of this node's clock a record's version may be; further is refused.
     #[serde(with = "duration")]
     pub max_clock_drift: Duration,
+    /// How long [`super::NodeBuilder::start`] waits, when there are seeds, until it knows at
+    /// least one other member; past it the node starts anyway and keeps trying the seeds
+    /// (a whole cluster restarting in any order must come up), with a warning.
+    #[serde(with = "duration")]
+    pub join_timeout: Duration,
     /// How long [`super::Node::shutdown`] may take in all.
     #[serde(with = "duration")]
     pub shutdown_timeout: Duration,
@@ -118,6 +123,7 @@ impl Default for NodeConfig {
             tombstone_grace: DEFAULT_TOMBSTONE_GRACE,
             purge_interval: Duration::from_secs(3600),
             max_clock_drift: crate::hlc::DEFAULT_MAX_DRIFT,
+            join_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
         }
     }

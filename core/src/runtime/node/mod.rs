@@ -272,7 +272,8 @@ impl NodeBuilder {
     }
 
     /// Opens storage, restores the clock floor and generation, binds the transport, starts
-    /// membership and joins the seeds (or forms a cluster without them).
+    /// membership and joins the seeds (or forms a cluster without them): with seeds, it
+    /// returns once another member is known or after [`NodeConfig::join_timeout`].
     pub async fn start(self) -> Result<Node, StartError> {
         let config = self.config;
         config.validate()?;
@@ -348,10 +349,12 @@ impl NodeBuilder {
             tokio::spawn(dispatch(inner.clone(), inbound, swim)),
             tokio::spawn(purge_loop(inner.clone())),
         ];
-        Ok(Node {
+        let node = Node {
             inner,
             tasks: Arc::new(std::sync::Mutex::new(tasks)),
-        })
+        };
+        node.wait_for_join().await;
+        Ok(node)
     }
 }
 
@@ -443,6 +446,35 @@ impl Node {
             membership: None,
             rng_seed: None,
             bugs: PlantedBugs::default(),
+        }
+    }
+
+    /// With seeds: waits until this node knows another live member, up to `join_timeout`.
+    async fn wait_for_join(&self) {
+        let config = &self.inner.config;
+        if config.seeds.is_empty() {
+            return;
+        }
+        let mut view = self.inner.membership.view();
+        let joined = tokio::time::timeout(config.join_timeout, async {
+            loop {
+                let others = view
+                    .borrow_and_update()
+                    .iter()
+                    .skip(1)
+                    .any(|m| m.state == MemberState::Alive);
+                if others || view.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        if joined.is_err() {
+            tracing::warn!(
+                seeds = ?config.seeds,
+                timeout = ?config.join_timeout,
+                "no seed answered yet; starting alone and still trying them"
+            );
         }
     }
 
