@@ -141,7 +141,7 @@ impl Inner {
         if !pending.is_empty() {
             // Late answers are still processed: counted now, and the hook for hinted handoff.
             let inner = self.clone();
-            tokio::spawn(async move {
+            self.defer(async move {
                 while let Some((_, idx, _)) = pending.next().await {
                     inner
                         .stats
@@ -318,7 +318,7 @@ impl Inner {
             let keys = keys.clone();
             let merges = std::mem::take(&mut merges);
             let repair_late = repair != super::ReadRepair::Off;
-            tokio::spawn(async move {
+            self.defer(async move {
                 inner
                     .finish_read(keys, merges, pending, deadline, repair_late)
                     .await;

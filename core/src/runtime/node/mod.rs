@@ -331,7 +331,9 @@ impl NodeBuilder {
             n,
             ring_config,
         )));
+        let (deferred, deferred_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
+            deferred,
             id: config.id,
             hlc,
             storage,
@@ -348,6 +350,7 @@ impl NodeBuilder {
             tokio::spawn(view::follow(inner.membership.view(), view, n, ring_config)),
             tokio::spawn(dispatch(inner.clone(), inbound, swim)),
             tokio::spawn(purge_loop(inner.clone())),
+            tokio::spawn(run_deferred(deferred_rx)),
         ];
         let node = Node {
             inner,
@@ -415,6 +418,35 @@ pub(crate) struct Inner {
     gate: Gate,
     floor: Floor,
     bugs: PlantedBugs,
+    /// Work left after a request returned (late answers, read repair), run by one task.
+    deferred: mpsc::UnboundedSender<Deferred>,
+}
+
+/// A piece of work that outlives the request that started it.
+type Deferred = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+impl Inner {
+    /// Hands `work` to the node's deferred-work task: one task drives every request's leftover
+    /// work, which costs a channel send instead of a task per request.
+    pub(crate) fn defer(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        // Closed only while the node stops, when leftover work is abandoned anyway.
+        let _ = self.deferred.send(Box::pin(work));
+    }
+}
+
+/// Drives deferred work until the node stops.
+async fn run_deferred(mut work: mpsc::UnboundedReceiver<Deferred>) {
+    use futures::StreamExt;
+    let mut running = futures::stream::FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            next = work.recv() => match next {
+                Some(w) => running.push(w),
+                None => break,
+            },
+            Some(()) = running.next(), if !running.is_empty() => {}
+        }
+    }
 }
 
 /// A running node. Cheap to clone; every clone is the same node.
@@ -924,12 +956,18 @@ async fn dispatch(
             Envelope::Swim(m) => swim.deliver(from, m),
             Envelope::Replica(m) => {
                 let inner = inner.clone();
-                tokio::spawn(async move {
+                let mut serving = Box::pin(async move {
                     let reply = Envelope::Replica(inner.serve(m).await);
                     if let Err(e) = inner.rpc.respond_to(&from, header, &reply).await {
                         tracing::debug!(%from, error = %e, "replica reply not sent");
                     }
                 });
+                // Most requests complete at once (a memory backend, a transport queue with
+                // room): finish those here and spawn a task only for one that has to wait
+                // (a disk, a full queue), so this loop never waits on either.
+                if futures::FutureExt::now_or_never(&mut serving).is_none() {
+                    tokio::spawn(serving);
+                }
             }
         }
     }
