@@ -84,13 +84,13 @@ fn hlc(c: &mut Criterion) {
 }
 
 fn frame(c: &mut Criterion) {
-    let put = Envelope::Replica(ReplicaMessage::Put {
-        key: Bytes::from_static(b"user:00001234"),
-        record: Record::value(
+    let put = Envelope::Replica(ReplicaMessage::apply_one(
+        Bytes::from_static(b"user:00001234"),
+        Record::value(
             vec![0xAB; 100],
             Version::new(Timestamp::new(1_700_000_000_000, 7), NodeId(42)),
         ),
-    });
+    ));
     let max = wire::DEFAULT_MAX_FRAME_LEN;
     let encoded = wire::encode(Header::request(1), &put, max).expect("encode");
     let mut group = c.benchmark_group("frame");

@@ -124,9 +124,7 @@ async fn quic_pair() -> (QuicTransport, QuicTransport) {
 }
 
 fn message(payload: usize) -> ReplicaMessage {
-    ReplicaMessage::Get {
-        key: Bytes::from(vec![0xA5u8; payload]),
-    }
+    ReplicaMessage::read_one(Bytes::from(vec![0xA5u8; payload]))
 }
 
 /// Counts from `counter` over the measuring window, after the warm-up.

@@ -46,18 +46,20 @@ mod tests {
     use crate::identity::{Address, NodeId};
     use crate::membership::{Life, Member, MemberMeta, MemberState, Update};
     use crate::record::Record;
+    use crate::replication::message::Key;
+    use crate::replication::{Refusal, Write, WriteOutcome};
     use crate::wire::{self, Header};
 
     const MAX: usize = 64 * 1024;
 
     fn put(value_len: usize) -> Envelope {
-        Envelope::Replica(ReplicaMessage::Put {
-            key: Bytes::from_static(b"user:1234"),
-            record: Record::value(
+        Envelope::Replica(ReplicaMessage::apply_one(
+            Bytes::from_static(b"user:1234"),
+            Record::value(
                 vec![7u8; value_len],
                 Version::new(Timestamp::new(1_700_000_000_000, 3), NodeId(42)),
             ),
-        })
+        ))
     }
 
     fn arb_envelope() -> impl Strategy<Value = Envelope> {
@@ -76,16 +78,35 @@ mod tests {
                 expires_at_ms: exp,
             });
         let key = prop::collection::vec(any::<u8>(), 0..32).prop_map(Bytes::from);
+        let write = (key.clone(), record.clone()).prop_map(|(key, record)| Write { key, record });
+        let outcome = prop_oneof![
+            Just(WriteOutcome::Applied),
+            version.prop_map(|current| WriteOutcome::Stale { current }),
+            any::<u64>()
+                .prop_map(|ahead_ms| WriteOutcome::Refused(Refusal::ClockDrift { ahead_ms })),
+        ];
         prop_oneof![
-            (key.clone(), record.clone())
-                .prop_map(|(key, record)| Envelope::Replica(ReplicaMessage::Put { key, record })),
-            (any::<bool>(), version).prop_map(|(applied, current)| Envelope::Replica(
-                ReplicaMessage::PutReply { applied, current }
-            )),
-            key.prop_map(|key| Envelope::Replica(ReplicaMessage::Get { key })),
-            prop::option::of(record)
-                .prop_map(|record| Envelope::Replica(ReplicaMessage::GetReply { record })),
-            ".{0,40}".prop_map(|reason| Envelope::Replica(ReplicaMessage::Error { reason })),
+            (any::<u16>(), prop::collection::vec(write, 0..4)).prop_map(|(version, writes)| {
+                Envelope::Replica(ReplicaMessage::Apply { version, writes })
+            }),
+            prop::collection::vec(outcome, 0..4)
+                .prop_map(|outcomes| Envelope::Replica(ReplicaMessage::Applied { outcomes })),
+            (
+                any::<u16>(),
+                prop::collection::vec(key.clone().prop_map(Key), 0..4)
+            )
+                .prop_map(|(version, keys)| Envelope::Replica(ReplicaMessage::Read {
+                    version,
+                    keys
+                })),
+            prop::collection::vec(prop::option::of(record), 0..4)
+                .prop_map(|records| Envelope::Replica(ReplicaMessage::Records { records })),
+            ".{0,40}".prop_map(|reason| Envelope::Replica(ReplicaMessage::Refused(
+                Refusal::Storage {
+                    retryable: false,
+                    reason
+                }
+            ))),
             arb_swim().prop_map(Envelope::Swim),
         ]
     }

@@ -199,6 +199,12 @@ impl WallClock for ManualClock {
     }
 }
 
+impl<C: WallClock + ?Sized> WallClock for Arc<C> {
+    fn now_ms(&self) -> u64 {
+        (**self).now_ms()
+    }
+}
+
 /// Why a remote timestamp was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

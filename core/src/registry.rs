@@ -16,7 +16,8 @@ use crate::transport::{SharedTransport, TransportError};
 use crate::util::BoxFuture;
 
 /// What to open: a backend name plus its settings.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct StorageSpec {
     /// Registry name of the backend (`"memory"`, `"file"`, ...).
@@ -39,7 +40,8 @@ impl StorageSpec {
 }
 
 /// What to bind: a transport name, the local address and its settings.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct TransportSpec {
     /// Registry name of the transport (`"tcp"`, `"quic"`, ...).

@@ -109,9 +109,7 @@ async fn driver_drops_and_counts_frames_that_are_not_membership_messages() {
     let peer = net.bind("peer").expect("bind");
     let data = wire::encode(
         Header::message(),
-        &Envelope::Replica(ReplicaMessage::Get {
-            key: bytes::Bytes::from_static(b"k"),
-        }),
+        &Envelope::Replica(ReplicaMessage::read_one(bytes::Bytes::from_static(b"k"))),
         wire::DEFAULT_MAX_FRAME_LEN,
     )
     .expect("encode");

@@ -8,7 +8,10 @@ use bytes::Bytes;
 use cap::Cap;
 use chorus_core::Envelope;
 use chorus_core::membership::{Life, Member, MemberMeta, MemberState, SwimMessage, Update};
-use chorus_core::replication::ReplicaMessage;
+use chorus_core::replication::message::Key;
+use chorus_core::replication::{
+    REPLICA_PROTOCOL_VERSION, Refusal, ReplicaMessage, Write, WriteOutcome,
+};
 use chorus_core::wire::{self, HEADER_LEN, Header, PREFIX_LEN};
 use chorus_core::{NodeId, Record, Timestamp, Version};
 use rand::{Rng, SeedableRng};
@@ -88,22 +91,35 @@ fn hostile_frame(rng: &mut ChaCha8Rng) -> Vec<u8> {
     if rng.random_bool(0.5) {
         return corrupt(rng, Envelope::Swim(swim));
     }
+    let n = rng.random_range(1..4);
     let message = match rng.random_range(0..5) {
-        0 => ReplicaMessage::Put {
-            key,
-            record: Record::value(value, version),
+        0 => ReplicaMessage::Apply {
+            version: REPLICA_PROTOCOL_VERSION,
+            writes: (0..n)
+                .map(|_| Write {
+                    key: key.clone(),
+                    record: Record::value(value.clone(), version),
+                })
+                .collect(),
         },
-        1 => ReplicaMessage::PutReply {
-            applied: true,
-            current: version,
+        1 => ReplicaMessage::Applied {
+            outcomes: (0..n)
+                .map(|_| WriteOutcome::Stale { current: version })
+                .collect(),
         },
-        2 => ReplicaMessage::Get { key },
-        3 => ReplicaMessage::GetReply {
-            record: Some(Record::value(value, version).with_expiry(7)),
+        2 => ReplicaMessage::Read {
+            version: REPLICA_PROTOCOL_VERSION,
+            keys: (0..n).map(|_| Key(key.clone())).collect(),
         },
-        _ => ReplicaMessage::Error {
+        3 => ReplicaMessage::Records {
+            records: (0..n)
+                .map(|_| Some(Record::value(value.clone(), version).with_expiry(7)))
+                .collect(),
+        },
+        _ => ReplicaMessage::Refused(Refusal::Storage {
+            retryable: false,
             reason: "x".repeat(rng.random_range(0..32)),
-        },
+        }),
     };
     corrupt(rng, Envelope::Replica(message))
 }

@@ -40,6 +40,10 @@
 // Explicit rather than a glob: the core's `registry` module stays out, so `chorus::registry`
 // names only the function below; its types are re-exported at the root.
 pub use chorus_core::registry::{BackendFactory, TransportFactory};
+pub use chorus_core::replication::{Consistency, ReplicationError};
+pub use chorus_core::runtime::node::{
+    Node, NodeBuilder, NodeConfig, NodeStats, ReadOptions, ReadRepair, Versioned, WriteOptions,
+};
 #[cfg(feature = "sim")]
 pub use chorus_core::sim;
 pub use chorus_core::{
@@ -68,6 +72,30 @@ pub use chorus_backend_sled as backend_sled;
 
 #[cfg(feature = "backend-moka")]
 pub use chorus_backend_moka as backend_moka;
+
+/// A [`NodeBuilder`] that opens storage and transports through [`registry()`]: the usual way
+/// to start a node.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use chorus::{Consistency, ReadOptions, WriteOptions};
+///
+/// let node = chorus::node()
+///     .id(1)
+///     .listen("127.0.0.1:7946")
+///     .seeds(["127.0.0.1:7947"])
+///     .start()
+///     .await?;
+/// node.put("greeting", "hello", WriteOptions::default().consistency(Consistency::Quorum))
+///     .await?;
+/// let value = node.get("greeting", ReadOptions::default()).await?;
+/// assert_eq!(value.as_deref(), Some(&b"hello"[..]));
+/// node.shutdown().await?;
+/// # Ok(()) }
+/// ```
+pub fn node() -> NodeBuilder {
+    Node::builder(registry())
+}
 
 /// A registry with every backend and transport this build compiled in.
 ///

@@ -3,6 +3,8 @@
 //! The library part holds test machinery meant for reuse by the integration tests in `tests/`
 //! and by future backend crates:
 //!
+//! - [`cluster`]: in-process clusters of real nodes with faults, skewable clocks and
+//!   restarts, for the node tests and the history checker;
 //! - [`conformance`]: the storage backend conformance suite, run against every backend the
 //!   `chorus` registry lists by `tests/backend_conformance.rs`;
 //! - [`transport_conformance`]: the transport conformance suite, run against the in-process,
@@ -13,6 +15,7 @@
 
 #![deny(missing_docs)]
 
+pub mod cluster;
 pub mod conformance;
 pub mod crash;
 pub mod runner;

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use chorus::identity::Address;
+use chorus::replication::Refusal;
 use chorus::replication::ReplicaMessage;
 use chorus::runtime::rpc::{RpcConfig, RpcEndpoint};
 use chorus::transport::{Incoming, SharedTransport, Transport, TransportError};
@@ -603,12 +604,14 @@ pub async fn rpc(kit: &Kit, _seed: u64) {
         tokio::spawn(async move {
             while let Some(request) = inbound.recv().await {
                 let reply = match &request.message {
-                    ReplicaMessage::Get { key } => ReplicaMessage::Error {
-                        reason: format!("echo {}", String::from_utf8_lossy(key)),
-                    },
-                    _ => ReplicaMessage::Error {
+                    ReplicaMessage::Read { keys, .. } if keys.len() == 1 => {
+                        ReplicaMessage::Refused(Refusal::Invalid {
+                            reason: format!("echo {}", String::from_utf8_lossy(&keys[0].0)),
+                        })
+                    }
+                    _ => ReplicaMessage::Refused(Refusal::Invalid {
                         reason: "unexpected".to_owned(),
-                    },
+                    }),
                 };
                 seen.lock().expect("callers").push(request.from.clone());
                 let _ = endpoint.respond(&request, &reply).await;
@@ -626,14 +629,15 @@ pub async fn rpc(kit: &Kit, _seed: u64) {
             let key = Bytes::from(format!("k{i}"));
             (
                 i,
-                ea.request(&to, &ReplicaMessage::Get { key }, timeout).await,
+                ea.request(&to, &ReplicaMessage::read_one(key), timeout)
+                    .await,
             )
         });
     }
     while let Some(done) = requests.join_next().await {
         let (i, reply) = done.expect("request task");
         match reply {
-            Ok(ReplicaMessage::Error { reason }) => {
+            Ok(ReplicaMessage::Refused(Refusal::Invalid { reason })) => {
                 assert_eq!(reason, format!("echo k{i}"), "{}", kit.name)
             }
             other => panic!("{}: request {i} to b gave {other:?}", kit.name),
@@ -657,14 +661,12 @@ pub async fn rpc(kit: &Kit, _seed: u64) {
         let reply = eb
             .request(
                 &to,
-                &ReplicaMessage::Get {
-                    key: Bytes::from_static(b"back"),
-                },
+                &ReplicaMessage::read_one(Bytes::from_static(b"back")),
                 timeout,
             )
             .await;
         match reply {
-            Ok(ReplicaMessage::Error { reason }) => {
+            Ok(ReplicaMessage::Refused(Refusal::Invalid { reason })) => {
                 assert_eq!(reason, "echo back", "{}: {what}", kit.name)
             }
             other => panic!(

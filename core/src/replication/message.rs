@@ -1,8 +1,13 @@
 //! The replica protocol's messages: what a coordinator asks a key's replicas, and their answers.
 //!
 //! The envelope (a layer above) carries them in its `Replica` frames. Byte strings and strings
-//! decode through [`crate::codec`], so a length claimed inside a frame is checked against the
-//! bytes present before anything is allocated.
+//! decode through [`crate::codec`] and every list through [`crate::codec::bounded_vec`], so a
+//! length claimed inside a frame is checked against the bytes present (and a bound) before
+//! anything is allocated.
+//!
+//! Requests carry the sender's protocol version ([`REPLICA_PROTOCOL_VERSION`]); a replica that
+//! does not speak it answers [`Refusal::UnsupportedVersion`] instead of guessing. Writes and
+//! reads are lists, so a batch of keys for one replica is one message.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -11,6 +16,12 @@ use crate::codec::{serde_bytes, serde_str};
 use crate::hlc::Version;
 use crate::record::Record;
 
+/// The replica protocol version this build speaks.
+pub const REPLICA_PROTOCOL_VERSION: u16 = 1;
+
+/// Most writes or keys in one request (and outcomes or records in one answer).
+pub const MAX_BATCH: usize = 4096;
+
 /// A request to a replica, or its answer.
 ///
 /// Adding a variant at the end is compatible for peers that know it, and a peer that does not
@@ -18,36 +29,139 @@ use crate::record::Record;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum ReplicaMessage {
-    /// Store `record` under `key` if it is newer than what the replica holds.
-    Put {
-        /// The key.
-        #[serde(with = "serde_bytes")]
-        key: Bytes,
-        /// The record to apply.
-        record: Record,
+    /// Store each record under its key if it is newer than what the replica holds: a write, a
+    /// batch of writes, or a repair (records keep the version they were written with).
+    Apply {
+        /// The sender's [`REPLICA_PROTOCOL_VERSION`].
+        version: u16,
+        /// The records, in order.
+        #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_BATCH>")]
+        writes: Vec<Write>,
     },
-    /// The outcome of a [`ReplicaMessage::Put`].
-    PutReply {
-        /// Whether the record was stored.
-        applied: bool,
-        /// The version the replica holds afterwards.
+    /// The outcome of each write of an [`ReplicaMessage::Apply`], in its order.
+    Applied {
+        /// One per write.
+        #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_BATCH>")]
+        outcomes: Vec<WriteOutcome>,
+    },
+    /// Read the records stored under `keys`.
+    Read {
+        /// The sender's [`REPLICA_PROTOCOL_VERSION`].
+        version: u16,
+        /// The keys, in order.
+        #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_BATCH>")]
+        keys: Vec<Key>,
+    },
+    /// The answer to a [`ReplicaMessage::Read`]: one entry per key, in its order.
+    Records {
+        /// The stored record of each key (tombstones and expired values included), or `None`.
+        #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_BATCH>")]
+        records: Vec<Option<Record>>,
+    },
+    /// The request was refused as a whole; nothing was stored.
+    Refused(Refusal),
+}
+
+impl ReplicaMessage {
+    /// A request to apply one record.
+    pub fn apply_one(key: impl Into<Bytes>, record: Record) -> Self {
+        ReplicaMessage::Apply {
+            version: REPLICA_PROTOCOL_VERSION,
+            writes: vec![Write {
+                key: key.into(),
+                record,
+            }],
+        }
+    }
+
+    /// A request to read one key.
+    pub fn read_one(key: impl Into<Bytes>) -> Self {
+        ReplicaMessage::Read {
+            version: REPLICA_PROTOCOL_VERSION,
+            keys: vec![Key(key.into())],
+        }
+    }
+}
+
+/// One record to store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Write {
+    /// The key.
+    #[serde(with = "serde_bytes")]
+    pub key: Bytes,
+    /// The record, with the version its coordinator stamped.
+    pub record: Record,
+}
+
+/// A key of a [`ReplicaMessage::Read`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Key(#[serde(with = "serde_bytes")] pub Bytes);
+
+/// What a replica did with one write.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum WriteOutcome {
+    /// Stored (durable as the replica's backend promises).
+    Applied,
+    /// An equal or newer record is stored (and durable as promised) and was kept.
+    Stale {
+        /// Its version.
         current: Version,
     },
-    /// Read the record stored under `key`.
-    Get {
-        /// The key.
-        #[serde(with = "serde_bytes")]
-        key: Bytes,
+    /// Not stored.
+    Refused(Refusal),
+}
+
+impl WriteOutcome {
+    /// Whether the replica now holds this record or a newer one: an acknowledgement.
+    pub fn is_ack(&self) -> bool {
+        matches!(self, WriteOutcome::Applied | WriteOutcome::Stale { .. })
+    }
+}
+
+/// Why a replica refused a write or a whole request. Nothing was stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The record's version is further ahead of the replica's clock than its drift bound.
+    #[error("version {ahead_ms} ms ahead of the replica's clock, beyond its drift bound")]
+    ClockDrift {
+        /// How far ahead, in milliseconds.
+        ahead_ms: u64,
     },
-    /// The outcome of a [`ReplicaMessage::Get`].
-    GetReply {
-        /// The stored record, tombstones included.
-        record: Option<Record>,
-    },
-    /// The request could not be served.
-    Error {
-        /// Why, for logs.
+    /// The replica's storage failed.
+    #[error("storage failed: {reason}")]
+    Storage {
+        /// Whether trying again may succeed.
+        retryable: bool,
+        /// What the backend said.
         #[serde(with = "serde_str")]
         reason: String,
     },
+    /// The request breaks a limit or a rule (an empty or oversized key or value, too many
+    /// entries).
+    #[error("invalid request: {reason}")]
+    Invalid {
+        /// Which rule.
+        #[serde(with = "serde_str")]
+        reason: String,
+    },
+    /// The request's protocol version is not one the replica speaks.
+    #[error("replica protocol version {got} not supported (this replica speaks {supported})")]
+    UnsupportedVersion {
+        /// The version the request carried.
+        got: u16,
+        /// The version the replica speaks.
+        supported: u16,
+    },
+    /// The request did not decode (a newer message kind, or damaged bytes).
+    #[error("request did not decode: {reason}")]
+    Undecodable {
+        /// The decoder's error.
+        #[serde(with = "serde_str")]
+        reason: String,
+    },
+    /// The replica is shutting down and takes no new requests.
+    #[error("replica shutting down")]
+    ShuttingDown,
 }

@@ -29,7 +29,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::envelope::Envelope;
-use crate::membership::{Member, Membership, MembershipEvent};
+use crate::membership::{Member, Membership, MembershipEvent, SwimMessage};
 use bytes::Bytes;
 
 use crate::identity::Address;
@@ -162,25 +162,80 @@ impl MembershipHandle {
 
 /// Runs `machine` over `transport` on the current tokio runtime. The machine's own address
 /// (its [`crate::membership::MemberMeta::addr`]) should be the transport's local address.
-pub fn start<T: Transport>(transport: T, mut machine: Membership) -> MembershipHandle {
-    machine.limit_message_len(transport.max_frame_len());
+pub fn start<T: Transport>(transport: T, machine: Membership) -> MembershipHandle {
     let transport = Arc::new(transport);
     let counters = Arc::new(Counters::default());
+    let (inbound_tx, inbound_rx) = mpsc::channel(INBOX_CAPACITY);
+    tokio::spawn(receive(transport.clone(), inbound_tx, counters.clone()));
+    spawn_run(transport, machine, inbound_rx, counters, true)
+}
+
+/// Runs `machine` on a transport that something else receives from (the node's one endpoint
+/// carries membership and data): that receiver hands membership messages over with
+/// [`SwimInbox::deliver`]. The driver sends on `transport` but does not close it when it
+/// stops; its owner does.
+pub fn start_shared<T: Transport>(
+    transport: Arc<T>,
+    machine: Membership,
+) -> (MembershipHandle, SwimInbox) {
+    let counters = Arc::new(Counters::default());
+    let (inbound_tx, inbound_rx) = mpsc::channel(INBOX_CAPACITY);
+    let inbox = SwimInbox {
+        tx: inbound_tx,
+        counters: counters.clone(),
+    };
+    (
+        spawn_run(transport, machine, inbound_rx, counters, false),
+        inbox,
+    )
+}
+
+/// Membership messages waiting for the machine; more are dropped and counted (SWIM tolerates
+/// loss, and a machine this far behind is better off with fresh input).
+const INBOX_CAPACITY: usize = 1024;
+
+/// Where a shared endpoint's receiver hands membership messages to a driver started with
+/// [`start_shared`]. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct SwimInbox {
+    tx: mpsc::Sender<(Address, SwimMessage)>,
+    counters: Arc<Counters>,
+}
+
+impl SwimInbox {
+    /// Hands `message` from `from` to the machine without waiting; drops and counts it
+    /// ([`DriverStats::rejected_frames`]) if the machine is that far behind or stopped.
+    pub fn deliver(&self, from: Address, message: SwimMessage) {
+        if self.tx.try_send((from, message)).is_err() {
+            self.counters
+                .rejected_frames
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn spawn_run<T: Transport>(
+    transport: Arc<T>,
+    mut machine: Membership,
+    inbound: mpsc::Receiver<(Address, SwimMessage)>,
+    counters: Arc<Counters>,
+    close_transport: bool,
+) -> MembershipHandle {
+    machine.limit_message_len(transport.max_frame_len());
     let (view_tx, view_rx) = watch::channel(snapshot(&machine));
     let (events, _) = broadcast::channel(EVENT_CAPACITY);
     let (commands, command_rx) = mpsc::channel(4);
-    let (inbound_tx, inbound_rx) = mpsc::channel(1024);
-    tokio::spawn(receive(transport.clone(), inbound_tx));
     tokio::spawn(run(
         transport,
         machine,
         Channels {
-            inbound: inbound_rx,
+            inbound,
             commands: command_rx,
             view: view_tx,
             events: events.clone(),
         },
         counters.clone(),
+        close_transport,
     ));
     MembershipHandle {
         view: view_rx,
@@ -191,7 +246,7 @@ pub fn start<T: Transport>(transport: T, mut machine: Membership) -> MembershipH
 }
 
 struct Channels {
-    inbound: mpsc::Receiver<Incoming>,
+    inbound: mpsc::Receiver<(Address, SwimMessage)>,
     commands: mpsc::Receiver<Command>,
     view: watch::Sender<Arc<[Member]>>,
     events: broadcast::Sender<MembershipEvent>,
@@ -203,18 +258,37 @@ fn snapshot(machine: &Membership) -> Arc<[Member]> {
         .collect()
 }
 
-async fn receive<T: Transport>(transport: Arc<T>, tx: mpsc::Sender<Incoming>) {
+/// Receives frames from the membership endpoint and hands the decoded membership messages to
+/// the machine's task; anything else, or anything that does not decode, is dropped and counted.
+async fn receive<T: Transport>(
+    transport: Arc<T>,
+    tx: mpsc::Sender<(Address, SwimMessage)>,
+    counters: Arc<Counters>,
+) {
+    let max_frame = transport.max_frame_len();
     loop {
-        match transport.recv().await {
-            Ok(incoming) => {
-                if tx.send(incoming).await.is_err() {
-                    return;
-                }
-            }
+        let incoming: Incoming = match transport.recv().await {
+            Ok(incoming) => incoming,
             Err(TransportError::Closed) => return,
             Err(e) => {
                 tracing::debug!(error = %e, "membership transport receive error");
                 tokio::time::sleep(RECV_ERROR_BACKOFF).await;
+                continue;
+            }
+        };
+        match wire::decode::<Envelope>(&incoming.frame, max_frame) {
+            Ok((_, Envelope::Swim(message))) => {
+                if tx.send((incoming.from, message)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {
+                counters.rejected_frames.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(from = %incoming.from, "non-membership message on the membership endpoint");
+            }
+            Err(e) => {
+                counters.rejected_frames.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(from = %incoming.from, error = %e, "membership frame rejected");
             }
         }
     }
@@ -345,6 +419,7 @@ async fn run<T: Transport>(
     mut machine: Membership,
     mut ch: Channels,
     counters: Arc<Counters>,
+    close_transport: bool,
 ) {
     let max_frame = transport.max_frame_len();
     let mut outbox = Outbox::new(transport.clone(), counters.clone());
@@ -387,21 +462,9 @@ async fn run<T: Transport>(
         }
         tokio::select! {
             incoming = ch.inbound.recv() => {
-                let Some(incoming) = incoming else { break };
-                match wire::decode::<Envelope>(&incoming.frame, max_frame) {
-                    Ok((_, Envelope::Swim(message))) => {
-                        counters.received.fetch_add(1, Ordering::Relaxed);
-                        machine.handle_message(Instant::now().into_std(), incoming.from, message);
-                    }
-                    Ok(_) => {
-                        counters.rejected_frames.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(from = %incoming.from, "non-membership message on the membership endpoint");
-                    }
-                    Err(e) => {
-                        counters.rejected_frames.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(from = %incoming.from, error = %e, "membership frame rejected");
-                    }
-                }
+                let Some((from, message)) = incoming else { break };
+                counters.received.fetch_add(1, Ordering::Relaxed);
+                machine.handle_message(Instant::now().into_std(), from, message);
             }
             () = tokio::time::sleep_until(deadline) => {
                 machine.handle_timeout(Instant::now().into_std());
@@ -422,7 +485,9 @@ async fn run<T: Transport>(
     // A leave flushes its announcement; a shutdown looks like a crash and sends nothing more.
     let flush = if leaving { LEAVE_FLUSH } else { Duration::ZERO };
     outbox.close(flush).await;
-    transport.close().await;
+    if close_transport {
+        transport.close().await;
+    }
     if let Some(tx) = stopped {
         let _ = tx.send(());
     }

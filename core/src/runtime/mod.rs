@@ -7,6 +7,8 @@
 //! - [`membership`]: the driver that runs one [`Membership`](crate::membership::Membership)
 //!   machine over any transport;
 //! - [`rpc`]: request/response correlation over any transport;
+//! - [`node`]: the node: quorum reads and writes over the ring, read repair, the replica
+//!   side, membership on the same endpoint;
 //! - [`inproc`]: an in-process network of transports with seeded fault injection, for
 //!   whole-cluster tests.
 //!
@@ -15,4 +17,5 @@
 
 pub mod inproc;
 pub mod membership;
+pub mod node;
 pub mod rpc;

@@ -147,6 +147,8 @@ struct Shared<T, M> {
     unmatched_responses: AtomicU64,
     inbound: AtomicU64,
     shed_inbound: AtomicU64,
+    /// Builds the answer to a request that did not decode, if the endpoint gives one.
+    answer_undecodable: Option<fn(&WireError) -> M>,
 }
 
 impl<T, M> Shared<T, M> {
@@ -188,6 +190,26 @@ impl<T: Transport, M: RpcMessage> RpcEndpoint<T, M> {
     /// The task holds the transport: call [`RpcEndpoint::close`] to stop it and release the
     /// address; dropping the handles alone does not.
     pub fn start(transport: T, config: RpcConfig) -> (Self, mpsc::Receiver<Inbound<M>>) {
+        Self::start_inner(transport, config, None)
+    }
+
+    /// Like [`RpcEndpoint::start`], but a request whose header decodes and whose payload does
+    /// not (a newer message kind, damaged bytes) is answered with `answer(error)` instead of
+    /// being dropped silently, so its sender learns why at once rather than timing out. It is
+    /// still counted in [`RpcStats::rejected_frames`].
+    pub fn start_answering_undecodable(
+        transport: T,
+        config: RpcConfig,
+        answer: fn(&WireError) -> M,
+    ) -> (Self, mpsc::Receiver<Inbound<M>>) {
+        Self::start_inner(transport, config, Some(answer))
+    }
+
+    fn start_inner(
+        transport: T,
+        config: RpcConfig,
+        answer_undecodable: Option<fn(&WireError) -> M>,
+    ) -> (Self, mpsc::Receiver<Inbound<M>>) {
         let first = config.first_correlation.unwrap_or_else(|| {
             let nanos = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -203,6 +225,7 @@ impl<T: Transport, M: RpcMessage> RpcEndpoint<T, M> {
             unmatched_responses: AtomicU64::new(0),
             inbound: AtomicU64::new(0),
             shed_inbound: AtomicU64::new(0),
+            answer_undecodable,
         });
         let (tx, rx) = mpsc::channel(config.inbound_capacity.get());
         tokio::spawn(receive_loop(shared.clone(), tx));
@@ -286,6 +309,26 @@ impl<T: Transport, M: RpcMessage> RpcEndpoint<T, M> {
         Ok(())
     }
 
+    /// Answers the request `header` came with, from `from`, with `response` (for a consumer
+    /// that took the [`Inbound`] apart). One-way messages expect no answer: a no-op for them.
+    pub async fn respond_to(
+        &self,
+        from: &Address,
+        header: Header,
+        response: &M,
+    ) -> Result<(), RpcError> {
+        if header.kind != FrameKind::Request {
+            return Ok(());
+        }
+        let frame = wire::encode(
+            Header::response(header.correlation),
+            response,
+            self.shared.transport.max_frame_len(),
+        )?;
+        self.shared.transport.send(from, frame).await?;
+        Ok(())
+    }
+
     /// Current counters.
     pub fn stats(&self) -> RpcStats {
         RpcStats {
@@ -334,6 +377,19 @@ async fn receive_loop<T: Transport, M: RpcMessage>(
             Err(error) => {
                 shared.rejected_frames.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(from = %incoming.from, %error, "rejected frame");
+                if let Some(answer) = shared.answer_undecodable
+                    && let Ok((header, _)) = wire::split(&incoming.frame, max)
+                    && header.kind == FrameKind::Request
+                    && let Ok(frame) =
+                        wire::encode(Header::response(header.correlation), &answer(&error), max)
+                {
+                    // Not awaited here: this loop also completes responses and must not
+                    // wait on a peer's queue.
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        let _ = shared.transport.send(&incoming.from, frame).await;
+                    });
+                }
                 continue;
             }
         };
@@ -390,6 +446,7 @@ mod tests {
     use crate::hlc::{Timestamp, Version};
     use crate::identity::NodeId;
     use crate::replication::ReplicaMessage as Message;
+    use crate::replication::{Refusal, WriteOutcome};
     use crate::runtime::inproc::{InProcessNetwork, InProcessTransport};
     use bytes::Bytes;
 
@@ -403,14 +460,20 @@ mod tests {
         tokio::spawn(async move {
             while let Some(request) = inbound.recv().await {
                 let reply = match &request.message {
-                    Message::Get { .. } => Message::GetReply { record: None },
-                    Message::Put { record, .. } => Message::PutReply {
-                        applied: true,
-                        current: record.version,
+                    Message::Read { keys, .. } => Message::Records {
+                        records: vec![None; keys.len()],
                     },
-                    _ => Message::Error {
+                    Message::Apply { writes, .. } => Message::Applied {
+                        outcomes: writes
+                            .iter()
+                            .map(|w| WriteOutcome::Stale {
+                                current: w.record.version,
+                            })
+                            .collect(),
+                    },
+                    _ => Message::Refused(Refusal::Invalid {
                         reason: "unsupported".into(),
-                    },
+                    }),
                 };
                 endpoint.respond(&request, &reply).await.expect("respond");
             }
@@ -418,8 +481,18 @@ mod tests {
     }
 
     fn get() -> Message {
-        Message::Get {
-            key: Bytes::from_static(b"k"),
+        Message::read_one(Bytes::from_static(b"k"))
+    }
+
+    pub(super) fn none() -> Message {
+        Message::Records {
+            records: vec![None],
+        }
+    }
+
+    fn stale(current: Version) -> Message {
+        Message::Applied {
+            outcomes: vec![WriteOutcome::Stale { current }],
         }
     }
 
@@ -433,24 +506,18 @@ mod tests {
         serve(server, server_inbound);
         let b = Address::new("b");
         let version = Version::new(Timestamp::new(5, 0), NodeId(1));
-        let put = Message::Put {
-            key: Bytes::from_static(b"k"),
-            record: crate::record::Record::value("v", version),
-        };
+        let put = Message::apply_one(
+            Bytes::from_static(b"k"),
+            crate::record::Record::value("v", version),
+        );
         // Several requests in flight at once each receive the matching response.
         let get = get();
         let (r1, r2) = tokio::join!(
             client.request(&b, &get, SECOND),
             client.request(&b, &put, SECOND)
         );
-        assert_eq!(r1.expect("get"), Message::GetReply { record: None });
-        assert_eq!(
-            r2.expect("put"),
-            Message::PutReply {
-                applied: true,
-                current: version
-            }
-        );
+        assert_eq!(r1.expect("get"), none());
+        assert_eq!(r2.expect("put"), stale(version));
         assert_eq!(client.stats().unmatched_responses, 0);
     }
 
@@ -540,21 +607,15 @@ mod tests {
         net.clear_link_faults(&b, &Address::new("a"));
         // The next request must get its own response, not the late one.
         let put_version = Version::new(Timestamp::new(9, 0), NodeId(2));
-        let put = Message::Put {
-            key: Bytes::from_static(b"k"),
-            record: crate::record::Record::tombstone(put_version),
-        };
+        let put = Message::apply_one(
+            Bytes::from_static(b"k"),
+            crate::record::Record::tombstone(put_version),
+        );
         let reply = client
             .request(&b, &put, 5 * SECOND)
             .await
             .expect("second request");
-        assert_eq!(
-            reply,
-            Message::PutReply {
-                applied: true,
-                current: put_version
-            }
-        );
+        assert_eq!(reply, stale(put_version));
         tokio::time::sleep(3 * SECOND).await;
         assert_eq!(client.stats().unmatched_responses, 1);
     }
@@ -591,12 +652,8 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(10)).await;
         // A response carrying the right id, from the wrong peer.
-        let forged = wire::encode(
-            Header::response(77),
-            &Message::GetReply { record: None },
-            wire::DEFAULT_MAX_FRAME_LEN,
-        )
-        .unwrap();
+        let forged =
+            wire::encode(Header::response(77), &none(), wire::DEFAULT_MAX_FRAME_LEN).unwrap();
         forger.send(&Address::new("a"), forged).await.unwrap();
         let result = pending.await.expect("task");
         assert!(
@@ -676,9 +733,7 @@ mod deadline_tests {
             RpcEndpoint::<_, ReplicaMessage>::start(transport, RpcConfig::default());
         let timeout = Duration::from_secs(2);
         let started = Instant::now();
-        let get = ReplicaMessage::Get {
-            key: Bytes::from_static(b"k"),
-        };
+        let get = ReplicaMessage::read_one(Bytes::from_static(b"k"));
         // Bounded by the test's own limit: without the deadline covering `send`, the request
         // would wait forever.
         let result = tokio::time::timeout(
@@ -723,19 +778,17 @@ mod shared_transport_tests {
             RpcEndpoint::<SharedTransport, ReplicaMessage>::start(b, RpcConfig::default());
         let serving = tokio::spawn(async move {
             let request = server_inbound.recv().await.expect("a request");
-            let reply = ReplicaMessage::GetReply { record: None };
+            let reply = super::tests::none();
             server.respond(&request, &reply).await.expect("respond");
         });
         let asking = tokio::spawn(async move {
-            let get = ReplicaMessage::Get {
-                key: Bytes::from_static(b"k"),
-            };
+            let get = ReplicaMessage::read_one(Bytes::from_static(b"k"));
             client
                 .request(&Address::new("b"), &get, Duration::from_secs(1))
                 .await
         });
         let reply = asking.await.expect("task").expect("reply");
-        assert_eq!(reply, ReplicaMessage::GetReply { record: None });
+        assert_eq!(reply, super::tests::none());
         serving.await.expect("task");
     }
 }

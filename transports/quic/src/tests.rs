@@ -9,9 +9,9 @@ use chorus_core::wire::{self, Header};
 use outbound::DialError;
 
 fn frame(text: &str) -> Bytes {
-    let message = ReplicaMessage::Error {
+    let message = ReplicaMessage::Refused(chorus_core::replication::Refusal::Invalid {
         reason: text.to_owned(),
-    };
+    });
     wire::encode(Header::message(), &message, 1 << 20).expect("encodes")
 }
 
@@ -145,9 +145,9 @@ async fn loopback_packets_grow_to_large_mtus_without_loss() {
     let a = node(&id, &[]).await;
     let b = node(&id, &[]).await;
     let big = {
-        let message = ReplicaMessage::Error {
+        let message = ReplicaMessage::Refused(chorus_core::replication::Refusal::Invalid {
             reason: "x".repeat(64 * 1024),
-        };
+        });
         wire::encode(Header::message(), &message, 1 << 20).expect("encodes")
     };
     for _ in 0..50 {
@@ -331,9 +331,9 @@ async fn small_unreliable_frames_go_as_datagrams_and_large_ones_on_streams() {
         a.send_unreliable(&to, f.clone()).await.expect("send");
     }
     let big = {
-        let message = ReplicaMessage::Error {
+        let message = ReplicaMessage::Refused(chorus_core::replication::Refusal::Invalid {
             reason: "x".repeat(100 * 1024),
-        };
+        });
         wire::encode(Header::message(), &message, 1 << 20).expect("encodes")
     };
     a.send_unreliable(&to, big.clone()).await.expect("send");

@@ -736,9 +736,9 @@ mod tests {
     use chorus_core::wire::Header;
 
     fn frame(text: &str) -> Bytes {
-        let message = ReplicaMessage::Error {
+        let message = ReplicaMessage::Refused(chorus_core::replication::Refusal::Invalid {
             reason: text.to_owned(),
-        };
+        });
         wire::encode(Header::message(), &message, 1 << 20).expect("encodes")
     }
 
@@ -1055,9 +1055,9 @@ mod tests {
             .await
             .expect("bind");
         let big = {
-            let message = ReplicaMessage::Error {
+            let message = ReplicaMessage::Refused(chorus_core::replication::Refusal::Invalid {
                 reason: "x".repeat(512 * 1024),
-            };
+            });
             wire::encode(Header::message(), &message, 1 << 20).expect("encodes")
         };
         let mut full = None;

@@ -1,0 +1,229 @@
+//! A node's settings: what [`super::NodeBuilder`] and a configuration file set.
+
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::NodeId;
+use crate::membership::MembershipConfig;
+use crate::registry::{StorageSpec, TransportSpec};
+use crate::replication::Consistency;
+
+/// Which [`MembershipConfig`] preset a node starts from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MembershipPreset {
+    /// [`MembershipConfig::lan`]: a local network (the default).
+    #[default]
+    Lan,
+    /// [`MembershipConfig::wan`]: a wide-area network.
+    Wan,
+    /// [`MembershipConfig::local`]: one machine (loopback, tests).
+    Local,
+}
+
+impl MembershipPreset {
+    /// The preset's configuration.
+    pub fn config(self) -> MembershipConfig {
+        match self {
+            MembershipPreset::Lan => MembershipConfig::lan(),
+            MembershipPreset::Wan => MembershipConfig::wan(),
+            MembershipPreset::Local => MembershipConfig::local(),
+        }
+    }
+}
+
+/// When a read repairs the replicas that answered with an older record, or none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadRepair {
+    /// After the reply, in the background (the default): the read is as fast as its R-th
+    /// answer.
+    #[default]
+    Async,
+    /// Before the reply: a read returns only once the winning record is on R replicas, so a
+    /// later read at R sees it too (monotonic quorum reads, as Cassandra's blocking repair).
+    Blocking,
+    /// Never (reads only; anti-entropy and hints still heal).
+    Off,
+}
+
+/// Everything a node is started with. Serde, so a configuration file can hold it; every
+/// field has a default ([`NodeConfig::default`]), so a file names only what it changes.
+///
+/// Durations are written as `"<n>ms"`, `"<n>s"`, `"<n>m"` or `"<n>h"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct NodeConfig {
+    /// This node's id; unique in the cluster and the same across restarts.
+    pub id: NodeId,
+    /// The transport (registry name), the address it listens on and its options (the TCP
+    /// transport's `advertise` among them: the address peers use, if not the listen one).
+    pub transport: TransportSpec,
+    /// Members to join through (`host:port`); empty to form a new cluster.
+    pub seeds: Vec<String>,
+    /// The storage backend (registry name), its data directory and options.
+    pub storage: StorageSpec,
+    /// The membership preset.
+    pub membership: MembershipPreset,
+    /// Replicas per key (N).
+    pub replication_factor: NonZeroUsize,
+    /// Reads' consistency when a request does not say.
+    pub read_consistency: Consistency,
+    /// Writes' consistency when a request does not say.
+    pub write_consistency: Consistency,
+    /// A request's deadline when it does not give one.
+    #[serde(with = "duration")]
+    pub request_timeout: Duration,
+    /// Read repair's default mode.
+    pub read_repair: ReadRepair,
+    /// Longest key, in bytes.
+    pub max_key_len: NonZeroUsize,
+    /// Largest value, in bytes (it must also fit the transport's frame limit).
+    pub max_value_len: NonZeroUsize,
+    /// How long tombstones and expired values are kept before the purge removes them. It
+    /// must exceed the longest time a replica may be unreachable and still come back with
+    /// its data: a replica that missed a delete and returns after the tombstone is gone
+    /// would bring the deleted value back through repair.
+    #[serde(with = "duration")]
+    pub tombstone_grace: Duration,
+    /// How often the purge runs.
+    #[serde(with = "duration")]
+    pub purge_interval: Duration,
+    /// How far ahead of this node's clock a record's version may be; further is refused.
+    #[serde(with = "duration")]
+    pub max_clock_drift: Duration,
+    /// How long [`super::Node::shutdown`] may take in all.
+    #[serde(with = "duration")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            id: NodeId(1),
+            transport: TransportSpec::new("tcp", "127.0.0.1:7946"),
+            seeds: Vec::new(),
+            storage: StorageSpec::new("memory"),
+            membership: MembershipPreset::Lan,
+            replication_factor: NonZeroUsize::new(3).expect("non-zero"),
+            read_consistency: Consistency::Quorum,
+            write_consistency: Consistency::Quorum,
+            request_timeout: Duration::from_secs(2),
+            read_repair: ReadRepair::Async,
+            max_key_len: NonZeroUsize::new(16 * 1024).expect("non-zero"),
+            max_value_len: NonZeroUsize::new(1024 * 1024).expect("non-zero"),
+            tombstone_grace: DEFAULT_TOMBSTONE_GRACE,
+            purge_interval: Duration::from_secs(3600),
+            max_clock_drift: crate::hlc::DEFAULT_MAX_DRIFT,
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// [`NodeConfig::tombstone_grace`]'s default: one day. Deletes must outlive every outage a
+/// replica can come back from with its data; a day covers a weekend-free on-call response
+/// and, with the hint window of 3 h planned for hinted handoff, leaves room for anti-entropy
+/// to run many times over.
+pub const DEFAULT_TOMBSTONE_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+/// Why a [`NodeConfig`] was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A field holds a value the node cannot run with.
+    #[error("`{field}`: {reason}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl NodeConfig {
+    /// Checks relations between fields; a value of the wrong type or form is refused earlier,
+    /// by the type itself (serde names the field).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let n = self.replication_factor;
+        for (field, c) in [
+            ("read_consistency", self.read_consistency),
+            ("write_consistency", self.write_consistency),
+        ] {
+            c.required(n).map_err(|e| ConfigError::Invalid {
+                field,
+                reason: e.to_string(),
+            })?;
+        }
+        for (field, d) in [
+            ("request_timeout", self.request_timeout),
+            ("purge_interval", self.purge_interval),
+            ("shutdown_timeout", self.shutdown_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Invalid {
+                    field,
+                    reason: "must not be zero".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Serde for durations as `"<n>ms|s|m|h"` strings (integers are read as milliseconds).
+pub(crate) mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes the shortest exact form (`"1500ms"`, `"2s"`).
+    pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        let ms = d.as_millis();
+        let text = if ms % 3_600_000 == 0 && ms > 0 {
+            format!("{}h", ms / 3_600_000)
+        } else if ms % 60_000 == 0 && ms > 0 {
+            format!("{}m", ms / 60_000)
+        } else if ms % 1000 == 0 {
+            format!("{}s", ms / 1000)
+        } else {
+            format!("{ms}ms")
+        };
+        s.serialize_str(&text)
+    }
+
+    /// Reads `"<n>ms"`, `"<n>s"`, `"<n>m"`, `"<n>h"` or an integer number of milliseconds.
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Ms(u64),
+            Text(String),
+        }
+        match Form::deserialize(d)? {
+            Form::Ms(ms) => Ok(Duration::from_millis(ms)),
+            Form::Text(t) => parse(&t).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "`{t}` is not a duration: write <n>ms, <n>s, <n>m or <n>h"
+                ))
+            }),
+        }
+    }
+
+    fn parse(text: &str) -> Option<Duration> {
+        let text = text.trim();
+        let split = text.find(|c: char| !c.is_ascii_digit())?;
+        let (n, unit) = text.split_at(split);
+        let n: u64 = n.parse().ok()?;
+        let ms = match unit {
+            "ms" => 1,
+            "s" => 1000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            _ => return None,
+        };
+        Some(Duration::from_millis(n.checked_mul(ms)?))
+    }
+}

@@ -1,0 +1,890 @@
+//! The node: a member of the cluster that stores its share of the keys and coordinates reads
+//! and writes of any key at the consistency each request picks.
+//!
+//! [`Node::builder`] (or [`NodeBuilder::config`] with a [`NodeConfig`]) opens the storage and
+//! binds the transport by registry name (or takes instances, as tests do), starts membership
+//! on the same endpoint, and joins the seeds or forms a cluster. The handle is cheap to clone
+//! and `Send + Sync`.
+//!
+//! What a request promises is in `docs/CONSISTENCY.md`. In short: a key's replicas are the
+//! first N members of its preference list in the current ring (alive and suspect members;
+//! not dead or left ones); a write is stamped once by this node's HLC and succeeds only once
+//! W of those replicas acknowledged it; a read returns after R answers, resolved by version,
+//! and repairs stale replicas with the winning record's original version.
+//!
+//! One transport endpoint carries both membership and data: the receive task hands
+//! membership messages to the membership driver without waiting, and serves each replica
+//! request on its own task, so a slow disk never holds up probes.
+
+mod config;
+mod coordinator;
+mod floor;
+mod replica;
+mod stats;
+mod view;
+
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{Notify, broadcast, mpsc};
+
+pub use config::{ConfigError, DEFAULT_TOMBSTONE_GRACE, MembershipPreset, NodeConfig, ReadRepair};
+pub use stats::NodeStats;
+
+use crate::envelope::Envelope;
+use crate::hlc::{Hlc, Version, WallClock};
+use crate::identity::{Address, NodeId};
+use crate::membership::{
+    Member, MemberMeta, MemberState, Membership, MembershipConfig, MembershipEvent, NodeStart,
+};
+use crate::record::Record;
+use crate::registry::{Registry, RegistryError};
+use crate::replication::message::MAX_BATCH;
+use crate::replication::{
+    Consistency, InvalidRequest, Operation, Refusal, ReplicaMessage, ReplicationError, Write,
+};
+use crate::ring::RingConfig;
+use crate::runtime::membership::{self as driver, MembershipHandle, SwimInbox};
+use crate::runtime::rpc::{Inbound, RpcConfig, RpcEndpoint};
+use crate::storage::{SharedStorage, Storage, StorageError};
+use crate::transport::{SharedTransport, Transport, TransportError};
+use floor::Floor;
+use stats::Counters;
+use view::View;
+
+/// Options of one write (`put`, `delete` and their batch forms); unset fields take the
+/// node's defaults.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WriteOptions {
+    /// Replicas that must acknowledge (W).
+    pub consistency: Option<Consistency>,
+    /// Deadline of the whole request.
+    pub timeout: Option<Duration>,
+    /// Time to live of the value (ignored by deletes).
+    pub ttl: Option<Duration>,
+}
+
+impl WriteOptions {
+    /// With consistency `c`.
+    pub fn consistency(mut self, c: Consistency) -> Self {
+        self.consistency = Some(c);
+        self
+    }
+
+    /// With timeout `t`.
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = Some(t);
+        self
+    }
+
+    /// With time to live `ttl`.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+}
+
+/// Options of one read (`get` and `get_many`); unset fields take the node's defaults.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReadOptions {
+    /// Replicas that must answer (R).
+    pub consistency: Option<Consistency>,
+    /// Deadline of the whole request.
+    pub timeout: Option<Duration>,
+    /// Read repair mode.
+    pub repair: Option<ReadRepair>,
+}
+
+impl ReadOptions {
+    /// With consistency `c`.
+    pub fn consistency(mut self, c: Consistency) -> Self {
+        self.consistency = Some(c);
+        self
+    }
+
+    /// With timeout `t`.
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = Some(t);
+        self
+    }
+
+    /// With read repair mode `r`.
+    pub fn repair(mut self, r: ReadRepair) -> Self {
+        self.repair = Some(r);
+        self
+    }
+}
+
+/// A live value with the version it was written with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Versioned {
+    /// The value.
+    pub value: Bytes,
+    /// Its version.
+    pub version: Version,
+}
+
+/// One member's share of the ring.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Ownership {
+    /// The member.
+    pub id: NodeId,
+    /// Where it is reached.
+    pub addr: Address,
+    /// Alive or suspect (dead and left members own nothing).
+    pub state: MemberState,
+    /// Fraction of the key space for which it is the first replica.
+    pub primary_share: f64,
+}
+
+/// Why a node did not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The configuration is wrong; nothing was opened.
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// The storage or transport could not be opened by name.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The storage failed while the node read its metadata; the transport was not bound.
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] TransportError),
+}
+
+/// Faults a test may plant in a node to show that the history checker catches them. Every
+/// field is `false` outside such tests; nothing sets them but the caller.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PlantedBugs {
+    /// The coordinator counts itself as a replica of keys it does not replicate.
+    pub count_coordinator_as_replica: bool,
+    /// A replica that failed or timed out counts as an acknowledgement.
+    pub count_failures_as_acks: bool,
+    /// Read repair stamps the winner with a fresh version.
+    pub repair_with_new_version: bool,
+    /// Replicas store records without the clock-drift check.
+    pub skip_drift_check: bool,
+}
+
+/// Starts a [`Node`]. See [`Node::builder`].
+#[must_use = "a builder does nothing until started"]
+pub struct NodeBuilder {
+    config: NodeConfig,
+    registry: Registry,
+    storage: Option<SharedStorage>,
+    transport: Option<SharedTransport>,
+    clock: Option<Arc<dyn WallClock>>,
+    membership: Option<MembershipConfig>,
+    rng_seed: Option<u64>,
+    bugs: PlantedBugs,
+}
+
+impl std::fmt::Debug for NodeBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeBuilder")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeBuilder {
+    /// Replaces the whole configuration.
+    pub fn config(mut self, config: NodeConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The node's id.
+    pub fn id(mut self, id: u64) -> Self {
+        self.config.id = NodeId(id);
+        self
+    }
+
+    /// The address the transport listens on (`host:port`).
+    pub fn listen(mut self, addr: impl Into<String>) -> Self {
+        self.config.transport.bind = addr.into();
+        self
+    }
+
+    /// Members to join through.
+    pub fn seeds<S: Into<String>>(mut self, seeds: impl IntoIterator<Item = S>) -> Self {
+        self.config.seeds = seeds.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Replicas per key (N).
+    pub fn replication_factor(mut self, n: NonZeroUsize) -> Self {
+        self.config.replication_factor = n;
+        self
+    }
+
+    /// Default read and write consistency.
+    pub fn consistency(mut self, read: Consistency, write: Consistency) -> Self {
+        self.config.read_consistency = read;
+        self.config.write_consistency = write;
+        self
+    }
+
+    /// Uses this storage instead of opening `config.storage` by name.
+    pub fn storage(mut self, storage: SharedStorage) -> Self {
+        self.storage = Some(storage);
+        self
+    }
+
+    /// Uses this transport instead of binding `config.transport` by name.
+    pub fn transport(mut self, transport: SharedTransport) -> Self {
+        self.transport = Some(transport);
+        self
+    }
+
+    /// Uses this wall clock for versions and expiry (tests inject skewed clocks).
+    pub fn clock(mut self, clock: Arc<dyn WallClock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Uses this membership configuration instead of the preset's.
+    pub fn membership(mut self, config: MembershipConfig) -> Self {
+        self.membership = Some(config);
+        self
+    }
+
+    /// Seeds the membership machine's randomness (for reproducible tests).
+    pub fn rng_seed(mut self, seed: u64) -> Self {
+        self.rng_seed = Some(seed);
+        self
+    }
+
+    #[doc(hidden)]
+    pub fn planted_bugs(mut self, bugs: PlantedBugs) -> Self {
+        self.bugs = bugs;
+        self
+    }
+
+    /// Opens storage, restores the clock floor and generation, binds the transport, starts
+    /// membership and joins the seeds (or forms a cluster without them).
+    pub async fn start(self) -> Result<Node, StartError> {
+        let config = self.config;
+        config.validate()?;
+        let storage = match self.storage {
+            Some(s) => s,
+            None => self.registry.open_backend(&config.storage)?,
+        };
+        let clock: Arc<dyn WallClock> = self
+            .clock
+            .unwrap_or_else(|| Arc::new(crate::hlc::CoarseSystemClock));
+        let floor = Floor::restore(&storage, clock.now_ms()).await?;
+        let hlc = Hlc::with_floor(clock.clone(), config.max_clock_drift, floor.restored());
+        let generation = floor::next_generation(&storage, clock.now_ms()).await?;
+        let transport = match self.transport {
+            Some(t) => t,
+            None => {
+                self.registry
+                    .bind_transport(config.transport.clone())
+                    .await?
+            }
+        };
+        let addr = transport.local_addr();
+        let membership_config = self
+            .membership
+            .unwrap_or_else(|| config.membership.config());
+        let machine = Membership::new(
+            membership_config,
+            NodeStart {
+                id: config.id,
+                generation,
+                meta: MemberMeta::new(addr.clone()),
+                seeds: config.seeds.iter().map(Address::new).collect(),
+                rng_seed: self
+                    .rng_seed
+                    .unwrap_or_else(|| clock.now_ms() ^ config.id.0),
+            },
+            tokio::time::Instant::now().into_std(),
+        );
+        let shared = Arc::new(transport.clone());
+        let (rpc, inbound) = RpcEndpoint::start_answering_undecodable(
+            transport,
+            RpcConfig::default()
+                .with_inbound_capacity(NonZeroUsize::new(16 * 1024).expect("non-zero")),
+            |e| {
+                Envelope::Replica(ReplicaMessage::Refused(Refusal::Undecodable {
+                    reason: e.to_string(),
+                }))
+            },
+        );
+        let (membership, swim) = driver::start_shared(shared, machine);
+        let n = config.replication_factor;
+        let ring_config = RingConfig::default();
+        let view = Arc::new(arc_swap::ArcSwap::from_pointee(View::build(
+            &membership.members(),
+            n,
+            ring_config,
+        )));
+        let inner = Arc::new(Inner {
+            id: config.id,
+            hlc,
+            storage,
+            rpc,
+            membership,
+            view: view.clone(),
+            stats: Counters::default(),
+            gate: Gate::default(),
+            floor,
+            bugs: self.bugs,
+            config,
+        });
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(view::follow(
+            inner.membership.view(),
+            view,
+            n,
+            ring_config,
+        )));
+        tasks.push(tokio::spawn(dispatch(inner.clone(), inbound, swim)));
+        tasks.push(tokio::spawn(purge_loop(inner.clone())));
+        Ok(Node {
+            inner,
+            tasks: Arc::new(std::sync::Mutex::new(tasks)),
+        })
+    }
+}
+
+/// Counts coordinated requests in flight, so a shutdown can wait for them.
+#[derive(Debug, Default)]
+struct Gate {
+    closed: AtomicBool,
+    in_flight: AtomicUsize,
+    idle: Notify,
+}
+
+struct Pass<'a>(&'a Gate);
+
+impl Gate {
+    fn enter(&self) -> Result<Pass<'_>, ReplicationError> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if self.closed.load(Ordering::SeqCst) {
+            self.leave();
+            return Err(ReplicationError::ShuttingDown);
+        }
+        Ok(Pass(self))
+    }
+
+    fn leave(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    async fn close_and_drain(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        loop {
+            let idle = self.idle.notified();
+            if self.in_flight.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        self.0.leave();
+    }
+}
+
+/// What every task of a node shares.
+pub(crate) struct Inner {
+    id: NodeId,
+    config: NodeConfig,
+    hlc: Hlc<Arc<dyn WallClock>>,
+    storage: SharedStorage,
+    rpc: RpcEndpoint<SharedTransport>,
+    membership: MembershipHandle,
+    view: Arc<arc_swap::ArcSwap<View>>,
+    stats: Counters,
+    gate: Gate,
+    floor: Floor,
+    bugs: PlantedBugs,
+}
+
+/// A running node. Cheap to clone; every clone is the same node.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+    tasks: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.inner.id)
+            .field("addr", &self.inner.rpc.local_addr())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// A builder with the default configuration, opening storage and transports through
+    /// `registry` (the facade's `chorus::node()` passes `chorus::registry()`).
+    pub fn builder(registry: Registry) -> NodeBuilder {
+        NodeBuilder {
+            config: NodeConfig::default(),
+            registry,
+            storage: None,
+            transport: None,
+            clock: None,
+            membership: None,
+            rng_seed: None,
+            bugs: PlantedBugs::default(),
+        }
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// The address peers reach this node at.
+    pub fn addr(&self) -> Address {
+        self.inner.rpc.local_addr()
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &NodeConfig {
+        &self.inner.config
+    }
+
+    /// Stores `value` under `key` at the requested consistency; the version it was written
+    /// with.
+    pub async fn put(
+        &self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+        options: WriteOptions,
+    ) -> Result<Version, ReplicationError> {
+        one(self
+            .put_many(vec![(key.into(), value.into())], options)
+            .await)
+    }
+
+    /// Deletes `key` (writes a tombstone) at the requested consistency.
+    pub async fn delete(
+        &self,
+        key: impl Into<Bytes>,
+        options: WriteOptions,
+    ) -> Result<Version, ReplicationError> {
+        one(self.delete_many(vec![key.into()], options).await)
+    }
+
+    /// The live value of `key`, or `None` (never written, deleted or expired).
+    pub async fn get(
+        &self,
+        key: impl Into<Bytes>,
+        options: ReadOptions,
+    ) -> Result<Option<Bytes>, ReplicationError> {
+        Ok(self.get_versioned(key, options).await?.map(|v| v.value))
+    }
+
+    /// Like [`Node::get`], with the version of the value.
+    pub async fn get_versioned(
+        &self,
+        key: impl Into<Bytes>,
+        options: ReadOptions,
+    ) -> Result<Option<Versioned>, ReplicationError> {
+        one(self.get_many(vec![key.into()], options).await)
+    }
+
+    /// Stores each `(key, value)`; one result per entry, in order. Entries for the same
+    /// replica travel in one message.
+    pub async fn put_many(
+        &self,
+        entries: Vec<(Bytes, Bytes)>,
+        options: WriteOptions,
+    ) -> Result<Vec<Result<Version, ReplicationError>>, ReplicationError> {
+        let expiry = match options.ttl {
+            None => None,
+            Some(ttl) => Some(self.expiry(ttl)?),
+        };
+        let records = entries
+            .into_iter()
+            .map(|(key, value)| {
+                (key, move |version| {
+                    let r = Record::value(value, version);
+                    match expiry {
+                        Some(at) => r.with_expiry(at),
+                        None => r,
+                    }
+                })
+            })
+            .collect();
+        self.write(records, options).await
+    }
+
+    /// Deletes each key; one result per key, in order.
+    pub async fn delete_many(
+        &self,
+        keys: Vec<Bytes>,
+        options: WriteOptions,
+    ) -> Result<Vec<Result<Version, ReplicationError>>, ReplicationError> {
+        let records = keys
+            .into_iter()
+            .map(|key| (key, Record::tombstone))
+            .collect();
+        self.write(records, options).await
+    }
+
+    /// Reads each key; one result per key, in order.
+    pub async fn get_many(
+        &self,
+        keys: Vec<Bytes>,
+        options: ReadOptions,
+    ) -> Result<Vec<Result<Option<Versioned>, ReplicationError>>, ReplicationError> {
+        let inner = &self.inner;
+        let config = &inner.config;
+        let required = options
+            .consistency
+            .unwrap_or(config.read_consistency)
+            .required(config.replication_factor)
+            .map_err(|e| self.invalid(e))?;
+        let timeout = self.timeout(options.timeout)?;
+        if keys.len() > MAX_BATCH {
+            return Err(self.invalid(InvalidRequest::BatchTooLarge {
+                len: keys.len(),
+                max: MAX_BATCH,
+            }));
+        }
+        let _pass = inner.gate.enter()?;
+        let mut results: Vec<Option<Result<Option<Versioned>, ReplicationError>>> =
+            (0..keys.len()).map(|_| None).collect();
+        let mut remote = Vec::new();
+        let mut remote_idx = Vec::new();
+        let view = inner.view.load();
+        let now_ms = inner.hlc.wall_clock().now_ms();
+        for (i, key) in keys.into_iter().enumerate() {
+            if let Err(e) = self.check_key(&key) {
+                results[i] = Some(Err(self.invalid(e)));
+                continue;
+            }
+            // A read at One of a key this node replicates: local storage, no message.
+            if required == 1 && inner.is_local_replica(&view, &key) {
+                let r = match inner.storage.get(&key).await {
+                    Ok(record) => {
+                        inner.stats.local_reads.fetch_add(1, Ordering::Relaxed);
+                        inner.stats.reads.fetch_add(1, Ordering::Relaxed);
+                        Ok(live(record, now_ms))
+                    }
+                    Err(e) => Err(ReplicationError::Failed {
+                        op: Operation::Read,
+                        acks: 0,
+                        required,
+                        refusals: vec![(inner.id, replica::storage_refusal(&e))],
+                        unreachable: 0,
+                    }),
+                };
+                results[i] = Some(r);
+                continue;
+            }
+            remote.push(key);
+            remote_idx.push(i);
+        }
+        drop(view);
+        if !remote.is_empty() {
+            let repair = options.repair.unwrap_or(config.read_repair);
+            let answers = inner.read(remote, required, timeout, repair).await;
+            for (i, r) in remote_idx.into_iter().zip(answers) {
+                self.count(Operation::Read, &r);
+                results[i] = Some(r.map(|record| live(record, now_ms)));
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every key answered"))
+            .collect())
+    }
+
+    /// Stamps each record once with this node's clock and replicates it.
+    async fn write<F: FnOnce(Version) -> Record>(
+        &self,
+        records: Vec<(Bytes, F)>,
+        options: WriteOptions,
+    ) -> Result<Vec<Result<Version, ReplicationError>>, ReplicationError> {
+        let inner = &self.inner;
+        let config = &inner.config;
+        let required = options
+            .consistency
+            .unwrap_or(config.write_consistency)
+            .required(config.replication_factor)
+            .map_err(|e| self.invalid(e))?;
+        let timeout = self.timeout(options.timeout)?;
+        if records.len() > MAX_BATCH {
+            return Err(self.invalid(InvalidRequest::BatchTooLarge {
+                len: records.len(),
+                max: MAX_BATCH,
+            }));
+        }
+        let _pass = inner.gate.enter()?;
+        let mut results: Vec<Option<Result<Version, ReplicationError>>> =
+            (0..records.len()).map(|_| None).collect();
+        let mut writes = Vec::with_capacity(records.len());
+        let mut idx = Vec::with_capacity(records.len());
+        for (i, (key, make)) in records.into_iter().enumerate() {
+            if let Err(e) = self.check_key(&key) {
+                results[i] = Some(Err(self.invalid(e)));
+                continue;
+            }
+            let record = make(Version::new(inner.hlc.now(), inner.id));
+            if let crate::record::Payload::Value(v) = &record.payload
+                && v.len() > config.max_value_len.get()
+            {
+                results[i] = Some(Err(self.invalid(InvalidRequest::ValueTooLarge {
+                    len: v.len(),
+                    max: config.max_value_len.get(),
+                })));
+                continue;
+            }
+            idx.push((i, record.version));
+            writes.push(Write { key, record });
+        }
+        if !writes.is_empty() {
+            // The clock floor covers every version issued, before any leaves this node.
+            if let Err(e) = inner.floor.cover(&inner.hlc, &inner.storage).await {
+                return Err(ReplicationError::Failed {
+                    op: Operation::Write,
+                    acks: 0,
+                    required,
+                    refusals: vec![(inner.id, replica::storage_refusal(&e))],
+                    unreachable: 0,
+                });
+            }
+            let outcomes = inner.replicate(writes, required, timeout).await;
+            for ((i, version), r) in idx.into_iter().zip(outcomes) {
+                self.count(Operation::Write, &r);
+                results[i] = Some(r.map(|()| version));
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every key answered"))
+            .collect())
+    }
+
+    fn count<T>(&self, op: Operation, r: &Result<T, ReplicationError>) {
+        let s = &self.inner.stats;
+        let c = match r {
+            Ok(_) if op == Operation::Read => &s.reads,
+            Ok(_) => &s.writes,
+            Err(ReplicationError::Unavailable { .. }) => &s.unavailable,
+            Err(ReplicationError::Timeout { .. }) => &s.timeouts,
+            Err(_) => &s.failed,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<(), InvalidRequest> {
+        let max = self.inner.config.max_key_len.get();
+        if key.is_empty() {
+            Err(InvalidRequest::EmptyKey)
+        } else if key.len() > max {
+            Err(InvalidRequest::KeyTooLong {
+                len: key.len(),
+                max,
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    fn invalid(&self, e: InvalidRequest) -> ReplicationError {
+        self.inner
+            .stats
+            .invalid_requests
+            .fetch_add(1, Ordering::Relaxed);
+        ReplicationError::Invalid(e)
+    }
+
+    fn timeout(&self, t: Option<Duration>) -> Result<Duration, ReplicationError> {
+        let t = t.unwrap_or(self.inner.config.request_timeout);
+        if t.is_zero() {
+            return Err(self.invalid(InvalidRequest::ZeroTimeout));
+        }
+        Ok(t)
+    }
+
+    fn expiry(&self, ttl: Duration) -> Result<u64, ReplicationError> {
+        let now = self.inner.hlc.wall_clock().now_ms();
+        let ms = u64::try_from(ttl.as_millis()).ok();
+        match ms.and_then(|ms| now.checked_add(ms)) {
+            Some(at) if !ttl.is_zero() && at <= crate::hlc::MAX_PHYSICAL_MS => Ok(at),
+            _ => Err(self.invalid(InvalidRequest::BadTtl(ttl))),
+        }
+    }
+
+    /// The membership as this node sees it: itself first, then every member it knows.
+    pub fn members(&self) -> Arc<[Member]> {
+        self.inner.membership.members()
+    }
+
+    /// Every membership change from now on.
+    pub fn events(&self) -> broadcast::Receiver<MembershipEvent> {
+        self.inner.membership.subscribe()
+    }
+
+    /// The ring requests are routed by: each owning member's share.
+    pub fn ring(&self) -> Vec<Ownership> {
+        let view = self.inner.view.load();
+        let mut out: Vec<Ownership> = view
+            .members
+            .iter()
+            .map(|(&id, (addr, state))| Ownership {
+                id,
+                addr: addr.clone(),
+                state: *state,
+                primary_share: view.ring.primary_share(id),
+            })
+            .collect();
+        out.sort_by_key(|o| o.id);
+        out
+    }
+
+    /// The replicas of `key` in the current ring, first replica first.
+    pub fn replicas_of(&self, key: &[u8]) -> Vec<NodeId> {
+        self.inner.view.load().replicas(key)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> NodeStats {
+        self.inner.stats.snapshot()
+    }
+
+    /// The storage this node's replica data lives in.
+    pub fn storage(&self) -> &SharedStorage {
+        &self.inner.storage
+    }
+
+    /// Stops taking requests (new ones fail with [`ReplicationError::ShuttingDown`]),
+    /// finishes those in flight, leaves the cluster (the departure is gossiped for a moment),
+    /// flushes and closes storage, and closes the transport; all within
+    /// [`NodeConfig::shutdown_timeout`] (past it, what is left is abandoned and storage is
+    /// still closed). Later calls return at once.
+    pub async fn shutdown(&self) -> Result<(), StorageError> {
+        let inner = &self.inner;
+        let bound = inner.config.shutdown_timeout;
+        let deadline = tokio::time::Instant::now() + bound;
+        if tokio::time::timeout(bound, inner.gate.close_and_drain())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown: requests still in flight at the deadline; abandoned");
+        }
+        let grace = (bound / 4).min(Duration::from_secs(1));
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let _ = tokio::time::timeout(left, inner.membership.leave(grace)).await;
+        self.stop_tasks();
+        let result = inner.storage.close().await;
+        inner.rpc.close().await;
+        match result {
+            Err(StorageError::Closed) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Stops at once without leaving (to the cluster it looks like a crash) and closes the
+    /// transport; storage is closed without waiting for requests in flight. For tests of
+    /// failure; [`Node::shutdown`] is the orderly way.
+    pub async fn kill(&self) {
+        self.inner.gate.closed.store(true, Ordering::SeqCst);
+        self.inner.membership.shutdown().await;
+        self.stop_tasks();
+        self.inner.rpc.close().await;
+        let _ = self.inner.storage.close().await;
+    }
+
+    fn stop_tasks(&self) {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            t.abort();
+        }
+    }
+}
+
+fn one<T>(
+    results: Result<Vec<Result<T, ReplicationError>>, ReplicationError>,
+) -> Result<T, ReplicationError> {
+    results?
+        .pop()
+        .unwrap_or(Err(ReplicationError::ShuttingDown))
+}
+
+/// The value a reader sees: none for tombstones and expired values.
+fn live(record: Option<Record>, now_ms: u64) -> Option<Versioned> {
+    let record = record?;
+    let value = record.live_value(now_ms)?.clone();
+    Some(Versioned {
+        value,
+        version: record.version,
+    })
+}
+
+/// The receive side of the node's endpoint: membership messages to the driver (never
+/// waiting), each replica request served on its own task.
+async fn dispatch(
+    inner: Arc<Inner>,
+    mut inbound: mpsc::Receiver<Inbound<Envelope>>,
+    swim: SwimInbox,
+) {
+    while let Some(request) = inbound.recv().await {
+        let Inbound {
+            from,
+            header,
+            message,
+        } = request;
+        match message {
+            Envelope::Swim(m) => swim.deliver(from, m),
+            Envelope::Replica(m) => {
+                let inner = inner.clone();
+                tokio::spawn(async move {
+                    let reply = Envelope::Replica(inner.serve(m).await);
+                    if let Err(e) = inner.rpc.respond_to(&from, header, &reply).await {
+                        tracing::debug!(%from, error = %e, "replica reply not sent");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Removes tombstones and expired values once their grace period is over.
+async fn purge_loop(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(inner.config.purge_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let now_ms = inner.hlc.wall_clock().now_ms();
+        match inner
+            .storage
+            .purge(now_ms, inner.config.tombstone_grace)
+            .await
+        {
+            Ok(stats) => {
+                inner
+                    .stats
+                    .purged
+                    .fetch_add(stats.tombstones + stats.expired, Ordering::Relaxed);
+            }
+            Err(StorageError::Closed) => return,
+            Err(e) => tracing::warn!(error = %e, "purge failed; retried next interval"),
+        }
+    }
+}

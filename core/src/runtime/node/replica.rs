@@ -1,0 +1,172 @@
+//! The replica side: what a node does with the records and reads its peers (and its own
+//! coordinator) send it. Every record's version passes this node's clock first: one beyond
+//! the drift bound would win every later write to its key, so it is refused, never stored.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+
+use super::Inner;
+use crate::record::{Payload, Record};
+use crate::replication::message::{Key, MAX_BATCH};
+use crate::replication::{REPLICA_PROTOCOL_VERSION, Refusal, ReplicaMessage, Write, WriteOutcome};
+use crate::storage::{ApplyOutcome, Storage, StorageError};
+
+impl Inner {
+    /// Answers one replica request.
+    pub(crate) async fn serve(self: &Arc<Self>, message: ReplicaMessage) -> ReplicaMessage {
+        match message {
+            ReplicaMessage::Apply { version, writes } => {
+                if let Some(refused) = self.check_version(version) {
+                    return refused;
+                }
+                ReplicaMessage::Applied {
+                    outcomes: self.apply_writes(writes).await,
+                }
+            }
+            ReplicaMessage::Read { version, keys } => {
+                if let Some(refused) = self.check_version(version) {
+                    return refused;
+                }
+                match self.read_keys(keys).await {
+                    Ok(records) => ReplicaMessage::Records { records },
+                    Err(refusal) => ReplicaMessage::Refused(refusal),
+                }
+            }
+            _ => {
+                self.stats
+                    .bad_replica_requests
+                    .fetch_add(1, Ordering::Relaxed);
+                ReplicaMessage::Refused(Refusal::Invalid {
+                    reason: "not a request".into(),
+                })
+            }
+        }
+    }
+
+    fn check_version(&self, version: u16) -> Option<ReplicaMessage> {
+        (version != REPLICA_PROTOCOL_VERSION).then(|| {
+            self.stats
+                .bad_replica_requests
+                .fetch_add(1, Ordering::Relaxed);
+            ReplicaMessage::Refused(Refusal::UnsupportedVersion {
+                got: version,
+                supported: REPLICA_PROTOCOL_VERSION,
+            })
+        })
+    }
+
+    /// Applies `writes` to local storage (apply-if-newer), each checked first: limits, then
+    /// the clock-drift bound. One outcome per write, in order.
+    pub(crate) async fn apply_writes(&self, writes: Vec<Write>) -> Vec<WriteOutcome> {
+        let mut outcomes: Vec<Option<WriteOutcome>> = Vec::with_capacity(writes.len());
+        let mut accepted: Vec<(usize, Bytes, Record)> = Vec::with_capacity(writes.len());
+        for (i, w) in writes.into_iter().enumerate() {
+            match self.admit(&w) {
+                Ok(()) => {
+                    outcomes.push(None);
+                    accepted.push((i, w.key, w.record));
+                }
+                Err(refusal) => outcomes.push(Some(WriteOutcome::Refused(refusal))),
+            }
+        }
+        if let Err(e) = self.floor.cover(&self.hlc, &self.storage).await {
+            let refusal = storage_refusal(&e);
+            for (i, _, _) in &accepted {
+                outcomes[*i] = Some(WriteOutcome::Refused(refusal.clone()));
+            }
+            accepted.clear();
+        }
+        for (i, key, record) in accepted {
+            let outcome = match self.storage.apply(key, record).await {
+                Ok(ApplyOutcome::Applied { .. }) => {
+                    self.stats.replica_applied.fetch_add(1, Ordering::Relaxed);
+                    WriteOutcome::Applied
+                }
+                Ok(ApplyOutcome::Stale { current }) => {
+                    self.stats.replica_stale.fetch_add(1, Ordering::Relaxed);
+                    WriteOutcome::Stale { current }
+                }
+                Err(e) => {
+                    self.stats.storage_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "replica apply failed");
+                    WriteOutcome::Refused(storage_refusal(&e))
+                }
+            };
+            outcomes[i] = Some(outcome);
+        }
+        outcomes
+            .into_iter()
+            .map(|o| {
+                o.unwrap_or(WriteOutcome::Refused(Refusal::Invalid {
+                    reason: "write not processed".into(),
+                }))
+            })
+            .collect()
+    }
+
+    /// Limits, then the clock: a refused write leaves the clock as it was.
+    fn admit(&self, w: &Write) -> Result<(), Refusal> {
+        if w.key.is_empty() || w.key.len() > self.config.max_key_len.get() {
+            self.stats.replica_invalid.fetch_add(1, Ordering::Relaxed);
+            return Err(Refusal::Invalid {
+                reason: format!("key of {} bytes", w.key.len()),
+            });
+        }
+        if let Payload::Value(v) = &w.record.payload
+            && v.len() > self.config.max_value_len.get()
+        {
+            self.stats.replica_invalid.fetch_add(1, Ordering::Relaxed);
+            return Err(Refusal::Invalid {
+                reason: format!("value of {} bytes", v.len()),
+            });
+        }
+        if self.bugs.skip_drift_check {
+            return Ok(());
+        }
+        match self.hlc.observe(w.record.version.timestamp) {
+            Ok(_) => Ok(()),
+            Err(crate::hlc::ClockError::TooFarAhead { ahead, .. }) => {
+                self.stats.drift_refusals.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(?ahead, "write refused: version beyond the drift bound");
+                Err(Refusal::ClockDrift {
+                    ahead_ms: ahead.as_millis().min(u128::from(u64::MAX)) as u64,
+                })
+            }
+        }
+    }
+
+    /// The stored record of each key, in order.
+    pub(crate) async fn read_keys(&self, keys: Vec<Key>) -> Result<Vec<Option<Record>>, Refusal> {
+        if keys.len() > MAX_BATCH {
+            return Err(Refusal::Invalid {
+                reason: format!("{} keys in one read", keys.len()),
+            });
+        }
+        let mut records = Vec::with_capacity(keys.len());
+        for Key(key) in keys {
+            if key.is_empty() || key.len() > self.config.max_key_len.get() {
+                self.stats.replica_invalid.fetch_add(1, Ordering::Relaxed);
+                return Err(Refusal::Invalid {
+                    reason: format!("key of {} bytes", key.len()),
+                });
+            }
+            match self.storage.get(&key).await {
+                Ok(record) => records.push(record),
+                Err(e) => {
+                    self.stats.storage_failures.fetch_add(1, Ordering::Relaxed);
+                    return Err(storage_refusal(&e));
+                }
+            }
+        }
+        Ok(records)
+    }
+}
+
+pub(crate) fn storage_refusal(e: &StorageError) -> Refusal {
+    Refusal::Storage {
+        retryable: e.is_retryable(),
+        reason: e.to_string(),
+    }
+}

@@ -1,0 +1,68 @@
+//! The node's counters.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Counters of a running node, since it started.
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct NodeStats {
+            $($(#[$doc])* pub $name: u64,)*
+        }
+
+        #[derive(Debug, Default)]
+        pub(crate) struct Counters {
+            $(pub(crate) $name: AtomicU64,)*
+        }
+
+        impl Counters {
+            pub(crate) fn snapshot(&self) -> NodeStats {
+                NodeStats {
+                    $($name: self.$name.load(Ordering::Relaxed),)*
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Keys written (puts and deletes) as coordinator, successfully.
+    writes,
+    /// Keys read as coordinator, successfully.
+    reads,
+    /// Reads at `One` served from local storage without a message.
+    local_reads,
+    /// Coordinated keys that failed as unavailable (nothing sent).
+    unavailable,
+    /// Coordinated keys whose deadline passed short of the required answers.
+    timeouts,
+    /// Coordinated keys that failed because too many replicas refused.
+    failed,
+    /// Requests refused as invalid before anything was sent.
+    invalid_requests,
+    /// Requests sent to other replicas as coordinator (one per replica per batch), repairs
+    /// included.
+    replica_requests_sent,
+    /// Replica answers that arrived after their request was decided (still processed).
+    late_answers,
+    /// Records sent to stale replicas by read repair.
+    read_repairs,
+    /// Read repairs that a replica did not acknowledge.
+    read_repair_failures,
+    /// Writes this node applied as a replica (from peers or itself).
+    replica_applied,
+    /// Writes this node kept an equal or newer record for, as a replica.
+    replica_stale,
+    /// Writes refused as a replica because their version was beyond the drift bound.
+    drift_refusals,
+    /// Writes or requests refused as a replica for breaking a limit.
+    replica_invalid,
+    /// Writes refused as a replica because storage failed.
+    storage_failures,
+    /// Replica requests that did not decode or spoke another protocol version (answered with
+    /// an error).
+    bad_replica_requests,
+    /// Tombstones and expired values removed by the purge.
+    purged,
+}

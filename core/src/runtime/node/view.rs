@@ -1,0 +1,79 @@
+//! The ring snapshot requests are routed by: rebuilt from the membership view on every change
+//! and swapped atomically, so a request never waits for a lock and always sees one
+//! consistent ring.
+
+use std::collections::HashMap;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::sync::Arc;
+
+use crate::identity::{Address, NodeId};
+use crate::membership::{Member, MemberState};
+use crate::ring::{Ring, RingConfig, RingMember};
+
+/// One immutable routing snapshot.
+#[derive(Debug)]
+pub(crate) struct View {
+    pub(crate) ring: Ring,
+    /// Where each ring member is reached, and its state.
+    pub(crate) members: HashMap<NodeId, (Address, MemberState)>,
+    pub(crate) n: NonZeroUsize,
+}
+
+impl View {
+    /// The ring of the members believed alive: alive and suspect ones (a suspect still counts
+    /// as a replica until it is declared dead), never dead or left ones.
+    pub(crate) fn build(members: &[Member], n: NonZeroUsize, ring: RingConfig) -> View {
+        let mut map = HashMap::new();
+        let mut ring_members = Vec::new();
+        for m in members {
+            if matches!(m.state, MemberState::Alive | MemberState::Suspect)
+                && map.insert(m.id, (m.meta.addr.clone(), m.state)).is_none()
+            {
+                ring_members.push(RingMember::weighted(m.id, m.meta.weight));
+            }
+        }
+        let ring = match Ring::new(ring_members, ring) {
+            Ok(ring) => ring,
+            Err(e) => {
+                // Weights are validated on receipt, so this is a bug: route with weight 1
+                // rather than stop routing.
+                tracing::error!(error = %e, "ring rebuild failed; using unit weights");
+                let unit = map
+                    .keys()
+                    .map(|&id| RingMember::weighted(id, NonZeroU32::MIN));
+                Ring::new(unit, ring).unwrap_or_else(|_| Ring::new([], ring).expect("empty ring"))
+            }
+        };
+        View {
+            ring,
+            members: map,
+            n,
+        }
+    }
+
+    /// The key's replicas: the first N distinct members of its preference list.
+    pub(crate) fn replicas(&self, key: &[u8]) -> Vec<NodeId> {
+        self.ring.preference_list(key, self.n)
+    }
+
+    pub(crate) fn addr(&self, id: NodeId) -> Option<&Address> {
+        self.members.get(&id).map(|(a, _)| a)
+    }
+}
+
+/// Keeps `slot` in step with the membership view until the view's sender goes away.
+pub(crate) async fn follow(
+    mut view: tokio::sync::watch::Receiver<Arc<[Member]>>,
+    slot: Arc<arc_swap::ArcSwap<View>>,
+    n: NonZeroUsize,
+    ring: RingConfig,
+) {
+    loop {
+        let members = view.borrow_and_update().clone();
+        let next = View::build(&members, n, ring);
+        slot.store(Arc::new(next));
+        if view.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! In-process clusters of real [`Node`]s for whole-cluster tests: the in-process network with
+//! its seeded faults, one skewable clock per node that follows tokio's (pausable) clock, and
+//! storage that outlives a node so a killed node restarts with its data, as after a crash of
+//! its process on a durable disk.
+//!
+//! Run the tests on a current-thread runtime with paused time (`#[tokio::test(start_paused =
+//! true)]`): timers then fire in virtual time, so seconds of membership and timeouts cost
+//! milliseconds, and a run replays closely from its seed (tokio's own scheduling is the one
+//! source of variation left).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use chorus::hlc::WallClock;
+use chorus::membership::{MemberState, MembershipConfig};
+use chorus::runtime::inproc::InProcessNetwork;
+use chorus::runtime::node::{NodeConfig, PlantedBugs};
+use chorus::{Address, Node, SharedStorage, SharedTransport, StorageSpec};
+
+/// A wall clock that follows tokio's clock (virtual when paused), from a fixed epoch, plus a
+/// skew the test can change at any time.
+#[derive(Debug)]
+pub struct TestClock {
+    epoch_ms: u64,
+    start: tokio::time::Instant,
+    skew_ms: AtomicI64,
+}
+
+/// 2026-01-01T00:00:00Z: the clocks' start, so versions look like real ones.
+pub const EPOCH_MS: u64 = 1_767_225_600_000;
+
+impl TestClock {
+    /// A clock at [`EPOCH_MS`] now, without skew.
+    pub fn new() -> Arc<TestClock> {
+        Arc::new(TestClock {
+            epoch_ms: EPOCH_MS,
+            start: tokio::time::Instant::now(),
+            skew_ms: AtomicI64::new(0),
+        })
+    }
+
+    /// Sets the skew (positive: ahead of true time).
+    pub fn set_skew(&self, skew: i64) {
+        self.skew_ms.store(skew, Ordering::Relaxed);
+    }
+
+    /// The skew.
+    pub fn skew(&self) -> i64 {
+        self.skew_ms.load(Ordering::Relaxed)
+    }
+
+    /// True time (without the skew), in milliseconds.
+    pub fn true_ms(&self) -> u64 {
+        self.epoch_ms + self.start.elapsed().as_millis() as u64
+    }
+}
+
+impl WallClock for TestClock {
+    fn now_ms(&self) -> u64 {
+        self.true_ms().saturating_add_signed(self.skew())
+    }
+}
+
+/// What a [`Cluster`] is started with.
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    /// Nodes.
+    pub nodes: usize,
+    /// Network and membership seed.
+    pub seed: u64,
+    /// The nodes' configuration, except id (1-based index), transport and seeds.
+    pub config: NodeConfig,
+    /// Membership timings.
+    pub membership: MembershipConfig,
+    /// Bugs planted in every node.
+    pub bugs: PlantedBugs,
+    /// Backend each node opens (its data outlives the node); `memory` keeps one instance.
+    pub storage: StorageSpec,
+}
+
+impl ClusterSpec {
+    /// `nodes` nodes, N = 3, quorum reads and writes, 1 s timeouts, the `local` membership
+    /// preset, memory storage.
+    pub fn new(nodes: usize, seed: u64) -> Self {
+        let mut config = NodeConfig::default();
+        config.request_timeout = Duration::from_secs(1);
+        config.shutdown_timeout = Duration::from_secs(5);
+        ClusterSpec {
+            nodes,
+            seed,
+            config,
+            membership: MembershipConfig::local(),
+            bugs: PlantedBugs::default(),
+            storage: StorageSpec::new("memory"),
+        }
+    }
+}
+
+/// A running in-process cluster.
+pub struct Cluster {
+    /// The network between the nodes (faults go here).
+    pub net: InProcessNetwork,
+    /// Each node's clock.
+    pub clocks: Vec<Arc<TestClock>>,
+    spec: ClusterSpec,
+    nodes: Vec<Option<Node>>,
+    storages: Vec<Option<SharedStorage>>,
+    data_dirs: Vec<Option<tempfile::TempDir>>,
+    restarts: u64,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("seed", &self.spec.seed)
+            .field("nodes", &self.nodes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Starts every node (node 1 forms the cluster, the others join through it) and waits
+    /// until every node's ring holds every node.
+    pub async fn start(spec: ClusterSpec) -> Cluster {
+        let mut cluster = Cluster {
+            net: InProcessNetwork::new(spec.seed),
+            clocks: (0..spec.nodes).map(|_| TestClock::new()).collect(),
+            nodes: (0..spec.nodes).map(|_| None).collect(),
+            storages: (0..spec.nodes).map(|_| None).collect(),
+            data_dirs: (0..spec.nodes).map(|_| None).collect(),
+            spec,
+            restarts: 0,
+        };
+        for i in 0..cluster.spec.nodes {
+            cluster.boot(i).await;
+        }
+        cluster.wait_for_ring(Duration::from_secs(30)).await;
+        cluster
+    }
+
+    /// The address of node `i` (0-based).
+    pub fn addr(i: usize) -> Address {
+        Address::new(format!("node-{}:7946", i + 1))
+    }
+
+    /// Node `i`, if running.
+    pub fn node(&self, i: usize) -> &Node {
+        self.nodes[i]
+            .as_ref()
+            .unwrap_or_else(|| panic!("node {i} is not running"))
+    }
+
+    /// Whether node `i` runs.
+    pub fn is_running(&self, i: usize) -> bool {
+        self.nodes[i].is_some()
+    }
+
+    /// Nodes in the cluster, running or not.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether the cluster has no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Node `i`'s storage (kept across kills).
+    pub fn storage(&self, i: usize) -> &SharedStorage {
+        self.storages[i].as_ref().expect("storage opened")
+    }
+
+    async fn boot(&mut self, i: usize) {
+        let storage = match &self.storages[i] {
+            Some(s) if self.spec.storage.scheme == "memory" => s.clone(),
+            _ => {
+                let mut spec = self.spec.storage.clone();
+                if spec.scheme != "memory" && spec.scheme != "moka" {
+                    if self.data_dirs[i].is_none() {
+                        self.data_dirs[i] = Some(tempfile::tempdir().expect("temp dir"));
+                    }
+                    spec.path = Some(self.data_dirs[i].as_ref().expect("dir").path().into());
+                }
+                chorus::registry()
+                    .open_backend(&spec)
+                    .expect("storage opens")
+            }
+        };
+        self.storages[i] = Some(storage.clone());
+        let transport = SharedTransport::new(self.net.bind(Self::addr(i)).expect("bind"));
+        let seeds: Vec<String> = (0..self.nodes.len())
+            .filter(|&j| j != i && (self.nodes[j].is_some() || j == 0))
+            .take(3)
+            .map(|j| Self::addr(j).to_string())
+            .collect();
+        let mut config = self.spec.config.clone();
+        config.id = chorus::NodeId(i as u64 + 1);
+        let node = chorus::node()
+            .config(config)
+            .seeds(seeds)
+            .storage(storage)
+            .transport(transport)
+            .clock(self.clocks[i].clone())
+            .membership(self.spec.membership)
+            .rng_seed(self.spec.seed ^ ((i as u64 + 1) << 32) ^ self.restarts)
+            .planted_bugs(self.spec.bugs)
+            .start()
+            .await
+            .expect("node starts");
+        self.nodes[i] = Some(node);
+    }
+
+    /// Stops node `i` at once, as a crash: no leave, requests in flight abandoned. Its storage
+    /// is kept (reopened on restart for persistent backends).
+    pub async fn kill(&mut self, i: usize) {
+        if let Some(node) = self.nodes[i].take() {
+            node.kill().await;
+            if self.spec.storage.scheme != "memory" {
+                self.storages[i] = None;
+            }
+        }
+    }
+
+    /// Starts node `i` again with its storage.
+    pub async fn restart(&mut self, i: usize) {
+        assert!(self.nodes[i].is_none(), "node {i} is running");
+        self.restarts += 1;
+        self.boot(i).await;
+    }
+
+    /// Shuts node `i` down gracefully.
+    pub async fn shutdown(&mut self, i: usize) {
+        if let Some(node) = self.nodes[i].take() {
+            node.shutdown().await.expect("shutdown");
+            if self.spec.storage.scheme != "memory" {
+                self.storages[i] = None;
+            }
+        }
+    }
+
+    /// Waits (virtual time) until every running node's ring holds exactly the running nodes,
+    /// all alive; panics with the views after `limit`.
+    pub async fn wait_for_ring(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        let running: Vec<u64> = (0..self.nodes.len())
+            .filter(|&i| self.is_running(i))
+            .map(|i| i as u64 + 1)
+            .collect();
+        loop {
+            let settled = (0..self.nodes.len())
+                .filter(|&i| self.is_running(i))
+                .all(|i| {
+                    let ring = self.node(i).ring();
+                    ring.len() == running.len()
+                        && ring
+                            .iter()
+                            .all(|o| o.state == MemberState::Alive && running.contains(&o.id.0))
+                });
+            if settled {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let views: Vec<_> = (0..self.nodes.len())
+                    .filter(|&i| self.is_running(i))
+                    .map(|i| (i, self.node(i).ring()))
+                    .collect();
+                panic!(
+                    "seed {}: rings did not settle on {running:?} within {limit:?}: {views:#?}",
+                    self.spec.seed
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Shuts every running node down.
+    pub async fn stop(mut self) {
+        for i in 0..self.nodes.len() {
+            self.shutdown(i).await;
+        }
+    }
+}
