@@ -6,15 +6,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 /// One client of a system under test: issues one request at a time.
 ///
 /// Redis workers each own a connection (like redis-benchmark's clients); Chorus workers share
 /// the embedded node.
 pub(crate) trait Worker: Send + 'static {
     /// Writes `value` under `key`; `Err` if the system did not acknowledge it as asked.
-    fn put(&mut self, key: &[u8], value: &[u8]) -> impl Future<Output = Result<(), String>> + Send;
+    fn put(
+        &mut self,
+        key: &Bytes,
+        value: &Bytes,
+    ) -> impl Future<Output = Result<(), String>> + Send;
     /// Reads `key`; `Ok(found)`.
-    fn get(&mut self, key: &[u8]) -> impl Future<Output = Result<bool, String>> + Send;
+    fn get(&mut self, key: &Bytes) -> impl Future<Output = Result<bool, String>> + Send;
 }
 
 /// What the workers do.
@@ -51,11 +57,11 @@ pub(crate) struct LoadSpec {
 
 impl LoadSpec {
     /// The key of index `i` (`key:00000042`, 12 bytes).
-    pub(crate) fn key(i: u64) -> Vec<u8> {
-        format!("key:{i:08}").into_bytes()
+    pub(crate) fn key(i: u64) -> Bytes {
+        Bytes::from(format!("key:{i:08}"))
     }
 
-    pub(crate) fn value(&self) -> Vec<u8> {
+    pub(crate) fn value(&self) -> Bytes {
         (0..self.value_len).map(|i| b'a' + (i % 26) as u8).collect()
     }
 }
@@ -66,7 +72,11 @@ pub(crate) struct CaseResult {
     pub(crate) ops_per_sec: f64,
     pub(crate) p50: Duration,
     pub(crate) p99: Duration,
+    pub(crate) p999: Duration,
+    pub(crate) max: Duration,
     pub(crate) errors: u64,
+    /// The first error, for the log.
+    pub(crate) first_error: Option<String>,
     pub(crate) misses: u64,
 }
 
@@ -98,34 +108,49 @@ const STOPPED: u8 = 2;
 struct Tally {
     latencies_ns: Vec<u64>,
     errors: u64,
+    first_error: Option<String>,
     misses: u64,
 }
 
-/// Writes every key of the keyspace once (not timed), `workers.len()` at a time.
-pub(crate) async fn preload<W: Worker>(workers: Vec<W>, spec: &LoadSpec) -> Result<(), String> {
+/// Writes every key of the keyspace once (not timed), `workers.len()` at a time. A put that
+/// fails is retried (up to 3 tries); the number of failed tries is returned, so the log shows
+/// them.
+pub(crate) async fn preload<W: Worker>(workers: Vec<W>, spec: &LoadSpec) -> Result<u64, String> {
     let n = workers.len() as u64;
-    let value: Arc<[u8]> = spec.value().into();
+    let value = spec.value();
     let mut tasks = Vec::new();
     for (w, mut worker) in workers.into_iter().enumerate() {
-        let (keys, value, timeout) = (spec.keys, Arc::clone(&value), spec.op_timeout);
+        let (keys, value, timeout) = (spec.keys, value.clone(), spec.op_timeout);
         tasks.push(tokio::spawn(async move {
+            let mut failed = 0u64;
             let mut i = w as u64;
             while i < keys {
                 let key = LoadSpec::key(i);
-                match tokio::time::timeout(timeout, worker.put(&key, &value)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return Err(format!("preload put: {e}")),
-                    Err(_) => return Err("preload put timed out".to_string()),
+                let mut tries = 0;
+                loop {
+                    let error = match tokio::time::timeout(timeout, worker.put(&key, &value)).await
+                    {
+                        Ok(Ok(())) => break,
+                        Ok(Err(e)) => e,
+                        Err(_) => format!("no answer in {timeout:?}"),
+                    };
+                    failed += 1;
+                    tries += 1;
+                    eprintln!("  preload put of {key:?} failed (try {tries}): {error}");
+                    if tries == 3 {
+                        return Err(format!("preload put: {error}"));
+                    }
                 }
                 i += n;
             }
-            Ok(())
+            Ok(failed)
         }));
     }
+    let mut failed = 0;
     for t in tasks {
-        t.await.map_err(|e| format!("preload task: {e}"))??;
+        failed += t.await.map_err(|e| format!("preload task: {e}"))??;
     }
-    Ok(())
+    Ok(failed)
 }
 
 /// Runs one case: every worker loops on its own task until the window closes.
@@ -135,17 +160,18 @@ pub(crate) async fn run_case<W: Worker>(
     spec: &LoadSpec,
 ) -> CaseResult {
     let phase = Arc::new(AtomicU8::new(WARMING));
-    let value: Arc<[u8]> = spec.value().into();
-    let keys: Arc<[Vec<u8>]> = (0..spec.keys).map(LoadSpec::key).collect();
+    let value = spec.value();
+    let keys: Arc<[Bytes]> = (0..spec.keys).map(LoadSpec::key).collect();
     let mut tasks = Vec::new();
     for (w, mut worker) in workers.into_iter().enumerate() {
-        let (phase, value, keys) = (Arc::clone(&phase), Arc::clone(&value), Arc::clone(&keys));
+        let (phase, value, keys) = (Arc::clone(&phase), value.clone(), Arc::clone(&keys));
         let timeout = spec.op_timeout;
         let mut rng = Rng::new(spec.seed ^ (w as u64).wrapping_mul(0xA24B_AED4_963E_E407));
         tasks.push(tokio::spawn(async move {
             let mut tally = Tally {
                 latencies_ns: Vec::with_capacity(1 << 14),
                 errors: 0,
+                first_error: None,
                 misses: 0,
             };
             loop {
@@ -179,7 +205,14 @@ pub(crate) async fn run_case<W: Worker>(
                             tally.misses += 1;
                         }
                     }
-                    Ok(Err(_)) | Err(_) => tally.errors += 1,
+                    Ok(Err(e)) => {
+                        tally.errors += 1;
+                        tally.first_error.get_or_insert(e);
+                    }
+                    Err(_) => {
+                        tally.errors += 1;
+                        tally.first_error.get_or_insert(format!("no answer in {timeout:?}"));
+                    }
                 }
             }
             tally
@@ -193,7 +226,7 @@ pub(crate) async fn run_case<W: Worker>(
     let window = started.elapsed();
 
     let mut all = Vec::new();
-    let (mut errors, mut misses) = (0, 0);
+    let (mut errors, mut misses, mut first_error) = (0, 0, None);
     for t in tasks {
         // A worker stops at its next request once the window closes; each request is bounded
         // by `op_timeout`.
@@ -201,6 +234,7 @@ pub(crate) async fn run_case<W: Worker>(
         all.extend_from_slice(&tally.latencies_ns);
         errors += tally.errors;
         misses += tally.misses;
+        first_error = first_error.or(tally.first_error);
     }
     all.sort_unstable();
     let pct = |p: f64| -> Duration {
@@ -214,7 +248,10 @@ pub(crate) async fn run_case<W: Worker>(
         ops_per_sec: all.len() as f64 / window.as_secs_f64(),
         p50: pct(0.50),
         p99: pct(0.99),
+        p999: pct(0.999),
+        max: pct(1.0),
         errors,
+        first_error,
         misses,
     }
 }

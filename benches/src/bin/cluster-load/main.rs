@@ -12,14 +12,18 @@
 //! (node 1 embedded in this process, nodes 2 and 3 each their own process, TCP on loopback).
 //! Every case (target x workload x in-flight count) warms up, then measures for `--secs`;
 //! with `--runs R` every target runs R times, in the same order each time, and the tables show
-//! medians; ratios are computed per run and their median shown. See `docs/BENCHMARKS.md`.
+//! medians; ratios are computed per run and their median shown. `--read-repair` overrides the
+//! nodes' read repair mode for the gets (default: the node's, async). See `docs/BENCHMARKS.md`.
 
+mod chorus_target;
 mod load;
+mod procs;
 mod redis;
 mod report;
 
 use std::time::Duration;
 
+use ::chorus::ReadRepair;
 use load::{LoadSpec, Worker, Workload};
 use report::Results;
 
@@ -29,6 +33,7 @@ struct Args {
     in_flight: Vec<usize>,
     targets: Vec<String>,
     wait_timeout: Duration,
+    read_repair: Option<ReadRepair>,
 }
 
 const ALL_TARGETS: [&str; 7] = [
@@ -63,6 +68,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         in_flight: vec![1, 64, 256],
         targets: ALL_TARGETS.iter().map(|s| s.to_string()).collect(),
         wait_timeout: Duration::from_secs(1),
+        read_repair: None,
     };
     while let Some(flag) = it.next() {
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
@@ -89,6 +95,14 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                     return Err(format!("--targets: unknown {bad:?}; known: {ALL_TARGETS:?}"));
                 }
             }
+            "--read-repair" => {
+                args.read_repair = Some(match value.as_str() {
+                    "async" => ReadRepair::Async,
+                    "blocking" => ReadRepair::Blocking,
+                    "off" => ReadRepair::Off,
+                    other => return Err(format!("--read-repair: {other:?} is not async, blocking or off")),
+                })
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -110,18 +124,27 @@ where
     F: FnMut(usize) -> Fut,
     Fut: std::future::Future<Output = Result<Vec<W>, String>>,
 {
-    load::preload(workers(64).await?, &args.spec).await?;
+    let failed = load::preload(workers(64).await?, &args.spec).await?;
+    if failed > 0 {
+        eprintln!("  {target}: {failed} preload puts failed and were retried");
+    }
     for w in Workload::ALL {
         for &n in &args.in_flight {
             let r = load::run_case(workers(n).await?, w, &args.spec).await;
             eprintln!(
-                "  {target} {} {n}: {}/s p50 {} p99 {} errors {} misses {}",
+                "  {target} {} {n}: {}/s p50 {} p99 {} p99.9 {} max {} errors {} misses {}{}",
                 w.name(),
                 report::fmt_ops(r.ops_per_sec),
                 report::fmt_dur(r.p50),
                 report::fmt_dur(r.p99),
+                report::fmt_dur(r.p999),
+                report::fmt_dur(r.max),
                 r.errors,
-                r.misses
+                r.misses,
+                r.first_error
+                    .as_deref()
+                    .map(|e| format!(" (first: {e})"))
+                    .unwrap_or_default()
             );
             results.add(target, w, n, r);
         }
@@ -136,15 +159,59 @@ async fn run_target(target: &str, args: &Args, results: &mut Results) -> Result<
             let wait = args.wait_timeout;
             run_all(target, args, results, |n| cluster.workers(n, wait)).await
         }
-        other => Err(format!("target {other} is not built yet")),
+        "inproc" => {
+            let cluster = chorus_target::ChorusCluster::start_inproc(args.spec.seed).await?;
+            let outcome = run_chorus(target, &cluster, args, results).await;
+            cluster.stop().await;
+            outcome
+        }
+        other => {
+            let backend = other
+                .strip_prefix("tcp-")
+                .ok_or(format!("unknown target {other}"))?;
+            let cluster = chorus_target::ChorusCluster::start_tcp(backend).await?;
+            let outcome = run_chorus(target, &cluster, args, results).await;
+            cluster.stop().await;
+            outcome
+        }
     }
+}
+
+async fn run_chorus(
+    target: &str,
+    cluster: &chorus_target::ChorusCluster,
+    args: &Args,
+    results: &mut Results,
+) -> Result<(), String> {
+    run_all(target, args, results, |n| {
+        std::future::ready(Ok(cluster.workers(n, args.read_repair)))
+    })
+    .await?;
+    if target == "inproc" || target == "tcp-memory" {
+        let (rate, storage_rate) = cluster.local_reads(&args.spec).await?;
+        results
+            .local_reads
+            .entry(target.to_string())
+            .or_default()
+            .push(rate);
+        results
+            .local_reads
+            .entry(format!("{target} (storage.get alone, same loop)"))
+            .or_default()
+            .push(storage_rate);
+    }
+    Ok(())
 }
 
 fn main() {
     let mut argv = std::env::args().skip(1).peekable();
     if argv.peek().map(String::as_str) == Some("node") {
-        eprintln!("the node subcommand needs chorus::Node");
-        std::process::exit(2);
+        argv.next();
+        if let Err(e) = chorus_target::node_main(argv) {
+            eprintln!("cluster-load node: {e}");
+            std::process::exit(1);
+        }
+        return;
     }
     let args = match parse_args(argv) {
         Ok(a) => a,

@@ -6,47 +6,16 @@
 //! equivalent of a W = 2 write with N = 3); a WAIT reply below 1 counts as a failure. A get is
 //! `GET key`.
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::load::Worker;
-
-/// A free loopback port (bound, then released: another process could take it in between).
-pub(crate) fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
-
-/// Child processes killed (by PID, through their `Child` handle) when this is dropped, also
-/// when the benchmark panics.
-#[derive(Debug, Default)]
-pub(crate) struct Children(Vec<Child>);
-
-impl Children {
-    pub(crate) fn push(&mut self, child: Child) {
-        self.0.push(child);
-    }
-
-    pub(crate) fn pids(&self) -> Vec<u32> {
-        self.0.iter().map(Child::id).collect()
-    }
-}
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
+use crate::procs::{Children, free_port};
 
 /// A running primary and two replicas.
 #[derive(Debug)]
@@ -306,7 +275,7 @@ impl RedisWorker {
 }
 
 impl Worker for RedisWorker {
-    async fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), String> {
+    async fn put(&mut self, key: &Bytes, value: &Bytes) -> Result<(), String> {
         self.begin().await?;
         self.out.clear();
         self.out.extend_from_slice(&command(&[b"SET", key, value]));
@@ -329,7 +298,7 @@ impl Worker for RedisWorker {
         }
     }
 
-    async fn get(&mut self, key: &[u8]) -> Result<bool, String> {
+    async fn get(&mut self, key: &Bytes) -> Result<bool, String> {
         self.begin().await?;
         self.out.clear();
         self.out.extend_from_slice(&command(&[b"GET", key]));
