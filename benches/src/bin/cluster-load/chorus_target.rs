@@ -23,7 +23,10 @@ use crate::procs::{self, Children};
 /// one task until the window closes; evaluates to `Result<calls per second, String>`. A macro,
 /// so the loop calls the node or storage it owns without cloning a handle per call.
 macro_rules! tight_loop {
-    ($spec:expr, $keys:expr, |$key:ident| $op:expr) => {{
+    ($spec:expr, $keys:expr, |$key:ident| $op:expr) => {
+        tight_loop!($spec, $keys, 1, |$key| $op)
+    };
+    ($spec:expr, $keys:expr, $per_call:expr, |$key:ident| $op:expr) => {{
         let stop = Arc::new(AtomicBool::new(false));
         let count = Arc::new(AtomicU64::new(0));
         let keys: Arc<[Bytes]> = $keys;
@@ -42,7 +45,7 @@ macro_rules! tight_loop {
                             misses += 1;
                         }
                     }
-                    count.fetch_add(256, Ordering::Relaxed);
+                    count.fetch_add(256 * $per_call, Ordering::Relaxed);
                     // Let the window's timer (and anything else on this worker) run.
                     tokio::task::yield_now().await;
                 }
@@ -265,7 +268,7 @@ impl ChorusCluster {
     /// Gets at `One` of keys node 1 replicates, one task in a tight loop (so one thread at a
     /// time), for `window` after `warm_up`: gets per second through the node, then the same
     /// loop calling the node's storage directly (what the node adds is the difference).
-    pub(crate) async fn local_reads(&self, spec: &LoadSpec) -> Result<(f64, f64), String> {
+    pub(crate) async fn local_reads(&self, spec: &LoadSpec) -> Result<Vec<(&'static str, f64)>, String> {
         let node = self.nodes[0].clone();
         // Static keys: cloning them costs nothing, so the loop measures the node alone.
         let keys: Vec<Bytes> = (0..spec.keys)
@@ -290,20 +293,49 @@ impl ChorusCluster {
         let after = node.stats();
         let storage_alone = {
             let storage = node.storage().clone();
-            tight_loop!(spec, keys, |key| storage
+            tight_loop!(spec, keys.clone(), |key| storage
                 .get(&key)
                 .await
                 .map(|r| r.is_some())
                 .map_err(|e| e.to_string()))?
         };
+        // Where the node's time goes: the replica-set lookup alone (ring snapshot, preference
+        // list), and a get_many of 16 keys per call (the per-call costs shared by 16 keys).
+        let replicas_of = {
+            let node = node.clone();
+            let id = node.id();
+            tight_loop!(spec, keys.clone(), |key| Ok::<bool, String>(
+                node.replicas_of(&key).contains(&id)
+            ))?
+        };
+        let batched = {
+            let node = node.clone();
+            let options = ReadOptions::default().consistency(Consistency::One);
+            let all = keys.clone();
+            tight_loop!(spec, keys, 16, |key| {
+                let start = (key.as_ptr() as usize / 7) % (all.len() - 16);
+                let batch: Vec<Bytes> = all[start..start + 16].to_vec();
+                node.get_many(batch, options)
+                    .await
+                    .map_err(|e| e.to_string())
+                    .map(|rs| rs.iter().all(|r| matches!(r, Ok(Some(_)))))
+            })?
+        };
         eprintln!(
-            "  local reads at One: {}/s (storage.get alone {}/s); served locally {}, replica requests sent {}",
+            "  local reads at One: {}/s (storage.get alone {}/s, replicas_of alone {}/s, get_many of 16 {} keys/s); served locally {}, replica requests sent {}",
             crate::report::fmt_ops(through_node),
             crate::report::fmt_ops(storage_alone),
+            crate::report::fmt_ops(replicas_of),
+            crate::report::fmt_ops(batched),
             after.local_reads - before.local_reads,
             after.replica_requests_sent - before.replica_requests_sent
         );
-        Ok((through_node, storage_alone))
+        Ok(vec![
+            ("", through_node),
+            (" (storage.get alone)", storage_alone),
+            (" (replicas_of alone)", replicas_of),
+            (" (get_many of 16, per key)", batched),
+        ])
     }
 
     /// Stops the nodes in this process, then the child processes.

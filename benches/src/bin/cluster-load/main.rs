@@ -188,17 +188,13 @@ async fn run_chorus(
     })
     .await?;
     if target == "inproc" || target == "tcp-memory" {
-        let (rate, storage_rate) = cluster.local_reads(&args.spec).await?;
-        results
-            .local_reads
-            .entry(target.to_string())
-            .or_default()
-            .push(rate);
-        results
-            .local_reads
-            .entry(format!("{target} (storage.get alone, same loop)"))
-            .or_default()
-            .push(storage_rate);
+        for (what, rate) in cluster.local_reads(&args.spec).await? {
+            results
+                .local_reads
+                .entry(format!("{target}{what}"))
+                .or_default()
+                .push(rate);
+        }
     }
     Ok(())
 }

@@ -209,7 +209,7 @@ pub(crate) fn ratios(results: &Results, in_flight: &[usize]) -> String {
             yes(r <= 1.2)
         );
     }
-    for (target, v) in &results.local_reads {
+    for (target, v) in results.local_reads.iter().filter(|(t, _)| !t.contains('(')) {
         let m = median(v.clone());
         let _ = writeln!(
             out,
