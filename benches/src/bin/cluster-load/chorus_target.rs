@@ -12,8 +12,8 @@ use chorus::membership::{MemberState, MembershipConfig};
 use chorus::runtime::inproc::InProcessNetwork;
 use chorus::runtime::node::MembershipPreset;
 use chorus::{
-    Consistency, Node, NodeConfig, Storage, NodeId, ReadOptions, ReadRepair, SharedTransport, StorageSpec,
-    TransportSpec, WriteOptions,
+    Consistency, Node, NodeConfig, NodeId, ReadOptions, ReadRepair, SharedTransport, Storage,
+    StorageSpec, TransportSpec, WriteOptions,
 };
 
 use crate::load::{LoadSpec, Worker};
@@ -252,6 +252,11 @@ impl ChorusCluster {
         })
     }
 
+    /// PIDs of the child processes.
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        self.children.pids()
+    }
+
     pub(crate) fn workers(&self, n: usize, repair: Option<ReadRepair>) -> Vec<ChorusWorker> {
         let mut read = ReadOptions::default().consistency(Consistency::Quorum);
         if let Some(r) = repair {
@@ -268,7 +273,10 @@ impl ChorusCluster {
     /// Gets at `One` of keys node 1 replicates, one task in a tight loop (so one thread at a
     /// time), for `window` after `warm_up`: gets per second through the node, then the same
     /// loop calling the node's storage directly (what the node adds is the difference).
-    pub(crate) async fn local_reads(&self, spec: &LoadSpec) -> Result<Vec<(&'static str, f64)>, String> {
+    pub(crate) async fn local_reads(
+        &self,
+        spec: &LoadSpec,
+    ) -> Result<Vec<(&'static str, f64)>, String> {
         let node = self.nodes[0].clone();
         // Static keys: cloning them costs nothing, so the loop measures the node alone.
         let keys: Vec<Bytes> = (0..spec.keys)

@@ -77,6 +77,8 @@ pub(crate) struct CaseResult {
     pub(crate) errors: u64,
     /// The first error, for the log.
     pub(crate) first_error: Option<String>,
+    /// CPU time (user + system) each watched process spent in the window, per operation.
+    pub(crate) cpu_per_op: Vec<Duration>,
     pub(crate) misses: u64,
 }
 
@@ -158,6 +160,7 @@ pub(crate) async fn run_case<W: Worker>(
     workers: Vec<W>,
     workload: Workload,
     spec: &LoadSpec,
+    watch: &[u32],
 ) -> CaseResult {
     let phase = Arc::new(AtomicU8::new(WARMING));
     let value = spec.value();
@@ -211,7 +214,9 @@ pub(crate) async fn run_case<W: Worker>(
                     }
                     Err(_) => {
                         tally.errors += 1;
-                        tally.first_error.get_or_insert(format!("no answer in {timeout:?}"));
+                        tally
+                            .first_error
+                            .get_or_insert(format!("no answer in {timeout:?}"));
                     }
                 }
             }
@@ -221,9 +226,15 @@ pub(crate) async fn run_case<W: Worker>(
     tokio::time::sleep(spec.warm_up).await;
     phase.store(MEASURING, Ordering::Relaxed);
     let started = Instant::now();
+    let cpu_before: Vec<Duration> = watch.iter().map(|&pid| cpu_time(pid)).collect();
     tokio::time::sleep(spec.window).await;
     phase.store(STOPPED, Ordering::Relaxed);
     let window = started.elapsed();
+    let cpu_used: Vec<Duration> = watch
+        .iter()
+        .zip(cpu_before)
+        .map(|(&pid, before)| cpu_time(pid).saturating_sub(before))
+        .collect();
 
     let mut all = Vec::new();
     let (mut errors, mut misses, mut first_error) = (0, 0, None);
@@ -252,6 +263,29 @@ pub(crate) async fn run_case<W: Worker>(
         max: pct(1.0),
         errors,
         first_error,
+        cpu_per_op: cpu_used
+            .iter()
+            .map(|c| c.checked_div(all.len().max(1) as u32).unwrap_or_default())
+            .collect(),
         misses,
     }
+}
+
+/// User + system CPU time of process `pid` so far, from `/proc/<pid>/stat` (clock ticks of
+/// 10 ms, `CLK_TCK` = 100 on Linux); zero where it cannot be read.
+pub(crate) fn cpu_time(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return Duration::ZERO;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    Duration::from_millis(ticks * 10)
 }

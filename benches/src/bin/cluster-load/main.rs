@@ -90,9 +90,14 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             }
             "--targets" => {
                 args.targets = value.split(',').map(|s| s.trim().to_string()).collect();
-                if let Some(bad) = args.targets.iter().find(|t| !ALL_TARGETS.contains(&t.as_str()))
+                if let Some(bad) = args
+                    .targets
+                    .iter()
+                    .find(|t| !ALL_TARGETS.contains(&t.as_str()))
                 {
-                    return Err(format!("--targets: unknown {bad:?}; known: {ALL_TARGETS:?}"));
+                    return Err(format!(
+                        "--targets: unknown {bad:?}; known: {ALL_TARGETS:?}"
+                    ));
                 }
             }
             "--read-repair" => {
@@ -100,7 +105,11 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                     "async" => ReadRepair::Async,
                     "blocking" => ReadRepair::Blocking,
                     "off" => ReadRepair::Off,
-                    other => return Err(format!("--read-repair: {other:?} is not async, blocking or off")),
+                    other => {
+                        return Err(format!(
+                            "--read-repair: {other:?} is not async, blocking or off"
+                        ));
+                    }
                 })
             }
             other => return Err(format!("unknown flag {other}")),
@@ -117,6 +126,7 @@ async fn run_all<W, F, Fut>(
     target: &str,
     args: &Args,
     results: &mut Results,
+    watch: &[u32],
     mut workers: F,
 ) -> Result<(), String>
 where
@@ -130,7 +140,7 @@ where
     }
     for w in Workload::ALL {
         for &n in &args.in_flight {
-            let r = load::run_case(workers(n).await?, w, &args.spec).await;
+            let r = load::run_case(workers(n).await?, w, &args.spec, watch).await;
             eprintln!(
                 "  {target} {} {n}: {}/s p50 {} p99 {} p99.9 {} max {} errors {} misses {}{}",
                 w.name(),
@@ -146,6 +156,15 @@ where
                     .map(|e| format!(" (first: {e})"))
                     .unwrap_or_default()
             );
+            let cpu: Vec<String> = r
+                .cpu_per_op
+                .iter()
+                .map(|c| format!("{:.1}", c.as_secs_f64() * 1e6))
+                .collect();
+            eprintln!(
+                "    CPU us per op of pids {watch:?} (this process first): {}",
+                cpu.join(", ")
+            );
             results.add(target, w, n, r);
         }
     }
@@ -157,7 +176,9 @@ async fn run_target(target: &str, args: &Args, results: &mut Results) -> Result<
         "redis" => {
             let cluster = redis::RedisCluster::start().await?;
             let wait = args.wait_timeout;
-            run_all(target, args, results, |n| cluster.workers(n, wait)).await
+            let mut watch = vec![std::process::id()];
+            watch.extend(cluster.pids());
+            run_all(target, args, results, &watch, |n| cluster.workers(n, wait)).await
         }
         "inproc" => {
             let cluster = chorus_target::ChorusCluster::start_inproc(args.spec.seed).await?;
@@ -183,7 +204,9 @@ async fn run_chorus(
     args: &Args,
     results: &mut Results,
 ) -> Result<(), String> {
-    run_all(target, args, results, |n| {
+    let mut watch = vec![std::process::id()];
+    watch.extend(cluster.pids());
+    run_all(target, args, results, &watch, |n| {
         std::future::ready(Ok(cluster.workers(n, args.read_repair)))
     })
     .await?;

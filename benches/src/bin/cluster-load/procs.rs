@@ -81,10 +81,14 @@ pub(crate) async fn wait_for_line(
                 Ok(line) if line.starts_with(prefix) => return Ok((line, rx)),
                 Ok(_) => {}
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    return Err(format!("no {prefix:?} line from the node within {timeout:?}"));
+                    return Err(format!(
+                        "no {prefix:?} line from the node within {timeout:?}"
+                    ));
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(format!("the node process exited before printing {prefix:?}"));
+                    return Err(format!(
+                        "the node process exited before printing {prefix:?}"
+                    ));
                 }
             }
         }

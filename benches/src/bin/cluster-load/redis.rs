@@ -21,7 +21,7 @@ use crate::procs::{Children, free_port};
 #[derive(Debug)]
 pub(crate) struct RedisCluster {
     pub(crate) primary_port: u16,
-    _children: Children,
+    children: Children,
     _dir: tempfile::TempDir,
 }
 
@@ -60,9 +60,14 @@ impl RedisCluster {
         );
         Ok(RedisCluster {
             primary_port,
-            _children: children,
+            children,
             _dir: dir,
         })
+    }
+
+    /// PIDs of the child processes.
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        self.children.pids()
     }
 
     /// `n` workers, one connection each.
@@ -150,7 +155,9 @@ impl Resp {
         let stream = TcpStream::connect(("127.0.0.1", port))
             .await
             .map_err(|e| format!("connect to redis on {port}: {e}"))?;
-        stream.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| format!("nodelay: {e}"))?;
         Ok(Resp {
             stream,
             buf: Vec::with_capacity(4096),

@@ -29,7 +29,13 @@ pub(crate) fn workload_index(w: Workload) -> usize {
 }
 
 impl Results {
-    pub(crate) fn add(&mut self, target: &str, workload: Workload, in_flight: usize, r: CaseResult) {
+    pub(crate) fn add(
+        &mut self,
+        target: &str,
+        workload: Workload,
+        in_flight: usize,
+        r: CaseResult,
+    ) {
         if !self.order.iter().any(|t| t == target) {
             self.order.push(target.to_string());
         }
@@ -185,7 +191,10 @@ pub(crate) fn ratios(results: &Results, in_flight: &[usize]) -> String {
 
     // The issue's targets.
     let tcp = "tcp-memory";
-    let _ = writeln!(out, "\n| target (issue) | measured (median of per-run ratios) | met? |");
+    let _ = writeln!(
+        out,
+        "\n| target (issue) | measured (median of per-run ratios) | met? |"
+    );
     let _ = writeln!(out, "|---|---|---|");
     let yes = |b: bool| if b { "yes" } else { "no" };
     if let Some(r) = per_run_ratio(tcp, Workload::Put, 256, &|r| r.ops_per_sec) {
