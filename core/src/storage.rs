@@ -18,6 +18,18 @@
 //!   for identical contents.
 //! - Reads return records as stored, including tombstones and expired values; interpreting
 //!   them at a point in time is the caller's job ([`Record::live_value`]).
+//! - A [`Stale`](ApplyOutcome::Stale) outcome carries the record that was kept, tombstone or
+//!   value, so a coordinator doing read repair, or a replica answering a write, needs no
+//!   second read.
+//! - [`Storage::apply_batch`] applies up to [`MAX_BATCH`] writes in order, each with the
+//!   meaning and durability promise of one [`Storage::apply`], for the cost of one durable
+//!   write of the backend (one group commit, one flush). It is not atomic across writes.
+//! - A small **metadata namespace** ([`Storage::load_meta`], [`Storage::store_meta`]) keeps
+//!   named values (the HLC floor, a generation) beside the records, as durable as records
+//!   ([`Capabilities::durability`]). Names are 1 to [`MAX_META_NAME_LEN`] bytes of
+//!   `[a-z0-9._-]`, values at most [`MAX_META_LEN`] bytes ([`check_meta_name`],
+//!   [`check_meta`]). Metadata never appears in scans, digests, stats or purges, and survives
+//!   closing and reopening a store whose durability [is persistent](Durability::is_persistent).
 
 use std::future::Future;
 use std::num::{NonZeroU32, NonZeroUsize};
@@ -34,6 +46,58 @@ use crate::util::BoxFuture;
 
 /// The most buckets one [`Storage::digest`] call may ask for (16 bytes each).
 pub const MAX_DIGEST_BUCKETS: u32 = 1 << 16;
+
+/// The most writes one [`Storage::apply_batch`] call may carry; a longer batch is refused with
+/// [`StorageError::InvalidRequest`] ([`check_batch_len`]).
+pub const MAX_BATCH: usize = 4096;
+
+/// The longest metadata name, in bytes ([`Storage::store_meta`]).
+pub const MAX_META_NAME_LEN: usize = 64;
+
+/// The largest metadata value, in bytes ([`Storage::store_meta`]).
+pub const MAX_META_LEN: usize = 4096;
+
+/// [`StorageError::InvalidRequest`] for a batch of more than [`MAX_BATCH`] writes (the length
+/// may come from a peer); backends call it before applying anything.
+pub fn check_batch_len(len: usize) -> Result<(), StorageError> {
+    if len > MAX_BATCH {
+        return Err(StorageError::InvalidRequest(format!(
+            "a batch of {len} writes; at most {MAX_BATCH} are allowed"
+        )));
+    }
+    Ok(())
+}
+
+/// [`StorageError::InvalidRequest`] unless `name` is a valid metadata name: 1 to
+/// [`MAX_META_NAME_LEN`] bytes, each one of `a-z`, `0-9`, `.`, `_` and `-`.
+pub fn check_meta_name(name: &str) -> Result<(), StorageError> {
+    let valid_byte = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b);
+    if name.is_empty() || name.len() > MAX_META_NAME_LEN {
+        return Err(StorageError::InvalidRequest(format!(
+            "a metadata name of {} bytes; names have 1 to {MAX_META_NAME_LEN}",
+            name.len()
+        )));
+    }
+    if !name.bytes().all(valid_byte) {
+        return Err(StorageError::InvalidRequest(format!(
+            "metadata name {name:?} has a byte outside [a-z0-9._-]"
+        )));
+    }
+    Ok(())
+}
+
+/// [`check_meta_name`], and [`StorageError::InvalidRequest`] for a value longer than
+/// [`MAX_META_LEN`] bytes.
+pub fn check_meta(name: &str, value: &[u8]) -> Result<(), StorageError> {
+    check_meta_name(name)?;
+    if value.len() > MAX_META_LEN {
+        return Err(StorageError::InvalidRequest(format!(
+            "a metadata value of {} bytes for {name:?}; at most {MAX_META_LEN} are allowed",
+            value.len()
+        )));
+    }
+    Ok(())
+}
 
 /// A storage backend chosen at run time: a cheap-to-clone handle to any [`Storage`], as the
 /// registry hands out.
@@ -141,6 +205,9 @@ impl StorageError {
 }
 
 /// The result of an apply-if-newer.
+///
+/// Callers that only need the winner's version should use [`ApplyOutcome::current_version`]
+/// rather than matching every variant.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ApplyOutcome {
     /// The record was stored; `previous` is the version it replaced, if any.
@@ -150,8 +217,10 @@ pub enum ApplyOutcome {
     },
     /// An equal or newer record was already stored and was kept.
     Stale {
-        /// Version of the record that was kept.
-        current: Version,
+        /// The record that was kept, exactly as stored (value or tombstone, with its expiry):
+        /// what a read right after the apply would have returned. Read repair and a replica's
+        /// answer can use it without reading again.
+        current: Record,
     },
 }
 
@@ -159,6 +228,23 @@ impl ApplyOutcome {
     /// Whether the record was stored.
     pub fn is_applied(&self) -> bool {
         matches!(self, ApplyOutcome::Applied { .. })
+    }
+
+    /// The version stored under the key when the apply returned: `applied` (the version of
+    /// the record that was applied) for `Applied`, the kept record's version for `Stale`.
+    pub fn current_version(&self, applied: &Version) -> Version {
+        match self {
+            ApplyOutcome::Applied { .. } => *applied,
+            ApplyOutcome::Stale { current } => current.version,
+        }
+    }
+
+    /// The record that was kept instead of the one applied, for `Stale`.
+    pub fn kept(&self) -> Option<&Record> {
+        match self {
+            ApplyOutcome::Applied { .. } => None,
+            ApplyOutcome::Stale { current } => Some(current),
+        }
     }
 }
 
@@ -469,6 +555,49 @@ pub trait Storage: Send + Sync + 'static {
         record: Record,
     ) -> impl Future<Output = Result<ApplyOutcome, StorageError>> + Send;
 
+    /// Applies `writes` in order, as if by one [`Storage::apply`] each, and returns one
+    /// outcome per write, in the same order.
+    ///
+    /// Each outcome has the meaning and the durability promise of `apply`'s: when the call
+    /// returns, for every write a record at least as new is as durable as
+    /// [`Capabilities::durability`] says (`Stale` outcomes included). Backends make the whole
+    /// batch durable at once (one group commit, one flush), not write by write.
+    ///
+    /// - A key may appear more than once: later writes see earlier ones, exactly as sequential
+    ///   applies would.
+    /// - An empty batch returns an empty vector. More than [`MAX_BATCH`] writes is refused
+    ///   with [`StorageError::InvalidRequest`] before anything is applied.
+    /// - The batch is **not atomic** across writes: concurrent readers may see some of its
+    ///   writes before others, and on an error any subset of the writes may have been applied
+    ///   (each one atomically, as for a failed `apply`: readable, and durable or not). Nothing
+    ///   says which; since applying a record twice is idempotent, retrying the whole batch is
+    ///   safe.
+    fn apply_batch(
+        &self,
+        writes: Vec<(Bytes, Record)>,
+    ) -> impl Future<Output = Result<Vec<ApplyOutcome>, StorageError>> + Send;
+
+    /// The metadata value stored under `name`, if any ([module documentation](self)).
+    ///
+    /// An invalid name ([`check_meta_name`]) is refused with [`StorageError::InvalidRequest`].
+    fn load_meta(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<Bytes>, StorageError>> + Send;
+
+    /// Stores `value` under the metadata name `name`, replacing any earlier value.
+    ///
+    /// On return the value is as durable as [`Capabilities::durability`] says for records
+    /// (a volatile backend keeps it in memory only). An invalid name or a value over
+    /// [`MAX_META_LEN`] bytes ([`check_meta`]) is refused with
+    /// [`StorageError::InvalidRequest`]. Metadata is not a record: it never appears in
+    /// scans, digests, stats or purges, and is never evicted.
+    fn store_meta(
+        &self,
+        name: &str,
+        value: Bytes,
+    ) -> impl Future<Output = Result<(), StorageError>> + Send;
+
     /// Up to `limit` entries of `range` after `cursor`, in `(offset, key)` order.
     fn scan(
         &self,
@@ -507,33 +636,61 @@ pub trait Storage: Send + Sync + 'static {
 }
 
 /// The object-safe form of [`Storage`]; implemented for every `Storage`.
-#[allow(missing_docs)] // Each method mirrors the `Storage` method of the same name.
+///
+/// Each method mirrors the [`Storage`] method of the same name without `_dyn`, with the same
+/// contract, returning a boxed future.
 pub trait DynStorage: Send + Sync + 'static {
+    /// [`Storage::capabilities`].
     fn capabilities_dyn(&self) -> Capabilities;
+    /// [`Storage::get`].
     fn get_dyn<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<Option<Record>, StorageError>>;
+    /// [`Storage::apply`].
     fn apply_dyn(
         &self,
         key: Bytes,
         record: Record,
     ) -> BoxFuture<'_, Result<ApplyOutcome, StorageError>>;
+    /// [`Storage::apply_batch`]: one outcome per write, in order; at most [`MAX_BATCH`]
+    /// writes; not atomic across writes.
+    fn apply_batch_dyn(
+        &self,
+        writes: Vec<(Bytes, Record)>,
+    ) -> BoxFuture<'_, Result<Vec<ApplyOutcome>, StorageError>>;
+    /// [`Storage::load_meta`]: the metadata value under `name`, if any.
+    fn load_meta_dyn<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, StorageError>>;
+    /// [`Storage::store_meta`]: stores a metadata value, as durable as records.
+    fn store_meta_dyn<'a>(
+        &'a self,
+        name: &'a str,
+        value: Bytes,
+    ) -> BoxFuture<'a, Result<(), StorageError>>;
+    /// [`Storage::scan`].
     fn scan_dyn(
         &self,
         range: HashRange,
         cursor: Option<ScanCursor>,
         limit: NonZeroUsize,
     ) -> BoxFuture<'_, Result<ScanPage, StorageError>>;
+    /// [`Storage::digest`].
     fn digest_dyn(
         &self,
         range: HashRange,
         buckets: NonZeroU32,
     ) -> BoxFuture<'_, Result<Vec<RangeDigest>, StorageError>>;
+    /// [`Storage::purge`].
     fn purge_dyn(
         &self,
         now_ms: u64,
         grace: Duration,
     ) -> BoxFuture<'_, Result<PurgeStats, StorageError>>;
+    /// [`Storage::stats`].
     fn stats_dyn(&self) -> BoxFuture<'_, Result<StorageStats, StorageError>>;
+    /// [`Storage::flush`].
     fn flush_dyn(&self) -> BoxFuture<'_, Result<(), StorageError>>;
+    /// [`Storage::close`].
     fn close_dyn(&self) -> BoxFuture<'_, Result<(), StorageError>>;
 }
 
@@ -550,6 +707,25 @@ impl<S: Storage> DynStorage for S {
         record: Record,
     ) -> BoxFuture<'_, Result<ApplyOutcome, StorageError>> {
         Box::pin(self.apply(key, record))
+    }
+    fn apply_batch_dyn(
+        &self,
+        writes: Vec<(Bytes, Record)>,
+    ) -> BoxFuture<'_, Result<Vec<ApplyOutcome>, StorageError>> {
+        Box::pin(self.apply_batch(writes))
+    }
+    fn load_meta_dyn<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, StorageError>> {
+        Box::pin(self.load_meta(name))
+    }
+    fn store_meta_dyn<'a>(
+        &'a self,
+        name: &'a str,
+        value: Bytes,
+    ) -> BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(self.store_meta(name, value))
     }
     fn scan_dyn(
         &self,
@@ -598,6 +774,18 @@ impl Storage for SharedStorage {
         record: Record,
     ) -> impl Future<Output = Result<ApplyOutcome, StorageError>> + Send {
         self.0.apply_dyn(key, record)
+    }
+    fn apply_batch(
+        &self,
+        writes: Vec<(Bytes, Record)>,
+    ) -> impl Future<Output = Result<Vec<ApplyOutcome>, StorageError>> + Send {
+        self.0.apply_batch_dyn(writes)
+    }
+    async fn load_meta(&self, name: &str) -> Result<Option<Bytes>, StorageError> {
+        self.0.load_meta_dyn(name).await
+    }
+    async fn store_meta(&self, name: &str, value: Bytes) -> Result<(), StorageError> {
+        self.0.store_meta_dyn(name, value).await
     }
     fn scan(
         &self,
@@ -696,6 +884,64 @@ mod tests {
         assert!(!backend.is_retryable());
         let source = std::error::Error::source(&backend).expect("kept");
         assert_eq!(source.to_string(), "inner");
+    }
+
+    #[test]
+    fn batch_lengths_and_metadata_names_and_values_are_bounded() {
+        assert!(check_batch_len(0).is_ok());
+        assert!(check_batch_len(MAX_BATCH).is_ok());
+        assert!(matches!(
+            check_batch_len(MAX_BATCH + 1),
+            Err(StorageError::InvalidRequest(_))
+        ));
+        let longest = "a".repeat(MAX_META_NAME_LEN);
+        for name in [
+            "hlc.floor",
+            "generation",
+            "a",
+            "0-9_.",
+            "..",
+            longest.as_str(),
+        ] {
+            assert!(check_meta_name(name).is_ok(), "{name:?}");
+        }
+        let too_long = "a".repeat(MAX_META_NAME_LEN + 1);
+        for name in [
+            "",
+            "Upper",
+            "a/b",
+            "a b",
+            "caf\u{e9}",
+            "x\0",
+            too_long.as_str(),
+        ] {
+            assert!(
+                matches!(check_meta_name(name), Err(StorageError::InvalidRequest(_))),
+                "{name:?}"
+            );
+        }
+        assert!(check_meta("n", &[0; MAX_META_LEN]).is_ok());
+        assert!(matches!(
+            check_meta("n", &[0; MAX_META_LEN + 1]),
+            Err(StorageError::InvalidRequest(_))
+        ));
+        assert!(matches!(
+            check_meta("N", b""),
+            Err(StorageError::InvalidRequest(_))
+        ));
+    }
+
+    #[test]
+    fn outcomes_report_the_current_version_and_the_kept_record() {
+        let kept = Record::tombstone(version(9));
+        let stale = ApplyOutcome::Stale {
+            current: kept.clone(),
+        };
+        assert_eq!(stale.current_version(&version(3)), version(9));
+        assert_eq!(stale.kept(), Some(&kept));
+        let applied = ApplyOutcome::Applied { previous: None };
+        assert_eq!(applied.current_version(&version(3)), version(3));
+        assert_eq!(applied.kept(), None);
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! Three nodes in one process: quorum writes and reads on the real `chorus::Node`.
 //!
 //! The nodes run over the in-process network (with the `local` membership preset, so the
-//! demo takes seconds). A key is written at W = 2 and read back at R = 2; then the network is
-//! cut so the coordinator reaches none of the key's other replicas, and the same write at
-//! W = 2 fails with an honest error that says how many replicas acknowledged and that the
-//! write may still land; after healing, a quorum read returns the newest version and read
-//! repair brings the replica that missed it up to date, with the write's original version.
+//! demo takes a second). A key is written at W = 2 and read back at R = 2; then node 3 is cut
+//! off: a write at W = 2 still succeeds, and one at W = 3 fails with an honest error that
+//! says how many replicas acknowledged and that the write may still have been applied (it
+//! was, on two). After healing, a quorum read through the stale node 3 returns the newest
+//! version, and blocking read repair brings node 3 up to date with the write's original
+//! version before the read returns.
 //!
 //! Run: `cargo run -p chorus-examples --example replicas`
 
@@ -15,7 +16,9 @@ use std::time::Duration;
 use chorus::hlc::WallClock;
 use chorus::membership::MembershipConfig;
 use chorus::runtime::inproc::InProcessNetwork;
-use chorus::{Address, Consistency, Node, ReadOptions, SharedTransport, Storage, WriteOptions};
+use chorus::{
+    Address, Consistency, Node, ReadOptions, ReadRepair, SharedTransport, Storage, WriteOptions,
+};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -55,53 +58,63 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         read.as_deref().map(String::from_utf8_lossy)
     );
 
-    // Cut the coordinator off from every other node.
-    let others: Vec<Address> = nodes[1..].iter().map(Node::addr).collect();
-    network.partition(&[coordinator.addr()], &others);
-    let timeout = WriteOptions::default()
-        .consistency(Consistency::Quorum)
+    // Cut node 3 off from the other two.
+    let (n1, n2, n3) = (nodes[0].addr(), nodes[1].addr(), nodes[2].addr());
+    network.partition(std::slice::from_ref(&n3), &[n1, n2]);
+    let v2 = coordinator.put(key, "hello again", quorum).await?;
+    println!(
+        "write v2 at W = 2 with node 3 cut off: acknowledged by nodes 1 and 2, version {v2:?}"
+    );
+    let all = WriteOptions::default()
+        .consistency(Consistency::All)
         .timeout(Duration::from_millis(300));
-    match coordinator.put(key, "hello again", timeout).await {
-        Ok(v) => println!("write v2 during the partition: acknowledged?! {v:?}"),
-        Err(e) => println!("write v2 during the partition: {e}"),
+    match coordinator.put(key, "hello, all of you", all).await {
+        Ok(v) => println!("write v3 at W = 3: acknowledged?! {v:?}"),
+        Err(e) => println!("write v3 at W = 3 with node 3 cut off: {e}"),
     }
+    show(&nodes, key, "during the partition").await?;
 
     network.heal();
-    // A new write after healing reaches a quorum again...
-    let v3 = nodes[1].put(key, "hello, healed", quorum).await?;
-    println!("write v3 after healing, coordinated by node 2: version {v3:?}");
-    // ...and a quorum read with blocking repair returns it once it is on two replicas.
+    // A quorum read through the stale node returns the newest version and, with blocking
+    // repair, only once that version is on two replicas: node 3 itself is repaired.
     let read = nodes[2]
-        .get_versioned(
-            key,
-            ReadOptions::default().repair(chorus::ReadRepair::Blocking),
-        )
+        .get_versioned(key, ReadOptions::default().repair(ReadRepair::Blocking))
         .await?;
     if let Some(v) = &read {
         println!(
-            "read at R = 2 after healing: {:?} (version {:?})",
+            "read at R = 2 through node 3 after healing: {:?} (version {:?}; the unacknowledged v3 landed on two replicas and, being newest, wins)",
             String::from_utf8_lossy(&v.value),
             v.version
         );
     }
-    // Every replica now holds the newest record with its original version.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    for node in &nodes {
-        if let Some(record) = node.storage().get(key.as_bytes()).await? {
-            let now = chorus::hlc::SystemClock.now_ms();
-            println!(
-                "  node {} stores {:?} at {:?}",
-                node.id().0,
-                record
-                    .live_value(now)
-                    .map(|v| String::from_utf8_lossy(v).into_owned()),
-                record.version
-            );
-        }
-    }
+    show(
+        &nodes,
+        key,
+        "after the read (repair keeps the original version)",
+    )
+    .await?;
     println!("stats of node 1: {:?}", coordinator.stats());
     for node in &nodes {
         node.shutdown().await?;
+    }
+    Ok(())
+}
+
+/// What each node stores for `key`, read from its storage directly.
+async fn show(nodes: &[Node], key: &str, when: &str) -> Result<(), Box<dyn std::error::Error>> {
+    println!("  {when}:");
+    let now = chorus::hlc::SystemClock.now_ms();
+    for node in nodes {
+        let record = node.storage().get(key.as_bytes()).await?;
+        println!(
+            "    node {} stores {:?} at {:?}",
+            node.id().0,
+            record
+                .as_ref()
+                .and_then(|r| r.live_value(now))
+                .map(|v| String::from_utf8_lossy(v).into_owned()),
+            record.map(|r| r.version)
+        );
     }
     Ok(())
 }

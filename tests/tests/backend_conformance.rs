@@ -101,6 +101,21 @@ async fn expiry() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_outcomes() {
+    on_every_backend(conformance::STALE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn apply_batch() {
+    on_every_backend(conformance::BATCH).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metadata() {
+    on_every_backend(conformance::META).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn capabilities() {
     on_every_backend(conformance::CAPABILITIES).await;
 }
@@ -169,6 +184,9 @@ fn every_check_has_a_test() {
             "tombstones",
             "ranges",
             "expiry",
+            "stale_outcomes",
+            "apply_batch",
+            "metadata",
             "capabilities",
             "closed"
         ]

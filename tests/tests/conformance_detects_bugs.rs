@@ -12,7 +12,8 @@ use chorus::hash::{HashRange, key_hash};
 use chorus::record::Record;
 use chorus::storage::{
     ApplyOutcome, Capabilities, Durability, Entry, PurgeStats, RangeDigest, ScanCost, ScanCursor,
-    ScanPage, SharedStorage, Storage, StorageError, StorageStats, after_cursor, scan_order,
+    ScanPage, SharedStorage, Storage, StorageError, StorageStats, after_cursor, check_batch_len,
+    check_meta, check_meta_name, scan_order,
 };
 use chorus_tests::conformance::{self, Backend, Check};
 
@@ -40,6 +41,18 @@ enum Bug {
     RacyApply,
     /// Claims never to evict, but drops records collectable by the wall clock.
     SilentEviction,
+    /// A `Stale` outcome reports the refused (incoming) record instead of the kept one.
+    StaleReturnsIncoming,
+    /// `apply_batch` reports an outcome for its last write but never stores it.
+    BatchSkipsWrite,
+    /// `apply_batch` accepts batches of any length.
+    BatchUnbounded,
+    /// Metadata is kept as records (under `meta/<name>`), so scans and stats see it.
+    MetaAsRecords,
+    /// Names and values are not validated.
+    MetaUnchecked,
+    /// `purge` drops the metadata too.
+    MetaPurged,
 }
 
 /// A mutex around a sorted map; correct unless a bug is planted.
@@ -47,6 +60,7 @@ enum Bug {
 struct Reference {
     bug: Bug,
     map: Mutex<BTreeMap<Bytes, Record>>,
+    meta: Mutex<BTreeMap<String, Bytes>>,
     closed: AtomicBool,
 }
 
@@ -56,6 +70,7 @@ impl Reference {
             SharedStorage::new(Reference {
                 bug,
                 map: Mutex::default(),
+                meta: Mutex::default(),
                 closed: AtomicBool::new(false),
             })
         })
@@ -66,6 +81,38 @@ impl Reference {
             return Err(StorageError::Closed);
         }
         Ok(self.map.lock().expect("not poisoned"))
+    }
+
+    fn meta(&self) -> Result<MutexGuard<'_, BTreeMap<String, Bytes>>, StorageError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StorageError::Closed);
+        }
+        Ok(self.meta.lock().expect("not poisoned"))
+    }
+
+    fn meta_key(name: &str) -> Bytes {
+        Bytes::from(format!("meta/{name}"))
+    }
+
+    /// The outcome of applying `record` over `stored`, and whether to store it.
+    fn decide(&self, stored: Option<&Record>, record: &Record) -> (ApplyOutcome, bool) {
+        match stored {
+            None => (ApplyOutcome::Applied { previous: None }, true),
+            Some(current) if record.supersedes(current) => (
+                ApplyOutcome::Applied {
+                    previous: Some(current.version),
+                },
+                true,
+            ),
+            Some(current) => {
+                let current = if self.bug == Bug::StaleReturnsIncoming {
+                    record.clone()
+                } else {
+                    current.clone()
+                };
+                (ApplyOutcome::Stale { current }, false)
+            }
+        }
     }
 }
 
@@ -91,9 +138,7 @@ impl Storage for Reference {
             let current = self.map()?.get(&key).cloned();
             tokio::task::yield_now().await;
             return Ok(match current {
-                Some(current) if !record.supersedes(&current) => ApplyOutcome::Stale {
-                    current: current.version,
-                },
+                Some(current) if !record.supersedes(&current) => ApplyOutcome::Stale { current },
                 current => {
                     self.map()?.insert(key, record);
                     ApplyOutcome::Applied {
@@ -103,26 +148,63 @@ impl Storage for Reference {
             });
         }
         let mut map = self.map()?;
-        let outcome = match map.get_mut(&key) {
-            None => {
-                map.insert(key, record);
-                ApplyOutcome::Applied { previous: None }
-            }
-            Some(current) if record.supersedes(current) => {
-                let previous = std::mem::replace(current, record);
-                ApplyOutcome::Applied {
-                    previous: Some(previous.version),
-                }
-            }
-            Some(current) => ApplyOutcome::Stale {
-                current: current.version,
-            },
-        };
+        let (outcome, store) = self.decide(map.get(&key), &record);
+        if store {
+            map.insert(key, record);
+        }
         Ok(if self.bug == Bug::BlindOutcome {
             ApplyOutcome::Applied { previous: None }
         } else {
             outcome
         })
+    }
+
+    async fn apply_batch(
+        &self,
+        writes: Vec<(Bytes, Record)>,
+    ) -> Result<Vec<ApplyOutcome>, StorageError> {
+        if self.bug != Bug::BatchUnbounded {
+            check_batch_len(writes.len())?;
+        }
+        let mut map = self.map()?;
+        let last = writes.len().saturating_sub(1);
+        let mut outcomes = Vec::with_capacity(writes.len());
+        for (i, (key, record)) in writes.into_iter().enumerate() {
+            let (outcome, store) = self.decide(map.get(&key), &record);
+            if store && !(self.bug == Bug::BatchSkipsWrite && i == last) {
+                map.insert(key, record);
+            }
+            outcomes.push(outcome);
+        }
+        Ok(outcomes)
+    }
+
+    async fn load_meta(&self, name: &str) -> Result<Option<Bytes>, StorageError> {
+        if self.bug != Bug::MetaUnchecked {
+            check_meta_name(name)?;
+        }
+        if self.bug == Bug::MetaAsRecords {
+            let record = self.map()?.get(&Self::meta_key(name)).cloned();
+            return Ok(record.and_then(|r| r.live_value(0).cloned()));
+        }
+        Ok(self.meta()?.get(name).cloned())
+    }
+
+    async fn store_meta(&self, name: &str, value: Bytes) -> Result<(), StorageError> {
+        if self.bug != Bug::MetaUnchecked {
+            check_meta(name, &value)?;
+        }
+        if self.bug == Bug::MetaAsRecords {
+            let version = chorus::hlc::Version::new(
+                chorus::hlc::Timestamp::new(u64::MAX >> 20, 0),
+                chorus::identity::NodeId(0),
+            );
+            self.map()?
+                .insert(Self::meta_key(name), Record::value(value, version));
+            return Ok(());
+        }
+        self.meta()?.insert(name.to_owned(), value);
+        Ok(())
     }
 
     async fn scan(
@@ -191,6 +273,9 @@ impl Storage for Reference {
         } else {
             grace
         };
+        if self.bug == Bug::MetaPurged {
+            self.meta()?.clear();
+        }
         let mut stats = PurgeStats::default();
         self.map()?.retain(|_, record| {
             let collect = record.is_collectable(now_ms, grace);
@@ -239,8 +324,10 @@ async fn the_reference_backend_passes_every_check() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_planted_bug_is_caught() {
-    use conformance::{CAPABILITIES, CLOSED, EXPIRY, MODEL, RANGES, TOMBSTONES};
-    let cases: [(Bug, &[Check]); 9] = [
+    use conformance::{
+        BATCH, CAPABILITIES, CLOSED, EXPIRY, META, MODEL, RANGES, STALE, TOMBSTONES,
+    };
+    let cases: [(Bug, &[Check]); 15] = [
         (Bug::BlindOutcome, &[MODEL, TOMBSTONES]),
         (Bug::HideTombstones, &[MODEL, TOMBSTONES]),
         (Bug::SkipAfterCursor, &[MODEL, RANGES]),
@@ -250,6 +337,15 @@ async fn every_planted_bug_is_caught() {
         (Bug::CloseIgnored, &[CLOSED]),
         (Bug::NoTombstoneStats, &[MODEL, TOMBSTONES]),
         (Bug::SilentEviction, &[CAPABILITIES]),
+        (
+            Bug::StaleReturnsIncoming,
+            &[STALE, MODEL, BATCH, TOMBSTONES],
+        ),
+        (Bug::BatchSkipsWrite, &[BATCH]),
+        (Bug::BatchUnbounded, &[BATCH]),
+        (Bug::MetaAsRecords, &[META]),
+        (Bug::MetaUnchecked, &[META]),
+        (Bug::MetaPurged, &[META]),
     ];
     let seed = conformance::seed();
     let mut missed = Vec::new();

@@ -32,6 +32,11 @@
 //! - [`FsyncPolicy::Never`]: synced only by [`Storage::flush`], [`Storage::close`] and segment
 //!   rotation; a machine crash can lose any write since.
 //!
+//! [`Storage::apply_batch`] decides every write of the batch in order under one hold of the
+//! index lock and sends the winners' frames to the writer as one command: the batch costs one
+//! `write` and, under [`FsyncPolicy::Always`], one `fdatasync` (shared with concurrent
+//! writers), not one per record.
+//!
 //! A record is visible to reads as soon as `apply` decided it won, which may be before it is
 //! durable. New files are made durable by an fsync of the directory. **A failed write or fsync
 //! of the log is fatal**: it is never retried (the kernel may already have dropped the dirty
@@ -56,6 +61,20 @@
 //! torn write and a damaged synced batch look alike) and is cut and kept aside. Everything
 //! read is synced before the store opens. Writing always starts in a new segment. The
 //! directory is locked (a `LOCK` file) while a store has it open.
+//!
+//! # Metadata
+//!
+//! [`Storage::store_meta`] keeps each metadata value in its own small file,
+//! `meta/<name>.meta` (magic, metadata format version, length, a CRC32C bound to the name, the
+//! value), outside the segments: the log format is unchanged, a directory written before
+//! metadata existed opens as before, and compaction never touches it. The writer thread
+//! replaces a value by writing `<name>.tmp`, syncing it, renaming it over the old file and
+//! syncing the directory, **under every fsync policy** (metadata is small and rarely written,
+//! and a crash must leave the old or the new value, never a torn or empty one), and
+//! `store_meta` returns after that. Opening reads every value into memory (where
+//! [`Storage::load_meta`] reads it), removes leftover `.tmp` files, and fails with
+//! [`StorageError::Corruption`] naming the file if one is damaged. A failed metadata write is
+//! not fatal to the store: the old value stays unless the rename happened.
 //!
 //! # Purge and compaction
 //!
@@ -96,6 +115,7 @@
 mod codec;
 mod fs;
 mod log;
+mod meta;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -118,7 +138,8 @@ use chorus_core::record::Record;
 use chorus_core::registry::{Registry, StorageSpec};
 use chorus_core::storage::{
     ApplyOutcome, Capabilities, Durability, Entry, PurgeStats, RangeDigest, ScanCost, ScanCursor,
-    ScanPage, SharedStorage, Storage, StorageError, StorageStats, empty_digests,
+    ScanPage, SharedStorage, Storage, StorageError, StorageStats, check_batch_len, check_meta,
+    check_meta_name, empty_digests,
 };
 use tokio::sync::oneshot;
 
@@ -325,6 +346,7 @@ impl FileStorage {
         let shared = Arc::new(Shared::new(
             dir.to_owned(),
             recovered.index,
+            recovered.meta,
             recovered.log_bytes,
             options.compact_min_bytes,
             &tuning,
@@ -379,59 +401,128 @@ impl FileStorage {
         reply.await.map_err(|_| StorageError::Closed)?
     }
 
-    fn apply_locked(
-        &self,
-        key: Bytes,
-        record: Record,
-    ) -> Result<(ApplyOutcome, Option<Reply>), StorageError> {
+    /// The frame of `record` under `key`, or [`StorageError::InvalidRequest`] if it is too
+    /// large for the log.
+    fn encode(key: &[u8], record: &Record) -> Result<Vec<u8>, StorageError> {
         let mut frame = Vec::new();
-        codec::encode_frame(&key, &record, &mut frame).ok_or_else(|| {
+        codec::encode_frame(key, record, &mut frame).ok_or_else(|| {
             StorageError::InvalidRequest(format!(
                 "a record of {} bytes exceeds the file backend's limit of {} bytes",
                 key.len() + record.encoded_len(),
                 codec::MAX_PAYLOAD
             ))
         })?;
-        let hash = key_hash(&key);
-        let mut index = self.shared.index_write();
-        self.check_open()?;
+        Ok(frame)
+    }
+
+    /// Decides one write under the index lock: `Stale` with the kept record, or `Applied`
+    /// with the record merged into the index and its frame to be logged.
+    fn decide(
+        index: &mut log::Index,
+        hash: u64,
+        key: Bytes,
+        record: Record,
+    ) -> (ApplyOutcome, bool) {
         let previous = match index.map.get(&(hash, key.clone())) {
             Some(current) if !record.supersedes(current) => {
-                let outcome = ApplyOutcome::Stale {
-                    current: current.version,
-                };
-                if self.fsync != FsyncPolicy::Always {
-                    return Ok((outcome, None));
-                }
-                // The record that wins may still wait for its fsync (its apply has not
-                // returned): answer only once it is durable. Sent under the index lock, after
-                // that record's frame.
-                let (ack, reply) = oneshot::channel();
-                self.tx
-                    .send(Cmd::Barrier(ack))
-                    .map_err(|_| StorageError::Closed)?;
-                return Ok((outcome, Some(reply)));
+                let current = current.clone();
+                return (ApplyOutcome::Stale { current }, false);
             }
             Some(current) => Some(current.version),
             None => None,
         };
-        let wait = self.fsync == FsyncPolicy::Always
-            || self.shared.queued.load(Ordering::Relaxed) > MAX_QUEUED_BYTES;
+        index.merge_in(hash, key, record);
+        (ApplyOutcome::Applied { previous }, true)
+    }
+
+    /// Sends `frames` (the winners just decided, in order; possibly none) to the writer,
+    /// under the index lock, and returns where to wait for an acknowledgement that covers
+    /// every outcome decided: the frames' write (synced under `always`), or under `always`
+    /// with nothing to write a barrier (the records reported `Stale` may still wait for their
+    /// fsync). `None`: nothing to wait for.
+    fn send_decided(&self, frames: Vec<Vec<u8>>) -> Result<Option<Reply>, StorageError> {
+        let always = self.fsync == FsyncPolicy::Always;
+        if frames.is_empty() {
+            if !always {
+                return Ok(None);
+            }
+            let (ack, reply) = oneshot::channel();
+            self.tx
+                .send(Cmd::Barrier(ack))
+                .map_err(|_| StorageError::Closed)?;
+            return Ok(Some(reply));
+        }
+        let wait = always || self.shared.queued.load(Ordering::Relaxed) > MAX_QUEUED_BYTES;
         let (ack, reply) = if wait {
             let (ack, reply) = oneshot::channel();
             (Some(ack), Some(reply))
         } else {
             (None, None)
         };
+        let bytes: usize = frames.iter().map(Vec::len).sum();
         self.shared
             .queued
-            .fetch_add(frame.len() as u64, Ordering::Relaxed);
-        // Sent under the index lock: the log holds the winners in the order they were decided.
-        self.tx
-            .send(Cmd::Write { frame, ack })
-            .map_err(|_| StorageError::Closed)?;
-        index.merge_in(hash, key, record);
-        Ok((ApplyOutcome::Applied { previous }, reply))
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        let cmd = match <[Vec<u8>; 1]>::try_from(frames) {
+            Ok([frame]) => Cmd::Write { frame, ack },
+            Err(frames) => Cmd::WriteMany { frames, ack },
+        };
+        self.tx.send(cmd).map_err(|_| StorageError::Closed)?;
+        Ok(reply)
+    }
+
+    fn apply_locked(
+        &self,
+        key: Bytes,
+        record: Record,
+    ) -> Result<(ApplyOutcome, Option<Reply>), StorageError> {
+        let frame = Self::encode(&key, &record)?;
+        let hash = key_hash(&key);
+        let mut index = self.shared.index_write();
+        self.check_open()?;
+        let (outcome, write) = Self::decide(&mut index, hash, key, record);
+        // Sent under the index lock: the log holds the winners in the order they were decided,
+        // and a barrier lies after the frame of the record a `Stale` answer reports.
+        let frames = if write { vec![frame] } else { Vec::new() };
+        let reply = self.send_decided(frames)?;
+        drop(index);
+        Ok((outcome, reply))
+    }
+
+    /// [`Self::apply_locked`] for a batch: every write decided in order under one hold of
+    /// the index lock, and every winner's frame sent to the writer as one command (one write,
+    /// one fsync under `always`). A record too large for the log refuses the whole batch
+    /// before anything is applied.
+    fn apply_batch_locked(
+        &self,
+        writes: Vec<(Bytes, Record)>,
+    ) -> Result<(Vec<ApplyOutcome>, Option<Reply>), StorageError> {
+        check_batch_len(writes.len())?;
+        let encoded = writes
+            .into_iter()
+            .map(|(key, record)| {
+                let frame = Self::encode(&key, &record)?;
+                Ok((key_hash(&key), key, record, frame))
+            })
+            .collect::<Result<Vec<_>, StorageError>>()?;
+        if encoded.is_empty() {
+            self.check_open()?;
+            return Ok((Vec::new(), None));
+        }
+        let mut outcomes = Vec::with_capacity(encoded.len());
+        let mut frames = Vec::new();
+        let mut index = self.shared.index_write();
+        self.check_open()?;
+        for (hash, key, record, frame) in encoded {
+            let (outcome, write) = Self::decide(&mut index, hash, key, record);
+            if write {
+                frames.push(frame);
+            }
+            outcomes.push(outcome);
+        }
+        let reply = self.send_decided(frames)?;
+        drop(index);
+        Ok((outcomes, reply))
     }
 
     fn scan_now(
@@ -577,6 +668,53 @@ impl Storage for FileStorage {
         Ok(outcome)
     }
 
+    /// Decides every write in order under one hold of the index lock and logs the winners
+    /// with one write: under [`FsyncPolicy::Always`] the whole batch costs one fsync (shared,
+    /// like any group commit, with concurrent writers), and returns once it is synced; a batch
+    /// of only `Stale` outcomes waits, like a `Stale` apply, until the records it reports are
+    /// synced. Every record is checked against the log's size limit first: one too large
+    /// refuses the whole batch with [`StorageError::InvalidRequest`], nothing applied. A write
+    /// or fsync that fails fails the store, as for `apply`: the batch's records may be
+    /// readable, and durable or not.
+    async fn apply_batch(
+        &self,
+        writes: Vec<(Bytes, Record)>,
+    ) -> Result<Vec<ApplyOutcome>, StorageError> {
+        let (outcomes, reply) = self.apply_batch_locked(writes)?;
+        if let Some(reply) = reply {
+            reply.await.map_err(|_| StorageError::Closed)??;
+        }
+        Ok(outcomes)
+    }
+
+    /// Read from memory: the metadata files are read when the store opens.
+    async fn load_meta(&self, name: &str) -> Result<Option<Bytes>, StorageError> {
+        check_meta_name(name)?;
+        self.check_open()?;
+        let meta = self
+            .shared
+            .meta
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(meta.get(name).cloned())
+    }
+
+    /// Replaces the value's file atomically on the writer thread (write a temporary file,
+    /// fsync it, rename it into place, fsync the directory) and returns once that is done:
+    /// synced whatever the fsync policy, since metadata is small and rarely written and a
+    /// crash must never leave a torn value. A failure (a full disk) is not fatal: the store
+    /// goes on working, and the old value stays unless the rename happened.
+    async fn store_meta(&self, name: &str, value: Bytes) -> Result<(), StorageError> {
+        check_meta(name, &value)?;
+        self.check_open()?;
+        self.request(|ack| Cmd::StoreMeta {
+            name: name.to_owned(),
+            value,
+            ack,
+        })
+        .await
+    }
+
     /// Walks only the index entries of the range: O(log n + page).
     async fn scan(
         &self,
@@ -644,6 +782,12 @@ impl Storage for FileStorage {
         // Release the memory now rather than when the last handle is dropped.
         let mut index = self.shared.index_write();
         index.map.clear();
+        drop(index);
+        self.shared
+            .meta
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
         result
     }
 }

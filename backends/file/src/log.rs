@@ -1,6 +1,6 @@
 //! Segment files: recovery, the writer thread (group commit) and compaction.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -47,6 +47,20 @@ pub(crate) enum Cmd {
     Write {
         frame: Vec<u8>,
         ack: Option<Ack<()>>,
+    },
+    /// Append the frames of an `apply_batch`, each on its own (they may fill several log
+    /// batches), in the same write and the same fsync; acknowledge once written (and synced,
+    /// under `always`).
+    WriteMany {
+        frames: Vec<Vec<u8>>,
+        ack: Option<Ack<()>>,
+    },
+    /// Replace a metadata value atomically and durably (see the `meta` module), then
+    /// acknowledge.
+    StoreMeta {
+        name: String,
+        value: Bytes,
+        ack: Ack<()>,
     },
     /// Acknowledge once everything sent before is as durable as a write acknowledged now
     /// would be: synced, under `always` (without an fsync if it already is).
@@ -153,6 +167,9 @@ pub(crate) struct Shared {
     pub(crate) dir: PathBuf,
     pub(crate) fs: Fs,
     pub(crate) index: RwLock<Index>,
+    /// The metadata namespace, as on disk (updated by the writer thread once a value is in
+    /// place).
+    pub(crate) meta: RwLock<HashMap<String, Bytes>>,
     /// Set by the first failed write or sync of the log; the store refuses work from then on.
     pub(crate) failed: AtomicBool,
     /// Why the store failed, for the log and for `Debug`.
@@ -179,6 +196,7 @@ impl Shared {
     pub(crate) fn new(
         dir: PathBuf,
         index: Index,
+        meta: HashMap<String, Bytes>,
         log_bytes: u64,
         compact_min_bytes: u64,
         tuning: &Tuning,
@@ -187,6 +205,7 @@ impl Shared {
             dir,
             fs: tuning.fs.clone(),
             index: RwLock::new(index),
+            meta: RwLock::new(meta),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
             queued: AtomicU64::new(0),
@@ -284,6 +303,7 @@ fn list_segments(fs: &Fs, dir: &Path) -> io::Result<Vec<u64>> {
 /// What [`recover`] found and set up.
 pub(crate) struct Recovered {
     pub(crate) index: Index,
+    pub(crate) meta: HashMap<String, Bytes>,
     pub(crate) log_bytes: u64,
     pub(crate) writer: WriterState,
     pub(crate) report: Recovery,
@@ -392,11 +412,13 @@ pub(crate) fn recover(
         }
         log_bytes += len;
     }
+    let meta = crate::meta::load_all(fs, dir)?;
     // Never append to a recovered segment: start a new one above every existing id.
     let active_id = last.map_or(1, |id| id + 1);
     let active = create_segment(fs, dir, active_id)?;
     Ok(Recovered {
         index,
+        meta,
         log_bytes: log_bytes + codec::SEGMENT_HEADER as u64,
         writer: WriterState {
             dir: dir.to_owned(),
@@ -542,6 +564,18 @@ fn run_writer(
                     state.batches.push_frames(&frame);
                     acks.extend(ack);
                 }
+                Cmd::WriteMany { frames, ack } => {
+                    for frame in &frames {
+                        shared
+                            .queued
+                            .fetch_sub(frame.len() as u64, Ordering::Relaxed);
+                        state.batches.push_frames(frame);
+                    }
+                    acks.extend(ack);
+                }
+                Cmd::StoreMeta { name, value, ack } => {
+                    let _ = ack.send(store_meta(shared, &name, value));
+                }
                 Cmd::Barrier(ack) => acks.push(ack),
                 Cmd::Flush(ack) => {
                     let result = state.commit(shared, &mut acks, true);
@@ -596,15 +630,37 @@ fn run_writer(
     }
 }
 
+/// Replaces the metadata value of `name` on disk (see the `meta` module) and, once the new
+/// file is in place, in `shared`. A failure is not fatal to the store: the log is untouched,
+/// and the old value stays unless the rename happened (then the new one is readable, durable
+/// or not).
+fn store_meta(shared: &Shared, name: &str, value: Bytes) -> Result<(), StorageError> {
+    let (renamed, result) = crate::meta::store(&shared.fs, &shared.dir, name, &value);
+    if renamed {
+        shared
+            .meta
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_owned(), value);
+    }
+    result.map_err(|err| {
+        tracing::warn!(dir = %shared.dir.display(), "file store: storing metadata {name:?} failed: {err}");
+        StorageError::Io(io::Error::new(
+            err.kind(),
+            format!("storing metadata {name:?}: {err}"),
+        ))
+    })
+}
+
 /// Answers a command the store can no longer carry out.
 fn refuse(cmd: Cmd) {
     match cmd {
-        Cmd::Write { ack, .. } => {
+        Cmd::Write { ack, .. } | Cmd::WriteMany { ack, .. } => {
             if let Some(ack) = ack {
                 let _ = ack.send(Err(StorageError::Closed));
             }
         }
-        Cmd::Barrier(ack) | Cmd::Flush(ack) => {
+        Cmd::Barrier(ack) | Cmd::Flush(ack) | Cmd::StoreMeta { ack, .. } => {
             let _ = ack.send(Err(StorageError::Closed));
         }
         Cmd::Rotate(ack) => {

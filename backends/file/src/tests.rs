@@ -256,6 +256,8 @@ struct TestHooks {
     rules: Mutex<Vec<Rule>>,
     /// Told the target of every rename to a segment (a compaction's output going live).
     renamed: Mutex<Option<std::sync::mpsc::Sender<PathBuf>>>,
+    /// Every operation on the metadata directory or its files, in order.
+    meta_ops: Mutex<Vec<String>>,
 }
 
 impl TestHooks {
@@ -306,8 +308,36 @@ fn is_segment(path: &Path) -> bool {
     path.extension().is_some_and(|e| e == "seg")
 }
 
+/// The file name of `path`.
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map_or_else(String::new, |name| name.to_string_lossy().into_owned())
+}
+
 impl Hooks for TestHooks {
     fn before(&self, op: &Op<'_>) -> Result<(), Fault> {
+        let in_meta = |path: &Path| {
+            path.ends_with(meta::META_DIR)
+                || path.parent().is_some_and(|p| p.ends_with(meta::META_DIR))
+        };
+        let logged = match *op {
+            Op::Write { path, len } if in_meta(path) => {
+                Some(format!("write {} {len}", file_name(path)))
+            }
+            Op::SyncData(path) | Op::SyncAll(path) if in_meta(path) => {
+                Some(format!("sync {}", file_name(path)))
+            }
+            Op::SyncDir(path) if in_meta(path) => Some(format!("sync_dir {}", file_name(path))),
+            Op::Create(path) if in_meta(path) => Some(format!("create {}", file_name(path))),
+            Op::Rename { from, to } if in_meta(to) => {
+                Some(format!("rename {} {}", file_name(from), file_name(to)))
+            }
+            Op::Remove(path) if in_meta(path) => Some(format!("remove {}", file_name(path))),
+            _ => None,
+        };
+        if let Some(logged) = logged {
+            self.meta_ops.lock().expect("meta ops").push(logged);
+        }
         let (kind, path) = match *op {
             Op::Write { path, .. } => (Some(Kind::Write), path),
             Op::SyncData(path) => (Some(Kind::SyncData), path),
@@ -484,7 +514,7 @@ async fn a_stale_apply_returns_only_after_the_record_it_reports_is_synced() {
     assert_eq!(
         retry.await.expect("retry"),
         ApplyOutcome::Stale {
-            current: record.version
+            current: record.clone()
         }
     );
     // Once the record is durable, a Stale answer costs no fsync.
@@ -1028,4 +1058,233 @@ async fn purge_logs_removals_in_batches_and_rewrites_nothing() {
         Some(Record::value("late", version(0, 9)))
     );
     store.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_batch_costs_one_fsync_and_stale_batches_wait_for_theirs() {
+    const RECORDS: u64 = 64;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hooks = Arc::new(TestHooks::default());
+    let store = Arc::new(open_hooked(dir.path(), FileOptions::default(), &hooks).expect("open"));
+    let _release = ReleaseOnDrop(Arc::clone(&hooks));
+    let writes: Vec<(Bytes, Record)> = (0..RECORDS)
+        .map(|i| {
+            (
+                key(&format!("b{i}")),
+                Record::value(format!("v{i}"), version(10, i)),
+            )
+        })
+        .collect();
+    let before = hooks.syncs();
+    let outcomes = store.apply_batch(writes.clone()).await.expect("batch");
+    assert_eq!(
+        outcomes,
+        vec![ApplyOutcome::Applied { previous: None }; RECORDS as usize]
+    );
+    let syncs = hooks.syncs() - before;
+    assert_eq!(
+        syncs, 1,
+        "a batch of {RECORDS} durable records took {syncs} fsyncs"
+    );
+
+    // A batch of only stale writes while the records it reports wait for their fsync: it
+    // returns only after that fsync, and costs none of its own once they are durable.
+    let mut entered = hooks.hold_next_sync();
+    let first = tokio::spawn({
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .apply(key("s"), Record::value("s", version(20, 1)))
+                .await
+        }
+    });
+    entered.recv().await.expect("the fsync starts");
+    let stale = store.apply_batch(vec![
+        (key("s"), Record::value("older", version(5, 1))),
+        (key("b0"), writes[0].1.clone()),
+    ]);
+    let mut stale = std::pin::pin!(stale);
+    assert!(
+        poll_once(stale.as_mut()).is_pending(),
+        "a Stale batch returned while the record it reports was not synced"
+    );
+    hooks.release();
+    first.await.expect("first").expect("apply");
+    assert_eq!(
+        stale.await.expect("stale batch"),
+        [
+            ApplyOutcome::Stale {
+                current: Record::value("s", version(20, 1))
+            },
+            ApplyOutcome::Stale {
+                current: writes[0].1.clone()
+            },
+        ]
+    );
+    let syncs = hooks.syncs();
+    let again = store
+        .apply_batch(vec![(key("b1"), writes[1].1.clone())])
+        .await
+        .expect("batch");
+    assert!(!again[0].is_applied());
+    assert_eq!(hooks.syncs(), syncs, "an fsync for already durable records");
+    store.close().await.expect("close");
+
+    let store = FileStorage::open(dir.path(), FileOptions::default()).expect("reopen");
+    for (k, record) in &writes {
+        assert_eq!(store.get(k).await.expect("get").as_ref(), Some(record));
+    }
+    store.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn a_batch_with_a_record_too_large_for_the_log_applies_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = FileStorage::open(dir.path(), FileOptions::default()).expect("open");
+    let huge = Record::value(vec![0u8; codec::MAX_PAYLOAD], version(1, 1));
+    let err = store
+        .apply_batch(vec![
+            (key("small"), Record::value("v", version(1, 1))),
+            (key("huge"), huge),
+        ])
+        .await
+        .expect_err("too large");
+    assert!(matches!(err, StorageError::InvalidRequest(_)), "{err}");
+    assert_eq!(store.get(b"small").await.expect("get"), None);
+    store.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn metadata_is_replaced_atomically_and_synced_under_every_policy() {
+    for policy in [FsyncPolicy::Always, FsyncPolicy::Never] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hooks = Arc::new(TestHooks::default());
+        let options = FileOptions::default().with_fsync(policy);
+        let store = open_hooked(dir.path(), options.clone(), &hooks).expect("open");
+        store
+            .store_meta("hlc.floor", Bytes::from_static(b"one"))
+            .await
+            .expect("store");
+        store
+            .store_meta("hlc.floor", Bytes::from_static(b"two"))
+            .await
+            .expect("store");
+        let ops = hooks.meta_ops.lock().expect("meta ops").clone();
+        let replace = [
+            "create hlc.floor.tmp".to_owned(),
+            format!(
+                "write hlc.floor.tmp {}",
+                meta::encode("hlc.floor", b"two").len()
+            ),
+            "sync hlc.floor.tmp".to_owned(),
+            "rename hlc.floor.tmp hlc.floor.meta".to_owned(),
+            "sync_dir meta".to_owned(),
+        ];
+        assert!(
+            ops.ends_with(&replace),
+            "{policy:?}: store_meta did not write, fsync, rename and fsync the directory: {ops:?}"
+        );
+        assert_eq!(
+            ops.iter().filter(|op| op.starts_with("sync")).count(),
+            4,
+            "{policy:?}: two fsyncs per store_meta: {ops:?}"
+        );
+        assert_eq!(
+            store.load_meta("hlc.floor").await.expect("load").as_deref(),
+            Some(&b"two"[..])
+        );
+        // A crash mid-replacement leaves a temporary file: ignored and removed on open.
+        drop(store);
+        let leftover = meta::meta_dir(dir.path()).join("hlc.floor.tmp");
+        fs::write(&leftover, b"torn").expect("write");
+        let store = FileStorage::open(dir.path(), options).expect("reopen");
+        assert_eq!(
+            store.load_meta("hlc.floor").await.expect("load").as_deref(),
+            Some(&b"two"[..]),
+            "{policy:?}: the value survives reopening"
+        );
+        assert!(!leftover.exists(), "the leftover temporary file is removed");
+        store.close().await.expect("close");
+    }
+}
+
+#[tokio::test]
+async fn a_failed_metadata_write_keeps_the_old_value_and_the_store_working() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hooks = Arc::new(TestHooks::default());
+    let store = open_hooked(dir.path(), FileOptions::default(), &hooks).expect("open");
+    store
+        .store_meta("generation", Bytes::from_static(b"1"))
+        .await
+        .expect("store");
+    hooks.fail(Kind::SyncAll, ".tmp", io::ErrorKind::StorageFull, 1);
+    let err = store
+        .store_meta("generation", Bytes::from_static(b"2"))
+        .await
+        .expect_err("the fsync fails");
+    assert!(matches!(err, StorageError::Io(_)), "{err}");
+    assert_eq!(
+        store
+            .load_meta("generation")
+            .await
+            .expect("load")
+            .as_deref(),
+        Some(&b"1"[..])
+    );
+    assert!(files_ending(&meta::meta_dir(dir.path()), ".tmp").is_empty());
+    store
+        .apply(key("k"), Record::value("v", version(1, 1)))
+        .await
+        .expect("the store goes on working");
+    store.close().await.expect("close");
+    let store = FileStorage::open(dir.path(), FileOptions::default()).expect("reopen");
+    assert_eq!(
+        store
+            .load_meta("generation")
+            .await
+            .expect("load")
+            .as_deref(),
+        Some(&b"1"[..])
+    );
+    store.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn metadata_survives_compaction_and_damage_is_corruption() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = FileOptions::default().with_fsync(FsyncPolicy::Never);
+    let store = FileStorage::open(dir.path(), options.clone()).expect("open");
+    store
+        .store_meta("generation", Bytes::from_static(b"7"))
+        .await
+        .expect("store");
+    for i in 0..50u64 {
+        store
+            .apply(key("k"), Record::value(format!("v{i}"), version(i + 1, 1)))
+            .await
+            .expect("apply");
+    }
+    store.compact().await.expect("compact");
+    store.close().await.expect("close");
+    let store = FileStorage::open(dir.path(), options.clone()).expect("reopen");
+    assert_eq!(
+        store
+            .load_meta("generation")
+            .await
+            .expect("load")
+            .as_deref(),
+        Some(&b"7"[..])
+    );
+    store.close().await.expect("close");
+
+    let path = meta::meta_path(dir.path(), "generation");
+    let mut data = fs::read(&path).expect("read");
+    let last = data.len() - 1;
+    data[last] ^= 1;
+    fs::write(&path, &data).expect("write");
+    let err = FileStorage::open(dir.path(), options).expect_err("damaged metadata");
+    assert!(
+        matches!(&err, StorageError::Corruption(m) if m.contains("generation.meta")),
+        "{err}"
+    );
 }

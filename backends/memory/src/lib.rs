@@ -17,6 +17,8 @@
 //! - The map is unordered, so [`Storage::scan`] and [`Storage::digest`] visit **every** stored
 //!   record: each scan page and each digest costs O(n) in the number of records, whatever the
 //!   size of the range or of the page. A scan page keeps only `limit + 1` candidates in memory.
+//! - [`Storage::apply_batch`] applies each write in turn; metadata
+//!   ([`Storage::store_meta`]) is a map beside the records, lost with them.
 //! - [`Storage::stats`] is O(1): counters are maintained while the shard lock of each apply is
 //!   held (a purge adjusts them just after each removal). They are exact whenever no write or
 //!   purge is in flight, and a momentary approximation while one races with the read.
@@ -43,9 +45,11 @@
 
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::BinaryHeap;
+use std::collections::HashMap;
 use std::fmt;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -55,8 +59,8 @@ use chorus_core::record::Record;
 use chorus_core::registry::{Registry, StorageSpec};
 use chorus_core::storage::{
     ApplyOutcome, Capabilities, Durability, Entry, PurgeStats, RangeDigest, ScanCost, ScanCursor,
-    ScanPage, SharedStorage, Storage, StorageError, StorageStats, after_cursor, empty_digests,
-    footprint, purge_candidates, scan_order,
+    ScanPage, SharedStorage, Storage, StorageError, StorageStats, after_cursor, check_batch_len,
+    check_meta, check_meta_name, empty_digests, footprint, purge_candidates, scan_order,
 };
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
@@ -104,6 +108,8 @@ pub struct MemoryStorage {
     tombstones: AtomicU64,
     /// Sum of key lengths and [`Record::encoded_len`]s.
     bytes: AtomicU64,
+    /// The metadata namespace ([`Storage::store_meta`]), apart from the records.
+    meta: Mutex<HashMap<String, Bytes>>,
 }
 
 impl fmt::Debug for MemoryStorage {
@@ -164,6 +170,7 @@ impl MemoryStorage {
             records: AtomicU64::new(0),
             tombstones: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            meta: Mutex::new(HashMap::new()),
         }
     }
 
@@ -205,7 +212,7 @@ impl MemoryStorage {
                 let current = &occupied.get().record;
                 if !record.supersedes(current) {
                     return Ok(ApplyOutcome::Stale {
-                        current: current.version,
+                        current: current.clone(),
                     });
                 }
                 let hash = occupied.get().hash;
@@ -223,6 +230,23 @@ impl MemoryStorage {
                 Ok(ApplyOutcome::Applied { previous: None })
             }
         }
+    }
+
+    fn apply_batch_now(
+        &self,
+        writes: Vec<(Bytes, Record)>,
+    ) -> Result<Vec<ApplyOutcome>, StorageError> {
+        check_batch_len(writes.len())?;
+        self.check_open()?;
+        writes
+            .into_iter()
+            .map(|(key, record)| self.apply_now(key, record))
+            .collect()
+    }
+
+    fn meta(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, Bytes>>, StorageError> {
+        self.check_open()?;
+        Ok(self.meta.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     fn scan_now(
@@ -326,6 +350,10 @@ impl MemoryStorage {
         // Release the memory now rather than when the last handle is dropped. The counters are
         // left as they are: nothing can read them any more.
         self.map.clear();
+        self.meta
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
         Ok(())
     }
 }
@@ -343,6 +371,26 @@ impl Storage for MemoryStorage {
 
     async fn apply(&self, key: Bytes, record: Record) -> Result<ApplyOutcome, StorageError> {
         self.apply_now(key, record)
+    }
+
+    /// Applies each write in turn (each one atomic, the batch as a whole not).
+    async fn apply_batch(
+        &self,
+        writes: Vec<(Bytes, Record)>,
+    ) -> Result<Vec<ApplyOutcome>, StorageError> {
+        self.apply_batch_now(writes)
+    }
+
+    async fn load_meta(&self, name: &str) -> Result<Option<Bytes>, StorageError> {
+        check_meta_name(name)?;
+        Ok(self.meta()?.get(name).cloned())
+    }
+
+    /// Kept in memory only, like the records: lost when the store is closed or dropped.
+    async fn store_meta(&self, name: &str, value: Bytes) -> Result<(), StorageError> {
+        check_meta(name, &value)?;
+        self.meta()?.insert(name.to_owned(), value);
+        Ok(())
     }
 
     /// A full scan of the map: O(n) in the number of stored records per page.
@@ -429,7 +477,7 @@ mod tests {
             assert_eq!(
                 store.apply(key("k"), record).await.unwrap(),
                 ApplyOutcome::Stale {
-                    current: v20.version
+                    current: v20.clone()
                 }
             );
         }
@@ -538,8 +586,8 @@ mod tests {
                     };
                     let k = keys[(i as usize + writer as usize) % keys.len()];
                     let outcome = store.apply(key(k), record.clone()).await.unwrap();
-                    if let ApplyOutcome::Stale { current } = outcome {
-                        assert!(current >= record.version);
+                    if let ApplyOutcome::Stale { current } = &outcome {
+                        assert!(current.precedence(&record).is_ge());
                     }
                     applied.push((k, record, outcome));
                     if i % 16 == 0 {

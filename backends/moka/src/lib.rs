@@ -26,6 +26,8 @@
 //!   once `expiry_grace` has passed after it took effect on the wall clock, the same moment
 //!   [`Storage::purge`] with that grace would collect it ([`Record::is_collectable`]). With
 //!   `expiry_grace = "off"` nothing expires on its own and only `purge` removes such records.
+//! - [`Storage::apply_batch`] applies each write in turn. Metadata ([`Storage::store_meta`]) is
+//!   kept in a map outside the cache: never evicted, lost when the store is closed or dropped.
 //! - The cache is unordered: [`Storage::scan`], [`Storage::digest`], [`Storage::purge`] and
 //!   [`Storage::stats`] visit every cached entry (O(n)); a scan page also sorts its matches.
 //!
@@ -46,10 +48,11 @@
 
 #![deny(missing_docs)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -60,7 +63,8 @@ use chorus_core::registry::{Registry, StorageSpec};
 use chorus_core::storage::{
     ApplyOutcome, Capabilities, Durability, Entry, Eviction, PurgeStats, RangeDigest, ScanCost,
     ScanCursor, ScanPage, SharedStorage, Storage, StorageError, StorageStats, after_cursor,
-    empty_digests, footprint, purge_candidates, scan_order,
+    check_batch_len, check_meta, check_meta_name, empty_digests, footprint, purge_candidates,
+    scan_order,
 };
 use moka::ops::compute::Op;
 use moka::sync::Cache;
@@ -189,6 +193,8 @@ pub struct MokaStorage {
     cache: Cache<Bytes, Slot>,
     closed: AtomicBool,
     capabilities: Capabilities,
+    /// The metadata namespace ([`Storage::store_meta`]): outside the cache, never evicted.
+    meta: Mutex<HashMap<String, Bytes>>,
 }
 
 impl fmt::Debug for MokaStorage {
@@ -221,6 +227,7 @@ impl MokaStorage {
             closed: AtomicBool::new(false),
             capabilities: Capabilities::new(Durability::Volatile, ScanCost::FullScan)
                 .with_eviction(eviction),
+            meta: Mutex::new(HashMap::new()),
         }
     }
 
@@ -241,7 +248,7 @@ impl MokaStorage {
             match current {
                 Some(entry) if !record.supersedes(&entry.value().record) => {
                     outcome = Some(ApplyOutcome::Stale {
-                        current: entry.value().record.version,
+                        current: entry.value().record.clone(),
                     });
                     return Op::Nop;
                 }
@@ -258,6 +265,11 @@ impl MokaStorage {
             })
         });
         outcome.ok_or_else(|| StorageError::backend("moka did not run the compute step"))
+    }
+
+    fn meta(&self) -> Result<MutexGuard<'_, HashMap<String, Bytes>>, StorageError> {
+        self.check_open()?;
+        Ok(self.meta.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     fn scan_now(
@@ -358,6 +370,33 @@ impl Storage for MokaStorage {
         self.apply_now(key, record)
     }
 
+    /// Applies each write in turn (each one atomic, the batch as a whole not); the cache may
+    /// evict any of them afterwards, as after `apply`.
+    async fn apply_batch(
+        &self,
+        writes: Vec<(Bytes, Record)>,
+    ) -> Result<Vec<ApplyOutcome>, StorageError> {
+        check_batch_len(writes.len())?;
+        self.check_open()?;
+        writes
+            .into_iter()
+            .map(|(key, record)| self.apply_now(key, record))
+            .collect()
+    }
+
+    async fn load_meta(&self, name: &str) -> Result<Option<Bytes>, StorageError> {
+        check_meta_name(name)?;
+        Ok(self.meta()?.get(name).cloned())
+    }
+
+    /// Kept in memory only, outside the cache (never evicted): lost when the store is closed
+    /// or dropped.
+    async fn store_meta(&self, name: &str, value: Bytes) -> Result<(), StorageError> {
+        check_meta(name, &value)?;
+        self.meta()?.insert(name.to_owned(), value);
+        Ok(())
+    }
+
     /// A full pass over the cache and a sort of the matches: O(n log n) per page.
     async fn scan(
         &self,
@@ -397,6 +436,10 @@ impl Storage for MokaStorage {
             return Err(StorageError::Closed);
         }
         self.cache.invalidate_all();
+        self.meta
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
         Ok(())
     }
 }

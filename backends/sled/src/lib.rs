@@ -33,6 +33,11 @@
 //! - `never`: only [`Storage::flush`] and [`Storage::close`] flush; a crash loses everything
 //!   since.
 //!
+//! [`Storage::apply_batch`] runs one compare-and-swap loop per write and then, under
+//! `always`, waits for one flush for the whole batch. Metadata ([`Storage::store_meta`])
+//! lives in a separate sled tree (`chorus-meta`) that scans, digests, stats and purges never
+//! read; it is flushed like the records (under `always`, before `store_meta` returns).
+//!
 //! sled is beta software and its on-disk format is not stable across its versions; the
 //! dependency is pinned to 0.34.7.
 //!
@@ -78,7 +83,8 @@ use chorus_core::record::{Payload, Record};
 use chorus_core::registry::{Registry, StorageSpec};
 use chorus_core::storage::{
     ApplyOutcome, Capabilities, Durability, Entry, PurgeStats, RangeDigest, ScanCost, ScanCursor,
-    ScanPage, SharedStorage, Storage, StorageError, StorageStats, empty_digests,
+    ScanPage, SharedStorage, Storage, StorageError, StorageStats, check_batch_len, check_meta,
+    check_meta_name, empty_digests,
 };
 use tokio::sync::oneshot;
 
@@ -180,10 +186,16 @@ impl SledOptions {
 /// A reply from the flusher thread.
 type FlushAck = oneshot::Sender<Result<(), StorageError>>;
 
+/// The sled tree that holds the metadata namespace, apart from the records (which live in the
+/// default tree, so scans, digests, stats and purges never see metadata).
+const META_TREE: &[u8] = b"chorus-meta";
+
 /// The open database and the channel to its flusher thread.
 #[derive(Clone)]
 struct Open {
     db: sled::Db,
+    /// The [`META_TREE`].
+    meta: sled::Tree,
     flusher: mpsc::Sender<FlushAck>,
 }
 
@@ -425,6 +437,7 @@ impl SledStorage {
             let record = decode_record(&raw_value)?;
             store.count(key.len(), &record, 1);
         }
+        let meta = db.open_tree(META_TREE).map_err(sled_error)?;
         let (flusher, requests) = mpsc::channel();
         let (exited_tx, exited) = oneshot::channel();
         let thread_db = db.clone();
@@ -432,7 +445,8 @@ impl SledStorage {
         std::thread::Builder::new()
             .name("chorus-sled-flush".into())
             .spawn(move || run_flusher(thread_db, requests, failed, exited_tx, before_flush))?;
-        *store.open.write().unwrap_or_else(PoisonError::into_inner) = Some(Open { db, flusher });
+        *store.open.write().unwrap_or_else(PoisonError::into_inner) =
+            Some(Open { db, meta, flusher });
         *store
             .flusher_exited
             .lock()
@@ -484,9 +498,7 @@ impl SledStorage {
                 Some(raw) => {
                     let stored = decode_record(raw)?;
                     if !record.supersedes(&stored) {
-                        return Ok(ApplyOutcome::Stale {
-                            current: stored.version,
-                        });
+                        return Ok(ApplyOutcome::Stale { current: stored });
                     }
                     Some(stored)
                 }
@@ -620,6 +632,46 @@ impl Storage for SledStorage {
             Self::flush_via(&open.flusher).await?;
         }
         Ok(outcome)
+    }
+
+    /// Compare-and-swap loops, one write after the other; under [`FlushPolicy::Always`] then
+    /// one flush for the whole batch (shared with concurrent writers), whatever the outcomes.
+    /// A failed write stops the batch: the writes before it are applied, not yet flushed.
+    async fn apply_batch(
+        &self,
+        writes: Vec<(Bytes, Record)>,
+    ) -> Result<Vec<ApplyOutcome>, StorageError> {
+        check_batch_len(writes.len())?;
+        let open = self.opened()?;
+        let outcomes = writes
+            .iter()
+            .map(|(key, record)| self.apply_now(&open.db, key, record))
+            .collect::<Result<Vec<_>, _>>()?;
+        if self.flush == FlushPolicy::Always && !outcomes.is_empty() {
+            Self::flush_via(&open.flusher).await?;
+        }
+        Ok(outcomes)
+    }
+
+    async fn load_meta(&self, name: &str) -> Result<Option<Bytes>, StorageError> {
+        check_meta_name(name)?;
+        let open = self.opened()?;
+        let value = open.meta.get(name.as_bytes()).map_err(sled_error)?;
+        Ok(value.map(|raw| Bytes::copy_from_slice(&raw)))
+    }
+
+    /// Inserts into the metadata tree; under [`FlushPolicy::Always`] waits for a flush, as
+    /// `apply` does; otherwise it is flushed with the records.
+    async fn store_meta(&self, name: &str, value: Bytes) -> Result<(), StorageError> {
+        check_meta(name, &value)?;
+        let open = self.opened()?;
+        open.meta
+            .insert(name.as_bytes(), value.as_ref())
+            .map_err(sled_error)?;
+        if self.flush == FlushPolicy::Always {
+            Self::flush_via(&open.flusher).await?;
+        }
+        Ok(())
     }
 
     /// Reads only the sled keys of the range.
@@ -853,7 +905,7 @@ mod tests {
         assert_eq!(
             retry.await.expect("retry"),
             ApplyOutcome::Stale {
-                current: record.version
+                current: record.clone()
             }
         );
         store.close().await.expect("close");

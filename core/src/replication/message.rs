@@ -119,7 +119,9 @@ impl WriteOutcome {
     }
 }
 
-/// Why a replica refused a write or a whole request. Nothing was stored.
+/// Why a replica refused a write or a whole request. A refused write is not acknowledged:
+/// nothing was stored, except after a storage failure in the middle of a batch, which may
+/// have stored some of its writes (as any unacknowledged write may still land).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[non_exhaustive]
 pub enum Refusal {

@@ -12,8 +12,10 @@ use crate::identity::NodeId;
 use crate::record::Record;
 
 /// How many of a key's replicas must answer a request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+///
+/// In configuration files it is written `"one"`, `"quorum"`, `"all"` or a count (`2` or
+/// `"2"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Consistency {
     /// One replica.
     One,
@@ -68,6 +70,28 @@ impl std::str::FromStr for Consistency {
                 .map(Consistency::Count)
                 .map_err(|_| format!("`{s}` is not one, quorum, all or a positive count")),
         }
+    }
+}
+
+impl Serialize for Consistency {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Consistency {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Count(u64),
+            Text(String),
+        }
+        let text = match Form::deserialize(d)? {
+            Form::Count(n) => n.to_string(),
+            Form::Text(t) => t,
+        };
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 

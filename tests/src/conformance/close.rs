@@ -43,6 +43,21 @@ pub async fn closed(backend: &Backend) {
             .await,
         "apply",
     );
+    refused(
+        store
+            .apply_batch(vec![(
+                key.clone(),
+                Record::value("newer", version(2, 0, 1)),
+            )])
+            .await,
+        "apply_batch",
+    );
+    refused(store.apply_batch(Vec::new()).await, "an empty apply_batch");
+    refused(store.load_meta("name").await, "load_meta");
+    refused(
+        store.store_meta("name", Bytes::from_static(b"v")).await,
+        "store_meta",
+    );
     refused(store.scan(HashRange::FULL, None, nz(10)).await, "scan");
     refused(store.digest(HashRange::FULL, nz32(4)).await, "digest");
     refused(store.purge(u64::MAX, Duration::ZERO).await, "purge");

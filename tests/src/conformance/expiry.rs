@@ -46,7 +46,7 @@ pub async fn expiry(backend: &Backend) {
     assert_eq!(
         outcome,
         ApplyOutcome::Stale {
-            current: later.version
+            current: later.clone()
         },
         "a later expiry of the same write is stale"
     );

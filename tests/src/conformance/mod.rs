@@ -10,7 +10,7 @@
 //!
 //! The checks are plain async functions that panic on the first violation, one file per
 //! group: [`model`], [`concurrent_writers`], [`tombstones`], [`ranges`], [`expiry`],
-//! [`capabilities`], [`closed`]. [`run_check`] runs one of the [`ALL`] descriptors through the
+//! [`stale_outcomes`], [`apply_batch`], [`metadata`], [`capabilities`], [`closed`]. [`run_check`] runs one of the [`ALL`] descriptors through the
 //! shared [`runner`] and turns a panic or a hang into a [`Failure`] that names
 //! the backend, the check and the seed. [`backends_agree`] compares backends with each other:
 //! the same records applied in different orders must give every backend the same scans and
@@ -23,6 +23,8 @@
 //! ([`Backend::keeps_everything`]: it never evicts, or evicts only above a capacity larger than
 //! [`MAX_CHECK_BYTES`] and never expires records on its own); on other backends they are
 //! skipped ([`Ran::Skipped`]), and [`capabilities`] checks what such a backend does promise.
+//! [`metadata`] checks persistence across a reopen only where the durability is persistent
+//! and the [`Backend`] knows how to reopen its stores ([`Backend::open_reopenable`]).
 //!
 //! # Seeds
 //!
@@ -36,12 +38,15 @@
 //! [`concurrent_writers`] really writes from several threads at once.
 
 mod agreement;
+mod batch;
 mod capabilities;
 mod close;
 mod concurrency;
 mod expiry;
+mod meta;
 mod model;
 mod ranges;
+mod stale;
 mod support;
 mod tombstones;
 
@@ -55,12 +60,15 @@ use chorus::{Registry, StorageSpec};
 use crate::runner::{self, Subject};
 pub use crate::runner::{CHECK_TIMEOUT, DEFAULT_SEED, Failure, Ran, SEED_ENV, seed};
 pub use agreement::backends_agree;
+pub use batch::apply_batch;
 pub use capabilities::capabilities;
 pub use close::closed;
 pub use concurrency::concurrent_writers;
 pub use expiry::expiry;
+pub use meta::metadata;
 pub use model::model;
 pub use ranges::ranges;
+pub use stale::stale_outcomes;
 pub use tombstones::tombstones;
 
 /// Operations the [`MODEL`] check performs.
@@ -70,8 +78,12 @@ pub const MODEL_OPS: usize = 3_000;
 /// a backend that keeps everything up to this keeps everything the checks write.
 pub const MAX_CHECK_BYTES: u64 = 16 << 20;
 
-/// Opens a fresh, empty store.
-type Opener = Arc<dyn Fn() -> SharedStorage + Send + Sync>;
+/// Opens the store [`Backend::open_reopenable`] returned it with again, once that one is
+/// closed: same directory, same options.
+pub type Reopen = Arc<dyn Fn() -> SharedStorage + Send + Sync>;
+
+/// Opens a fresh, empty store, and says how to reopen it if the backend can.
+type Opener = Arc<dyn Fn() -> (SharedStorage, Option<Reopen>) + Send + Sync>;
 
 /// A backend under test: a name for reports and a factory of fresh stores.
 #[derive(Clone)]
@@ -102,14 +114,15 @@ impl Backend {
     ) -> Self {
         Backend {
             name: name.into(),
-            open: Arc::new(open),
+            open: Arc::new(move || (open(), None)),
             capabilities: Arc::new(OnceLock::new()),
         }
     }
 
     /// The backend registered as `name` in `registry`, opened with no options and a fresh
     /// temporary directory as [`StorageSpec::path`] for every store (volatile backends ignore
-    /// it; the directories are removed when the last clone of the `Backend` is dropped).
+    /// it; the directories are removed when the last clone of the `Backend` is dropped). Its
+    /// stores can be reopened ([`Backend::open_reopenable`]) from the same directory.
     pub fn from_registry(registry: Arc<Registry>, name: &str) -> Self {
         Backend::from_registry_with(registry, name, BTreeMap::new())
     }
@@ -129,7 +142,7 @@ impl Backend {
             format!("{scheme}{{{}}}", pairs.join(","))
         };
         let dirs: Mutex<Vec<tempfile::TempDir>> = Mutex::new(Vec::new());
-        Backend::new(label, move || {
+        let open = move || {
             let dir = tempfile::Builder::new()
                 .prefix("chorus-conformance-")
                 .tempdir()
@@ -140,10 +153,23 @@ impl Backend {
             dirs.lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .push(dir);
-            registry
+            let store = registry
                 .open_backend(&spec)
-                .unwrap_or_else(|err| panic!("opening backend {scheme:?}: {err}"))
-        })
+                .unwrap_or_else(|err| panic!("opening backend {scheme:?}: {err}"));
+            let registry = Arc::clone(&registry);
+            let scheme = scheme.clone();
+            let reopen: Reopen = Arc::new(move || {
+                registry
+                    .open_backend(&spec)
+                    .unwrap_or_else(|err| panic!("reopening backend {scheme:?}: {err}"))
+            });
+            (store, Some(reopen))
+        };
+        Backend {
+            name: label,
+            open: Arc::new(open),
+            capabilities: Arc::new(OnceLock::new()),
+        }
     }
 
     /// The name used in reports.
@@ -153,6 +179,13 @@ impl Backend {
 
     /// A fresh, empty store.
     pub fn open(&self) -> SharedStorage {
+        (self.open)().0
+    }
+
+    /// A fresh, empty store, and how to open it again after closing it (`None` if the
+    /// backend was built without a way to: [`Backend::new`]). What the reopened store holds
+    /// is what the backend's durability keeps across a close.
+    pub fn open_reopenable(&self) -> (SharedStorage, Option<Reopen>) {
         (self.open)()
     }
 
@@ -230,6 +263,29 @@ pub const EXPIRY: Check = Check::new(
 )
 .skip_when(unless_keeps_everything);
 
+/// [`stale_outcomes`] as a [`Check`].
+pub const STALE: Check = Check::new(
+    "stale_outcomes",
+    "a Stale outcome carries exactly the kept record: values, tombstones, same-version rivals",
+    |backend, _| Box::pin(async move { stale_outcomes(&backend).await }),
+)
+.skip_when(unless_keeps_everything);
+
+/// [`apply_batch`] as a [`Check`].
+pub const BATCH: Check = Check::new(
+    "apply_batch",
+    "apply_batch equals sequential applies and the model; duplicates, empty, MAX_BATCH",
+    |backend, seed| Box::pin(async move { apply_batch(&backend, seed).await }),
+)
+.skip_when(unless_keeps_everything);
+
+/// [`metadata`] as a [`Check`].
+pub const META: Check = Check::new(
+    "metadata",
+    "metadata round-trips, is validated, stays out of records and survives reopening",
+    |backend, _| Box::pin(async move { metadata(&backend).await }),
+);
+
 /// [`capabilities`] as a [`Check`].
 pub const CAPABILITIES: Check = Check::new(
     "capabilities",
@@ -245,12 +301,15 @@ pub const CLOSED: Check = Check::new(
 );
 
 /// Every check, in the order [`run_all`] runs them.
-pub const ALL: [Check; 7] = [
+pub const ALL: [Check; 10] = [
     MODEL,
     CONCURRENT_WRITERS,
     TOMBSTONES,
     RANGES,
     EXPIRY,
+    STALE,
+    BATCH,
+    META,
     CAPABILITIES,
     CLOSED,
 ];

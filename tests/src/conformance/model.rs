@@ -48,7 +48,7 @@ pub async fn model(backend: &Backend, seed: u64, ops: usize) {
                             (
                                 record,
                                 Some(ApplyOutcome::Stale {
-                                    current: current.version,
+                                    current: current.clone(),
                                 }),
                             )
                         })
@@ -58,7 +58,7 @@ pub async fn model(backend: &Backend, seed: u64, ops: usize) {
                     }
                     (_, Some(current)) => {
                         let outcome = ApplyOutcome::Stale {
-                            current: current.version,
+                            current: current.clone(),
                         };
                         Some((current, Some(outcome)))
                     }

@@ -64,7 +64,7 @@ impl Model {
                     }
                 } else {
                     ApplyOutcome::Stale {
-                        current: current.version,
+                        current: current.clone(),
                     }
                 };
                 *current = current.clone().merge(record.clone());
@@ -335,7 +335,7 @@ mod tests {
         assert_eq!(
             model.apply(&key, &old),
             ApplyOutcome::Stale {
-                current: new.version
+                current: new.clone()
             }
         );
         assert_eq!(model.records[&key], new);

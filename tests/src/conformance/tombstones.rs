@@ -50,7 +50,9 @@ pub async fn tombstones(backend: &Backend) {
         async move { ok(store.get(key.as_bytes()).await, format!("get {key:?}")) }
     };
     let applied = |previous: Option<Version>| ApplyOutcome::Applied { previous };
-    let stale = |current: Version| ApplyOutcome::Stale { current };
+    let stale = |current: &Record| ApplyOutcome::Stale {
+        current: current.clone(),
+    };
 
     let value = Record::value("v1", version(1_000, 0, 1));
     let delete = Record::tombstone(version(1_010, 0, 1));
@@ -64,8 +66,8 @@ pub async fn tombstones(backend: &Backend) {
         Some(delete.clone()),
         "the tombstone is readable"
     );
-    apply("k", late, stale(delete.version)).await;
-    apply("k", value, stale(delete.version)).await;
+    apply("k", late, stale(&delete)).await;
+    apply("k", value, stale(&delete)).await;
     assert_eq!(
         get("k").await,
         Some(delete.clone()),

@@ -95,6 +95,11 @@ pub struct NodeConfig {
     /// How far ahead of this node's clock a record's version may be; further is refused.
     #[serde(with = "duration")]
     pub max_clock_drift: Duration,
+    /// How long [`super::NodeBuilder::start`] waits, when there are seeds, until it knows at
+    /// least one other member; past it the node starts anyway and keeps trying the seeds
+    /// (a whole cluster restarting in any order must come up), with a warning.
+    #[serde(with = "duration")]
+    pub join_timeout: Duration,
     /// How long [`super::Node::shutdown`] may take in all.
     #[serde(with = "duration")]
     pub shutdown_timeout: Duration,
@@ -118,6 +123,7 @@ impl Default for NodeConfig {
             tombstone_grace: DEFAULT_TOMBSTONE_GRACE,
             purge_interval: Duration::from_secs(3600),
             max_clock_drift: crate::hlc::DEFAULT_MAX_DRIFT,
+            join_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
         }
     }
@@ -182,11 +188,11 @@ pub(crate) mod duration {
     /// Writes the shortest exact form (`"1500ms"`, `"2s"`).
     pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         let ms = d.as_millis();
-        let text = if ms % 3_600_000 == 0 && ms > 0 {
+        let text = if ms.is_multiple_of(3_600_000) && ms > 0 {
             format!("{}h", ms / 3_600_000)
-        } else if ms % 60_000 == 0 && ms > 0 {
+        } else if ms.is_multiple_of(60_000) && ms > 0 {
             format!("{}m", ms / 60_000)
-        } else if ms % 1000 == 0 {
+        } else if ms.is_multiple_of(1000) {
             format!("{}s", ms / 1000)
         } else {
             format!("{ms}ms")

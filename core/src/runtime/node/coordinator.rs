@@ -35,8 +35,11 @@ enum ApplyAnswer {
     Outcomes(Vec<WriteOutcome>),
     /// The whole request was refused.
     Refused(Refusal),
-    /// No usable answer (unreachable, timed out, garbled): outcome unknown.
+    /// No usable answer (unreachable, garbled): outcome unknown.
     Failed,
+    /// The request's own timeout ran out, at the coordinator's deadline: the deadline decides
+    /// the outcome (a timeout), not this answer.
+    TimedOut,
 }
 
 /// What one replica answered for the keys it was asked.
@@ -44,6 +47,7 @@ enum ReadAnswer {
     Records(Vec<Option<Record>>),
     Refused(Refusal),
     Failed,
+    TimedOut,
 }
 
 impl Inner {
@@ -85,7 +89,7 @@ impl Inner {
         let mut pending: FuturesUnordered<Pending<ApplyAnswer>> = FuturesUnordered::new();
         for (node, idx) in groups {
             let batch: Vec<Write> = idx.iter().map(|&i| writes[i].clone()).collect();
-            pending.push(self.apply_on(&view, node, idx, batch, deadline));
+            pending.push(self.apply_on(&view, node, (idx, batch), deadline, true));
         }
         let mut undecided = results.iter().filter(|r| r.is_none()).count();
         while undecided > 0 {
@@ -104,8 +108,13 @@ impl Inner {
                         _ => trackers[i].fail(),
                     },
                     ApplyAnswer::Refused(why) => trackers[i].refuse(node, why.clone()),
-                    ApplyAnswer::Failed if self.bugs.count_failures_as_acks => trackers[i].ack(),
+                    ApplyAnswer::Failed | ApplyAnswer::TimedOut
+                        if self.bugs.count_failures_as_acks =>
+                    {
+                        trackers[i].ack()
+                    }
                     ApplyAnswer::Failed => trackers[i].fail(),
+                    ApplyAnswer::TimedOut => trackers[i].progress(),
                 };
                 if results[i].is_some() {
                     continue;
@@ -156,18 +165,20 @@ impl Inner {
     }
 
     /// Sends `batch` to `node` (or applies it here when `node` is this node).
+    /// `own`: the records were stamped by this node's clock for this request (not repairs of
+    /// someone else's versions), so the local replica skips the drift check.
     fn apply_on(
         self: &Arc<Self>,
         view: &View,
         node: NodeId,
-        idx: Vec<usize>,
-        batch: Vec<Write>,
+        (idx, batch): (Vec<usize>, Vec<Write>),
         deadline: Instant,
+        own: bool,
     ) -> Pending<ApplyAnswer> {
         let inner = self.clone();
         if node == self.id {
             return Box::pin(async move {
-                let outcomes = inner.apply_writes(batch).await;
+                let outcomes = inner.apply_writes(batch, own).await;
                 (node, idx, ApplyAnswer::Outcomes(outcomes))
             });
         }
@@ -197,6 +208,7 @@ impl Inner {
                     tracing::debug!(%addr, ?other, "unexpected answer to an apply");
                     ApplyAnswer::Failed
                 }
+                Err(crate::runtime::rpc::RpcError::Timeout { .. }) => ApplyAnswer::TimedOut,
                 Err(e) => {
                     tracing::trace!(%addr, error = %e, "apply request failed");
                     ApplyAnswer::Failed
@@ -266,6 +278,7 @@ impl Inner {
                     },
                     ReadAnswer::Refused(why) => trackers[i].refuse(node, why.clone()),
                     ReadAnswer::Failed => trackers[i].fail(),
+                    ReadAnswer::TimedOut => trackers[i].progress(),
                 };
                 if results[i].is_some() {
                     continue;
@@ -368,7 +381,7 @@ impl Inner {
             .into_iter()
             .map(|(node, writes)| {
                 let idx = (0..writes.len()).collect();
-                self.apply_on(&view, node, idx, writes, deadline)
+                self.apply_on(&view, node, (idx, writes), deadline, false)
             })
             .collect();
         while let Some((_, _, answer)) = sends.next().await {
@@ -459,7 +472,7 @@ impl Inner {
         }
         let mut sends: FuturesUnordered<Pending<ApplyAnswer>> = per_node
             .into_iter()
-            .map(|(node, (idx, writes))| self.apply_on(&view, node, idx, writes, deadline))
+            .map(|(node, batch)| self.apply_on(&view, node, batch, deadline, false))
             .collect();
         let mut open = short.len();
         while open > 0 {
@@ -548,6 +561,7 @@ impl Inner {
                     tracing::debug!(%addr, ?other, "unexpected answer to a read");
                     ReadAnswer::Failed
                 }
+                Err(crate::runtime::rpc::RpcError::Timeout { .. }) => ReadAnswer::TimedOut,
                 Err(e) => {
                     tracing::trace!(%addr, error = %e, "read request failed");
                     ReadAnswer::Failed
@@ -559,6 +573,6 @@ impl Inner {
 
     /// A read at `One` of keys this node replicates: local storage, no message.
     pub(crate) fn is_local_replica(&self, view: &View, key: &[u8]) -> bool {
-        view.replicas(key).contains(&self.id)
+        super::view::is_replica(view, key, self.id)
     }
 }

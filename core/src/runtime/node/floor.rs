@@ -21,8 +21,11 @@ use crate::storage::{SharedStorage, Storage, StorageError};
 pub(crate) const FLOOR_META: &str = "node.hlc-floor";
 /// The metadata name of the last generation.
 pub(crate) const GENERATION_META: &str = "node.generation";
-/// How far ahead of the clock each reservation reaches.
-pub(crate) const FLOOR_LEASE: Duration = Duration::from_secs(10);
+/// How far ahead of the clock each reservation reaches. A restarted node's clock starts at the
+/// stored reservation, so its first versions may be up to this far ahead of the last one it
+/// issued: it must stay well under the replicas' drift bound (500 ms by default), or those
+/// versions would be refused. The cost is one metadata write per lease of continuous writing.
+pub(crate) const FLOOR_LEASE: Duration = Duration::from_millis(200);
 
 /// The clock floor's reservation.
 #[derive(Debug)]
@@ -47,7 +50,7 @@ impl Floor {
     ) -> Result<Self, StorageError> {
         let persistent = storage.capabilities().durability.is_persistent();
         let restored = if persistent {
-            match None::<Bytes> {
+            match storage.load_meta(FLOOR_META).await? {
                 Some(b) => Timestamp::from_u64(decode_u64(&b).ok_or_else(|| {
                     StorageError::Corruption(format!("{FLOOR_META} is {} bytes, not 8", b.len()))
                 })?),
@@ -90,7 +93,12 @@ impl Floor {
         }
         let until = last.saturating_add(FLOOR_LEASE.as_millis() as u64);
         let floor = Timestamp::new(until.min(crate::hlc::MAX_PHYSICAL_MS), 0);
-        let _ = storage;
+        storage
+            .store_meta(
+                FLOOR_META,
+                Bytes::copy_from_slice(&floor.as_u64().to_be_bytes()),
+            )
+            .await?;
         self.reserved_ms
             .store(floor.physical_ms(), Ordering::Release);
         Ok(())
@@ -105,13 +113,19 @@ pub(crate) async fn next_generation(
 ) -> Result<u64, StorageError> {
     let mut generation = now_ms.clamp(1, MAX_GENERATION - 1);
     if storage.capabilities().durability.is_persistent() {
-        if let Some(b) = None::<Bytes>
+        if let Some(b) = storage.load_meta(GENERATION_META).await?
             && let Some(last) = decode_u64(&b)
         {
             generation = generation
                 .max(last.saturating_add(1))
                 .min(MAX_GENERATION - 1);
         }
+        storage
+            .store_meta(
+                GENERATION_META,
+                Bytes::copy_from_slice(&generation.to_be_bytes()),
+            )
+            .await?;
     }
     Ok(generation)
 }

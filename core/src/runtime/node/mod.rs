@@ -272,7 +272,8 @@ impl NodeBuilder {
     }
 
     /// Opens storage, restores the clock floor and generation, binds the transport, starts
-    /// membership and joins the seeds (or forms a cluster without them).
+    /// membership and joins the seeds (or forms a cluster without them): with seeds, it
+    /// returns once another member is known or after [`NodeConfig::join_timeout`].
     pub async fn start(self) -> Result<Node, StartError> {
         let config = self.config;
         config.validate()?;
@@ -343,19 +344,17 @@ impl NodeBuilder {
             bugs: self.bugs,
             config,
         });
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(view::follow(
-            inner.membership.view(),
-            view,
-            n,
-            ring_config,
-        )));
-        tasks.push(tokio::spawn(dispatch(inner.clone(), inbound, swim)));
-        tasks.push(tokio::spawn(purge_loop(inner.clone())));
-        Ok(Node {
+        let tasks = vec![
+            tokio::spawn(view::follow(inner.membership.view(), view, n, ring_config)),
+            tokio::spawn(dispatch(inner.clone(), inbound, swim)),
+            tokio::spawn(purge_loop(inner.clone())),
+        ];
+        let node = Node {
             inner,
             tasks: Arc::new(std::sync::Mutex::new(tasks)),
-        })
+        };
+        node.wait_for_join().await;
+        Ok(node)
     }
 }
 
@@ -450,6 +449,35 @@ impl Node {
         }
     }
 
+    /// With seeds: waits until this node knows another live member, up to `join_timeout`.
+    async fn wait_for_join(&self) {
+        let config = &self.inner.config;
+        if config.seeds.is_empty() {
+            return;
+        }
+        let mut view = self.inner.membership.view();
+        let joined = tokio::time::timeout(config.join_timeout, async {
+            loop {
+                let others = view
+                    .borrow_and_update()
+                    .iter()
+                    .skip(1)
+                    .any(|m| m.state == MemberState::Alive);
+                if others || view.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        if joined.is_err() {
+            tracing::warn!(
+                seeds = ?config.seeds,
+                timeout = ?config.join_timeout,
+                "no seed answered yet; starting alone and still trying them"
+            );
+        }
+    }
+
     /// This node's id.
     pub fn id(&self) -> NodeId {
         self.inner.id
@@ -502,7 +530,50 @@ impl Node {
         key: impl Into<Bytes>,
         options: ReadOptions,
     ) -> Result<Option<Versioned>, ReplicationError> {
-        one(self.get_many(vec![key.into()], options).await)
+        let key = key.into();
+        if let Some(local) = self.read_locally(&key, &options).await {
+            return local;
+        }
+        one(self.get_many(vec![key], options).await)
+    }
+
+    /// The fast path of a single read at `One` of a key this node replicates: local storage,
+    /// no message, no allocation beyond the value. `None` when it does not apply.
+    async fn read_locally(
+        &self,
+        key: &Bytes,
+        options: &ReadOptions,
+    ) -> Option<Result<Option<Versioned>, ReplicationError>> {
+        let inner = &self.inner;
+        let consistency = options.consistency.unwrap_or(inner.config.read_consistency);
+        if consistency != Consistency::One && consistency != Consistency::Count(NonZeroUsize::MIN) {
+            return None;
+        }
+        if options.timeout.is_some_and(|t| t.is_zero()) || self.check_key(key).is_err() {
+            return None;
+        }
+        if !view::is_replica(&inner.view.load(), key, inner.id) {
+            return None;
+        }
+        let _pass = match inner.gate.enter() {
+            Ok(pass) => pass,
+            Err(e) => return Some(Err(e)),
+        };
+        let now_ms = inner.hlc.wall_clock().now_ms();
+        Some(match inner.storage.get(key).await {
+            Ok(record) => {
+                inner.stats.local_reads.fetch_add(1, Ordering::Relaxed);
+                inner.stats.reads.fetch_add(1, Ordering::Relaxed);
+                Ok(live(record, now_ms))
+            }
+            Err(e) => Err(ReplicationError::Failed {
+                op: Operation::Read,
+                acks: 0,
+                required: 1,
+                refusals: vec![(inner.id, replica::storage_refusal(&e))],
+                unreachable: 0,
+            }),
+        })
     }
 
     /// Stores each `(key, value)`; one result per entry, in order. Entries for the same

@@ -61,6 +61,19 @@ impl View {
     }
 }
 
+/// Whether `id` is among `key`'s replicas in `view`, without allocating (the local read's
+/// hot path).
+pub(crate) fn is_replica(view: &View, key: &[u8], id: NodeId) -> bool {
+    thread_local! {
+        static LIST: std::cell::RefCell<Vec<NodeId>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    LIST.with_borrow_mut(|list| {
+        view.ring
+            .preference_list_for_hash(crate::hash::key_hash(key), view.n, list);
+        list.contains(&id)
+    })
+}
+
 /// Keeps `slot` in step with the membership view until the view's sender goes away.
 pub(crate) async fn follow(
     mut view: tokio::sync::watch::Receiver<Arc<[Member]>>,
