@@ -14,8 +14,8 @@
 //! 2. For [`RunConfig::fault_time`] of virtual time, [`RunConfig::clients`] client tasks issue
 //!    puts of fresh keys (single and batches), and gets (single and batches) of keys written
 //!    recently or at any time, or not yet written, through random running nodes, at W and R,
-//!    with random timeouts; blocking read repair on some reads. Meanwhile the schedule, every
-//!    150 to 700 ms, does one of: partition one or two nodes from the rest, cut one to three
+//!    with random timeouts (50 to 800 ms) and blocking read repair on a fifth of the reads.
+//!    Meanwhile the schedule, every 150 to 700 ms, does one of: partition one or two nodes from the rest, cut one to three
 //!    directed links, heal the cuts, set a loss probability (5 to 35 %), set a delay (up to
 //!    80 ms), clear loss and delay, kill a node (at most two down at once), restart a killed
 //!    node (it serves clients once its ring holds every member), or skew a node's clock
@@ -25,9 +25,10 @@
 //!    read at R through three coordinators, and after another second the stores are read
 //!    again.
 //!
-//! Virtual time on a current-thread runtime: a run replays closely from its seed (the
-//! network, membership, clients and schedule draw from it), though not always exactly:
-//! tokio's `select!` picks among ready branches with its own randomness.
+//! Virtual time on a current-thread runtime: a run replays from its seed (the network,
+//! membership, clients and schedule draw from it; the same seed gave the same history in
+//! every rerun tried), though exactness is not guaranteed: tokio's `select!` picks among
+//! ready branches with its own randomness, and hash maps iterate in a random order.
 
 use std::collections::BTreeMap;
 use std::num::{NonZeroU32, NonZeroUsize};
@@ -77,7 +78,7 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
-    /// The configuration of `seed`: 5 nodes, N = 3, 4 clients, 6 s of faults; W = R = 2 for
+    /// The configuration of `seed`: 5 nodes, N = 3, 5 clients, 10 s of faults; W = R = 2 for
     /// most seeds, W = 3 and R = 1 for seeds ending in 3, W = 1 and R = 3 for seeds ending in
     /// 6, and R + W <= N (W = 1, R = 1 or W = 2, R = 1, alternately) for seeds ending in 9.
     pub fn for_seed(seed: u64) -> Self {
