@@ -3,6 +3,12 @@
 //! storage that outlives a node so a killed node restarts with its data, as after a crash of
 //! its process on a durable disk.
 //!
+//! With the `memory` backend a node's store is one memory store
+//! kept for the whole cluster; each life of the node gets a [`KeptStorage`] handle to it that
+//! a kill closes (the dead life can no longer read or write) while the records and metadata
+//! stay for the next life. The handle reports [`Durability::PowerLoss`], as a durable disk
+//! would, so nodes persist their clock floor and generation in it.
+//!
 //! Run the tests on a current-thread runtime with paused time (`#[tokio::test(start_paused =
 //! true)]`): timers then fire in virtual time, so seconds of membership and timeouts cost
 //! milliseconds, and a run replays closely from its seed (tokio's own scheduling is the one
@@ -16,7 +22,99 @@ use chorus::hlc::WallClock;
 use chorus::membership::{MemberState, MembershipConfig};
 use chorus::runtime::inproc::InProcessNetwork;
 use chorus::runtime::node::{NodeConfig, PlantedBugs};
-use chorus::{Address, Node, SharedStorage, SharedTransport, StorageSpec};
+use chorus::storage::{
+    ApplyOutcome, Capabilities, Durability, PurgeStats, RangeDigest, ScanCursor, ScanPage,
+    StorageStats,
+};
+use chorus::{
+    Address, HashRange, Node, Record, SharedStorage, SharedTransport, Storage, StorageError,
+    StorageSpec,
+};
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::sync::atomic::AtomicBool;
+
+/// One life's handle to a store that outlives the life: [`Storage::close`] closes the handle
+/// (every later call fails with [`StorageError::Closed`]) and leaves the store and its data
+/// alone, like a process crash on a durable disk. Reports [`Durability::PowerLoss`].
+#[derive(Debug)]
+pub struct KeptStorage {
+    inner: SharedStorage,
+    closed: AtomicBool,
+}
+
+impl KeptStorage {
+    /// A new life's handle to `inner`.
+    pub fn life(inner: SharedStorage) -> SharedStorage {
+        SharedStorage::new(KeptStorage {
+            inner,
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    fn open(&self) -> Result<&SharedStorage, StorageError> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(StorageError::Closed)
+        } else {
+            Ok(&self.inner)
+        }
+    }
+}
+
+impl Storage for KeptStorage {
+    fn capabilities(&self) -> Capabilities {
+        let mut c = self.inner.capabilities();
+        c.durability = Durability::PowerLoss;
+        c
+    }
+    async fn get(&self, key: &[u8]) -> Result<Option<Record>, StorageError> {
+        self.open()?.get(key).await
+    }
+    async fn apply(&self, key: bytes::Bytes, record: Record) -> Result<ApplyOutcome, StorageError> {
+        self.open()?.apply(key, record).await
+    }
+    async fn apply_batch(
+        &self,
+        writes: Vec<(bytes::Bytes, Record)>,
+    ) -> Result<Vec<ApplyOutcome>, StorageError> {
+        self.open()?.apply_batch(writes).await
+    }
+    async fn load_meta(&self, name: &str) -> Result<Option<bytes::Bytes>, StorageError> {
+        self.open()?.load_meta(name).await
+    }
+    async fn store_meta(&self, name: &str, value: bytes::Bytes) -> Result<(), StorageError> {
+        self.open()?.store_meta(name, value).await
+    }
+    async fn scan(
+        &self,
+        range: HashRange,
+        cursor: Option<ScanCursor>,
+        limit: NonZeroUsize,
+    ) -> Result<ScanPage, StorageError> {
+        self.open()?.scan(range, cursor, limit).await
+    }
+    async fn digest(
+        &self,
+        range: HashRange,
+        buckets: NonZeroU32,
+    ) -> Result<Vec<RangeDigest>, StorageError> {
+        self.open()?.digest(range, buckets).await
+    }
+    async fn purge(&self, now_ms: u64, grace: Duration) -> Result<PurgeStats, StorageError> {
+        self.open()?.purge(now_ms, grace).await
+    }
+    async fn stats(&self) -> Result<StorageStats, StorageError> {
+        self.open()?.stats().await
+    }
+    async fn flush(&self) -> Result<(), StorageError> {
+        self.open()?.flush().await
+    }
+    async fn close(&self) -> Result<(), StorageError> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Err(StorageError::Closed);
+        }
+        Ok(())
+    }
+}
 
 /// A wall clock that follows tokio's clock (virtual when paused), from a fixed epoch, plus a
 /// skew the test can change at any time.
@@ -166,14 +264,16 @@ impl Cluster {
         self.nodes.is_empty()
     }
 
-    /// Node `i`'s storage (kept across kills).
+    /// Node `i`'s storage (kept across kills; with `memory`, the store itself, readable while
+    /// the node is down).
     pub fn storage(&self, i: usize) -> &SharedStorage {
         self.storages[i].as_ref().expect("storage opened")
     }
 
     async fn boot(&mut self, i: usize) {
+        let memory = self.spec.storage.scheme == "memory";
         let storage = match &self.storages[i] {
-            Some(s) if self.spec.storage.scheme == "memory" => s.clone(),
+            Some(s) if memory => s.clone(),
             _ => {
                 let mut spec = self.spec.storage.clone();
                 if spec.scheme != "memory" && spec.scheme != "moka" {
@@ -188,6 +288,11 @@ impl Cluster {
             }
         };
         self.storages[i] = Some(storage.clone());
+        let storage = if memory {
+            KeptStorage::life(storage)
+        } else {
+            storage
+        };
         let transport = SharedTransport::new(self.net.bind(Self::addr(i)).expect("bind"));
         let seeds: Vec<String> = (0..self.nodes.len())
             .filter(|&j| j != i && (self.nodes[j].is_some() || j == 0))
