@@ -92,10 +92,13 @@ impl Inner {
             pending.push(self.apply_on(&view, node, (idx, batch), deadline, true));
         }
         let mut undecided = results.iter().filter(|r| r.is_none()).count();
+        // One timer for the whole request, not one per answer.
+        let expiry = tokio::time::sleep_until(deadline);
+        tokio::pin!(expiry);
         while undecided > 0 {
             let next = tokio::select! {
                 next = pending.next() => next,
-                () = tokio::time::sleep_until(deadline) => None,
+                () = &mut expiry => None,
             };
             let Some((node, idx, answer)) = next else {
                 break;
@@ -259,10 +262,13 @@ impl Inner {
             pending.push(self.read_on(&view, node, idx, batch, deadline));
         }
         let mut undecided = results.iter().filter(|r| r.is_none()).count();
+        // One timer for the whole request, not one per answer.
+        let expiry = tokio::time::sleep_until(deadline);
+        tokio::pin!(expiry);
         while undecided > 0 {
             let next = tokio::select! {
                 next = pending.next() => next,
-                () = tokio::time::sleep_until(deadline) => None,
+                () = &mut expiry => None,
             };
             let Some((node, idx, answer)) = next else {
                 break;
@@ -348,10 +354,12 @@ impl Inner {
         deadline: Instant,
         repair: bool,
     ) {
+        let expiry = tokio::time::sleep_until(deadline);
+        tokio::pin!(expiry);
         loop {
             let next = tokio::select! {
                 next = pending.next() => next,
-                () = tokio::time::sleep_until(deadline) => None,
+                () = &mut expiry => None,
             };
             let Some((node, idx, answer)) = next else {
                 break;
@@ -475,10 +483,12 @@ impl Inner {
             .map(|(node, batch)| self.apply_on(&view, node, batch, deadline, false))
             .collect();
         let mut open = short.len();
+        let expiry = tokio::time::sleep_until(deadline);
+        tokio::pin!(expiry);
         while open > 0 {
             let next = tokio::select! {
                 next = sends.next() => next,
-                () = tokio::time::sleep_until(deadline) => None,
+                () = &mut expiry => None,
             };
             let Some((_, idx, answer)) = next else {
                 break;
