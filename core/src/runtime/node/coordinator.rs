@@ -37,9 +37,6 @@ enum ApplyAnswer {
     Refused(Refusal),
     /// No usable answer (unreachable, garbled): outcome unknown.
     Failed,
-    /// The request's own timeout ran out, at the coordinator's deadline: the deadline decides
-    /// the outcome (a timeout), not this answer.
-    TimedOut,
 }
 
 /// What one replica answered for the keys it was asked.
@@ -47,7 +44,6 @@ enum ReadAnswer {
     Records(Vec<Option<Record>>),
     Refused(Refusal),
     Failed,
-    TimedOut,
 }
 
 impl Inner {
@@ -89,16 +85,16 @@ impl Inner {
         let mut pending: FuturesUnordered<Pending<ApplyAnswer>> = FuturesUnordered::new();
         for (node, idx) in groups {
             let batch: Vec<Write> = idx.iter().map(|&i| writes[i].clone()).collect();
-            pending.push(self.apply_on(&view, node, (idx, batch), deadline, true));
+            pending.push(self.apply_on(&view, node, (idx, batch), true));
         }
         let mut undecided = results.iter().filter(|r| r.is_none()).count();
-        // One timer for the whole request, not one per answer.
-        let expiry = tokio::time::sleep_until(deadline);
-        tokio::pin!(expiry);
+        // One timer for the whole request, not one per answer or per replica; the late
+        // answers below run out on it too.
+        let mut expiry = Box::pin(tokio::time::sleep_until(deadline));
         while undecided > 0 {
             let next = tokio::select! {
                 next = pending.next() => next,
-                () = &mut expiry => None,
+                () = expiry.as_mut() => None,
             };
             let Some((node, idx, answer)) = next else {
                 break;
@@ -111,13 +107,8 @@ impl Inner {
                         _ => trackers[i].fail(),
                     },
                     ApplyAnswer::Refused(why) => trackers[i].refuse(node, why.clone()),
-                    ApplyAnswer::Failed | ApplyAnswer::TimedOut
-                        if self.bugs.count_failures_as_acks =>
-                    {
-                        trackers[i].ack()
-                    }
+                    ApplyAnswer::Failed if self.bugs.count_failures_as_acks => trackers[i].ack(),
                     ApplyAnswer::Failed => trackers[i].fail(),
-                    ApplyAnswer::TimedOut => trackers[i].progress(),
                 };
                 if results[i].is_some() {
                     continue;
@@ -145,7 +136,14 @@ impl Inner {
             // Late answers are still processed: counted now, and the hook for hinted handoff.
             let inner = self.clone();
             self.defer(async move {
-                while let Some((_, idx, _)) = pending.next().await {
+                loop {
+                    let next = tokio::select! {
+                        next = pending.next() => next,
+                        () = expiry.as_mut() => None,
+                    };
+                    let Some((_, idx, _)) = next else {
+                        break;
+                    };
                     inner
                         .stats
                         .late_answers
@@ -167,7 +165,8 @@ impl Inner {
             .collect()
     }
 
-    /// Sends `batch` to `node` (or applies it here when `node` is this node).
+    /// Sends `batch` to `node` (or applies it here when `node` is this node). The future has
+    /// no deadline of its own: the caller races it against the request's.
     /// `own`: the records were stamped by this node's clock for this request (not repairs of
     /// someone else's versions), so the local replica skips the drift check.
     fn apply_on(
@@ -175,7 +174,6 @@ impl Inner {
         view: &View,
         node: NodeId,
         (idx, batch): (Vec<usize>, Vec<Write>),
-        deadline: Instant,
         own: bool,
     ) -> Pending<ApplyAnswer> {
         let inner = self.clone();
@@ -195,12 +193,12 @@ impl Inner {
                 version: REPLICA_PROTOCOL_VERSION,
                 writes: batch,
             });
-            let timeout = deadline.saturating_duration_since(Instant::now());
             inner
                 .stats
                 .replica_requests_sent
                 .fetch_add(1, Ordering::Relaxed);
-            let answer = match inner.rpc.request(&addr, &message, timeout).await {
+            // Unbounded here: every caller races these futures against the request's deadline.
+            let answer = match inner.rpc.request_unbounded(&addr, &message).await {
                 Ok(Envelope::Replica(ReplicaMessage::Applied { outcomes }))
                     if outcomes.len() == expected =>
                 {
@@ -211,7 +209,6 @@ impl Inner {
                     tracing::debug!(%addr, ?other, "unexpected answer to an apply");
                     ApplyAnswer::Failed
                 }
-                Err(crate::runtime::rpc::RpcError::Timeout { .. }) => ApplyAnswer::TimedOut,
                 Err(e) => {
                     tracing::trace!(%addr, error = %e, "apply request failed");
                     ApplyAnswer::Failed
@@ -259,7 +256,7 @@ impl Inner {
         let mut pending: FuturesUnordered<Pending<ReadAnswer>> = FuturesUnordered::new();
         for (node, idx) in groups {
             let batch: Vec<Bytes> = idx.iter().map(|&i| keys[i].clone()).collect();
-            pending.push(self.read_on(&view, node, idx, batch, deadline));
+            pending.push(self.read_on(&view, node, idx, batch));
         }
         let mut undecided = results.iter().filter(|r| r.is_none()).count();
         // One timer for the whole request, not one per answer.
@@ -284,7 +281,6 @@ impl Inner {
                     },
                     ReadAnswer::Refused(why) => trackers[i].refuse(node, why.clone()),
                     ReadAnswer::Failed => trackers[i].fail(),
-                    ReadAnswer::TimedOut => trackers[i].progress(),
                 };
                 if results[i].is_some() {
                     continue;
@@ -389,10 +385,25 @@ impl Inner {
             .into_iter()
             .map(|(node, writes)| {
                 let idx = (0..writes.len()).collect();
-                self.apply_on(&view, node, (idx, writes), deadline, false)
+                self.apply_on(&view, node, (idx, writes), false)
             })
             .collect();
-        while let Some((_, _, answer)) = sends.next().await {
+        let expiry = tokio::time::sleep_until(deadline);
+        tokio::pin!(expiry);
+        loop {
+            let answer = tokio::select! {
+                next = sends.next() => match next {
+                    Some((_, _, answer)) => answer,
+                    None => break,
+                },
+                () = &mut expiry => {
+                    // Unanswered repairs by the deadline count as failed.
+                    for _ in 0..sends.len() {
+                        self.count_repair(&ApplyAnswer::Failed);
+                    }
+                    break;
+                }
+            };
             self.count_repair(&answer);
         }
     }
@@ -480,7 +491,7 @@ impl Inner {
         }
         let mut sends: FuturesUnordered<Pending<ApplyAnswer>> = per_node
             .into_iter()
-            .map(|(node, batch)| self.apply_on(&view, node, batch, deadline, false))
+            .map(|(node, batch)| self.apply_on(&view, node, batch, false))
             .collect();
         let mut open = short.len();
         let expiry = tokio::time::sleep_until(deadline);
@@ -525,14 +536,14 @@ impl Inner {
         }
     }
 
-    /// Asks `node` for `batch` (or reads here when `node` is this node).
+    /// Asks `node` for `batch` (or reads here when `node` is this node). The future has no
+    /// deadline of its own: the caller races it against the request's.
     fn read_on(
         self: &Arc<Self>,
         view: &View,
         node: NodeId,
         idx: Vec<usize>,
         batch: Vec<Bytes>,
-        deadline: Instant,
     ) -> Pending<ReadAnswer> {
         let inner = self.clone();
         let keys: Vec<Key> = batch.into_iter().map(Key).collect();
@@ -555,12 +566,12 @@ impl Inner {
                 version: REPLICA_PROTOCOL_VERSION,
                 keys,
             });
-            let timeout = deadline.saturating_duration_since(Instant::now());
             inner
                 .stats
                 .replica_requests_sent
                 .fetch_add(1, Ordering::Relaxed);
-            let answer = match inner.rpc.request(&addr, &message, timeout).await {
+            // Unbounded here: every caller races these futures against the request's deadline.
+            let answer = match inner.rpc.request_unbounded(&addr, &message).await {
                 Ok(Envelope::Replica(ReplicaMessage::Records { records }))
                     if records.len() == expected =>
                 {
@@ -571,7 +582,6 @@ impl Inner {
                     tracing::debug!(%addr, ?other, "unexpected answer to a read");
                     ReadAnswer::Failed
                 }
-                Err(crate::runtime::rpc::RpcError::Timeout { .. }) => ReadAnswer::TimedOut,
                 Err(e) => {
                     tracing::trace!(%addr, error = %e, "read request failed");
                     ReadAnswer::Failed
