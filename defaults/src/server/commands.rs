@@ -56,7 +56,7 @@ const NO_RMW: &str =
 
 /// Every command, for `COMMAND`: name, arity (negative: at least), flags, first key, last
 /// key, key step, group, summary.
-pub(crate) const COMMANDS: &[(&str, i64, &[&str], i64, i64, i64, &str, &str)] = &[
+pub(crate) const COMMANDS: &[CommandRow] = &[
     (
         "get",
         2,
@@ -299,6 +299,18 @@ pub(crate) const COMMANDS: &[(&str, i64, &[&str], i64, i64, i64, &str, &str)] = 
     ),
 ];
 
+/// One row of [`COMMANDS`].
+pub(crate) type CommandRow = (
+    &'static str,
+    i64,
+    &'static [&'static str],
+    i64,
+    i64,
+    i64,
+    &'static str,
+    &'static str,
+);
+
 /// Commands Chorus knows but refuses, with the reason.
 fn refused(name: &str) -> Option<String> {
     let why = match name {
@@ -366,6 +378,32 @@ pub(crate) fn replication_error(e: &ReplicationError) -> Reply {
         ReplicationError::Invalid(i) => Reply::err(i.to_string()),
         ReplicationError::ShuttingDown => {
             Reply::error("SHUTDOWN", "the node is shutting down; nothing was sent")
+        }
+        ReplicationError::Failed {
+            op,
+            acks,
+            required,
+            refusals,
+            unreachable,
+        } => {
+            let write = *op == crate::replication::Operation::Write;
+            let first = refusals
+                .first()
+                .map(|(n, r)| format!(" (node {}: {r})", n.0))
+                .unwrap_or_default();
+            Reply::error(
+                "FAILED",
+                format!(
+                    "{acks} of {required} required replicas {}, {unreachable} unreachable, {} refused{first}{}",
+                    if write { "acknowledged" } else { "answered" },
+                    refusals.len(),
+                    if write {
+                        "; the write may have been applied"
+                    } else {
+                        ""
+                    },
+                ),
+            )
         }
         other => Reply::error("FAILED", other.to_string()),
     }
@@ -802,7 +840,7 @@ fn client(s: &mut Session, args: &[Bytes]) -> Reply {
 }
 
 fn command(args: &[Bytes]) -> Reply {
-    let info = |c: &(&str, i64, &[&str], i64, i64, i64, &str, &str)| {
+    let info = |c: &CommandRow| {
         Reply::Array(vec![
             Reply::text(c.0),
             Reply::Int(c.1),
@@ -819,9 +857,7 @@ fn command(args: &[Bytes]) -> Reply {
     let Some(sub) = args.first() else {
         return Reply::Array(COMMANDS.iter().map(info).collect());
     };
-    let wanted = |c: &&(&str, i64, &[&str], i64, i64, i64, &str, &str)| {
-        args.len() == 1 || args[1..].iter().any(|a| lower(a) == c.0)
-    };
+    let wanted = |c: &&CommandRow| args.len() == 1 || args[1..].iter().any(|a| lower(a) == c.0);
     match lower(sub).as_str() {
         "count" => Reply::Int(COMMANDS.len() as i64),
         "info" => Reply::Array(COMMANDS.iter().filter(wanted).map(info).collect()),

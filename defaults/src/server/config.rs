@@ -249,7 +249,7 @@ impl ServerConfig {
         })?;
         let registry = crate::registry();
         let backends = registry.backend_names();
-        if !backends.iter().any(|b| *b == self.node.storage.scheme) {
+        if !backends.contains(&self.node.storage.scheme) {
             return Err(field(
                 "node.storage.scheme",
                 format!(
@@ -260,7 +260,7 @@ impl ServerConfig {
             ));
         }
         let transports = registry.transport_names();
-        if !transports.iter().any(|t| *t == self.node.transport.scheme) {
+        if !transports.contains(&self.node.transport.scheme) {
             return Err(field(
                 "node.transport.scheme",
                 format!(
