@@ -763,6 +763,14 @@ fn protocol_shapes_refusals_and_the_cli() {
 
     // The redis crate (as any client library) with the commands it uses.
     let mut con = server.redis();
+    // A pipeline of writes to one key, batched together, leaves the last one.
+    let mut pipe = redis::pipe();
+    for i in 0..200 {
+        pipe.cmd("SET").arg("same").arg(i).ignore();
+    }
+    pipe.cmd("GET").arg("same");
+    let (last,): (i64,) = pipe.query(&mut con).unwrap();
+    assert_eq!(last, 199);
     let () = redis::cmd("SET")
         .arg("ttl")
         .arg("x")

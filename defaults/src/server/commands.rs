@@ -460,7 +460,7 @@ pub(crate) async fn execute(shared: &Arc<Shared>, s: &mut Session, args: &[Bytes
         "info" => Reply::Verbatim(info(shared, s, &args[1..]).await),
         "command" => command(&args[1..]),
         "config" if n >= 2 => match lower(&args[1]).as_str() {
-            "get" if n >= 3 => Reply::Array(Vec::new()),
+            "get" if n >= 3 => config_get(&args[2..]),
             "resetstat" => Reply::Ok,
             _ => Reply::err(
                 "CONFIG SET is not supported: settings live in the configuration file (docs/OPERATIONS.md)",
@@ -492,6 +492,104 @@ pub(crate) async fn execute(shared: &Arc<Shared>, s: &mut Session, args: &[Bytes
             Reply::err(message)
         }
     }
+}
+
+/// `CONFIG GET`: the few Redis parameters tools ask for (`redis-benchmark` reads `save` and
+/// `appendonly`), with the values that describe Chorus; nothing else matches.
+fn config_get(patterns: &[Bytes]) -> Reply {
+    const PARAMS: &[(&str, &str)] = &[("save", ""), ("appendonly", "no"), ("databases", "1")];
+    let mut out = Vec::new();
+    for (name, value) in PARAMS {
+        if patterns.iter().any(|p| {
+            let p = lower(p);
+            p == *name || p == "*"
+        }) {
+            out.push(Reply::text(*name));
+            out.push(Reply::text(*value));
+        }
+    }
+    Reply::Array(out)
+}
+
+/// What a run of pipelined commands can be handed to the batcher as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Batchable {
+    /// `SET key value`, no options.
+    Set,
+    /// `GET key` at a level above One (reads at One are served locally, unbatched).
+    Get,
+}
+
+/// Whether `args` is a command the batcher takes for this session.
+pub(crate) fn batchable(shared: &Shared, s: &Session, args: &[Bytes]) -> Option<Batchable> {
+    if !s.authenticated {
+        return None;
+    }
+    let name = args.first()?;
+    if args.len() == 3 && name.eq_ignore_ascii_case(b"set") {
+        return Some(Batchable::Set);
+    }
+    if args.len() == 2 && name.eq_ignore_ascii_case(b"get") {
+        let c = read_level(shared, s);
+        if c != Consistency::One && c != Consistency::Count(std::num::NonZeroUsize::MIN) {
+            return Some(Batchable::Get);
+        }
+    }
+    None
+}
+
+/// Runs `run` (commands of one [`Batchable`] kind, in order) through the batcher: all are
+/// submitted before any is awaited; the replies in order.
+pub(crate) async fn execute_batch(
+    shared: &Shared,
+    s: &Session,
+    kind: Batchable,
+    run: &[Vec<Bytes>],
+) -> Vec<Reply> {
+    shared.metrics.commands.increment(run.len() as u64);
+    shared
+        .commands_seen
+        .fetch_add(run.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    let start = Instant::now();
+    let mut replies = Vec::with_capacity(run.len());
+    match kind {
+        Batchable::Set => {
+            let c = write_level(shared, s);
+            let pending: Vec<_> = run
+                .iter()
+                .map(|a| shared.batcher.put(a[1].clone(), a[2].clone(), c))
+                .collect();
+            for rx in pending {
+                let r = rx.await.unwrap_or(Err(ReplicationError::ShuttingDown));
+                shared
+                    .metrics
+                    .request(Op::Set, c, r.as_ref().err(), start.elapsed());
+                replies.push(match r {
+                    Ok(()) => Reply::Ok,
+                    Err(e) => replication_error(&e),
+                });
+            }
+        }
+        Batchable::Get => {
+            let c = read_level(shared, s);
+            let pending: Vec<_> = run
+                .iter()
+                .map(|a| shared.batcher.get(a[1].clone(), c))
+                .collect();
+            for rx in pending {
+                let r = rx.await.unwrap_or(Err(ReplicationError::ShuttingDown));
+                shared
+                    .metrics
+                    .request(Op::Get, c, r.as_ref().err(), start.elapsed());
+                replies.push(match r {
+                    Ok(Some(v)) => Reply::Bulk(v),
+                    Ok(None) => Reply::Null,
+                    Err(e) => replication_error(&e),
+                });
+            }
+        }
+    }
+    replies
 }
 
 fn read_level(shared: &Shared, s: &Session) -> Consistency {

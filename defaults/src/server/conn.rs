@@ -12,7 +12,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use super::Shared;
-use super::commands::{Session, execute};
+use super::commands::{Session, batchable, execute, execute_batch};
 use super::resp::{Limits, Proto, Reply, next_command};
 
 /// Accepts connections until `stop` turns true, then gives those open
@@ -101,6 +101,7 @@ async fn serve(
     let idle = shared.idle_timeout;
     let mut input = BytesMut::with_capacity(16 * 1024);
     let mut output = BytesMut::with_capacity(16 * 1024);
+    let mut protocol_error = None;
     loop {
         let read = async {
             if idle.is_zero() {
@@ -130,26 +131,47 @@ async fn serve(
         };
         shared.metrics.bytes_in.increment(n as u64);
         let mut close = false;
+        let mut commands = Vec::new();
         loop {
             match next_command(&mut input, &limits) {
                 Ok(None) => break,
                 Ok(Some(args)) if args.is_empty() => continue,
-                Ok(Some(args)) => {
-                    let reply = execute(shared, &mut session, &args).await;
-                    reply.encode(session.proto, &mut output);
-                    if session.quit {
-                        close = true;
-                        break;
-                    }
-                }
+                Ok(Some(args)) => commands.push(args),
                 Err(e) => {
                     shared.metrics.protocol_errors.increment(1);
                     tracing::debug!(peer = %session.peer, error = %e, "protocol error; closing");
-                    Reply::err(e.to_string()).encode(Proto::Resp2, &mut output);
-                    close = true;
+                    protocol_error = Some(e);
                     break;
                 }
             }
+        }
+        let mut i = 0;
+        while i < commands.len() {
+            // A run of plain SETs (or quorum GETs) goes to the batcher at once.
+            if let Some(kind) = batchable(shared, &session, &commands[i]) {
+                let len = commands[i..]
+                    .iter()
+                    .take_while(|c| batchable(shared, &session, c) == Some(kind))
+                    .count();
+                for reply in execute_batch(shared, &session, kind, &commands[i..i + len]).await {
+                    reply.encode(session.proto, &mut output);
+                }
+                i += len;
+                continue;
+            }
+            let reply = execute(shared, &mut session, &commands[i]).await;
+            reply.encode(session.proto, &mut output);
+            i += 1;
+            if session.quit {
+                close = true;
+                break;
+            }
+        }
+        if let Some(e) = protocol_error.take() {
+            if !close {
+                Reply::err(e.to_string()).encode(Proto::Resp2, &mut output);
+            }
+            close = true;
         }
         if !output.is_empty() {
             shared.metrics.bytes_out.increment(output.len() as u64);

@@ -17,6 +17,7 @@
 //! ```
 
 mod admin;
+mod batch;
 pub mod cli;
 pub(crate) mod client;
 mod commands;
@@ -74,6 +75,7 @@ pub enum ServerError {
 /// What the listeners and commands share.
 pub(crate) struct Shared {
     node: Node,
+    batcher: batch::Batcher,
     metrics: metrics::Metrics,
     password: String,
     limits: ClientConfig,
@@ -190,8 +192,10 @@ impl Server {
         let admin_addr = admin.as_ref().and_then(|a| a.local_addr().ok());
         let seeds_empty = config.node.seeds.is_empty();
         let node = crate::node().config(config.node.clone()).start().await?;
+        let (batcher, batch_tasks) = batch::Batcher::start(&node);
         let shared = Arc::new(Shared {
             node: node.clone(),
+            batcher,
             metrics: metrics::Metrics::new(),
             password: config.client.password.clone(),
             idle_timeout: config.client.idle_timeout,
@@ -212,6 +216,7 @@ impl Server {
         let (stop, stopped) = watch::channel(false);
         let accept = tokio::spawn(conn::accept_loop(shared.clone(), client, stopped.clone()));
         let mut others = vec![tokio::spawn(metrics::count_membership_events(node))];
+        others.extend(batch_tasks);
         if let Some(admin) = admin {
             others.push(tokio::spawn(admin::serve(
                 shared.clone(),
