@@ -10,7 +10,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::Context;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
@@ -131,7 +131,7 @@ fn by_level<T>(batch: Vec<T>, level: impl Fn(&T) -> Consistency) -> Vec<(Consist
 fn start_now(work: impl Future<Output = ()> + Send + 'static) {
     let mut work = Box::pin(work);
     let mut cx = Context::from_waker(std::task::Waker::noop());
-    if let Poll::Pending = Pin::new(&mut work).poll(&mut cx) {
+    if Pin::new(&mut work).poll(&mut cx).is_pending() {
         tokio::spawn(work);
     }
 }
