@@ -968,3 +968,31 @@ fn config_errors_name_the_field() {
     let (code, text) = check(&String::from_utf8_lossy(&out.stdout), &[]);
     assert_eq!(code, Some(0), "{text}");
 }
+
+#[test]
+fn the_demo_runs_its_scenario_and_exits_cleanly() {
+    let start = Instant::now();
+    let out = Command::new(EXE)
+        .arg("demo")
+        .env_clear()
+        .output()
+        .expect("run the demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("redis-cli -p "), "{stdout}");
+    assert!(
+        stdout.contains("UNAVAILABLE 2 of 3 required replicas reachable")
+            || stdout.contains("TIMEOUT 2 of 3 required replicas acknowledged"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("node 3 holds the value it missed"),
+        "{stdout}"
+    );
+    assert_eq!(stdout.matches("exited cleanly").count(), 3, "{stdout}");
+    assert!(start.elapsed() < Duration::from_secs(60));
+}
