@@ -687,6 +687,30 @@ fn malformed_input_closes_only_that_connection() {
     check_healthy(&mut healthy);
     drop(extra);
 
+    // A client that stops reading its replies is closed at the idle timeout too, once the
+    // server cannot write them.
+    let big = "x".repeat(1 << 20);
+    let () = redis::cmd("SET")
+        .arg("big")
+        .arg(&big)
+        .query(&mut healthy)
+        .unwrap();
+    let mut stuck = Raw::connect(&server.client);
+    let gets = "*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n".repeat(64);
+    stuck.0.write_all(gets.as_bytes()).unwrap();
+    wait_until(
+        "only the healthy connection is left",
+        Duration::from_secs(10),
+        || {
+            let info: String = redis::cmd("INFO")
+                .arg("clients")
+                .query(&mut healthy)
+                .unwrap();
+            info.contains("connected_clients:1\r\n")
+        },
+    );
+    drop(stuck);
+
     let samples = metrics(&server);
     assert!(sample(&samples, "chorus_client_protocol_errors_total", &[]) >= 3.0);
     assert!(sample(&samples, "chorus_client_connections_rejected_total", &[]) >= 1.0);

@@ -175,7 +175,16 @@ async fn serve(
         }
         if !output.is_empty() {
             shared.metrics.bytes_out.increment(output.len() as u64);
-            if stream.write_all(&output).await.is_err() {
+            // A client that stops reading its replies gets the idle timeout for them too.
+            let written = if idle.is_zero() {
+                stream.write_all(&output).await
+            } else {
+                tokio::time::timeout(idle, stream.write_all(&output))
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+            };
+            if let Err(e) = written {
+                tracing::debug!(peer = %session.peer, error = %e, "write failed; closing");
                 break;
             }
             output.clear();
