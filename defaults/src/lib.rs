@@ -129,3 +129,6 @@ pub fn registry() -> Registry {
     registry.note_missing(ComponentKind::Backend, "moka", "backend-moka");
     registry
 }
+
+#[cfg(feature = "server")]
+pub mod server;
