@@ -95,6 +95,7 @@ impl Net {
                 meta: MemberMeta::new(addr.clone()),
                 seeds: Vec::new(),
                 rng_seed: seed ^ i as u64,
+                security: crate::membership::Security::Insecure,
             };
             net.nodes.push(Membership::new(config, start, net.now));
             net.addrs.push(addr);
@@ -711,6 +712,7 @@ fn a_restart_with_a_new_generation_replaces_the_old_entry() {
         meta: MemberMeta::new(addr.clone()),
         seeds: vec![net.addr(A)],
         rng_seed: net.seed ^ 0xB2,
+        security: crate::membership::Security::Insecure,
     };
     net.nodes[B] = Membership::new(quiet_config(), restarted, net.now);
     net.addrs[B] = addr.clone();
@@ -1085,6 +1087,7 @@ fn the_message_limit_is_lowered_to_the_transports_frame_limit_never_raised() {
             meta: MemberMeta::new("n1:1"),
             seeds: Vec::new(),
             rng_seed: seed(),
+            security: crate::membership::Security::Insecure,
         },
         Instant::now(),
     );

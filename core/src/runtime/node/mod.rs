@@ -309,6 +309,7 @@ impl NodeBuilder {
                 rng_seed: self
                     .rng_seed
                     .unwrap_or_else(|| clock.now_ms() ^ config.id.0),
+                security: crate::membership::Security::Insecure,
             },
             tokio::time::Instant::now().into_std(),
         );
@@ -953,7 +954,8 @@ async fn dispatch(
             message,
         } = request;
         match message {
-            Envelope::Swim(m) => swim.deliver(from, m),
+            Envelope::Swim(m) => swim.deliver(from, crate::membership::SwimFrame::Plain(m)),
+            Envelope::SwimSigned(m) => swim.deliver(from, crate::membership::SwimFrame::Signed(m)),
             Envelope::Replica(m) => {
                 let inner = inner.clone();
                 let mut serving = Box::pin(async move {
