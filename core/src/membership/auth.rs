@@ -58,7 +58,7 @@ pub enum Security {
     /// `keyring`, about members whose key it lists.
     Keyring {
         /// This node's key pair; the node's id is the one bound to its key.
-        identity: Identity,
+        identity: Box<Identity>,
         /// The keys allowed in the cluster.
         keyring: Keyring,
     },
@@ -70,7 +70,10 @@ pub enum Security {
 impl Security {
     /// Keyring mode.
     pub fn keyring(identity: Identity, keyring: Keyring) -> Self {
-        Security::Keyring { identity, keyring }
+        Security::Keyring {
+            identity: Box::new(identity),
+            keyring,
+        }
     }
 }
 
@@ -342,7 +345,9 @@ impl Auth {
         frame: &SignedSwim,
         max_len: usize,
     ) -> Result<Verified, Rejection> {
-        let key = self.keyring.get(frame.from).ok_or(Rejection::UnknownKey)?;
+        if self.keyring.get(frame.from).is_none() {
+            return Err(Rejection::UnknownKey);
+        }
         if frame.signature.len() != SIGNATURE_LEN
             || frame.to.as_str().len() > super::message::MAX_ADDR_LEN
         {
@@ -355,7 +360,7 @@ impl Auth {
             frame.seq,
             &frame.body,
         );
-        if !key.verify(&signed, &frame.signature) {
+        if !self.keyring.verify(frame.from, &signed, &frame.signature) {
             return Err(Rejection::Forged);
         }
         if frame.to != *own_addr {

@@ -229,7 +229,7 @@ impl Membership {
                     id = identity.node_id();
                 }
                 meta.public_key = identity.public_key().0;
-                Some(Auth::new(identity, keyring))
+                Some(Auth::new(*identity, keyring))
             }
         };
         let seeds: Vec<Address> = seeds.into_iter().filter(|s| *s != meta.addr).collect();
