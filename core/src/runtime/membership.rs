@@ -514,6 +514,8 @@ async fn run<T: Transport>(
             command = ch.commands.recv() => match command {
                 Some(Command::SetKeyring(keyring, tx)) => {
                     machine.set_keyring(Instant::now().into_std(), keyring);
+                    // A revoked member that was already dead leaves the view without an event.
+                    ch.view.send_replace(snapshot(&machine));
                     let _ = tx.send(());
                 }
                 Some(Command::Leave(grace, tx)) => {
