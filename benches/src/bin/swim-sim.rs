@@ -244,6 +244,9 @@ struct SigningCost {
     total_cpu_s: f64,
     /// Real time of the whole run, seconds.
     wall_s: f64,
+    /// Real time of joining, converging and detecting one crash (the CI simulation's
+    /// workload), seconds.
+    detect_wall_s: f64,
     converge_s: f64,
     msgs_per_member_s: f64,
 }
@@ -256,7 +259,10 @@ fn signing_cost(seed: u64, n: usize, signing: bool) -> SigningCost {
         sim.run_for(Duration::from_millis(500));
     }
     let converge_s = sim.now().as_secs_f64();
-    sim.run_for(Duration::from_secs(30));
+    sim.crash(n / 2);
+    sim.run_for(Duration::from_secs(10));
+    let detect_wall_s = wall.elapsed().as_secs_f64();
+    sim.run_for(Duration::from_secs(20));
     let before = sim.stats();
     let cpu1 = cpu_ns();
     sim.run_for(LOAD_WINDOW);
@@ -268,6 +274,7 @@ fn signing_cost(seed: u64, n: usize, signing: bool) -> SigningCost {
         total_cpu_s: (cpu2 - cpu0) as f64 / 1e9,
         wall_s: wall.elapsed().as_secs_f64(),
         converge_s,
+        detect_wall_s,
         msgs_per_member_s: (after.messages - before.messages) as f64 / member_secs,
     }
 }
@@ -275,23 +282,24 @@ fn signing_cost(seed: u64, n: usize, signing: bool) -> SigningCost {
 fn print_signing(sizes: &[usize], seed: u64) {
     println!();
     println!(
-        "# signing off/on (seed {seed}, LAN preset, codec on): join, converge, 30 s, then a {} s steady window",
+        "# signing off/on (seed {seed}, LAN preset, codec on): join, converge, crash one member, 30 s, then a {} s steady window",
         LOAD_WINDOW.as_secs()
     );
     println!();
     println!(
-        "| N | signing | converged after | msgs/member/s | CPU/member/s (steady) | run CPU | run real time |"
+        "| N | signing | converged after | msgs/member/s | CPU/member/s (steady) | real time to converge + detect | run CPU | run real time |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for &n in sizes {
         for signing in [false, true] {
             let c = signing_cost(seed, n, signing);
             println!(
-                "| {n} | {} | {:.1} s | {:.2} | {:.1} us | {:.2} s | {:.2} s |",
+                "| {n} | {} | {:.1} s | {:.2} | {:.1} us | {:.1} s | {:.2} s | {:.2} s |",
                 if signing { "on" } else { "off" },
                 c.converge_s,
                 c.msgs_per_member_s,
                 c.steady_us,
+                c.detect_wall_s,
                 c.total_cpu_s,
                 c.wall_s,
             );
