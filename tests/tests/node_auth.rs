@@ -93,14 +93,22 @@ async fn an_outsider_knowing_every_address_never_joins_a_keyring_cluster() {
     let outsider = start(&net, 3, ids[3].clone(), &wide, &[0, 1, 2]).await;
     tokio::time::sleep(10 * SECOND).await;
     settle(&[&a, &b, &c], &members, SECOND).await;
-    assert_eq!(alive(&outsider), vec![ids[3].node_id()], "someone answered it");
+    assert_eq!(
+        alive(&outsider),
+        vec![ids[3].node_id()],
+        "someone answered it"
+    );
     for n in [&a, &b, &c] {
         let auth = n.auth_stats();
         assert!(auth.unknown_key > 0, "seed {}: {auth:?}", seed());
     }
-    a.put("k", "v", WriteOptions::default().consistency(Consistency::All))
-        .await
-        .expect("the cluster still works");
+    a.put(
+        "k",
+        "v",
+        WriteOptions::default().consistency(Consistency::All),
+    )
+    .await
+    .expect("the cluster still works");
     for n in [outsider, c, b, a] {
         n.shutdown().await.expect("shutdown");
     }
@@ -220,7 +228,10 @@ async fn a_node_keeps_its_identity_in_its_data_directory() {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&key_file).expect("created").permissions().mode();
+        let mode = std::fs::metadata(&key_file)
+            .expect("created")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
     let again = boot(1).start().await.expect("restart");

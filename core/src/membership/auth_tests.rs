@@ -515,3 +515,104 @@ fn relayed_acks_count_only_from_the_helpers_asked() {
         "the relayed ack ended the probe"
     );
 }
+
+/// An admitted member that floods: its piggybacked updates and its ping-reqs are limited per
+/// second (per sender), the excess counted, and the budget refills with time.
+#[test]
+fn a_flooding_member_is_rate_limited_per_peer() {
+    let mut w = World::new();
+    let (b_id, d_id) = (w.b.local.id, w.d.local.id);
+    let b = w.b.local.clone();
+    let per_second = w.a.config.max_updates_per_peer_per_second.get() as u64;
+    let per_message = w.a.max_updates_per_message() as u64;
+    let messages = 2 * per_second / per_message;
+    for _ in 0..messages {
+        let updates = (0..per_message)
+            .map(|_| Update::Alive {
+                id: b.id,
+                life: b.life,
+                meta: b.meta.clone(),
+            })
+            .collect();
+        let frame = seal(
+            &mut w.b,
+            &w.a,
+            SwimMessage::Gossip {
+                from: b_id,
+                updates,
+            },
+        );
+        w.deliver("b", SwimFrame::Signed(frame));
+    }
+    assert_eq!(
+        w.a.stats().rate_limited_updates,
+        messages * per_message - per_second,
+        "seed {}",
+        seed()
+    );
+    // D has a budget of its own.
+    let d = w.d.local.clone();
+    let frame = seal(
+        &mut w.d,
+        &w.a,
+        SwimMessage::Gossip {
+            from: d_id,
+            updates: vec![Update::Alive {
+                id: d.id,
+                life: d.life,
+                meta: d.meta,
+            }],
+        },
+    );
+    w.deliver("d", SwimFrame::Signed(frame));
+    assert_eq!(
+        w.a.stats().rate_limited_updates,
+        messages * per_message - per_second
+    );
+    // A second later B's budget is back.
+    w.now += Duration::from_secs(1);
+    let frame = seal(
+        &mut w.b,
+        &w.a,
+        SwimMessage::Gossip {
+            from: b_id,
+            updates: vec![Update::Alive {
+                id: b.id,
+                life: b.life,
+                meta: b.meta.clone(),
+            }],
+        },
+    );
+    w.deliver("b", SwimFrame::Signed(frame));
+    assert_eq!(
+        w.a.stats().rate_limited_updates,
+        messages * per_message - per_second
+    );
+
+    // Ping-reqs: B asks A to probe D, far more often than its relay budget.
+    let relays = w.a.config.max_relays_per_peer_per_second.get() as u64;
+    for seq in 0..3 * relays {
+        let frame = seal(
+            &mut w.b,
+            &w.a,
+            SwimMessage::PingReq {
+                seq: seq as u32,
+                from: b_id,
+                target: d_id,
+                target_addr: addr("d"),
+                updates: vec![],
+            },
+        );
+        w.deliver("b", SwimFrame::Signed(frame));
+    }
+    assert_eq!(
+        w.a.stats().rate_limited_relays,
+        2 * relays,
+        "seed {}",
+        seed()
+    );
+    let pings = std::iter::from_fn(|| w.a.poll_transmit())
+        .filter(|t| matches!(t.message, SwimMessage::Ping { target, .. } if target == d_id))
+        .count() as u64;
+    assert_eq!(pings, relays, "relayed pings");
+}

@@ -58,6 +58,7 @@
 pub mod auth;
 pub mod config;
 mod dissemination;
+mod limits;
 mod members;
 pub mod message;
 mod probe;
@@ -159,6 +160,13 @@ pub struct MembershipStats {
     /// Ping-reqs not relayed: from an unknown or dead requester, about a target not known
     /// alive, or past [`MembershipConfig::max_relays_per_second`].
     pub refused_relays: u64,
+    /// Piggybacked updates dropped because their sender was past
+    /// [`MembershipConfig::max_updates_per_peer_per_second`].
+    pub rate_limited_updates: u64,
+    /// Ping-reqs refused because their requester was past
+    /// [`MembershipConfig::max_relays_per_peer_per_second`] (also counted in
+    /// `refused_relays`).
+    pub rate_limited_relays: u64,
     /// Times this node moved itself to a new generation because it was told about itself in
     /// a generation at or above its own that it could not otherwise outbid.
     pub generation_bumps: u64,
@@ -204,6 +212,8 @@ pub struct Membership {
     stats: MembershipStats,
     auth: Option<Auth>,
     auth_stats: AuthStats,
+    update_budget: limits::PeerBuckets,
+    relay_budget: limits::PeerBuckets,
 }
 
 impl Membership {
@@ -279,6 +289,8 @@ impl Membership {
             stats: MembershipStats::default(),
             auth,
             auth_stats: AuthStats::default(),
+            update_budget: limits::PeerBuckets::default(),
+            relay_budget: limits::PeerBuckets::default(),
         }
     }
 
@@ -570,7 +582,8 @@ impl Membership {
         }
     }
 
-    fn dispatch(&mut self, now: Instant, from: Address, message: SwimMessage) {
+    fn dispatch(&mut self, now: Instant, from: Address, mut message: SwimMessage) {
+        self.limit_updates(now, &mut message);
         match message {
             SwimMessage::Ping {
                 seq,
@@ -599,6 +612,35 @@ impl Membership {
                 part,
                 members,
             } => self.on_push_pull(now, from, sender, reply, part, members),
+        }
+    }
+
+    /// Drops the piggybacked updates of `message` past its sender's budget
+    /// ([`MembershipConfig::max_updates_per_peer_per_second`]).
+    fn limit_updates(&mut self, now: Instant, message: &mut SwimMessage) {
+        let sender = auth::claimed_sender(message);
+        let updates = match message {
+            SwimMessage::Ping { updates, .. }
+            | SwimMessage::Ack { updates, .. }
+            | SwimMessage::PingReq { updates, .. }
+            | SwimMessage::Gossip { updates, .. } => updates,
+            SwimMessage::Nack { .. } | SwimMessage::PushPull { .. } => return,
+        };
+        if updates.is_empty() {
+            return;
+        }
+        let wanted = updates.len().min(self.max_updates_per_message()) as u32;
+        let granted = self.update_budget.take(
+            now,
+            sender,
+            wanted,
+            self.config.max_updates_per_peer_per_second.get(),
+            self.config.max_members.get(),
+        );
+        if granted < wanted {
+            self.stats.rate_limited_updates += u64::from(wanted - granted);
+            tracing::debug!(%sender, dropped = wanted - granted, "updates over the sender's budget");
+            updates.truncate(granted as usize);
         }
     }
 

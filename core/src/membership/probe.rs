@@ -405,6 +405,19 @@ impl Membership {
             tracing::debug!(%requester, %target, "ping-req from or about a member not known alive");
             return;
         };
+        if self.relay_budget.take(
+            now,
+            requester,
+            1,
+            self.config.max_relays_per_peer_per_second.get(),
+            self.config.max_members.get(),
+        ) == 0
+        {
+            self.stats.refused_relays += 1;
+            self.stats.rate_limited_relays += 1;
+            tracing::debug!(%requester, "ping-req over the requester's relay budget");
+            return;
+        }
         if !self
             .probes
             .relay_budget
