@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::membership::SwimMessage;
+use crate::membership::{SignedSwim, SwimFrame, SwimMessage};
 use crate::replication::ReplicaMessage;
 
 /// Every message one node sends another, tagged by protocol.
@@ -20,8 +20,35 @@ use crate::replication::ReplicaMessage;
 pub enum Envelope {
     /// A replica protocol message (see [`crate::replication`]).
     Replica(ReplicaMessage),
-    /// A membership protocol message (see [`crate::membership`]).
+    /// A membership protocol message, unsigned (insecure mode; see [`crate::membership`]).
     Swim(SwimMessage),
+    /// A signed membership message (keyring mode; see [`crate::membership::auth`]).
+    SwimSigned(SignedSwim),
+}
+
+impl From<SwimFrame> for Envelope {
+    fn from(frame: SwimFrame) -> Self {
+        match frame {
+            SwimFrame::Plain(message) => Envelope::Swim(message),
+            SwimFrame::Signed(signed) => Envelope::SwimSigned(signed),
+        }
+    }
+}
+
+impl Envelope {
+    /// Whether this is a membership message, signed or not.
+    pub fn is_swim(&self) -> bool {
+        matches!(self, Envelope::Swim(_) | Envelope::SwimSigned(_))
+    }
+
+    /// The membership frame this envelope carries, if it is one; the envelope back otherwise.
+    pub fn into_swim(self) -> Result<SwimFrame, Envelope> {
+        match self {
+            Envelope::Swim(message) => Ok(SwimFrame::Plain(message)),
+            Envelope::SwimSigned(signed) => Ok(SwimFrame::Signed(signed)),
+            other => Err(other),
+        }
+    }
 }
 
 impl From<ReplicaMessage> for Envelope {

@@ -2,7 +2,8 @@
 //!
 //! The modules form layers; each uses only the layers below it (see `docs/ARCHITECTURE.md`):
 //!
-//! 1. identity and utilities: [`identity`] ([`NodeId`], [`Address`]), [`util`], [`codec`]
+//! 1. identity and utilities: [`identity`] ([`NodeId`], [`Address`]), [`auth`] (Ed25519
+//!    identities and the cluster keyring), [`util`], [`codec`]
 //!    (bounded serde helpers), [`options`] (the typed reader of backends' and transports'
 //!    options), [`hash`], [`hlc`], [`record`], [`ring`];
 //! 2. [`wire`]: framing and bounded decoding of any message type, naming none;
@@ -24,6 +25,7 @@
 
 #![deny(missing_docs)]
 
+pub mod auth;
 pub mod codec;
 pub mod envelope;
 pub mod hash;

@@ -24,10 +24,12 @@ use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::auth::{Identity, Keyring};
 use crate::envelope::Envelope;
 use crate::identity::{Address, NodeId};
 use crate::membership::{
-    MemberMeta, MemberState, Membership, MembershipConfig, MembershipEvent, NodeStart, SwimMessage,
+    MemberMeta, MemberState, Membership, MembershipConfig, MembershipEvent, NodeStart, Security,
+    SwimFrame, SwimMessage,
 };
 use crate::wire::{self, Header};
 
@@ -87,7 +89,7 @@ enum Action {
 }
 
 enum Payload {
-    Message(Box<SwimMessage>),
+    Message(Box<SwimFrame>),
     Frame(Bytes),
 }
 
@@ -153,6 +155,11 @@ pub struct Simulation {
     stats: SimStats,
     log: Option<Vec<SimEvent>>,
     detections: HashMap<NodeId, Vec<(usize, Duration)>>,
+    /// Keyring mode: the keyring nodes boot with (`None`: insecure).
+    keyring: Option<Keyring>,
+    /// Node ids by index, and back.
+    ids: Vec<NodeId>,
+    index: HashMap<NodeId, usize>,
 }
 
 impl std::fmt::Debug for Simulation {
@@ -196,7 +203,58 @@ impl Simulation {
             stats: SimStats::default(),
             log: None,
             detections: HashMap::new(),
+            keyring: None,
+            ids: Vec::new(),
+            index: HashMap::new(),
         }
+    }
+
+    /// Switches to keyring mode (before any node is added): every node signs its messages
+    /// with its own identity ([`Simulation::identity`]) and boots with a keyring listing the
+    /// identities of nodes `0..admitted`; nodes added beyond those are outsiders until a
+    /// keyring lists them ([`Simulation::set_keyring`]). Node ids are then the identities'.
+    pub fn enable_signing(&mut self, admitted: usize) {
+        assert!(self.nodes.is_empty(), "enable_signing before adding nodes");
+        let keys = (0..admitted).map(|i| self.identity(i).public_key());
+        self.keyring = Some(Keyring::from_keys(keys).expect("64-bit ids of distinct keys"));
+    }
+
+    /// The identity node `i` has in keyring mode, derived from the simulation's seed.
+    pub fn identity(&self, i: usize) -> Identity {
+        let mut secret = [0u8; 32];
+        for (k, chunk) in secret.chunks_exact_mut(8).enumerate() {
+            chunk
+                .copy_from_slice(&mix(self.seed ^ mix(i as u64 + 1) ^ mix(k as u64)).to_le_bytes());
+        }
+        Identity::from_secret(secret)
+    }
+
+    /// The keyring nodes boot with, in keyring mode.
+    pub fn keyring(&self) -> Option<&Keyring> {
+        self.keyring.as_ref()
+    }
+
+    /// Gives every running node `keyring` now (rotation), and nodes booted later too.
+    pub fn set_keyring(&mut self, keyring: Keyring) {
+        let now = self.base + self.now;
+        for i in 0..self.nodes.len() {
+            if let Some(m) = self.nodes[i].machine.as_mut() {
+                m.set_keyring(now, keyring.clone());
+                self.after(i);
+            }
+        }
+        self.keyring = Some(keyring);
+    }
+
+    /// The id of node `i` in this simulation: [`Simulation::id`] in insecure mode, its
+    /// identity's in keyring mode.
+    pub fn node_id(&self, i: usize) -> NodeId {
+        self.ids.get(i).copied().unwrap_or_else(|| Self::id(i))
+    }
+
+    /// The index of the node with id `id`.
+    pub fn index_of(&self, id: NodeId) -> Option<usize> {
+        self.index.get(&id).copied()
     }
 
     /// The seed.
@@ -233,6 +291,13 @@ impl Simulation {
     /// Adds node `nodes()` joining through the given seed nodes, started now.
     pub fn add_node(&mut self, config: MembershipConfig, seeds: &[usize]) -> usize {
         let i = self.nodes.len();
+        let id = if self.keyring.is_some() {
+            self.identity(i).node_id()
+        } else {
+            Self::id(i)
+        };
+        self.ids.push(id);
+        self.index.insert(id, i);
         self.nodes.push(SimNode {
             config,
             seeds: seeds.to_vec(),
@@ -265,14 +330,19 @@ impl Simulation {
             })
             .collect();
         let rng_seed = mix(self.seed ^ mix(i as u64) ^ mix(node.generation << 32));
+        let security = match &self.keyring {
+            Some(keyring) => Security::keyring(self.identity(i), keyring.clone()),
+            None => Security::Insecure,
+        };
         let machine = Membership::new(
             node.config,
             NodeStart {
-                id: Self::id(i),
+                id: self.node_id(i),
                 generation: node.generation,
                 meta: MemberMeta::new(addr.clone()),
                 seeds,
                 rng_seed,
+                security,
             },
             now,
         );
@@ -290,7 +360,7 @@ impl Simulation {
         Address::new(format!("n{i}.g{generation}:1"))
     }
 
-    /// The id of node `i`.
+    /// The id of node `i` in an insecure simulation (see [`Simulation::node_id`]).
     pub fn id(i: usize) -> NodeId {
         NodeId(i as u64 + 1)
     }
@@ -432,11 +502,16 @@ impl Simulation {
     /// partitions, delay) and the codec, but a paused node still gets it only when it resumes,
     /// and a crashed one never.
     pub fn inject(&mut self, from: usize, to: usize, message: SwimMessage) {
+        self.inject_frame(from, to, SwimFrame::Plain(message));
+    }
+
+    /// [`Simulation::inject`] for any frame (a signed one, a replayed or forged one).
+    pub fn inject_frame(&mut self, from: usize, to: usize, frame: SwimFrame) {
         let action = Action::Deliver {
             to,
             epoch: self.nodes[to].epoch,
             from: self.nodes[from].addr.clone(),
-            payload: Payload::Message(Box::new(message)),
+            payload: Payload::Message(Box::new(frame)),
         };
         self.schedule(self.now, action);
     }
@@ -502,7 +577,12 @@ impl Simulation {
                         Payload::Message(m) => *m,
                         Payload::Frame(frame) => {
                             match wire::decode::<Envelope>(&frame, wire::DEFAULT_MAX_FRAME_LEN) {
-                                Ok((_, Envelope::Swim(m))) => m,
+                                Ok((_, envelope)) if envelope.is_swim() => {
+                                    match envelope.into_swim() {
+                                        Ok(frame) => frame,
+                                        Err(_) => continue,
+                                    }
+                                }
                                 _ => {
                                     self.stats.rejected_frames += 1;
                                     continue;
@@ -513,7 +593,7 @@ impl Simulation {
                     self.stats.delivered += 1;
                     let now = self.base + self.now;
                     if let Some(m) = self.nodes[to].machine.as_mut() {
-                        m.handle_message(now, from, message);
+                        m.handle_frame(now, from, message);
                         self.after(to);
                     }
                 }
@@ -538,11 +618,10 @@ impl Simulation {
             let mut alive = 0;
             for member in m.members() {
                 if member.state == MemberState::Alive {
-                    let j = member.id.0 as usize - 1;
-                    if j >= self.nodes.len()
-                        || !self.is_running(j)
-                        || self.generation(j) != member.life.generation
-                    {
+                    let Some(j) = self.index_of(member.id) else {
+                        return false;
+                    };
+                    if !self.is_running(j) || self.generation(j) != member.life.generation {
                         return false;
                     }
                     alive += 1;
@@ -565,7 +644,7 @@ impl Simulation {
             return;
         };
         let mut out = Vec::new();
-        while let Some(t) = m.poll_transmit() {
+        while let Some(t) = m.poll_frame() {
             out.push(t);
         }
         let mut events = Vec::new();
@@ -574,7 +653,7 @@ impl Simulation {
         }
         let deadline = m.poll_timeout();
         for t in out {
-            self.route(i, t.to, t.message);
+            self.route(i, t.to, t.frame);
         }
         for e in events {
             self.observe(i, e);
@@ -595,7 +674,7 @@ impl Simulation {
 
     fn observe(&mut self, observer: usize, event: MembershipEvent) {
         let member = event.member();
-        let j = member.id.0 as usize - 1;
+        let j = self.index_of(member.id).unwrap_or(usize::MAX);
         // A healthy subject: running at normal speed, in the life the event is about.
         let subject_running_same_life = j < self.nodes.len()
             && self.is_running(j)
@@ -633,17 +712,21 @@ impl Simulation {
         }
     }
 
-    fn route(&mut self, from: usize, to: Address, message: SwimMessage) {
+    fn route(&mut self, from: usize, to: Address, message: SwimFrame) {
         self.stats.messages += 1;
         self.nodes[from].sent_messages += 1;
-        let push_pull = matches!(message, SwimMessage::PushPull { .. });
+        let push_pull = match &message {
+            SwimFrame::Plain(m) => matches!(m, SwimMessage::PushPull { .. }),
+            // The body's variant tag is its first byte: PushPull is the sixth variant.
+            SwimFrame::Signed(s) => s.body.first() == Some(&5),
+        };
         if push_pull {
             self.stats.push_pull_messages += 1;
         }
         let payload = if self.codec {
             match wire::encode(
                 Header::message(),
-                &Envelope::Swim(message),
+                &Envelope::from(message),
                 wire::DEFAULT_MAX_FRAME_LEN,
             ) {
                 Ok(frame) => {

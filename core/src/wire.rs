@@ -363,6 +363,43 @@ pub fn decode<M: DeserializeOwned>(
     Ok((header, value))
 }
 
+/// Encodes `payload` alone, without prefix or header: the bytes a frame would carry after its
+/// header. For messages nested in others (a signed message carries its body this way, so the
+/// signature covers exactly the bytes that travel).
+pub fn encode_payload<M: Serialize>(payload: &M, max_len: usize) -> Result<Bytes, WireError> {
+    let mut buf = BytesMut::with_capacity(256);
+    bincode::serde::encode_into_writer(payload, FrameWriter(&mut buf), config())
+        .map_err(|e| WireError::Encode(e.to_string()))?;
+    let max = max_len.min(MAX_FRAME_LEN_CEILING);
+    if buf.len() > max {
+        return Err(WireError::TooLarge {
+            len: buf.len(),
+            max,
+        });
+    }
+    Ok(buf.freeze())
+}
+
+/// Decodes exactly one payload encoded by [`encode_payload`], refusing more than `max_len`
+/// bytes and trailing bytes, with the same bounded decoding as [`decode`].
+pub fn decode_payload<M: DeserializeOwned>(payload: &[u8], max_len: usize) -> Result<M, WireError> {
+    let max = max_len.min(MAX_FRAME_LEN_CEILING);
+    if payload.len() > max {
+        return Err(WireError::TooLarge {
+            len: payload.len(),
+            max,
+        });
+    }
+    let (value, read): (M, usize) = bincode::serde::borrow_decode_from_slice(payload, config())
+        .map_err(|e| WireError::Payload(e.to_string()))?;
+    if read != payload.len() {
+        return Err(WireError::TrailingBytes {
+            extra: payload.len() - read,
+        });
+    }
+    Ok(value)
+}
+
 /// Validates the prefix and header of one complete frame and returns the header and payload.
 pub fn split(frame: &[u8], max_frame_len: usize) -> Result<(Header, &[u8]), WireError> {
     let total = frame_len(frame, max_frame_len)?.ok_or(WireError::Truncated {

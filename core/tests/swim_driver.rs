@@ -29,6 +29,7 @@ fn node(net: &InProcessNetwork, i: u64, seeds: &[&str]) -> MembershipHandle {
             meta: MemberMeta::new(addr.as_str()),
             seeds: seeds.iter().map(|s| Address::new(*s)).collect(),
             rng_seed: SEED ^ i,
+            security: chorus_core::membership::Security::Insecure,
         },
         tokio::time::Instant::now().into_std(),
     );
@@ -198,6 +199,7 @@ async fn a_destination_whose_sends_hang_stalls_nobody_else() {
                     meta: MemberMeta::new(addr.as_str()),
                     seeds,
                     rng_seed: SEED ^ i,
+                    security: chorus_core::membership::Security::Insecure,
                 },
                 tokio::time::Instant::now().into_std(),
             );

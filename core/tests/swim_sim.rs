@@ -431,6 +431,7 @@ fn claim_at_the_largest_incarnation_is_refuted_with_a_new_generation() {
         meta: MemberMeta::new(addr),
         seeds: Vec::new(),
         rng_seed: base_seed() ^ id,
+        security: chorus_core::membership::Security::Insecure,
     };
     let mut node = Membership::new(MembershipConfig::local(), start(1, "n1:1"), now);
     let mut peer = Membership::new(MembershipConfig::local(), start(2, "n2:1"), now);
@@ -709,6 +710,7 @@ fn a_claim_at_an_impossible_generation_is_refused() {
             meta: MemberMeta::new("n1:1"),
             seeds: Vec::new(),
             rng_seed: base_seed(),
+            security: chorus_core::membership::Security::Insecure,
         },
         now,
     );

@@ -39,10 +39,12 @@
 
 // Explicit rather than a glob: the core's `registry` module stays out, so `chorus::registry`
 // names only the function below; its types are re-exported at the root.
+pub use chorus_core::auth::{Identity, Keyring, PublicKey};
 pub use chorus_core::registry::{BackendFactory, TransportFactory};
 pub use chorus_core::replication::{Consistency, ReplicationError};
 pub use chorus_core::runtime::node::{
-    Node, NodeBuilder, NodeConfig, NodeStats, ReadOptions, ReadRepair, Versioned, WriteOptions,
+    Node, NodeBuilder, NodeConfig, NodeStats, ReadOptions, ReadRepair, SecurityConfig,
+    SecurityMode, Versioned, WriteOptions,
 };
 #[cfg(feature = "sim")]
 pub use chorus_core::sim;
@@ -53,8 +55,8 @@ pub use chorus_core::{
     key_hash,
 };
 pub use chorus_core::{
-    codec, envelope, hash, hlc, identity, membership, options, record, replication, ring, runtime,
-    storage, transport, util, wire,
+    auth, codec, envelope, hash, hlc, identity, membership, options, record, replication, ring,
+    runtime, storage, transport, util, wire,
 };
 
 #[cfg(feature = "backend-memory")]
@@ -80,8 +82,14 @@ pub use chorus_backend_moka as backend_moka;
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 /// use chorus::{Consistency, ReadOptions, WriteOptions};
 ///
+/// // The node's identity is created in its data directory on first start (mode 0600); the
+/// // keyring lists the public keys of every member (see docs/SECURITY.md).
+/// let mut config = chorus::NodeConfig::default();
+/// config.storage = chorus::StorageSpec::new("file");
+/// config.storage.path = Some("/var/lib/chorus".into());
+/// config.security.keyring_file = Some("/etc/chorus/keyring".into());
 /// let node = chorus::node()
-///     .id(1)
+///     .config(config)
 ///     .listen("127.0.0.1:7946")
 ///     .seeds(["127.0.0.1:7947"])
 ///     .start()

@@ -32,6 +32,7 @@ impl Server {
             .env("CHORUS_ADMIN_LISTEN", "127.0.0.1:0")
             .env("CHORUS_NODE_TRANSPORT_BIND", "127.0.0.1:0")
             .env("CHORUS_NODE_MEMBERSHIP", "local")
+            .env("CHORUS_NODE_SECURITY_MODE", "insecure")
             .env("CHORUS_LOG_FILTER", "warn")
             .envs(env.iter().copied())
             .stdin(Stdio::null())

@@ -24,6 +24,12 @@ use chorus::{
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let network = InProcessNetwork::new(7);
     let addr = |i: u64| Address::new(format!("node-{i}:7946"));
+    // Each node has an Ed25519 identity (in memory here; a node with a data directory keeps
+    // it there) and the keyring lists all three: nobody else can join.
+    let identities: Vec<chorus::Identity> = (1..=3u8)
+        .map(|i| chorus::Identity::from_secret([i; 32]))
+        .collect();
+    let keyring = chorus::Keyring::from_keys(identities.iter().map(|id| id.public_key()))?;
     let mut nodes = Vec::new();
     for i in 1..=3u64 {
         let transport = SharedTransport::new(network.bind(addr(i))?);
@@ -33,7 +39,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             vec![addr(1).to_string()]
         };
         let node = chorus::node()
-            .id(i)
+            .identity(identities[i as usize - 1].clone())
+            .keyring(keyring.clone())
             .seeds(seeds)
             .transport(transport)
             .membership(MembershipConfig::local())

@@ -182,6 +182,9 @@ impl ClusterSpec {
     /// preset, memory storage.
     pub fn new(nodes: usize, seed: u64) -> Self {
         let mut config = NodeConfig::default();
+        // The history tests check replication, not authentication (the core's swim_auth and
+        // the transports' TLS tests do): ids stay 1..=n.
+        config.security = chorus::SecurityConfig::insecure();
         config.request_timeout = Duration::from_secs(1);
         config.shutdown_timeout = Duration::from_secs(5);
         ClusterSpec {

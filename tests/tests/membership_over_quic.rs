@@ -35,6 +35,7 @@ fn member(transport: &Arc<QuicTransport>, id: u64, seeds: &[Address]) -> Members
             meta: MemberMeta::new(addr.as_str()),
             seeds: seeds.to_vec(),
             rng_seed: SEED ^ id,
+            security: chorus::membership::Security::Insecure,
         },
         tokio::time::Instant::now().into_std(),
     );

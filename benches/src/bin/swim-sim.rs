@@ -1,8 +1,14 @@
 //! `swim-sim`: measured figures of the SWIM membership, from the deterministic simulator.
 //!
 //! ```text
-//! cargo run --release -p chorus-benches --bin swim-sim -- [--seeds K] [--sizes 10,100,1000] [--seed S]
+//! cargo run --release -p chorus-benches --bin swim-sim -- [--seeds K] [--sizes 10,100,1000] [--seed S] [--signing on|off] [--only signing]
 //! ```
+//!
+//! `--signing on` runs every cluster in keyring mode (every message signed and verified);
+//! the default is off. The last table always compares the two: for each size, from the first
+//! seed, a cluster joins, converges and runs 60 s of steady state with signing off and on, and
+//! the CPU time the simulation took (this thread's, from `/proc/thread-self/schedstat`) is
+//! divided per member and per simulated second. `--only signing` prints that table alone.
 //!
 //! For each cluster size and seed (LAN preset, every message through the wire codec): joins the
 //! cluster through three seeds, waits for convergence, lets the join news drain, measures the
@@ -27,6 +33,8 @@ struct Args {
     seeds: u64,
     first_seed: u64,
     sizes: Vec<usize>,
+    signing: bool,
+    only_signing: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -34,6 +42,8 @@ fn parse_args() -> Result<Args, String> {
         seeds: 3,
         first_seed: 1,
         sizes: vec![10, 100, 1000],
+        signing: false,
+        only_signing: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -51,14 +61,37 @@ fn parse_args() -> Result<Args, String> {
                     return Err("--sizes: every size must be at least 5".into());
                 }
             }
+            "--signing" => {
+                args.signing = match value.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    v => return Err(format!("--signing: `{v}` is not on or off")),
+                }
+            }
+            "--only" if value == "signing" => args.only_signing = true,
             other => return Err(format!("unknown flag {other}")),
         }
     }
     Ok(args)
 }
 
+/// Whether [`cluster`] builds keyring-mode clusters (`--signing on`).
+static SIGNING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn cluster(seed: u64, n: usize, config: MembershipConfig) -> Simulation {
+    cluster_with(
+        seed,
+        n,
+        config,
+        SIGNING.load(std::sync::atomic::Ordering::Relaxed),
+    )
+}
+
+fn cluster_with(seed: u64, n: usize, config: MembershipConfig, signing: bool) -> Simulation {
     let mut sim = Simulation::new(seed);
+    if signing {
+        sim.enable_signing(n);
+    }
     sim.set_codec(true);
     for i in 0..n {
         if i >= SEEDS.len() {
@@ -122,7 +155,7 @@ fn measure_size(n: usize, seeds: &[u64]) -> SizeResult {
             let t0 = sim.now();
             sim.crash(victim);
             sim.run_for(Duration::from_secs(30));
-            let id = Simulation::id(victim);
+            let id = sim.node_id(victim);
             let observers = (0..sim.nodes()).filter(|&j| sim.is_running(j)).count();
             let times: Vec<f64> = sim
                 .detections(id)
@@ -151,6 +184,9 @@ fn median(v: &[f64]) -> f64 {
 fn slow_member(seed: u64, lifeguard: bool) -> (u64, u64) {
     let config = MembershipConfig::lan().with_lifeguard(lifeguard);
     let mut sim = Simulation::new(seed);
+    if SIGNING.load(std::sync::atomic::Ordering::Relaxed) {
+        sim.enable_signing(50);
+    }
     for i in 0..50 {
         if i >= SEEDS.len() {
             sim.run_for(Duration::from_millis(5));
@@ -193,18 +229,110 @@ fn paused_member(seed: u64, n: usize) -> (u64, u64) {
     )
 }
 
+/// CPU time this thread has used, in nanoseconds (Linux; 0 elsewhere).
+fn cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+struct SigningCost {
+    /// CPU per member per simulated second in the steady window, microseconds.
+    steady_us: f64,
+    /// CPU of the whole run (join, convergence, 60 s steady state), seconds.
+    total_cpu_s: f64,
+    /// Real time of the whole run, seconds.
+    wall_s: f64,
+    /// Real time of joining, converging and detecting one crash (the CI simulation's
+    /// workload), seconds.
+    detect_wall_s: f64,
+    converge_s: f64,
+    msgs_per_member_s: f64,
+}
+
+fn signing_cost(seed: u64, n: usize, signing: bool) -> SigningCost {
+    let wall = std::time::Instant::now();
+    let cpu0 = cpu_ns();
+    let mut sim = cluster_with(seed, n, MembershipConfig::lan(), signing);
+    while !sim.converged() && sim.now() < Duration::from_secs(300) {
+        sim.run_for(Duration::from_millis(500));
+    }
+    let converge_s = sim.now().as_secs_f64();
+    sim.crash(n / 2);
+    sim.run_for(Duration::from_secs(10));
+    let detect_wall_s = wall.elapsed().as_secs_f64();
+    sim.run_for(Duration::from_secs(20));
+    let before = sim.stats();
+    let cpu1 = cpu_ns();
+    sim.run_for(LOAD_WINDOW);
+    let cpu2 = cpu_ns();
+    let after = sim.stats();
+    let member_secs = n as f64 * LOAD_WINDOW.as_secs_f64();
+    SigningCost {
+        steady_us: (cpu2 - cpu1) as f64 / 1e3 / member_secs,
+        total_cpu_s: (cpu2 - cpu0) as f64 / 1e9,
+        wall_s: wall.elapsed().as_secs_f64(),
+        converge_s,
+        detect_wall_s,
+        msgs_per_member_s: (after.messages - before.messages) as f64 / member_secs,
+    }
+}
+
+fn print_signing(sizes: &[usize], seed: u64) {
+    println!();
+    println!(
+        "# signing off/on (seed {seed}, LAN preset, codec on): join, converge, crash one member, 30 s, then a {} s steady window",
+        LOAD_WINDOW.as_secs()
+    );
+    println!();
+    println!(
+        "| N | signing | converged after | msgs/member/s | CPU/member/s (steady) | real time to converge + detect | run CPU | run real time |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for &n in sizes {
+        for signing in [false, true] {
+            let c = signing_cost(seed, n, signing);
+            println!(
+                "| {n} | {} | {:.1} s | {:.2} | {:.1} us | {:.1} s | {:.2} s | {:.2} s |",
+                if signing { "on" } else { "off" },
+                c.converge_s,
+                c.msgs_per_member_s,
+                c.steady_us,
+                c.detect_wall_s,
+                c.total_cpu_s,
+                c.wall_s,
+            );
+        }
+    }
+}
+
 fn main() {
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
             eprintln!("swim-sim: {e}");
-            eprintln!("usage: swim-sim [--seeds K] [--seed FIRST] [--sizes 10,100,1000]");
+            eprintln!(
+                "usage: swim-sim [--seeds K] [--seed FIRST] [--sizes 10,100,1000] [--signing on|off] [--only signing]"
+            );
             std::process::exit(2);
         }
     };
     let seeds: Vec<u64> = (0..args.seeds).map(|k| args.first_seed + k).collect();
     let wall = std::time::Instant::now();
-    println!("# swim-sim: LAN preset, seeds {seeds:?}, every message through the wire codec");
+    if args.only_signing {
+        print_signing(&args.sizes, args.first_seed);
+        eprintln!(
+            "swim-sim: done in {:.1} s of real time",
+            wall.elapsed().as_secs_f64()
+        );
+        return;
+    }
+    SIGNING.store(args.signing, std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "# swim-sim: LAN preset, seeds {seeds:?}, every message through the wire codec, signing {}",
+        if args.signing { "on" } else { "off" }
+    );
     println!();
     println!(
         "| N | converged after (median) | detection median | detection p99 | all members (median / max) | undetected | msgs/member/s | bytes/member/s | of which push-pull |"
@@ -273,6 +401,7 @@ fn main() {
             }
         }
     }
+    print_signing(&args.sizes, args.first_seed);
     eprintln!(
         "swim-sim: done in {:.1} s of real time",
         wall.elapsed().as_secs_f64()

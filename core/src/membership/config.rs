@@ -70,6 +70,21 @@ pub struct MembershipConfig {
     ///
     /// [`MembershipStats::refused_relays`]: super::MembershipStats::refused_relays
     pub max_relays_per_second: NonZeroU32,
+    /// Ping-reqs relayed per second for any one requester at most (a token bucket per
+    /// requester), within [`MembershipConfig::max_relays_per_second`]: one member cannot use
+    /// up the node's relay budget. Those past it are refused and counted
+    /// ([`MembershipStats::rate_limited_relays`]).
+    ///
+    /// [`MembershipStats::rate_limited_relays`]: super::MembershipStats::rate_limited_relays
+    pub max_relays_per_peer_per_second: NonZeroU32,
+    /// Piggybacked updates (on pings, acks, ping-reqs and gossip) applied per second from any
+    /// one sender at most (a token bucket per sender holding one second's worth); the rest
+    /// of a message past it is dropped and counted
+    /// ([`MembershipStats::rate_limited_updates`]). Full-state exchanges are bounded by
+    /// [`MembershipConfig::max_members`] instead.
+    ///
+    /// [`MembershipStats::rate_limited_updates`]: super::MembershipStats::rate_limited_updates
+    pub max_updates_per_peer_per_second: NonZeroU32,
 }
 
 /// [`MembershipConfig::max_members`] in every preset: four times the largest cluster the
@@ -121,6 +136,8 @@ impl MembershipConfig {
             max_members: nzu(DEFAULT_MAX_MEMBERS),
             max_message_len: nzu(64 * 1024),
             max_relays_per_second: nz32(64),
+            max_relays_per_peer_per_second: nz32(16),
+            max_updates_per_peer_per_second: nz32(1024),
         }
     }
 
@@ -153,6 +170,8 @@ impl MembershipConfig {
             reannounce_interval: Duration::from_secs(1),
             reap_after: Duration::from_secs(12),
             max_relays_per_second: nz32(320),
+            max_relays_per_peer_per_second: nz32(80),
+            max_updates_per_peer_per_second: nz32(5120),
             ..Self::lan()
         }
     }

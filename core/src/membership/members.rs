@@ -76,6 +76,13 @@ impl MemberTable {
         }
     }
 
+    /// Removes `id` without remembering its life (a revoked member). The caller removes it
+    /// from the live index first.
+    pub(super) fn purge(&mut self, id: NodeId) {
+        self.entries.remove(&id);
+        self.forgotten.remove(&id);
+    }
+
     /// The life `id` was forgotten in, if it is remembered.
     pub(super) fn forgotten(&self, id: NodeId) -> Option<Life> {
         self.forgotten.get(&id).copied()

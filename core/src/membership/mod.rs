@@ -55,8 +55,10 @@
 //!   [`Life`] `(generation, incarnation)`, so a restarted node (same id, perhaps a new address)
 //!   replaces its old self everywhere and news about the old life is ignored.
 
+pub mod auth;
 pub mod config;
 mod dissemination;
+mod limits;
 mod members;
 pub mod message;
 mod probe;
@@ -70,6 +72,7 @@ use std::time::Instant;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+pub use auth::{AuthStats, OutFrame, Rejection, Security, SignedSwim, SwimFrame};
 pub use config::MembershipConfig;
 pub use message::{
     Life, MAX_ADDR_LEN, MAX_MEMBERS_PER_MESSAGE, MAX_UPDATES_PER_MESSAGE, MAX_WEIGHT, Member,
@@ -79,6 +82,7 @@ pub use message::{
 use crate::identity::Address;
 use crate::identity::NodeId;
 
+use auth::Auth;
 use dissemination::Broadcasts;
 use members::MemberTable;
 use probe::Prober;
@@ -156,6 +160,13 @@ pub struct MembershipStats {
     /// Ping-reqs not relayed: from an unknown or dead requester, about a target not known
     /// alive, or past [`MembershipConfig::max_relays_per_second`].
     pub refused_relays: u64,
+    /// Piggybacked updates dropped because their sender was past
+    /// [`MembershipConfig::max_updates_per_peer_per_second`].
+    pub rate_limited_updates: u64,
+    /// Ping-reqs refused because their requester was past
+    /// [`MembershipConfig::max_relays_per_peer_per_second`] (also counted in
+    /// `refused_relays`).
+    pub rate_limited_relays: u64,
     /// Times this node moved itself to a new generation because it was told about itself in
     /// a generation at or above its own that it could not otherwise outbid.
     pub generation_bumps: u64,
@@ -177,6 +188,10 @@ pub struct NodeStart {
     pub seeds: Vec<Address>,
     /// The seed of every random choice the machine makes.
     pub rng_seed: u64,
+    /// How the node authenticates its peers. With [`Security::Keyring`] the node's id is the
+    /// one its identity's key derives (`id` above is ignored, with a warning if it differs)
+    /// and `meta.public_key` is its key.
+    pub security: Security,
 }
 
 /// The membership state machine of one node. See the [module documentation](self).
@@ -195,18 +210,38 @@ pub struct Membership {
     transmits: VecDeque<Transmit>,
     events: VecDeque<MembershipEvent>,
     stats: MembershipStats,
+    auth: Option<Auth>,
+    auth_stats: AuthStats,
+    update_budget: limits::PeerBuckets,
+    relay_budget: limits::PeerBuckets,
 }
 
 impl Membership {
     /// The node described by `start`, started at `now`.
     pub fn new(config: MembershipConfig, start: NodeStart, now: Instant) -> Self {
         let NodeStart {
-            id,
+            mut id,
             generation,
-            meta,
+            mut meta,
             seeds,
             rng_seed,
+            security,
         } = start;
+        let auth = match security {
+            Security::Insecure => None,
+            Security::Keyring { identity, keyring } => {
+                if id != identity.node_id() {
+                    tracing::warn!(
+                        configured = %id,
+                        bound = %identity.node_id(),
+                        "keyring mode: the node id is the one bound to the identity's key"
+                    );
+                    id = identity.node_id();
+                }
+                meta.public_key = identity.public_key().0;
+                Some(Auth::new(*identity, keyring))
+            }
+        };
         let seeds: Vec<Address> = seeds.into_iter().filter(|s| *s != meta.addr).collect();
         let mut rng = ChaCha8Rng::seed_from_u64(rng_seed);
         let mut timers = Timers::default();
@@ -252,6 +287,10 @@ impl Membership {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: MembershipStats::default(),
+            auth,
+            auth_stats: AuthStats::default(),
+            update_budget: limits::PeerBuckets::default(),
+            relay_budget: limits::PeerBuckets::default(),
         }
     }
 
@@ -309,6 +348,16 @@ impl Membership {
     /// Counters.
     pub fn stats(&self) -> MembershipStats {
         self.stats
+    }
+
+    /// Counters of authentication: messages verified and refused, per kind.
+    pub fn auth_stats(&self) -> AuthStats {
+        self.auth_stats
+    }
+
+    /// The keyring, in keyring mode (`None`: insecure).
+    pub fn keyring(&self) -> Option<&crate::auth::Keyring> {
+        self.auth.as_ref().map(|a| &a.keyring)
     }
 
     /// Starts a graceful leave: the node announces that it left (disseminated by the next
@@ -417,8 +466,124 @@ impl Membership {
         }
     }
 
-    /// Processes a message received from `from`.
+    /// Processes a plain (unsigned) message received from `from`. In keyring mode it is
+    /// dropped and counted ([`AuthStats::unsigned`]): feed what arrives to
+    /// [`Membership::handle_frame`], which takes both forms.
     pub fn handle_message(&mut self, now: Instant, from: Address, message: SwimMessage) {
+        if self.auth.is_some() {
+            self.reject(&from, Rejection::Unsigned);
+            return;
+        }
+        self.dispatch(now, from, message);
+    }
+
+    /// Processes a frame received from `from`: a plain one as [`Membership::handle_message`]
+    /// does; a signed one, in keyring mode, only once it verifies (see [`auth`]); in insecure
+    /// mode a signed frame's body is taken as it is, unverified.
+    pub fn handle_frame(&mut self, now: Instant, from: Address, frame: SwimFrame) {
+        let signed = match frame {
+            SwimFrame::Plain(message) => return self.handle_message(now, from, message),
+            SwimFrame::Signed(signed) => signed,
+        };
+        let max = self.config.max_message_len.get();
+        let Some(auth) = self.auth.as_ref() else {
+            match crate::wire::decode_payload::<SwimMessage>(&signed.body, max) {
+                Ok(message) => self.dispatch(now, from, message),
+                Err(_) => self.reject(&from, Rejection::Malformed),
+            }
+            return;
+        };
+        let verified = match auth.open(&self.local.meta.addr, &signed, max) {
+            Ok(v) => v,
+            Err(why) => return self.reject(&from, why),
+        };
+        let claimed = auth::claimed_sender(&verified.message);
+        if claimed != verified.from && !self.is_relayed_ack(verified.from, &verified.message) {
+            return self.reject(&from, Rejection::IdMismatch);
+        }
+        if let Some(auth) = self.auth.as_mut() {
+            auth.accept(&verified);
+        }
+        self.auth_stats.verified += 1;
+        self.dispatch(now, from, verified.message);
+    }
+
+    /// Whether `message` is an ack naming the target of this node's probe in progress, sent
+    /// by one of the helpers the probe asked: the one message whose `from` is not its sender.
+    fn is_relayed_ack(&self, sender: NodeId, message: &SwimMessage) -> bool {
+        let SwimMessage::Ack { seq, from, .. } = message else {
+            return false;
+        };
+        self.is_relayed_ack_from(sender, *seq, *from)
+    }
+
+    fn reject(&mut self, from: &Address, why: Rejection) {
+        self.auth_stats.count(why);
+        tracing::debug!(%from, ?why, "membership message rejected");
+    }
+
+    /// The next frame to send, if any: [`Membership::poll_transmit`]'s next message, signed
+    /// in keyring mode (plain in insecure mode). A message that does not encode within
+    /// [`MembershipConfig::max_message_len`] is dropped with a warning.
+    pub fn poll_frame(&mut self) -> Option<OutFrame> {
+        loop {
+            let Transmit { to, message } = self.transmits.pop_front()?;
+            let Some(auth) = self.auth.as_mut() else {
+                return Some(OutFrame {
+                    to,
+                    frame: SwimFrame::Plain(message),
+                });
+            };
+            // A reply on an accepted connection is meant for the listen address the peer
+            // announced on it.
+            let dest = crate::transport::inbound_peer(&to).unwrap_or_else(|| to.clone());
+            match auth.seal(
+                self.local.life.generation,
+                &dest,
+                &message,
+                self.config.max_message_len.get(),
+            ) {
+                Ok(signed) => {
+                    self.auth_stats.signed += 1;
+                    return Some(OutFrame {
+                        to,
+                        frame: SwimFrame::Signed(signed),
+                    });
+                }
+                Err(error) => {
+                    tracing::warn!(%to, %error, "membership message does not encode");
+                }
+            }
+        }
+    }
+
+    /// Replaces the keyring (keyring mode; ignored in insecure mode). Keys added take effect
+    /// at once; a member whose key the new keyring does not list is removed from the view
+    /// (a [`MembershipEvent::Dead`] event), its replay state dropped, and news of it refused
+    /// from now on. It may come back, in the same life, once its key is listed again.
+    pub fn set_keyring(&mut self, now: Instant, keyring: crate::auth::Keyring) {
+        let Some(auth) = self.auth.as_mut() else {
+            tracing::warn!("insecure mode: a keyring was given and ignored");
+            return;
+        };
+        if !keyring.admits(self.local.id, &self.local.meta.public_key) {
+            tracing::warn!(id = %self.local.id, "the new keyring does not list this node's own key");
+        }
+        auth.windows.retain(|id, _| keyring.get(*id).is_some());
+        let revoked: Vec<NodeId> = self
+            .members
+            .entries()
+            .filter(|e| !keyring.admits(e.member.id, &e.member.meta.public_key))
+            .map(|e| e.member.id)
+            .collect();
+        auth.keyring = keyring;
+        for id in revoked {
+            self.revoke(now, id);
+        }
+    }
+
+    fn dispatch(&mut self, now: Instant, from: Address, mut message: SwimMessage) {
+        self.limit_updates(now, &mut message);
         match message {
             SwimMessage::Ping {
                 seq,
@@ -450,10 +615,41 @@ impl Membership {
         }
     }
 
+    /// Drops the piggybacked updates of `message` past its sender's budget
+    /// ([`MembershipConfig::max_updates_per_peer_per_second`]).
+    fn limit_updates(&mut self, now: Instant, message: &mut SwimMessage) {
+        let sender = auth::claimed_sender(message);
+        let updates = match message {
+            SwimMessage::Ping { updates, .. }
+            | SwimMessage::Ack { updates, .. }
+            | SwimMessage::PingReq { updates, .. }
+            | SwimMessage::Gossip { updates, .. } => updates,
+            SwimMessage::Nack { .. } | SwimMessage::PushPull { .. } => return,
+        };
+        if updates.is_empty() {
+            return;
+        }
+        let wanted = updates.len().min(self.max_updates_per_message()) as u32;
+        let granted = self.update_budget.take(
+            now,
+            sender,
+            wanted,
+            self.config.max_updates_per_peer_per_second.get(),
+            self.config.max_members.get(),
+        );
+        if granted < wanted {
+            self.stats.rate_limited_updates += u64::from(wanted - granted);
+            tracing::debug!(%sender, dropped = wanted - granted, "updates over the sender's budget");
+            updates.truncate(granted as usize);
+        }
+    }
+
     fn send(&mut self, to: Address, message: SwimMessage) {
         self.transmits.push_back(Transmit { to, message });
     }
 }
 
+#[cfg(test)]
+mod auth_tests;
 #[cfg(test)]
 mod tests;

@@ -63,6 +63,8 @@ struct Probe {
     target: NodeId,
     /// Helpers asked with Lifeguard on, whose nacks soften the health penalty.
     helpers: Vec<NodeId>,
+    /// Every helper asked (Lifeguard on or off): the members whose relayed acks count.
+    asked: Vec<NodeId>,
     /// Those of them that nacked.
     nacked: Vec<NodeId>,
 }
@@ -72,6 +74,21 @@ struct Relay {
     requester: Address,
     seq: u32,
     target: NodeId,
+}
+
+#[cfg(test)]
+impl Prober {
+    /// The probe in progress: its sequence number and target.
+    pub(super) fn current_probe(&self) -> Option<(u32, NodeId)> {
+        self.current.as_ref().map(|p| (p.seq, p.target))
+    }
+
+    /// Records `helper` as asked by the probe in progress.
+    pub(super) fn ask_for_test(&mut self, helper: NodeId) {
+        if let Some(p) = self.current.as_mut() {
+            p.asked.push(helper);
+        }
+    }
 }
 
 impl Default for Prober {
@@ -209,6 +226,7 @@ impl Membership {
             seq,
             target,
             helpers: Vec::new(),
+            asked: Vec::new(),
             nacked: Vec::new(),
         });
         self.timers
@@ -237,10 +255,11 @@ impl Membership {
         let helpers =
             self.members
                 .sample_live(&mut self.rng, self.config.indirect_checks, &[target]);
-        if let Some(p) = &mut self.probes.current
-            && self.config.lifeguard
-        {
-            p.helpers = helpers.clone();
+        if let Some(p) = &mut self.probes.current {
+            p.asked = helpers.clone();
+            if self.config.lifeguard {
+                p.helpers = helpers.clone();
+            }
         }
         for helper in helpers {
             let Some(to) = self.members.addr(helper) else {
@@ -294,6 +313,15 @@ impl Membership {
                 from: self.local.id,
             },
         );
+    }
+
+    /// Whether an ack with `seq` naming `acker`, sent by `sender`, is a helper's relay of
+    /// the probe in progress: the one message whose `from` is not its sender.
+    pub(super) fn is_relayed_ack_from(&self, sender: NodeId, seq: u32, acker: NodeId) -> bool {
+        self.probes
+            .current
+            .as_ref()
+            .is_some_and(|p| p.seq == seq && p.target == acker && p.asked.contains(&sender))
     }
 
     pub(super) fn on_ping(
@@ -377,6 +405,19 @@ impl Membership {
             tracing::debug!(%requester, %target, "ping-req from or about a member not known alive");
             return;
         };
+        if self.relay_budget.take(
+            now,
+            requester,
+            1,
+            self.config.max_relays_per_peer_per_second.get(),
+            self.config.max_members.get(),
+        ) == 0
+        {
+            self.stats.refused_relays += 1;
+            self.stats.rate_limited_relays += 1;
+            tracing::debug!(%requester, "ping-req over the requester's relay budget");
+            return;
+        }
         if !self
             .probes
             .relay_budget

@@ -95,6 +95,7 @@ impl Net {
                 meta: MemberMeta::new(addr.clone()),
                 seeds: Vec::new(),
                 rng_seed: seed ^ i as u64,
+                security: crate::membership::Security::Insecure,
             };
             net.nodes.push(Membership::new(config, start, net.now));
             net.addrs.push(addr);
@@ -711,6 +712,7 @@ fn a_restart_with_a_new_generation_replaces_the_old_entry() {
         meta: MemberMeta::new(addr.clone()),
         seeds: vec![net.addr(A)],
         rng_seed: net.seed ^ 0xB2,
+        security: crate::membership::Security::Insecure,
     };
     net.nodes[B] = Membership::new(quiet_config(), restarted, net.now);
     net.addrs[B] = addr.clone();
@@ -840,6 +842,9 @@ fn ping_req(from: usize, target: NodeId, target_addr: &str) -> SwimMessage {
 #[test]
 fn a_ping_req_is_relayed_only_for_live_members_to_their_known_address_within_budget() {
     let mut net = Net::new(3);
+    // The node-wide budget, with one requester: its per-requester budget out of the way
+    // (`auth_tests::a_flooding_member_is_rate_limited_per_peer` covers that one).
+    net.nodes[B].config.max_relays_per_peer_per_second = net.nodes[B].config.max_relays_per_second;
     // From a stranger, or about a member not known alive: refused.
     let out = net.deliver_from(A, B, ping_req(7, id(C), "n3:1"));
     assert_eq!(out.sent, []);
@@ -1085,6 +1090,7 @@ fn the_message_limit_is_lowered_to_the_transports_frame_limit_never_raised() {
             meta: MemberMeta::new("n1:1"),
             seeds: Vec::new(),
             rng_seed: seed(),
+            security: crate::membership::Security::Insecure,
         },
         Instant::now(),
     );

@@ -67,6 +67,13 @@ impl Membership {
             tracing::debug!(%id, %error, "alive update with invalid metadata refused");
             return;
         }
+        if let Some(auth) = &self.auth
+            && !auth.keyring.admits(id, &meta.public_key)
+        {
+            self.auth_stats.unadmitted_members += 1;
+            tracing::debug!(%id, "alive update about a member the keyring does not admit");
+            return;
+        }
         let event = match self.members.get_mut(id) {
             None => {
                 if let Some(last) = self.members.forgotten(id)
@@ -197,6 +204,29 @@ impl Membership {
             _ => MembershipEvent::Dead(member),
         });
         true
+    }
+
+    /// Removes `id`, whose key was revoked, from the view at once: a death event if it was
+    /// live, and no memory of its life, so it may return once its key is listed again.
+    pub(super) fn revoke(&mut self, now: Instant, id: NodeId) {
+        let _ = now;
+        let Some(e) = self.members.get_mut(id) else {
+            return;
+        };
+        let was_live = matches!(e.member.state, MemberState::Alive | MemberState::Suspect);
+        e.member.state = MemberState::Dead;
+        let member = e.member.clone();
+        self.clear_suspicion(id);
+        self.members.remove_live(id);
+        if self.probes.is_probing(id) {
+            self.cancel_probe();
+        }
+        self.members.purge(id);
+        self.auth_stats.revoked_members += 1;
+        tracing::info!(%id, "member removed: its key is no longer in the keyring");
+        if was_live {
+            self.events.push_back(MembershipEvent::Dead(member));
+        }
     }
 
     /// Forgets `id` if it has been dead or left for `reap_after`.

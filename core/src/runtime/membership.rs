@@ -28,8 +28,9 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use crate::auth::Keyring;
 use crate::envelope::Envelope;
-use crate::membership::{Member, Membership, MembershipEvent, SwimMessage};
+use crate::membership::{AuthStats, Member, Membership, MembershipEvent, SwimFrame};
 use bytes::Bytes;
 
 use crate::identity::Address;
@@ -86,9 +87,11 @@ struct Counters {
     send_errors: AtomicU64,
     send_dropped: AtomicU64,
     destinations: AtomicU64,
+    auth: std::sync::Mutex<AuthStats>,
 }
 
 enum Command {
+    SetKeyring(Keyring, oneshot::Sender<()>),
     Leave(Duration, oneshot::Sender<()>),
     Shutdown(oneshot::Sender<()>),
 }
@@ -106,6 +109,7 @@ pub struct MembershipHandle {
 impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            Command::SetKeyring(..) => "SetKeyring",
             Command::Leave(..) => "Leave",
             Command::Shutdown(_) => "Shutdown",
         })
@@ -138,6 +142,31 @@ impl MembershipHandle {
             send_errors: self.counters.send_errors.load(Ordering::Relaxed),
             send_dropped: self.counters.send_dropped.load(Ordering::Relaxed),
             destinations: self.counters.destinations.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counters of authentication (messages verified and refused per kind), as of the
+    /// machine's last input.
+    pub fn auth_stats(&self) -> AuthStats {
+        *self
+            .counters
+            .auth
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Replaces the machine's keyring (see [`Membership::set_keyring`]): keys added are
+    /// admitted at once, members whose key is gone are removed from the view. Returns once
+    /// the machine has it.
+    pub async fn set_keyring(&self, keyring: Keyring) {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::SetKeyring(keyring, tx))
+            .await
+            .is_ok()
+        {
+            let _ = rx.await;
         }
     }
 
@@ -198,14 +227,14 @@ const INBOX_CAPACITY: usize = 1024;
 /// [`start_shared`]. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct SwimInbox {
-    tx: mpsc::Sender<(Address, SwimMessage)>,
+    tx: mpsc::Sender<(Address, SwimFrame)>,
     counters: Arc<Counters>,
 }
 
 impl SwimInbox {
     /// Hands `message` from `from` to the machine without waiting; drops and counts it
     /// ([`DriverStats::rejected_frames`]) if the machine is that far behind or stopped.
-    pub fn deliver(&self, from: Address, message: SwimMessage) {
+    pub fn deliver(&self, from: Address, message: SwimFrame) {
         if self.tx.try_send((from, message)).is_err() {
             self.counters
                 .rejected_frames
@@ -217,7 +246,7 @@ impl SwimInbox {
 fn spawn_run<T: Transport>(
     transport: Arc<T>,
     mut machine: Membership,
-    inbound: mpsc::Receiver<(Address, SwimMessage)>,
+    inbound: mpsc::Receiver<(Address, SwimFrame)>,
     counters: Arc<Counters>,
     close_transport: bool,
 ) -> MembershipHandle {
@@ -246,7 +275,7 @@ fn spawn_run<T: Transport>(
 }
 
 struct Channels {
-    inbound: mpsc::Receiver<(Address, SwimMessage)>,
+    inbound: mpsc::Receiver<(Address, SwimFrame)>,
     commands: mpsc::Receiver<Command>,
     view: watch::Sender<Arc<[Member]>>,
     events: broadcast::Sender<MembershipEvent>,
@@ -262,7 +291,7 @@ fn snapshot(machine: &Membership) -> Arc<[Member]> {
 /// the machine's task; anything else, or anything that does not decode, is dropped and counted.
 async fn receive<T: Transport>(
     transport: Arc<T>,
-    tx: mpsc::Sender<(Address, SwimMessage)>,
+    tx: mpsc::Sender<(Address, SwimFrame)>,
     counters: Arc<Counters>,
 ) {
     let max_frame = transport.max_frame_len();
@@ -277,8 +306,11 @@ async fn receive<T: Transport>(
             }
         };
         match wire::decode::<Envelope>(&incoming.frame, max_frame) {
-            Ok((_, Envelope::Swim(message))) => {
-                if tx.send((incoming.from, message)).await.is_err() {
+            Ok((_, envelope)) if envelope.is_swim() => {
+                let Ok(frame) = envelope.into_swim() else {
+                    continue;
+                };
+                if tx.send((incoming.from, frame)).await.is_err() {
                     return;
                 }
             }
@@ -429,13 +461,23 @@ async fn run<T: Transport>(
     loop {
         // Effects of the last input.
         let mut changed = false;
-        while let Some(t) = machine.poll_transmit() {
-            match wire::encode(Header::message(), &Envelope::Swim(t.message), max_frame) {
+        while let Some(t) = machine.poll_frame() {
+            match wire::encode(Header::message(), &Envelope::from(t.frame), max_frame) {
                 Ok(frame) => outbox.send(t.to, frame),
                 Err(e) => {
                     counters.send_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(to = %t.to, error = %e, "membership message does not encode");
                 }
+            }
+        }
+        let auth = machine.auth_stats();
+        {
+            let mut shared = counters
+                .auth
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if *shared != auth {
+                *shared = auth;
             }
         }
         while let Some(event) = machine.poll_event() {
@@ -464,12 +506,18 @@ async fn run<T: Transport>(
             incoming = ch.inbound.recv() => {
                 let Some((from, message)) = incoming else { break };
                 counters.received.fetch_add(1, Ordering::Relaxed);
-                machine.handle_message(Instant::now().into_std(), from, message);
+                machine.handle_frame(Instant::now().into_std(), from, message);
             }
             () = tokio::time::sleep_until(deadline) => {
                 machine.handle_timeout(Instant::now().into_std());
             }
             command = ch.commands.recv() => match command {
+                Some(Command::SetKeyring(keyring, tx)) => {
+                    machine.set_keyring(Instant::now().into_std(), keyring);
+                    // A revoked member that was already dead leaves the view without an event.
+                    ch.view.send_replace(snapshot(&machine));
+                    let _ = tx.send(());
+                }
                 Some(Command::Leave(grace, tx)) => {
                     machine.leave(Instant::now().into_std());
                     leaving_until = Some((Instant::now() + grace, tx));

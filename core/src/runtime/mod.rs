@@ -9,6 +9,7 @@
 //! - [`rpc`]: request/response correlation over any transport;
 //! - [`node`]: the node: quorum reads and writes over the ring, read repair, the replica
 //!   side, membership on the same endpoint;
+//! - [`keys`]: the node's identity file and keyring files;
 //! - [`inproc`]: an in-process network of transports with seeded fault injection, for
 //!   whole-cluster tests.
 //!
@@ -16,6 +17,7 @@
 //! the same way; it stays beside the transport contract it serves.
 
 pub mod inproc;
+pub mod keys;
 pub mod membership;
 pub mod node;
 pub mod rpc;

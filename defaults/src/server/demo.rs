@@ -176,6 +176,9 @@ fn node_env(id: u64, cluster: &str, client: &str, seeds: &str) -> Vec<(String, S
         ("CHORUS_NODE_TRANSPORT_BIND", cluster.to_string()),
         ("CHORUS_NODE_SEEDS", seeds.to_string()),
         ("CHORUS_NODE_MEMBERSHIP", "local".into()),
+        // Three processes on loopback, for a few seconds: no keyring to build (see
+        // docs/SECURITY.md for keyring mode); each node logs the insecure-mode warning.
+        ("CHORUS_NODE_SECURITY_MODE", "insecure".into()),
         ("CHORUS_NODE_REQUEST_TIMEOUT", "1s".into()),
         ("CHORUS_CLIENT_LISTEN", client.to_string()),
         ("CHORUS_ADMIN_LISTEN", "127.0.0.1:0".into()),
@@ -369,6 +372,8 @@ pub(crate) fn cluster(n: usize, dir: &Path, base_port: u16, backend: &str) -> Re
             let text = format!(
                 "# Written by `chorus cluster`; edit it to experiment (docs/OPERATIONS.md).\n\
                  [node]\nid = {i}\nseeds = [{seeds}]\nmembership = \"local\"\nreplication_factor = {rf}\n\n\
+                 # Loopback experiments: no keyring (docs/SECURITY.md explains keyring mode).\n\
+                 [node.security]\nmode = \"insecure\"\n\n\
                  [node.transport]\nscheme = \"tcp\"\nbind = \"127.0.0.1:{cport}\"\n\n\
                  [node.storage]\nscheme = \"{backend}\"\n{path}\n\
                  [client]\nlisten = \"127.0.0.1:{client}\"\n\n\

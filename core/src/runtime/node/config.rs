@@ -49,6 +49,73 @@ pub enum ReadRepair {
     Off,
 }
 
+/// How a node authenticates the cluster's members: [`SecurityConfig::mode`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum SecurityMode {
+    /// The default: the node has an Ed25519 identity, signs its membership messages and
+    /// accepts only members whose key the keyring lists. Its id is the one bound to its key.
+    #[default]
+    Keyring,
+    /// No authentication: anyone who can reach the node's port can join the cluster, claim to
+    /// be any member and say anything about any member. Logged as a warning at start. For
+    /// local experiments and tests only.
+    Insecure,
+}
+
+/// Identity and keyring settings (`[security]` in a configuration file).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct SecurityConfig {
+    /// Keyring (the default) or insecure.
+    pub mode: SecurityMode,
+    /// The identity file; created with mode 0600 on first start. Default:
+    /// `identity.key` in the storage's data directory (`storage.path`); a node without
+    /// either needs [`super::NodeBuilder::identity`].
+    pub identity_file: Option<std::path::PathBuf>,
+    /// Public keys allowed in the cluster, 64 hex digits each.
+    pub keyring: Vec<String>,
+    /// A file of allowed public keys, one per line (`#` comments), read at start and by
+    /// [`super::Node::reload_keyring`]. Its keys and `keyring`'s are all allowed.
+    pub keyring_file: Option<std::path::PathBuf>,
+}
+
+impl SecurityConfig {
+    /// Insecure mode, for tests and local experiments.
+    pub fn insecure() -> Self {
+        SecurityConfig {
+            mode: SecurityMode::Insecure,
+            ..SecurityConfig::default()
+        }
+    }
+
+    /// The keyring these settings list (inline keys and the keyring file's).
+    pub fn load_keyring(&self) -> Result<crate::auth::Keyring, ConfigError> {
+        let mut ring = match &self.keyring_file {
+            Some(path) => {
+                crate::runtime::keys::read_keyring(path).map_err(|e| ConfigError::Invalid {
+                    field: "security.keyring_file",
+                    reason: e.to_string(),
+                })?
+            }
+            None => crate::auth::Keyring::new(),
+        };
+        for (i, key) in self.keyring.iter().enumerate() {
+            let key = key.parse().map_err(|e| ConfigError::Invalid {
+                field: "security.keyring",
+                reason: format!("entry {}: {e}", i + 1),
+            })?;
+            ring.insert(key).map_err(|e| ConfigError::Invalid {
+                field: "security.keyring",
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(ring)
+    }
+}
+
 /// Everything a node is started with. Serde, so a configuration file can hold it; every
 /// field has a default ([`NodeConfig::default`]), so a file names only what it changes.
 ///
@@ -57,8 +124,12 @@ pub enum ReadRepair {
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct NodeConfig {
-    /// This node's id; unique in the cluster and the same across restarts.
+    /// This node's id in insecure mode; unique in the cluster and the same across restarts.
+    /// In keyring mode (the default) the id is the one bound to the node's key, and this
+    /// field is ignored.
     pub id: NodeId,
+    /// Identity and keyring.
+    pub security: SecurityConfig,
     /// The transport (registry name), the address it listens on and its options (the TCP
     /// transport's `advertise` among them: the address peers use, if not the listen one).
     pub transport: TransportSpec,
@@ -109,6 +180,7 @@ impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
             id: NodeId(1),
+            security: SecurityConfig::default(),
             transport: TransportSpec::new("tcp", "127.0.0.1:7946"),
             seeds: Vec::new(),
             storage: StorageSpec::new("memory"),

@@ -31,14 +31,19 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{Notify, broadcast, mpsc};
 
-pub use config::{ConfigError, DEFAULT_TOMBSTONE_GRACE, MembershipPreset, NodeConfig, ReadRepair};
+pub use config::{
+    ConfigError, DEFAULT_TOMBSTONE_GRACE, MembershipPreset, NodeConfig, ReadRepair, SecurityConfig,
+    SecurityMode,
+};
 pub use stats::NodeStats;
 
+use crate::auth::{Identity, Keyring};
 use crate::envelope::Envelope;
 use crate::hlc::{Hlc, Version, WallClock};
 use crate::identity::{Address, NodeId};
 use crate::membership::{
-    Member, MemberMeta, MemberState, Membership, MembershipConfig, MembershipEvent, NodeStart,
+    AuthStats, Member, MemberMeta, MemberState, Membership, MembershipConfig, MembershipEvent,
+    NodeStart, Security,
 };
 use crate::record::Record;
 use crate::registry::{Registry, RegistryError};
@@ -159,6 +164,16 @@ pub enum StartError {
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] TransportError),
+    /// The identity file could not be read or created.
+    #[error("identity: {0}")]
+    Identity(#[from] crate::runtime::keys::KeyFileError),
+    /// Keyring mode without any way to an identity: no `security.identity_file`, no
+    /// `storage.path` and no [`NodeBuilder::identity`].
+    #[error(
+        "keyring mode needs an identity: set `security.identity_file` or `storage.path`, give \
+         one with NodeBuilder::identity, or set `security.mode = \"insecure\"`"
+    )]
+    NoIdentity,
 }
 
 /// Faults a test may plant in a node to show that the history checker catches them. Every
@@ -187,6 +202,8 @@ pub struct NodeBuilder {
     membership: Option<MembershipConfig>,
     rng_seed: Option<u64>,
     bugs: PlantedBugs,
+    identity: Option<Identity>,
+    keyring: Option<Keyring>,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -265,6 +282,25 @@ impl NodeBuilder {
         self
     }
 
+    /// Uses this identity (in memory: tests, embedded use) instead of the identity file.
+    pub fn identity(mut self, identity: Identity) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// Uses this keyring instead of the configuration's (`security.keyring` and
+    /// `security.keyring_file`).
+    pub fn keyring(mut self, keyring: Keyring) -> Self {
+        self.keyring = Some(keyring);
+        self
+    }
+
+    /// Insecure mode (see [`SecurityMode::Insecure`]).
+    pub fn insecure(mut self) -> Self {
+        self.config.security.mode = SecurityMode::Insecure;
+        self
+    }
+
     #[doc(hidden)]
     pub fn planted_bugs(mut self, bugs: PlantedBugs) -> Self {
         self.bugs = bugs;
@@ -296,19 +332,56 @@ impl NodeBuilder {
             }
         };
         let addr = transport.local_addr();
+        let (id, security) = match config.security.mode {
+            SecurityMode::Insecure => {
+                tracing::warn!(
+                    id = %config.id,
+                    "INSECURE MODE: membership is not authenticated; anyone who reaches {addr} \
+                     can join the cluster and speak for any member"
+                );
+                (config.id, Security::Insecure)
+            }
+            SecurityMode::Keyring => {
+                let identity = match (
+                    self.identity,
+                    &config.security.identity_file,
+                    &config.storage.path,
+                ) {
+                    (Some(identity), _, _) => identity,
+                    (None, Some(path), _) => crate::runtime::keys::load_or_create_identity(path)?.0,
+                    (None, None, Some(dir)) => {
+                        crate::runtime::keys::load_or_create_identity(
+                            &dir.join(crate::runtime::keys::IDENTITY_FILE),
+                        )?
+                        .0
+                    }
+                    (None, None, None) => return Err(StartError::NoIdentity),
+                };
+                let keyring = match self.keyring {
+                    Some(k) => k,
+                    None => config.security.load_keyring()?,
+                };
+                if !keyring.contains(&identity.public_key()) {
+                    tracing::warn!(
+                        public_key = %identity.public_key(),
+                        "this node's own key is not in the keyring: other members will refuse it"
+                    );
+                }
+                (identity.node_id(), Security::keyring(identity, keyring))
+            }
+        };
         let membership_config = self
             .membership
             .unwrap_or_else(|| config.membership.config());
         let machine = Membership::new(
             membership_config,
             NodeStart {
-                id: config.id,
+                id,
                 generation,
                 meta: MemberMeta::new(addr.clone()),
                 seeds: config.seeds.iter().map(Address::new).collect(),
-                rng_seed: self
-                    .rng_seed
-                    .unwrap_or_else(|| clock.now_ms() ^ config.id.0),
+                rng_seed: self.rng_seed.unwrap_or_else(|| clock.now_ms() ^ id.0),
+                security,
             },
             tokio::time::Instant::now().into_std(),
         );
@@ -334,7 +407,7 @@ impl NodeBuilder {
         let (deferred, deferred_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             deferred,
-            id: config.id,
+            id,
             hlc,
             storage,
             rpc,
@@ -478,6 +551,8 @@ impl Node {
             membership: None,
             rng_seed: None,
             bugs: PlantedBugs::default(),
+            identity: None,
+            keyring: None,
         }
     }
 
@@ -523,6 +598,28 @@ impl Node {
     /// The configuration it runs with.
     pub fn config(&self) -> &NodeConfig {
         &self.inner.config
+    }
+
+    /// Counters of membership authentication: messages verified, and refused per kind.
+    pub fn auth_stats(&self) -> AuthStats {
+        self.inner.membership.auth_stats()
+    }
+
+    /// Replaces the keyring on the running node (keyring mode; a warning and nothing else in
+    /// insecure mode): added keys are admitted at once, members whose key is gone are removed
+    /// from the view and refused from then on.
+    pub async fn set_keyring(&self, keyring: Keyring) {
+        self.inner.membership.set_keyring(keyring).await;
+    }
+
+    /// Reads the configured keyring again (`security.keyring` and `security.keyring_file`)
+    /// and applies it with [`Node::set_keyring`]. On an error the running keyring stays.
+    pub async fn reload_keyring(&self) -> Result<usize, ConfigError> {
+        let keyring = self.inner.config.security.load_keyring()?;
+        let n = keyring.len();
+        self.set_keyring(keyring).await;
+        tracing::info!(keys = n, "keyring reloaded");
+        Ok(n)
     }
 
     /// Stores `value` under `key` at the requested consistency; the version it was written
@@ -953,7 +1050,8 @@ async fn dispatch(
             message,
         } = request;
         match message {
-            Envelope::Swim(m) => swim.deliver(from, m),
+            Envelope::Swim(m) => swim.deliver(from, crate::membership::SwimFrame::Plain(m)),
+            Envelope::SwimSigned(m) => swim.deliver(from, crate::membership::SwimFrame::Signed(m)),
             Envelope::Replica(m) => {
                 let inner = inner.clone();
                 let mut serving = Box::pin(async move {
