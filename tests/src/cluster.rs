@@ -84,6 +84,15 @@ impl Storage for KeptStorage {
     async fn store_meta(&self, name: &str, value: bytes::Bytes) -> Result<(), StorageError> {
         self.open()?.store_meta(name, value).await
     }
+    async fn store_hints(&self, hints: Vec<(u64, bytes::Bytes)>) -> Result<(), StorageError> {
+        self.open()?.store_hints(hints).await
+    }
+    async fn load_hints(&self) -> Result<Vec<(u64, bytes::Bytes)>, StorageError> {
+        self.open()?.load_hints().await
+    }
+    async fn remove_hints(&self, ids: Vec<u64>) -> Result<(), StorageError> {
+        self.open()?.remove_hints(ids).await
+    }
     async fn scan(
         &self,
         range: HashRange,
