@@ -42,6 +42,26 @@ enum ApplyAnswer {
     TimedOut,
 }
 
+impl ApplyAnswer {
+    /// The writes (indices out of `idx`, in order) this answer leaves the replica owing:
+    /// not acknowledged, for a reason a later replay may overcome.
+    fn missed(&self, idx: &[usize]) -> Vec<usize> {
+        match self {
+            ApplyAnswer::Outcomes(outcomes) => idx
+                .iter()
+                .zip(outcomes)
+                .filter(|(_, o)| match o {
+                    WriteOutcome::Refused(r) => super::hints::worth_a_hint(Some(r)),
+                    o => !o.is_ack(),
+                })
+                .map(|(&i, _)| i)
+                .collect(),
+            ApplyAnswer::Refused(r) if !super::hints::worth_a_hint(Some(r)) => Vec::new(),
+            ApplyAnswer::Refused(_) | ApplyAnswer::Failed | ApplyAnswer::TimedOut => idx.to_vec(),
+        }
+    }
+}
+
 /// What one replica answered for the keys it was asked.
 enum ReadAnswer {
     Records(Vec<Option<Record>>),
@@ -100,6 +120,7 @@ impl Inner {
             let Some((node, idx, answer)) = next else {
                 break;
             };
+            self.note_missed(node, &answer.missed(&idx), &writes);
             for (k, &i) in idx.iter().enumerate() {
                 let progress = match &answer {
                     ApplyAnswer::Outcomes(outcomes) => match outcomes.get(k) {
@@ -139,14 +160,16 @@ impl Inner {
             }
         }
         if !pending.is_empty() {
-            // Late answers are still processed: counted now, and the hook for hinted handoff.
+            // Late answers are still processed: counted, and a replica that did not
+            // acknowledge gets a hint.
             let inner = self.clone();
             self.defer(async move {
-                while let Some((_, idx, _)) = pending.next().await {
+                while let Some((node, idx, answer)) = pending.next().await {
                     inner
                         .stats
                         .late_answers
                         .fetch_add(idx.len() as u64, Ordering::Relaxed);
+                    inner.note_missed(node, &answer.missed(&idx), &writes);
                 }
             });
         }

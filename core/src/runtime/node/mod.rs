@@ -19,6 +19,7 @@
 mod config;
 mod coordinator;
 mod floor;
+mod hints;
 mod replica;
 mod stats;
 mod view;
@@ -31,7 +32,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{Notify, broadcast, mpsc};
 
-pub use config::{ConfigError, DEFAULT_TOMBSTONE_GRACE, MembershipPreset, NodeConfig, ReadRepair};
+pub use config::{
+    ConfigError, DEFAULT_HINT_WINDOW, DEFAULT_TOMBSTONE_GRACE, MembershipPreset, NodeConfig,
+    ReadRepair,
+};
 pub use stats::NodeStats;
 
 use crate::envelope::Envelope;
@@ -332,7 +336,9 @@ impl NodeBuilder {
             ring_config,
         )));
         let (deferred, deferred_rx) = mpsc::unbounded_channel();
+        let (hint_tx, hint_rx) = mpsc::channel(hints::HINT_QUEUE);
         let inner = Arc::new(Inner {
+            hints: config.hinted_handoff.then_some(hint_tx),
             deferred,
             id: config.id,
             hlc,
@@ -346,12 +352,15 @@ impl NodeBuilder {
             bugs: self.bugs,
             config,
         });
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(view::follow(inner.membership.view(), view, n, ring_config)),
             tokio::spawn(dispatch(inner.clone(), inbound, swim)),
             tokio::spawn(purge_loop(inner.clone())),
             tokio::spawn(run_deferred(deferred_rx)),
         ];
+        if inner.config.hinted_handoff {
+            tasks.push(tokio::spawn(hints::run(inner.clone(), hint_rx)));
+        }
         let node = Node {
             inner,
             tasks: Arc::new(std::sync::Mutex::new(tasks)),
@@ -420,6 +429,8 @@ pub(crate) struct Inner {
     bugs: PlantedBugs,
     /// Work left after a request returned (late answers, read repair), run by one task.
     deferred: mpsc::UnboundedSender<Deferred>,
+    /// Missed writes to the hint task (`None` with hinted handoff off).
+    hints: hints::HintQueue,
 }
 
 /// A piece of work that outlives the request that started it.

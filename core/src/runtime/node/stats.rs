@@ -65,4 +65,24 @@ counters! {
     bad_replica_requests,
     /// Tombstones and expired values removed by the purge.
     purged,
+    /// Hints kept for replicas that did not acknowledge a write (hinted handoff).
+    hints_stored,
+    /// Hints a replica acknowledged on replay.
+    hints_delivered,
+    /// Hints kept now, not yet delivered or dropped (a gauge, not a counter).
+    hints_pending,
+    /// Hints dropped because their replica's share (count or bytes) was full.
+    hints_dropped_full,
+    /// Hints dropped because the queue to the hint task was full.
+    hints_dropped_overload,
+    /// Hints dropped past the hint window, undelivered.
+    hints_dropped_expired,
+    /// Hints dropped because the replica refused them for good, or because a stored hint did
+    /// not decode when restored.
+    hints_dropped_rejected,
+    /// Hint deliveries that failed or left hints to retry (each backs the replica off).
+    hint_delivery_failures,
+    /// Hints kept in memory only because storing them failed (lost if the node restarts
+    /// before delivering them).
+    hint_store_failures,
 }

@@ -1,0 +1,268 @@
+//! Healing across the cluster: hinted handoff over the in-process network, with a partitioned
+//! replica, a restarted coordinator (hints on a durable backend) and the hint store's bounds.
+//! Virtual time (paused tokio clock), seeded network: set `CHORUS_SEED` to replay.
+
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chorus::runtime::node::NodeConfig;
+use chorus::{Consistency, NodeId, Record, Storage, StorageSpec, Version, WriteOptions};
+use chorus_tests::cluster::{Cluster, ClusterSpec};
+use chorus_tests::runner::seed;
+
+fn quorum() -> WriteOptions {
+    WriteOptions::default().consistency(Consistency::Quorum)
+}
+
+async fn stored(cluster: &Cluster, i: usize, key: &[u8]) -> Option<Record> {
+    cluster.storage(i).get(key).await.expect("storage get")
+}
+
+/// Waits (virtual time) until node `i` stores each `(key, version)`, without reading through
+/// any node; panics with what is missing after `limit`.
+async fn wait_stored(cluster: &Cluster, i: usize, expected: &[(Bytes, Version)], limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let mut missing = Vec::new();
+        for (key, version) in expected {
+            if stored(cluster, i, key).await.map(|r| r.version) != Some(*version) {
+                missing.push(key.clone());
+            }
+        }
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "seed {}: node {i} still misses {} of {} keys after {limit:?}: {:?}",
+            seed(),
+            missing.len(),
+            expected.len(),
+            &missing[..missing.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `cond` holds for node `i`'s stats; panics after `limit`.
+async fn wait_stats(
+    cluster: &Cluster,
+    i: usize,
+    what: &str,
+    limit: Duration,
+    cond: impl Fn(&chorus::runtime::node::NodeStats) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond(&cluster.node(i).stats()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "seed {}: node {i}: {what} not reached within {limit:?}: {:?}",
+            seed(),
+            cluster.node(i).stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Writes `count` keys through node 0 at quorum while node 2 is cut off from the others.
+async fn write_around(cluster: &Cluster, count: usize) -> Vec<(Bytes, Version)> {
+    let mut written = Vec::new();
+    for k in 0..count {
+        let key = Bytes::from(format!("key-{k}"));
+        let version = cluster
+            .node(0)
+            .put(key.clone(), format!("v{k}"), quorum())
+            .await
+            .expect("a quorum without node 2");
+        written.push((key, version));
+    }
+    written
+}
+
+fn partition_node_2(cluster: &Cluster) {
+    cluster
+        .net
+        .partition(&[Cluster::addr(2)], &[Cluster::addr(0), Cluster::addr(1)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_that_missed_a_partitioned_replica_reaches_it_after_heal_without_a_read() {
+    let cluster = Cluster::start(ClusterSpec::new(3, seed())).await;
+    partition_node_2(&cluster);
+    let written = write_around(&cluster, 20).await;
+    for (key, _) in &written {
+        assert_eq!(stored(&cluster, 2, key).await, None, "cut off");
+    }
+    wait_stats(
+        &cluster,
+        0,
+        "20 hints for node 3",
+        Duration::from_secs(5),
+        |s| s.hints_pending == 20,
+    )
+    .await;
+    // Long enough for node 2 to be declared dead and come back when the network heals.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    cluster.net.heal();
+    wait_stored(&cluster, 2, &written, Duration::from_secs(60)).await;
+    let stats = cluster.node(0).stats();
+    assert_eq!(stats.hints_delivered, 20, "{stats:?}");
+    assert_eq!(stats.hints_pending, 0, "{stats:?}");
+    assert_eq!(stats.reads, 0, "no read was needed");
+    assert_eq!(
+        stats.hints_dropped_full + stats.hints_dropped_expired + stats.hints_dropped_rejected,
+        0
+    );
+    cluster.stop().await;
+}
+
+// Real time: the file backend fsyncs on its own thread, which a paused clock would not wait
+// for (it would jump to the request deadline while the disk works).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hints_survive_a_restart_of_their_coordinator_on_a_durable_backend() {
+    let mut spec = ClusterSpec::new(3, seed());
+    spec.storage = StorageSpec::new("file");
+    let mut cluster = Cluster::start(spec).await;
+    partition_node_2(&cluster);
+    let written = write_around(&cluster, 10).await;
+    wait_stats(
+        &cluster,
+        0,
+        "10 stored hints",
+        Duration::from_secs(5),
+        |s| s.hints_pending == 10,
+    )
+    .await;
+    // The coordinator crashes with its hints undelivered; the network heals while it is down.
+    cluster.kill(0).await;
+    cluster.net.heal();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (key, _) in &written {
+        assert_eq!(
+            stored(&cluster, 2, key).await,
+            None,
+            "nothing healed it yet"
+        );
+    }
+    cluster.restart(0).await;
+    wait_stored(&cluster, 2, &written, Duration::from_secs(60)).await;
+    wait_stats(
+        &cluster,
+        0,
+        "every hint delivered",
+        Duration::from_secs(5),
+        |s| s.hints_delivered == 10 && s.hints_pending == 0,
+    )
+    .await;
+    // Delivered hints are gone from storage too: another restart replays nothing.
+    cluster.kill(0).await;
+    cluster.restart(0).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(cluster.node(0).stats().hints_stored, 0);
+    cluster.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_hint_store_is_bounded_per_replica_and_counts_what_it_drops() {
+    let mut spec = ClusterSpec::new(3, seed());
+    spec.config.max_hints_per_target = NonZeroUsize::new(5).expect("non-zero");
+    let cluster = Cluster::start(spec).await;
+    partition_node_2(&cluster);
+    let written = write_around(&cluster, 12).await;
+    wait_stats(
+        &cluster,
+        0,
+        "12 hints kept or dropped",
+        Duration::from_secs(5),
+        |s| s.hints_stored + s.hints_dropped_full == 12,
+    )
+    .await;
+    let stats = cluster.node(0).stats();
+    assert_eq!(
+        (stats.hints_stored, stats.hints_dropped_full),
+        (5, 7),
+        "{stats:?}"
+    );
+    cluster.net.heal();
+    // The five oldest are delivered; the rest wait for anti-entropy or a read.
+    wait_stored(&cluster, 2, &written[..5], Duration::from_secs(60)).await;
+    wait_stats(&cluster, 0, "5 delivered", Duration::from_secs(5), |s| {
+        s.hints_delivered == 5 && s.hints_pending == 0
+    })
+    .await;
+    for (key, _) in &written[5..] {
+        assert_eq!(
+            stored(&cluster, 2, key).await,
+            None,
+            "dropped, not delivered"
+        );
+    }
+    cluster.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn hints_past_the_window_are_dropped_and_never_replayed() {
+    let mut spec = ClusterSpec::new(3, seed());
+    spec.config.hint_window = Duration::from_secs(10);
+    let cluster = Cluster::start(spec).await;
+    partition_node_2(&cluster);
+    let written = write_around(&cluster, 3).await;
+    wait_stats(&cluster, 0, "3 hints", Duration::from_secs(5), |s| {
+        s.hints_pending == 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let stats = cluster.node(0).stats();
+    assert_eq!(
+        (stats.hints_dropped_expired, stats.hints_pending),
+        (3, 0),
+        "{stats:?}"
+    );
+    cluster.net.heal();
+    cluster.wait_for_ring(Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for (key, _) in &written {
+        assert_eq!(
+            stored(&cluster, 2, key).await,
+            None,
+            "expired hints are not replayed"
+        );
+    }
+    cluster.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_hinted_handoff_nothing_is_kept() {
+    let mut spec = ClusterSpec::new(3, seed());
+    spec.config.hinted_handoff = false;
+    let cluster = Cluster::start(spec).await;
+    partition_node_2(&cluster);
+    let written = write_around(&cluster, 3).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.net.heal();
+    cluster.wait_for_ring(Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(cluster.node(0).stats().hints_stored, 0);
+    for (key, _) in &written {
+        assert_eq!(stored(&cluster, 2, key).await, None);
+    }
+    cluster.stop().await;
+}
+
+#[test]
+fn the_tombstone_grace_must_exceed_the_hint_window() {
+    let mut config = NodeConfig::default();
+    config.validate().expect("the defaults are consistent");
+    config.tombstone_grace = config.hint_window;
+    let err = config.validate().expect_err("a grace equal to the window");
+    assert!(err.to_string().contains("tombstone_grace"), "{err}");
+    config.hinted_handoff = false;
+    config.validate().expect("no hints, no constraint");
+    config.hinted_handoff = true;
+    config.hint_window = Duration::from_secs(60);
+    config.validate().expect("a shorter window");
+    config.hint_delivery_rate = 0;
+    assert!(config.validate().is_err(), "a zero delivery rate");
+    let _ = NodeId(1);
+}
