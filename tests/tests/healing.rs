@@ -266,3 +266,36 @@ fn the_tombstone_grace_must_exceed_the_hint_window() {
     assert!(config.validate().is_err(), "a zero delivery rate");
     let _ = NodeId(1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn hints_for_a_replica_that_leaves_are_handed_to_the_key_s_new_replicas() {
+    let mut cluster = Cluster::start(ClusterSpec::new(4, seed())).await;
+    // A key on nodes 0, 1 and 2, not 3.
+    let key = (0..10_000)
+        .map(|k| Bytes::from(format!("key-{k}")))
+        .find(|key| {
+            let r = cluster.node(0).replicas_of(key);
+            [1, 2, 3].iter().all(|&id| r.contains(&NodeId(id))) && !r.contains(&NodeId(4))
+        })
+        .expect("a key placed on nodes 0 to 2");
+    // Node 0 cannot reach node 2; everyone else can, so node 2 stays alive.
+    cluster.net.block(&Cluster::addr(0), &Cluster::addr(2));
+    let version = cluster
+        .node(0)
+        .put(key.clone(), "v", quorum())
+        .await
+        .expect("a quorum of nodes 0 and 1");
+    wait_stats(
+        &cluster,
+        0,
+        "a hint for node 2",
+        Duration::from_secs(5),
+        |s| s.hints_pending == 1,
+    )
+    .await;
+    assert_eq!(stored(&cluster, 3, &key).await, None, "not a replica yet");
+    // Node 2 leaves for good before its hint could be delivered.
+    cluster.shutdown(2).await;
+    wait_stored(&cluster, 3, &[(key, version)], Duration::from_secs(60)).await;
+    cluster.stop().await;
+}
