@@ -80,6 +80,20 @@ async fn write_around(cluster: &Cluster, count: usize) -> Vec<(Bytes, Version)> 
     written
 }
 
+/// `nodes` nodes with anti-entropy off, so that only hints heal.
+fn hints_only(nodes: usize) -> ClusterSpec {
+    let mut spec = ClusterSpec::new(nodes, seed());
+    spec.config.anti_entropy = false;
+    spec
+}
+
+/// `nodes` nodes with hinted handoff off, so that only anti-entropy heals.
+fn sync_only(nodes: usize) -> ClusterSpec {
+    let mut spec = ClusterSpec::new(nodes, seed());
+    spec.config.hinted_handoff = false;
+    spec
+}
+
 fn partition_node_2(cluster: &Cluster) {
     cluster
         .net
@@ -88,7 +102,7 @@ fn partition_node_2(cluster: &Cluster) {
 
 #[tokio::test(start_paused = true)]
 async fn a_write_that_missed_a_partitioned_replica_reaches_it_after_heal_without_a_read() {
-    let cluster = Cluster::start(ClusterSpec::new(3, seed())).await;
+    let cluster = Cluster::start(hints_only(3)).await;
     partition_node_2(&cluster);
     let written = write_around(&cluster, 20).await;
     for (key, _) in &written {
@@ -121,7 +135,7 @@ async fn a_write_that_missed_a_partitioned_replica_reaches_it_after_heal_without
 // for (it would jump to the request deadline while the disk works).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hints_survive_a_restart_of_their_coordinator_on_a_durable_backend() {
-    let mut spec = ClusterSpec::new(3, seed());
+    let mut spec = hints_only(3);
     spec.storage = StorageSpec::new("file");
     let mut cluster = Cluster::start(spec).await;
     partition_node_2(&cluster);
@@ -165,7 +179,7 @@ async fn hints_survive_a_restart_of_their_coordinator_on_a_durable_backend() {
 
 #[tokio::test(start_paused = true)]
 async fn the_hint_store_is_bounded_per_replica_and_counts_what_it_drops() {
-    let mut spec = ClusterSpec::new(3, seed());
+    let mut spec = hints_only(3);
     spec.config.max_hints_per_target = NonZeroUsize::new(5).expect("non-zero");
     let cluster = Cluster::start(spec).await;
     partition_node_2(&cluster);
@@ -203,7 +217,7 @@ async fn the_hint_store_is_bounded_per_replica_and_counts_what_it_drops() {
 
 #[tokio::test(start_paused = true)]
 async fn hints_past_the_window_are_dropped_and_never_replayed() {
-    let mut spec = ClusterSpec::new(3, seed());
+    let mut spec = hints_only(3);
     spec.config.hint_window = Duration::from_secs(10);
     let cluster = Cluster::start(spec).await;
     partition_node_2(&cluster);
@@ -234,7 +248,7 @@ async fn hints_past_the_window_are_dropped_and_never_replayed() {
 
 #[tokio::test(start_paused = true)]
 async fn without_hinted_handoff_nothing_is_kept() {
-    let mut spec = ClusterSpec::new(3, seed());
+    let mut spec = hints_only(3);
     spec.config.hinted_handoff = false;
     let cluster = Cluster::start(spec).await;
     partition_node_2(&cluster);
@@ -251,7 +265,7 @@ async fn without_hinted_handoff_nothing_is_kept() {
 }
 
 #[test]
-fn the_tombstone_grace_must_exceed_the_hint_window() {
+fn the_tombstone_grace_must_exceed_the_hint_window_and_the_sync_interval() {
     let mut config = NodeConfig::default();
     config.validate().expect("the defaults are consistent");
     config.tombstone_grace = config.hint_window;
@@ -264,12 +278,18 @@ fn the_tombstone_grace_must_exceed_the_hint_window() {
     config.validate().expect("a shorter window");
     config.hint_delivery_rate = 0;
     assert!(config.validate().is_err(), "a zero delivery rate");
-    let _ = NodeId(1);
+    let mut config = NodeConfig::default();
+    config.hinted_handoff = false;
+    config.tombstone_grace = config.sync_interval;
+    let err = config
+        .validate()
+        .expect_err("a grace equal to the sync interval");
+    assert!(err.to_string().contains("sync_interval"), "{err}");
 }
 
 #[tokio::test(start_paused = true)]
 async fn hints_for_a_replica_that_leaves_are_handed_to_the_key_s_new_replicas() {
-    let mut cluster = Cluster::start(ClusterSpec::new(4, seed())).await;
+    let mut cluster = Cluster::start(hints_only(4)).await;
     // A key on nodes 0, 1 and 2, not 3.
     let key = (0..10_000)
         .map(|k| Bytes::from(format!("key-{k}")))
@@ -297,5 +317,138 @@ async fn hints_for_a_replica_that_leaves_are_handed_to_the_key_s_new_replicas() 
     // Node 2 leaves for good before its hint could be delivered.
     cluster.shutdown(2).await;
     wait_stored(&cluster, 3, &[(key, version)], Duration::from_secs(60)).await;
+    cluster.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn anti_entropy_alone_brings_a_replica_that_missed_writes_up_to_date() {
+    let cluster = Cluster::start(sync_only(3)).await;
+    partition_node_2(&cluster);
+    let written = write_around(&cluster, 50).await;
+    cluster.net.heal();
+    wait_stored(&cluster, 2, &written, Duration::from_secs(30)).await;
+    let repairs: u64 = (0..2).map(|i| cluster.node(i).stats().sync_repairs).sum();
+    assert!(repairs >= 50, "{repairs} records sent by anti-entropy");
+    for i in 0..3 {
+        assert_eq!(cluster.node(i).stats().reads, 0, "no read was needed");
+    }
+    cluster.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_overflowing_log_still_converges_with_nothing_missing() {
+    let mut spec = sync_only(3);
+    spec.config.sync_log_capacity = NonZeroUsize::new(16).expect("non-zero");
+    let cluster = Cluster::start(spec).await;
+    // Let every peer's first scan (of empty stores) finish, so the log is what offers.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    partition_node_2(&cluster);
+    let mut written = Vec::new();
+    for batch in 0..10 {
+        let entries: Vec<(Bytes, Bytes)> = (0..40)
+            .map(|k| {
+                (
+                    Bytes::from(format!("key-{batch}-{k}")),
+                    Bytes::from(format!("v{k}")),
+                )
+            })
+            .collect();
+        let keys: Vec<Bytes> = entries.iter().map(|(k, _)| k.clone()).collect();
+        let results = cluster
+            .node(batch % 2)
+            .put_many(entries, quorum())
+            .await
+            .expect("a batch");
+        for (key, r) in keys.into_iter().zip(results) {
+            written.push((key, r.expect("a quorum without node 2")));
+        }
+    }
+    cluster.net.heal();
+    wait_stored(&cluster, 2, &written, Duration::from_secs(60)).await;
+    let overtaken: u64 = (0..2).map(|i| cluster.node(i).stats().sync_overtaken).sum();
+    let scans: u64 = (0..2).map(|i| cluster.node(i).stats().sync_scans).sum();
+    assert!(
+        overtaken >= 1 || scans >= 2,
+        "the log of 16 entries overflowed with 400 writes: overtaken {overtaken}, scans {scans}"
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn anti_entropy_offers_out_of_range_or_oversized_are_refused_with_typed_errors() {
+    use chorus::envelope::Envelope;
+    use chorus::replication::{REPLICA_PROTOCOL_VERSION, Refusal, ReplicaMessage, SyncEntry};
+    use chorus::runtime::rpc::{RpcConfig, RpcEndpoint};
+    let cluster = Cluster::start(ClusterSpec::new(4, seed())).await;
+    let probe = chorus::SharedTransport::new(cluster.net.bind("probe:1").expect("bind"));
+    let (client, _inbound) = RpcEndpoint::<_, Envelope>::start(probe, RpcConfig::default());
+    let version = Version::new(
+        chorus::Timestamp::new(chorus_tests::cluster::EPOCH_MS, 0),
+        NodeId(9),
+    );
+    let entry = |key: &Bytes| SyncEntry {
+        key: key.clone(),
+        version,
+    };
+    let placed = |on: bool| {
+        (0..10_000)
+            .map(|k| Bytes::from(format!("key-{k}")))
+            .find(|key| cluster.node(0).replicas_of(key).contains(&NodeId(1)) == on)
+            .expect("a key")
+    };
+    let (mine, not_mine) = (placed(true), placed(false));
+    let offer = |entries| {
+        Envelope::Replica(ReplicaMessage::SyncOffer {
+            version: REPLICA_PROTOCOL_VERSION,
+            entries,
+        })
+    };
+    let to = Cluster::addr(0);
+    let second = Duration::from_secs(1);
+    let reply = client
+        .request(&to, &offer(vec![entry(&mine)]), second)
+        .await
+        .expect("an answer");
+    assert_eq!(
+        reply,
+        Envelope::Replica(ReplicaMessage::SyncWant { wanted: vec![0] }),
+        "a key it replicates and lacks is wanted"
+    );
+    let reply = client
+        .request(&to, &offer(vec![entry(&mine), entry(&not_mine)]), second)
+        .await
+        .expect("an answer");
+    assert!(
+        matches!(
+            reply,
+            Envelope::Replica(ReplicaMessage::Refused(Refusal::OutOfRange { key_hash }))
+                if key_hash == chorus::key_hash(&not_mine)
+        ),
+        "{reply:?}"
+    );
+    let too_many = vec![entry(&mine); chorus::replication::message::MAX_BATCH + 1];
+    let reply = client
+        .request(&to, &offer(too_many), second)
+        .await
+        .expect("an answer");
+    assert!(
+        matches!(
+            reply,
+            Envelope::Replica(ReplicaMessage::Refused(Refusal::Undecodable { .. }))
+        ),
+        "{reply:?}"
+    );
+    let reply = client
+        .request(&to, &offer(vec![entry(&Bytes::new())]), second)
+        .await
+        .expect("an answer");
+    assert!(
+        matches!(
+            reply,
+            Envelope::Replica(ReplicaMessage::Refused(Refusal::Invalid { .. }))
+        ),
+        "{reply:?}"
+    );
+    assert_eq!(cluster.node(0).stats().sync_refused, 2);
     cluster.stop().await;
 }

@@ -116,6 +116,15 @@ pub struct NodeConfig {
     pub max_hint_bytes_per_target: u64,
     /// Most hints replayed per second, over all replicas.
     pub hint_delivery_rate: u32,
+    /// Whether the node offers the writes it applied as a replica to their other replicas
+    /// (ring-buffer anti-entropy).
+    pub anti_entropy: bool,
+    /// How often the anti-entropy offers go out. `tombstone_grace` must exceed it.
+    #[serde(with = "duration")]
+    pub sync_interval: Duration,
+    /// Writes kept in the applied-writes log; a co-replica that falls further behind is
+    /// compared by a scan of the shared records instead.
+    pub sync_log_capacity: NonZeroUsize,
 }
 
 impl Default for NodeConfig {
@@ -143,6 +152,9 @@ impl Default for NodeConfig {
             max_hints_per_target: NonZeroUsize::new(100_000).expect("non-zero"),
             max_hint_bytes_per_target: 256 << 20,
             hint_delivery_rate: 2_000,
+            anti_entropy: true,
+            sync_interval: Duration::from_secs(1),
+            sync_log_capacity: NonZeroUsize::new(65_536).expect("non-zero"),
         }
     }
 }
@@ -188,6 +200,7 @@ impl NodeConfig {
             ("purge_interval", self.purge_interval),
             ("shutdown_timeout", self.shutdown_timeout),
             ("hint_window", self.hint_window),
+            ("sync_interval", self.sync_interval),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::Invalid {
@@ -215,6 +228,16 @@ impl NodeConfig {
                     ),
                 });
             }
+        }
+        if self.anti_entropy && self.tombstone_grace <= self.sync_interval {
+            return Err(ConfigError::Invalid {
+                field: "tombstone_grace",
+                reason: format!(
+                    "{:?} must exceed sync_interval ({:?}): anti-entropy must get to offer a \
+                     tombstone before it is purged",
+                    self.tombstone_grace, self.sync_interval
+                ),
+            });
         }
         Ok(())
     }

@@ -22,6 +22,7 @@ mod floor;
 mod hints;
 mod replica;
 mod stats;
+mod sync;
 mod view;
 
 use std::num::NonZeroUsize;
@@ -339,6 +340,11 @@ impl NodeBuilder {
         let (hint_tx, hint_rx) = mpsc::channel(hints::HINT_QUEUE);
         let inner = Arc::new(Inner {
             hints: config.hinted_handoff.then_some(hint_tx),
+            sync: config.anti_entropy.then(|| {
+                std::sync::Mutex::new(crate::healing::sync::AppliedLog::new(
+                    config.sync_log_capacity.get(),
+                ))
+            }),
             deferred,
             id: config.id,
             hlc,
@@ -360,6 +366,9 @@ impl NodeBuilder {
         ];
         if inner.config.hinted_handoff {
             tasks.push(tokio::spawn(hints::run(inner.clone(), hint_rx)));
+        }
+        if inner.config.anti_entropy {
+            tasks.push(tokio::spawn(sync::run(inner.clone())));
         }
         let node = Node {
             inner,
@@ -431,6 +440,8 @@ pub(crate) struct Inner {
     deferred: mpsc::UnboundedSender<Deferred>,
     /// Missed writes to the hint task (`None` with hinted handoff off).
     hints: hints::HintQueue,
+    /// Writes applied as a replica, for anti-entropy offers (`None` with it off).
+    sync: sync::SyncLog,
 }
 
 /// A piece of work that outlives the request that started it.

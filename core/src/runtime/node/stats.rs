@@ -85,4 +85,15 @@ counters! {
     /// Hints kept in memory only because storing them failed (lost if the node restarts
     /// before delivering them).
     hint_store_failures,
+    /// Anti-entropy offers sent (`SyncOffer`, one per batch of digests).
+    sync_offers,
+    /// Records sent to a co-replica that lacked them, after an anti-entropy offer.
+    sync_repairs,
+    /// Times a co-replica's cursor was overtaken in the applied-writes log (each starts a
+    /// scan of the shared records).
+    sync_overtaken,
+    /// Scans of the records shared with a co-replica that completed.
+    sync_scans,
+    /// Anti-entropy offers refused as a replica (a bad key, or a key not replicated here).
+    sync_refused,
 }
