@@ -343,6 +343,14 @@ impl Cluster {
         self.boot(i).await;
     }
 
+    /// Throws away stopped node `i`'s data (records, metadata, hints): its next restart
+    /// opens an empty store, as after a disk replacement. The node keeps its id.
+    pub fn wipe(&mut self, i: usize) {
+        assert!(self.nodes[i].is_none(), "node {i} is running");
+        self.storages[i] = None;
+        self.data_dirs[i] = None;
+    }
+
     /// Shuts node `i` down gracefully.
     pub async fn shutdown(&mut self, i: usize) {
         if let Some(node) = self.nodes[i].take() {

@@ -452,3 +452,33 @@ async fn anti_entropy_offers_out_of_range_or_oversized_are_refused_with_typed_er
     assert_eq!(cluster.node(0).stats().sync_refused, 2);
     cluster.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_wiped_replica_returns_to_full_replication_without_a_read() {
+    let mut cluster = Cluster::start(sync_only(3)).await;
+    let all = WriteOptions::default().consistency(Consistency::All);
+    let mut written = Vec::new();
+    for k in 0..100 {
+        let key = Bytes::from(format!("key-{k}"));
+        let version = cluster
+            .node(k % 3)
+            .put(key.clone(), format!("v{k}"), all)
+            .await
+            .expect("put at All");
+        written.push((key, version));
+    }
+    // Every offer of these writes is answered (nothing wanted) before the wipe, so the log
+    // alone has nothing left to offer: only the scan of a peer in a new life brings them.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let offers: u64 = (0..3).map(|i| cluster.node(i).stats().sync_offers).sum();
+    assert!(offers > 0, "the writes were offered");
+    cluster.kill(2).await;
+    cluster.wipe(2);
+    cluster.restart(2).await;
+    assert_eq!(stored(&cluster, 2, b"key-0").await, None, "an empty store");
+    wait_stored(&cluster, 2, &written, Duration::from_secs(60)).await;
+    for i in 0..3 {
+        assert_eq!(cluster.node(i).stats().reads, 0, "no read was needed");
+    }
+    cluster.stop().await;
+}
