@@ -5,7 +5,7 @@
 //! # The run
 //!
 //! 1. A cluster of [`RunConfig::nodes`] nodes (5), N = 3, on the in-process network, each node
-//!    with its own [`TestClock`](crate::cluster::TestClock) and a store that outlives kills.
+//!    with its own [`TestClock`] and a store that outlives kills.
 //!    Membership is [`MembershipConfig::local`] with a suspicion multiplier of
 //!    [`SUSPICION_MULT`]: a member that stops answering is suspected after a few hundred
 //!    milliseconds but would be declared dead only after a minute or more, far beyond the
