@@ -671,6 +671,36 @@ async fn a_replica_answers_malformed_requests_with_typed_errors_and_keeps_servin
     cluster.stop().await;
 }
 
+/// A replica whose answer cannot be delivered (the requester is gone) counts it: the
+/// coordinator's side of that exchange is a timeout, and the count says why.
+#[tokio::test(start_paused = true)]
+async fn a_replica_counts_answers_it_could_not_send() {
+    use chorus::Transport;
+    let cluster = Cluster::start(ClusterSpec::new(3, seed())).await;
+    let to = Cluster::addr(0);
+    let before = cluster.node(0).stats().replies_not_sent;
+    let gone = cluster.net.bind("gone:1").expect("bind");
+    let frame = chorus::wire::encode(
+        chorus::wire::Header::request(5),
+        &Envelope::Replica(ReplicaMessage::read_one(Bytes::from_static(b"k"))),
+        1 << 20,
+    )
+    .expect("encode");
+    // Sent, then the endpoint closes before the node runs (this runtime has one thread and
+    // neither call yields), so the answer has nowhere to go.
+    gone.send(&to, frame).await.expect("send");
+    drop(gone);
+    let counted = tokio::time::timeout(SECOND, async {
+        while cluster.node(0).stats().replies_not_sent == before {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(counted.is_ok(), "{:?}", cluster.node(0).stats());
+    assert_eq!(cluster.node(0).stats().replies_not_sent, before + 1);
+    cluster.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn shutdown_finishes_in_flight_requests_leaves_and_refuses_new_ones() {
     let mut cluster = Cluster::start(ClusterSpec::new(3, seed())).await;

@@ -252,6 +252,20 @@ impl<T: Transport, M: RpcMessage> RpcEndpoint<T, M> {
         message: &M,
         timeout: Duration,
     ) -> Result<M, RpcError> {
+        match tokio::time::timeout(timeout, self.request_unbounded(to, message)).await {
+            Ok(result) => result,
+            Err(_) => Err(RpcError::Timeout {
+                to: to.clone(),
+                after: timeout,
+            }),
+        }
+    }
+
+    /// [`request`](Self::request) without a timeout of its own, for a caller that already
+    /// races it against a deadline (and so saves a timer per request): it waits until the
+    /// response arrives or the transport fails. Dropping the future forgets the request (a
+    /// late response is then counted as unmatched).
+    pub async fn request_unbounded(&self, to: &Address, message: &M) -> Result<M, RpcError> {
         let correlation = self.shared.next_correlation.fetch_add(1, Ordering::Relaxed); // wraps
         let frame = wire::encode(
             Header::request(correlation),
@@ -271,19 +285,10 @@ impl<T: Transport, M: RpcMessage> RpcEndpoint<T, M> {
             shared: &self.shared,
             correlation,
         };
-        // One deadline for the whole request: a send that waits for a connection or for room
-        // in a full queue spends the caller's time too.
-        let exchange = async {
-            self.shared.transport.send(to, frame).await?;
-            rx.await.map_err(|_| RpcError::Closed)
-        };
-        match tokio::time::timeout(timeout, exchange).await {
-            Ok(result) => result,
-            Err(_) => Err(RpcError::Timeout {
-                to: to.clone(),
-                after: timeout,
-            }),
-        }
+        // The caller's deadline covers the whole request: a send that waits for a connection
+        // or for room in a full queue spends the caller's time too.
+        self.shared.transport.send(to, frame).await?;
+        rx.await.map_err(|_| RpcError::Closed)
     }
 
     /// Sends `message` to `to` without expecting a response.

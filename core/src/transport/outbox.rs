@@ -33,7 +33,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -125,6 +125,9 @@ pub struct Outboxes {
     /// Running writers; [`Outboxes::wait_writers`] waits for zero.
     writers: watch::Sender<usize>,
     closed: watch::Sender<bool>,
+    /// The same flag as `closed`, for the check on every send: reading a `watch` takes its
+    /// lock, which every thread sending shares.
+    shut: AtomicBool,
 }
 
 impl fmt::Debug for Outboxes {
@@ -156,6 +159,7 @@ impl Outboxes {
             next_id: AtomicU64::new(0),
             writers: watch::channel(0).0,
             closed: watch::channel(false).0,
+            shut: AtomicBool::new(false),
         })
     }
 
@@ -170,7 +174,7 @@ impl Outboxes {
 
     /// Whether [`shut`](Self::shut) was called.
     pub fn is_closed(&self) -> bool {
-        *self.closed.borrow()
+        self.shut.load(Ordering::Acquire)
     }
 
     /// A receiver that turns `true` when [`shut`](Self::shut) is called, for the transport's
@@ -182,6 +186,8 @@ impl Outboxes {
     /// Refuses further sends and drops the sending side of every queue, so each writer sees
     /// its queue end after the frames already in it. Returns whether it was already shut.
     pub fn shut(&self) -> bool {
+        // Set before the map is emptied (under its lock): see `entry`.
+        self.shut.store(true, Ordering::Release);
         let was = self.closed.send_replace(true);
         let peers = std::mem::take(&mut *self.peers());
         drop(peers);

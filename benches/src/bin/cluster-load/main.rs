@@ -27,6 +27,13 @@ use ::chorus::ReadRepair;
 use load::{LoadSpec, Worker, Workload};
 use report::Results;
 
+/// Every process of the benchmark (the load generator with node 1, and nodes 2 and 3) uses
+/// mimalloc, as a `chorus` server would: glibc's allocator serialises the two worker threads
+/// on its arena locks when one thread frees what the other allocated (messages and records
+/// cross threads on every request), which cost about 15% of the CPU of a put in profiles.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Args {
     runs: usize,
     spec: LoadSpec,

@@ -37,9 +37,6 @@ enum ApplyAnswer {
     Refused(Refusal),
     /// No usable answer (unreachable, garbled): outcome unknown.
     Failed,
-    /// The request's own timeout ran out, at the coordinator's deadline: the deadline decides
-    /// the outcome (a timeout), not this answer.
-    TimedOut,
 }
 
 impl ApplyAnswer {
@@ -57,7 +54,7 @@ impl ApplyAnswer {
                 .map(|(&i, _)| i)
                 .collect(),
             ApplyAnswer::Refused(r) if !super::hints::worth_a_hint(Some(r)) => Vec::new(),
-            ApplyAnswer::Refused(_) | ApplyAnswer::Failed | ApplyAnswer::TimedOut => idx.to_vec(),
+            ApplyAnswer::Refused(_) | ApplyAnswer::Failed => idx.to_vec(),
         }
     }
 }
@@ -67,7 +64,6 @@ enum ReadAnswer {
     Records(Vec<Option<Record>>),
     Refused(Refusal),
     Failed,
-    TimedOut,
 }
 
 impl Inner {
@@ -106,20 +102,29 @@ impl Inner {
                 }
             }
         }
+        // Who has not answered yet, for hinted handoff (empty when it is off).
+        let mut unanswered: Vec<(NodeId, Vec<usize>)> = match self.hints {
+            Some(_) => groups.clone(),
+            None => Vec::new(),
+        };
         let mut pending: FuturesUnordered<Pending<ApplyAnswer>> = FuturesUnordered::new();
         for (node, idx) in groups {
             let batch: Vec<Write> = idx.iter().map(|&i| writes[i].clone()).collect();
-            pending.push(self.apply_on(&view, node, (idx, batch), deadline, true));
+            pending.push(self.apply_on(&view, node, (idx, batch), true));
         }
         let mut undecided = results.iter().filter(|r| r.is_none()).count();
+        // One timer for the whole request, not one per answer or per replica; the late
+        // answers below run out on it too.
+        let mut expiry = Box::pin(tokio::time::sleep_until(deadline));
         while undecided > 0 {
             let next = tokio::select! {
                 next = pending.next() => next,
-                () = tokio::time::sleep_until(deadline) => None,
+                () = expiry.as_mut() => None,
             };
             let Some((node, idx, answer)) = next else {
                 break;
             };
+            unanswered.retain(|(n, _)| *n != node);
             self.note_missed(node, &answer.missed(&idx), &writes);
             for (k, &i) in idx.iter().enumerate() {
                 let progress = match &answer {
@@ -129,13 +134,8 @@ impl Inner {
                         _ => trackers[i].fail(),
                     },
                     ApplyAnswer::Refused(why) => trackers[i].refuse(node, why.clone()),
-                    ApplyAnswer::Failed | ApplyAnswer::TimedOut
-                        if self.bugs.count_failures_as_acks =>
-                    {
-                        trackers[i].ack()
-                    }
+                    ApplyAnswer::Failed if self.bugs.count_failures_as_acks => trackers[i].ack(),
                     ApplyAnswer::Failed => trackers[i].fail(),
-                    ApplyAnswer::TimedOut => trackers[i].progress(),
                 };
                 if results[i].is_some() {
                     continue;
@@ -164,12 +164,24 @@ impl Inner {
             // acknowledge gets a hint.
             let inner = self.clone();
             self.defer(async move {
-                while let Some((node, idx, answer)) = pending.next().await {
+                loop {
+                    let next = tokio::select! {
+                        next = pending.next() => next,
+                        () = expiry.as_mut() => None,
+                    };
+                    let Some((node, idx, answer)) = next else {
+                        break;
+                    };
+                    unanswered.retain(|(n, _)| *n != node);
                     inner
                         .stats
                         .late_answers
                         .fetch_add(idx.len() as u64, Ordering::Relaxed);
                     inner.note_missed(node, &answer.missed(&idx), &writes);
+                }
+                // No answer by the deadline: those replicas owe every write they were sent.
+                for (node, idx) in unanswered {
+                    inner.note_missed(node, &idx, &writes);
                 }
             });
         }
@@ -187,7 +199,8 @@ impl Inner {
             .collect()
     }
 
-    /// Sends `batch` to `node` (or applies it here when `node` is this node).
+    /// Sends `batch` to `node` (or applies it here when `node` is this node). The future has
+    /// no deadline of its own: the caller races it against the request's.
     /// `own`: the records were stamped by this node's clock for this request (not repairs of
     /// someone else's versions), so the local replica skips the drift check.
     fn apply_on(
@@ -195,7 +208,6 @@ impl Inner {
         view: &View,
         node: NodeId,
         (idx, batch): (Vec<usize>, Vec<Write>),
-        deadline: Instant,
         own: bool,
     ) -> Pending<ApplyAnswer> {
         let inner = self.clone();
@@ -215,12 +227,12 @@ impl Inner {
                 version: REPLICA_PROTOCOL_VERSION,
                 writes: batch,
             });
-            let timeout = deadline.saturating_duration_since(Instant::now());
             inner
                 .stats
                 .replica_requests_sent
                 .fetch_add(1, Ordering::Relaxed);
-            let answer = match inner.rpc.request(&addr, &message, timeout).await {
+            // Unbounded here: every caller races these futures against the request's deadline.
+            let answer = match inner.rpc.request_unbounded(&addr, &message).await {
                 Ok(Envelope::Replica(ReplicaMessage::Applied { outcomes }))
                     if outcomes.len() == expected =>
                 {
@@ -231,7 +243,6 @@ impl Inner {
                     tracing::debug!(%addr, ?other, "unexpected answer to an apply");
                     ApplyAnswer::Failed
                 }
-                Err(crate::runtime::rpc::RpcError::Timeout { .. }) => ApplyAnswer::TimedOut,
                 Err(e) => {
                     tracing::trace!(%addr, error = %e, "apply request failed");
                     ApplyAnswer::Failed
@@ -279,13 +290,16 @@ impl Inner {
         let mut pending: FuturesUnordered<Pending<ReadAnswer>> = FuturesUnordered::new();
         for (node, idx) in groups {
             let batch: Vec<Bytes> = idx.iter().map(|&i| keys[i].clone()).collect();
-            pending.push(self.read_on(&view, node, idx, batch, deadline));
+            pending.push(self.read_on(&view, node, idx, batch));
         }
         let mut undecided = results.iter().filter(|r| r.is_none()).count();
+        // One timer for the whole request, not one per answer.
+        let expiry = tokio::time::sleep_until(deadline);
+        tokio::pin!(expiry);
         while undecided > 0 {
             let next = tokio::select! {
                 next = pending.next() => next,
-                () = tokio::time::sleep_until(deadline) => None,
+                () = &mut expiry => None,
             };
             let Some((node, idx, answer)) = next else {
                 break;
@@ -301,7 +315,6 @@ impl Inner {
                     },
                     ReadAnswer::Refused(why) => trackers[i].refuse(node, why.clone()),
                     ReadAnswer::Failed => trackers[i].fail(),
-                    ReadAnswer::TimedOut => trackers[i].progress(),
                 };
                 if results[i].is_some() {
                     continue;
@@ -371,10 +384,12 @@ impl Inner {
         deadline: Instant,
         repair: bool,
     ) {
+        let expiry = tokio::time::sleep_until(deadline);
+        tokio::pin!(expiry);
         loop {
             let next = tokio::select! {
                 next = pending.next() => next,
-                () = tokio::time::sleep_until(deadline) => None,
+                () = &mut expiry => None,
             };
             let Some((node, idx, answer)) = next else {
                 break;
@@ -404,10 +419,25 @@ impl Inner {
             .into_iter()
             .map(|(node, writes)| {
                 let idx = (0..writes.len()).collect();
-                self.apply_on(&view, node, (idx, writes), deadline, false)
+                self.apply_on(&view, node, (idx, writes), false)
             })
             .collect();
-        while let Some((_, _, answer)) = sends.next().await {
+        let expiry = tokio::time::sleep_until(deadline);
+        tokio::pin!(expiry);
+        loop {
+            let answer = tokio::select! {
+                next = sends.next() => match next {
+                    Some((_, _, answer)) => answer,
+                    None => break,
+                },
+                () = &mut expiry => {
+                    // Unanswered repairs by the deadline count as failed.
+                    for _ in 0..sends.len() {
+                        self.count_repair(&ApplyAnswer::Failed);
+                    }
+                    break;
+                }
+            };
             self.count_repair(&answer);
         }
     }
@@ -495,13 +525,15 @@ impl Inner {
         }
         let mut sends: FuturesUnordered<Pending<ApplyAnswer>> = per_node
             .into_iter()
-            .map(|(node, batch)| self.apply_on(&view, node, batch, deadline, false))
+            .map(|(node, batch)| self.apply_on(&view, node, batch, false))
             .collect();
         let mut open = short.len();
+        let expiry = tokio::time::sleep_until(deadline);
+        tokio::pin!(expiry);
         while open > 0 {
             let next = tokio::select! {
                 next = sends.next() => next,
-                () = tokio::time::sleep_until(deadline) => None,
+                () = &mut expiry => None,
             };
             let Some((_, idx, answer)) = next else {
                 break;
@@ -538,14 +570,14 @@ impl Inner {
         }
     }
 
-    /// Asks `node` for `batch` (or reads here when `node` is this node).
+    /// Asks `node` for `batch` (or reads here when `node` is this node). The future has no
+    /// deadline of its own: the caller races it against the request's.
     fn read_on(
         self: &Arc<Self>,
         view: &View,
         node: NodeId,
         idx: Vec<usize>,
         batch: Vec<Bytes>,
-        deadline: Instant,
     ) -> Pending<ReadAnswer> {
         let inner = self.clone();
         let keys: Vec<Key> = batch.into_iter().map(Key).collect();
@@ -568,12 +600,12 @@ impl Inner {
                 version: REPLICA_PROTOCOL_VERSION,
                 keys,
             });
-            let timeout = deadline.saturating_duration_since(Instant::now());
             inner
                 .stats
                 .replica_requests_sent
                 .fetch_add(1, Ordering::Relaxed);
-            let answer = match inner.rpc.request(&addr, &message, timeout).await {
+            // Unbounded here: every caller races these futures against the request's deadline.
+            let answer = match inner.rpc.request_unbounded(&addr, &message).await {
                 Ok(Envelope::Replica(ReplicaMessage::Records { records }))
                     if records.len() == expected =>
                 {
@@ -584,7 +616,6 @@ impl Inner {
                     tracing::debug!(%addr, ?other, "unexpected answer to a read");
                     ReadAnswer::Failed
                 }
-                Err(crate::runtime::rpc::RpcError::Timeout { .. }) => ReadAnswer::TimedOut,
                 Err(e) => {
                     tracing::trace!(%addr, error = %e, "read request failed");
                     ReadAnswer::Failed

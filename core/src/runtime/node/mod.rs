@@ -981,6 +981,7 @@ async fn dispatch(
                 let mut serving = Box::pin(async move {
                     let reply = Envelope::Replica(inner.serve(m).await);
                     if let Err(e) = inner.rpc.respond_to(&from, header, &reply).await {
+                        inner.stats.replies_not_sent.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(%from, error = %e, "replica reply not sent");
                     }
                 });

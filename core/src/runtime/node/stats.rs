@@ -63,6 +63,9 @@ counters! {
     /// Replica requests that did not decode or spoke another protocol version (answered with
     /// an error).
     bad_replica_requests,
+    /// Answers to replica requests that could not be sent (the coordinator's queue was full,
+    /// or it was unreachable): the coordinator sees a timeout for that replica.
+    replies_not_sent,
     /// Tombstones and expired values removed by the purge.
     purged,
     /// Hints kept for replicas that did not acknowledge a write (hinted handoff).
