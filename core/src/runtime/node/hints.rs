@@ -228,7 +228,7 @@ async fn follow_membership(
         let alive = matches!(m.state, MemberState::Alive | MemberState::Suspect);
         book.set_alive(m.id, alive, now);
         if m.state == MemberState::Left {
-            hand_over(inner, book, m.id, now).await;
+            hand_over(inner, book, m.id, members, now).await;
         }
     }
     // A member forgotten since the last view is not alive.
@@ -243,18 +243,33 @@ async fn follow_membership(
 
 /// A member left for good: its hints go to each key's current replicas (this node's own
 /// replica applies them at once), keeping their creation time.
-async fn hand_over(inner: &Inner, book: &mut HintBook, target: NodeId, now: u64) {
+async fn hand_over(
+    inner: &Inner,
+    book: &mut HintBook,
+    target: NodeId,
+    members: &[Member],
+    now: u64,
+) {
     let taken = book.take_target(target);
     if taken.is_empty() {
         return;
     }
     remove(inner, taken.iter().map(|(id, _)| *id).collect()).await;
-    let view = inner.view.load_full();
+    // The ring of this membership snapshot: the node's own ring snapshot is rebuilt by
+    // another task from the same change and may still hold the member that left.
+    let view = super::view::View::build(
+        members,
+        inner.config.replication_factor,
+        crate::ring::RingConfig::default(),
+    );
     let mut local = Vec::new();
     let mut stored = Vec::new();
     let persist = inner.storage.capabilities().durability.is_persistent();
     for (_, hint) in taken {
         for replica in view.replicas(&hint.key) {
+            if replica == target {
+                continue;
+            }
             if replica == inner.id {
                 local.push(Write {
                     key: hint.key.clone(),
