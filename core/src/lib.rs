@@ -9,7 +9,8 @@
 //! 2. [`wire`]: framing and bounded decoding of any message type, naming none;
 //! 3. the contracts and the registry: [`storage`], [`transport`], [`registry`];
 //! 4. protocols, each owning its messages: [`membership`] (SWIM with Lifeguard as a sans-IO
-//!    state machine), [`replication`] (the replica protocol's messages today);
+//!    state machine), [`replication`] (the replica protocol's messages today), [`healing`]
+//!    (hinted handoff's book);
 //! 5. [`envelope`]: the enum that multiplexes the protocols on one connection;
 //! 6. the runtime (feature `runtime`, on by default): `runtime::membership` (the membership
 //!    driver), `runtime::rpc` (request/response correlation), `runtime::inproc` (an
@@ -29,6 +30,7 @@ pub mod auth;
 pub mod codec;
 pub mod envelope;
 pub mod hash;
+pub mod healing;
 pub mod hlc;
 pub mod identity;
 pub mod membership;

@@ -30,6 +30,12 @@
 //!   `[a-z0-9._-]`, values at most [`MAX_META_LEN`] bytes ([`check_meta_name`],
 //!   [`check_meta`]). Metadata never appears in scans, digests, stats or purges, and survives
 //!   closing and reopening a store whose durability [is persistent](Durability::is_persistent).
+//! - A **hint namespace** ([`Storage::store_hints`], [`Storage::load_hints`],
+//!   [`Storage::remove_hints`]) keeps opaque blobs by a `u64` id for hinted handoff: writes a
+//!   coordinator still owes a replica. Blobs are at most [`MAX_HINT_LEN`] bytes, at most
+//!   [`MAX_BATCH`] per call ([`check_hints`]). Like metadata, hints are as durable as records,
+//!   never appear in scans, digests, stats or purges, are never evicted, and survive closing
+//!   and reopening a persistent store.
 
 use std::future::Future;
 use std::num::{NonZeroU32, NonZeroUsize};
@@ -94,6 +100,40 @@ pub fn check_meta(name: &str, value: &[u8]) -> Result<(), StorageError> {
         return Err(StorageError::InvalidRequest(format!(
             "a metadata value of {} bytes for {name:?}; at most {MAX_META_LEN} are allowed",
             value.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The largest hint blob, in bytes ([`Storage::store_hints`]): a key and a record of the
+/// largest sizes a node allows, encoded, with room to spare.
+pub const MAX_HINT_LEN: usize = 32 << 20;
+
+/// [`StorageError::InvalidRequest`] for more than [`MAX_BATCH`] hints in one call or a blob
+/// over [`MAX_HINT_LEN`] bytes; backends call it before storing anything.
+pub fn check_hints(hints: &[(u64, Bytes)]) -> Result<(), StorageError> {
+    if hints.len() > MAX_BATCH {
+        return Err(StorageError::InvalidRequest(format!(
+            "{} hints in one call; at most {MAX_BATCH} are allowed",
+            hints.len()
+        )));
+    }
+    if let Some((id, blob)) = hints.iter().find(|(_, b)| b.len() > MAX_HINT_LEN) {
+        return Err(StorageError::InvalidRequest(format!(
+            "hint {id} of {} bytes; at most {MAX_HINT_LEN} are allowed",
+            blob.len()
+        )));
+    }
+    Ok(())
+}
+
+/// [`StorageError::InvalidRequest`] for more than [`MAX_BATCH`] ids in one
+/// [`Storage::remove_hints`].
+pub fn check_hint_ids(ids: &[u64]) -> Result<(), StorageError> {
+    if ids.len() > MAX_BATCH {
+        return Err(StorageError::InvalidRequest(format!(
+            "{} hint ids in one call; at most {MAX_BATCH} are allowed",
+            ids.len()
         )));
     }
     Ok(())
@@ -598,6 +638,26 @@ pub trait Storage: Send + Sync + 'static {
         value: Bytes,
     ) -> impl Future<Output = Result<(), StorageError>> + Send;
 
+    /// Stores each `(id, blob)` of the hint namespace ([module documentation](self)),
+    /// replacing a blob stored earlier under the same id.
+    ///
+    /// On return every blob is as durable as [`Capabilities::durability`] says for records.
+    /// More than [`MAX_BATCH`] hints or a blob over [`MAX_HINT_LEN`] bytes ([`check_hints`])
+    /// is refused with [`StorageError::InvalidRequest`] before anything is stored. Not atomic
+    /// across hints: after an error any subset may be stored.
+    fn store_hints(
+        &self,
+        hints: Vec<(u64, Bytes)>,
+    ) -> impl Future<Output = Result<(), StorageError>> + Send;
+
+    /// Every stored hint, in ascending id order.
+    fn load_hints(&self) -> impl Future<Output = Result<Vec<(u64, Bytes)>, StorageError>> + Send;
+
+    /// Removes the hints with these ids (ids not stored are ignored); durable as records on
+    /// return. More than [`MAX_BATCH`] ids ([`check_hint_ids`]) is refused with
+    /// [`StorageError::InvalidRequest`].
+    fn remove_hints(&self, ids: Vec<u64>) -> impl Future<Output = Result<(), StorageError>> + Send;
+
     /// Up to `limit` entries of `range` after `cursor`, in `(offset, key)` order.
     fn scan(
         &self,
@@ -667,6 +727,12 @@ pub trait DynStorage: Send + Sync + 'static {
         name: &'a str,
         value: Bytes,
     ) -> BoxFuture<'a, Result<(), StorageError>>;
+    /// [`Storage::store_hints`].
+    fn store_hints_dyn(&self, hints: Vec<(u64, Bytes)>) -> BoxFuture<'_, Result<(), StorageError>>;
+    /// [`Storage::load_hints`].
+    fn load_hints_dyn(&self) -> BoxFuture<'_, Result<Vec<(u64, Bytes)>, StorageError>>;
+    /// [`Storage::remove_hints`].
+    fn remove_hints_dyn(&self, ids: Vec<u64>) -> BoxFuture<'_, Result<(), StorageError>>;
     /// [`Storage::scan`].
     fn scan_dyn(
         &self,
@@ -727,6 +793,15 @@ impl<S: Storage> DynStorage for S {
     ) -> BoxFuture<'a, Result<(), StorageError>> {
         Box::pin(self.store_meta(name, value))
     }
+    fn store_hints_dyn(&self, hints: Vec<(u64, Bytes)>) -> BoxFuture<'_, Result<(), StorageError>> {
+        Box::pin(self.store_hints(hints))
+    }
+    fn load_hints_dyn(&self) -> BoxFuture<'_, Result<Vec<(u64, Bytes)>, StorageError>> {
+        Box::pin(self.load_hints())
+    }
+    fn remove_hints_dyn(&self, ids: Vec<u64>) -> BoxFuture<'_, Result<(), StorageError>> {
+        Box::pin(self.remove_hints(ids))
+    }
     fn scan_dyn(
         &self,
         range: HashRange,
@@ -786,6 +861,18 @@ impl Storage for SharedStorage {
     }
     async fn store_meta(&self, name: &str, value: Bytes) -> Result<(), StorageError> {
         self.0.store_meta_dyn(name, value).await
+    }
+    fn store_hints(
+        &self,
+        hints: Vec<(u64, Bytes)>,
+    ) -> impl Future<Output = Result<(), StorageError>> + Send {
+        self.0.store_hints_dyn(hints)
+    }
+    fn load_hints(&self) -> impl Future<Output = Result<Vec<(u64, Bytes)>, StorageError>> + Send {
+        self.0.load_hints_dyn()
+    }
+    fn remove_hints(&self, ids: Vec<u64>) -> impl Future<Output = Result<(), StorageError>> + Send {
+        self.0.remove_hints_dyn(ids)
     }
     fn scan(
         &self,

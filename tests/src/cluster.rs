@@ -84,6 +84,15 @@ impl Storage for KeptStorage {
     async fn store_meta(&self, name: &str, value: bytes::Bytes) -> Result<(), StorageError> {
         self.open()?.store_meta(name, value).await
     }
+    async fn store_hints(&self, hints: Vec<(u64, bytes::Bytes)>) -> Result<(), StorageError> {
+        self.open()?.store_hints(hints).await
+    }
+    async fn load_hints(&self) -> Result<Vec<(u64, bytes::Bytes)>, StorageError> {
+        self.open()?.load_hints().await
+    }
+    async fn remove_hints(&self, ids: Vec<u64>) -> Result<(), StorageError> {
+        self.open()?.remove_hints(ids).await
+    }
     async fn scan(
         &self,
         range: HashRange,
@@ -335,6 +344,14 @@ impl Cluster {
         assert!(self.nodes[i].is_none(), "node {i} is running");
         self.restarts += 1;
         self.boot(i).await;
+    }
+
+    /// Throws away stopped node `i`'s data (records, metadata, hints): its next restart
+    /// opens an empty store, as after a disk replacement. The node keeps its id.
+    pub fn wipe(&mut self, i: usize) {
+        assert!(self.nodes[i].is_none(), "node {i} is running");
+        self.storages[i] = None;
+        self.data_dirs[i] = None;
     }
 
     /// Shuts node `i` down gracefully.

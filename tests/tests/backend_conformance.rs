@@ -116,6 +116,11 @@ async fn metadata() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hints() {
+    on_every_backend(conformance::HINTS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn capabilities() {
     on_every_backend(conformance::CAPABILITIES).await;
 }
@@ -187,6 +192,7 @@ fn every_check_has_a_test() {
             "stale_outcomes",
             "apply_batch",
             "metadata",
+            "hints",
             "capabilities",
             "closed"
         ]

@@ -13,7 +13,7 @@ use chorus::record::Record;
 use chorus::storage::{
     ApplyOutcome, Capabilities, Durability, Entry, PurgeStats, RangeDigest, ScanCost, ScanCursor,
     ScanPage, SharedStorage, Storage, StorageError, StorageStats, after_cursor, check_batch_len,
-    check_meta, check_meta_name, scan_order,
+    check_hint_ids, check_hints, check_meta, check_meta_name, scan_order,
 };
 use chorus_tests::conformance::{self, Backend, Check};
 
@@ -53,6 +53,12 @@ enum Bug {
     MetaUnchecked,
     /// `purge` drops the metadata too.
     MetaPurged,
+    /// `remove_hints` removes nothing.
+    HintsNotRemoved,
+    /// `purge` drops the hints too.
+    HintsPurged,
+    /// Hint blobs and batches are not bounded.
+    HintsUnchecked,
 }
 
 /// A mutex around a sorted map; correct unless a bug is planted.
@@ -61,6 +67,7 @@ struct Reference {
     bug: Bug,
     map: Mutex<BTreeMap<Bytes, Record>>,
     meta: Mutex<BTreeMap<String, Bytes>>,
+    hints: Mutex<BTreeMap<u64, Bytes>>,
     closed: AtomicBool,
 }
 
@@ -71,6 +78,7 @@ impl Reference {
                 bug,
                 map: Mutex::default(),
                 meta: Mutex::default(),
+                hints: Mutex::default(),
                 closed: AtomicBool::new(false),
             })
         })
@@ -88,6 +96,13 @@ impl Reference {
             return Err(StorageError::Closed);
         }
         Ok(self.meta.lock().expect("not poisoned"))
+    }
+
+    fn hints(&self) -> Result<MutexGuard<'_, BTreeMap<u64, Bytes>>, StorageError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StorageError::Closed);
+        }
+        Ok(self.hints.lock().expect("not poisoned"))
     }
 
     fn meta_key(name: &str) -> Bytes {
@@ -207,6 +222,35 @@ impl Storage for Reference {
         Ok(())
     }
 
+    async fn store_hints(&self, hints: Vec<(u64, Bytes)>) -> Result<(), StorageError> {
+        if self.bug != Bug::HintsUnchecked {
+            check_hints(&hints)?;
+        }
+        self.hints()?.extend(hints);
+        Ok(())
+    }
+
+    async fn load_hints(&self) -> Result<Vec<(u64, Bytes)>, StorageError> {
+        Ok(self
+            .hints()?
+            .iter()
+            .map(|(id, blob)| (*id, blob.clone()))
+            .collect())
+    }
+
+    async fn remove_hints(&self, ids: Vec<u64>) -> Result<(), StorageError> {
+        if self.bug != Bug::HintsUnchecked {
+            check_hint_ids(&ids)?;
+        }
+        let mut hints = self.hints()?;
+        if self.bug != Bug::HintsNotRemoved {
+            for id in ids {
+                hints.remove(&id);
+            }
+        }
+        Ok(())
+    }
+
     async fn scan(
         &self,
         range: HashRange,
@@ -276,6 +320,9 @@ impl Storage for Reference {
         if self.bug == Bug::MetaPurged {
             self.meta()?.clear();
         }
+        if self.bug == Bug::HintsPurged {
+            self.hints()?.clear();
+        }
         let mut stats = PurgeStats::default();
         self.map()?.retain(|_, record| {
             let collect = record.is_collectable(now_ms, grace);
@@ -325,9 +372,9 @@ async fn the_reference_backend_passes_every_check() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_planted_bug_is_caught() {
     use conformance::{
-        BATCH, CAPABILITIES, CLOSED, EXPIRY, META, MODEL, RANGES, STALE, TOMBSTONES,
+        BATCH, CAPABILITIES, CLOSED, EXPIRY, HINTS, META, MODEL, RANGES, STALE, TOMBSTONES,
     };
-    let cases: [(Bug, &[Check]); 15] = [
+    let cases: [(Bug, &[Check]); 18] = [
         (Bug::BlindOutcome, &[MODEL, TOMBSTONES]),
         (Bug::HideTombstones, &[MODEL, TOMBSTONES]),
         (Bug::SkipAfterCursor, &[MODEL, RANGES]),
@@ -346,6 +393,9 @@ async fn every_planted_bug_is_caught() {
         (Bug::MetaAsRecords, &[META]),
         (Bug::MetaUnchecked, &[META]),
         (Bug::MetaPurged, &[META]),
+        (Bug::HintsNotRemoved, &[HINTS]),
+        (Bug::HintsPurged, &[HINTS]),
+        (Bug::HintsUnchecked, &[HINTS]),
     ];
     let seed = conformance::seed();
     let mut missed = Vec::new();

@@ -76,6 +76,15 @@
 //! [`StorageError::Corruption`] naming the file if one is damaged. A failed metadata write is
 //! not fatal to the store: the old value stays unless the rename happened.
 //!
+//! # Hints
+//!
+//! [`Storage::store_hints`] keeps each hint in its own file, `hints/<id>.hint` (magic, format
+//! version, length, a CRC32C bound to the id, the blob), written the same way as metadata
+//! (temporary file, fsync, rename) with one directory fsync per batch, under every fsync
+//! policy; [`Storage::remove_hints`] unlinks and syncs the directory. Hints are read from disk
+//! by [`Storage::load_hints`] (a node does so once, when it starts), which removes leftover
+//! `.tmp` files and fails with [`StorageError::Corruption`] naming a damaged file.
+//!
 //! # Purge and compaction
 //!
 //! [`Storage::purge`] walks the index in batches of 1,024 entries, releasing the index lock
@@ -114,6 +123,7 @@
 
 mod codec;
 mod fs;
+mod hints;
 mod log;
 mod meta;
 
@@ -138,8 +148,8 @@ use chorus_core::record::Record;
 use chorus_core::registry::{Registry, StorageSpec};
 use chorus_core::storage::{
     ApplyOutcome, Capabilities, Durability, Entry, PurgeStats, RangeDigest, ScanCost, ScanCursor,
-    ScanPage, SharedStorage, Storage, StorageError, StorageStats, check_batch_len, check_meta,
-    check_meta_name, empty_digests,
+    ScanPage, SharedStorage, Storage, StorageError, StorageStats, check_batch_len, check_hint_ids,
+    check_hints, check_meta, check_meta_name, empty_digests,
 };
 use tokio::sync::oneshot;
 
@@ -392,6 +402,22 @@ impl FileStorage {
         let (done, finished) = oneshot::channel();
         log::start_compaction(&self.shared, &self.tx, Some(done))?;
         finished.await.map_err(|_| StorageError::Closed)?
+    }
+
+    /// Runs `job` on the hint files on the writer thread and waits for its answer. A failure
+    /// is not fatal to the store (the log is untouched).
+    async fn hint_job<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&log::Shared) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        self.check_open()?;
+        let (ack, reply) = oneshot::channel();
+        self.tx
+            .send(Cmd::Hints(Box::new(move |shared| {
+                let _ = ack.send(job(shared));
+            })))
+            .map_err(|_| StorageError::Closed)?;
+        reply.await.map_err(|_| StorageError::Closed)?
     }
 
     /// Sends a command that answers through a oneshot and waits for the answer.
@@ -715,6 +741,32 @@ impl Storage for FileStorage {
         .await
     }
 
+    /// Writes one file per hint (temporary file, fsync, rename) and syncs the directory once,
+    /// on the writer thread, whatever the fsync policy (see the `hints` module).
+    async fn store_hints(&self, hints: Vec<(u64, Bytes)>) -> Result<(), StorageError> {
+        check_hints(&hints)?;
+        self.hint_job(move |shared| {
+            hints::store(&shared.fs, &shared.dir, &hints).map_err(|err| hint_error("storing", err))
+        })
+        .await
+    }
+
+    /// Reads the hint files (on the writer thread); a damaged one is
+    /// [`StorageError::Corruption`] naming it.
+    async fn load_hints(&self) -> Result<Vec<(u64, Bytes)>, StorageError> {
+        self.hint_job(|shared| hints::load(&shared.fs, &shared.dir))
+            .await
+    }
+
+    /// Unlinks the hint files and syncs the directory, on the writer thread.
+    async fn remove_hints(&self, ids: Vec<u64>) -> Result<(), StorageError> {
+        check_hint_ids(&ids)?;
+        self.hint_job(move |shared| {
+            hints::remove(&shared.fs, &shared.dir, &ids).map_err(|err| hint_error("removing", err))
+        })
+        .await
+    }
+
     /// Walks only the index entries of the range: O(log n + page).
     async fn scan(
         &self,
@@ -790,6 +842,14 @@ impl Storage for FileStorage {
             .clear();
         result
     }
+}
+
+fn hint_error(what: &str, err: std::io::Error) -> StorageError {
+    tracing::warn!("file store: {what} hints failed: {err}");
+    StorageError::Io(std::io::Error::new(
+        err.kind(),
+        format!("{what} hints: {err}"),
+    ))
 }
 
 impl Drop for FileStorage {

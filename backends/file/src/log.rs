@@ -38,6 +38,9 @@ const ROTATE_RETRY: Duration = Duration::from_secs(1);
 /// The longest a failed background compaction waits before the next attempt.
 const MAX_COMPACT_BACKOFF: Duration = Duration::from_secs(300);
 
+/// A job on the hint files, run on the writer thread.
+pub(crate) type HintJob = Box<dyn FnOnce(&Shared) + Send>;
+
 /// A one-shot reply.
 pub(crate) type Ack<T> = oneshot::Sender<Result<T, StorageError>>;
 
@@ -62,6 +65,9 @@ pub(crate) enum Cmd {
         value: Bytes,
         ack: Ack<()>,
     },
+    /// Run a job on the hint files (see the `hints` module); it answers through its own
+    /// channel, and dropping it unrun (a failed or closed store) answers `Closed`.
+    Hints(HintJob),
     /// Acknowledge once everything sent before is as durable as a write acknowledged now
     /// would be: synced, under `always` (without an fsync if it already is).
     Barrier(Ack<()>),
@@ -576,6 +582,7 @@ fn run_writer(
                 Cmd::StoreMeta { name, value, ack } => {
                     let _ = ack.send(store_meta(shared, &name, value));
                 }
+                Cmd::Hints(job) => job(shared),
                 Cmd::Barrier(ack) => acks.push(ack),
                 Cmd::Flush(ack) => {
                     let result = state.commit(shared, &mut acks, true);
@@ -666,6 +673,7 @@ fn refuse(cmd: Cmd) {
         Cmd::Rotate(ack) => {
             let _ = ack.send(Err(StorageError::Closed));
         }
+        Cmd::Hints(job) => drop(job),
         Cmd::Close(ack) => {
             if let Some(ack) = ack {
                 let _ = ack.send(Err(StorageError::Closed));

@@ -18,7 +18,8 @@
 //!   record: each scan page and each digest costs O(n) in the number of records, whatever the
 //!   size of the range or of the page. A scan page keeps only `limit + 1` candidates in memory.
 //! - [`Storage::apply_batch`] applies each write in turn; metadata
-//!   ([`Storage::store_meta`]) is a map beside the records, lost with them.
+//!   ([`Storage::store_meta`]) and hints ([`Storage::store_hints`]) are maps beside the
+//!   records, lost with them.
 //! - [`Storage::stats`] is O(1): counters are maintained while the shard lock of each apply is
 //!   held (a purge adjusts them just after each removal). They are exact whenever no write or
 //!   purge is in flight, and a momentary approximation while one races with the read.
@@ -60,7 +61,8 @@ use chorus_core::registry::{Registry, StorageSpec};
 use chorus_core::storage::{
     ApplyOutcome, Capabilities, Durability, Entry, PurgeStats, RangeDigest, ScanCost, ScanCursor,
     ScanPage, SharedStorage, Storage, StorageError, StorageStats, after_cursor, check_batch_len,
-    check_meta, check_meta_name, empty_digests, footprint, purge_candidates, scan_order,
+    check_hint_ids, check_hints, check_meta, check_meta_name, empty_digests, footprint,
+    purge_candidates, scan_order,
 };
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
@@ -110,6 +112,8 @@ pub struct MemoryStorage {
     bytes: AtomicU64,
     /// The metadata namespace ([`Storage::store_meta`]), apart from the records.
     meta: Mutex<HashMap<String, Bytes>>,
+    /// The hint namespace ([`Storage::store_hints`]), apart from the records.
+    hints: Mutex<std::collections::BTreeMap<u64, Bytes>>,
 }
 
 impl fmt::Debug for MemoryStorage {
@@ -171,6 +175,7 @@ impl MemoryStorage {
             tombstones: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             meta: Mutex::new(HashMap::new()),
+            hints: Mutex::new(std::collections::BTreeMap::new()),
         }
     }
 
@@ -247,6 +252,14 @@ impl MemoryStorage {
     fn meta(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, Bytes>>, StorageError> {
         self.check_open()?;
         Ok(self.meta.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn hints(
+        &self,
+    ) -> Result<std::sync::MutexGuard<'_, std::collections::BTreeMap<u64, Bytes>>, StorageError>
+    {
+        self.check_open()?;
+        Ok(self.hints.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     fn scan_now(
@@ -354,6 +367,10 @@ impl MemoryStorage {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
+        self.hints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
         Ok(())
     }
 }
@@ -390,6 +407,30 @@ impl Storage for MemoryStorage {
     async fn store_meta(&self, name: &str, value: Bytes) -> Result<(), StorageError> {
         check_meta(name, &value)?;
         self.meta()?.insert(name.to_owned(), value);
+        Ok(())
+    }
+
+    /// Kept in memory only, like the records.
+    async fn store_hints(&self, hints: Vec<(u64, Bytes)>) -> Result<(), StorageError> {
+        check_hints(&hints)?;
+        self.hints()?.extend(hints);
+        Ok(())
+    }
+
+    async fn load_hints(&self) -> Result<Vec<(u64, Bytes)>, StorageError> {
+        Ok(self
+            .hints()?
+            .iter()
+            .map(|(id, blob)| (*id, blob.clone()))
+            .collect())
+    }
+
+    async fn remove_hints(&self, ids: Vec<u64>) -> Result<(), StorageError> {
+        check_hint_ids(&ids)?;
+        let mut hints = self.hints()?;
+        for id in ids {
+            hints.remove(&id);
+        }
         Ok(())
     }
 

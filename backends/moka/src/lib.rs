@@ -26,8 +26,9 @@
 //!   once `expiry_grace` has passed after it took effect on the wall clock, the same moment
 //!   [`Storage::purge`] with that grace would collect it ([`Record::is_collectable`]). With
 //!   `expiry_grace = "off"` nothing expires on its own and only `purge` removes such records.
-//! - [`Storage::apply_batch`] applies each write in turn. Metadata ([`Storage::store_meta`]) is
-//!   kept in a map outside the cache: never evicted, lost when the store is closed or dropped.
+//! - [`Storage::apply_batch`] applies each write in turn. Metadata ([`Storage::store_meta`]) and
+//!   hints ([`Storage::store_hints`]) are kept in maps outside the cache: never evicted, lost
+//!   when the store is closed or dropped.
 //! - The cache is unordered: [`Storage::scan`], [`Storage::digest`], [`Storage::purge`] and
 //!   [`Storage::stats`] visit every cached entry (O(n)); a scan page also sorts its matches.
 //!
@@ -63,8 +64,8 @@ use chorus_core::registry::{Registry, StorageSpec};
 use chorus_core::storage::{
     ApplyOutcome, Capabilities, Durability, Entry, Eviction, PurgeStats, RangeDigest, ScanCost,
     ScanCursor, ScanPage, SharedStorage, Storage, StorageError, StorageStats, after_cursor,
-    check_batch_len, check_meta, check_meta_name, empty_digests, footprint, purge_candidates,
-    scan_order,
+    check_batch_len, check_hint_ids, check_hints, check_meta, check_meta_name, empty_digests,
+    footprint, purge_candidates, scan_order,
 };
 use moka::ops::compute::Op;
 use moka::sync::Cache;
@@ -195,6 +196,8 @@ pub struct MokaStorage {
     capabilities: Capabilities,
     /// The metadata namespace ([`Storage::store_meta`]): outside the cache, never evicted.
     meta: Mutex<HashMap<String, Bytes>>,
+    /// The hint namespace ([`Storage::store_hints`]): outside the cache, never evicted.
+    hints: Mutex<std::collections::BTreeMap<u64, Bytes>>,
 }
 
 impl fmt::Debug for MokaStorage {
@@ -228,6 +231,7 @@ impl MokaStorage {
             capabilities: Capabilities::new(Durability::Volatile, ScanCost::FullScan)
                 .with_eviction(eviction),
             meta: Mutex::new(HashMap::new()),
+            hints: Mutex::new(std::collections::BTreeMap::new()),
         }
     }
 
@@ -270,6 +274,13 @@ impl MokaStorage {
     fn meta(&self) -> Result<MutexGuard<'_, HashMap<String, Bytes>>, StorageError> {
         self.check_open()?;
         Ok(self.meta.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn hints(
+        &self,
+    ) -> Result<MutexGuard<'_, std::collections::BTreeMap<u64, Bytes>>, StorageError> {
+        self.check_open()?;
+        Ok(self.hints.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     fn scan_now(
@@ -397,6 +408,30 @@ impl Storage for MokaStorage {
         Ok(())
     }
 
+    /// Kept in memory, outside the cache: never evicted.
+    async fn store_hints(&self, hints: Vec<(u64, Bytes)>) -> Result<(), StorageError> {
+        check_hints(&hints)?;
+        self.hints()?.extend(hints);
+        Ok(())
+    }
+
+    async fn load_hints(&self) -> Result<Vec<(u64, Bytes)>, StorageError> {
+        Ok(self
+            .hints()?
+            .iter()
+            .map(|(id, blob)| (*id, blob.clone()))
+            .collect())
+    }
+
+    async fn remove_hints(&self, ids: Vec<u64>) -> Result<(), StorageError> {
+        check_hint_ids(&ids)?;
+        let mut hints = self.hints()?;
+        for id in ids {
+            hints.remove(&id);
+        }
+        Ok(())
+    }
+
     /// A full pass over the cache and a sort of the matches: O(n log n) per page.
     async fn scan(
         &self,
@@ -437,6 +472,10 @@ impl Storage for MokaStorage {
         }
         self.cache.invalidate_all();
         self.meta
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        self.hints
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();

@@ -36,7 +36,9 @@
 //! [`Storage::apply_batch`] runs one compare-and-swap loop per write and then, under
 //! `always`, waits for one flush for the whole batch. Metadata ([`Storage::store_meta`])
 //! lives in a separate sled tree (`chorus-meta`) that scans, digests, stats and purges never
-//! read; it is flushed like the records (under `always`, before `store_meta` returns).
+//! read; it is flushed like the records (under `always`, before `store_meta` returns). Hints
+//! ([`Storage::store_hints`]) live the same way in their own tree (`chorus-hints`, keyed by
+//! the id in big-endian order, so a load returns them in id order).
 //!
 //! sled is beta software and its on-disk format is not stable across its versions; the
 //! dependency is pinned to 0.34.7.
@@ -83,8 +85,8 @@ use chorus_core::record::{Payload, Record};
 use chorus_core::registry::{Registry, StorageSpec};
 use chorus_core::storage::{
     ApplyOutcome, Capabilities, Durability, Entry, PurgeStats, RangeDigest, ScanCost, ScanCursor,
-    ScanPage, SharedStorage, Storage, StorageError, StorageStats, check_batch_len, check_meta,
-    check_meta_name, empty_digests,
+    ScanPage, SharedStorage, Storage, StorageError, StorageStats, check_batch_len, check_hint_ids,
+    check_hints, check_meta, check_meta_name, empty_digests,
 };
 use tokio::sync::oneshot;
 
@@ -190,12 +192,17 @@ type FlushAck = oneshot::Sender<Result<(), StorageError>>;
 /// default tree, so scans, digests, stats and purges never see metadata).
 const META_TREE: &[u8] = b"chorus-meta";
 
+/// The sled tree that holds the hint namespace, keyed by the big-endian id.
+const HINT_TREE: &[u8] = b"chorus-hints";
+
 /// The open database and the channel to its flusher thread.
 #[derive(Clone)]
 struct Open {
     db: sled::Db,
     /// The [`META_TREE`].
     meta: sled::Tree,
+    /// The [`HINT_TREE`].
+    hints: sled::Tree,
     flusher: mpsc::Sender<FlushAck>,
 }
 
@@ -438,6 +445,7 @@ impl SledStorage {
             store.count(key.len(), &record, 1);
         }
         let meta = db.open_tree(META_TREE).map_err(sled_error)?;
+        let hints = db.open_tree(HINT_TREE).map_err(sled_error)?;
         let (flusher, requests) = mpsc::channel();
         let (exited_tx, exited) = oneshot::channel();
         let thread_db = db.clone();
@@ -445,8 +453,12 @@ impl SledStorage {
         std::thread::Builder::new()
             .name("chorus-sled-flush".into())
             .spawn(move || run_flusher(thread_db, requests, failed, exited_tx, before_flush))?;
-        *store.open.write().unwrap_or_else(PoisonError::into_inner) =
-            Some(Open { db, meta, flusher });
+        *store.open.write().unwrap_or_else(PoisonError::into_inner) = Some(Open {
+            db,
+            meta,
+            hints,
+            flusher,
+        });
         *store
             .flusher_exited
             .lock()
@@ -668,6 +680,57 @@ impl Storage for SledStorage {
         open.meta
             .insert(name.as_bytes(), value.as_ref())
             .map_err(sled_error)?;
+        if self.flush == FlushPolicy::Always {
+            Self::flush_via(&open.flusher).await?;
+        }
+        Ok(())
+    }
+
+    /// Inserts into the hint tree; flushed as `store_meta` is.
+    async fn store_hints(&self, hints: Vec<(u64, Bytes)>) -> Result<(), StorageError> {
+        check_hints(&hints)?;
+        let open = self.opened()?;
+        if hints.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for (id, blob) in &hints {
+            batch.insert(&id.to_be_bytes(), blob.as_ref());
+        }
+        open.hints.apply_batch(batch).map_err(sled_error)?;
+        if self.flush == FlushPolicy::Always {
+            Self::flush_via(&open.flusher).await?;
+        }
+        Ok(())
+    }
+
+    /// Every entry of the hint tree; an entry whose key is not 8 bytes is
+    /// [`StorageError::Corruption`].
+    async fn load_hints(&self) -> Result<Vec<(u64, Bytes)>, StorageError> {
+        let open = self.opened()?;
+        let mut out = Vec::new();
+        for item in open.hints.iter() {
+            let (raw_key, raw_value) = item.map_err(sled_error)?;
+            let id: [u8; 8] = raw_key.as_ref().try_into().map_err(|_| {
+                StorageError::Corruption(format!("a hint key of {} bytes, not 8", raw_key.len()))
+            })?;
+            out.push((u64::from_be_bytes(id), Bytes::copy_from_slice(&raw_value)));
+        }
+        Ok(out)
+    }
+
+    /// Removes from the hint tree; flushed as `store_meta` is.
+    async fn remove_hints(&self, ids: Vec<u64>) -> Result<(), StorageError> {
+        check_hint_ids(&ids)?;
+        let open = self.opened()?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for id in &ids {
+            batch.remove(&id.to_be_bytes());
+        }
+        open.hints.apply_batch(batch).map_err(sled_error)?;
         if self.flush == FlushPolicy::Always {
             Self::flush_via(&open.flusher).await?;
         }

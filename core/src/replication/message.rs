@@ -60,6 +60,36 @@ pub enum ReplicaMessage {
     },
     /// The request was refused as a whole; nothing was stored.
     Refused(Refusal),
+    /// Anti-entropy: the sender applied these writes as a replica of keys it believes the
+    /// receiver replicates too; the receiver answers [`ReplicaMessage::SyncWant`] with the
+    /// ones it lacks (holds an older version of, or nothing), or refuses the whole offer
+    /// ([`Refusal::OutOfRange`] if a key is not one it replicates, [`Refusal::Invalid`] for a
+    /// bad key).
+    SyncOffer {
+        /// The sender's [`REPLICA_PROTOCOL_VERSION`].
+        version: u16,
+        /// `(key, version)` digests, at most [`MAX_BATCH`].
+        #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_BATCH>")]
+        entries: Vec<SyncEntry>,
+    },
+    /// The answer to a [`ReplicaMessage::SyncOffer`]: indices (into its entries, ascending)
+    /// of the records the receiver lacks; the offerer sends them with an ordinary
+    /// [`ReplicaMessage::Apply`].
+    SyncWant {
+        /// Indices into the offer's entries.
+        #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_BATCH>")]
+        wanted: Vec<u32>,
+    },
+}
+
+/// One `(key, version)` digest of a [`ReplicaMessage::SyncOffer`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncEntry {
+    /// The key.
+    #[serde(with = "serde_bytes")]
+    pub key: Bytes,
+    /// The version the offerer holds.
+    pub version: Version,
 }
 
 impl ReplicaMessage {
@@ -166,4 +196,10 @@ pub enum Refusal {
     /// The replica is shutting down and takes no new requests.
     #[error("replica shutting down")]
     ShuttingDown,
+    /// An anti-entropy request named a key this replica does not replicate (by its ring).
+    #[error("key at ring position {key_hash:#018x} is not replicated here")]
+    OutOfRange {
+        /// The key's ring position.
+        key_hash: u64,
+    },
 }

@@ -14,5 +14,7 @@ pub mod message;
 pub mod quorum;
 
 pub use error::{InvalidRequest, Operation, ReplicationError};
-pub use message::{REPLICA_PROTOCOL_VERSION, Refusal, ReplicaMessage, Write, WriteOutcome};
+pub use message::{
+    REPLICA_PROTOCOL_VERSION, Refusal, ReplicaMessage, SyncEntry, Write, WriteOutcome,
+};
 pub use quorum::{AckTracker, Consistency, Progress, ReadMerge};

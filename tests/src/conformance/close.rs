@@ -58,6 +58,12 @@ pub async fn closed(backend: &Backend) {
         store.store_meta("name", Bytes::from_static(b"v")).await,
         "store_meta",
     );
+    refused(
+        store.store_hints(vec![(1, Bytes::from_static(b"h"))]).await,
+        "store_hints",
+    );
+    refused(store.load_hints().await, "load_hints");
+    refused(store.remove_hints(vec![1]).await, "remove_hints");
     refused(store.scan(HashRange::FULL, None, nz(10)).await, "scan");
     refused(store.digest(HashRange::FULL, nz32(4)).await, "digest");
     refused(store.purge(u64::MAX, Duration::ZERO).await, "purge");

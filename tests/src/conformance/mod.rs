@@ -10,7 +10,7 @@
 //!
 //! The checks are plain async functions that panic on the first violation, one file per
 //! group: [`model`], [`concurrent_writers`], [`tombstones`], [`ranges`], [`expiry`],
-//! [`stale_outcomes`], [`apply_batch`], [`metadata`], [`capabilities`], [`closed`]. [`run_check`] runs one of the [`ALL`] descriptors through the
+//! [`stale_outcomes`], [`apply_batch`], [`metadata`], [`hints`], [`capabilities`], [`closed`]. [`run_check`] runs one of the [`ALL`] descriptors through the
 //! shared [`runner`] and turns a panic or a hang into a [`Failure`] that names
 //! the backend, the check and the seed. [`backends_agree`] compares backends with each other:
 //! the same records applied in different orders must give every backend the same scans and
@@ -23,7 +23,7 @@
 //! ([`Backend::keeps_everything`]: it never evicts, or evicts only above a capacity larger than
 //! [`MAX_CHECK_BYTES`] and never expires records on its own); on other backends they are
 //! skipped ([`Ran::Skipped`]), and [`capabilities`] checks what such a backend does promise.
-//! [`metadata`] checks persistence across a reopen only where the durability is persistent
+//! [`metadata`] and [`hints`] check persistence across a reopen only where the durability is persistent
 //! and the [`Backend`] knows how to reopen its stores ([`Backend::open_reopenable`]).
 //!
 //! # Seeds
@@ -43,6 +43,7 @@ mod capabilities;
 mod close;
 mod concurrency;
 mod expiry;
+mod hints;
 mod meta;
 mod model;
 mod ranges;
@@ -65,6 +66,7 @@ pub use capabilities::capabilities;
 pub use close::closed;
 pub use concurrency::concurrent_writers;
 pub use expiry::expiry;
+pub use hints::hints;
 pub use meta::metadata;
 pub use model::model;
 pub use ranges::ranges;
@@ -286,6 +288,13 @@ pub const META: Check = Check::new(
     |backend, _| Box::pin(async move { metadata(&backend).await }),
 );
 
+/// [`hints`] as a [`Check`].
+pub const HINTS: Check = Check::new(
+    "hints",
+    "hints round-trip by id, are removed, bounded, stay out of records and survive reopening",
+    |backend, _| Box::pin(async move { hints(&backend).await }),
+);
+
 /// [`capabilities`] as a [`Check`].
 pub const CAPABILITIES: Check = Check::new(
     "capabilities",
@@ -301,7 +310,7 @@ pub const CLOSED: Check = Check::new(
 );
 
 /// Every check, in the order [`run_all`] runs them.
-pub const ALL: [Check; 10] = [
+pub const ALL: [Check; 11] = [
     MODEL,
     CONCURRENT_WRITERS,
     TOMBSTONES,
@@ -310,6 +319,7 @@ pub const ALL: [Check; 10] = [
     STALE,
     BATCH,
     META,
+    HINTS,
     CAPABILITIES,
     CLOSED,
 ];

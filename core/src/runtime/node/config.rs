@@ -174,6 +174,28 @@ pub struct NodeConfig {
     /// How long [`super::Node::shutdown`] may take in all.
     #[serde(with = "duration")]
     pub shutdown_timeout: Duration,
+    /// Whether a coordinator keeps hints for replicas that did not acknowledge a write and
+    /// replays them when the replica is alive again (hinted handoff).
+    pub hinted_handoff: bool,
+    /// How long a hint is kept (Cassandra's `max_hint_window`); older ones are dropped and
+    /// counted. `tombstone_grace` must exceed it.
+    #[serde(with = "duration")]
+    pub hint_window: Duration,
+    /// Most hints kept for one replica; more are dropped and counted.
+    pub max_hints_per_target: NonZeroUsize,
+    /// Most bytes of hints (keys and encoded records) kept for one replica.
+    pub max_hint_bytes_per_target: u64,
+    /// Most hints replayed per second, over all replicas.
+    pub hint_delivery_rate: u32,
+    /// Whether the node offers the writes it applied as a replica to their other replicas
+    /// (ring-buffer anti-entropy).
+    pub anti_entropy: bool,
+    /// How often the anti-entropy offers go out. `tombstone_grace` must exceed it.
+    #[serde(with = "duration")]
+    pub sync_interval: Duration,
+    /// Writes kept in the applied-writes log; a co-replica that falls further behind is
+    /// compared by a scan of the shared records instead.
+    pub sync_log_capacity: NonZeroUsize,
 }
 
 impl Default for NodeConfig {
@@ -197,15 +219,25 @@ impl Default for NodeConfig {
             max_clock_drift: crate::hlc::DEFAULT_MAX_DRIFT,
             join_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
+            hinted_handoff: true,
+            hint_window: DEFAULT_HINT_WINDOW,
+            max_hints_per_target: NonZeroUsize::new(100_000).expect("non-zero"),
+            max_hint_bytes_per_target: 256 << 20,
+            hint_delivery_rate: 2_000,
+            anti_entropy: true,
+            sync_interval: Duration::from_secs(1),
+            sync_log_capacity: NonZeroUsize::new(65_536).expect("non-zero"),
         }
     }
 }
 
 /// [`NodeConfig::tombstone_grace`]'s default: one day. Deletes must outlive every outage a
 /// replica can come back from with its data; a day covers a weekend-free on-call response
-/// and, with the hint window of 3 h planned for hinted handoff, leaves room for anti-entropy
-/// to run many times over.
+/// and is eight times the default hint window ([`DEFAULT_HINT_WINDOW`]).
 pub const DEFAULT_TOMBSTONE_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+/// [`NodeConfig::hint_window`]'s default: 3 h, as Cassandra's `max_hint_window`.
+pub const DEFAULT_HINT_WINDOW: Duration = Duration::from_secs(3 * 3600);
 
 /// Why a [`NodeConfig`] was refused.
 #[derive(Debug, thiserror::Error)]
@@ -239,6 +271,8 @@ impl NodeConfig {
             ("request_timeout", self.request_timeout),
             ("purge_interval", self.purge_interval),
             ("shutdown_timeout", self.shutdown_timeout),
+            ("hint_window", self.hint_window),
+            ("sync_interval", self.sync_interval),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::Invalid {
@@ -246,6 +280,36 @@ impl NodeConfig {
                     reason: "must not be zero".into(),
                 });
             }
+        }
+        if self.hinted_handoff {
+            if self.hint_delivery_rate == 0 {
+                return Err(ConfigError::Invalid {
+                    field: "hint_delivery_rate",
+                    reason: "must not be zero while hinted_handoff is on".into(),
+                });
+            }
+            // A hint replayed after every replica purged the tombstone it would have lost to
+            // brings a deleted value back.
+            if self.tombstone_grace <= self.hint_window {
+                return Err(ConfigError::Invalid {
+                    field: "tombstone_grace",
+                    reason: format!(
+                        "{:?} must exceed hint_window ({:?}): a hint replayed after the \
+                         tombstones it lost to were purged would resurrect deleted values",
+                        self.tombstone_grace, self.hint_window
+                    ),
+                });
+            }
+        }
+        if self.anti_entropy && self.tombstone_grace <= self.sync_interval {
+            return Err(ConfigError::Invalid {
+                field: "tombstone_grace",
+                reason: format!(
+                    "{:?} must exceed sync_interval ({:?}): anti-entropy must get to offer a \
+                     tombstone before it is purged",
+                    self.tombstone_grace, self.sync_interval
+                ),
+            });
         }
         Ok(())
     }

@@ -39,6 +39,26 @@ enum ApplyAnswer {
     Failed,
 }
 
+impl ApplyAnswer {
+    /// The writes (indices out of `idx`, in order) this answer leaves the replica owing:
+    /// not acknowledged, for a reason a later replay may overcome.
+    fn missed(&self, idx: &[usize]) -> Vec<usize> {
+        match self {
+            ApplyAnswer::Outcomes(outcomes) => idx
+                .iter()
+                .zip(outcomes)
+                .filter(|(_, o)| match o {
+                    WriteOutcome::Refused(r) => super::hints::worth_a_hint(Some(r)),
+                    o => !o.is_ack(),
+                })
+                .map(|(&i, _)| i)
+                .collect(),
+            ApplyAnswer::Refused(r) if !super::hints::worth_a_hint(Some(r)) => Vec::new(),
+            ApplyAnswer::Refused(_) | ApplyAnswer::Failed => idx.to_vec(),
+        }
+    }
+}
+
 /// What one replica answered for the keys it was asked.
 enum ReadAnswer {
     Records(Vec<Option<Record>>),
@@ -82,6 +102,11 @@ impl Inner {
                 }
             }
         }
+        // Who has not answered yet, for hinted handoff (empty when it is off).
+        let mut unanswered: Vec<(NodeId, Vec<usize>)> = match self.hints {
+            Some(_) => groups.clone(),
+            None => Vec::new(),
+        };
         let mut pending: FuturesUnordered<Pending<ApplyAnswer>> = FuturesUnordered::new();
         for (node, idx) in groups {
             let batch: Vec<Write> = idx.iter().map(|&i| writes[i].clone()).collect();
@@ -99,6 +124,8 @@ impl Inner {
             let Some((node, idx, answer)) = next else {
                 break;
             };
+            unanswered.retain(|(n, _)| *n != node);
+            self.note_missed(node, &answer.missed(&idx), &writes);
             for (k, &i) in idx.iter().enumerate() {
                 let progress = match &answer {
                     ApplyAnswer::Outcomes(outcomes) => match outcomes.get(k) {
@@ -133,7 +160,8 @@ impl Inner {
             }
         }
         if !pending.is_empty() {
-            // Late answers are still processed: counted now, and the hook for hinted handoff.
+            // Late answers are still processed: counted, and a replica that did not
+            // acknowledge gets a hint.
             let inner = self.clone();
             self.defer(async move {
                 loop {
@@ -141,13 +169,19 @@ impl Inner {
                         next = pending.next() => next,
                         () = expiry.as_mut() => None,
                     };
-                    let Some((_, idx, _)) = next else {
+                    let Some((node, idx, answer)) = next else {
                         break;
                     };
+                    unanswered.retain(|(n, _)| *n != node);
                     inner
                         .stats
                         .late_answers
                         .fetch_add(idx.len() as u64, Ordering::Relaxed);
+                    inner.note_missed(node, &answer.missed(&idx), &writes);
+                }
+                // No answer by the deadline: those replicas owe every write they were sent.
+                for (node, idx) in unanswered {
+                    inner.note_missed(node, &idx, &writes);
                 }
             });
         }

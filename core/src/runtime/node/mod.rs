@@ -19,8 +19,10 @@
 mod config;
 mod coordinator;
 mod floor;
+mod hints;
 mod replica;
 mod stats;
+mod sync;
 mod view;
 
 use std::num::NonZeroUsize;
@@ -32,8 +34,8 @@ use bytes::Bytes;
 use tokio::sync::{Notify, broadcast, mpsc};
 
 pub use config::{
-    ConfigError, DEFAULT_TOMBSTONE_GRACE, MembershipPreset, NodeConfig, ReadRepair, SecurityConfig,
-    SecurityMode,
+    ConfigError, DEFAULT_HINT_WINDOW, DEFAULT_TOMBSTONE_GRACE, MembershipPreset, NodeConfig,
+    ReadRepair, SecurityConfig, SecurityMode,
 };
 pub use stats::NodeStats;
 
@@ -405,7 +407,14 @@ impl NodeBuilder {
             ring_config,
         )));
         let (deferred, deferred_rx) = mpsc::unbounded_channel();
+        let (hint_tx, hint_rx) = mpsc::channel(hints::HINT_QUEUE);
         let inner = Arc::new(Inner {
+            hints: config.hinted_handoff.then_some(hint_tx),
+            sync: config.anti_entropy.then(|| {
+                std::sync::Mutex::new(crate::healing::sync::AppliedLog::new(
+                    config.sync_log_capacity.get(),
+                ))
+            }),
             deferred,
             id,
             hlc,
@@ -419,12 +428,18 @@ impl NodeBuilder {
             bugs: self.bugs,
             config,
         });
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(view::follow(inner.membership.view(), view, n, ring_config)),
             tokio::spawn(dispatch(inner.clone(), inbound, swim)),
             tokio::spawn(purge_loop(inner.clone())),
             tokio::spawn(run_deferred(deferred_rx)),
         ];
+        if inner.config.hinted_handoff {
+            tasks.push(tokio::spawn(hints::run(inner.clone(), hint_rx)));
+        }
+        if inner.config.anti_entropy {
+            tasks.push(tokio::spawn(sync::run(inner.clone())));
+        }
         let node = Node {
             inner,
             tasks: Arc::new(std::sync::Mutex::new(tasks)),
@@ -493,6 +508,10 @@ pub(crate) struct Inner {
     bugs: PlantedBugs,
     /// Work left after a request returned (late answers, read repair), run by one task.
     deferred: mpsc::UnboundedSender<Deferred>,
+    /// Missed writes to the hint task (`None` with hinted handoff off).
+    hints: hints::HintQueue,
+    /// Writes applied as a replica, for anti-entropy offers (`None` with it off).
+    sync: sync::SyncLog,
 }
 
 /// A piece of work that outlives the request that started it.

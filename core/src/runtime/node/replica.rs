@@ -25,6 +25,12 @@ impl Inner {
                     outcomes: self.apply_writes(writes, false).await,
                 }
             }
+            ReplicaMessage::SyncOffer { version, entries } => {
+                if let Some(refused) = self.check_version(version) {
+                    return refused;
+                }
+                self.answer_offer(entries).await
+            }
             ReplicaMessage::Read { version, keys } => {
                 if let Some(refused) = self.check_version(version) {
                     return refused;
@@ -83,8 +89,13 @@ impl Inner {
         if !accepted.is_empty() {
             let (idx, batch): (Vec<usize>, Vec<(Bytes, Record)>) =
                 accepted.into_iter().map(|(i, k, r)| (i, (k, r))).unzip();
+            let logged: Vec<_> = match self.sync {
+                Some(_) => batch.iter().map(|(k, r)| (k.clone(), r.version)).collect(),
+                None => Vec::new(),
+            };
             match self.storage.apply_batch(batch).await {
                 Ok(results) if results.len() == idx.len() => {
+                    self.log_applied(logged, &results);
                     for (i, outcome) in idx.into_iter().zip(results) {
                         outcomes[i] = Some(self.count_outcome(outcome));
                     }

@@ -68,4 +68,35 @@ counters! {
     replies_not_sent,
     /// Tombstones and expired values removed by the purge.
     purged,
+    /// Hints kept for replicas that did not acknowledge a write (hinted handoff).
+    hints_stored,
+    /// Hints a replica acknowledged on replay.
+    hints_delivered,
+    /// Hints kept now, not yet delivered or dropped (a gauge, not a counter).
+    hints_pending,
+    /// Hints dropped because their replica's share (count or bytes) was full.
+    hints_dropped_full,
+    /// Hints dropped because the queue to the hint task was full.
+    hints_dropped_overload,
+    /// Hints dropped past the hint window, undelivered.
+    hints_dropped_expired,
+    /// Hints dropped because the replica refused them for good, or because a stored hint did
+    /// not decode when restored.
+    hints_dropped_rejected,
+    /// Hint deliveries that failed or left hints to retry (each backs the replica off).
+    hint_delivery_failures,
+    /// Hints kept in memory only because storing them failed (lost if the node restarts
+    /// before delivering them).
+    hint_store_failures,
+    /// Anti-entropy offers sent (`SyncOffer`, one per batch of digests).
+    sync_offers,
+    /// Records sent to a co-replica that lacked them, after an anti-entropy offer.
+    sync_repairs,
+    /// Times a co-replica's cursor was overtaken in the applied-writes log (each starts a
+    /// scan of the shared records).
+    sync_overtaken,
+    /// Scans of the records shared with a co-replica that completed.
+    sync_scans,
+    /// Anti-entropy offers refused as a replica (a bad key, or a key not replicated here).
+    sync_refused,
 }

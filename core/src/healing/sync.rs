@@ -1,0 +1,224 @@
+//! Ring-buffer anti-entropy's pure parts: the bounded log of writes a node applied as a
+//! replica, and each co-replica's place in it.
+//!
+//! Every write a node applies as a replica goes into an [`AppliedLog`] of `(key, version)`
+//! with a sequence number; the log keeps the newest `capacity` entries and never drains on
+//! reading. [`SyncCursors`] keeps, per peer, the sequence number up to which that peer has
+//! been offered everything: each round the node offers the peer the entries after its cursor
+//! ([`AppliedLog::since`]), the peer answers which it lacks, and the cursor moves only once
+//! those records were delivered. A peer whose cursor fell behind the oldest entry kept
+//! (overtaken by the writer) has missed offers that the log no longer holds: the span is not
+//! lost, the peer is switched to a **scan** ([`PeerSync::Scan`]) that offers every stored
+//! record the two share, page by page, and then resumes the log from where the scan began.
+//! A peer first seen, or seen in a new life (restarted, maybe wiped), starts with a scan too.
+
+use std::collections::{HashMap, VecDeque};
+
+use bytes::Bytes;
+
+use crate::hlc::Version;
+use crate::identity::NodeId;
+use crate::storage::ScanCursor;
+
+/// One applied write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// Its place in the log.
+    pub seq: u64,
+    /// The key.
+    pub key: Bytes,
+    /// The version applied.
+    pub version: Version,
+}
+
+/// A bounded ring buffer of applied writes; see the [module documentation](self).
+#[derive(Debug)]
+pub struct AppliedLog {
+    capacity: usize,
+    entries: VecDeque<Applied>,
+    next_seq: u64,
+}
+
+/// What [`AppliedLog::since`] found after a cursor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Since {
+    /// The entries after the cursor (at most the limit), oldest first.
+    Entries(Vec<Applied>),
+    /// Entries after the cursor were overwritten before they were offered.
+    Overtaken,
+}
+
+impl AppliedLog {
+    /// An empty log keeping at most `capacity` entries (at least one).
+    pub fn new(capacity: usize) -> Self {
+        AppliedLog {
+            capacity: capacity.max(1),
+            entries: VecDeque::with_capacity(capacity.clamp(1, 1 << 16)),
+            next_seq: 0,
+        }
+    }
+
+    /// Appends one applied write, overwriting the oldest entry when full.
+    pub fn push(&mut self, key: Bytes, version: Version) {
+        if self.entries.len() == self.capacity {
+            self.entries.pop_front();
+        }
+        self.entries.push_back(Applied {
+            seq: self.next_seq,
+            key,
+            version,
+        });
+        self.next_seq += 1;
+    }
+
+    /// The sequence number the next entry gets: a cursor there has seen everything.
+    pub fn head(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Up to `limit` entries from sequence number `from` on, or [`Since::Overtaken`] if some
+    /// of them are gone.
+    pub fn since(&self, from: u64, limit: usize) -> Since {
+        let first = self.entries.front().map_or(self.next_seq, |e| e.seq);
+        if from < first {
+            return Since::Overtaken;
+        }
+        let skip = (from - first) as usize;
+        Since::Entries(
+            self.entries
+                .iter()
+                .skip(skip)
+                .take(limit)
+                .cloned()
+                .collect(),
+        )
+    }
+}
+
+/// Where one peer stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerSync {
+    /// Offered every log entry before this sequence number.
+    Log(u64),
+    /// Being offered every shared stored record, page by page; then the log resumes at
+    /// `resume` (the log's head when the scan began).
+    Scan {
+        /// Where the next page starts (`None`: the beginning).
+        cursor: Option<ScanCursor>,
+        /// The log position to resume at.
+        resume: u64,
+    },
+}
+
+/// Per-peer positions; see the [module documentation](self).
+#[derive(Debug, Default)]
+pub struct SyncCursors {
+    peers: HashMap<NodeId, (u64, PeerSync)>,
+}
+
+impl SyncCursors {
+    /// The peer `id` in its life `generation`: a peer not seen before, or seen in another
+    /// life, starts with a scan from the beginning. Returns where it stands.
+    pub fn peer(&mut self, id: NodeId, generation: u64, log: &AppliedLog) -> PeerSync {
+        let entry = self.peers.entry(id).or_insert_with(|| {
+            (
+                generation,
+                PeerSync::Scan {
+                    cursor: None,
+                    resume: log.head(),
+                },
+            )
+        });
+        if entry.0 != generation {
+            *entry = (
+                generation,
+                PeerSync::Scan {
+                    cursor: None,
+                    resume: log.head(),
+                },
+            );
+        }
+        entry.1.clone()
+    }
+
+    /// Sets where `id` stands (after a delivered offer, or to start a scan).
+    pub fn set(&mut self, id: NodeId, state: PeerSync) {
+        if let Some(entry) = self.peers.get_mut(&id) {
+            entry.1 = state;
+        }
+    }
+
+    /// Forgets peers not in `alive`.
+    pub fn retain(&mut self, alive: impl Fn(NodeId) -> bool) {
+        self.peers.retain(|id, _| alive(*id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hlc::Timestamp;
+
+    fn v(n: u64) -> Version {
+        Version::new(Timestamp::new(n, 0), NodeId(1))
+    }
+
+    fn keys(s: &Since) -> Vec<u64> {
+        match s {
+            Since::Entries(e) => e.iter().map(|a| a.seq).collect(),
+            Since::Overtaken => panic!("overtaken"),
+        }
+    }
+
+    #[test]
+    fn reading_never_drains_and_an_overwritten_span_is_reported() {
+        let mut log = AppliedLog::new(4);
+        assert_eq!(log.since(0, 10), Since::Entries(vec![]));
+        for n in 0..3 {
+            log.push(Bytes::from(format!("k{n}")), v(n));
+        }
+        assert_eq!(keys(&log.since(0, 10)), vec![0, 1, 2]);
+        assert_eq!(keys(&log.since(0, 10)), vec![0, 1, 2], "still there");
+        assert_eq!(keys(&log.since(1, 1)), vec![1]);
+        assert_eq!(keys(&log.since(3, 10)), Vec::<u64>::new());
+        for n in 3..6 {
+            log.push(Bytes::from(format!("k{n}")), v(n));
+        }
+        // Entries 0 and 1 are gone: a cursor before 2 was overtaken.
+        assert_eq!(log.since(1, 10), Since::Overtaken);
+        assert_eq!(keys(&log.since(2, 10)), vec![2, 3, 4, 5]);
+        assert_eq!(log.head(), 6);
+    }
+
+    #[test]
+    fn new_peers_and_new_lives_start_with_a_scan_and_cursors_are_per_peer() {
+        let mut log = AppliedLog::new(8);
+        log.push(Bytes::from_static(b"a"), v(1));
+        let mut cursors = SyncCursors::default();
+        let scan = PeerSync::Scan {
+            cursor: None,
+            resume: 1,
+        };
+        assert_eq!(cursors.peer(NodeId(2), 7, &log), scan);
+        cursors.set(NodeId(2), PeerSync::Log(1));
+        assert_eq!(cursors.peer(NodeId(2), 7, &log), PeerSync::Log(1));
+        assert_eq!(cursors.peer(NodeId(3), 1, &log), scan, "each peer its own");
+        log.push(Bytes::from_static(b"b"), v(2));
+        assert_eq!(
+            cursors.peer(NodeId(2), 8, &log),
+            PeerSync::Scan {
+                cursor: None,
+                resume: 2
+            },
+            "a restarted peer is scanned again"
+        );
+        cursors.retain(|id| id == NodeId(3));
+        assert_eq!(
+            cursors.peer(NodeId(2), 8, &log),
+            PeerSync::Scan {
+                cursor: None,
+                resume: 2
+            }
+        );
+    }
+}

@@ -1,0 +1,260 @@
+//! Ring-buffer anti-entropy's driver: the log of writes this node applied as a replica, the
+//! periodic offers to each co-replica, and the replica's answer to an offer.
+//!
+//! Every `sync_interval` the task walks the members in the ring. For each peer it offers the
+//! log entries after the peer's cursor whose keys the peer replicates (by this node's ring) as
+//! `SyncOffer` digests, up to [`OFFER_LIMIT`] per offer and [`OFFERS_PER_ROUND`] offers per
+//! peer and round; the peer answers `SyncWant` with what it lacks; the records go with an
+//! ordinary `Apply` (so the peer's drift check applies), and only then does the cursor move.
+//! A failed step leaves the cursor where it was: the next round offers the same entries
+//! again, so nothing is lost. A cursor overtaken by the writer, a peer first seen and a peer
+//! in a new life (restarted or wiped) get a scan instead: every stored record the two share
+//! is offered page by page, then the log resumes where it stood when the scan began. Records
+//! past the purge horizon (`Record::is_collectable` with `tombstone_grace`) are never offered.
+
+use std::num::NonZeroUsize;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+
+use super::Inner;
+use crate::envelope::Envelope;
+use crate::hash::{HashRange, key_hash};
+use crate::healing::sync::{AppliedLog, PeerSync, Since, SyncCursors};
+use crate::hlc::Version;
+use crate::identity::Address;
+use crate::membership::MemberState;
+use crate::replication::{REPLICA_PROTOCOL_VERSION, Refusal, ReplicaMessage, SyncEntry, Write};
+use crate::storage::{ApplyOutcome, Storage};
+
+/// Most digests in one offer.
+pub(crate) const OFFER_LIMIT: usize = 1024;
+/// Most offers to one peer in one round.
+pub(crate) const OFFERS_PER_ROUND: usize = 8;
+/// Stored records read per scan page.
+const SCAN_PAGE: usize = 1024;
+
+/// The applied-writes log (`None` with anti-entropy off).
+pub(crate) type SyncLog = Option<Mutex<AppliedLog>>;
+
+impl Inner {
+    /// Notes the writes of a batch that storage applied (`logged[i]` went with `results[i]`).
+    pub(crate) fn log_applied(&self, logged: Vec<(Bytes, Version)>, results: &[ApplyOutcome]) {
+        let Some(log) = &self.sync else {
+            return;
+        };
+        let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
+        for ((key, version), outcome) in logged.into_iter().zip(results) {
+            if outcome.is_applied() {
+                log.push(key, version);
+            }
+        }
+    }
+
+    /// Answers a `SyncOffer`: the indices of the entries this node holds nothing or something
+    /// older for. A bad key refuses the offer as `Invalid`, a key this node does not replicate
+    /// as `OutOfRange` (both counted).
+    pub(crate) async fn answer_offer(&self, entries: Vec<SyncEntry>) -> ReplicaMessage {
+        let view = self.view.load_full();
+        for e in &entries {
+            if e.key.is_empty() || e.key.len() > self.config.max_key_len.get() {
+                self.stats.sync_refused.fetch_add(1, Ordering::Relaxed);
+                return ReplicaMessage::Refused(Refusal::Invalid {
+                    reason: format!("key of {} bytes", e.key.len()),
+                });
+            }
+            if !super::view::is_replica(&view, &e.key, self.id) {
+                self.stats.sync_refused.fetch_add(1, Ordering::Relaxed);
+                return ReplicaMessage::Refused(Refusal::OutOfRange {
+                    key_hash: key_hash(&e.key),
+                });
+            }
+        }
+        let mut wanted = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            match self.storage.get(&e.key).await {
+                Ok(Some(r)) if r.version >= e.version => {}
+                Ok(_) => wanted.push(i as u32),
+                Err(e) => {
+                    self.stats.storage_failures.fetch_add(1, Ordering::Relaxed);
+                    return ReplicaMessage::Refused(super::replica::storage_refusal(&e));
+                }
+            }
+        }
+        ReplicaMessage::SyncWant { wanted }
+    }
+}
+
+/// The anti-entropy task: one round every `sync_interval` until the node stops.
+pub(crate) async fn run(inner: Arc<Inner>) {
+    let mut cursors = SyncCursors::default();
+    let mut tick = tokio::time::interval(inner.config.sync_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        round(&inner, &mut cursors).await;
+    }
+}
+
+async fn round(inner: &Arc<Inner>, cursors: &mut SyncCursors) {
+    let Some(log) = &inner.sync else { return };
+    let view = inner.view.load_full();
+    let members = inner.membership.members();
+    cursors.retain(|id| view.members.contains_key(&id));
+    for m in members.iter() {
+        if m.id == inner.id || !matches!(m.state, MemberState::Alive | MemberState::Suspect) {
+            continue;
+        }
+        let Some(addr) = view.addr(m.id).cloned() else {
+            continue;
+        };
+        let shares = |key: &[u8]| {
+            super::view::is_replica(&view, key, m.id)
+                && super::view::is_replica(&view, key, inner.id)
+        };
+        for _ in 0..OFFERS_PER_ROUND {
+            let state = {
+                let log = log.lock().unwrap_or_else(PoisonError::into_inner);
+                cursors.peer(m.id, m.life.generation, &log)
+            };
+            match state {
+                PeerSync::Log(from) => {
+                    let since = log
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .since(from, OFFER_LIMIT);
+                    let entries = match since {
+                        Since::Overtaken => {
+                            inner.stats.sync_overtaken.fetch_add(1, Ordering::Relaxed);
+                            let head = log.lock().unwrap_or_else(PoisonError::into_inner).head();
+                            cursors.set(
+                                m.id,
+                                PeerSync::Scan {
+                                    cursor: None,
+                                    resume: head,
+                                },
+                            );
+                            continue;
+                        }
+                        Since::Entries(e) => e,
+                    };
+                    let Some(last) = entries.last().map(|a| a.seq) else {
+                        break;
+                    };
+                    let offer: Vec<(Bytes, Version)> = entries
+                        .into_iter()
+                        .filter(|a| shares(&a.key))
+                        .map(|a| (a.key, a.version))
+                        .collect();
+                    if !offer_to(inner, &addr, offer).await {
+                        break;
+                    }
+                    cursors.set(m.id, PeerSync::Log(last + 1));
+                }
+                PeerSync::Scan { cursor, resume } => {
+                    let limit = NonZeroUsize::new(SCAN_PAGE).expect("non-zero");
+                    let page = match inner.storage.scan(HashRange::FULL, cursor, limit).await {
+                        Ok(page) => page,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "anti-entropy scan failed");
+                            break;
+                        }
+                    };
+                    let now_ms = inner.hlc.wall_clock().now_ms();
+                    let grace = inner.config.tombstone_grace;
+                    let offer: Vec<(Bytes, Version)> = page
+                        .entries
+                        .into_iter()
+                        .filter(|e| !e.record.is_collectable(now_ms, grace) && shares(&e.key))
+                        .map(|e| (e.key, e.record.version))
+                        .collect();
+                    if !offer_to(inner, &addr, offer).await {
+                        break;
+                    }
+                    match page.next {
+                        Some(next) => cursors.set(
+                            m.id,
+                            PeerSync::Scan {
+                                cursor: Some(next),
+                                resume,
+                            },
+                        ),
+                        None => {
+                            inner.stats.sync_scans.fetch_add(1, Ordering::Relaxed);
+                            cursors.set(m.id, PeerSync::Log(resume));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Offers `entries` to the peer at `addr` and sends what it lacks; whether every step
+/// succeeded (the peer now holds each record or a newer one).
+async fn offer_to(inner: &Inner, addr: &Address, entries: Vec<(Bytes, Version)>) -> bool {
+    if entries.is_empty() {
+        return true;
+    }
+    let timeout = inner.config.request_timeout;
+    let message = Envelope::Replica(ReplicaMessage::SyncOffer {
+        version: REPLICA_PROTOCOL_VERSION,
+        entries: entries
+            .iter()
+            .map(|(key, version)| SyncEntry {
+                key: key.clone(),
+                version: *version,
+            })
+            .collect(),
+    });
+    inner.stats.sync_offers.fetch_add(1, Ordering::Relaxed);
+    let wanted = match inner.rpc.request(addr, &message, timeout).await {
+        Ok(Envelope::Replica(ReplicaMessage::SyncWant { wanted })) => wanted,
+        Ok(other) => {
+            tracing::debug!(%addr, ?other, "anti-entropy offer not answered");
+            return false;
+        }
+        Err(e) => {
+            tracing::trace!(%addr, error = %e, "anti-entropy offer failed");
+            return false;
+        }
+    };
+    let now_ms = inner.hlc.wall_clock().now_ms();
+    let mut writes = Vec::new();
+    for i in wanted {
+        let Some((key, _)) = entries.get(i as usize) else {
+            tracing::debug!(%addr, i, "anti-entropy answer names no offered entry");
+            return false;
+        };
+        match inner.storage.get(key).await {
+            // Never ship a record past the purge horizon; purged meanwhile: nothing to send.
+            Ok(Some(record)) if !record.is_collectable(now_ms, inner.config.tombstone_grace) => {
+                writes.push(Write {
+                    key: key.clone(),
+                    record,
+                });
+            }
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    if writes.is_empty() {
+        return true;
+    }
+    let sent = writes.len() as u64;
+    let message = Envelope::Replica(ReplicaMessage::Apply {
+        version: REPLICA_PROTOCOL_VERSION,
+        writes,
+    });
+    match inner.rpc.request(addr, &message, timeout).await {
+        Ok(Envelope::Replica(ReplicaMessage::Applied { outcomes }))
+            if outcomes.len() as u64 == sent && outcomes.iter().all(|o| o.is_ack()) =>
+        {
+            inner.stats.sync_repairs.fetch_add(sent, Ordering::Relaxed);
+            true
+        }
+        _ => false,
+    }
+}
