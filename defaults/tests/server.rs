@@ -434,6 +434,18 @@ fn three_servers_replicate_and_a_killed_one_fails_only_all() {
     let got: Option<String> = redis::cmd("GET").arg("k").query(&mut rb).unwrap();
     assert!(matches!(got.as_deref(), Some("v2" | "v3")), "{got:?}");
     let after = metrics(&a);
+    // The healing and membership-refusal series are exported (their values depend on when
+    // `c` was known to be down, so only their presence is checked).
+    for name in [
+        "chorus_hints_stored_total",
+        "chorus_hints_pending",
+        "chorus_hints_dropped_total",
+        "chorus_sync_offers_total",
+        "chorus_membership_refused_total",
+        "chorus_replies_not_sent_total",
+    ] {
+        assert!(after.iter().any(|(n, _, _)| n == name), "{name} missing");
+    }
     assert!(sample(&after, "chorus_quorum_failures_total", &[]) >= 2.0);
     assert!(
         sample(

@@ -170,9 +170,47 @@ pub(crate) async fn refresh(node: &Node) {
         ("chorus_storage_failures_total", s.storage_failures),
         ("chorus_bad_replica_requests_total", s.bad_replica_requests),
         ("chorus_purged_total", s.purged),
+        ("chorus_replies_not_sent_total", s.replies_not_sent),
+        ("chorus_hints_stored_total", s.hints_stored),
+        ("chorus_hints_delivered_total", s.hints_delivered),
+        (
+            "chorus_hint_delivery_failures_total",
+            s.hint_delivery_failures,
+        ),
+        ("chorus_hint_store_failures_total", s.hint_store_failures),
+        ("chorus_sync_offers_total", s.sync_offers),
+        ("chorus_sync_repairs_total", s.sync_repairs),
+        ("chorus_sync_overtaken_total", s.sync_overtaken),
+        ("chorus_sync_scans_total", s.sync_scans),
+        ("chorus_sync_refused_total", s.sync_refused),
     ] {
         counter!(name).absolute(v);
     }
+    for (reason, v) in [
+        ("full", s.hints_dropped_full),
+        ("overload", s.hints_dropped_overload),
+        ("expired", s.hints_dropped_expired),
+        ("rejected", s.hints_dropped_rejected),
+    ] {
+        counter!("chorus_hints_dropped_total", "reason" => reason).absolute(v);
+    }
+    gauge!("chorus_hints_pending").set(s.hints_pending as f64);
+    let a = node.auth_stats();
+    counter!("chorus_membership_verified_total").absolute(a.verified);
+    counter!("chorus_membership_signed_total").absolute(a.signed);
+    for (kind, v) in [
+        ("unsigned", a.unsigned),
+        ("unknown_key", a.unknown_key),
+        ("forged", a.forged),
+        ("misdirected", a.misdirected),
+        ("replayed", a.replayed),
+        ("malformed", a.malformed),
+        ("id_mismatch", a.id_mismatch),
+    ] {
+        counter!("chorus_membership_refused_total", "kind" => kind).absolute(v);
+    }
+    counter!("chorus_membership_unadmitted_members_total").absolute(a.unadmitted_members);
+    counter!("chorus_membership_revoked_members_total").absolute(a.revoked_members);
     let members = node.members();
     for (state, label) in [
         (MemberState::Alive, "alive"),
