@@ -35,6 +35,7 @@ pub mod hlc;
 pub mod identity;
 pub mod membership;
 pub mod options;
+pub mod peer_auth;
 pub mod record;
 pub mod registry;
 pub mod replication;
@@ -44,6 +45,8 @@ pub mod runtime;
 #[cfg(feature = "sim")]
 pub mod sim;
 pub mod storage;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod transport;
 pub mod util;
 pub mod wire;

@@ -51,6 +51,11 @@ pub struct TransportSpec {
     /// Transport-specific options, as written in the configuration file (read them with
     /// [`Options`](crate::options::Options)).
     pub options: BTreeMap<String, String>,
+    /// The node's identity, live keyring and address book, for transports that authenticate
+    /// their connections (TLS over TCP, QUIC). A node in keyring mode sets it; it is never
+    /// read from or written to a configuration file.
+    #[serde(skip)]
+    pub auth: Option<crate::peer_auth::ChannelAuth>,
 }
 
 impl TransportSpec {
@@ -60,6 +65,7 @@ impl TransportSpec {
             scheme: scheme.into(),
             bind: bind.into(),
             options: BTreeMap::new(),
+            auth: None,
         }
     }
 }

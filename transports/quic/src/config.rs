@@ -226,10 +226,72 @@ impl QuicConfig {
     ///
     /// A missing required key, an unknown key or a bad value is a [`TransportError::Config`]
     /// naming the key.
+    ///
+    /// This is the insecure-mode form; in keyring mode the node's identity and keyring secure
+    /// the transport instead (see [`from_options_authenticated`](Self::from_options_authenticated)).
     pub fn from_options(
         options: &BTreeMap<String, String>,
     ) -> Result<(Self, Identity, TrustedPeers), TransportError> {
         let mut o = Options::new("the quic transport", options);
+        let config = Self::settings(&mut o)?;
+        let cert = o.path("cert");
+        let key = o.path("key");
+        let trust = o.list("trust");
+        o.finish()?;
+        config.validate()?;
+        // Checked after the other options, so that a misspelt key is reported as such.
+        let why = "(the quic transport authenticates every peer by certificate)";
+        let cert = cert.ok_or_else(|| {
+            o.missing(
+                "cert",
+                &format!("a PEM file with this node's certificate {why}"),
+            )
+        })?;
+        let key = key.ok_or_else(|| {
+            o.missing(
+                "key",
+                &format!("a PEM file with this node's private key {why}"),
+            )
+        })?;
+        let trust = trust.ok_or_else(|| {
+            o.missing(
+                "trust",
+                &format!("comma-separated PEM files of the trusted peers {why}"),
+            )
+        })?;
+        let identity = Identity::from_pem_files(&cert, &key)?;
+        let mut trusted = TrustedPeers::new();
+        for path in trust {
+            trusted.add_pem_file(Path::new(path))?;
+        }
+        Ok((config, identity, trusted))
+    }
+
+    /// Parses the settings of a transport secured by the node's identity and keyring (keyring
+    /// mode): the keys of [`from_options`](Self::from_options) but `cert`, `key` and `trust`,
+    /// which are refused with an error naming them (the certificate is derived from the
+    /// identity, and the keyring is the trust).
+    pub fn from_options_authenticated(
+        options: &BTreeMap<String, String>,
+    ) -> Result<Self, TransportError> {
+        for pem in ["cert", "key", "trust"] {
+            if options.contains_key(pem) {
+                return Err(TransportError::Config(format!(
+                    "the quic transport: option `{pem}` is not used in keyring mode (the \
+                     certificate is derived from the node's identity and peers are checked \
+                     against the keyring): remove it"
+                )));
+            }
+        }
+        let mut o = Options::new("the quic transport", options);
+        let config = Self::settings(&mut o)?;
+        o.finish()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The keys both forms share.
+    fn settings(o: &mut Options<'_>) -> Result<Self, TransportError> {
         let presets = [
             ("lan", QuicConfig::lan as fn() -> Self),
             ("local", QuicConfig::local),
@@ -268,37 +330,7 @@ impl QuicConfig {
             advertise: o.string("advertise").map(Address::new).or(base.advertise),
             jitter_seed: o.parse("jitter_seed")?.or(base.jitter_seed),
         };
-        let cert = o.path("cert");
-        let key = o.path("key");
-        let trust = o.list("trust");
-        o.finish()?;
-        config.validate()?;
-        // Checked after the other options, so that a misspelt key is reported as such.
-        let why = "(the quic transport authenticates every peer by certificate)";
-        let cert = cert.ok_or_else(|| {
-            o.missing(
-                "cert",
-                &format!("a PEM file with this node's certificate {why}"),
-            )
-        })?;
-        let key = key.ok_or_else(|| {
-            o.missing(
-                "key",
-                &format!("a PEM file with this node's private key {why}"),
-            )
-        })?;
-        let trust = trust.ok_or_else(|| {
-            o.missing(
-                "trust",
-                &format!("comma-separated PEM files of the trusted peers {why}"),
-            )
-        })?;
-        let identity = Identity::from_pem_files(&cert, &key)?;
-        let mut trusted = TrustedPeers::new();
-        for path in trust {
-            trusted.add_pem_file(Path::new(path))?;
-        }
-        Ok((config, identity, trusted))
+        Ok(config)
     }
 
     /// The settings of the per-peer queues and redials; `jitter_salt` goes into a jitter seed

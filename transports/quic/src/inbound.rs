@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use chorus_core::identity::Address;
+use chorus_core::peer_auth::KeyCheck;
 use chorus_core::transport::inbound::Admitted;
 use chorus_core::transport::{self, Incoming};
 use chorus_core::wire::{self, FrameCutter};
@@ -67,12 +68,27 @@ async fn inbound(inner: Arc<Inner>, incoming: quinn::Incoming, mut admitted: Adm
         }
     };
     bump(&inner.counters.accepted, 1);
+    let Ok(check) = inner.admitted(&conn) else {
+        bump(&inner.counters.handshake_failures, 1);
+        tracing::warn!(%remote, "closing connection: the peer's key is not admitted");
+        conn.close(VarInt::from_u32(code::REVOKED), b"key not admitted");
+        return;
+    };
     // One deadline for the handshake and the hello.
     let announced = match tokio::time::timeout_at(deadline, read_hello(&conn)).await {
         Ok(Ok(announced)) => announced,
         Ok(Err(why)) => return inner.reject(&conn, code::BAD_HELLO, &why),
         Err(_) => return inner.reject(&conn, code::BAD_HELLO, "no hello in time"),
     };
+    // In keyring mode the hello's address must belong to the key that signed the handshake.
+    if let (Some(auth), Some(check)) = (&inner.auth, &check)
+        && let Err(taken) = auth.book.may_use(&announced, &check.key())
+    {
+        bump(&inner.counters.address_refusals, 1);
+        tracing::warn!(%remote, %taken, "closing connection: hello address belongs to another member");
+        conn.close(VarInt::from_u32(code::ADDRESS_TAKEN), b"address taken");
+        return;
+    }
     // The connection gets a queue under its own inbound address, never under the announced
     // one: the certificate proves the peer is trusted, not that it is the node at
     // `announced`, so this connection must not carry traffic meant for that address.
@@ -86,7 +102,7 @@ async fn inbound(inner: Arc<Inner>, incoming: quinn::Incoming, mut admitted: Adm
     inner
         .io
         .spawn(inbound_writer(Arc::clone(&inner), conn.clone(), writer));
-    read_streams(inner, conn, from).await;
+    read_streams(inner, conn, from, check).await;
     drop(admitted);
 }
 
@@ -109,7 +125,15 @@ async fn read_hello(conn: &Connection) -> Result<Address, String> {
 ///
 /// An empty stream is the peer's goodbye (see [`say_goodbye`](crate::outbound::say_goodbye)): no stream follows it, so once
 /// every stream before it is read, this closes the connection.
-pub(crate) async fn read_streams(inner: Arc<Inner>, conn: Connection, from: Address) {
+///
+/// In keyring mode `check` closes the connection at the first stream or datagram after the
+/// peer's key left the keyring.
+pub(crate) async fn read_streams(
+    inner: Arc<Inner>,
+    conn: Connection,
+    from: Address,
+    mut check: Option<KeyCheck>,
+) {
     let _listed = Listed::new(&inner, &conn, &from);
     let max_readers = inner.config.max_concurrent_streams.get() as usize;
     let mut readers = FuturesUnordered::new();
@@ -119,6 +143,14 @@ pub(crate) async fn read_streams(inner: Arc<Inner>, conn: Connection, from: Addr
     let mut accept = std::pin::pin!(conn.accept_uni());
     let mut datagram = std::pin::pin!(conn.read_datagram());
     loop {
+        if let Some(check) = &mut check
+            && !check.still_admitted()
+        {
+            bump(&inner.counters.revoked_closed, 1);
+            tracing::warn!(peer = %from, key = %check.key(), "closing connection: key revoked");
+            conn.close(VarInt::from_u32(code::REVOKED), b"key revoked");
+            return;
+        }
         tokio::select! {
             stream = &mut accept, if !goodbye && readers.len() < max_readers => match stream {
                 Ok(stream) => {

@@ -116,6 +116,8 @@
 mod config;
 mod inbound;
 mod io_task;
+#[cfg(test)]
+mod keyring_tests;
 mod outbound;
 mod stats;
 #[cfg(test)]
@@ -130,7 +132,9 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use chorus_core::auth::PublicKey;
 use chorus_core::identity::Address;
+use chorus_core::peer_auth::{ChannelAuth, KeyCheck};
 use chorus_core::registry::{Registry, TransportSpec};
 use chorus_core::transport::inbound::{Admission, RecvQueue};
 use chorus_core::transport::outbox::Outboxes;
@@ -171,19 +175,32 @@ mod code {
     pub(crate) const CLOSING: u32 = 0;
     /// The peer sent a bad hello.
     pub(crate) const BAD_HELLO: u32 = 1;
+    /// The peer's hello (or the dialled address) names an address another member owns.
+    pub(crate) const ADDRESS_TAKEN: u32 = 3;
+    /// The peer's key is no longer in the keyring.
+    pub(crate) const REVOKED: u32 = 4;
     /// The peer sent a stream that is not a sequence of valid frames.
     pub(crate) const BAD_FRAME: u32 = 2;
 }
 
-/// Registers the `"quic"` factory: binds [`TransportSpec::bind`] with the settings, identity
-/// and trusted peers of [`QuicConfig::from_options`] (the `cert`, `key` and `trust` options
-/// are required).
+/// Registers the `"quic"` factory. In keyring mode ([`TransportSpec::auth`] set) it binds
+/// with [`QuicConfig::from_options_authenticated`] and the node's identity and keyring; in
+/// insecure mode with the settings, identity and trusted peers of
+/// [`QuicConfig::from_options`] (the `cert`, `key` and `trust` options are then required).
 pub fn register(registry: &mut Registry) {
     registry
         .register_transport(SCHEME, |spec: TransportSpec| {
             Box::pin(async move {
-                let (config, identity, trusted) = QuicConfig::from_options(&spec.options)?;
-                let transport = QuicTransport::bind(&spec.bind, config, identity, trusted).await?;
+                let transport = match spec.auth {
+                    Some(auth) => {
+                        let config = QuicConfig::from_options_authenticated(&spec.options)?;
+                        QuicTransport::bind_authenticated(&spec.bind, config, auth).await?
+                    }
+                    None => {
+                        let (config, identity, trusted) = QuicConfig::from_options(&spec.options)?;
+                        QuicTransport::bind(&spec.bind, config, identity, trusted).await?
+                    }
+                };
                 Ok(SharedTransport::new(transport))
             })
         })
@@ -209,9 +226,24 @@ struct Inner {
     admission: Admission,
     hello: Bytes,
     counters: Counters,
+    /// Keyring mode: the keyring and address book peers are checked against (see
+    /// [Security](crate#security)); `None` with pinned certificates.
+    auth: Option<ChannelAuth>,
 }
 
 impl Inner {
+    /// In keyring mode, the peer's key if the keyring admits it now, and a check that follows
+    /// the keyring: `Ok(None)` with pinned certificates, `Err` for a peer not admitted.
+    fn admitted(&self, conn: &Connection) -> Result<Option<KeyCheck>, ()> {
+        let Some(auth) = &self.auth else {
+            return Ok(None);
+        };
+        match connection_key(conn).filter(|key| auth.admits(key)) {
+            Some(key) => Ok(Some(KeyCheck::new(auth.keyring.clone(), key))),
+            None => Err(()),
+        }
+    }
+
     fn is_closed(&self) -> bool {
         self.outboxes.is_closed()
     }
@@ -225,6 +257,15 @@ impl Inner {
         }
         transport::check_frame(frame, self.max_frame_len)
     }
+}
+
+/// The Ed25519 key of a connection's peer certificate.
+fn connection_key(conn: &Connection) -> Option<PublicKey> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    certs.first().and_then(chorus_core::tls::certificate_key)
 }
 
 async fn resolve(to: &Address) -> Result<SocketAddr, ResolveError> {
@@ -300,13 +341,47 @@ fn tls_error(e: rustls::Error) -> TransportError {
     TransportError::Config(format!("TLS configuration: {e}"))
 }
 
+/// Where a node's TLS configuration comes from.
+enum Trust {
+    /// Certificates from PEM files, pinned byte for byte.
+    Pinned(Identity, TrustedPeers),
+    /// The node's Ed25519 identity and the live keyring.
+    Keyring(ChannelAuth),
+}
+
 /// The server and client sides of an endpoint: TLS 1.3 only, this node's certificate, the
 /// pinned peers, ALPN, and the transport settings.
 fn endpoint_configs(
     config: &QuicConfig,
+    trust: &Trust,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TransportError> {
+    let (server_tls, client_tls) = match trust {
+        Trust::Pinned(identity, trusted) => pinned_tls(identity, trusted.clone())?,
+        Trust::Keyring(auth) => {
+            let error = |e: chorus_core::tls::TlsError| TransportError::Config(e.to_string());
+            (
+                chorus_core::tls::server_config(auth, &[ALPN]).map_err(error)?,
+                chorus_core::tls::client_config(auth, &[ALPN]).map_err(error)?,
+            )
+        }
+    };
+    let transport_config = Arc::new(transport_config(config)?);
+    let server_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(server_tls)
+        .map_err(|e| TransportError::Config(format!("QUIC TLS: {e}")))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+    server.transport_config(Arc::clone(&transport_config));
+    let client_crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client_tls)
+        .map_err(|e| TransportError::Config(format!("QUIC TLS: {e}")))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+    client.transport_config(transport_config);
+    Ok((server, client))
+}
+
+/// TLS configurations for pinned PEM certificates.
+fn pinned_tls(
     identity: &Identity,
     trusted: TrustedPeers,
-) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TransportError> {
+) -> Result<(rustls::ServerConfig, rustls::ClientConfig), TransportError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = tls::PinnedVerifier::new(trusted, &provider);
     let chain = vec![identity.certificate().clone()];
@@ -326,17 +401,7 @@ fn endpoint_configs(
         .with_client_auth_cert(chain, identity.key())
         .map_err(tls_error)?;
     client_tls.alpn_protocols = vec![ALPN.to_vec()];
-
-    let transport_config = Arc::new(transport_config(config)?);
-    let server_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(server_tls)
-        .map_err(|e| TransportError::Config(format!("QUIC TLS: {e}")))?;
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
-    server.transport_config(Arc::clone(&transport_config));
-    let client_crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client_tls)
-        .map_err(|e| TransportError::Config(format!("QUIC TLS: {e}")))?;
-    let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
-    client.transport_config(transport_config);
-    Ok((server, client))
+    Ok((server_tls, client_tls))
 }
 
 impl QuicTransport {
@@ -349,13 +414,31 @@ impl QuicTransport {
         identity: Identity,
         mut trusted: TrustedPeers,
     ) -> Result<Self, TransportError> {
-        config.validate()?;
         trusted.add(identity.certificate());
+        Self::bind_with(bind, config, Trust::Pinned(identity, trusted)).await
+    }
+
+    /// Binds like [`bind`](Self::bind), secured by the node's Ed25519 identity and the live
+    /// keyring instead of PEM files (keyring mode; see [Security](crate#security)).
+    pub async fn bind_authenticated(
+        bind: &str,
+        config: QuicConfig,
+        auth: ChannelAuth,
+    ) -> Result<Self, TransportError> {
+        Self::bind_with(bind, config, Trust::Keyring(auth)).await
+    }
+
+    async fn bind_with(
+        bind: &str,
+        config: QuicConfig,
+        trust: Trust,
+    ) -> Result<Self, TransportError> {
+        config.validate()?;
         let bind_addr = resolve(&Address::new(bind))
             .await
             .map_err(|e| TransportError::Config(format!("bind address: {e}")))?;
 
-        let (server, client) = endpoint_configs(&config, &identity, trusted)?;
+        let (server, client) = endpoint_configs(&config, &trust)?;
         let socket = std::net::UdpSocket::bind(bind_addr).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AddrInUse {
                 TransportError::AddressInUse(Address::new(bind))
@@ -392,6 +475,10 @@ impl QuicTransport {
             admission,
             hello,
             counters: Counters::default(),
+            auth: match trust {
+                Trust::Keyring(auth) => Some(auth),
+                Trust::Pinned(..) => None,
+            },
         });
         inner.io.spawn(accept_loop(Arc::clone(&inner)));
         Ok(QuicTransport { inner })

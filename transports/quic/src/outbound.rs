@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chorus_core::identity::Address;
+use chorus_core::peer_auth::KeyCheck;
 use chorus_core::transport::outbox::{Link, Writer};
 use quinn::{Connection, VarInt};
 
@@ -21,19 +22,30 @@ const MAX_BATCH_BYTES: usize = 256 * 1024;
 
 impl Inner {
     /// Handshake and hello, within the connect timeout.
-    async fn dial(&self, to: &Address) -> Result<Connection, DialError> {
+    async fn dial(&self, to: &Address) -> Result<(Connection, Option<KeyCheck>), DialError> {
         let timeout = self.config.connect_timeout;
         let attempt = async {
             let addr = resolve(to).await?;
             let connecting = self.endpoint.connect(addr, tls::SERVER_NAME)?;
             let conn = connecting.await?;
+            let check = self.admitted(&conn).map_err(|()| {
+                conn.close(VarInt::from_u32(code::REVOKED), b"key not admitted");
+                DialError::NotAdmitted
+            })?;
+            if let (Some(auth), Some(check)) = (&self.auth, &check)
+                && let Err(taken) = auth.book.may_use(to, &check.key())
+            {
+                bump(&self.counters.address_refusals, 1);
+                conn.close(VarInt::from_u32(code::ADDRESS_TAKEN), b"address taken");
+                return Err(DialError::WrongPeer(taken));
+            }
             let mut hello = conn.open_uni().await?;
             hello
                 .write_all(&self.hello)
                 .await
                 .map_err(DialError::Hello)?;
             hello.finish().map_err(|_| DialError::HelloClosed)?;
-            Ok(conn)
+            Ok((conn, check))
         };
         let mut closed = self.outboxes.closed();
         tokio::select! {
@@ -72,6 +84,12 @@ pub(crate) enum DialError {
     /// The handshake and the hello took longer than the connect timeout.
     #[error("no connection within {0:?}")]
     TimedOut(Duration),
+    /// The server's key is not admitted by the keyring (it changed during the handshake).
+    #[error("the server's key is not admitted")]
+    NotAdmitted,
+    /// The server authenticated as another member than the one owning the address.
+    #[error("{0}")]
+    WrongPeer(#[source] chorus_core::peer_auth::AddressTaken),
     /// The transport started closing during the dial.
     #[error("the transport is closing")]
     Closing,
@@ -83,13 +101,14 @@ pub(crate) async fn outbound(inner: Arc<Inner>, mut writer: Writer) {
     loop {
         writer.set_link(Link::Connecting);
         match inner.dial(writer.addr()).await {
-            Ok(conn) => {
+            Ok((conn, check)) => {
                 bump(&inner.counters.dialed, 1);
                 writer.connected();
                 inner.io.spawn(read_streams(
                     Arc::clone(&inner),
                     conn.clone(),
                     writer.addr().clone(),
+                    check,
                 ));
                 match write_loop(&inner, &conn, &mut writer).await {
                     End::Drained => return,

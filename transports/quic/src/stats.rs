@@ -21,6 +21,11 @@ pub struct QuicStats {
     pub accepted: u64,
     /// Incoming handshakes that failed (an untrusted certificate included).
     pub handshake_failures: u64,
+    /// Authenticated connections refused because the address announced in the hello (or the
+    /// dialled address) belongs to a live member with another key (keyring mode).
+    pub address_refusals: u64,
+    /// Connections closed because the peer's key was removed from the keyring.
+    pub revoked_closed: u64,
     /// Connections closed because of a bad hello (none within
     /// [`QuicConfig::handshake_timeout`](crate::QuicConfig::handshake_timeout) included) or a
     /// stream that was not whole, valid frames.
@@ -81,6 +86,8 @@ pub(crate) struct Counters {
     pub(crate) accepted: AtomicU64,
     pub(crate) handshake_failures: AtomicU64,
     pub(crate) rejected_connections: AtomicU64,
+    pub(crate) address_refusals: AtomicU64,
+    pub(crate) revoked_closed: AtomicU64,
     pub(crate) refused_connections: AtomicU64,
     pub(crate) frames_sent: AtomicU64,
     pub(crate) streams_sent: AtomicU64,
@@ -107,6 +114,8 @@ impl QuicTransport {
             accepted: get(&c.accepted),
             handshake_failures: get(&c.handshake_failures),
             rejected_connections: get(&c.rejected_connections),
+            address_refusals: get(&c.address_refusals),
+            revoked_closed: get(&c.revoked_closed),
             refused_connections: get(&c.refused_connections),
             frames_sent: get(&c.frames_sent),
             streams_sent: get(&c.streams_sent),

@@ -172,7 +172,11 @@ async fn loopback_packets_grow_to_large_mtus_without_loss() {
 async fn raw_client(identity: &Identity, to: &Address, hello: &[u8]) -> (Endpoint, Connection) {
     let mut trusted = TrustedPeers::new();
     trusted.add(identity.certificate());
-    let (_, client) = endpoint_configs(&QuicConfig::local(), identity, trusted).expect("configs");
+    let (_, client) = endpoint_configs(
+        &QuicConfig::local(),
+        &Trust::Pinned(identity.clone(), trusted),
+    )
+    .expect("configs");
     let mut endpoint = Endpoint::client("127.0.0.1:0".parse().unwrap()).expect("endpoint");
     endpoint.set_default_client_config(client);
     let conn = endpoint
@@ -389,7 +393,11 @@ async fn a_datagram_that_is_not_one_frame_is_dropped_and_counted() {
 async fn raw_connect(identity: &Identity, to: &Address) -> (Endpoint, Option<Connection>) {
     let mut trusted = TrustedPeers::new();
     trusted.add(identity.certificate());
-    let (_, client) = endpoint_configs(&QuicConfig::local(), identity, trusted).expect("configs");
+    let (_, client) = endpoint_configs(
+        &QuicConfig::local(),
+        &Trust::Pinned(identity.clone(), trusted),
+    )
+    .expect("configs");
     let mut endpoint = Endpoint::client("127.0.0.1:0".parse().unwrap()).expect("endpoint");
     endpoint.set_default_client_config(client);
     let conn = endpoint

@@ -67,6 +67,24 @@ pub struct TcpConfig {
     pub advertise: Option<Address>,
     /// Seed of the reconnect jitter; `None` derives one from the clock and the local address.
     pub jitter_seed: Option<u64>,
+    /// Whether connections run TLS 1.3 keyed by the node identity and pinned to the keyring
+    /// (see the [crate documentation](crate#tls)).
+    pub tls: TcpTls,
+}
+
+/// Whether a [`TcpTransport`](crate::TcpTransport) runs TLS.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TcpTls {
+    /// TLS when the node is in keyring mode (it hands the transport its identity), plain
+    /// TCP in insecure mode. The default.
+    #[default]
+    Auto,
+    /// TLS always: binding fails without an identity and keyring.
+    On,
+    /// Plain TCP even in keyring mode: membership stays signed, but data travels in the
+    /// clear and unauthenticated. Only for trusted networks; logged as a warning.
+    Off,
 }
 
 impl Default for TcpConfig {
@@ -107,6 +125,7 @@ impl TcpConfig {
             close_timeout: Duration::from_secs(5),
             advertise: None,
             jitter_seed: None,
+            tls: TcpTls::Auto,
         }
     }
 
@@ -157,6 +176,7 @@ impl TcpConfig {
     /// | `keepalive_ms` | milliseconds, `0` turns keepalive off |
     /// | `advertise` | `host:port` announced to peers; not `0.0.0.0`, `[::]` or port 0 |
     /// | `jitter_seed` | integer |
+    /// | `tls` | `auto` (default: TLS in keyring mode), `on` or `off` ([`TcpTls`]) |
     ///
     /// An unknown key or a bad value is a [`TransportError::Config`] naming the key.
     pub fn from_options(options: &BTreeMap<String, String>) -> Result<Self, TransportError> {
@@ -194,6 +214,16 @@ impl TcpConfig {
             },
             advertise: o.string("advertise").map(Address::new).or(base.advertise),
             jitter_seed: o.parse("jitter_seed")?.or(base.jitter_seed),
+            tls: o
+                .choice(
+                    "tls",
+                    &[
+                        ("auto", TcpTls::Auto),
+                        ("on", TcpTls::On),
+                        ("off", TcpTls::Off),
+                    ],
+                )?
+                .unwrap_or(base.tls),
         };
         o.finish()?;
         config.validate()?;
@@ -250,8 +280,10 @@ mod tests {
             ("max_handshakes", "2"),
             ("handshake_timeout_ms", "40"),
             ("advertise", "10.0.0.1:7000"),
+            ("tls", "off"),
         ]))
         .expect("valid");
+        assert_eq!(config.tls, TcpTls::Off);
         assert_eq!(config.recv_bytes.get(), 65536);
         assert_eq!(
             (
@@ -275,6 +307,7 @@ mod tests {
             (&[("connect_timeout_ms", "soon")][..], "connect_timeout_ms"),
             (&[("colour", "blue")][..], "colour"),
             (&[("preset", "moon")][..], "preset"),
+            (&[("tls", "yes")][..], "tls"),
             (&[("advertise", "0.0.0.0:7000")][..], "advertise"),
             (&[("advertise", "[::]:7000")][..], "advertise"),
             (&[("advertise", "10.0.0.1:0")][..], "advertise"),

@@ -14,9 +14,24 @@
 //! sender over the connection the frame came on, which is what request/response correlation
 //! needs; and a peer that announces another node's address (by mistake, two nodes sharing an
 //! `advertise` address, or on purpose) gets the replies to its own frames and nothing else:
-//! traffic to a listen address only ever travels on a connection dialled to it. The hello is
-//! not authenticated: on an untrusted network use the QUIC transport, whose mutual TLS does
-//! that.
+//! traffic to a listen address only ever travels on a connection dialled to it.
+//!
+//! # TLS
+//!
+//! A node in keyring mode hands the transport its identity, live keyring and address book
+//! ([`ChannelAuth`], in [`TransportSpec::auth`]); with [`TcpConfig::tls`] at its default
+//! ([`TcpTls::Auto`]) every connection then runs TLS 1.3 (rustls on ring) before anything
+//! else, the hello included. Both ends present a certificate self-signed by their Ed25519
+//! identity and accept the other's only if its key is in the keyring at that moment and the
+//! handshake signature verifies with it ([`chorus_core::tls`]): an identity outside the
+//! keyring fails the handshake, counted in [`TcpStats::handshake_failures`]. The address in a
+//! hello must belong to the key that authenticated the connection: if a live member with
+//! another key owns it, the connection is refused and counted in
+//! [`TcpStats::address_refusals`]; so is a dialled connection whose server is not the member
+//! that owns the dialled address. A connection whose peer's key is removed from the keyring
+//! is closed at its next read (counted in [`TcpStats::revoked_closed`]). [`TcpTls::Off`]
+//! keeps plain TCP for trusted networks (with a warning), and insecure mode always runs
+//! plain TCP, whose hello is not authenticated.
 //!
 //! # Writing
 //!
@@ -75,6 +90,8 @@
 #![deny(missing_docs)]
 
 mod config;
+#[cfg(test)]
+mod tls_tests;
 
 use std::fmt;
 use std::io::{self, IoSlice};
@@ -85,30 +102,36 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use chorus_core::identity::Address;
+use chorus_core::peer_auth::{ChannelAuth, KeyCheck};
 use chorus_core::registry::{Registry, TransportSpec};
 use chorus_core::transport::inbound::{Admission, Admitted, RecvQueue};
 use chorus_core::transport::outbox::{Link, Outboxes, Writer};
 use chorus_core::transport::{self, Incoming, SharedTransport, Transport, TransportError};
 use chorus_core::wire;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
-pub use config::TcpConfig;
+pub use config::{TcpConfig, TcpTls};
 
 /// The registry name of this transport.
 pub const SCHEME: &str = "tcp";
 
 /// Registers the `"tcp"` factory: binds [`TransportSpec::bind`] with the
-/// [`TcpConfig::from_options`] of the spec's options.
+/// [`TcpConfig::from_options`] of the spec's options, authenticated with
+/// [`TransportSpec::auth`] when the spec carries it (see [TLS](crate#tls)).
 pub fn register(registry: &mut Registry) {
     registry
         .register_transport(SCHEME, |spec: TransportSpec| {
             Box::pin(async move {
                 let config = TcpConfig::from_options(&spec.options)?;
-                let transport = TcpTransport::bind(&spec.bind, config).await?;
+                let transport = match spec.auth {
+                    Some(auth) => {
+                        TcpTransport::bind_authenticated(&spec.bind, config, auth).await?
+                    }
+                    None => TcpTransport::bind(&spec.bind, config).await?,
+                };
                 Ok(SharedTransport::new(transport))
             })
         })
@@ -157,6 +180,14 @@ pub struct TcpStats {
     /// Accepted frames that were never written: queued when a dial failed, in a batch whose
     /// write failed, or still queued when `close` gave up.
     pub frames_dropped: u64,
+    /// TLS handshakes that failed, either role: the peer's key is not in the keyring, its
+    /// certificate or signature is bad, or it does not speak TLS 1.3.
+    pub handshake_failures: u64,
+    /// Authenticated connections refused because the address announced in the hello (or
+    /// the dialled address) belongs to a live member with another key.
+    pub address_refusals: u64,
+    /// Connections closed because the peer's key was removed from the keyring.
+    pub revoked_closed: u64,
 }
 
 #[derive(Debug, Default)]
@@ -171,6 +202,9 @@ struct Counters {
     writes: AtomicU64,
     frames_received: AtomicU64,
     frames_dropped: AtomicU64,
+    handshake_failures: AtomicU64,
+    address_refusals: AtomicU64,
+    revoked_closed: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -206,6 +240,41 @@ struct Inner {
     admission: Admission,
     hello: Bytes,
     counters: Counters,
+    /// TLS in force (see [TLS](crate#tls)); `None` for plain TCP.
+    tls: Option<Tls>,
+}
+
+/// The TLS side of an authenticated transport.
+struct Tls {
+    auth: ChannelAuth,
+    connector: tokio_rustls::TlsConnector,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl Tls {
+    fn new(auth: ChannelAuth) -> Result<Self, TransportError> {
+        let config_error = |e: chorus_core::tls::TlsError| TransportError::Config(e.to_string());
+        let client = chorus_core::tls::client_config(&auth, &[ALPN]).map_err(config_error)?;
+        let server = chorus_core::tls::server_config(&auth, &[ALPN]).map_err(config_error)?;
+        Ok(Tls {
+            auth,
+            connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+        })
+    }
+}
+
+/// What a TLS server writes once it has accepted a connection's certificate and hello; the
+/// dialler waits for it before sending frames.
+pub const HELLO_ACK: [u8; 4] = *b"CHOK";
+
+/// The ALPN protocol of TLS connections (so a TLS client of something else fails early).
+const ALPN: &[u8] = b"chorus-tcp/1";
+
+/// A dialled connection, hello written.
+enum Dialled {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>, KeyCheck),
 }
 
 impl Inner {
@@ -235,19 +304,60 @@ impl Inner {
         }
     }
 
-    /// Connects to `addr` and writes the hello, all within the connect timeout.
-    async fn dial(&self, addr: &Address) -> Result<TcpStream, DialError> {
+    /// Connects to `addr`, runs the TLS handshake if TLS is on (checking that the server is
+    /// the member owning `addr`, if one does), and writes the hello, all within the connect
+    /// timeout.
+    async fn dial(&self, addr: &Address) -> Result<Dialled, DialError> {
         let timeout = self.config.connect_timeout;
         let attempt = async {
             let mut stream = TcpStream::connect(addr.as_str())
                 .await
                 .map_err(DialError::Connect)?;
             self.configure(&stream);
+            let Some(tls) = &self.tls else {
+                stream
+                    .write_all(&self.hello)
+                    .await
+                    .map_err(DialError::Hello)?;
+                return Ok(Dialled::Plain(stream));
+            };
+            let mut stream = tls
+                .connector
+                .connect(chorus_core::tls::server_name(), stream)
+                .await
+                .map_err(|e| {
+                    bump(&self.counters.handshake_failures, 1);
+                    DialError::Handshake(e)
+                })?;
+            let key = chorus_core::tls::admitted_peer(&tls.auth, stream.get_ref().1)
+                .ok_or(DialError::NoKey)?;
+            if let Err(taken) = tls.auth.book.may_use(addr, &key) {
+                bump(&self.counters.address_refusals, 1);
+                return Err(DialError::WrongPeer(taken));
+            }
             stream
                 .write_all(&self.hello)
                 .await
                 .map_err(DialError::Hello)?;
-            Ok(stream)
+            stream.flush().await.map_err(DialError::Hello)?;
+            // TLS 1.3 finishes the client's side of the handshake before the server has
+            // checked the client's certificate: wait for the server's acceptance, so that a
+            // refusal fails the dial (and backs off) instead of every later write.
+            let mut ack = [0u8; 4];
+            stream
+                .read_exact(&mut ack)
+                .await
+                .map_err(DialError::Refused)?;
+            if ack != HELLO_ACK {
+                return Err(DialError::Refused(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "not a hello acknowledgement",
+                )));
+            }
+            Ok(Dialled::Tls(
+                Box::new(stream),
+                KeyCheck::new(tls.auth.keyring.clone(), key),
+            ))
         };
         match tokio::time::timeout(timeout, attempt).await {
             Ok(result) => result,
@@ -266,6 +376,20 @@ enum DialError {
     /// The connection broke while the hello was written.
     #[error("writing the hello: {0}")]
     Hello(#[source] io::Error),
+    /// The TLS handshake failed (the server's key is not in the keyring, or it is no node).
+    #[error("TLS handshake: {0}")]
+    Handshake(#[source] io::Error),
+    /// The server refused the connection after the handshake (it does not admit this
+    /// node's key, or this node's address belongs to another member), or broke it.
+    #[error("refused by the server: {0}")]
+    Refused(#[source] io::Error),
+    /// The handshake completed without a key the keyring admits (the keyring changed during
+    /// the handshake).
+    #[error("TLS handshake: the peer's key is not admitted")]
+    NoKey,
+    /// The server authenticated as another member than the one owning the address.
+    #[error("{0}")]
+    WrongPeer(#[source] chorus_core::peer_auth::AddressTaken),
     /// Connecting and writing the hello took longer than the connect timeout.
     #[error("no connection within {0:?}")]
     TimedOut(Duration),
@@ -292,7 +416,44 @@ impl TcpTransport {
     /// Fails with [`TransportError::AddressInUse`] if the port is taken, and with
     /// [`TransportError::Config`] naming `advertise` if the address to announce is one peers
     /// cannot dial (a wildcard bind without [`TcpConfig::advertise`]).
+    ///
+    /// This is plain TCP: with [`TcpConfig::tls`] set to [`TcpTls::On`] it fails with
+    /// [`TransportError::Config`] naming `tls` (TLS needs an identity: use
+    /// [`bind_authenticated`](Self::bind_authenticated)).
     pub async fn bind(bind: &str, config: TcpConfig) -> Result<Self, TransportError> {
+        if config.tls == TcpTls::On {
+            return Err(TransportError::Config(
+                "option `tls`: `on` needs the node's identity and keyring (keyring security \
+                 mode)"
+                    .to_owned(),
+            ));
+        }
+        Self::bind_with(bind, config, None).await
+    }
+
+    /// Binds like [`bind`](Self::bind), with TLS keyed by `auth` (see [TLS](crate#tls))
+    /// unless [`TcpConfig::tls`] is [`TcpTls::Off`].
+    pub async fn bind_authenticated(
+        bind: &str,
+        config: TcpConfig,
+        auth: ChannelAuth,
+    ) -> Result<Self, TransportError> {
+        if config.tls == TcpTls::Off {
+            tracing::warn!(
+                bind,
+                "tcp transport with `tls = off` in keyring mode: data connections are neither \
+                 encrypted nor authenticated"
+            );
+            return Self::bind_with(bind, config, None).await;
+        }
+        Self::bind_with(bind, config, Some(Tls::new(auth)?)).await
+    }
+
+    async fn bind_with(
+        bind: &str,
+        config: TcpConfig,
+        tls: Option<Tls>,
+    ) -> Result<Self, TransportError> {
         config.validate()?;
         let listener = TcpListener::bind(bind).await.map_err(|e| {
             if e.kind() == io::ErrorKind::AddrInUse {
@@ -317,6 +478,7 @@ impl TcpTransport {
             admission,
             hello,
             counters: Counters::default(),
+            tls,
         });
         let accept = tokio::spawn(accept_loop(Arc::clone(&inner), listener));
         Ok(TcpTransport {
@@ -341,12 +503,20 @@ impl TcpTransport {
             frames_received: get(&c.frames_received),
             recv_queue_bytes: self.inner.recv.queued_bytes() as u64,
             frames_dropped: get(&c.frames_dropped),
+            handshake_failures: get(&c.handshake_failures),
+            address_refusals: get(&c.address_refusals),
+            revoked_closed: get(&c.revoked_closed),
         }
     }
 
     /// The configuration in force.
     pub fn config(&self) -> &TcpConfig {
         &self.inner.config
+    }
+
+    /// Whether connections run TLS.
+    pub fn is_tls(&self) -> bool {
+        self.inner.tls.is_some()
     }
 
     /// Peers with a connection (or a writer dialling one) right now.
@@ -446,7 +616,10 @@ enum HelloError {
     Invalid(#[from] transport::HelloError),
 }
 
-async fn read_hello(r: &mut OwnedReadHalf, timeout: Duration) -> Result<Address, HelloError> {
+async fn read_hello<R: AsyncRead + Unpin>(
+    r: &mut R,
+    timeout: Duration,
+) -> Result<Address, HelloError> {
     let read = async {
         let mut prefix = [0u8; 4];
         r.read_exact(&mut prefix).await?;
@@ -460,14 +633,51 @@ async fn read_hello(r: &mut OwnedReadHalf, timeout: Duration) -> Result<Address,
         .map_err(|_| HelloError::Timeout(timeout))?
 }
 
-/// An accepted connection: read the hello (within the handshake timeout), give the
-/// connection a queue of its own under its inbound address (never under the announced address:
-/// see [`Incoming::from`]), then read frames, which carry that inbound address. The connection
-/// ends, both directions at once, when either its reader or its writer does (the writer ends
-/// when the connection is idle), and only then gives up its place among the admitted ones.
+/// An accepted connection: run the TLS handshake if TLS is on, read the hello (all within the
+/// handshake timeout), give the connection a queue of its own under its inbound address
+/// (never under the announced address: see [`Incoming::from`]), then read frames, which carry
+/// that inbound address. The connection ends, both directions at once, when either its reader
+/// or its writer does (the writer ends when the connection is idle), and only then gives up
+/// its place among the admitted ones.
 async fn inbound(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr, mut admitted: Admitted) {
-    let (mut r, w) = stream.into_split();
-    let announced = match read_hello(&mut r, inner.config.handshake_timeout).await {
+    let timeout = inner.config.handshake_timeout;
+    let Some(tls) = &inner.tls else {
+        let (mut r, w) = stream.into_split();
+        let announced = match read_hello(&mut r, timeout).await {
+            Ok(announced) => announced,
+            Err(error) => {
+                bump(&inner.counters.rejected_connections, 1);
+                tracing::warn!(%peer, %error, "closing connection: bad hello");
+                return;
+            }
+        };
+        admitted.handshake_done();
+        serve_inbound(&inner, r, w, &announced, None, peer).await;
+        drop(admitted);
+        return;
+    };
+    let started = tokio::time::Instant::now();
+    let stream = match tokio::time::timeout(timeout, tls.acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            bump(&inner.counters.handshake_failures, 1);
+            tracing::warn!(%peer, %error, "closing connection: TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            bump(&inner.counters.handshake_failures, 1);
+            tracing::warn!(%peer, ?timeout, "closing connection: no TLS handshake in time");
+            return;
+        }
+    };
+    let Some(key) = chorus_core::tls::admitted_peer(&tls.auth, stream.get_ref().1) else {
+        bump(&inner.counters.handshake_failures, 1);
+        tracing::warn!(%peer, "closing connection: TLS handshake without an admitted peer key");
+        return;
+    };
+    let (mut r, w) = tokio::io::split(stream);
+    let left = timeout.saturating_sub(started.elapsed());
+    let announced = match read_hello(&mut r, left).await {
         Ok(announced) => announced,
         Err(error) => {
             bump(&inner.counters.rejected_connections, 1);
@@ -475,16 +685,49 @@ async fn inbound(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr, mut adm
             return;
         }
     };
+    if let Err(taken) = tls.auth.book.may_use(&announced, &key) {
+        bump(&inner.counters.address_refusals, 1);
+        tracing::warn!(%peer, %taken, "closing connection: hello address belongs to another member");
+        return;
+    }
+    let (r, mut w) = (r, w);
+    if let Err(error) = async {
+        w.write_all(&HELLO_ACK).await?;
+        w.flush().await
+    }
+    .await
+    {
+        tracing::debug!(%peer, %error, "connection broke before its acknowledgement");
+        return;
+    }
     admitted.handshake_done();
+    let check = KeyCheck::new(tls.auth.keyring.clone(), key);
+    serve_inbound(&inner, r, w, &announced, Some(check), peer).await;
+    drop(admitted);
+}
+
+/// An accepted connection after its hello: a writer for replies, frames read until either
+/// side ends.
+async fn serve_inbound<R, W>(
+    inner: &Arc<Inner>,
+    r: R,
+    w: W,
+    announced: &Address,
+    check: Option<KeyCheck>,
+    peer: SocketAddr,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     // `None`: the transport is closing.
-    let Some(writer) = inner.outboxes.register_inbound(&announced) else {
+    let Some(writer) = inner.outboxes.register_inbound(announced) else {
         return;
     };
     let from = writer.addr().clone();
     tracing::debug!(%peer, %from, "accepted a connection");
     let activity = Activity::new(inner.now_ms());
     let mut writing = tokio::spawn(inbound_writer(
-        Arc::clone(&inner),
+        Arc::clone(inner),
         writer,
         w,
         Arc::clone(&activity),
@@ -492,7 +735,7 @@ async fn inbound(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr, mut adm
     tokio::select! {
         // The reader told the writer (unless the transport is closing, when the writer ends
         // with its queue): wait for it to finish.
-        () = read_loop(&inner, r, &from, &activity) => {
+        () = read_loop(inner, r, &from, &activity, check) => {
             let _ = writing.await;
         }
         // The writer closed the connection (idle, or a write failed): dropping the reader
@@ -500,13 +743,12 @@ async fn inbound(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr, mut adm
         // shutdown.
         _ = &mut writing => {}
     }
-    drop(admitted);
 }
 
-async fn inbound_writer(
+async fn inbound_writer<W: AsyncWrite + Unpin>(
     inner: Arc<Inner>,
     mut writer: Writer,
-    mut w: OwnedWriteHalf,
+    mut w: W,
     activity: Arc<Activity>,
 ) {
     let end = write_loop(&inner, &mut w, &mut writer, &activity).await;
@@ -523,18 +765,19 @@ async fn outbound(inner: Arc<Inner>, mut writer: Writer) {
     loop {
         writer.set_link(Link::Connecting);
         match inner.dial(&addr).await {
-            Ok(stream) => {
+            Ok(dialled) => {
                 bump(&inner.counters.dialed, 1);
                 writer.connected();
-                let (r, mut w) = stream.into_split();
-                let activity = Activity::new(inner.now_ms());
-                let reader = tokio::spawn({
-                    let (inner, addr, activity) =
-                        (Arc::clone(&inner), addr.clone(), Arc::clone(&activity));
-                    async move { read_loop(&inner, r, &addr, &activity).await }
-                });
-                let end = write_loop(&inner, &mut w, &mut writer, &activity).await;
-                reader.abort();
+                let end = match dialled {
+                    Dialled::Plain(stream) => {
+                        let (r, w) = stream.into_split();
+                        run_dialled(&inner, r, w, &mut writer, None).await
+                    }
+                    Dialled::Tls(stream, check) => {
+                        let (r, w) = tokio::io::split(*stream);
+                        run_dialled(&inner, r, w, &mut writer, Some(check)).await
+                    }
+                };
                 match end {
                     End::Drained => break,
                     End::Idle | End::PeerClosed => {
@@ -565,6 +808,32 @@ async fn outbound(inner: Arc<Inner>, mut writer: Writer) {
     count_dropped(&inner, &writer, dropped);
 }
 
+/// Reads and writes one dialled connection until it ends.
+async fn run_dialled<R, W>(
+    inner: &Arc<Inner>,
+    r: R,
+    mut w: W,
+    writer: &mut Writer,
+    check: Option<KeyCheck>,
+) -> End
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin,
+{
+    let activity = Activity::new(inner.now_ms());
+    let reader = tokio::spawn({
+        let (inner, addr, activity) = (
+            Arc::clone(inner),
+            writer.addr().clone(),
+            Arc::clone(&activity),
+        );
+        async move { read_loop(&inner, r, &addr, &activity, check).await }
+    });
+    let end = write_loop(inner, &mut w, writer, &activity).await;
+    reader.abort();
+    end
+}
+
 fn count_dropped(inner: &Inner, writer: &Writer, dropped: u64) {
     if dropped > 0 {
         bump(&inner.counters.frames_dropped, dropped);
@@ -584,9 +853,9 @@ enum End {
     Broken(io::Error),
 }
 
-async fn write_loop(
+async fn write_loop<W: AsyncWrite + Unpin>(
     inner: &Inner,
-    w: &mut OwnedWriteHalf,
+    w: &mut W,
     writer: &mut Writer,
     activity: &Activity,
 ) -> End {
@@ -635,8 +904,9 @@ async fn write_loop(
     }
 }
 
-/// Writes every frame, with as few vectored writes as the socket allows.
-async fn write_frames(w: &mut OwnedWriteHalf, frames: &[Bytes]) -> io::Result<()> {
+/// Writes every frame, with as few vectored writes as the socket allows, and flushes (a no-op
+/// for plain TCP; TLS may hold the tail of a record).
+async fn write_frames<W: AsyncWrite + Unpin>(w: &mut W, frames: &[Bytes]) -> io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = frames.iter().map(|f| IoSlice::new(f)).collect();
     let mut rest = &mut slices[..];
     IoSlice::advance_slices(&mut rest, 0);
@@ -647,25 +917,35 @@ async fn write_frames(w: &mut OwnedWriteHalf, frames: &[Bytes]) -> io::Result<()
         }
         IoSlice::advance_slices(&mut rest, n);
     }
-    Ok(())
+    w.flush().await
 }
 
 /// Reads frames until the connection ends, the transport closes, or the peer misbehaves. In
 /// every case but the transport closing, the writer is told to stop using the connection, so
 /// a connection refused here is closed in both directions.
-async fn read_loop(inner: &Inner, r: OwnedReadHalf, from: &Address, activity: &Activity) {
+///
+/// With TLS, `check` closes the connection at the first read after the peer's key left the
+/// keyring.
+async fn read_loop<R: AsyncRead + Unpin>(
+    inner: &Inner,
+    r: R,
+    from: &Address,
+    activity: &Activity,
+    check: Option<KeyCheck>,
+) {
     let mut closed = inner.outboxes.closed();
-    read_frames(inner, r, from, activity, &mut closed).await;
+    read_frames(inner, r, from, activity, check, &mut closed).await;
     if !*closed.borrow() {
         activity.reader_done.notify_one();
     }
 }
 
-async fn read_frames(
+async fn read_frames<R: AsyncRead + Unpin>(
     inner: &Inner,
-    mut r: OwnedReadHalf,
+    mut r: R,
     from: &Address,
     activity: &Activity,
+    mut check: Option<KeyCheck>,
     closed: &mut watch::Receiver<bool>,
 ) {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
@@ -721,7 +1001,16 @@ async fn read_frames(
                 }
                 return;
             }
-            Ok(_) => activity.last.store(inner.now_ms(), Ordering::Relaxed),
+            Ok(_) => {
+                activity.last.store(inner.now_ms(), Ordering::Relaxed);
+                if let Some(check) = &mut check
+                    && !check.still_admitted()
+                {
+                    bump(&inner.counters.revoked_closed, 1);
+                    tracing::warn!(peer = %from, key = %check.key(), "closing connection: key revoked");
+                    return;
+                }
+            }
             Err(error) => {
                 tracing::debug!(peer = %from, %error, "read failed");
                 return;

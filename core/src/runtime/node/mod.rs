@@ -47,6 +47,7 @@ use crate::membership::{
     AuthStats, Member, MemberMeta, MemberState, Membership, MembershipConfig, MembershipEvent,
     NodeStart, Security,
 };
+use crate::peer_auth::{ChannelAuth, SharedKeyring};
 use crate::record::Record;
 use crate::registry::{Registry, RegistryError};
 use crate::replication::message::MAX_BATCH;
@@ -325,24 +326,8 @@ impl NodeBuilder {
         let floor = Floor::restore(&storage, clock.now_ms()).await?;
         let hlc = Hlc::with_floor(clock.clone(), config.max_clock_drift, floor.restored());
         let generation = floor::next_generation(&storage, clock.now_ms()).await?;
-        let transport = match self.transport {
-            Some(t) => t,
-            None => {
-                self.registry
-                    .bind_transport(config.transport.clone())
-                    .await?
-            }
-        };
-        let addr = transport.local_addr();
-        let (id, security) = match config.security.mode {
-            SecurityMode::Insecure => {
-                tracing::warn!(
-                    id = %config.id,
-                    "INSECURE MODE: membership is not authenticated; anyone who reaches {addr} \
-                     can join the cluster and speak for any member"
-                );
-                (config.id, Security::Insecure)
-            }
+        let (id, security, channel) = match config.security.mode {
+            SecurityMode::Insecure => (config.id, Security::Insecure, None),
             SecurityMode::Keyring => {
                 let identity = match (
                     self.identity,
@@ -369,9 +354,33 @@ impl NodeBuilder {
                         "this node's own key is not in the keyring: other members will refuse it"
                     );
                 }
-                (identity.node_id(), Security::keyring(identity, keyring))
+                // The transport authenticates connections with the same identity and reads
+                // the same keyring (replaced by `set_keyring`) at every handshake.
+                let channel =
+                    ChannelAuth::new(identity.clone(), SharedKeyring::new(keyring.clone()));
+                (
+                    identity.node_id(),
+                    Security::keyring(identity, keyring),
+                    Some(channel),
+                )
             }
         };
+        let transport = match self.transport {
+            Some(t) => t,
+            None => {
+                let mut spec = config.transport.clone();
+                spec.auth = channel.clone();
+                self.registry.bind_transport(spec).await?
+            }
+        };
+        let addr = transport.local_addr();
+        if matches!(security, Security::Insecure) {
+            tracing::warn!(
+                id = %config.id,
+                "INSECURE MODE: membership is not authenticated; anyone who reaches {addr} \
+                 can join the cluster and speak for any member"
+            );
+        }
         let membership_config = self
             .membership
             .unwrap_or_else(|| config.membership.config());
@@ -426,10 +435,17 @@ impl NodeBuilder {
             gate: Gate::default(),
             floor,
             bugs: self.bugs,
+            channel,
             config,
         });
         let mut tasks = vec![
-            tokio::spawn(view::follow(inner.membership.view(), view, n, ring_config)),
+            tokio::spawn(view::follow(
+                inner.membership.view(),
+                view,
+                n,
+                ring_config,
+                inner.channel.as_ref().map(|c| c.book.clone()),
+            )),
             tokio::spawn(dispatch(inner.clone(), inbound, swim)),
             tokio::spawn(purge_loop(inner.clone())),
             tokio::spawn(run_deferred(deferred_rx)),
@@ -512,6 +528,8 @@ pub(crate) struct Inner {
     hints: hints::HintQueue,
     /// Writes applied as a replica, for anti-entropy offers (`None` with it off).
     sync: sync::SyncLog,
+    /// What the transport authenticates connections with (`None` in insecure mode).
+    channel: Option<ChannelAuth>,
 }
 
 /// A piece of work that outlives the request that started it.
@@ -628,7 +646,14 @@ impl Node {
     /// insecure mode): added keys are admitted at once, members whose key is gone are removed
     /// from the view and refused from then on.
     pub async fn set_keyring(&self, keyring: Keyring) {
-        self.inner.membership.set_keyring(keyring).await;
+        if let Some(channel) = &self.inner.channel {
+            // Membership first, so a revoked member leaves the view (and the address book)
+            // before its connections are refused.
+            self.inner.membership.set_keyring(keyring.clone()).await;
+            channel.keyring.replace(keyring);
+        } else {
+            self.inner.membership.set_keyring(keyring).await;
+        }
     }
 
     /// Reads the configured keyring again (`security.keyring` and `security.keyring_file`)

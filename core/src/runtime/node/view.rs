@@ -74,17 +74,27 @@ pub(crate) fn is_replica(view: &View, key: &[u8], id: NodeId) -> bool {
     })
 }
 
-/// Keeps `slot` in step with the membership view until the view's sender goes away.
+/// Keeps `slot` (and the transport's address book, in keyring mode) in step with the
+/// membership view until the view's sender goes away.
 pub(crate) async fn follow(
     mut view: tokio::sync::watch::Receiver<Arc<[Member]>>,
     slot: Arc<arc_swap::ArcSwap<View>>,
     n: NonZeroUsize,
     ring: RingConfig,
+    book: Option<crate::peer_auth::AddressBook>,
 ) {
     loop {
         let members = view.borrow_and_update().clone();
         let next = View::build(&members, n, ring);
         slot.store(Arc::new(next));
+        if let Some(book) = &book {
+            book.replace(
+                members
+                    .iter()
+                    .filter(|m| matches!(m.state, MemberState::Alive | MemberState::Suspect))
+                    .map(|m| (m.meta.addr.clone(), m.id)),
+            );
+        }
         if view.changed().await.is_err() {
             return;
         }
