@@ -178,6 +178,9 @@ pub struct AuthStats {
     pub unadmitted_members: u64,
     /// Members removed from the view because a new keyring no longer lists their key.
     pub revoked_members: u64,
+    /// Member records refused because they claim the address of this node or of another live
+    /// member (with another key): an address belongs to one key while its member lives.
+    pub address_conflicts: u64,
     /// Messages this node signed.
     pub signed: u64,
 }

@@ -616,3 +616,62 @@ fn a_flooding_member_is_rate_limited_per_peer() {
         .count() as u64;
     assert_eq!(pings, relays, "relayed pings");
 }
+
+/// An admitted member cannot take the address of a live member or of the receiver: the record
+/// is refused (counted), the rightful owner keeps its address, and moving to a free address
+/// still works.
+#[test]
+fn member_records_claiming_a_live_members_address_are_refused() {
+    let mut w = World::new();
+    let (b_id, d_id) = (w.b.local.id, w.d.local.id);
+    let d = w.d.local.clone();
+    let moved = |addr: Address, incarnation: u64| {
+        let mut meta = d.meta.clone();
+        meta.addr = addr;
+        SwimMessage::Gossip {
+            from: d_id,
+            updates: vec![Update::Alive {
+                id: d_id,
+                life: Life {
+                    generation: d.life.generation,
+                    incarnation,
+                },
+                meta,
+            }],
+        }
+    };
+    // D claims B's address, then A's own.
+    // (The replay window moves on: the message itself was valid; only its record is refused.)
+    let view = |a: &Membership| format!("{:?}|{:?}|{:?}", a.members, a.broadcasts, a.events);
+    for (claimed, incarnation, conflicts) in [(addr("b"), 5, 1), (addr("a"), 6, 2)] {
+        let before = view(&w.a);
+        let frame = seal(&mut w.d, &w.a, moved(claimed, incarnation));
+        w.deliver("d", SwimFrame::Signed(frame));
+        assert_eq!(w.a.auth_stats().address_conflicts, conflicts);
+        assert_eq!(view(&w.a), before, "a refused record changed nothing");
+    }
+    assert_eq!(
+        w.a.member(d_id).map(|m| m.meta.addr.clone()),
+        Some(addr("d"))
+    );
+    assert_eq!(
+        w.a.member(b_id).map(|m| m.meta.addr.clone()),
+        Some(addr("b"))
+    );
+    // A free address is D's to take.
+    let frame = seal(&mut w.d, &w.a, moved(addr("d2"), 7));
+    w.deliver("d", SwimFrame::Signed(frame));
+    assert_eq!(w.a.auth_stats().address_conflicts, 2);
+    assert_eq!(
+        w.a.member(d_id).map(|m| m.meta.addr.clone()),
+        Some(addr("d2"))
+    );
+    // And D's old address is free again for D to come back to.
+    let frame = seal(&mut w.d, &w.a, moved(addr("d"), 8));
+    w.deliver("d", SwimFrame::Signed(frame));
+    assert_eq!(
+        w.a.member(d_id).map(|m| m.meta.addr.clone()),
+        Some(addr("d"))
+    );
+    assert_eq!(w.a.auth_stats().address_conflicts, 2);
+}

@@ -8,7 +8,7 @@ use super::members::Entry;
 use super::message::{Life, Member, MemberMeta, MemberState, Update};
 use super::timers::Timer;
 use super::{Membership, MembershipEvent};
-use crate::identity::NodeId;
+use crate::identity::{Address, NodeId};
 
 impl Membership {
     /// Applies the news of one received message, at most
@@ -55,6 +55,24 @@ impl Membership {
         }
     }
 
+    /// Whether `addr` belongs to this node or to a live member other than `id` (keyring
+    /// mode: an address is bound to one key while its member is alive). Costs a scan only
+    /// when a member arrives at, or moves to, an address that is in use.
+    fn address_taken(&self, id: NodeId, addr: &Address) -> bool {
+        if *addr == self.local.meta.addr {
+            return true;
+        }
+        if self.members.is_live(id) && self.members.addr(id).as_ref() == Some(addr) {
+            return false;
+        }
+        self.members.addr_is_live(addr)
+            && self.members.entries().any(|e| {
+                e.member.id != id
+                    && e.member.meta.addr == *addr
+                    && matches!(e.member.state, MemberState::Alive | MemberState::Suspect)
+            })
+    }
+
     fn alive(&mut self, now: Instant, id: NodeId, life: Life, meta: MemberMeta) {
         if id == self.local.id {
             if life > self.local.life {
@@ -72,6 +90,11 @@ impl Membership {
         {
             self.auth_stats.unadmitted_members += 1;
             tracing::debug!(%id, "alive update about a member the keyring does not admit");
+            return;
+        }
+        if self.auth.is_some() && self.address_taken(id, &meta.addr) {
+            self.auth_stats.address_conflicts += 1;
+            tracing::debug!(%id, addr = %meta.addr, "alive update claiming another live member's address");
             return;
         }
         let event = match self.members.get_mut(id) {

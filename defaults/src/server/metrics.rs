@@ -211,6 +211,7 @@ pub(crate) async fn refresh(node: &Node) {
     }
     counter!("chorus_membership_unadmitted_members_total").absolute(a.unadmitted_members);
     counter!("chorus_membership_revoked_members_total").absolute(a.revoked_members);
+    counter!("chorus_membership_address_conflicts_total").absolute(a.address_conflicts);
     let members = node.members();
     for (state, label) in [
         (MemberState::Alive, "alive"),
