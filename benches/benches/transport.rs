@@ -1,5 +1,5 @@
 //! Transport load generator: one-way frames/s and request/response round trips/s over loopback,
-//! for tcp and quic, 100 B and 64 KiB payloads, 1, 64 and 256 in flight.
+//! for tcp, tcp-tls (TLS 1.3 pinned to a keyring) and quic, 100 B and 64 KiB payloads, 1, 64 and 256 in flight.
 //!
 //! Run (prints a Markdown table of medians; see docs/BENCHMARKS.md):
 //!
@@ -40,6 +40,8 @@ const MAX_FRAME: usize = 1024 * 1024;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Tcp,
+    /// TCP with TLS 1.3, keyed by Ed25519 identities and pinned to a keyring.
+    TcpTls,
     Quic,
 }
 
@@ -63,6 +65,7 @@ impl Case {
             "{}/{}/{}/{}",
             match self.kind {
                 Kind::Tcp => "tcp",
+                Kind::TcpTls => "tcp-tls",
                 Kind::Quic => "quic",
             },
             match self.mode {
@@ -101,6 +104,27 @@ async fn tcp_pair() -> (TcpTransport, TcpTransport) {
     let b = TcpTransport::bind("127.0.0.1:0", tcp_config())
         .await
         .expect("bind");
+    (a, b)
+}
+
+async fn tcp_tls_pair() -> (TcpTransport, TcpTransport) {
+    let (ia, ib) = (
+        chorus::Identity::from_secret([1; 32]),
+        chorus::Identity::from_secret([2; 32]),
+    );
+    let keyring = chorus::peer_auth::SharedKeyring::new(
+        chorus::Keyring::from_keys([ia.public_key(), ib.public_key()]).expect("keyring"),
+    );
+    let bind = |id: chorus::Identity| {
+        let auth = chorus::peer_auth::ChannelAuth::new(id, keyring.clone());
+        async move {
+            TcpTransport::bind_authenticated("127.0.0.1:0", tcp_config(), auth)
+                .await
+                .expect("bind")
+        }
+    };
+    let (a, b) = (bind(ia).await, bind(ib).await);
+    assert!(a.is_tls() && b.is_tls());
     (a, b)
 }
 
@@ -230,6 +254,14 @@ async fn run(case: Case, secs: Duration) -> f64 {
             let (a, b) = tcp_pair().await;
             round_trips(a, b, case, secs).await
         }
+        (Kind::TcpTls, Mode::OneWay) => {
+            let (a, b) = tcp_tls_pair().await;
+            one_way(a, b, case, secs).await
+        }
+        (Kind::TcpTls, Mode::RoundTrip) => {
+            let (a, b) = tcp_tls_pair().await;
+            round_trips(a, b, case, secs).await
+        }
         (Kind::Quic, Mode::OneWay) => {
             let (a, b) = quic_pair().await;
             one_way(a, b, case, secs).await
@@ -262,7 +294,7 @@ fn main() {
         }
     }
     let mut cases = Vec::new();
-    for kind in [Kind::Tcp, Kind::Quic] {
+    for kind in [Kind::Tcp, Kind::TcpTls, Kind::Quic] {
         for mode in [Mode::OneWay, Mode::RoundTrip] {
             for payload in [100, 64 * 1024] {
                 for in_flight in [1, 64, 256] {
@@ -303,6 +335,39 @@ fn main() {
         println!(
             "| `{}` | {median:.0}/s | {} | {mb:.1} |",
             case.name(),
+            per_run.join(", ")
+        );
+    }
+    // TLS against plain TCP, run by run (the same run's cases are minutes apart at most).
+    let plain = |c: &Case| {
+        cases
+            .iter()
+            .position(|p| {
+                p.kind == Kind::Tcp
+                    && p.mode == c.mode
+                    && p.payload == c.payload
+                    && p.in_flight == c.in_flight
+            })
+            .map(|i| &results[i])
+    };
+    let mut header = false;
+    for (case, rates) in cases.iter().zip(&results) {
+        let Some(base) = (case.kind == Kind::TcpTls).then(|| plain(case)).flatten() else {
+            continue;
+        };
+        if !header {
+            println!();
+            println!("| case | tcp-tls / tcp, median of the per-run ratios | per-run |");
+            println!("|---|---|---|");
+            header = true;
+        }
+        let mut ratios: Vec<f64> = rates.iter().zip(base).map(|(t, p)| t / p).collect();
+        let per_run: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "| `{}` | {:.2}x | {} |",
+            case.name(),
+            ratios[ratios.len() / 2],
             per_run.join(", ")
         );
     }

@@ -55,8 +55,8 @@ pub use chorus_core::{
     key_hash,
 };
 pub use chorus_core::{
-    auth, codec, envelope, hash, hlc, identity, membership, options, record, replication, ring,
-    runtime, storage, transport, util, wire,
+    auth, codec, envelope, hash, hlc, identity, membership, options, peer_auth, record,
+    replication, ring, runtime, storage, transport, util, wire,
 };
 
 #[cfg(feature = "backend-memory")]

@@ -29,12 +29,19 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Runs a node: the Redis-protocol client API, the admin HTTP listener and the cluster
-    /// transport. SIGTERM or SIGINT shut it down gracefully (exit 0).
+    /// transport. SIGTERM or SIGINT shut it down gracefully (exit 0); SIGHUP reloads the
+    /// keyring (`security.keyring` and `security.keyring_file`).
     Serve {
         /// The configuration file (TOML; see docs/OPERATIONS.md). Without it, the defaults
         /// and the CHORUS_* environment variables.
         #[arg(long, short)]
         config: Option<PathBuf>,
+    },
+    /// Creates a node identity at FILE (mode 0600) unless one is there, and prints its
+    /// keyring line: the public key and a label.
+    Identity {
+        /// The identity file (a node's default is `identity.key` in its `storage.path`).
+        file: PathBuf,
     },
     /// Checks or prints configuration files.
     Config {
@@ -151,6 +158,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve(config),
         Command::Config { command } => config(command),
+        Command::Identity { file } => report(identity(&file)),
         Command::Demo { keep } => report(demo::demo(keep)),
         Command::Cluster {
             nodes,
@@ -160,6 +168,17 @@ pub fn main() -> ExitCode {
         } => report(demo::cluster(nodes, &dir, base_port, &backend)),
         other => report(client_command(other)),
     }
+}
+
+/// `chorus identity FILE`: the keyring line of the identity at `file`, created if absent.
+fn identity(file: &std::path::Path) -> Result<(), String> {
+    let (identity, created) =
+        chorus_core::runtime::keys::load_or_create_identity(file).map_err(|e| e.to_string())?;
+    if created {
+        eprintln!("created {}", file.display());
+    }
+    println!("{} node-{}", identity.public_key(), identity.node_id());
+    Ok(())
 }
 
 fn report(r: Result<(), String>) -> ExitCode {
@@ -251,7 +270,9 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
             server.node().addr()
         );
         let _ = std::io::stdout().flush();
+        let reloads = tokio::spawn(reload_keyring_on_sighup(server.node().clone()));
         let signal = wait_for_signal().await;
+        reloads.abort();
         tracing::info!(signal, ?bound, "shutting down");
         match tokio::time::timeout(bound, server.shutdown()).await {
             Ok(Ok(())) => {
@@ -268,6 +289,24 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
             }
         }
     })
+}
+
+/// Reloads the node's keyring at every SIGHUP; a keyring that does not load is logged and the
+/// running one stays.
+async fn reload_keyring_on_sighup(node: chorus_core::runtime::node::Node) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("no SIGHUP handler: the keyring cannot be reloaded by signal");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match node.reload_keyring().await {
+            Ok(keys) => tracing::info!(keys, "SIGHUP: keyring reloaded"),
+            Err(error) => {
+                tracing::error!(%error, "SIGHUP: keyring not reloaded; the running keyring stays");
+            }
+        }
+    }
 }
 
 /// Waits for SIGTERM or SIGINT; its name.

@@ -274,8 +274,20 @@ const ALPN: &[u8] = b"chorus-tcp/1";
 /// A dialled connection, hello written.
 enum Dialled {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>, KeyCheck),
+    Tls(Box<tokio_rustls::client::TlsStream<TlsSocket>>, KeyCheck),
 }
+
+/// The socket under TLS: rustls reads at most 4 KiB per call, so a buffer of
+/// [`READ_CHUNK`] turns the dozen `recv` calls of a large frame into one.
+type TlsSocket = tokio::io::BufReader<TcpStream>;
+
+fn tls_socket(stream: TcpStream) -> TlsSocket {
+    tokio::io::BufReader::with_capacity(READ_CHUNK, stream)
+}
+
+/// Encrypted bytes rustls may hold for the socket. Its default, 64 KiB, makes every large
+/// frame a `writev` of its own; a writer's batch (many frames) fits this in one.
+const TLS_SEND_BUFFER: usize = 1024 * 1024;
 
 impl Inner {
     fn now_ms(&self) -> u64 {
@@ -323,7 +335,7 @@ impl Inner {
             };
             let mut stream = tls
                 .connector
-                .connect(chorus_core::tls::server_name(), stream)
+                .connect(chorus_core::tls::server_name(), tls_socket(stream))
                 .await
                 .map_err(|e| {
                     bump(&self.counters.handshake_failures, 1);
@@ -331,6 +343,7 @@ impl Inner {
                 })?;
             let key = chorus_core::tls::admitted_peer(&tls.auth, stream.get_ref().1)
                 .ok_or(DialError::NoKey)?;
+            stream.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
             if let Err(taken) = tls.auth.book.may_use(addr, &key) {
                 bump(&self.counters.address_refusals, 1);
                 return Err(DialError::WrongPeer(taken));
@@ -657,24 +670,26 @@ async fn inbound(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr, mut adm
         return;
     };
     let started = tokio::time::Instant::now();
-    let stream = match tokio::time::timeout(timeout, tls.acceptor.accept(stream)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => {
-            bump(&inner.counters.handshake_failures, 1);
-            tracing::warn!(%peer, %error, "closing connection: TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            bump(&inner.counters.handshake_failures, 1);
-            tracing::warn!(%peer, ?timeout, "closing connection: no TLS handshake in time");
-            return;
-        }
-    };
+    let mut stream =
+        match tokio::time::timeout(timeout, tls.acceptor.accept(tls_socket(stream))).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                bump(&inner.counters.handshake_failures, 1);
+                tracing::warn!(%peer, %error, "closing connection: TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                bump(&inner.counters.handshake_failures, 1);
+                tracing::warn!(%peer, ?timeout, "closing connection: no TLS handshake in time");
+                return;
+            }
+        };
     let Some(key) = chorus_core::tls::admitted_peer(&tls.auth, stream.get_ref().1) else {
         bump(&inner.counters.handshake_failures, 1);
         tracing::warn!(%peer, "closing connection: TLS handshake without an admitted peer key");
         return;
     };
+    stream.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
     let (mut r, w) = tokio::io::split(stream);
     let left = timeout.saturating_sub(started.elapsed());
     let announced = match read_hello(&mut r, left).await {
