@@ -1033,3 +1033,107 @@ fn the_demo_runs_its_scenario_and_exits_cleanly() {
     assert_eq!(stdout.matches("exited cleanly").count(), 3, "{stdout}");
     assert!(start.elapsed() < Duration::from_secs(60));
 }
+
+/// `chorus identity FILE`: the keyring line of the identity there (created on first use).
+fn identity_line(file: &Path) -> String {
+    let out = Command::new(EXE)
+        .arg("identity")
+        .arg(file)
+        .env_clear()
+        .output()
+        .expect("chorus identity");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8(out.stdout).expect("utf-8");
+    assert_eq!(line.lines().count(), 1, "{line}");
+    line
+}
+
+fn signal(server: &Server, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(server.child.id().to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+/// Two servers in keyring mode (the default), over TCP with TLS (the default in keyring
+/// mode): a node whose key the other's keyring lacks stays out, is admitted once its key is
+/// added to the keyring file and the server gets SIGHUP (no restart), replicates, and is
+/// removed again when the key is taken out and the keyring reloaded.
+#[test]
+fn keyring_mode_admits_and_revokes_a_node_on_sighup_without_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_key, b_key) = (dir.path().join("a.key"), dir.path().join("b.key"));
+    let (a_line, b_line) = (identity_line(&a_key), identity_line(&b_key));
+    // The identity is created once and read back after.
+    assert_eq!(identity_line(&a_key), a_line);
+    let (ring_a, ring_b) = (dir.path().join("ring-a"), dir.path().join("ring-b"));
+    std::fs::write(&ring_a, format!("# a only\n{a_line}")).unwrap();
+    std::fs::write(&ring_b, format!("{a_line}{b_line}")).unwrap();
+    let keyring_env = |key: &Path, ring: &Path| {
+        vec![
+            ("CHORUS_NODE_SECURITY_MODE", "keyring".to_string()),
+            (
+                "CHORUS_NODE_SECURITY_IDENTITY_FILE",
+                key.display().to_string(),
+            ),
+            (
+                "CHORUS_NODE_SECURITY_KEYRING_FILE",
+                ring.display().to_string(),
+            ),
+            ("CHORUS_NODE_JOIN_TIMEOUT", "1s".to_string()),
+            ("CHORUS_NODE_REPLICATION_FACTOR", "2".to_string()),
+        ]
+    };
+    let env_a = keyring_env(&a_key, &ring_a);
+    let env_a: Vec<(&str, &str)> = env_a.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let a = Server::start(dir.path(), "a", &env_a);
+    let mut env_b = keyring_env(&b_key, &ring_b);
+    env_b.push(("CHORUS_NODE_SEEDS", a.cluster.clone()));
+    let env_b: Vec<(&str, &str)> = env_b.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let b = Server::start(dir.path(), "b", &env_b);
+
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        members_in(&a, "alive"),
+        1,
+        "a admitted a key its keyring lacks"
+    );
+    assert_eq!(members_in(&b, "alive"), 1);
+
+    std::fs::write(&ring_a, format!("{a_line}{b_line}")).unwrap();
+    signal(&a, "HUP");
+    for s in [&a, &b] {
+        wait_until(
+            "both servers see two alive members after the reload",
+            Duration::from_secs(20),
+            || members_in(s, "alive") == 2,
+        );
+    }
+    let mut con = b.redis();
+    let _: () = redis::cmd("SET")
+        .arg("k")
+        .arg("over tls")
+        .query(&mut con)
+        .expect("SET");
+    let got: String = redis::cmd("GET")
+        .arg("k")
+        .query(&mut a.redis())
+        .expect("GET");
+    assert_eq!(got, "over tls");
+
+    std::fs::write(&ring_a, &a_line).unwrap();
+    signal(&a, "HUP");
+    wait_until(
+        "a removes b after the revocation",
+        Duration::from_secs(20),
+        || members_in(&a, "alive") == 1,
+    );
+    let log = std::fs::read_to_string(&a.log).unwrap_or_default();
+    assert!(!log.contains("keyring not reloaded"), "{log}");
+}

@@ -383,10 +383,16 @@ fn schema() -> toml::Table {
         _ => toml::Table::new(),
     };
     // Optional fields are absent from the defaults; name them.
-    if let Some(toml::Value::Table(node)) = schema.get_mut("node")
-        && let Some(toml::Value::Table(storage)) = node.get_mut("storage")
-    {
-        storage.insert("path".into(), toml::Value::String(String::new()));
+    if let Some(toml::Value::Table(node)) = schema.get_mut("node") {
+        for (section, field) in [
+            ("storage", "path"),
+            ("security", "identity_file"),
+            ("security", "keyring_file"),
+        ] {
+            if let Some(toml::Value::Table(t)) = node.get_mut(section) {
+                t.insert(field.into(), toml::Value::String(String::new()));
+            }
+        }
     }
     schema
 }
@@ -592,6 +598,8 @@ mod tests {
                 ("CHORUS_NODE_READ_CONSISTENCY", "1"),
                 ("CHORUS_NODE_TRANSPORT_OPTIONS_ADVERTISE", "10.0.0.1:7946"),
                 ("CHORUS_NODE_STORAGE_PATH", "/tmp/x"),
+                ("CHORUS_NODE_SECURITY_IDENTITY_FILE", "/tmp/x/id.key"),
+                ("CHORUS_NODE_SECURITY_KEYRING_FILE", "/tmp/keyring"),
                 ("CHORUS_CLIENT_IDLE_TIMEOUT", "5s"),
                 ("CHORUS_SEED", "42"),
             ]),
@@ -613,6 +621,14 @@ mod tests {
         assert_eq!(
             config.node.storage.path.as_deref(),
             Some(Path::new("/tmp/x"))
+        );
+        assert_eq!(
+            config.node.security.identity_file.as_deref(),
+            Some(Path::new("/tmp/x/id.key"))
+        );
+        assert_eq!(
+            config.node.security.keyring_file.as_deref(),
+            Some(Path::new("/tmp/keyring"))
         );
         assert_eq!(config.client.idle_timeout, Duration::from_secs(5));
     }
