@@ -2,20 +2,29 @@
 //!
 //! # Security
 //!
-//! QUIC with TLS 1.3 (quinn on rustls, ring crypto). Every node has an [`Identity`] (a
-//! certificate and key; [`Identity::generate`] makes a self-signed one with rcgen) and a set of
-//! [`TrustedPeers`]. Authentication is mutual: the dialler checks the listener's certificate and
-//! the listener requires and checks the dialler's; a certificate not in the set fails the
-//! handshake, so an untrusted peer can neither send frames nor receive them. See [`tls`].
+//! QUIC with TLS 1.3 (quinn on rustls, ring crypto). Authentication is mutual: the dialler
+//! checks the listener's certificate and the listener requires and checks the dialler's, so
+//! an untrusted peer can neither send frames nor receive them. Two ways to say whom to trust:
+//!
+//! - **Keyring mode** ([`QuicTransport::bind_authenticated`], what a node in keyring mode
+//!   uses): the certificate is self-signed by the node's Ed25519 identity and peers are
+//!   checked against the live keyring ([`chorus_core::tls`]). The hello's address must be
+//!   free or owned by the handshake's key (else the connection is closed and counted in
+//!   [`QuicStats::address_refusals`]), a dialler refuses a server that is not the owner of
+//!   the dialled address, and a connection whose peer's key leaves the keyring is closed at
+//!   its next stream or datagram ([`QuicStats::revoked_closed`]).
+//! - **Pinned certificates** ([`QuicTransport::bind`], insecure-mode nodes): an [`Identity`]
+//!   (a certificate and key; [`Identity::generate`] makes a self-signed one with rcgen) and a
+//!   set of [`TrustedPeers`]; a certificate not in the set fails the handshake. See [`tls`].
 //!
 //! # Connections and addressing
 //!
 //! One connection per peer and direction, kept and reused. `send` to a listen address uses the
 //! connection this node dialled to it, dialling when there is none. Right after the handshake
 //! the dialler opens a unidirectional stream carrying a *hello* with its own listen address
-//! (see `docs/PROTOCOL.md`). The hello is inside the authenticated connection, but it is not
-//! bound to the certificate (every trusted certificate is trusted for every address until
-//! identities are tied to member addresses), so the listener does not let it route anything:
+//! (see `docs/PROTOCOL.md`). The hello is inside the authenticated connection; with pinned
+//! certificates it is not bound to the certificate, and in either mode the listener does not
+//! let it route anything:
 //! it gives the accepted connection an
 //! [inbound address](chorus_core::transport::inbound_address) of its own
 //! (`10.0.0.1:7000 (inbound #3)`), which frames read from it carry as [`Incoming::from`] and
