@@ -102,32 +102,37 @@ async fn serve(
     let mut input = BytesMut::with_capacity(16 * 1024);
     let mut output = BytesMut::with_capacity(16 * 1024);
     let mut protocol_error = None;
+    // One idle timer for the connection's life, moved on only when it fires early: a timer
+    // registered and cancelled around every read was a measurable cost per request.
+    // When this connection started waiting for input (as the old per-read timeout measured).
+    let mut waiting_since = tokio::time::Instant::now();
+    let idle_timer = tokio::time::sleep(idle);
+    tokio::pin!(idle_timer);
     loop {
-        let read = async {
-            if idle.is_zero() {
-                Ok(stream.read_buf(&mut input).await)
-            } else {
-                tokio::time::timeout(idle, stream.read_buf(&mut input)).await
-            }
-        };
         let n = tokio::select! {
-            r = read => r,
-            _ = stop.changed() => break,
-        };
-        let n = match n {
-            Err(_) => {
+            biased;
+            r = stream.read_buf(&mut input) => r,
+            () = &mut idle_timer, if !idle.is_zero() => {
+                let deadline = waiting_since + idle;
+                if tokio::time::Instant::now() < deadline {
+                    idle_timer.as_mut().reset(deadline);
+                    continue;
+                }
                 tracing::debug!(peer = %session.peer, "idle timeout; closing");
                 let mut out = BytesMut::new();
                 Reply::err("idle timeout").encode(session.proto, &mut out);
                 let _ = stream.write_all(&out).await;
                 break;
             }
-            Ok(Err(e)) => {
+            _ = stop.changed() => break,
+        };
+        let n = match n {
+            Err(e) => {
                 tracing::debug!(peer = %session.peer, error = %e, "read failed");
                 break;
             }
-            Ok(Ok(0)) => break,
-            Ok(Ok(n)) => n,
+            Ok(0) => break,
+            Ok(n) => n,
         };
         shared.metrics.bytes_in.increment(n as u64);
         let mut close = false;
@@ -196,6 +201,7 @@ async fn serve(
         if input.is_empty() && input.capacity() > 1024 * 1024 {
             input = BytesMut::with_capacity(16 * 1024);
         }
+        waiting_since = tokio::time::Instant::now();
     }
     let _ = stream.shutdown().await;
 }
