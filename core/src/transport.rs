@@ -215,6 +215,28 @@ pub trait Transport: Send + Sync + 'static {
     /// Stops accepting frames, delivers what was accepted where possible, and releases the
     /// address.
     fn close(&self) -> impl Future<Output = ()> + Send;
+
+    /// Connections this transport refused, by reason, since it was bound (all zero for a
+    /// transport that does not count them, the default).
+    fn refusals(&self) -> ConnectionRefusals {
+        ConnectionRefusals::default()
+    }
+}
+
+/// Connections a transport refused, by reason: what an operator's metrics show.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConnectionRefusals {
+    /// Closed for a bad hello or malformed input.
+    pub rejected: u64,
+    /// Refused at once: too many connections or handshakes.
+    pub over_limit: u64,
+    /// TLS handshakes that failed (a key outside the keyring included).
+    pub handshake_failures: u64,
+    /// Authenticated connections whose hello (or dialled) address belongs to another member.
+    pub address_refusals: u64,
+    /// Closed because the peer's key left the keyring.
+    pub revoked: u64,
 }
 
 /// The checks a network transport makes on a frame handed to `send` before taking it: at most
@@ -395,6 +417,7 @@ pub trait DynTransport: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), TransportError>>;
     fn recv_dyn(&self) -> BoxFuture<'_, Result<Incoming, TransportError>>;
     fn close_dyn(&self) -> BoxFuture<'_, ()>;
+    fn refusals_dyn(&self) -> ConnectionRefusals;
 }
 
 impl<T: Transport> DynTransport for T {
@@ -424,6 +447,9 @@ impl<T: Transport> DynTransport for T {
     fn close_dyn(&self) -> BoxFuture<'_, ()> {
         Box::pin(self.close())
     }
+    fn refusals_dyn(&self) -> ConnectionRefusals {
+        self.refusals()
+    }
 }
 
 impl Transport for SharedTransport {
@@ -445,6 +471,9 @@ impl Transport for SharedTransport {
     }
     fn close(&self) -> impl Future<Output = ()> + Send {
         self.0.close_dyn()
+    }
+    fn refusals(&self) -> ConnectionRefusals {
+        self.0.refusals_dyn()
     }
 }
 

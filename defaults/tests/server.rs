@@ -1105,6 +1105,13 @@ fn keyring_mode_admits_and_revokes_a_node_on_sighup_without_restart() {
         "a admitted a key its keyring lacks"
     );
     assert_eq!(members_in(&b, "alive"), 1);
+    // b's connections failed a's TLS handshake, and /metrics says so.
+    let refused = sample(
+        &metrics(&a),
+        "chorus_transport_refused_connections_total",
+        &[("reason", "handshake")],
+    );
+    assert!(refused >= 1.0, "handshake refusals: {refused}");
 
     std::fs::write(&ring_a, format!("{a_line}{b_line}")).unwrap();
     signal(&a, "HUP");

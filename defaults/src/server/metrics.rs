@@ -212,6 +212,16 @@ pub(crate) async fn refresh(node: &Node) {
     counter!("chorus_membership_unadmitted_members_total").absolute(a.unadmitted_members);
     counter!("chorus_membership_revoked_members_total").absolute(a.revoked_members);
     counter!("chorus_membership_address_conflicts_total").absolute(a.address_conflicts);
+    let t = node.transport_refusals();
+    for (reason, v) in [
+        ("rejected", t.rejected),
+        ("over_limit", t.over_limit),
+        ("handshake", t.handshake_failures),
+        ("address", t.address_refusals),
+        ("revoked", t.revoked),
+    ] {
+        counter!("chorus_transport_refused_connections_total", "reason" => reason).absolute(v);
+    }
     let members = node.members();
     for (state, label) in [
         (MemberState::Alive, "alive"),

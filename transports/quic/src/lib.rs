@@ -619,6 +619,17 @@ impl Transport for QuicTransport {
         self.inner.outboxes.recv(&self.inner.recv).await
     }
 
+    fn refusals(&self) -> transport::ConnectionRefusals {
+        let s = self.stats();
+        let mut r = transport::ConnectionRefusals::default();
+        r.rejected = s.rejected_connections;
+        r.over_limit = s.refused_connections;
+        r.handshake_failures = s.handshake_failures;
+        r.address_refusals = s.address_refusals;
+        r.revoked = s.revoked_closed;
+        r
+    }
+
     async fn close(&self) {
         let inner = &self.inner;
         inner.outboxes.shut();

@@ -396,6 +396,7 @@ impl NodeBuilder {
             },
             tokio::time::Instant::now().into_std(),
         );
+        let shared_transport = transport.clone();
         let shared = Arc::new(transport.clone());
         let (rpc, inbound) = RpcEndpoint::start_answering_undecodable(
             transport,
@@ -436,6 +437,7 @@ impl NodeBuilder {
             floor,
             bugs: self.bugs,
             channel,
+            transport: shared_transport,
             config,
         });
         let mut tasks = vec![
@@ -530,6 +532,8 @@ pub(crate) struct Inner {
     sync: sync::SyncLog,
     /// What the transport authenticates connections with (`None` in insecure mode).
     channel: Option<ChannelAuth>,
+    /// The transport, for its counters.
+    transport: SharedTransport,
 }
 
 /// A piece of work that outlives the request that started it.
@@ -635,6 +639,12 @@ impl Node {
     /// The configuration it runs with.
     pub fn config(&self) -> &NodeConfig {
         &self.inner.config
+    }
+
+    /// Connections the node's transport refused, by reason (TLS handshakes with keys outside
+    /// the keyring, addresses of other members, revoked keys, malformed input, limits).
+    pub fn transport_refusals(&self) -> crate::transport::ConnectionRefusals {
+        self.inner.transport.refusals()
     }
 
     /// Counters of membership authentication: messages verified, and refused per kind.
