@@ -80,8 +80,9 @@ impl SharedKeyring {
     }
 }
 
-/// Re-checks one connection's peer key against the keyring when the keyring changes.
-#[derive(Debug)]
+/// Re-checks one connection's peer key against the keyring when the keyring changes. Clones
+/// check independently (one per reader or writer of a connection).
+#[derive(Clone, Debug)]
 pub struct KeyCheck {
     keyring: SharedKeyring,
     key: PublicKey,
@@ -89,14 +90,16 @@ pub struct KeyCheck {
 }
 
 impl KeyCheck {
-    /// A check of `key`, which was admitted at the keyring's current generation.
-    pub fn new(keyring: SharedKeyring, key: PublicKey) -> Self {
+    /// A check of `key` if the keyring admits it now. The generation is read *before* the
+    /// key is looked up, so a keyring replaced at any moment after this call is seen by the
+    /// next [`still_admitted`](Self::still_admitted).
+    pub fn admit(keyring: &SharedKeyring, key: PublicKey) -> Option<Self> {
         let checked = keyring.generation();
-        KeyCheck {
-            keyring,
+        keyring.contains(&key).then(|| KeyCheck {
+            keyring: keyring.clone(),
             key,
             checked,
-        }
+        })
     }
 
     /// The peer's key.
@@ -262,7 +265,7 @@ mod tests {
         assert!(!auth.admits(&a.public_key()));
         shared.replace(Keyring::from_keys([a.public_key()]).expect("keyring"));
         assert!(auth.admits(&a.public_key()));
-        let mut check = KeyCheck::new(shared.clone(), a.public_key());
+        let mut check = KeyCheck::admit(&shared, a.public_key()).expect("admitted");
         assert!(check.still_admitted());
         shared.replace(Keyring::new());
         assert!(!auth.admits(&a.public_key()));
@@ -270,6 +273,17 @@ mod tests {
             !check.still_admitted(),
             "a revoked key loses its connections"
         );
+        assert!(KeyCheck::admit(&shared, a.public_key()).is_none());
+    }
+
+    /// A keyring replaced between the admission and the first use is still seen.
+    #[test]
+    fn a_replacement_right_after_admission_is_seen() {
+        let a = identity(1);
+        let shared = SharedKeyring::new(Keyring::from_keys([a.public_key()]).expect("keyring"));
+        let mut check = KeyCheck::admit(&shared, a.public_key()).expect("admitted");
+        shared.replace(Keyring::new());
+        assert!(!check.still_admitted());
     }
 
     #[test]

@@ -23,7 +23,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::auth::{Identity, PublicKey};
-use crate::peer_auth::ChannelAuth;
+use crate::peer_auth::{ChannelAuth, KeyCheck};
 
 /// The name every node's certificate carries and every dialler asks for. It is not what is
 /// checked (the key is), but TLS needs one.
@@ -97,11 +97,12 @@ pub fn peer_key(connection: &rustls::CommonState) -> Option<PublicKey> {
         .and_then(certificate_key)
 }
 
-/// The peer's key if the keyring admits it now: what a transport checks once the handshake is
-/// done (the verifier already did; this is the same check at the moment the connection is
-/// put to use).
-pub fn admitted_peer(auth: &ChannelAuth, connection: &rustls::CommonState) -> Option<PublicKey> {
-    peer_key(connection).filter(|key| auth.admits(key))
+/// The peer's key, checked against the keyring now, as a [`KeyCheck`] that follows later
+/// keyring changes: what a transport takes once the handshake is done (the verifier already
+/// checked; this is the same check at the moment the connection is put to use, with the
+/// generation taken first so no replacement is missed).
+pub fn admitted_peer(auth: &ChannelAuth, connection: &rustls::CommonState) -> Option<KeyCheck> {
+    KeyCheck::admit(&auth.keyring, peer_key(connection)?)
 }
 
 /// ring, with AES-128-GCM first: the same TLS 1.3 security level for our purposes and about a

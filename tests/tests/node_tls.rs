@@ -101,6 +101,11 @@ async fn outsider_is_refused_by_the_channel(scheme: &str, members: &[&Node], out
             "seed {}: the outsider is in a view",
             seed()
         );
+        assert!(
+            n.transport_refusals().handshake_failures > 0,
+            "seed {}: the outsider never reached the transport",
+            seed()
+        );
         assert_eq!(
             n.auth_stats().rejected(),
             0,

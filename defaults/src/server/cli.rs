@@ -259,6 +259,8 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        // Installed before the ready line: a SIGHUP right after it must not kill the process.
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
         // One machine-readable line on stdout, for scripts and tests (ports may be 0).
         println!(
             "chorus ready: node={} client={} admin={} cluster={}",
@@ -270,7 +272,7 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
             server.node().addr()
         );
         let _ = std::io::stdout().flush();
-        let reloads = tokio::spawn(reload_keyring_on_sighup(server.node().clone()));
+        let reloads = tokio::spawn(reload_keyring_on_sighup(server.node().clone(), hup));
         let signal = wait_for_signal().await;
         reloads.abort();
         tracing::info!(signal, ?bound, "shutting down");
@@ -293,9 +295,11 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
 
 /// Reloads the node's keyring at every SIGHUP; a keyring that does not load is logged and the
 /// running one stays.
-async fn reload_keyring_on_sighup(node: chorus_core::runtime::node::Node) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+async fn reload_keyring_on_sighup(
+    node: chorus_core::runtime::node::Node,
+    hup: std::io::Result<tokio::signal::unix::Signal>,
+) {
+    let Ok(mut hup) = hup else {
         tracing::warn!("no SIGHUP handler: the keyring cannot be reloaded by signal");
         return;
     };

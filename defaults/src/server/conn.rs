@@ -111,6 +111,8 @@ async fn serve(
     loop {
         let n = tokio::select! {
             biased;
+            // First: a client that pipelines without pause must not hold up a shutdown.
+            _ = stop.changed() => break,
             r = stream.read_buf(&mut input) => r,
             () = &mut idle_timer, if !idle.is_zero() => {
                 let deadline = waiting_since + idle;
@@ -124,7 +126,6 @@ async fn serve(
                 let _ = stream.write_all(&out).await;
                 break;
             }
-            _ = stop.changed() => break,
         };
         let n = match n {
             Err(e) => {

@@ -16,7 +16,7 @@ use quinn::{Connection, VarInt};
 use crate::io_task::lock;
 use crate::outbound::inbound_writer;
 use crate::stats::bump;
-use crate::{HELLO_MAGIC, Inner, MAX_HELLO_ADDR_LEN, code};
+use crate::{HELLO_ACK, HELLO_MAGIC, Inner, MAX_HELLO_ADDR_LEN, code};
 
 impl Inner {
     fn reject(&self, conn: &Connection, code: u32, why: &str) {
@@ -97,11 +97,31 @@ async fn inbound(inner: Arc<Inner>, incoming: quinn::Incoming, mut admitted: Adm
         conn.close(VarInt::from_u32(code::CLOSING), b"closing");
         return;
     };
+    // Acknowledge the hello (see `HELLO_ACK`), within what is left of the handshake time.
+    let ack = async {
+        let mut stream = conn.open_uni().await.map_err(|e| e.to_string())?;
+        stream
+            .write_all(&HELLO_ACK)
+            .await
+            .map_err(|e| e.to_string())?;
+        stream.finish().map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout_at(deadline, ack).await {
+        Ok(Ok(())) => {}
+        Ok(Err(why)) => {
+            tracing::debug!(%remote, %why, "connection gone before its acknowledgement");
+            return;
+        }
+        Err(_) => return inner.reject(&conn, code::BAD_HELLO, "acknowledgement not sent in time"),
+    }
     admitted.handshake_done();
     let from = writer.addr().clone();
-    inner
-        .io
-        .spawn(inbound_writer(Arc::clone(&inner), conn.clone(), writer));
+    inner.io.spawn(inbound_writer(
+        Arc::clone(&inner),
+        conn.clone(),
+        writer,
+        check.clone(),
+    ));
     read_streams(inner, conn, from, check).await;
     drop(admitted);
 }
@@ -155,7 +175,7 @@ pub(crate) async fn read_streams(
             stream = &mut accept, if !goodbye && readers.len() < max_readers => match stream {
                 Ok(stream) => {
                     accept.set(conn.accept_uni());
-                    readers.push(read_stream(&inner, &conn, stream, &from));
+                    readers.push(read_stream(&inner, &conn, stream, &from, check.clone()));
                 }
                 Err(error) => {
                     tracing::debug!(peer = %from, %error, "connection ended");
@@ -170,6 +190,10 @@ pub(crate) async fn read_streams(
             got = &mut datagram, if inner.config.datagrams => match got {
                 Ok(frame) => {
                     datagram.set(conn.read_datagram());
+                    // Checked again here: the loop may have waited since its last check.
+                    if check.as_mut().is_some_and(|c| !c.still_admitted()) {
+                        continue;
+                    }
                     take_datagram(&inner, &from, frame);
                 }
                 Err(error) => {
@@ -253,11 +277,15 @@ enum Read {
 }
 
 /// Reads one stream, cutting it into frames and handing each to `recv` as it completes.
+///
+/// In keyring mode `check` stops delivery at the first chunk after the peer's key left the
+/// keyring (the connection loop then closes the connection).
 async fn read_stream(
     inner: &Inner,
     conn: &Connection,
     mut stream: quinn::RecvStream,
     from: &Address,
+    mut check: Option<KeyCheck>,
 ) -> Read {
     let mut cutter = FrameCutter::new(inner.max_frame_len);
     let mut frames = Vec::new();
@@ -281,6 +309,14 @@ async fn read_stream(
                 return Read::Failed;
             }
         };
+        if let Some(check) = &mut check
+            && !check.still_admitted()
+        {
+            bump(&inner.counters.revoked_closed, 1);
+            tracing::warn!(peer = %from, key = %check.key(), "closing connection: key revoked");
+            conn.close(VarInt::from_u32(code::REVOKED), b"key revoked");
+            return Read::Failed;
+        }
         // Frames cut before a bad one are whole and valid: deliver them, then refuse.
         any = true;
         for frame in frames.drain(..) {

@@ -168,6 +168,12 @@ pub const SCHEME: &str = "quic";
 /// rather than misreading streams.
 pub const ALPN: &[u8] = b"chorus/2";
 
+/// What a listener sends, on the first unidirectional stream it opens, once it has accepted a
+/// connection's certificate and hello; the dialler waits for it before counting the
+/// connection as up (TLS 1.3 finishes the client's side before the server has checked the
+/// client's certificate, so without it a refused dial would look like a success).
+pub const HELLO_ACK: [u8; 4] = *b"CHOK";
+
 /// The hello stream: a 4-byte big-endian length of what follows, [`HELLO_MAGIC`], then the
 /// dialler's listen address in UTF-8.
 pub const HELLO_MAGIC: [u8; 4] = *b"CHQ1";
@@ -247,10 +253,10 @@ impl Inner {
         let Some(auth) = &self.auth else {
             return Ok(None);
         };
-        match connection_key(conn).filter(|key| auth.admits(key)) {
-            Some(key) => Ok(Some(KeyCheck::new(auth.keyring.clone(), key))),
-            None => Err(()),
-        }
+        connection_key(conn)
+            .and_then(|key| KeyCheck::admit(&auth.keyring, key))
+            .map(Some)
+            .ok_or(())
     }
 
     fn is_closed(&self) -> bool {

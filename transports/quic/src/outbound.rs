@@ -15,7 +15,7 @@ use quinn::{Connection, VarInt};
 use crate::inbound::read_streams;
 use crate::io_task::lock;
 use crate::stats::bump;
-use crate::{Inner, ResolveError, code, resolve, tls};
+use crate::{HELLO_ACK, Inner, ResolveError, code, resolve, tls};
 
 /// Most bytes a writer gathers onto one stream (a single larger frame still gets its own).
 const MAX_BATCH_BYTES: usize = 256 * 1024;
@@ -45,6 +45,16 @@ impl Inner {
                 .await
                 .map_err(DialError::Hello)?;
             hello.finish().map_err(|_| DialError::HelloClosed)?;
+            // The listener's acknowledgement: its refusal (a key it does not admit, an
+            // address another member owns) closes the connection instead, and fails here.
+            let mut ack = conn.accept_uni().await?;
+            let got = ack
+                .read_to_end(HELLO_ACK.len())
+                .await
+                .map_err(|e| DialError::NoAck(e.to_string()))?;
+            if got != HELLO_ACK {
+                return Err(DialError::NoAck("not a hello acknowledgement".to_owned()));
+            }
             Ok((conn, check))
         };
         let mut closed = self.outboxes.closed();
@@ -84,6 +94,10 @@ pub(crate) enum DialError {
     /// The handshake and the hello took longer than the connect timeout.
     #[error("no connection within {0:?}")]
     TimedOut(Duration),
+    /// The listener did not acknowledge the hello (it closed the connection, or sent
+    /// something else).
+    #[error("no hello acknowledgement: {0}")]
+    NoAck(String),
     /// The server's key is not admitted by the keyring (it changed during the handshake).
     #[error("the server's key is not admitted")]
     NotAdmitted,
@@ -108,9 +122,9 @@ pub(crate) async fn outbound(inner: Arc<Inner>, mut writer: Writer) {
                     Arc::clone(&inner),
                     conn.clone(),
                     writer.addr().clone(),
-                    check,
+                    check.clone(),
                 ));
-                match write_loop(&inner, &conn, &mut writer).await {
+                match write_loop(&inner, &conn, &mut writer, check).await {
                     End::Drained => return,
                     End::Lost(reason) => {
                         tracing::debug!(peer = %writer.addr(), %reason, "connection lost");
@@ -149,7 +163,15 @@ enum End {
 /// connection goes away. When the queue ends because the transport is closing, says goodbye
 /// (see [`say_goodbye`]); a retired writer that has delivered the frames it held just ends,
 /// leaving the connection to the idle timeout.
-async fn write_loop(inner: &Inner, conn: &Connection, writer: &mut Writer) -> End {
+///
+/// In keyring mode `check` closes the connection before the first batch after the peer's key
+/// left the keyring.
+async fn write_loop(
+    inner: &Inner,
+    conn: &Connection,
+    writer: &mut Writer,
+    mut check: Option<KeyCheck>,
+) -> End {
     // A retired writer only delivers leftovers: datagrams keep the live writer's connection.
     let mut route = (!writer.is_retired()).then(|| Route::new(inner, writer.addr(), conn));
     let max_batch = inner.config.max_batch.get();
@@ -173,6 +195,16 @@ async fn write_loop(inner: &Inner, conn: &Connection, writer: &mut Writer) -> En
         };
         writer.fill_batch(first, &mut batch, max_batch, MAX_BATCH_BYTES);
         let frames = batch.len() as u64;
+        if let Some(check) = &mut check
+            && !check.still_admitted()
+        {
+            bump(&inner.counters.frames_dropped, frames);
+            bump(&inner.counters.revoked_closed, 1);
+            tracing::warn!(peer = %writer.addr(), key = %check.key(), "closing connection: key revoked");
+            batch.clear();
+            conn.close(VarInt::from_u32(code::REVOKED), b"key revoked");
+            return End::Lost("key revoked".to_owned());
+        }
         match write_stream(conn, &mut batch).await {
             Ok(()) => {
                 bump(&inner.counters.frames_sent, frames);
@@ -243,8 +275,13 @@ pub(crate) async fn say_goodbye(
 }
 
 /// Sends replies over an accepted connection until it or the transport goes away.
-pub(crate) async fn inbound_writer(inner: Arc<Inner>, conn: Connection, mut writer: Writer) {
-    if let End::Lost(reason) = write_loop(&inner, &conn, &mut writer).await {
+pub(crate) async fn inbound_writer(
+    inner: Arc<Inner>,
+    conn: Connection,
+    mut writer: Writer,
+    check: Option<KeyCheck>,
+) {
+    if let End::Lost(reason) = write_loop(&inner, &conn, &mut writer, check).await {
         tracing::debug!(peer = %writer.addr(), %reason, "inbound connection lost");
     }
     bump(&inner.counters.frames_dropped, writer.discard().await);

@@ -341,8 +341,9 @@ impl Inner {
                     bump(&self.counters.handshake_failures, 1);
                     DialError::Handshake(e)
                 })?;
-            let key = chorus_core::tls::admitted_peer(&tls.auth, stream.get_ref().1)
+            let check = chorus_core::tls::admitted_peer(&tls.auth, stream.get_ref().1)
                 .ok_or(DialError::NoKey)?;
+            let key = check.key();
             stream.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
             if let Err(taken) = tls.auth.book.may_use(addr, &key) {
                 bump(&self.counters.address_refusals, 1);
@@ -367,10 +368,7 @@ impl Inner {
                     "not a hello acknowledgement",
                 )));
             }
-            Ok(Dialled::Tls(
-                Box::new(stream),
-                KeyCheck::new(tls.auth.keyring.clone(), key),
-            ))
+            Ok(Dialled::Tls(Box::new(stream), check))
         };
         match tokio::time::timeout(timeout, attempt).await {
             Ok(result) => result,
@@ -695,7 +693,7 @@ async fn inbound(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr, mut adm
                 return;
             }
         };
-    let Some(key) = chorus_core::tls::admitted_peer(&tls.auth, stream.get_ref().1) else {
+    let Some(mut check) = chorus_core::tls::admitted_peer(&tls.auth, stream.get_ref().1) else {
         bump(&inner.counters.handshake_failures, 1);
         tracing::warn!(%peer, "closing connection: TLS handshake without an admitted peer key");
         return;
@@ -711,23 +709,35 @@ async fn inbound(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr, mut adm
             return;
         }
     };
-    if let Err(taken) = tls.auth.book.may_use(&announced, &key) {
+    if let Err(taken) = tls.auth.book.may_use(&announced, &check.key()) {
         bump(&inner.counters.address_refusals, 1);
         tracing::warn!(%peer, %taken, "closing connection: hello address belongs to another member");
         return;
     }
-    let (r, mut w) = (r, w);
-    if let Err(error) = async {
-        w.write_all(&HELLO_ACK).await?;
-        w.flush().await
-    }
-    .await
-    {
-        tracing::debug!(%peer, %error, "connection broke before its acknowledgement");
+    if !check.still_admitted() {
+        bump(&inner.counters.revoked_closed, 1);
+        tracing::warn!(%peer, key = %check.key(), "closing connection: key revoked during the handshake");
         return;
     }
+    let (r, mut w) = (r, w);
+    let left = timeout.saturating_sub(started.elapsed());
+    let ack = async {
+        w.write_all(&HELLO_ACK).await?;
+        w.flush().await
+    };
+    match tokio::time::timeout(left, ack).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "connection broke before its acknowledgement");
+            return;
+        }
+        Err(_) => {
+            bump(&inner.counters.rejected_connections, 1);
+            tracing::warn!(%peer, "closing connection: the acknowledgement could not be written in time");
+            return;
+        }
+    }
     admitted.handshake_done();
-    let check = KeyCheck::new(tls.auth.keyring.clone(), key);
     serve_inbound(&inner, r, w, &announced, Some(check), peer).await;
     drop(admitted);
 }
@@ -757,6 +767,7 @@ async fn serve_inbound<R, W>(
         writer,
         w,
         Arc::clone(&activity),
+        check.clone(),
     ));
     tokio::select! {
         // The reader told the writer (unless the transport is closing, when the writer ends
@@ -776,8 +787,9 @@ async fn inbound_writer<W: AsyncWrite + Unpin>(
     mut writer: Writer,
     mut w: W,
     activity: Arc<Activity>,
+    check: Option<KeyCheck>,
 ) {
-    let end = write_loop(&inner, &mut w, &mut writer, &activity).await;
+    let end = write_loop(&inner, &mut w, &mut writer, &activity, check).await;
     if let End::Broken(error) = &end {
         tracing::debug!(peer = %writer.addr(), %error, "inbound connection broke");
     }
@@ -806,7 +818,7 @@ async fn outbound(inner: Arc<Inner>, mut writer: Writer) {
                 };
                 match end {
                     End::Drained => break,
-                    End::Idle | End::PeerClosed => {
+                    End::Idle | End::PeerClosed | End::Revoked => {
                         // Retire this writer: new sends start a fresh one. Frames that raced
                         // in before the queue closed are still delivered, over a new dial.
                         if writer.retire().await {
@@ -848,14 +860,15 @@ where
 {
     let activity = Activity::new(inner.now_ms());
     let reader = tokio::spawn({
-        let (inner, addr, activity) = (
+        let (inner, addr, activity, check) = (
             Arc::clone(inner),
             writer.addr().clone(),
             Arc::clone(&activity),
+            check.clone(),
         );
         async move { read_loop(&inner, r, &addr, &activity, check).await }
     });
-    let end = write_loop(inner, &mut w, writer, &activity).await;
+    let end = write_loop(inner, &mut w, writer, &activity, check).await;
     reader.abort();
     end
 }
@@ -877,13 +890,19 @@ enum End {
     PeerClosed,
     /// A write failed.
     Broken(io::Error),
+    /// The peer's key left the keyring.
+    Revoked,
 }
 
+///
+/// With TLS, `check` closes the connection before the first write after the peer's key left
+/// the keyring (so a revoked peer gets nothing more, even if it never sends).
 async fn write_loop<W: AsyncWrite + Unpin>(
     inner: &Inner,
     w: &mut W,
     writer: &mut Writer,
     activity: &Activity,
+    mut check: Option<KeyCheck>,
 ) -> End {
     let max_batch = inner.config.effective_max_batch();
     let mut batch: Vec<Bytes> = Vec::with_capacity(max_batch);
@@ -918,6 +937,16 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         };
         writer.fill_batch(first, &mut batch, max_batch, MAX_BATCH_BYTES);
         let n = batch.len() as u64;
+        if let Some(check) = &mut check
+            && !check.still_admitted()
+        {
+            bump(&inner.counters.frames_dropped, n);
+            bump(&inner.counters.revoked_closed, 1);
+            tracing::warn!(peer = %writer.addr(), key = %check.key(), "closing connection: key revoked");
+            batch.clear();
+            let _ = w.shutdown().await;
+            return End::Revoked;
+        }
         let result = write_frames(w, &batch).await;
         batch.clear();
         if let Err(error) = result {

@@ -188,6 +188,37 @@ async fn revoking_a_key_closes_its_connections_and_refuses_new_ones() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_peer_that_never_sends_gets_nothing_more() {
+    let (a, b) = (identity(1), identity(2));
+    let ring_a = SharedKeyring::new(keyring(&[&a, &b]));
+    let ring_b = SharedKeyring::new(keyring(&[&a, &b]));
+    let (ta, _) = bind(&a, &ring_a, TcpConfig::local()).await;
+    let (tb, _) = bind(&b, &ring_b, TcpConfig::local()).await;
+    ta.send(&tb.local_addr(), frame("before"))
+        .await
+        .expect("send");
+    assert_eq!(recv(&tb).await.frame, frame("before"));
+    ring_a.replace(keyring(&[&a]));
+    // a's open connection to b (b never writes on it) is closed before a's next frame.
+    let _ = ta.send(&tb.local_addr(), frame("after")).await;
+    assert!(
+        eventually(|| ta.stats().revoked_closed == 1).await,
+        "{:?}",
+        ta.stats()
+    );
+    first_failure(&ta, &tb.local_addr())
+        .await
+        .expect("redials refuse b's certificate");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), tb.recv())
+            .await
+            .is_err(),
+        "b received a frame after its key was revoked"
+    );
+    assert_eq!(tb.stats().frames_received, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_off_is_plain_and_tls_on_needs_an_identity() {
     let a = identity(1);
     let ring = SharedKeyring::new(keyring(&[&a]));
