@@ -245,3 +245,77 @@ async fn tls_off_is_plain_and_tls_on_needs_an_identity() {
         "{err}"
     );
 }
+
+/// A server that presents an admitted member's certificate (certificates are public) without
+/// holding that member's key: its handshake signature is made with its own key.
+#[derive(Debug)]
+struct StolenCertificate(std::sync::Arc<tokio_rustls::rustls::sign::CertifiedKey>);
+
+impl tokio_rustls::rustls::server::ResolvesServerCert for StolenCertificate {
+    fn resolve(
+        &self,
+        _hello: tokio_rustls::rustls::server::ClientHello<'_>,
+    ) -> Option<std::sync::Arc<tokio_rustls::rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stolen_certificate_without_its_key_fails_the_handshake() {
+    use std::sync::Arc;
+    use tokio_rustls::rustls;
+    let (a, b, thief) = (identity(1), identity(2), identity(7));
+    // a admits b; the thief shows b's certificate but signs with its own key.
+    let (ta, _) = bind(
+        &a,
+        &SharedKeyring::new(keyring(&[&a, &b])),
+        TcpConfig::local(),
+    )
+    .await;
+    let b_cert = chorus_core::tls::certificate(&b)
+        .expect("b's certificate")
+        .cert;
+    let thief_key = chorus_core::tls::certificate(&thief)
+        .expect("thief's key")
+        .key;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&thief_key).expect("eddsa key");
+    let stolen = rustls::sign::CertifiedKey::new(vec![b_cert], signer);
+    let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("tls 1.3")
+    .with_no_client_auth()
+    .with_cert_resolver(Arc::new(StolenCertificate(Arc::new(stolen))));
+    server.alpn_protocols = vec![b"chorus-tcp/1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = Address::new(listener.local_addr().expect("addr").to_string());
+    let served = tokio::spawn(async move {
+        let mut completed = 0;
+        // Bounded: the dials below make a handful of attempts.
+        for _ in 0..3 {
+            let Ok(Ok((stream, _))) =
+                tokio::time::timeout(Duration::from_millis(1500), listener.accept()).await
+            else {
+                break;
+            };
+            if acceptor.accept(stream).await.is_ok() {
+                completed += 1;
+            }
+        }
+        completed
+    });
+    let err = first_failure(&ta, &addr).await.expect("the dial fails");
+    assert!(matches!(err, TransportError::Unreachable { .. }), "{err}");
+    assert!(ta.stats().handshake_failures >= 1, "{:?}", ta.stats());
+    assert_eq!(ta.stats().dialed, 0, "{:?}", ta.stats());
+    drop(ta);
+    assert_eq!(
+        served.await.expect("server task"),
+        0,
+        "a handshake completed"
+    );
+}
