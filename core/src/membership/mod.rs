@@ -72,7 +72,9 @@ use std::time::Instant;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-pub use auth::{AuthStats, OutFrame, Rejection, Security, SignedSwim, SwimFrame};
+pub use auth::{
+    AuthStats, OutFrame, Rejection, Security, SignedSwim, SwimFrame, VerifiedFrame, verify_frame,
+};
 pub use config::MembershipConfig;
 pub use message::{
     Life, MAX_ADDR_LEN, MAX_MEMBERS_PER_MESSAGE, MAX_UPDATES_PER_MESSAGE, MAX_WEIGHT, Member,
@@ -493,7 +495,40 @@ impl Membership {
             }
             return;
         };
-        let verified = match auth.open(&self.local.meta.addr, &signed, max) {
+        let verified = auth.open(&self.local.meta.addr, &signed, max);
+        self.act_on_verified(now, from, verified);
+    }
+
+    /// Processes a frame that [`verify_frame`] passed (with any keyring and size limit),
+    /// received from `from`: the rest of [`Membership::handle_frame`]'s checks (the
+    /// destination, the replay guard, who the body speaks for) and then the message, exactly
+    /// as [`Membership::handle_frame`] would have processed the frame. A frame verified with
+    /// a key this node's keyring no longer binds to the signer is
+    /// [`Rejection::UnknownKey`]; one decoded within another size limit is decoded again
+    /// within this node's. In insecure mode the message is taken as it is.
+    ///
+    /// This lets a driver verify signatures, the expensive part, off the machine's loop.
+    pub fn handle_verified_frame(&mut self, now: Instant, from: Address, frame: VerifiedFrame) {
+        let max = self.config.max_message_len.get();
+        let Some(auth) = self.auth.as_ref() else {
+            match frame.into_message(max) {
+                Ok(message) => self.dispatch(now, from, message),
+                Err(why) => self.reject(&from, why),
+            }
+            return;
+        };
+        let verified = auth.finish(&self.local.meta.addr, frame, max);
+        self.act_on_verified(now, from, verified);
+    }
+
+    /// Step 6 of the [`auth`] checks, then the message.
+    fn act_on_verified(
+        &mut self,
+        now: Instant,
+        from: Address,
+        verified: Result<auth::Verified, Rejection>,
+    ) {
+        let verified = match verified {
             Ok(v) => v,
             Err(why) => return self.reject(&from, why),
         };
