@@ -169,6 +169,9 @@ pub struct MembershipStats {
     /// [`MembershipConfig::max_relays_per_peer_per_second`] (also counted in
     /// `refused_relays`).
     pub rate_limited_relays: u64,
+    /// Push-pull messages refused (neither merged nor answered) because their sender was
+    /// past [`MembershipConfig::max_push_pulls_per_peer_per_second`].
+    pub rate_limited_push_pulls: u64,
     /// Times this node moved itself to a new generation because it was told about itself in
     /// a generation at or above its own that it could not otherwise outbid.
     pub generation_bumps: u64,
@@ -216,6 +219,7 @@ pub struct Membership {
     auth_stats: AuthStats,
     update_budget: limits::PeerBuckets,
     relay_budget: limits::PeerBuckets,
+    push_pull_budget: limits::PeerBuckets,
 }
 
 impl Membership {
@@ -293,6 +297,7 @@ impl Membership {
             auth_stats: AuthStats::default(),
             update_budget: limits::PeerBuckets::default(),
             relay_budget: limits::PeerBuckets::default(),
+            push_pull_budget: limits::PeerBuckets::default(),
         }
     }
 
