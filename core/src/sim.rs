@@ -30,7 +30,7 @@ use crate::envelope::Envelope;
 use crate::identity::{Address, NodeId};
 use crate::membership::{
     MemberMeta, MemberState, Membership, MembershipConfig, MembershipEvent, NodeStart, Security,
-    SwimFrame, SwimMessage, VerifiedFrame, verify_frame,
+    SignedSwim, SwimFrame, SwimMessage, UnsignedFrame, UnsignedSwim, VerifiedFrame, verify_frame,
 };
 use crate::wire::{self, Header};
 
@@ -90,9 +90,23 @@ enum Action {
     },
 }
 
+/// A message as a machine hands it to the simulator.
+enum Outgoing {
+    Plain(SwimMessage),
+    Signed(SignedSwim),
+    /// Left to the pool to sign.
+    ToSign(UnsignedSwim),
+}
+
 enum Payload {
     Message(Box<SwimFrame>),
     Frame(Bytes),
+    /// To sign with `signer`, then (with `codec`) encode, before it is decoded and verified.
+    ToSign {
+        unsigned: Box<UnsignedSwim>,
+        signer: Arc<Identity>,
+        codec: bool,
+    },
     /// Decoded and, for a signed frame to a node with a keyring, verified ahead of delivery
     /// (see [`Simulation::prepare`]).
     Ready(Ready),
@@ -152,6 +166,8 @@ struct SimNode {
     slow: Duration,
     sent_messages: u64,
     sent_bytes: u64,
+    /// The node's identity, for the pool to sign with (keyring mode, made when first needed).
+    signer: Option<Arc<Identity>>,
 }
 
 /// The simulator. See the [module documentation](self).
@@ -244,10 +260,12 @@ impl Simulation {
     /// Decodes and verifies messages on `threads` threads in all (at least 1, the default:
     /// everything on the caller's thread). Call it before sending anything.
     ///
-    /// Decoding a frame and verifying its signature need only the receiver's keyring, so
-    /// with more than one thread the simulator hands every message to `threads - 1` helper
-    /// threads as it is sent, and they decode and verify it while the machines run; the
-    /// calling thread helps when a message it must deliver is not ready. The machines still
+    /// Signing a frame needs only the sender's identity, decoding and verifying it only the
+    /// receiver's keyring, so with more than one thread the simulator polls the machines'
+    /// frames unsigned ([`Membership::poll_unsigned_frame`]) and hands every message to
+    /// `threads - 1` helper threads as it is sent; they sign, encode, decode and verify it
+    /// while the machines run, and the calling thread helps when a message it must deliver
+    /// is not ready. Signatures are deterministic, so the frames are the same bytes. The machines still
     /// receive every message one at a time, in the same order, a verified one through
     /// [`Membership::handle_verified_frame`]. The run is the same, bit for bit, whatever the
     /// number of threads.
@@ -373,6 +391,7 @@ impl Simulation {
             slow: Duration::ZERO,
             sent_messages: 0,
             sent_bytes: 0,
+            signer: None,
         });
         self.groups.push(0);
         self.boot(i, Self::addr_of(i, 1));
@@ -703,6 +722,23 @@ impl Simulation {
         msg
     }
 
+    /// `unsigned`, from node `from`, for the pool to sign (and encode, with `codec`).
+    fn for_signing(&mut self, from: usize, unsigned: UnsignedSwim, codec: bool) -> Payload {
+        let signer = match &self.nodes[from].signer {
+            Some(signer) => Arc::clone(signer),
+            None => {
+                let signer = Arc::new(self.identity(from));
+                self.nodes[from].signer = Some(Arc::clone(&signer));
+                signer
+            }
+        };
+        Payload::ToSign {
+            unsigned: Box::new(unsigned),
+            signer,
+            codec,
+        }
+    }
+
     /// The pool's result for `msg`, helping with the pool's queue until it is there.
     fn wait_ready(&mut self, msg: u64) -> Option<Ready> {
         let pool = self.pool.as_ref()?;
@@ -759,16 +795,31 @@ impl Simulation {
             return;
         };
         let mut out = Vec::new();
-        while let Some(t) = m.poll_frame() {
-            out.push(t);
+        if self.pool.is_some() {
+            // Signed by the pool's threads, on their way.
+            while let Some((to, frame)) = m.poll_unsigned_frame() {
+                let frame = match frame {
+                    UnsignedFrame::Plain(message) => Outgoing::Plain(message),
+                    UnsignedFrame::ToSign(unsigned) => Outgoing::ToSign(unsigned),
+                };
+                out.push((to, frame));
+            }
+        } else {
+            while let Some(t) = m.poll_frame() {
+                let frame = match t.frame {
+                    SwimFrame::Plain(message) => Outgoing::Plain(message),
+                    SwimFrame::Signed(signed) => Outgoing::Signed(signed),
+                };
+                out.push((t.to, frame));
+            }
         }
         let mut events = Vec::new();
         while let Some(e) = m.poll_event() {
             events.push(e);
         }
         let deadline = m.poll_timeout();
-        for t in out {
-            self.route(i, t.to, t.frame);
+        for (to, frame) in out {
+            self.route(i, to, frame);
         }
         for e in events {
             self.observe(i, e);
@@ -827,30 +878,49 @@ impl Simulation {
         }
     }
 
-    fn route(&mut self, from: usize, to: Address, message: SwimFrame) {
+    fn route(&mut self, from: usize, to: Address, message: Outgoing) {
         self.stats.messages += 1;
         self.nodes[from].sent_messages += 1;
         let push_pull = match &message {
-            SwimFrame::Plain(m) => matches!(m, SwimMessage::PushPull { .. }),
+            Outgoing::Plain(m) => matches!(m, SwimMessage::PushPull { .. }),
             // The body's variant tag is its first byte: PushPull is the sixth variant.
-            SwimFrame::Signed(s) => s.body.first() == Some(&5),
+            Outgoing::Signed(s) => s.body.first() == Some(&5),
+            Outgoing::ToSign(u) => u.body().first() == Some(&5),
         };
         if push_pull {
             self.stats.push_pull_messages += 1;
         }
         let payload = if self.codec {
-            match wire::encode(
-                Header::message(),
-                &Envelope::from(message),
-                wire::DEFAULT_MAX_FRAME_LEN,
-            ) {
+            // A frame still to sign is counted at the size it will have: a placeholder
+            // signature is as long as the real one.
+            let encoded = match &message {
+                Outgoing::Plain(m) => wire::encode(
+                    Header::message(),
+                    &Envelope::Swim(m.clone()),
+                    wire::DEFAULT_MAX_FRAME_LEN,
+                ),
+                Outgoing::Signed(s) => wire::encode(
+                    Header::message(),
+                    &Envelope::SwimSigned(s.clone()),
+                    wire::DEFAULT_MAX_FRAME_LEN,
+                ),
+                Outgoing::ToSign(u) => wire::encode(
+                    Header::message(),
+                    &Envelope::SwimSigned(u.unsigned_placeholder()),
+                    wire::DEFAULT_MAX_FRAME_LEN,
+                ),
+            };
+            match encoded {
                 Ok(frame) => {
                     self.stats.bytes += frame.len() as u64;
                     if push_pull {
                         self.stats.push_pull_bytes += frame.len() as u64;
                     }
                     self.nodes[from].sent_bytes += frame.len() as u64;
-                    Payload::Frame(frame)
+                    match message {
+                        Outgoing::ToSign(unsigned) => self.for_signing(from, unsigned, true),
+                        _ => Payload::Frame(frame),
+                    }
                 }
                 Err(_) => {
                     self.stats.rejected_frames += 1;
@@ -858,7 +928,11 @@ impl Simulation {
                 }
             }
         } else {
-            Payload::Message(Box::new(message))
+            match message {
+                Outgoing::Plain(m) => Payload::Message(Box::new(SwimFrame::Plain(m))),
+                Outgoing::Signed(s) => Payload::Message(Box::new(SwimFrame::Signed(s))),
+                Outgoing::ToSign(unsigned) => self.for_signing(from, unsigned, false),
+            }
         };
         // Two draws per message whatever the faults, so changing a fault never shifts the
         // random stream of later messages.
@@ -905,6 +979,26 @@ impl Simulation {
 fn prepare(check: Option<(&Keyring, usize)>, payload: Payload) -> Ready {
     let frame = match payload {
         Payload::Ready(ready) => return ready,
+        Payload::ToSign {
+            unsigned,
+            signer,
+            codec,
+        } => {
+            let signed = unsigned.sign(&signer);
+            let payload = if codec {
+                match wire::encode(
+                    Header::message(),
+                    &Envelope::SwimSigned(signed),
+                    wire::DEFAULT_MAX_FRAME_LEN,
+                ) {
+                    Ok(bytes) => Payload::Frame(bytes),
+                    Err(_) => return Ready::Rejected,
+                }
+            } else {
+                Payload::Message(Box::new(SwimFrame::Signed(signed)))
+            };
+            return prepare(check, payload);
+        }
         Payload::Message(frame) => *frame,
         Payload::Frame(bytes) => {
             match wire::decode::<Envelope>(&bytes, wire::DEFAULT_MAX_FRAME_LEN) {

@@ -114,6 +114,64 @@ impl SignedSwim {
     }
 }
 
+/// A membership message encoded, numbered and addressed, but not signed yet: what
+/// [`super::Membership::poll_unsigned_frame`] hands out so that a driver can sign off the
+/// machine's loop ([`UnsignedSwim::sign`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnsignedSwim {
+    from: NodeId,
+    to: Address,
+    generation: u64,
+    seq: u64,
+    body: Bytes,
+}
+
+impl UnsignedSwim {
+    /// The encoded [`SwimMessage`].
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// Signs it with `identity`, which must be the sending node's (the one its machine was
+    /// started with): a frame signed by another key is refused as [`Rejection::Forged`].
+    /// Pure; may run on any thread.
+    pub fn sign(self, identity: &Identity) -> SignedSwim {
+        let signed =
+            SignedSwim::signed_bytes(self.from, &self.to, self.generation, self.seq, &self.body);
+        SignedSwim {
+            from: self.from,
+            to: self.to,
+            generation: self.generation,
+            seq: self.seq,
+            body: self.body,
+            signature: Bytes::copy_from_slice(&identity.sign(&signed)),
+        }
+    }
+
+    /// The frame with an all-zero signature: the same size as the signed one once encoded
+    /// (for counting bytes before signing); it verifies nowhere.
+    pub fn unsigned_placeholder(&self) -> SignedSwim {
+        SignedSwim {
+            from: self.from,
+            to: self.to.clone(),
+            generation: self.generation,
+            seq: self.seq,
+            body: self.body.clone(),
+            signature: Bytes::from_static(&[0; SIGNATURE_LEN]),
+        }
+    }
+}
+
+/// [`super::Membership::poll_unsigned_frame`]'s answer: a frame to sign (keyring mode) or a
+/// plain one (insecure mode).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UnsignedFrame {
+    /// Unsigned by design (insecure mode): send as it is.
+    Plain(SwimMessage),
+    /// To sign with the node's identity before sending.
+    ToSign(UnsignedSwim),
+}
+
 /// A membership message as it travels: signed, or plain (insecure mode).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SwimFrame {
@@ -409,26 +467,24 @@ impl Auth {
         }
     }
 
-    /// Signs `message` for `to`, as this node in `generation`.
+    /// Encodes and numbers `message` for `to`, as this node in `generation`, ready to be
+    /// signed.
     pub(super) fn seal(
         &mut self,
         generation: u64,
         to: &Address,
         message: &SwimMessage,
         max_len: usize,
-    ) -> Result<SignedSwim, crate::wire::WireError> {
+    ) -> Result<UnsignedSwim, crate::wire::WireError> {
         let body = crate::wire::encode_payload(message, max_len)?;
-        let from = self.identity.node_id();
         let seq = self.next_seq;
         self.next_seq += 1;
-        let signed = SignedSwim::signed_bytes(from, to, generation, seq, &body);
-        Ok(SignedSwim {
-            from,
+        Ok(UnsignedSwim {
+            from: self.identity.node_id(),
             to: to.clone(),
             generation,
             seq,
             body,
-            signature: Bytes::copy_from_slice(&self.identity.sign(&signed)),
         })
     }
 

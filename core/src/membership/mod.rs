@@ -73,7 +73,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 pub use auth::{
-    AuthStats, OutFrame, Rejection, Security, SignedSwim, SwimFrame, VerifiedFrame, verify_frame,
+    AuthStats, OutFrame, Rejection, Security, SignedSwim, SwimFrame, UnsignedFrame, UnsignedSwim,
+    VerifiedFrame, verify_frame,
 };
 pub use config::MembershipConfig;
 pub use message::{
@@ -566,13 +567,28 @@ impl Membership {
     /// in keyring mode (plain in insecure mode). A message that does not encode within
     /// [`MembershipConfig::max_message_len`] is dropped with a warning.
     pub fn poll_frame(&mut self) -> Option<OutFrame> {
+        let (to, frame) = self.poll_unsigned_frame()?;
+        let frame = match frame {
+            UnsignedFrame::Plain(message) => SwimFrame::Plain(message),
+            UnsignedFrame::ToSign(unsigned) => match self.auth.as_ref() {
+                Some(auth) => SwimFrame::Signed(unsigned.sign(&auth.identity)),
+                // Only keyring mode seals frames to sign.
+                None => return None,
+            },
+        };
+        Some(OutFrame { to, frame })
+    }
+
+    /// [`Membership::poll_frame`] without the signature: the next frame to send and where
+    /// to, encoded and numbered in keyring mode but left for the owner to sign with the
+    /// node's identity ([`UnsignedSwim::sign`], a pure function), so that a driver can sign
+    /// off the machine's loop. Frames that overtake each other on the way are accepted
+    /// within the replay window ([`auth::REPLAY_WINDOW`]).
+    pub fn poll_unsigned_frame(&mut self) -> Option<(Address, UnsignedFrame)> {
         loop {
             let Transmit { to, message } = self.transmits.pop_front()?;
             let Some(auth) = self.auth.as_mut() else {
-                return Some(OutFrame {
-                    to,
-                    frame: SwimFrame::Plain(message),
-                });
+                return Some((to, UnsignedFrame::Plain(message)));
             };
             // A reply on an accepted connection is meant for the listen address the peer
             // announced on it.
@@ -583,12 +599,9 @@ impl Membership {
                 &message,
                 self.config.max_message_len.get(),
             ) {
-                Ok(signed) => {
+                Ok(unsigned) => {
                     self.auth_stats.signed += 1;
-                    return Some(OutFrame {
-                        to,
-                        frame: SwimFrame::Signed(signed),
-                    });
+                    return Some((to, UnsignedFrame::ToSign(unsigned)));
                 }
                 Err(error) => {
                     tracing::warn!(%to, %error, "membership message does not encode");
