@@ -262,8 +262,9 @@ impl Simulation {
     ///
     /// Signing a frame needs only the sender's identity, decoding and verifying it only the
     /// receiver's keyring, so with more than one thread the simulator polls the machines'
-    /// frames unsigned ([`Membership::poll_unsigned_frame`]) and hands every message to
-    /// `threads - 1` helper threads as it is sent; they sign, encode, decode and verify it
+    /// frames unsigned ([`Membership::poll_unsigned_frame`]) and hands every message of a
+    /// keyring simulation to `threads - 1` helper threads as it is sent (an insecure one's
+    /// are only decoded, on delivery); they sign, encode, decode and verify it
     /// while the machines run, and the calling thread helps when a message it must deliver
     /// is not ready. Signatures are deterministic, so the frames are the same bytes. The machines still
     /// receive every message one at a time, in the same order, a verified one through
@@ -701,8 +702,10 @@ impl Simulation {
     fn park(&mut self, to: usize, payload: Payload) -> u64 {
         let msg = self.next_msg;
         self.next_msg += 1;
+        // Plain frames to insecure nodes only need decoding, cheaper here than a hand-off.
+        let crypto = self.keyring_shared.is_some() || matches!(payload, Payload::ToSign { .. });
         match &self.pool {
-            Some(pool) => {
+            Some(pool) if crypto => {
                 // Every machine has the simulation's keyring (see `boot` and `set_keyring`);
                 // should one not, `handle_verified_frame` checks the key again.
                 let check = self.keyring_shared.clone().map(|keyring| {
@@ -715,7 +718,7 @@ impl Simulation {
                     check,
                 });
             }
-            None => {
+            _ => {
                 self.inflight.insert(msg, payload);
             }
         }

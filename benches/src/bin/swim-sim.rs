@@ -11,8 +11,8 @@
 //! `--signing on` runs every cluster in keyring mode (every message signed and verified);
 //! the default is off. The last table always compares the two: for each size, from the first
 //! seed, a cluster joins, converges and runs 60 s of steady state with signing off and on, and
-//! the CPU time the simulation took (this thread's, from `/proc/thread-self/schedstat`) is
-//! divided per member and per simulated second. `--only signing` prints that table alone.
+//! the CPU time the simulation took (all of the process's threads, the helpers included,
+//! from `/proc/self/task/*/schedstat`) is divided per member and per simulated second. `--only signing` prints that table alone.
 //!
 //! For each cluster size and seed (LAN preset, every message through the wire codec): joins the
 //! cluster through three seeds, waits for convergence, lets the join news drain, measures the
@@ -250,12 +250,24 @@ fn paused_member(seed: u64, n: usize) -> (u64, u64) {
     )
 }
 
-/// CPU time this thread has used, in nanoseconds (Linux; 0 elsewhere).
+/// CPU time this process's threads have used, in nanoseconds (Linux; 0 elsewhere): this
+/// thread and the simulation's helper threads (`--threads`), which live as long as the
+/// simulation, so a difference of two readings within one simulation counts them all.
 fn cpu_ns() -> u64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .filter_map(|task| {
+            let path = task.ok()?.path().join("schedstat");
+            std::fs::read_to_string(path)
+                .ok()?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
 }
 
 struct SigningCost {
@@ -291,8 +303,8 @@ fn signing_cost(seed: u64, n: usize, signing: bool) -> SigningCost {
     let after = sim.stats();
     let member_secs = n as f64 * LOAD_WINDOW.as_secs_f64();
     SigningCost {
-        steady_us: (cpu2 - cpu1) as f64 / 1e3 / member_secs,
-        total_cpu_s: (cpu2 - cpu0) as f64 / 1e9,
+        steady_us: cpu2.saturating_sub(cpu1) as f64 / 1e3 / member_secs,
+        total_cpu_s: cpu2.saturating_sub(cpu0) as f64 / 1e9,
         wall_s: wall.elapsed().as_secs_f64(),
         converge_s,
         detect_wall_s,
@@ -303,7 +315,8 @@ fn signing_cost(seed: u64, n: usize, signing: bool) -> SigningCost {
 fn print_signing(sizes: &[usize], seed: u64) {
     println!();
     println!(
-        "# signing off/on (seed {seed}, LAN preset, codec on): join, converge, crash one member, 30 s, then a {} s steady window",
+        "# signing off/on (seed {seed}, LAN preset, codec on, {} threads): join, converge, crash one member, 30 s, then a {} s steady window (CPU: all threads)",
+        THREADS.load(std::sync::atomic::Ordering::Relaxed),
         LOAD_WINDOW.as_secs()
     );
     println!();
