@@ -17,7 +17,8 @@
 //! (the generation it was started with; a restart in place keeps the address).
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -29,7 +30,7 @@ use crate::envelope::Envelope;
 use crate::identity::{Address, NodeId};
 use crate::membership::{
     MemberMeta, MemberState, Membership, MembershipConfig, MembershipEvent, NodeStart, Security,
-    SwimFrame, SwimMessage,
+    SignedSwim, SwimFrame, SwimMessage, UnsignedFrame, UnsignedSwim, VerifiedFrame, verify_frame,
 };
 use crate::wire::{self, Header};
 
@@ -80,7 +81,8 @@ enum Action {
         to: usize,
         epoch: u64,
         from: Address,
-        payload: Payload,
+        /// The key of the message in [`Simulation::inflight`].
+        msg: u64,
     },
     Timer {
         node: usize,
@@ -88,9 +90,39 @@ enum Action {
     },
 }
 
+/// A message as a machine hands it to the simulator.
+enum Outgoing {
+    Plain(SwimMessage),
+    Signed(SignedSwim),
+    /// Left to the pool to sign.
+    ToSign(UnsignedSwim),
+}
+
 enum Payload {
     Message(Box<SwimFrame>),
     Frame(Bytes),
+    /// To sign with `signer`, then (with `codec`) encode, before it is decoded and verified.
+    ToSign {
+        unsigned: Box<UnsignedSwim>,
+        signer: Arc<Identity>,
+        codec: bool,
+    },
+    /// Decoded and, for a signed frame to a node with a keyring, verified ahead of delivery
+    /// (see [`Simulation::prepare`]).
+    Ready(Ready),
+}
+
+/// A message as [`Simulation::prepare`] leaves it for delivery.
+enum Ready {
+    /// For [`Membership::handle_frame`]: plain, insecure, or refused by [`verify_frame`]
+    /// (the machine checks it again and counts the refusal).
+    Frame(Box<SwimFrame>),
+    /// For [`Membership::handle_verified_frame`].
+    Verified(Box<VerifiedFrame>),
+    /// The codec refused the frame.
+    Rejected,
+    /// A frame of another protocol.
+    Ignored,
 }
 
 struct Scheduled {
@@ -134,6 +166,8 @@ struct SimNode {
     slow: Duration,
     sent_messages: u64,
     sent_bytes: u64,
+    /// The node's identity, for the pool to sign with (keyring mode, made when first needed).
+    signer: Option<Arc<Identity>>,
 }
 
 /// The simulator. See the [module documentation](self).
@@ -157,9 +191,18 @@ pub struct Simulation {
     detections: HashMap<NodeId, Vec<(usize, Duration)>>,
     /// Keyring mode: the keyring nodes boot with (`None`: insecure).
     keyring: Option<Keyring>,
+    /// The same, shared with the pool's threads.
+    keyring_shared: Option<Arc<Keyring>>,
     /// Node ids by index, and back.
     ids: Vec<NodeId>,
     index: HashMap<NodeId, usize>,
+    /// Messages in flight, by message number, that the pool does not hold.
+    inflight: HashMap<u64, Payload>,
+    next_msg: u64,
+    /// Decodes and verifies messages ahead of delivery (with more than one thread).
+    pool: Option<Pool>,
+    /// Messages dropped while the pool held them: their results are thrown away.
+    discarded: HashSet<u64>,
 }
 
 impl std::fmt::Debug for Simulation {
@@ -204,9 +247,44 @@ impl Simulation {
             log: None,
             detections: HashMap::new(),
             keyring: None,
+            keyring_shared: None,
             ids: Vec::new(),
             index: HashMap::new(),
+            inflight: HashMap::new(),
+            next_msg: 0,
+            pool: None,
+            discarded: HashSet::new(),
         }
+    }
+
+    /// Decodes and verifies messages on `threads` threads in all (at least 1, the default:
+    /// everything on the caller's thread). Call it before sending anything.
+    ///
+    /// Signing a frame needs only the sender's identity, decoding and verifying it only the
+    /// receiver's keyring, so with more than one thread the simulator polls the machines'
+    /// frames unsigned ([`Membership::poll_unsigned_frame`]) and hands every message of a
+    /// keyring simulation to `threads - 1` helper threads as it is sent (an insecure one's
+    /// are only decoded, on delivery); they sign, encode, decode and verify it
+    /// while the machines run, and the calling thread helps when a message it must deliver
+    /// is not ready. Signatures are deterministic, so the frames are the same bytes. The machines still
+    /// receive every message one at a time, in the same order, a verified one through
+    /// [`Membership::handle_verified_frame`]. The run is the same, bit for bit, whatever the
+    /// number of threads.
+    pub fn set_threads(&mut self, threads: usize) {
+        if let Some(pool) = self.pool.take() {
+            // What the old pool holds is prepared on delivery, on this thread.
+            let (jobs, results) = pool.stop();
+            for job in jobs {
+                self.inflight.insert(job.msg, job.payload);
+            }
+            for (msg, ready) in results {
+                if !self.discarded.remove(&msg) {
+                    self.inflight.insert(msg, Payload::Ready(ready));
+                }
+            }
+            self.discarded.clear();
+        }
+        self.pool = (threads > 1).then(|| Pool::new(threads - 1));
     }
 
     /// Switches to keyring mode (before any node is added): every node signs its messages
@@ -216,7 +294,9 @@ impl Simulation {
     pub fn enable_signing(&mut self, admitted: usize) {
         assert!(self.nodes.is_empty(), "enable_signing before adding nodes");
         let keys = (0..admitted).map(|i| self.identity(i).public_key());
-        self.keyring = Some(Keyring::from_keys(keys).expect("64-bit ids of distinct keys"));
+        let keyring = Keyring::from_keys(keys).expect("64-bit ids of distinct keys");
+        self.keyring_shared = Some(Arc::new(keyring.clone()));
+        self.keyring = Some(keyring);
     }
 
     /// The identity node `i` has in keyring mode, derived from the simulation's seed.
@@ -236,6 +316,7 @@ impl Simulation {
 
     /// Gives every running node `keyring` now (rotation), and nodes booted later too.
     pub fn set_keyring(&mut self, keyring: Keyring) {
+        self.keyring_shared = Some(Arc::new(keyring.clone()));
         let now = self.base + self.now;
         for i in 0..self.nodes.len() {
             if let Some(m) = self.nodes[i].machine.as_mut() {
@@ -311,6 +392,7 @@ impl Simulation {
             slow: Duration::ZERO,
             sent_messages: 0,
             sent_bytes: 0,
+            signer: None,
         });
         self.groups.push(0);
         self.boot(i, Self::addr_of(i, 1));
@@ -507,11 +589,12 @@ impl Simulation {
 
     /// [`Simulation::inject`] for any frame (a signed one, a replayed or forged one).
     pub fn inject_frame(&mut self, from: usize, to: usize, frame: SwimFrame) {
+        let msg = self.park(to, Payload::Message(Box::new(frame)));
         let action = Action::Deliver {
             to,
             epoch: self.nodes[to].epoch,
             from: self.nodes[from].addr.clone(),
-            payload: Payload::Message(Box::new(frame)),
+            msg,
         };
         self.schedule(self.now, action);
     }
@@ -556,9 +639,12 @@ impl Simulation {
                     to,
                     epoch,
                     from,
-                    payload,
+                    msg,
                 } => {
                     if self.nodes[to].epoch != epoch || self.nodes[to].machine.is_none() {
+                        if self.inflight.remove(&msg).is_none() && self.pool.is_some() {
+                            self.discarded.insert(msg);
+                        }
                         self.stats.dropped_unreachable += 1;
                         continue;
                     }
@@ -568,38 +654,106 @@ impl Simulation {
                             to,
                             epoch,
                             from,
-                            payload,
+                            msg,
                         };
                         self.schedule(at, action);
                         continue;
                     }
-                    let message = match payload {
-                        Payload::Message(m) => *m,
-                        Payload::Frame(frame) => {
-                            match wire::decode::<Envelope>(&frame, wire::DEFAULT_MAX_FRAME_LEN) {
-                                Ok((_, envelope)) if envelope.is_swim() => {
-                                    match envelope.into_swim() {
-                                        Ok(frame) => frame,
-                                        Err(_) => continue,
-                                    }
-                                }
-                                _ => {
-                                    self.stats.rejected_frames += 1;
-                                    continue;
-                                }
-                            }
+                    let ready = match self.inflight.remove(&msg) {
+                        Some(Payload::Ready(ready)) => ready,
+                        Some(payload) => {
+                            let machine = self.nodes[to].machine.as_ref();
+                            let check = machine.and_then(|m| {
+                                Some((m.keyring()?, m.config().max_message_len.get()))
+                            });
+                            prepare(check, payload)
                         }
+                        None => match self.wait_ready(msg) {
+                            Some(ready) => ready,
+                            None => continue,
+                        },
+                    };
+                    let frame = match ready {
+                        Ready::Rejected => {
+                            self.stats.rejected_frames += 1;
+                            continue;
+                        }
+                        Ready::Ignored => continue,
+                        Ready::Frame(frame) => Ok(frame),
+                        Ready::Verified(verified) => Err(verified),
                     };
                     self.stats.delivered += 1;
                     let now = self.base + self.now;
                     if let Some(m) = self.nodes[to].machine.as_mut() {
-                        m.handle_frame(now, from, message);
+                        match frame {
+                            Ok(frame) => m.handle_frame(now, from, *frame),
+                            Err(verified) => m.handle_verified_frame(now, from, *verified),
+                        }
                         self.after(to);
                     }
                 }
             }
         }
         self.now = self.now.max(until);
+    }
+
+    /// Keeps `payload`, on its way to node `to`, until its delivery (handing it to the pool
+    /// to prepare, if there is one); returns its number.
+    fn park(&mut self, to: usize, payload: Payload) -> u64 {
+        let msg = self.next_msg;
+        self.next_msg += 1;
+        // Plain frames to insecure nodes only need decoding, cheaper here than a hand-off.
+        let crypto = self.keyring_shared.is_some() || matches!(payload, Payload::ToSign { .. });
+        match &self.pool {
+            Some(pool) if crypto => {
+                // Every machine has the simulation's keyring (see `boot` and `set_keyring`);
+                // should one not, `handle_verified_frame` checks the key again.
+                let check = self.keyring_shared.clone().map(|keyring| {
+                    let max_len = self.nodes[to].config.max_message_len.get();
+                    (keyring, max_len)
+                });
+                pool.submit(Job {
+                    msg,
+                    payload,
+                    check,
+                });
+            }
+            _ => {
+                self.inflight.insert(msg, payload);
+            }
+        }
+        msg
+    }
+
+    /// `unsigned`, from node `from`, for the pool to sign (and encode, with `codec`).
+    fn for_signing(&mut self, from: usize, unsigned: UnsignedSwim, codec: bool) -> Payload {
+        let signer = match &self.nodes[from].signer {
+            Some(signer) => Arc::clone(signer),
+            None => {
+                let signer = Arc::new(self.identity(from));
+                self.nodes[from].signer = Some(Arc::clone(&signer));
+                signer
+            }
+        };
+        Payload::ToSign {
+            unsigned: Box::new(unsigned),
+            signer,
+            codec,
+        }
+    }
+
+    /// The pool's result for `msg`, helping with the pool's queue until it is there.
+    fn wait_ready(&mut self, msg: u64) -> Option<Ready> {
+        let pool = self.pool.as_ref()?;
+        let mut found = None;
+        pool.until(msg, |m, ready| {
+            if m == msg {
+                found = Some(ready);
+            } else if !self.discarded.remove(&m) {
+                self.inflight.insert(m, Payload::Ready(ready));
+            }
+        });
+        found
     }
 
     /// Runs for `d` more virtual time.
@@ -644,16 +798,31 @@ impl Simulation {
             return;
         };
         let mut out = Vec::new();
-        while let Some(t) = m.poll_frame() {
-            out.push(t);
+        if self.pool.is_some() {
+            // Signed by the pool's threads, on their way.
+            while let Some((to, frame)) = m.poll_unsigned_frame() {
+                let frame = match frame {
+                    UnsignedFrame::Plain(message) => Outgoing::Plain(message),
+                    UnsignedFrame::ToSign(unsigned) => Outgoing::ToSign(unsigned),
+                };
+                out.push((to, frame));
+            }
+        } else {
+            while let Some(t) = m.poll_frame() {
+                let frame = match t.frame {
+                    SwimFrame::Plain(message) => Outgoing::Plain(message),
+                    SwimFrame::Signed(signed) => Outgoing::Signed(signed),
+                };
+                out.push((t.to, frame));
+            }
         }
         let mut events = Vec::new();
         while let Some(e) = m.poll_event() {
             events.push(e);
         }
         let deadline = m.poll_timeout();
-        for t in out {
-            self.route(i, t.to, t.frame);
+        for (to, frame) in out {
+            self.route(i, to, frame);
         }
         for e in events {
             self.observe(i, e);
@@ -712,30 +881,49 @@ impl Simulation {
         }
     }
 
-    fn route(&mut self, from: usize, to: Address, message: SwimFrame) {
+    fn route(&mut self, from: usize, to: Address, message: Outgoing) {
         self.stats.messages += 1;
         self.nodes[from].sent_messages += 1;
         let push_pull = match &message {
-            SwimFrame::Plain(m) => matches!(m, SwimMessage::PushPull { .. }),
+            Outgoing::Plain(m) => matches!(m, SwimMessage::PushPull { .. }),
             // The body's variant tag is its first byte: PushPull is the sixth variant.
-            SwimFrame::Signed(s) => s.body.first() == Some(&5),
+            Outgoing::Signed(s) => s.body.first() == Some(&5),
+            Outgoing::ToSign(u) => u.body().first() == Some(&5),
         };
         if push_pull {
             self.stats.push_pull_messages += 1;
         }
         let payload = if self.codec {
-            match wire::encode(
-                Header::message(),
-                &Envelope::from(message),
-                wire::DEFAULT_MAX_FRAME_LEN,
-            ) {
+            // A frame still to sign is counted at the size it will have: a placeholder
+            // signature is as long as the real one.
+            let encoded = match &message {
+                Outgoing::Plain(m) => wire::encode(
+                    Header::message(),
+                    &Envelope::Swim(m.clone()),
+                    wire::DEFAULT_MAX_FRAME_LEN,
+                ),
+                Outgoing::Signed(s) => wire::encode(
+                    Header::message(),
+                    &Envelope::SwimSigned(s.clone()),
+                    wire::DEFAULT_MAX_FRAME_LEN,
+                ),
+                Outgoing::ToSign(u) => wire::encode(
+                    Header::message(),
+                    &Envelope::SwimSigned(u.unsigned_placeholder()),
+                    wire::DEFAULT_MAX_FRAME_LEN,
+                ),
+            };
+            match encoded {
                 Ok(frame) => {
                     self.stats.bytes += frame.len() as u64;
                     if push_pull {
                         self.stats.push_pull_bytes += frame.len() as u64;
                     }
                     self.nodes[from].sent_bytes += frame.len() as u64;
-                    Payload::Frame(frame)
+                    match message {
+                        Outgoing::ToSign(unsigned) => self.for_signing(from, unsigned, true),
+                        _ => Payload::Frame(frame),
+                    }
                 }
                 Err(_) => {
                     self.stats.rejected_frames += 1;
@@ -743,7 +931,11 @@ impl Simulation {
                 }
             }
         } else {
-            Payload::Message(Box::new(message))
+            match message {
+                Outgoing::Plain(m) => Payload::Message(Box::new(SwimFrame::Plain(m))),
+                Outgoing::Signed(s) => Payload::Message(Box::new(SwimFrame::Signed(s))),
+                Outgoing::ToSign(unsigned) => self.for_signing(from, unsigned, false),
+            }
         };
         // Two draws per message whatever the faults, so changing a fault never shifts the
         // random stream of later messages.
@@ -771,14 +963,223 @@ impl Simulation {
         let delay = min + (max - min).mul_f64(delay_draw) + self.nodes[dest].slow;
         let from_addr = self.nodes[from].addr.clone();
         let epoch = self.nodes[dest].epoch;
+        let msg = self.park(dest, payload);
         self.schedule(
             self.now + delay,
             Action::Deliver {
                 to: dest,
                 epoch,
                 from: from_addr,
-                payload,
+                msg,
             },
         );
+    }
+}
+
+/// Decodes a message and, for a signed frame to a node with a keyring (`check`: the keyring
+/// and the node's size limit), verifies it. Pure: the result depends on the message and
+/// `check` alone.
+fn prepare(check: Option<(&Keyring, usize)>, payload: Payload) -> Ready {
+    let frame = match payload {
+        Payload::Ready(ready) => return ready,
+        Payload::ToSign {
+            unsigned,
+            signer,
+            codec,
+        } => {
+            let signed = unsigned.sign(&signer);
+            let payload = if codec {
+                match wire::encode(
+                    Header::message(),
+                    &Envelope::SwimSigned(signed),
+                    wire::DEFAULT_MAX_FRAME_LEN,
+                ) {
+                    Ok(bytes) => Payload::Frame(bytes),
+                    Err(_) => return Ready::Rejected,
+                }
+            } else {
+                Payload::Message(Box::new(SwimFrame::Signed(signed)))
+            };
+            return prepare(check, payload);
+        }
+        Payload::Message(frame) => *frame,
+        Payload::Frame(bytes) => {
+            match wire::decode::<Envelope>(&bytes, wire::DEFAULT_MAX_FRAME_LEN) {
+                Ok((_, envelope)) if envelope.is_swim() => match envelope.into_swim() {
+                    Ok(frame) => frame,
+                    Err(_) => return Ready::Ignored,
+                },
+                _ => return Ready::Rejected,
+            }
+        }
+    };
+    let (Some((keyring, max_len)), SwimFrame::Signed(signed)) = (check, &frame) else {
+        return Ready::Frame(Box::new(frame));
+    };
+    match verify_frame(keyring, signed, max_len) {
+        Ok(verified) => Ready::Verified(Box::new(verified)),
+        Err(_) => Ready::Frame(Box::new(frame)),
+    }
+}
+
+/// A message for the pool to prepare.
+struct Job {
+    msg: u64,
+    payload: Payload,
+    check: Option<(Arc<Keyring>, usize)>,
+}
+
+impl Job {
+    fn run(self) -> (u64, Ready) {
+        let check = self.check.as_ref().map(|(k, max)| (&**k, *max));
+        (self.msg, prepare(check, self.payload))
+    }
+}
+
+#[derive(Default)]
+struct PoolState {
+    /// Jobs in the order they were submitted.
+    jobs: VecDeque<Job>,
+    /// Results not collected yet.
+    results: Vec<(u64, Ready)>,
+    /// Helpers waiting for a job.
+    idle: usize,
+    /// Whether the owner waits for a result.
+    waiting: bool,
+    stop: bool,
+}
+
+#[derive(Default)]
+struct PoolShared {
+    state: Mutex<PoolState>,
+    /// A job arrived (or stop).
+    work: Condvar,
+    /// A result arrived.
+    done: Condvar,
+}
+
+impl PoolShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        // A helper never panics while holding the lock; if one did, the state is still
+        // consistent (every change is a single push or pop).
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Helper threads that prepare messages while the simulation runs.
+struct Pool {
+    shared: Arc<PoolShared>,
+    helpers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Pool {
+    fn new(helpers: usize) -> Self {
+        let shared = Arc::new(PoolShared::default());
+        let helpers = (0..helpers)
+            .map(|_| {
+                let shared = Arc::clone(&shared);
+                std::thread::spawn(move || Self::help(&shared))
+            })
+            .collect();
+        Pool { shared, helpers }
+    }
+
+    fn help(shared: &PoolShared) {
+        let mut state = shared.lock();
+        loop {
+            if state.stop {
+                return;
+            }
+            let Some(job) = state.jobs.pop_front() else {
+                state.idle += 1;
+                state = shared
+                    .work
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+                state.idle -= 1;
+                continue;
+            };
+            drop(state);
+            let result = job.run();
+            state = shared.lock();
+            state.results.push(result);
+            if state.waiting {
+                shared.done.notify_one();
+            }
+        }
+    }
+
+    fn submit(&self, job: Job) {
+        let mut state = self.shared.lock();
+        state.jobs.push_back(job);
+        if state.idle > 0 {
+            self.shared.work.notify_one();
+        }
+    }
+
+    /// Hands every result to `take` until `msg`'s has been handed over, preparing queued
+    /// messages on this thread meanwhile rather than waiting for the helpers.
+    fn until(&self, msg: u64, mut take: impl FnMut(u64, Ready)) {
+        let mut state = self.shared.lock();
+        loop {
+            let results = std::mem::take(&mut state.results);
+            let mut found = false;
+            for (m, ready) in results {
+                found |= m == msg;
+                take(m, ready);
+            }
+            if found {
+                return;
+            }
+            if let Some(job) = state.jobs.pop_front() {
+                drop(state);
+                let (m, ready) = job.run();
+                let found = m == msg;
+                take(m, ready);
+                if found {
+                    return;
+                }
+                state = self.shared.lock();
+                continue;
+            }
+            if self.helpers.is_empty() {
+                // Never submitted, or already collected: nothing will come.
+                return;
+            }
+            state.waiting = true;
+            state = self
+                .shared
+                .done
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+            state.waiting = false;
+        }
+    }
+}
+
+impl Pool {
+    /// Stops the helpers; returns the jobs not started and the results not collected.
+    fn stop(mut self) -> (VecDeque<Job>, Vec<(u64, Ready)>) {
+        self.join();
+        let mut state = self.shared.lock();
+        (
+            std::mem::take(&mut state.jobs),
+            std::mem::take(&mut state.results),
+        )
+    }
+
+    fn join(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.work.notify_all();
+        for helper in self.helpers.drain(..) {
+            // A helper that panicked has nothing to hand back.
+            let _ = helper.join();
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.join();
     }
 }

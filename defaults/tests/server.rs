@@ -442,6 +442,7 @@ fn three_servers_replicate_and_a_killed_one_fails_only_all() {
         "chorus_hints_dropped_total",
         "chorus_sync_offers_total",
         "chorus_membership_refused_total",
+        "chorus_membership_rate_limited_total",
         "chorus_replies_not_sent_total",
     ] {
         assert!(after.iter().any(|(n, _, _)| n == name), "{name} missing");

@@ -1,14 +1,18 @@
 //! `swim-sim`: measured figures of the SWIM membership, from the deterministic simulator.
 //!
 //! ```text
-//! cargo run --release -p chorus-benches --bin swim-sim -- [--seeds K] [--sizes 10,100,1000] [--seed S] [--signing on|off] [--only signing]
+//! cargo run --release -p chorus-benches --bin swim-sim -- [--seeds K] [--sizes 10,100,1000] [--seed S] [--signing on|off] [--only signing] [--threads N]
 //! ```
+//!
+//! `--threads N` (default 2) decodes and verifies the messages in flight on N threads ahead
+//! of delivery ([`Simulation::set_threads`]); the figures are the same for any N, only the
+//! real time changes.
 //!
 //! `--signing on` runs every cluster in keyring mode (every message signed and verified);
 //! the default is off. The last table always compares the two: for each size, from the first
 //! seed, a cluster joins, converges and runs 60 s of steady state with signing off and on, and
-//! the CPU time the simulation took (this thread's, from `/proc/thread-self/schedstat`) is
-//! divided per member and per simulated second. `--only signing` prints that table alone.
+//! the CPU time the simulation took (all of the process's threads, the helpers included,
+//! from `/proc/self/task/*/schedstat`) is divided per member and per simulated second. `--only signing` prints that table alone.
 //!
 //! For each cluster size and seed (LAN preset, every message through the wire codec): joins the
 //! cluster through three seeds, waits for convergence, lets the join news drain, measures the
@@ -35,6 +39,7 @@ struct Args {
     sizes: Vec<usize>,
     signing: bool,
     only_signing: bool,
+    threads: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -44,6 +49,7 @@ fn parse_args() -> Result<Args, String> {
         sizes: vec![10, 100, 1000],
         signing: false,
         only_signing: false,
+        threads: 2,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -69,6 +75,12 @@ fn parse_args() -> Result<Args, String> {
                 }
             }
             "--only" if value == "signing" => args.only_signing = true,
+            "--threads" => {
+                args.threads = value.parse().map_err(|e| format!("--threads: {e}"))?;
+                if args.threads == 0 {
+                    return Err("--threads: at least 1".into());
+                }
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -77,6 +89,15 @@ fn parse_args() -> Result<Args, String> {
 
 /// Whether [`cluster`] builds keyring-mode clusters (`--signing on`).
 static SIGNING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Threads each simulation decodes and verifies messages on (`--threads`).
+static THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(2);
+
+fn new_sim(seed: u64) -> Simulation {
+    let mut sim = Simulation::new(seed);
+    sim.set_threads(THREADS.load(std::sync::atomic::Ordering::Relaxed));
+    sim
+}
 
 fn cluster(seed: u64, n: usize, config: MembershipConfig) -> Simulation {
     cluster_with(
@@ -88,7 +109,7 @@ fn cluster(seed: u64, n: usize, config: MembershipConfig) -> Simulation {
 }
 
 fn cluster_with(seed: u64, n: usize, config: MembershipConfig, signing: bool) -> Simulation {
-    let mut sim = Simulation::new(seed);
+    let mut sim = new_sim(seed);
     if signing {
         sim.enable_signing(n);
     }
@@ -183,7 +204,7 @@ fn median(v: &[f64]) -> f64 {
 
 fn slow_member(seed: u64, lifeguard: bool) -> (u64, u64) {
     let config = MembershipConfig::lan().with_lifeguard(lifeguard);
-    let mut sim = Simulation::new(seed);
+    let mut sim = new_sim(seed);
     if SIGNING.load(std::sync::atomic::Ordering::Relaxed) {
         sim.enable_signing(50);
     }
@@ -229,12 +250,24 @@ fn paused_member(seed: u64, n: usize) -> (u64, u64) {
     )
 }
 
-/// CPU time this thread has used, in nanoseconds (Linux; 0 elsewhere).
+/// CPU time this process's threads have used, in nanoseconds (Linux; 0 elsewhere): this
+/// thread and the simulation's helper threads (`--threads`), which live as long as the
+/// simulation, so a difference of two readings within one simulation counts them all.
 fn cpu_ns() -> u64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .filter_map(|task| {
+            let path = task.ok()?.path().join("schedstat");
+            std::fs::read_to_string(path)
+                .ok()?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
 }
 
 struct SigningCost {
@@ -270,8 +303,8 @@ fn signing_cost(seed: u64, n: usize, signing: bool) -> SigningCost {
     let after = sim.stats();
     let member_secs = n as f64 * LOAD_WINDOW.as_secs_f64();
     SigningCost {
-        steady_us: (cpu2 - cpu1) as f64 / 1e3 / member_secs,
-        total_cpu_s: (cpu2 - cpu0) as f64 / 1e9,
+        steady_us: cpu2.saturating_sub(cpu1) as f64 / 1e3 / member_secs,
+        total_cpu_s: cpu2.saturating_sub(cpu0) as f64 / 1e9,
         wall_s: wall.elapsed().as_secs_f64(),
         converge_s,
         detect_wall_s,
@@ -282,7 +315,8 @@ fn signing_cost(seed: u64, n: usize, signing: bool) -> SigningCost {
 fn print_signing(sizes: &[usize], seed: u64) {
     println!();
     println!(
-        "# signing off/on (seed {seed}, LAN preset, codec on): join, converge, crash one member, 30 s, then a {} s steady window",
+        "# signing off/on (seed {seed}, LAN preset, codec on, {} threads): join, converge, crash one member, 30 s, then a {} s steady window (CPU: all threads)",
+        THREADS.load(std::sync::atomic::Ordering::Relaxed),
         LOAD_WINDOW.as_secs()
     );
     println!();
@@ -313,12 +347,13 @@ fn main() {
         Err(e) => {
             eprintln!("swim-sim: {e}");
             eprintln!(
-                "usage: swim-sim [--seeds K] [--seed FIRST] [--sizes 10,100,1000] [--signing on|off] [--only signing]"
+                "usage: swim-sim [--seeds K] [--seed FIRST] [--sizes 10,100,1000] [--signing on|off] [--only signing] [--threads N]"
             );
             std::process::exit(2);
         }
     };
     let seeds: Vec<u64> = (0..args.seeds).map(|k| args.first_seed + k).collect();
+    THREADS.store(args.threads, std::sync::atomic::Ordering::Relaxed);
     let wall = std::time::Instant::now();
     if args.only_signing {
         print_signing(&args.sizes, args.first_seed);

@@ -39,7 +39,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::message::SwimMessage;
-use crate::auth::{Identity, Keyring, SIGNATURE_LEN};
+use crate::auth::{Identity, Keyring, PublicKey, SIGNATURE_LEN};
 use crate::identity::{Address, NodeId};
 
 /// How many sequence numbers below the highest seen a receiver still accepts (once each).
@@ -112,6 +112,64 @@ impl SignedSwim {
         out.extend_from_slice(body);
         out
     }
+}
+
+/// A membership message encoded, numbered and addressed, but not signed yet: what
+/// [`super::Membership::poll_unsigned_frame`] hands out so that a driver can sign off the
+/// machine's loop ([`UnsignedSwim::sign`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnsignedSwim {
+    from: NodeId,
+    to: Address,
+    generation: u64,
+    seq: u64,
+    body: Bytes,
+}
+
+impl UnsignedSwim {
+    /// The encoded [`SwimMessage`].
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// Signs it with `identity`, which must be the sending node's (the one its machine was
+    /// started with): a frame signed by another key is refused as [`Rejection::Forged`].
+    /// Pure; may run on any thread.
+    pub fn sign(self, identity: &Identity) -> SignedSwim {
+        let signed =
+            SignedSwim::signed_bytes(self.from, &self.to, self.generation, self.seq, &self.body);
+        SignedSwim {
+            from: self.from,
+            to: self.to,
+            generation: self.generation,
+            seq: self.seq,
+            body: self.body,
+            signature: Bytes::copy_from_slice(&identity.sign(&signed)),
+        }
+    }
+
+    /// The frame with an all-zero signature: the same size as the signed one once encoded
+    /// (for counting bytes before signing); it verifies nowhere.
+    pub fn unsigned_placeholder(&self) -> SignedSwim {
+        SignedSwim {
+            from: self.from,
+            to: self.to.clone(),
+            generation: self.generation,
+            seq: self.seq,
+            body: self.body.clone(),
+            signature: Bytes::from_static(&[0; SIGNATURE_LEN]),
+        }
+    }
+}
+
+/// [`super::Membership::poll_unsigned_frame`]'s answer: a frame to sign (keyring mode) or a
+/// plain one (insecure mode).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UnsignedFrame {
+    /// Unsigned by design (insecure mode): send as it is.
+    Plain(SwimMessage),
+    /// To sign with the node's identity before sending.
+    ToSign(UnsignedSwim),
 }
 
 /// A membership message as it travels: signed, or plain (insecure mode).
@@ -299,6 +357,100 @@ pub(super) struct Auth {
     pub(super) windows: HashMap<NodeId, ReplayWindow>,
 }
 
+/// A signed message whose signer is in a keyring, whose signature verifies with the
+/// signer's key and whose body decodes: steps 1, 2 and 5 of the [module
+/// documentation](self), the checks that need no state of the receiving machine.
+///
+/// [`verify_frame`] makes one; [`super::Membership::handle_verified_frame`] takes it and
+/// runs the remaining checks (destination, replay guard, who the body speaks for) before it
+/// acts. Because verifying needs only the keyring, a driver can verify frames off the
+/// machine's loop (on other threads, in batches) and hand the results to the machine in
+/// the order the frames arrived.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifiedFrame {
+    from: NodeId,
+    to: Address,
+    generation: u64,
+    seq: u64,
+    /// The key the signature verified with: the machine acts on the frame only while its
+    /// own keyring binds the signer to this key.
+    key: PublicKey,
+    /// The size limit the body was decoded within.
+    max_len: usize,
+    body: Bytes,
+    message: SwimMessage,
+}
+
+impl VerifiedFrame {
+    /// The signer.
+    pub fn from(&self) -> NodeId {
+        self.from
+    }
+
+    /// The address the signer sent it to.
+    pub fn to(&self) -> &Address {
+        &self.to
+    }
+
+    /// The decoded body.
+    pub fn message(&self) -> &SwimMessage {
+        &self.message
+    }
+
+    /// The body as decoded within `max_len`: decoded again if it was decoded within
+    /// another limit.
+    pub(super) fn into_message(self, max_len: usize) -> Result<SwimMessage, Rejection> {
+        if self.max_len == max_len {
+            Ok(self.message)
+        } else {
+            crate::wire::decode_payload(&self.body, max_len).map_err(|_| Rejection::Malformed)
+        }
+    }
+}
+
+/// Verifies `frame` against `keyring` and decodes its body within `max_len` bytes: steps 1,
+/// 2 and 5 of the [module documentation](self), in that order. Pure: it changes nothing,
+/// reads no clock and may run on any thread. The replay guard, the destination and the
+/// body's sender are the machine's to check
+/// ([`super::Membership::handle_verified_frame`]).
+///
+/// A frame refused here is best handed to [`super::Membership::handle_frame`] (which
+/// checks it again, in the machine's own order, and counts the refusal) or dropped.
+pub fn verify_frame(
+    keyring: &Keyring,
+    frame: &SignedSwim,
+    max_len: usize,
+) -> Result<VerifiedFrame, Rejection> {
+    let key = *keyring.get(frame.from).ok_or(Rejection::UnknownKey)?;
+    if frame.signature.len() != SIGNATURE_LEN
+        || frame.to.as_str().len() > super::message::MAX_ADDR_LEN
+    {
+        return Err(Rejection::Forged);
+    }
+    let signed = SignedSwim::signed_bytes(
+        frame.from,
+        &frame.to,
+        frame.generation,
+        frame.seq,
+        &frame.body,
+    );
+    if !keyring.verify(frame.from, &signed, &frame.signature) {
+        return Err(Rejection::Forged);
+    }
+    let message: SwimMessage =
+        crate::wire::decode_payload(&frame.body, max_len).map_err(|_| Rejection::Malformed)?;
+    Ok(VerifiedFrame {
+        from: frame.from,
+        to: frame.to.clone(),
+        generation: frame.generation,
+        seq: frame.seq,
+        key,
+        max_len,
+        body: frame.body.clone(),
+        message,
+    })
+}
+
 /// A message that passed every check but the body's own (step 6), which needs the
 /// machine's probe state.
 pub(super) struct Verified {
@@ -318,71 +470,89 @@ impl Auth {
         }
     }
 
-    /// Signs `message` for `to`, as this node in `generation`.
+    /// Encodes and numbers `message` for `to`, as this node in `generation`, ready to be
+    /// signed.
     pub(super) fn seal(
         &mut self,
         generation: u64,
         to: &Address,
         message: &SwimMessage,
         max_len: usize,
-    ) -> Result<SignedSwim, crate::wire::WireError> {
+    ) -> Result<UnsignedSwim, crate::wire::WireError> {
         let body = crate::wire::encode_payload(message, max_len)?;
-        let from = self.identity.node_id();
         let seq = self.next_seq;
         self.next_seq += 1;
-        let signed = SignedSwim::signed_bytes(from, to, generation, seq, &body);
-        Ok(SignedSwim {
-            from,
+        Ok(UnsignedSwim {
+            from: self.identity.node_id(),
             to: to.clone(),
             generation,
             seq,
             body,
-            signature: Bytes::copy_from_slice(&self.identity.sign(&signed)),
         })
     }
 
-    /// Steps 1 to 5 of the [module documentation](self). Changes nothing.
+    /// Steps 3 and 4 of the [module documentation](self) for a message from `from` to
+    /// `to` numbered `(generation, seq)`. Changes nothing.
+    fn admit(
+        &self,
+        own_addr: &Address,
+        from: NodeId,
+        to: &Address,
+        generation: u64,
+        seq: u64,
+    ) -> Result<(), Rejection> {
+        if to != own_addr {
+            return Err(Rejection::Misdirected);
+        }
+        if self
+            .windows
+            .get(&from)
+            .is_some_and(|w| !w.admits(generation, seq))
+        {
+            return Err(Rejection::Replayed);
+        }
+        Ok(())
+    }
+
+    /// Steps 1 to 5 of the [module documentation](self), in that order. Changes nothing.
     pub(super) fn open(
         &self,
         own_addr: &Address,
         frame: &SignedSwim,
         max_len: usize,
     ) -> Result<Verified, Rejection> {
-        if self.keyring.get(frame.from).is_none() {
+        match verify_frame(&self.keyring, frame, max_len) {
+            Ok(v) => self.finish(own_addr, v, max_len),
+            // A malformed body of a frame that is also misdirected or replayed counts as
+            // the earlier step.
+            Err(Rejection::Malformed) => {
+                self.admit(own_addr, frame.from, &frame.to, frame.generation, frame.seq)?;
+                Err(Rejection::Malformed)
+            }
+            Err(why) => Err(why),
+        }
+    }
+
+    /// Steps 3 and 4 for a frame [`verify_frame`] passed, after checking that it was
+    /// verified with the key this keyring has for its signer (else
+    /// [`Rejection::UnknownKey`], as step 1 would say now) and within `max_len` (else
+    /// the body is decoded again). Changes nothing.
+    pub(super) fn finish(
+        &self,
+        own_addr: &Address,
+        v: VerifiedFrame,
+        max_len: usize,
+    ) -> Result<Verified, Rejection> {
+        if self.keyring.get(v.from) != Some(&v.key) {
             return Err(Rejection::UnknownKey);
         }
-        if frame.signature.len() != SIGNATURE_LEN
-            || frame.to.as_str().len() > super::message::MAX_ADDR_LEN
-        {
-            return Err(Rejection::Forged);
-        }
-        let signed = SignedSwim::signed_bytes(
-            frame.from,
-            &frame.to,
-            frame.generation,
-            frame.seq,
-            &frame.body,
-        );
-        if !self.keyring.verify(frame.from, &signed, &frame.signature) {
-            return Err(Rejection::Forged);
-        }
-        if frame.to != *own_addr {
-            return Err(Rejection::Misdirected);
-        }
-        if self
-            .windows
-            .get(&frame.from)
-            .is_some_and(|w| !w.admits(frame.generation, frame.seq))
-        {
-            return Err(Rejection::Replayed);
-        }
-        let message: SwimMessage =
-            crate::wire::decode_payload(&frame.body, max_len).map_err(|_| Rejection::Malformed)?;
+        self.admit(own_addr, v.from, &v.to, v.generation, v.seq)?;
+        let (from, generation, seq) = (v.from, v.generation, v.seq);
         Ok(Verified {
-            from: frame.from,
-            message,
-            generation: frame.generation,
-            seq: frame.seq,
+            from,
+            message: v.into_message(max_len)?,
+            generation,
+            seq,
         })
     }
 

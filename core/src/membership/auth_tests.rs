@@ -42,6 +42,11 @@ struct World {
     c: Membership,
     /// Never admitted.
     o: Membership,
+    /// Deliver signed frames as a driver that verifies off the machine's loop does:
+    /// [`verify_frame`] with this keyring (the one from before C's revocation, so stale),
+    /// then [`Membership::handle_verified_frame`], or [`Membership::handle_frame`] for a
+    /// frame it refuses.
+    pre_verify: Option<Keyring>,
 }
 
 fn addr(name: &str) -> Address {
@@ -93,6 +98,7 @@ impl World {
             c: machine(&ids[2], "c", &all, now),
             d: machine(&ids[3], "d", &all, now),
             o: machine(&ids[4], "o", &all, now),
+            pre_verify: None,
         };
         // A learns B, C and D from their own push-pulls, then C's key is revoked.
         for i in 0..3 {
@@ -158,6 +164,12 @@ impl World {
     }
 
     fn deliver(&mut self, from: &str, frame: SwimFrame) {
+        if let (Some(keyring), SwimFrame::Signed(signed)) = (&self.pre_verify, &frame) {
+            let max = self.a.config.max_message_len.get();
+            if let Ok(verified) = verify_frame(keyring, signed, max) {
+                return self.a.handle_verified_frame(self.now, addr(from), verified);
+            }
+        }
         self.a.handle_frame(self.now, addr(from), frame);
     }
 }
@@ -431,8 +443,15 @@ proptest! {
     fn every_forged_tampered_replayed_or_unadmitted_message_is_refused(
         message in { let (ids, keys) = world_ids(); arb_message(ids, keys) },
         how in arb_attack(),
+        pre_verified in any::<bool>(),
     ) {
         let mut w = World::new();
+        if pre_verified {
+            let keys = [&w.a, &w.b, &w.c, &w.d, &w.o]
+                .map(|m| crate::auth::PublicKey(m.local.meta.public_key));
+            let stale = Keyring::from_keys(keys).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            w.pre_verify = Some(stale);
+        }
         attack(&mut w, message, how)?;
     }
 }

@@ -85,6 +85,19 @@ pub struct MembershipConfig {
     ///
     /// [`MembershipStats::rate_limited_updates`]: super::MembershipStats::rate_limited_updates
     pub max_updates_per_peer_per_second: NonZeroU32,
+    /// Push-pull messages (full-state exchanges: join requests, periodic and re-announce
+    /// exchanges and their answers; every part of a full state split over several messages
+    /// counts) accepted per second from any one sender at most (a token bucket per sender
+    /// holding one second's worth). One past it is neither merged nor answered, and is
+    /// counted ([`MembershipStats::rate_limited_push_pulls`]): each request makes this node
+    /// send its whole state back, so an admitted member that floods them would otherwise
+    /// turn every small message into up to [`MembershipConfig::max_members`] records of
+    /// work and traffic. A well-behaved peer sends a few per second at most (a join retry
+    /// per [`MembershipConfig::join_retry_interval`], a full state of
+    /// [`DEFAULT_MAX_MEMBERS`] is five parts).
+    ///
+    /// [`MembershipStats::rate_limited_push_pulls`]: super::MembershipStats::rate_limited_push_pulls
+    pub max_push_pulls_per_peer_per_second: NonZeroU32,
 }
 
 /// [`MembershipConfig::max_members`] in every preset: four times the largest cluster the
@@ -138,6 +151,7 @@ impl MembershipConfig {
             max_relays_per_second: nz32(64),
             max_relays_per_peer_per_second: nz32(16),
             max_updates_per_peer_per_second: nz32(1024),
+            max_push_pulls_per_peer_per_second: nz32(16),
         }
     }
 
@@ -172,6 +186,7 @@ impl MembershipConfig {
             max_relays_per_second: nz32(320),
             max_relays_per_peer_per_second: nz32(80),
             max_updates_per_peer_per_second: nz32(5120),
+            max_push_pulls_per_peer_per_second: nz32(80),
             ..Self::lan()
         }
     }

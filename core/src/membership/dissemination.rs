@@ -226,6 +226,18 @@ impl Membership {
         part: u32,
         members: Vec<Member>,
     ) {
+        if self.push_pull_budget.take(
+            now,
+            sender,
+            1,
+            self.config.max_push_pulls_per_peer_per_second.get(),
+            self.config.max_members.get(),
+        ) == 0
+        {
+            self.stats.rate_limited_push_pulls += 1;
+            tracing::debug!(%sender, "push-pull over the sender's budget");
+            return;
+        }
         // A sender this node forgot in a life at least as new as the one it now claims (it
         // restarted with a lower generation, say) would be refused everywhere and never hear
         // why: the answer tells it the life it was forgotten in, so it moves past it.

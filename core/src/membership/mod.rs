@@ -72,7 +72,10 @@ use std::time::Instant;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-pub use auth::{AuthStats, OutFrame, Rejection, Security, SignedSwim, SwimFrame};
+pub use auth::{
+    AuthStats, OutFrame, Rejection, Security, SignedSwim, SwimFrame, UnsignedFrame, UnsignedSwim,
+    VerifiedFrame, verify_frame,
+};
 pub use config::MembershipConfig;
 pub use message::{
     Life, MAX_ADDR_LEN, MAX_MEMBERS_PER_MESSAGE, MAX_UPDATES_PER_MESSAGE, MAX_WEIGHT, Member,
@@ -167,6 +170,9 @@ pub struct MembershipStats {
     /// [`MembershipConfig::max_relays_per_peer_per_second`] (also counted in
     /// `refused_relays`).
     pub rate_limited_relays: u64,
+    /// Push-pull messages refused (neither merged nor answered) because their sender was
+    /// past [`MembershipConfig::max_push_pulls_per_peer_per_second`].
+    pub rate_limited_push_pulls: u64,
     /// Times this node moved itself to a new generation because it was told about itself in
     /// a generation at or above its own that it could not otherwise outbid.
     pub generation_bumps: u64,
@@ -214,6 +220,7 @@ pub struct Membership {
     auth_stats: AuthStats,
     update_budget: limits::PeerBuckets,
     relay_budget: limits::PeerBuckets,
+    push_pull_budget: limits::PeerBuckets,
 }
 
 impl Membership {
@@ -291,6 +298,7 @@ impl Membership {
             auth_stats: AuthStats::default(),
             update_budget: limits::PeerBuckets::default(),
             relay_budget: limits::PeerBuckets::default(),
+            push_pull_budget: limits::PeerBuckets::default(),
         }
     }
 
@@ -493,7 +501,40 @@ impl Membership {
             }
             return;
         };
-        let verified = match auth.open(&self.local.meta.addr, &signed, max) {
+        let verified = auth.open(&self.local.meta.addr, &signed, max);
+        self.act_on_verified(now, from, verified);
+    }
+
+    /// Processes a frame that [`verify_frame`] passed (with any keyring and size limit),
+    /// received from `from`: the rest of [`Membership::handle_frame`]'s checks (the
+    /// destination, the replay guard, who the body speaks for) and then the message, exactly
+    /// as [`Membership::handle_frame`] would have processed the frame. A frame verified with
+    /// a key this node's keyring no longer binds to the signer is
+    /// [`Rejection::UnknownKey`]; one decoded within another size limit is decoded again
+    /// within this node's. In insecure mode the message is taken as it is.
+    ///
+    /// This lets a driver verify signatures, the expensive part, off the machine's loop.
+    pub fn handle_verified_frame(&mut self, now: Instant, from: Address, frame: VerifiedFrame) {
+        let max = self.config.max_message_len.get();
+        let Some(auth) = self.auth.as_ref() else {
+            match frame.into_message(max) {
+                Ok(message) => self.dispatch(now, from, message),
+                Err(why) => self.reject(&from, why),
+            }
+            return;
+        };
+        let verified = auth.finish(&self.local.meta.addr, frame, max);
+        self.act_on_verified(now, from, verified);
+    }
+
+    /// Step 6 of the [`auth`] checks, then the message.
+    fn act_on_verified(
+        &mut self,
+        now: Instant,
+        from: Address,
+        verified: Result<auth::Verified, Rejection>,
+    ) {
+        let verified = match verified {
             Ok(v) => v,
             Err(why) => return self.reject(&from, why),
         };
@@ -526,13 +567,28 @@ impl Membership {
     /// in keyring mode (plain in insecure mode). A message that does not encode within
     /// [`MembershipConfig::max_message_len`] is dropped with a warning.
     pub fn poll_frame(&mut self) -> Option<OutFrame> {
+        let (to, frame) = self.poll_unsigned_frame()?;
+        let frame = match frame {
+            UnsignedFrame::Plain(message) => SwimFrame::Plain(message),
+            UnsignedFrame::ToSign(unsigned) => match self.auth.as_ref() {
+                Some(auth) => SwimFrame::Signed(unsigned.sign(&auth.identity)),
+                // Only keyring mode seals frames to sign.
+                None => return None,
+            },
+        };
+        Some(OutFrame { to, frame })
+    }
+
+    /// [`Membership::poll_frame`] without the signature: the next frame to send and where
+    /// to, encoded and numbered in keyring mode but left for the owner to sign with the
+    /// node's identity ([`UnsignedSwim::sign`], a pure function), so that a driver can sign
+    /// off the machine's loop. Frames that overtake each other on the way are accepted
+    /// within the replay window ([`auth::REPLAY_WINDOW`]).
+    pub fn poll_unsigned_frame(&mut self) -> Option<(Address, UnsignedFrame)> {
         loop {
             let Transmit { to, message } = self.transmits.pop_front()?;
             let Some(auth) = self.auth.as_mut() else {
-                return Some(OutFrame {
-                    to,
-                    frame: SwimFrame::Plain(message),
-                });
+                return Some((to, UnsignedFrame::Plain(message)));
             };
             // A reply on an accepted connection is meant for the listen address the peer
             // announced on it.
@@ -543,12 +599,9 @@ impl Membership {
                 &message,
                 self.config.max_message_len.get(),
             ) {
-                Ok(signed) => {
+                Ok(unsigned) => {
                     self.auth_stats.signed += 1;
-                    return Some(OutFrame {
-                        to,
-                        frame: SwimFrame::Signed(signed),
-                    });
+                    return Some((to, UnsignedFrame::ToSign(unsigned)));
                 }
                 Err(error) => {
                     tracing::warn!(%to, %error, "membership message does not encode");

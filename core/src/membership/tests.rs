@@ -1223,3 +1223,98 @@ fn member_addresses_must_be_host_port() {
     assert_eq!(out.events, []);
     assert_eq!(net.node(A).stats().invalid_updates, 1);
 }
+
+/// A member that floods push-pulls (each one a request for this node's whole state) is
+/// answered within its budget only: past
+/// [`MembershipConfig::max_push_pulls_per_peer_per_second`] a request is neither answered
+/// nor merged, and is counted; another member has a budget of its own; the budget refills
+/// with time; a push-pull answer past the budget is not merged either.
+#[test]
+fn a_member_flooding_push_pulls_is_answered_within_its_budget_only() {
+    let mut net = Net::new(3);
+    net.nodes[A].config.max_push_pulls_per_peer_per_second = NonZeroU32::new(3).unwrap();
+    let a = net.node(A).local().clone();
+    let b = net.node(B).local().clone();
+    let c = net.node(C).local().clone();
+    let request = |from: &Member| SwimMessage::PushPull {
+        from: from.id,
+        join: false,
+        reply: false,
+        part: 0,
+        members: vec![from.clone()],
+    };
+    let answer = |net: &Net, to_node: usize| {
+        to(
+            net,
+            to_node,
+            SwimMessage::PushPull {
+                from: id(A),
+                join: false,
+                reply: true,
+                part: 0,
+                members: vec![a.clone(), b.clone(), c.clone()],
+            },
+        )
+    };
+    let answered = |net: &Net, to_node: usize| Out {
+        sent: vec![answer(net, to_node)],
+        events: vec![],
+        timeout: net.idle(A),
+    };
+    let refused = |net: &Net| Out {
+        sent: vec![],
+        events: vec![],
+        timeout: net.idle(A),
+    };
+
+    // B's first three requests are answered with A's whole state.
+    for n in 1..=3 {
+        let out = net.deliver_from(B, A, request(&b));
+        assert_eq!(out, answered(&net, B), "request {n}");
+    }
+    assert_eq!(net.node(A).stats().rate_limited_push_pulls, 0);
+    // The fourth and fifth, in the same instant, are refused and counted.
+    let out = net.deliver_from(B, A, request(&b));
+    assert_eq!(out, refused(&net));
+    assert_eq!(net.node(A).stats().rate_limited_push_pulls, 1);
+    let out = net.deliver_from(B, A, request(&b));
+    assert_eq!(out, refused(&net));
+    assert_eq!(net.node(A).stats().rate_limited_push_pulls, 2);
+
+    // C has a budget of its own.
+    let out = net.deliver_from(C, A, request(&c));
+    assert_eq!(out, answered(&net, C));
+    assert_eq!(net.node(A).stats().rate_limited_push_pulls, 2);
+
+    // Past the budget, B's full state is not merged either: the news of a new member in it
+    // is dropped with the message.
+    let newcomer = Member {
+        id: id(5),
+        life: life(1, 0),
+        state: MemberState::Alive,
+        meta: MemberMeta::new("n6:1"),
+    };
+    let reply = SwimMessage::PushPull {
+        from: id(B),
+        join: false,
+        reply: true,
+        part: 0,
+        members: vec![b.clone(), newcomer.clone()],
+    };
+    let out = net.deliver_from(B, A, reply.clone());
+    assert_eq!(out, refused(&net));
+    assert_eq!(net.node(A).stats().rate_limited_push_pulls, 3);
+    assert!(net.node(A).member(id(5)).is_none());
+
+    // 400 ms later B has earned 1.2 requests: one is taken, the next refused.
+    let later = net.at(Duration::from_millis(400));
+    net.advance_to(later);
+    let out = net.deliver_from(B, A, reply);
+    assert_eq!(out.sent, []);
+    assert_eq!(out.events, [MembershipEvent::Joined(newcomer.clone())]);
+    assert_eq!(net.node(A).stats().rate_limited_push_pulls, 3);
+    let out = net.deliver_from(B, A, request(&b));
+    assert_eq!(out.sent, []);
+    assert_eq!(out.events, []);
+    assert_eq!(net.node(A).stats().rate_limited_push_pulls, 4);
+}

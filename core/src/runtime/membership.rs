@@ -30,7 +30,9 @@ use tokio::time::Instant;
 
 use crate::auth::Keyring;
 use crate::envelope::Envelope;
-use crate::membership::{AuthStats, Member, Membership, MembershipEvent, SwimFrame};
+use crate::membership::{
+    AuthStats, Member, Membership, MembershipEvent, MembershipStats, SwimFrame,
+};
 use bytes::Bytes;
 
 use crate::identity::Address;
@@ -88,6 +90,7 @@ struct Counters {
     send_dropped: AtomicU64,
     destinations: AtomicU64,
     auth: std::sync::Mutex<AuthStats>,
+    protocol: std::sync::Mutex<MembershipStats>,
 }
 
 enum Command {
@@ -151,6 +154,16 @@ impl MembershipHandle {
         *self
             .counters
             .auth
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counters of the protocol (probes, suspicions, refusals and rate limits), as of the
+    /// machine's last input.
+    pub fn membership_stats(&self) -> MembershipStats {
+        *self
+            .counters
+            .protocol
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -478,6 +491,16 @@ async fn run<T: Transport>(
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if *shared != auth {
                 *shared = auth;
+            }
+        }
+        let protocol = machine.stats();
+        {
+            let mut shared = counters
+                .protocol
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if *shared != protocol {
+                *shared = protocol;
             }
         }
         while let Some(event) = machine.poll_event() {

@@ -222,6 +222,16 @@ pub(crate) async fn refresh(node: &Node) {
     ] {
         counter!("chorus_transport_refused_connections_total", "reason" => reason).absolute(v);
     }
+    let m = node.membership_stats();
+    counter!("chorus_membership_refused_relays_total").absolute(m.refused_relays);
+    // What one admitted member could make this node do past its per-peer budgets.
+    for (kind, v) in [
+        ("updates", m.rate_limited_updates),
+        ("relays", m.rate_limited_relays),
+        ("push_pulls", m.rate_limited_push_pulls),
+    ] {
+        counter!("chorus_membership_rate_limited_total", "kind" => kind).absolute(v);
+    }
     let members = node.members();
     for (state, label) in [
         (MemberState::Alive, "alive"),

@@ -652,6 +652,12 @@ impl Node {
         self.inner.membership.auth_stats()
     }
 
+    /// Counters of the membership protocol: probes, suspicions, and what it refused (relays,
+    /// and what it dropped past the per-peer rate limits).
+    pub fn membership_stats(&self) -> crate::membership::MembershipStats {
+        self.inner.membership.membership_stats()
+    }
+
     /// Replaces the keyring on the running node (keyring mode; a warning and nothing else in
     /// insecure mode): added keys are admitted at once, members whose key is gone are removed
     /// from the view and refused from then on.
