@@ -404,8 +404,32 @@ fn footprint(key_len: usize, record: &Record) -> i64 {
     (key_len + record.encoded_len()) as i64
 }
 
+/// How long an open waits for the directory's lock: sled's own background threads of a
+/// database closed a moment ago (in this process) let go of it only at their next tick.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// Opens `config`, retrying while another handle still holds the directory's lock, for up to
+/// [`LOCK_WAIT`]; then the lock error is returned (another process uses the directory).
+fn open_when_unlocked(config: &sled::Config) -> Result<sled::Db, StorageError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match config.open() {
+            Ok(db) => return Ok(db),
+            // sled 0.34.7 reports the lock as `Other` with this text (config.rs).
+            Err(sled::Error::Io(e))
+                if e.to_string().starts_with("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(sled_error(e)),
+        }
+    }
+}
+
 impl SledStorage {
-    /// Opens (creating if needed) the database in `dir`.
+    /// Opens (creating if needed) the database in `dir`. If the directory is still locked
+    /// by a database closed a moment ago, waits for it (at most 10 s).
     pub fn open(dir: &Path, options: SledOptions) -> Result<Self, StorageError> {
         SledStorage::open_hooked(dir, options, None)
     }
@@ -422,12 +446,11 @@ impl SledStorage {
             }
             FlushPolicy::Never | FlushPolicy::Always => None,
         };
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .cache_capacity(options.cache_bytes)
-            .flush_every_ms(flush_every_ms)
-            .open()
-            .map_err(sled_error)?;
+            .flush_every_ms(flush_every_ms);
+        let db = open_when_unlocked(&config)?;
         let store = SledStorage {
             open: RwLock::new(None),
             flusher_exited: std::sync::Mutex::new(None),
