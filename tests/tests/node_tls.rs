@@ -106,8 +106,11 @@ async fn outsider_is_refused_by_the_channel(scheme: &str, members: &[&Node], out
             "seed {}: the outsider never reached the transport",
             seed()
         );
+        // An outsider's message that reached membership would be refused there as signed by
+        // an unknown key. (Other refusals can happen among members: a relayed ack arriving
+        // after its probe ended counts as `id_mismatch`.)
         assert_eq!(
-            n.auth_stats().rejected(),
+            n.auth_stats().unknown_key,
             0,
             "seed {}: membership saw the outsider's messages ({:?}): the channel let it through",
             seed(),
