@@ -23,3 +23,4 @@ pub mod crash;
 pub mod history;
 pub mod runner;
 pub mod transport_conformance;
+pub mod views;

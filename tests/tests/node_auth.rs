@@ -5,13 +5,14 @@
 
 use std::time::Duration;
 
-use chorus::membership::{MemberState, MembershipConfig};
+use chorus::membership::MembershipConfig;
 use chorus::runtime::inproc::InProcessNetwork;
 use chorus::runtime::node::StartError;
 use chorus::{
     Address, Consistency, Identity, Keyring, Node, ReadOptions, SharedTransport, WriteOptions,
 };
 use chorus_tests::runner::seed;
+use chorus_tests::views::{alive, settle};
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -44,35 +45,6 @@ async fn start(
         .start()
         .await
         .expect("start")
-}
-
-fn alive(node: &Node) -> Vec<chorus::NodeId> {
-    let mut ids: Vec<_> = node
-        .members()
-        .iter()
-        .filter(|m| m.state == MemberState::Alive)
-        .map(|m| m.id)
-        .collect();
-    ids.sort();
-    ids
-}
-
-async fn settle(nodes: &[&Node], expect: &[chorus::NodeId], limit: Duration) {
-    let mut expect = expect.to_vec();
-    expect.sort();
-    let end = tokio::time::Instant::now() + limit;
-    loop {
-        if nodes.iter().all(|n| alive(n) == expect) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < end,
-            "seed {}: views did not settle on {expect:?}: {:?}",
-            seed(),
-            nodes.iter().map(|n| alive(n)).collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -12,6 +12,7 @@ use chorus::{
     Consistency, Identity, Keyring, Node, NodeConfig, ReadOptions, TransportSpec, WriteOptions,
 };
 use chorus_tests::runner::seed;
+use chorus_tests::views::{alive, settle};
 
 fn identity(seed: u64, i: usize) -> Identity {
     let mut secret = [0u8; 32];
@@ -41,35 +42,6 @@ async fn start(scheme: &str, identity: &Identity, keyring: &Keyring, seeds: &[&N
         .start()
         .await
         .expect("start")
-}
-
-fn alive(node: &Node) -> Vec<chorus::NodeId> {
-    let mut ids: Vec<_> = node
-        .members()
-        .iter()
-        .filter(|m| m.state == MemberState::Alive)
-        .map(|m| m.id)
-        .collect();
-    ids.sort();
-    ids
-}
-
-async fn settle(nodes: &[&Node], expect: &[chorus::NodeId], limit: Duration) {
-    let mut expect = expect.to_vec();
-    expect.sort();
-    let end = tokio::time::Instant::now() + limit;
-    loop {
-        if nodes.iter().all(|n| alive(n) == expect) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < end,
-            "seed {}: views did not settle on {expect:?}: {:?}",
-            seed(),
-            nodes.iter().map(|n| alive(n)).collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// An outsider (its key in nobody's keyring, though it lists everyone's) that seeds from every
