@@ -49,8 +49,9 @@ pub struct MembershipConfig {
     /// Upper bound of the local health multiplier (Lifeguard's awareness): probe interval and
     /// timeout are stretched up to this factor while this node's own probes keep failing.
     pub awareness_max_multiplier: NonZeroU32,
-    /// Lifeguard on (awareness, nacks, dynamic suspicion timeout, buddy system) or off (plain
-    /// SWIM with a fixed suspicion timeout equal to the minimum).
+    /// Lifeguard on (awareness, nacks, dynamic suspicion timeout, buddy system, and this
+    /// project's addition: every other probe goes to the ring successor) or off (plain SWIM
+    /// with a fixed suspicion timeout equal to the minimum and random round-robin probes).
     pub lifeguard: bool,
     /// Most members this node knows, itself included. News of a new member past it is
     /// refused and counted ([`MembershipStats::refused_members`]) unless a dead or left member

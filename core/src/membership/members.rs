@@ -121,6 +121,17 @@ impl MemberTable {
         &self.live
     }
 
+    /// The first live member whose id follows `local` in id order, wrapping around; `None`
+    /// when no other member is live.
+    pub(super) fn live_successor(&self, local: NodeId) -> Option<NodeId> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        self.entries
+            .range((Excluded(local), Unbounded))
+            .chain(self.entries.range(..local))
+            .map(|(&id, _)| id)
+            .find(|&id| id != local && self.is_live(id))
+    }
+
     pub(super) fn is_live(&self, id: NodeId) -> bool {
         self.live_pos.contains_key(&id)
     }

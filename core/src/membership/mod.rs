@@ -30,8 +30,10 @@
 //!
 //! - **Join**: a push-pull (full state exchange) to every seed address, repeated every
 //!   [`MembershipConfig::join_retry_interval`] until one answers.
-//! - **Failure detection**: every protocol period (randomised round-robin over the members)
-//!   the node pings one member; without an ack within the probe timeout it asks
+//! - **Failure detection**: every protocol period the node pings one member (with Lifeguard,
+//!   every other period its ring successor, the live member whose id follows its own, so no
+//!   crash waits long for its first probe; otherwise, and in plain SWIM always, the next of a
+//!   randomised round-robin over the members); without an ack within the probe timeout it asks
 //!   [`MembershipConfig::indirect_checks`] others to ping it ([`SwimMessage::PingReq`]); without
 //!   an ack by the end of the period it suspects the member. A suspected member that hears of
 //!   it refutes by bumping its incarnation; one that does not within the suspicion timeout is

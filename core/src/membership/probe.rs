@@ -21,6 +21,10 @@ pub(super) struct Prober {
     /// This round's randomised order of members to probe, and the next place in it.
     order: Vec<NodeId>,
     index: usize,
+    /// Whether the next period probes this node's ring successor (see [`Prober::next_target`]).
+    successor_turn: bool,
+    /// A member [`Prober::probe_next`] asked to probe first, whatever the turn.
+    urgent: Option<NodeId>,
     current: Option<Probe>,
     next_seq: u32,
     /// Pings relayed for ping-reqs, by the sequence number of the relayed ping.
@@ -96,6 +100,8 @@ impl Default for Prober {
         Prober {
             order: Vec::new(),
             index: 0,
+            successor_turn: false,
+            urgent: None,
             current: None,
             next_seq: 1,
             relays: HashMap::new(),
@@ -130,10 +136,55 @@ impl Prober {
             self.order.remove(from + at);
         }
         self.order.insert(from, id);
+        self.urgent = Some(id);
+    }
+
+    /// Whom the next period probes. With Lifeguard (`successor` true), periods alternate
+    /// between this node's ring successor (the first live member whose id follows `local`,
+    /// wrapping) and the next member of a randomised round-robin; plain SWIM keeps the
+    /// paper's round-robin alone. A member [`Prober::probe_next`] asked for goes first.
+    ///
+    /// Why the successor: with independent random rounds alone, the first probe of a member
+    /// that just crashed is the earliest of `n - 1` uniform times within a round, an
+    /// exponential wait with a mean of one probe interval and an unbounded tail (about 1% of
+    /// crashes waited more than 4.6 s, which put detection past 10 s at 100 members). Every
+    /// member has exactly one predecessor when views agree, so every member is probed at
+    /// least every other period and the wait is at most about two periods; the random round,
+    /// at half the rate, still brings every member's probe from every other member and keeps
+    /// no single prober's view decisive. Traffic is unchanged: one probe per period.
+    ///
+    /// Why not in plain SWIM: a slow member then suspects its successor every other period,
+    /// and without Lifeguard's health score and confirmations that successor was declared
+    /// dead in 3 of 20 ten-minute simulator runs (`swim-sim`'s slow member, signing on).
+    fn next_target(
+        &mut self,
+        rng: &mut ChaCha8Rng,
+        local: NodeId,
+        successor: bool,
+        members: &MemberTable,
+    ) -> Option<NodeId> {
+        if let Some(id) = self.urgent.take()
+            && members.is_live(id)
+            && self.upcoming_first() == Some(id)
+        {
+            self.index += 1;
+            return Some(id);
+        }
+        self.successor_turn = successor && !self.successor_turn;
+        if self.successor_turn
+            && let Some(id) = members.live_successor(local)
+        {
+            return Some(id);
+        }
+        self.next_in_round(rng, members)
+    }
+
+    fn upcoming_first(&self) -> Option<NodeId> {
+        self.order.get(self.index).copied()
     }
 
     /// The next live member in the round; a new round (a fresh shuffle) once it is through.
-    fn next_target(&mut self, rng: &mut ChaCha8Rng, members: &MemberTable) -> Option<NodeId> {
+    fn next_in_round(&mut self, rng: &mut ChaCha8Rng, members: &MemberTable) -> Option<NodeId> {
         for _ in 0..=self.order.len() {
             if self.index >= self.order.len() {
                 self.order = members.live().to_vec();
@@ -204,7 +255,12 @@ impl Membership {
         let mult = self.probes.health.multiplier(&self.config);
         self.timers
             .set(Timer::ProbePeriod, now + self.config.probe_interval * mult);
-        let Some(target) = self.probes.next_target(&mut self.rng, &self.members) else {
+        let Some(target) = self.probes.next_target(
+            &mut self.rng,
+            self.local.id,
+            self.config.lifeguard,
+            &self.members,
+        ) else {
             return;
         };
         let Some(entry) = self.members.get(target) else {

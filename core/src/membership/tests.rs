@@ -1162,10 +1162,12 @@ fn a_member_that_hears_a_fresh_suspicion_probes_the_suspect_next() {
     let (first, t) = first_probe(&mut net);
     let out = net.deliver_from(first, A, ack(1, first, vec![]));
     assert_eq!(out.timeout, Some(t + LAN.probe_interval));
+    // The first period probed A's ring successor, which leaves the round untouched.
+    assert_eq!(first, B);
     let upcoming = net.node(A).probes.upcoming().to_vec();
-    assert_eq!(upcoming.len(), 4, "{upcoming:?}");
+    assert_eq!(upcoming.len(), 5, "{upcoming:?}");
     // A member due last in A's round is suspected by another member.
-    let suspected = upcoming[3].0 as usize - 1;
+    let suspected = upcoming[4].0 as usize - 1;
     let sender = upcoming[0].0 as usize - 1;
     let out = net.deliver_from(
         sender,
@@ -1195,7 +1197,75 @@ fn a_member_that_hears_a_fresh_suspicion_probes_the_suspect_next() {
     assert_eq!(pings, [(net.addr(suspected), id(suspected))]);
     // ...and the suspect is not probed a second time in this round.
     let rest = net.node(A).probes.upcoming().to_vec();
-    assert_eq!(rest, upcoming[..3], "the rest of the round, in order");
+    assert_eq!(rest, upcoming[..4], "the rest of the round, in order");
+}
+
+/// The targets of A's next `periods` probes, each acked at once by its target (gossip
+/// rounds between them are fired and ignored).
+fn probe_targets(net: &mut Net, periods: usize) -> Vec<usize> {
+    let mut targets = Vec::new();
+    for period in 0..periods {
+        let ping = (0..8).find_map(|_| {
+            let out = net.step(A);
+            let pings: Vec<(u32, NodeId)> = out
+                .sent
+                .iter()
+                .filter_map(|t| match t.message {
+                    SwimMessage::Ping { seq, target, .. } => Some((seq, target)),
+                    _ => None,
+                })
+                .collect();
+            assert!(pings.len() <= 1, "period {period}: {out:?}");
+            pings.first().copied()
+        });
+        let Some((seq, target)) = ping else {
+            panic!("period {period}: no ping in 8 steps");
+        };
+        let target = target.0 as usize - 1;
+        targets.push(target);
+        net.deliver_from(target, A, ack(seq, target, vec![]));
+    }
+    targets
+}
+
+#[test]
+fn every_other_period_probes_the_ring_successor_and_the_rest_go_round_robin() {
+    let mut net = Net::new(6);
+    let targets = probe_targets(&mut net, 10);
+    let successor: Vec<usize> = targets.iter().step_by(2).copied().collect();
+    assert_eq!(successor, [B; 5], "{targets:?}");
+    // The five periods between cover the whole round, the successor included, once each.
+    let mut round: Vec<usize> = targets.iter().skip(1).step_by(2).copied().collect();
+    round.sort();
+    assert_eq!(round, [B, C, 3, 4, 5], "{targets:?}");
+}
+
+#[test]
+fn the_ring_successor_skips_dead_members_and_wraps_around() {
+    let mut net = Net::new(4);
+    // B is dead in A's view: C (the next id) is A's successor.
+    net.deliver_from(
+        C,
+        A,
+        gossip(
+            C,
+            vec![Update::Dead {
+                id: id(B),
+                life: life(1, 0),
+                from: id(C),
+            }],
+        ),
+    );
+    let targets = probe_targets(&mut net, 6);
+    let successor: Vec<usize> = targets.iter().step_by(2).copied().collect();
+    assert_eq!(successor, [C; 3], "{targets:?}");
+    assert!(
+        !targets.contains(&B),
+        "a dead member was probed: {targets:?}"
+    );
+    // The last member's successor wraps around to the first.
+    let members = &net.node(3).members;
+    assert_eq!(members.live_successor(id(3)), Some(id(A)));
 }
 
 #[test]
