@@ -79,8 +79,7 @@ async fn outsider_is_refused_by_the_channel(scheme: &str, members: &[&Node], out
             seed()
         );
         // An outsider's message that reached membership would be refused there as signed by
-        // an unknown key. (Other refusals can happen among members: a relayed ack arriving
-        // after its probe ended counts as `id_mismatch`.)
+        // an unknown key.
         assert_eq!(
             n.auth_stats().unknown_key,
             0,

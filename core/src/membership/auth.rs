@@ -15,7 +15,9 @@
 //! 4. the replay guard admits `(generation, seq)` (else [`Rejection::Replayed`]);
 //! 5. the body decodes within the limits (else [`Rejection::Malformed`]);
 //! 6. the body speaks for the signer: its `from` is the sender id (a relayed ack, which names
-//!    the probed member, only from a helper this node asked) (else [`Rejection::IdMismatch`]).
+//!    the probed member, only from a helper this node asked) (else [`Rejection::IdMismatch`];
+//!    a helper's relay that arrives after its probe ended is verified, dropped and counted in
+//!    [`AuthStats::late_relayed_acks`], not as a rejection).
 //!
 //! Plain messages are [`Rejection::Unsigned`]. A rejected message changes nothing but the
 //! counter of its kind ([`AuthStats`]).
@@ -241,6 +243,9 @@ pub struct AuthStats {
     pub address_conflicts: u64,
     /// Messages this node signed.
     pub signed: u64,
+    /// Acks relayed by a helper this node asked, for a probe of this node that had already
+    /// ended: verified, then dropped without effect (not a rejection).
+    pub late_relayed_acks: u64,
 }
 
 impl AuthStats {

@@ -535,6 +535,60 @@ fn relayed_acks_count_only_from_the_helpers_asked() {
     );
 }
 
+/// A helper's relay that arrives after its probe ended is dropped without effect and counted
+/// as late, not as an id mismatch; from a member the probe did not ask it still is one.
+#[test]
+fn a_late_relayed_ack_is_counted_apart_and_changes_nothing() {
+    let mut w = World::new();
+    let (b_id, d_id) = (w.b.local.id, w.d.local.id);
+    let now = w.now;
+    w.a.timers.set(super::timers::Timer::ProbePeriod, now);
+    w.a.handle_timeout(now);
+    while w.a.poll_transmit().is_some() {}
+    let Some((seq, target)) = w.a.probes.current_probe() else {
+        panic!("a probe started");
+    };
+    let helper = if target == b_id { d_id } else { b_id };
+    w.a.probes.ask_for_test(helper);
+    w.a.finish_probe(now);
+    while w.a.poll_transmit().is_some() {}
+    while w.a.poll_event().is_some() {}
+    assert!(w.a.probes.current_probe().is_none(), "the probe ended");
+    let state = w.a.member(target).map(|m| (m.state, m.life));
+    let ack = SwimMessage::Ack {
+        seq,
+        from: target,
+        updates: vec![],
+    };
+    let sender = if helper == b_id { &mut w.b } else { &mut w.d };
+    let late = seal(sender, &w.a, ack.clone());
+    w.a.handle_frame(now, addr("h"), SwimFrame::Signed(late.clone()));
+    let stats = w.a.auth_stats();
+    assert_eq!(
+        (stats.late_relayed_acks, stats.id_mismatch),
+        (1, 0),
+        "{stats:?}"
+    );
+    assert_eq!(w.a.poll_transmit(), None);
+    assert_eq!(w.a.poll_event(), None);
+    assert_eq!(w.a.member(target).map(|m| (m.state, m.life)), state);
+    // The same frame again is a replay.
+    w.a.handle_frame(now, addr("h"), SwimFrame::Signed(late));
+    assert_eq!(w.a.auth_stats().replayed, 1);
+    // For a sequence number no ended probe had, the same helper's ack naming the target
+    // speaks for someone else: an id mismatch.
+    let stray = SwimMessage::Ack {
+        seq: seq.wrapping_add(100),
+        from: target,
+        updates: vec![],
+    };
+    let sender = if helper == b_id { &mut w.b } else { &mut w.d };
+    let frame = seal(sender, &w.a, stray);
+    w.a.handle_frame(now, addr("h"), SwimFrame::Signed(frame));
+    assert_eq!(w.a.auth_stats().id_mismatch, 1);
+    assert_eq!(w.a.auth_stats().late_relayed_acks, 1);
+}
+
 /// An admitted member that floods: its piggybacked updates and its ping-reqs are limited per
 /// second (per sender), the excess counted, and the budget refills with time.
 #[test]

@@ -542,6 +542,15 @@ impl Membership {
         };
         let claimed = auth::claimed_sender(&verified.message);
         if claimed != verified.from && !self.is_relayed_ack(verified.from, &verified.message) {
+            if self.is_late_relayed_ack(verified.from, &verified.message) {
+                // Signed by a helper this node asked, for a probe that has ended: nothing to
+                // act on, and no attack (it used to be counted as `id_mismatch`).
+                if let Some(auth) = self.auth.as_mut() {
+                    auth.accept(&verified);
+                }
+                self.auth_stats.late_relayed_acks += 1;
+                return;
+            }
             return self.reject(&from, Rejection::IdMismatch);
         }
         if let Some(auth) = self.auth.as_mut() {
@@ -549,6 +558,14 @@ impl Membership {
         }
         self.auth_stats.verified += 1;
         self.dispatch(now, from, verified.message);
+    }
+
+    /// Whether `message` is an ack relayed by a helper of one of this node's ended probes.
+    fn is_late_relayed_ack(&self, sender: NodeId, message: &SwimMessage) -> bool {
+        let SwimMessage::Ack { seq, from, .. } = message else {
+            return false;
+        };
+        self.is_late_relayed_ack_from(sender, *seq, *from)
     }
 
     /// Whether `message` is an ack naming the target of this node's probe in progress, sent

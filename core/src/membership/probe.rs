@@ -2,7 +2,7 @@
 //! ping-reqs through helpers), the pings this node relays for others (and their nacks), and
 //! Lifeguard's local health score that paces probing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use rand::Rng;
@@ -26,6 +26,9 @@ pub(super) struct Prober {
     /// A member [`Prober::probe_next`] asked to probe first, whatever the turn.
     urgent: Option<NodeId>,
     current: Option<Probe>,
+    /// The last [`ENDED_PROBES`] probes that ended, to tell a helper's late relay of one of
+    /// them from an ack that speaks for someone else.
+    ended: VecDeque<EndedProbe>,
     next_seq: u32,
     /// Pings relayed for ping-reqs, by the sequence number of the relayed ping.
     relays: HashMap<u32, Relay>,
@@ -73,6 +76,18 @@ struct Probe {
     nacked: Vec<NodeId>,
 }
 
+/// How many ended probes [`Prober`] remembers (a relay can arrive up to a protocol period
+/// late, so a few suffice).
+const ENDED_PROBES: usize = 8;
+
+/// What is remembered of an ended probe.
+#[derive(Debug)]
+struct EndedProbe {
+    seq: u32,
+    target: NodeId,
+    asked: Vec<NodeId>,
+}
+
 #[derive(Debug)]
 struct Relay {
     requester: Address,
@@ -103,6 +118,7 @@ impl Default for Prober {
             successor_turn: false,
             urgent: None,
             current: None,
+            ended: VecDeque::new(),
             next_seq: 1,
             relays: HashMap::new(),
             relay_budget: RelayBudget::default(),
@@ -112,6 +128,20 @@ impl Default for Prober {
 }
 
 impl Prober {
+    /// Ends the probe in progress (remembering it among the ended ones) and returns it.
+    fn end_current(&mut self) -> Option<Probe> {
+        let p = self.current.take()?;
+        if self.ended.len() == ENDED_PROBES {
+            self.ended.pop_front();
+        }
+        self.ended.push_back(EndedProbe {
+            seq: p.seq,
+            target: p.target,
+            asked: p.asked.clone(),
+        });
+        Some(p)
+    }
+
     fn next_seq(&mut self) -> u32 {
         let seq = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(1);
@@ -337,13 +367,13 @@ impl Membership {
 
     /// Ends the probe in progress, if any, without a verdict.
     pub(super) fn cancel_probe(&mut self) {
-        self.probes.current = None;
+        self.probes.end_current();
         self.timers.cancel(Timer::ProbeAck);
     }
 
     /// The protocol period ended without an ack: suspect the target.
     pub(super) fn finish_probe(&mut self, now: Instant) {
-        let Some(p) = self.probes.current.take() else {
+        let Some(p) = self.probes.end_current() else {
             return;
         };
         self.timers.cancel(Timer::ProbeAck);
@@ -378,6 +408,16 @@ impl Membership {
             .current
             .as_ref()
             .is_some_and(|p| p.seq == seq && p.target == acker && p.asked.contains(&sender))
+    }
+
+    /// Whether an ack with `seq` naming `acker`, sent by `sender`, is a helper's relay of a
+    /// probe of this node that already ended (it arrived after the period): harmless, and
+    /// not an ack speaking for another member.
+    pub(super) fn is_late_relayed_ack_from(&self, sender: NodeId, seq: u32, acker: NodeId) -> bool {
+        self.probes
+            .ended
+            .iter()
+            .any(|p| p.seq == seq && p.target == acker && p.asked.contains(&sender))
     }
 
     pub(super) fn on_ping(

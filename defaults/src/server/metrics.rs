@@ -209,6 +209,7 @@ pub(crate) async fn refresh(node: &Node) {
     ] {
         counter!("chorus_membership_refused_total", "kind" => kind).absolute(v);
     }
+    counter!("chorus_membership_late_relayed_acks_total").absolute(a.late_relayed_acks);
     counter!("chorus_membership_unadmitted_members_total").absolute(a.unadmitted_members);
     counter!("chorus_membership_revoked_members_total").absolute(a.revoked_members);
     counter!("chorus_membership_address_conflicts_total").absolute(a.address_conflicts);
