@@ -500,20 +500,27 @@ fn valid_messages_are_accepted_and_unadmitted_members_refused() {
     );
 }
 
+/// Starts A's probe now; its sequence number, its target, and the other admitted member (a
+/// possible helper).
+fn start_probe(w: &mut World) -> (u32, NodeId, NodeId) {
+    let (b_id, d_id) = (w.b.local.id, w.d.local.id);
+    w.a.timers.set(super::timers::Timer::ProbePeriod, w.now);
+    w.a.handle_timeout(w.now);
+    while w.a.poll_transmit().is_some() {}
+    let Some((seq, target)) = w.a.probes.current_probe() else {
+        panic!("a probe started");
+    };
+    (seq, target, if target == b_id { d_id } else { b_id })
+}
+
 /// A helper's relayed ack names the probed member, not its sender: accepted from a helper
 /// the probe asked, refused from anyone else.
 #[test]
 fn relayed_acks_count_only_from_the_helpers_asked() {
     let mut w = World::new();
-    let (b_id, d_id) = (w.b.local.id, w.d.local.id);
+    let b_id = w.b.local.id;
     let now = w.now;
-    w.a.timers.set(super::timers::Timer::ProbePeriod, now);
-    w.a.handle_timeout(now);
-    while w.a.poll_transmit().is_some() {}
-    let Some((seq, target)) = w.a.probes.current_probe() else {
-        panic!("a probe started");
-    };
-    let helper = if target == b_id { d_id } else { b_id };
+    let (seq, target, helper) = start_probe(&mut w);
     // Without asking anyone, a relayed ack is an id mismatch.
     let ack = SwimMessage::Ack {
         seq,
@@ -540,15 +547,9 @@ fn relayed_acks_count_only_from_the_helpers_asked() {
 #[test]
 fn a_late_relayed_ack_is_counted_apart_and_changes_nothing() {
     let mut w = World::new();
-    let (b_id, d_id) = (w.b.local.id, w.d.local.id);
+    let b_id = w.b.local.id;
     let now = w.now;
-    w.a.timers.set(super::timers::Timer::ProbePeriod, now);
-    w.a.handle_timeout(now);
-    while w.a.poll_transmit().is_some() {}
-    let Some((seq, target)) = w.a.probes.current_probe() else {
-        panic!("a probe started");
-    };
-    let helper = if target == b_id { d_id } else { b_id };
+    let (seq, target, helper) = start_probe(&mut w);
     w.a.probes.ask_for_test(helper);
     w.a.finish_probe(now);
     while w.a.poll_transmit().is_some() {}
