@@ -14,9 +14,10 @@
 //!   lock of the key's shard, so concurrent writers to one key always end with the
 //!   [`Record::merge`] of everything they applied. Writers to keys in other shards do not block
 //!   each other.
-//! - The map is unordered, so [`Storage::scan`] and [`Storage::digest`] visit **every** stored
-//!   record: each scan page and each digest costs O(n) in the number of records, whatever the
-//!   size of the range or of the page. A scan page keeps only `limit + 1` candidates in memory.
+//! - Beside the map, an index orders the keys by ring position (64 ordered sets cut by the
+//!   position's top bits), so [`Storage::scan`] and [`Storage::digest`] read only the range
+//!   asked for: O(log n + page) per scan page, O(log n + records in range) per digest. A new
+//!   key costs one index insert (under its map shard's lock); overwrites cost nothing more.
 //! - [`Storage::apply_batch`] applies each write in turn; metadata
 //!   ([`Storage::store_meta`]) and hints ([`Storage::store_hints`]) are maps beside the
 //!   records, lost with them.
@@ -44,8 +45,8 @@
 
 #![deny(missing_docs)]
 
-use std::cmp::Ordering as CmpOrdering;
-use std::collections::BinaryHeap;
+mod index;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::num::{NonZeroU32, NonZeroUsize};
@@ -60,9 +61,8 @@ use chorus_core::record::Record;
 use chorus_core::registry::{Registry, StorageSpec};
 use chorus_core::storage::{
     ApplyOutcome, Capabilities, Durability, Entry, PurgeStats, RangeDigest, ScanCost, ScanCursor,
-    ScanPage, SharedStorage, Storage, StorageError, StorageStats, after_cursor, check_batch_len,
-    check_hint_ids, check_hints, check_meta, check_meta_name, empty_digests, footprint,
-    purge_candidates, scan_order,
+    ScanPage, SharedStorage, Storage, StorageError, StorageStats, check_batch_len, check_hint_ids,
+    check_hints, check_meta, check_meta_name, empty_digests, footprint, purge_candidates,
 };
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
@@ -100,9 +100,14 @@ struct Slot {
     record: Record,
 }
 
+/// Index keys fetched at a time by a scan or digest (each fetch holds one index shard's lock).
+const WALK_CHUNK: usize = 1024;
+
 /// A volatile in-memory store; see the [crate documentation](crate).
 pub struct MemoryStorage {
     map: DashMap<Bytes, Slot>,
+    /// Every key of `map` by ring position, for scans and digests.
+    index: index::RingIndex,
     closed: AtomicBool,
     /// Stored records, tombstones included.
     records: AtomicU64,
@@ -131,45 +136,12 @@ impl Default for MemoryStorage {
     }
 }
 
-/// A scan candidate, ordered by `(offset from range start, key)`: the scan order.
-struct Candidate {
-    offset: u64,
-    entry: Entry,
-}
-
-impl Candidate {
-    fn cmp_parts(&self, offset: u64, key: &[u8]) -> CmpOrdering {
-        self.offset
-            .cmp(&offset)
-            .then_with(|| self.entry.key[..].cmp(key))
-    }
-}
-
-impl PartialEq for Candidate {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == CmpOrdering::Equal
-    }
-}
-
-impl Eq for Candidate {}
-
-impl PartialOrd for Candidate {
-    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Candidate {
-    fn cmp(&self, other: &Self) -> CmpOrdering {
-        self.cmp_parts(other.offset, &other.entry.key)
-    }
-}
-
 impl MemoryStorage {
     /// An empty store.
     pub fn new() -> Self {
         MemoryStorage {
             map: DashMap::new(),
+            index: index::RingIndex::default(),
             closed: AtomicBool::new(false),
             records: AtomicU64::new(0),
             tombstones: AtomicU64::new(0),
@@ -231,6 +203,7 @@ impl MemoryStorage {
             MapEntry::Vacant(vacant) => {
                 let hash = key_hash(vacant.key());
                 self.count_in(vacant.key(), &record);
+                self.index.insert(hash, vacant.key().clone());
                 let _locked = vacant.insert(Slot { hash, record });
                 Ok(ApplyOutcome::Applied { previous: None })
             }
@@ -269,41 +242,52 @@ impl MemoryStorage {
         limit: NonZeroUsize,
     ) -> Result<ScanPage, StorageError> {
         self.check_open()?;
-        // Keep the `limit + 1` smallest candidates in a max-heap: one more than the page, to
-        // know whether anything remains after it.
+        // One more than the page, to know whether anything remains after it.
         let keep = limit.get().saturating_add(1);
-        let mut heap: BinaryHeap<Candidate> = BinaryHeap::new();
-        for item in self.map.iter() {
-            let (key, slot) = item.pair();
-            if !range.contains(slot.hash) {
-                continue;
-            }
-            if let Some(cursor) = &cursor
-                && !after_cursor(&range, slot.hash, key, cursor)
-            {
-                continue;
-            }
-            let offset = range.offset(slot.hash);
-            if heap.len() == keep {
-                // Only clone the entry if it beats the largest candidate kept so far.
-                if heap
-                    .peek()
-                    .is_some_and(|largest| largest.cmp_parts(offset, key).is_le())
-                {
-                    continue;
-                }
-                heap.pop();
-            }
-            let entry = Entry {
-                hash: slot.hash,
-                key: key.clone(),
-                record: slot.record.clone(),
-            };
-            heap.push(Candidate { offset, entry });
-        }
-        let mut entries: Vec<Entry> = heap.into_vec().into_iter().map(|c| c.entry).collect();
-        entries.sort_unstable_by(|a, b| scan_order(&range, a, b));
+        let mut entries = Vec::new();
+        self.walk(
+            range,
+            cursor.map(|c| (c.hash, c.key)),
+            keep,
+            |hash, key, slot| {
+                entries.push(Entry {
+                    hash,
+                    key: key.clone(),
+                    record: slot.record.clone(),
+                });
+            },
+        )?;
         Ok(ScanPage::from_ordered(entries, limit))
+    }
+
+    /// Calls `f` on up to `want` stored records of `range` in scan order, after `after`.
+    /// Keys the index lists but a purge removed from the map meanwhile are skipped.
+    fn walk(
+        &self,
+        range: HashRange,
+        mut after: Option<(u64, Bytes)>,
+        want: usize,
+        mut f: impl FnMut(u64, &Bytes, &Slot),
+    ) -> Result<(), StorageError> {
+        let mut seen = 0;
+        while seen < want {
+            let asked = (want - seen).min(WALK_CHUNK);
+            let keys = self
+                .index
+                .keys(&range, after.as_ref().map(|(h, k)| (*h, k)), asked);
+            let exhausted = keys.len() < asked;
+            for (hash, key) in keys {
+                if let Some(slot) = self.map.get(&key) {
+                    f(hash, &key, &slot);
+                    seen += 1;
+                }
+                after = Some((hash, key));
+            }
+            if exhausted {
+                break;
+            }
+        }
+        self.check_open()
     }
 
     fn digest_now(
@@ -313,13 +297,10 @@ impl MemoryStorage {
     ) -> Result<Vec<RangeDigest>, StorageError> {
         self.check_open()?;
         let mut digests = empty_digests(buckets)?;
-        for item in self.map.iter() {
-            let (key, slot) = item.pair();
-            if range.contains(slot.hash) {
-                let bucket = range.bucket_of(slot.hash, buckets) as usize;
-                digests[bucket].add(slot.record.fingerprint(key));
-            }
-        }
+        self.walk(range, None, usize::MAX, |hash, key, slot| {
+            let bucket = range.bucket_of(hash, buckets) as usize;
+            digests[bucket].add(slot.record.fingerprint(key));
+        })?;
         Ok(digests)
     }
 
@@ -338,9 +319,14 @@ impl MemoryStorage {
             grace,
             candidates,
             |key, collectable| {
-                let (key, slot) = self
-                    .map
-                    .remove_if(&key, |_, slot| collectable(&slot.record))?;
+                let (key, slot) = self.map.remove_if(&key, |key, slot| {
+                    // Under the map shard's lock, like the insert: index and map agree.
+                    let gone = collectable(&slot.record);
+                    if gone {
+                        self.index.remove(slot.hash, key.clone());
+                    }
+                    gone
+                })?;
                 self.count_out(&key, &slot.record);
                 Some(slot.record)
             },
@@ -363,6 +349,7 @@ impl MemoryStorage {
         // Release the memory now rather than when the last handle is dropped. The counters are
         // left as they are: nothing can read them any more.
         self.map.clear();
+        self.index.clear();
         self.meta
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -376,9 +363,9 @@ impl MemoryStorage {
 }
 
 impl Storage for MemoryStorage {
-    /// Volatile, never evicts, full scans.
+    /// Volatile, never evicts, ordered scans.
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(Durability::Volatile, ScanCost::FullScan)
+        Capabilities::new(Durability::Volatile, ScanCost::Ordered)
     }
 
     async fn get(&self, key: &[u8]) -> Result<Option<Record>, StorageError> {
