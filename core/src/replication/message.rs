@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::{serde_bytes, serde_str};
 use crate::hlc::Version;
+use crate::identity::NodeId;
 use crate::record::Record;
+use crate::storage::RangeDigest;
 
 /// The replica protocol version this build speaks.
 pub const REPLICA_PROTOCOL_VERSION: u16 = 1;
@@ -79,6 +81,49 @@ pub enum ReplicaMessage {
         /// Indices into the offer's entries.
         #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_BATCH>")]
         wanted: Vec<u32>,
+    },
+    /// Merkle anti-entropy: the digests of these nodes of `level` of the receiver's tree
+    /// (`healing::merkle`); answered with [`ReplicaMessage::MerkleDigests`], or refused as
+    /// [`Refusal::Invalid`] past the tree's depth, its width or the request bound.
+    MerkleNodes {
+        /// The sender's [`REPLICA_PROTOCOL_VERSION`].
+        version: u16,
+        /// The level (0: the root).
+        level: u8,
+        /// Node indices on that level, at most [`MAX_BATCH`].
+        #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_BATCH>")]
+        indices: Vec<u32>,
+    },
+    /// The answer to a [`ReplicaMessage::MerkleNodes`]: one digest per node, in its order.
+    MerkleDigests {
+        /// The digests.
+        #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_BATCH>")]
+        digests: Vec<RangeDigest>,
+    },
+    /// Merkle anti-entropy: the sender's digests of these leaves, over the records the two
+    /// share and not past `cutoff_ms` (the agreed purge horizon); the receiver computes its
+    /// own from storage and answers [`ReplicaMessage::MerkleDiffer`]. Leaves outside the
+    /// ranges the two share are refused as [`Refusal::OutOfRange`], too many leaves or too
+    /// wide a span as [`Refusal::Invalid`].
+    MerkleCheck {
+        /// The sender's [`REPLICA_PROTOCOL_VERSION`].
+        version: u16,
+        /// The sender's id: the digests cover the keys both replicate.
+        from: NodeId,
+        /// Records collectable at or before this time are left out.
+        cutoff_ms: u64,
+        /// Leaf indices, strictly ascending.
+        #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_BATCH>")]
+        leaves: Vec<u32>,
+        /// One digest per leaf.
+        #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_BATCH>")]
+        digests: Vec<RangeDigest>,
+    },
+    /// The answer to a [`ReplicaMessage::MerkleCheck`]: the leaves whose digests differ.
+    MerkleDiffer {
+        /// Leaf indices, a subset of the check's.
+        #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_BATCH>")]
+        leaves: Vec<u32>,
     },
 }
 
