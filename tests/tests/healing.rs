@@ -579,6 +579,7 @@ async fn replicas_that_purge_at_different_moments_agree_and_nothing_comes_back()
     let mut spec = merkle_only(3);
     spec.config.tombstone_grace = Duration::from_secs(120);
     spec.config.sync_interval = Duration::from_secs(60);
+    spec.config.merkle_rebuild_interval = Duration::from_secs(5);
     let cluster = Cluster::start(spec).await;
     let all = WriteOptions::default().consistency(Consistency::All);
     for k in 0..40 {
@@ -605,9 +606,23 @@ async fn replicas_that_purge_at_different_moments_agree_and_nothing_comes_back()
         .await
         .expect("purge");
     assert_eq!(purged.tombstones, 20);
-    // Several exchange intervals: the trees differ, the digests at the agreed horizon do not.
+    // Node 0's next rebuild (every 5 s) takes the tombstones out of its tree; for several
+    // exchange intervals the trees differ, the digests at the agreed horizon do not.
     tokio::time::sleep(Duration::from_secs(20)).await;
     let after: Vec<_> = (0..3).map(|i| cluster.node(i).stats()).collect();
+    assert!(
+        after[0].merkle_rebuild_corrected > before[0].merkle_rebuild_corrected,
+        "seed {}: node 0's tree lost the purged tombstones",
+        seed()
+    );
+    let checked = |s: &[chorus::runtime::node::NodeStats]| -> u64 {
+        s.iter().map(|s| s.merkle_leaves_checked).sum()
+    };
+    assert!(
+        checked(&after) > checked(&before),
+        "seed {}: the differing leaves were checked at the horizon",
+        seed()
+    );
     for i in 0..3 {
         assert!(
             after[i].merkle_exchanges > before[i].merkle_exchanges,

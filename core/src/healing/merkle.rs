@@ -13,7 +13,7 @@
 //! # Leaves
 //!
 //! A leaf is a [`RangeDigest`] of the records stored in it: their count and the wrapping sum
-//! of [`entry_hash`]`(key, version)`. A version names one write (the HLC stamp and the
+//! of [`entry_hash`]`(key position, version)`. A version names one write (the HLC stamp and the
 //! writer's id), so the digest sums exactly what repair can move. Addition and subtraction
 //! make it incremental: an apply that replaced version `p` by `v` subtracts `h(key, p)` and
 //! adds `h(key, v)`, both known from the storage's [`ApplyOutcome`](crate::storage::ApplyOutcome)
@@ -24,24 +24,27 @@
 //! # Write path and rebuilds
 //!
 //! Leaves live in [`SHARDS`] mutex-guarded shards, so writers to different parts of the ring
-//! do not contend and each apply costs two short uncontended lock holds and one hash. An
-//! apply calls [`MerkleTree::begin`] before it reaches storage and [`MerkleTree::finish`]
-//! after (or [`MerkleTree::abandon`] when storage failed and what it stored is unknown);
-//! both mark the leaf dirty.
+//! do not contend. An apply calls [`MerkleTree::begin`] before it reaches storage (one atomic
+//! increment of its shard's in-flight count) and [`MerkleTree::finish`] after (one short
+//! uncontended lock hold, one 24-byte hash per version), or [`MerkleTree::abandon`] when
+//! storage failed and what it stored is unknown. `finish` marks the leaf dirty.
 //!
 //! A rebuild ([`MerkleTree::start_rebuild`], [`Rebuild::add`] for every stored record, then
 //! [`MerkleTree::finish_rebuild`]) recomputes the leaves from storage, catching whatever
 //! changed a store without going through the apply path (silent corruption, a purge, an
-//! eviction, a failed batch). A leaf written to while the rebuild ran (dirty, or with an
-//! apply in flight) keeps its incrementally maintained value: the scan may have seen the
-//! write or not, the incremental value saw it exactly once. Rebuilds must not overlap each
+//! eviction, a failed batch). A leaf written to while the rebuild ran (dirty) keeps its
+//! incrementally maintained value: the scan may have seen the write or not, the incremental
+//! value saw it exactly once. A shard with applies in flight is merged only once they are
+//! done (an apply that begins after the check began after the scan, so the scan did not see
+//! it and its delta applies to the rebuilt value); `finish_rebuild` yields the thread while
+//! it waits, and leaves a shard as maintained if that takes too long. Rebuilds must not overlap each
 //! other or a purge; the node runs both from one task.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use xxhash_rust::xxh3::Xxh3;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::hash::HashRange;
 use crate::hlc::Version;
@@ -78,14 +81,15 @@ pub const HORIZON_EPOCH_MS: u64 = 60_000;
 /// Seed of [`entry_hash`]. Part of the wire contract: never change it.
 const ENTRY_SEED: u64 = 0x6d65_726b_6c65_6368; // "merklech"
 
-/// The unit of leaf digests: a 64-bit hash of `key` and the `version` stored under it.
-pub fn entry_hash(key: &[u8], version: &Version) -> u64 {
-    let mut h = Xxh3::with_seed(ENTRY_SEED);
-    h.update(&(key.len() as u64).to_le_bytes());
-    h.update(key);
-    h.update(&version.timestamp.as_u64().to_le_bytes());
-    h.update(&version.node.0.to_le_bytes());
-    h.digest()
+/// The unit of leaf digests: a 64-bit hash of a key's ring position
+/// ([`key_hash`](crate::hash::key_hash)) and the `version` stored under it. Two keys with the
+/// same 64-bit position are as unlikely as any other 64-bit collision.
+pub fn entry_hash(key_hash: u64, version: &Version) -> u64 {
+    let mut buf = [0u8; 24];
+    buf[..8].copy_from_slice(&key_hash.to_le_bytes());
+    buf[8..16].copy_from_slice(&version.timestamp.as_u64().to_le_bytes());
+    buf[16..].copy_from_slice(&version.node.0.to_le_bytes());
+    xxh3_64_with_seed(&buf, ENTRY_SEED)
 }
 
 /// The leaf holding ring position `hash`.
@@ -225,14 +229,19 @@ pub fn check_leaves(leaves: &[u32], digests: usize) -> Result<(), BoundsError> {
 #[derive(Clone, Copy, Debug, Default)]
 struct Leaf {
     digest: RangeDigest,
-    in_flight: u32,
     dirty: bool,
 }
+
+/// A shard's applies between `begin` and `finish`, on its own cache line.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct InFlight(AtomicU32);
 
 /// The tree; see the [module documentation](self).
 #[derive(Debug)]
 pub struct MerkleTree {
     shards: Box<[Mutex<Box<[Leaf]>>]>,
+    in_flight: Box<[InFlight]>,
     /// Set when an apply's effect on storage is unknown: the next rebuild should not wait.
     needs_rebuild: AtomicBool,
 }
@@ -241,7 +250,7 @@ pub struct MerkleTree {
 #[derive(Debug)]
 #[must_use = "finish or abandon it, or the leaf stays in flight"]
 pub struct Pending {
-    leaf: u32,
+    key_hash: u64,
 }
 
 impl Default for MerkleTree {
@@ -257,6 +266,7 @@ impl MerkleTree {
             shards: (0..SHARDS)
                 .map(|_| Mutex::new(vec![Leaf::default(); SHARD_LEAVES as usize].into()))
                 .collect(),
+            in_flight: (0..SHARDS).map(|_| InFlight::default()).collect(),
             needs_rebuild: AtomicBool::new(false),
         }
     }
@@ -270,46 +280,42 @@ impl MerkleTree {
 
     /// Before applying a write of the key at ring position `key_hash` to storage.
     pub fn begin(&self, key_hash: u64) -> Pending {
-        let leaf = leaf_of(key_hash);
-        self.with_leaf(leaf, |l| {
-            l.in_flight += 1;
-            l.dirty = true;
-        });
-        Pending { leaf }
+        self.in_flight[(leaf_of(key_hash) / SHARD_LEAVES) as usize]
+            .0
+            .fetch_add(1, Ordering::SeqCst);
+        Pending { key_hash }
+    }
+
+    fn end(&self, pending: &Pending) {
+        self.in_flight[(leaf_of(pending.key_hash) / SHARD_LEAVES) as usize]
+            .0
+            .fetch_sub(1, Ordering::SeqCst);
     }
 
     /// After storage applied it: `replaced` is the version the write replaced (if any),
     /// `stored` the one it stored (`None` when storage kept what it had: nothing changes).
-    pub fn finish(
-        &self,
-        pending: Pending,
-        key: &[u8],
-        replaced: Option<&Version>,
-        stored: Option<&Version>,
-    ) {
+    pub fn finish(&self, pending: Pending, replaced: Option<&Version>, stored: Option<&Version>) {
         let mut delta = RangeDigest::default();
         let mut removed = RangeDigest::default();
         if let Some(stored) = stored {
-            delta.add(entry_hash(key, stored));
+            delta.add(entry_hash(pending.key_hash, stored));
             if let Some(replaced) = replaced {
-                removed.add(entry_hash(key, replaced));
+                removed.add(entry_hash(pending.key_hash, replaced));
             }
+            self.with_leaf(leaf_of(pending.key_hash), |l| {
+                l.digest = subtract(l.digest.combine(delta), removed);
+                l.dirty = true;
+            });
         }
-        self.with_leaf(pending.leaf, |l| {
-            l.digest = subtract(l.digest.combine(delta), removed);
-            l.in_flight -= 1;
-            l.dirty = true;
-        });
+        self.end(&pending);
     }
 
     /// After storage failed to apply it: what it stored is unknown, so the leaf may be wrong
     /// until the next rebuild, which [`MerkleTree::needs_rebuild`] asks for.
     pub fn abandon(&self, pending: Pending) {
-        self.with_leaf(pending.leaf, |l| {
-            l.in_flight -= 1;
-            l.dirty = true;
-        });
+        self.with_leaf(leaf_of(pending.key_hash), |l| l.dirty = true);
         self.needs_rebuild.store(true, Ordering::Relaxed);
+        self.end(&pending);
     }
 
     /// Whether an abandoned apply left the tree unsure of some leaf.
@@ -373,14 +379,27 @@ impl MerkleTree {
     }
 
     /// Ends a rebuild: every leaf not written to since [`MerkleTree::start_rebuild`] takes
-    /// the rebuilt value.
+    /// the rebuilt value, shard by shard once the shard has no apply in flight.
     pub fn finish_rebuild(&self, rebuild: Rebuild) -> RebuildReport {
         let mut report = RebuildReport::default();
         for (s, shard) in self.shards.iter().enumerate() {
-            let mut guard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut guard = None;
+            for _ in 0..10_000 {
+                let g = shard.lock().unwrap_or_else(PoisonError::into_inner);
+                if self.in_flight[s].0.load(Ordering::SeqCst) == 0 {
+                    guard = Some(g);
+                    break;
+                }
+                drop(g);
+                std::thread::yield_now();
+            }
+            let Some(mut guard) = guard else {
+                report.kept += SHARD_LEAVES;
+                continue;
+            };
             for (i, l) in guard.iter_mut().enumerate() {
                 let fresh = rebuild.fresh[s * SHARD_LEAVES as usize + i];
-                if l.dirty || l.in_flight > 0 {
+                if l.dirty {
                     report.kept += 1;
                 } else if l.digest != fresh {
                     l.digest = fresh;
@@ -408,8 +427,8 @@ pub struct Rebuild {
 
 impl Rebuild {
     /// Counts one stored record.
-    pub fn add(&mut self, key_hash: u64, key: &[u8], version: &Version) {
-        self.fresh[leaf_of(key_hash) as usize].add(entry_hash(key, version));
+    pub fn add(&mut self, key_hash: u64, version: &Version) {
+        self.fresh[leaf_of(key_hash) as usize].add(entry_hash(key_hash, version));
     }
 }
 
@@ -437,7 +456,7 @@ mod tests {
 
     fn put(tree: &MerkleTree, key: &[u8], replaced: Option<u64>, stored: u64) {
         let p = tree.begin(key_hash(key));
-        tree.finish(p, key, replaced.map(v).as_ref(), Some(&v(stored)));
+        tree.finish(p, replaced.map(v).as_ref(), Some(&v(stored)));
     }
 
     #[test]
@@ -470,7 +489,7 @@ mod tests {
         assert_eq!(a.node(0, 0).expect("root").count, 2);
         // A stale apply changes nothing.
         let p = a.begin(key_hash(b"x"));
-        a.finish(p, b"x", None, None);
+        a.finish(p, None, None);
         assert_eq!(a.node(0, 0), b.node(0, 0));
         put(&b, b"x", Some(2), 4);
         assert_ne!(a.node(0, 0), b.node(0, 0));
@@ -493,8 +512,8 @@ mod tests {
         put(&tree, b"y", None, 1);
         // Storage holds x@1 and y@5 (y changed behind the tree's back).
         let mut rebuild = tree.start_rebuild();
-        rebuild.add(key_hash(b"x"), b"x", &v(1));
-        rebuild.add(key_hash(b"y"), b"y", &v(5));
+        rebuild.add(key_hash(b"x"), &v(1));
+        rebuild.add(key_hash(b"y"), &v(5));
         let report = tree.finish_rebuild(rebuild);
         assert_eq!(report.corrected, 1);
         let expected = MerkleTree::new();
@@ -502,17 +521,24 @@ mod tests {
         put(&expected, b"y", None, 5);
         assert_eq!(tree.node(0, 0), expected.node(0, 0));
 
-        // A write during the rebuild: its leaf keeps the maintained value.
+        // A write during the rebuild (the scan missed it): its leaf keeps the maintained value.
         let mut rebuild = tree.start_rebuild();
-        rebuild.add(key_hash(b"x"), b"x", &v(1));
-        rebuild.add(key_hash(b"y"), b"y", &v(5));
-        let p = tree.begin(key_hash(b"z"));
-        let mut report_during = None;
-        // The scan missed z; the rebuild finishes while z's apply is in flight.
-        report_during.get_or_insert_with(|| tree.finish_rebuild(rebuild));
-        tree.finish(p, b"z", None, Some(&v(7)));
-        assert_eq!(report_during.expect("finished").corrected, 0);
+        rebuild.add(key_hash(b"x"), &v(1));
+        rebuild.add(key_hash(b"y"), &v(5));
+        put(&tree, b"z", None, 7);
+        assert_eq!(tree.finish_rebuild(rebuild).corrected, 0);
         put(&expected, b"z", None, 7);
+        assert_eq!(tree.node(0, 0), expected.node(0, 0));
+
+        // An apply that begins after the merge: its delta applies to the rebuilt value.
+        let rebuild = tree.start_rebuild();
+        let mut fresh = rebuild;
+        for (k, n) in [(&b"x"[..], 1), (b"y", 5), (b"z", 7)] {
+            fresh.add(key_hash(k), &v(n));
+        }
+        assert_eq!(tree.finish_rebuild(fresh).corrected, 0);
+        put(&tree, b"w", None, 8);
+        put(&expected, b"w", None, 8);
         assert_eq!(tree.node(0, 0), expected.node(0, 0));
     }
 
@@ -564,10 +590,12 @@ mod tests {
     }
 
     #[test]
-    fn entry_hash_is_pinned() {
-        // Replicas on different builds compare digests built from these.
-        assert_eq!(entry_hash(b"k", &v(1)), entry_hash(b"k", &v(1)));
-        assert_ne!(entry_hash(b"k", &v(1)), entry_hash(b"k", &v(2)));
-        assert_ne!(entry_hash(b"k", &v(1)), entry_hash(b"j", &v(1)));
+    fn entry_hash_covers_the_position_and_the_version() {
+        let h = |k: &[u8], n| entry_hash(key_hash(k), &v(n));
+        assert_eq!(h(b"k", 1), h(b"k", 1));
+        assert_ne!(h(b"k", 1), h(b"k", 2));
+        assert_ne!(h(b"k", 1), h(b"j", 1));
+        let other_writer = Version::new(Timestamp::new(1, 0), NodeId(2));
+        assert_ne!(h(b"k", 1), entry_hash(key_hash(b"k"), &other_writer));
     }
 }

@@ -100,7 +100,7 @@ pub(crate) async fn rebuild(inner: &Inner) -> Result<RebuildReport, StorageError
     loop {
         let p = inner.storage.scan(HashRange::FULL, cursor, page).await?;
         for e in &p.entries {
-            fresh.add(e.hash, &e.key, &e.record.version);
+            fresh.add(e.hash, &e.record.version);
         }
         match p.next {
             Some(next) => cursor = Some(next),
@@ -159,7 +159,7 @@ async fn scan_leaves(
             if merkle::past_horizon(&e.record, cutoff_ms) || !shares(&e.key) {
                 continue;
             }
-            digests[i].add(merkle::entry_hash(&e.key, &e.record.version));
+            digests[i].add(merkle::entry_hash(e.hash, &e.record.version));
             if keep {
                 kept[i].push((e.key, e.record.version));
             }

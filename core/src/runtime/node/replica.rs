@@ -128,14 +128,14 @@ impl Inner {
             if let Some(m) = &self.merkle {
                 match &result {
                     Ok(results) if results.len() == pending.len() => {
-                        for ((p, (key, version)), outcome) in
+                        for ((p, (_, version)), outcome) in
                             pending.into_iter().zip(&logged).zip(results)
                         {
                             match outcome {
                                 ApplyOutcome::Applied { previous } => {
-                                    m.tree.finish(p, key, previous.as_ref(), Some(version));
+                                    m.tree.finish(p, previous.as_ref(), Some(version));
                                 }
-                                ApplyOutcome::Stale { .. } => m.tree.finish(p, key, None, None),
+                                ApplyOutcome::Stale { .. } => m.tree.finish(p, None, None),
                             }
                         }
                     }
