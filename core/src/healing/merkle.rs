@@ -384,7 +384,7 @@ impl MerkleTree {
         let mut report = RebuildReport::default();
         for (s, shard) in self.shards.iter().enumerate() {
             let mut guard = None;
-            for _ in 0..10_000 {
+            for _ in 0..1_000 {
                 let g = shard.lock().unwrap_or_else(PoisonError::into_inner);
                 if self.in_flight[s].0.load(Ordering::SeqCst) == 0 {
                     guard = Some(g);
