@@ -659,11 +659,11 @@ async fn merkle_requests_past_the_bounds_or_outside_shared_ranges_are_refused_an
     let to = Cluster::addr(0);
     let second = Duration::from_secs(1);
     let ask = |m| Envelope::Replica(m);
-    let nodes = |level, indices| {
+    let nodes = |level, indices: Vec<u32>| {
         ask(ReplicaMessage::MerkleNodes {
             version: REPLICA_PROTOCOL_VERSION,
             level,
-            indices,
+            deltas: chorus::replication::message::delta_encode(&indices),
         })
     };
     let reply = client
@@ -681,7 +681,12 @@ async fn merkle_requests_past_the_bounds_or_outside_shared_ranges_are_refused_an
         )
     };
     let short = |reply: &Envelope| format!("{reply:?}").chars().take(200).collect::<String>();
-    for bad in [nodes(4, vec![0]), nodes(1, vec![64])] {
+    let overflow = ask(ReplicaMessage::MerkleNodes {
+        version: REPLICA_PROTOCOL_VERSION,
+        level: 3,
+        deltas: vec![u32::MAX, 1],
+    });
+    for bad in [nodes(4, vec![0]), nodes(1, vec![64]), overflow] {
         let reply = client.request(&to, &bad, second).await.expect("an answer");
         assert!(invalid(&reply), "{}", short(&reply));
     }
@@ -742,6 +747,6 @@ async fn merkle_requests_past_the_bounds_or_outside_shared_ranges_are_refused_an
         "{}",
         short(&reply)
     );
-    assert_eq!(cluster.node(0).stats().merkle_refused, 5);
+    assert_eq!(cluster.node(0).stats().merkle_refused, 6);
     cluster.stop().await;
 }

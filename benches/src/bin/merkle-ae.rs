@@ -171,7 +171,7 @@ async fn exchange(
                 t.digests += bytes_of(ReplicaMessage::MerkleNodes {
                     version: REPLICA_PROTOCOL_VERSION,
                     level,
-                    indices,
+                    deltas: chorus::replication::message::delta_encode(&indices),
                 });
                 t.digests += bytes_of(ReplicaMessage::MerkleDigests {
                     digests: digests.clone(),

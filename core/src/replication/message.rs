@@ -90,9 +90,11 @@ pub enum ReplicaMessage {
         version: u16,
         /// The level (0: the root).
         level: u8,
-        /// Node indices on that level, at most [`MAX_BATCH`].
+        /// Node indices on that level, ascending, at most [`MAX_BATCH`], as differences: the
+        /// first index, then each one minus the one before ([`delta_encode`]), so that runs of
+        /// siblings cost a byte each.
         #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_BATCH>")]
-        indices: Vec<u32>,
+        deltas: Vec<u32>,
     },
     /// The answer to a [`ReplicaMessage::MerkleNodes`]: one digest per node, in its order.
     MerkleDigests {
@@ -125,6 +127,32 @@ pub enum ReplicaMessage {
         #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_BATCH>")]
         leaves: Vec<u32>,
     },
+}
+
+/// Ascending `indices` as [`ReplicaMessage::MerkleNodes`] carries them: the first, then the
+/// differences.
+pub fn delta_encode(indices: &[u32]) -> Vec<u32> {
+    let mut prev = 0;
+    indices
+        .iter()
+        .map(|&i| {
+            let d = i.wrapping_sub(prev);
+            prev = i;
+            d
+        })
+        .collect()
+}
+
+/// The indices of [`delta_encode`]; `None` if they overflow a `u32`.
+pub fn delta_decode(deltas: &[u32]) -> Option<Vec<u32>> {
+    let mut at: u32 = 0;
+    deltas
+        .iter()
+        .map(|&d| {
+            at = at.checked_add(d)?;
+            Some(at)
+        })
+        .collect()
 }
 
 /// One `(key, version)` digest of a [`ReplicaMessage::SyncOffer`].
@@ -247,4 +275,18 @@ pub enum Refusal {
         /// The key's ring position.
         key_hash: u64,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_indices_travel_as_differences() {
+        let indices = [0, 1, 2, 64, 262_143];
+        let deltas = delta_encode(&indices);
+        assert_eq!(deltas, vec![0, 1, 1, 62, 262_079]);
+        assert_eq!(delta_decode(&deltas), Some(indices.to_vec()));
+        assert_eq!(delta_decode(&[u32::MAX, 1]), None, "overflow is refused");
+    }
 }

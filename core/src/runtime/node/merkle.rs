@@ -190,11 +190,17 @@ impl Inner {
     }
 
     /// Answers `MerkleNodes`: the digests of those nodes of this node's tree.
-    pub(crate) fn answer_merkle_nodes(&self, level: u8, indices: &[u32]) -> ReplicaMessage {
+    pub(crate) fn answer_merkle_nodes(&self, level: u8, deltas: &[u32]) -> ReplicaMessage {
         let Some(state) = &self.merkle else {
             return off();
         };
-        match state.tree.nodes(level, indices) {
+        let Some(indices) = crate::replication::message::delta_decode(deltas) else {
+            self.stats.merkle_refused.fetch_add(1, Ordering::Relaxed);
+            return ReplicaMessage::Refused(Refusal::Invalid {
+                reason: "node indices past u32".into(),
+            });
+        };
+        match state.tree.nodes(level, &indices) {
             Ok(digests) => ReplicaMessage::MerkleDigests { digests },
             Err(e) => self.merkle_refusal(&e),
         }
@@ -295,7 +301,7 @@ async fn exchange(inner: &Inner, peer: NodeId, addr: &Address) -> Result<(), Fai
                 let message = Envelope::Replica(ReplicaMessage::MerkleNodes {
                     version: REPLICA_PROTOCOL_VERSION,
                     level,
-                    indices,
+                    deltas: crate::replication::message::delta_encode(&indices),
                 });
                 state.meter(inner, &message).await;
                 match inner.rpc.request(addr, &message, timeout).await {

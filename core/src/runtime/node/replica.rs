@@ -34,12 +34,12 @@ impl Inner {
             ReplicaMessage::MerkleNodes {
                 version,
                 level,
-                indices,
+                deltas,
             } => {
                 if let Some(refused) = self.check_version(version) {
                     return refused;
                 }
-                self.answer_merkle_nodes(level, &indices)
+                self.answer_merkle_nodes(level, &deltas)
             }
             ReplicaMessage::MerkleCheck {
                 version,
