@@ -248,6 +248,41 @@ impl Ring {
             .collect()
     }
 
+    /// The ranges whose keys both `a` and `b` replicate (both among the first `n` of the
+    /// preference list), adjacent ones merged, in ring order; `[HashRange::FULL]` when that
+    /// is every key.
+    pub fn shared_ranges(&self, a: NodeId, b: NodeId, n: NonZeroUsize) -> Vec<HashRange> {
+        let len = self.tokens.len();
+        let mut out: Vec<HashRange> = Vec::new();
+        let mut list = Vec::with_capacity(n.get());
+        let mut all = len > 0;
+        for i in 0..len {
+            let prev = self.tokens[(i + len - 1) % len];
+            if len > 1 && prev == self.tokens[i] {
+                continue;
+            }
+            // Positions in [prev, token i) have token i as successor.
+            self.preference_list_for_hash(prev, n, &mut list);
+            if !(list.contains(&a) && list.contains(&b)) {
+                all = false;
+                continue;
+            }
+            match out.last_mut() {
+                Some(last) if last.end == prev => last.end = self.tokens[i],
+                _ => out.push(HashRange::new(prev, self.tokens[i])),
+            }
+        }
+        if all {
+            return vec![HashRange::FULL];
+        }
+        // The last range may continue into the first across the wrap.
+        if out.len() > 1 && out[out.len() - 1].end == out[0].start {
+            let last = out.pop().expect("two ranges");
+            out[0].start = last.start;
+        }
+        out
+    }
+
     /// Fraction of the key space for which `node` is the primary owner (0.0 for non-members).
     pub fn primary_share(&self, node: NodeId) -> f64 {
         if self.tokens.len() == 1 {
@@ -332,6 +367,25 @@ mod tests {
     /// The reference lookup: linear scan, no index.
     fn naive_successor(ring: &Ring, hash: u64) -> usize {
         ring.tokens.iter().position(|&t| t > hash).unwrap_or(0)
+    }
+
+    #[test]
+    fn shared_ranges_hold_exactly_the_keys_both_replicate() {
+        assert_eq!(
+            ring_of(&[1, 2, 3]).shared_ranges(NodeId(1), NodeId(2), N3),
+            vec![HashRange::FULL]
+        );
+        let ring = ring_of(&[1, 2, 3, 4, 5]);
+        let shared = ring.shared_ranges(NodeId(1), NodeId(4), N3);
+        assert!(shared.len() > 1);
+        for k in 0..5_000u32 {
+            let key = k.to_le_bytes();
+            let list = ring.preference_list(&key, N3);
+            let both = list.contains(&NodeId(1)) && list.contains(&NodeId(4));
+            let inside = shared.iter().any(|r| r.contains(key_hash(&key)));
+            assert_eq!(both, inside, "key {k}");
+        }
+        assert!(ring.shared_ranges(NodeId(1), NodeId(9), N3).is_empty());
     }
 
     #[test]

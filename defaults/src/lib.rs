@@ -55,7 +55,7 @@ pub use chorus_core::{
     key_hash,
 };
 pub use chorus_core::{
-    auth, codec, envelope, hash, hlc, identity, membership, options, peer_auth, record,
+    auth, codec, envelope, hash, healing, hlc, identity, membership, options, peer_auth, record,
     replication, ring, runtime, storage, transport, util, wire,
 };
 

@@ -6,6 +6,7 @@ use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use bytes::Bytes;
+use chorus::hlc::WallClock;
 use chorus::runtime::node::NodeConfig;
 use chorus::{Consistency, NodeId, Record, Storage, StorageSpec, Version, WriteOptions};
 use chorus_tests::cluster::{Cluster, ClusterSpec};
@@ -327,7 +328,10 @@ async fn anti_entropy_alone_brings_a_replica_that_missed_writes_up_to_date() {
     let written = write_around(&cluster, 50).await;
     cluster.net.heal();
     wait_stored(&cluster, 2, &written, Duration::from_secs(30)).await;
-    let repairs: u64 = (0..2).map(|i| cluster.node(i).stats().sync_repairs).sum();
+    let repairs: u64 = (0..2)
+        .map(|i| cluster.node(i).stats())
+        .map(|s| s.sync_repairs + s.merkle_repairs)
+        .sum();
     assert!(repairs >= 50, "{repairs} records sent by anti-entropy");
     for i in 0..3 {
         assert_eq!(cluster.node(i).stats().reads, 0, "no read was needed");
@@ -366,10 +370,14 @@ async fn an_overflowing_log_still_converges_with_nothing_missing() {
     cluster.net.heal();
     wait_stored(&cluster, 2, &written, Duration::from_secs(60)).await;
     let overtaken: u64 = (0..2).map(|i| cluster.node(i).stats().sync_overtaken).sum();
-    let scans: u64 = (0..2).map(|i| cluster.node(i).stats().sync_scans).sum();
+    let merkle: u64 = (0..2).map(|i| cluster.node(i).stats().merkle_repairs).sum();
     assert!(
-        overtaken >= 1 || scans >= 2,
-        "the log of 16 entries overflowed with 400 writes: overtaken {overtaken}, scans {scans}"
+        overtaken >= 1,
+        "the log of 16 entries overflowed with 400 writes: overtaken {overtaken}"
+    );
+    assert!(
+        merkle > 0,
+        "the span the log lost was healed by a Merkle exchange: {merkle} records"
     );
     cluster.stop().await;
 }
@@ -467,11 +475,14 @@ async fn a_wiped_replica_returns_to_full_replication_without_a_read() {
             .expect("put at All");
         written.push((key, version));
     }
-    // Every offer of these writes is answered (nothing wanted) before the wipe, so the log
-    // alone has nothing left to offer: only the scan of a peer in a new life brings them.
+    // The writes are on every replica and every exchange before the wipe found the trees
+    // equal, so nothing is pending: only the Merkle exchange with a peer in a new life brings
+    // them back.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let offers: u64 = (0..3).map(|i| cluster.node(i).stats().sync_offers).sum();
-    assert!(offers > 0, "the writes were offered");
+    let exchanges: u64 = (0..3)
+        .map(|i| cluster.node(i).stats().merkle_exchanges)
+        .sum();
+    assert!(exchanges > 0, "the trees were compared");
     cluster.kill(2).await;
     cluster.wipe(2);
     cluster.restart(2).await;
@@ -480,5 +491,262 @@ async fn a_wiped_replica_returns_to_full_replication_without_a_read() {
     for i in 0..3 {
         assert_eq!(cluster.node(i).stats().reads, 0, "no read was needed");
     }
+    let merkle: u64 = (0..2).map(|i| cluster.node(i).stats().merkle_repairs).sum();
+    assert!(merkle >= 100, "{merkle} records sent by Merkle exchanges");
+    cluster.stop().await;
+}
+
+/// [`sync_only`] with the applied-writes log silenced (its rounds an hour apart) and Merkle
+/// exchanges every 2 s, so that only Merkle anti-entropy heals.
+fn merkle_only(nodes: usize) -> ClusterSpec {
+    let mut spec = sync_only(nodes);
+    spec.config.sync_interval = Duration::from_secs(3600);
+    spec.config.anti_entropy_interval = Duration::from_secs(2);
+    spec
+}
+
+#[tokio::test(start_paused = true)]
+async fn merkle_anti_entropy_alone_heals_a_write_that_missed_a_partitioned_replica() {
+    let cluster = Cluster::start(merkle_only(3)).await;
+    partition_node_2(&cluster);
+    let written = write_around(&cluster, 50).await;
+    cluster.net.heal();
+    // Two intervals, plus the retry of an exchange the partition failed.
+    wait_stored(&cluster, 2, &written, Duration::from_secs(15)).await;
+    let stats: Vec<_> = (0..3).map(|i| cluster.node(i).stats()).collect();
+    let merkle: u64 = stats.iter().map(|s| s.merkle_repairs).sum();
+    assert!(merkle >= 50, "{merkle} records sent by Merkle exchanges");
+    for s in &stats {
+        assert_eq!(s.sync_repairs, 0, "the log sent nothing");
+        assert_eq!(s.reads, 0, "no read was needed");
+    }
+    cluster.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_record_changed_behind_the_tree_is_found_by_a_rebuild_and_healed() {
+    let mut spec = merkle_only(3);
+    spec.config.merkle_rebuild_interval = Duration::from_secs(10);
+    let cluster = Cluster::start(spec).await;
+    let all = WriteOptions::default().consistency(Consistency::All);
+    for k in 0..20 {
+        cluster
+            .node(0)
+            .put(format!("key-{k}"), "v", all)
+            .await
+            .expect("put at All");
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Node 1's store gains a newer record its tree never saw (as a bit flip in a version, or
+    // a write that bypassed the apply path, would): the trees still agree.
+    let version = Version::new(
+        chorus::Timestamp::new(cluster.clocks[1].now_ms(), 0),
+        NodeId(2),
+    );
+    let record = Record::value("changed", version);
+    cluster
+        .storage(1)
+        .apply(Bytes::from_static(b"key-3"), record.clone())
+        .await
+        .expect("apply");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_ne!(
+        stored(&cluster, 0, b"key-3").await,
+        Some(record.clone()),
+        "seed {}: before a rebuild the trees agree",
+        seed()
+    );
+    wait_stats(
+        &cluster,
+        1,
+        "a corrected leaf",
+        Duration::from_secs(30),
+        |s| s.merkle_rebuild_corrected >= 1,
+    )
+    .await;
+    wait_stored(
+        &cluster,
+        0,
+        &[(Bytes::from_static(b"key-3"), version)],
+        Duration::from_secs(10),
+    )
+    .await;
+    cluster.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn replicas_that_purge_at_different_moments_agree_and_nothing_comes_back() {
+    let mut spec = merkle_only(3);
+    spec.config.tombstone_grace = Duration::from_secs(120);
+    spec.config.sync_interval = Duration::from_secs(60);
+    spec.config.merkle_rebuild_interval = Duration::from_secs(5);
+    let cluster = Cluster::start(spec).await;
+    let all = WriteOptions::default().consistency(Consistency::All);
+    for k in 0..40 {
+        cluster
+            .node(0)
+            .put(format!("key-{k}"), "v", all)
+            .await
+            .expect("put at All");
+    }
+    for k in 0..20 {
+        cluster
+            .node(0)
+            .delete(format!("key-{k}"), all)
+            .await
+            .expect("delete at All");
+    }
+    // Past the grace and the horizon's rounding, node 0 alone purges its tombstones (its
+    // own purge runs hourly; this one bypasses the tree, as any purge does).
+    tokio::time::sleep(Duration::from_secs(200)).await;
+    let before: Vec<_> = (0..3).map(|i| cluster.node(i).stats()).collect();
+    let purged = cluster
+        .storage(0)
+        .purge(cluster.clocks[0].now_ms(), Duration::from_secs(120))
+        .await
+        .expect("purge");
+    assert_eq!(purged.tombstones, 20);
+    // Node 0's next rebuild (every 5 s) takes the tombstones out of its tree; for several
+    // exchange intervals the trees differ, the digests at the agreed horizon do not.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let after: Vec<_> = (0..3).map(|i| cluster.node(i).stats()).collect();
+    assert!(
+        after[0].merkle_rebuild_corrected > before[0].merkle_rebuild_corrected,
+        "seed {}: node 0's tree lost the purged tombstones",
+        seed()
+    );
+    let checked = |s: &[chorus::runtime::node::NodeStats]| -> u64 {
+        s.iter().map(|s| s.merkle_leaves_checked).sum()
+    };
+    assert!(
+        checked(&after) > checked(&before),
+        "seed {}: the differing leaves were checked at the horizon",
+        seed()
+    );
+    for i in 0..3 {
+        assert!(
+            after[i].merkle_exchanges > before[i].merkle_exchanges,
+            "seed {}: node {i} kept comparing",
+            seed()
+        );
+        assert_eq!(
+            after[i].merkle_leaves_differing,
+            before[i].merkle_leaves_differing,
+            "seed {}: node {i} found no leaf differing at the horizon",
+            seed()
+        );
+        assert_eq!(after[i].merkle_repairs, before[i].merkle_repairs);
+    }
+    for k in 0..20 {
+        let key = format!("key-{k}");
+        assert_eq!(
+            stored(&cluster, 0, key.as_bytes()).await,
+            None,
+            "stays purged"
+        );
+    }
+    cluster.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn merkle_requests_past_the_bounds_or_outside_shared_ranges_are_refused_and_counted() {
+    use chorus::envelope::Envelope;
+    use chorus::replication::{REPLICA_PROTOCOL_VERSION, Refusal, ReplicaMessage};
+    use chorus::runtime::rpc::{RpcConfig, RpcEndpoint};
+    let cluster = Cluster::start(ClusterSpec::new(5, seed())).await;
+    let probe = chorus::SharedTransport::new(cluster.net.bind("probe:1").expect("bind"));
+    let (client, _inbound) = RpcEndpoint::<_, Envelope>::start(probe, RpcConfig::default());
+    let to = Cluster::addr(0);
+    let second = Duration::from_secs(1);
+    let ask = |m| Envelope::Replica(m);
+    let nodes = |level, indices: Vec<u32>| {
+        ask(ReplicaMessage::MerkleNodes {
+            version: REPLICA_PROTOCOL_VERSION,
+            level,
+            deltas: chorus::replication::message::delta_encode(&indices),
+        })
+    };
+    let reply = client
+        .request(&to, &nodes(0, vec![0]), second)
+        .await
+        .expect("an answer");
+    assert!(
+        matches!(&reply, Envelope::Replica(ReplicaMessage::MerkleDigests { digests }) if digests.len() == 1),
+        "the root's digest"
+    );
+    let invalid = |reply: &Envelope| {
+        matches!(
+            reply,
+            Envelope::Replica(ReplicaMessage::Refused(Refusal::Invalid { .. }))
+        )
+    };
+    let short = |reply: &Envelope| format!("{reply:?}").chars().take(200).collect::<String>();
+    let overflow = ask(ReplicaMessage::MerkleNodes {
+        version: REPLICA_PROTOCOL_VERSION,
+        level: 3,
+        deltas: vec![u32::MAX, 1],
+    });
+    for bad in [nodes(4, vec![0]), nodes(1, vec![64]), overflow] {
+        let reply = client.request(&to, &bad, second).await.expect("an answer");
+        assert!(invalid(&reply), "{}", short(&reply));
+    }
+    let reply = client
+        .request(&to, &nodes(3, vec![0; 4097]), second)
+        .await
+        .expect("an answer");
+    assert!(
+        matches!(
+            reply,
+            Envelope::Replica(ReplicaMessage::Refused(Refusal::Undecodable { .. }))
+        ),
+        "more than the decoder's bound: {}",
+        short(&reply)
+    );
+    let check = |from, leaves: Vec<u32>| {
+        let digests = vec![chorus::storage::RangeDigest::default(); leaves.len()];
+        ask(ReplicaMessage::MerkleCheck {
+            version: REPLICA_PROTOCOL_VERSION,
+            from,
+            cutoff_ms: 0,
+            leaves,
+            digests,
+        })
+    };
+    let reply = client
+        .request(&to, &check(NodeId(2), vec![5, 3]), second)
+        .await
+        .expect("an answer");
+    assert!(invalid(&reply), "unordered leaves: {}", short(&reply));
+    let reply = client
+        .request(&to, &check(NodeId(2), (0..1025).collect()), second)
+        .await
+        .expect("an answer");
+    assert!(invalid(&reply), "too many leaves: {}", short(&reply));
+    // In five nodes with N = 3, node 1 and node 4 share only part of the ring: a leaf
+    // wholly outside it is refused.
+    use chorus::healing::exchange::{Coverage, Share};
+    let ring = chorus::Ring::new(
+        (1..=5).map(|id| chorus::RingMember::new(NodeId(id))),
+        chorus::RingConfig::default(),
+    )
+    .expect("a ring");
+    let n = NonZeroUsize::new(3).expect("non-zero");
+    let coverage = Coverage::new(&ring.shared_ranges(NodeId(1), NodeId(4), n));
+    let outside = (0..chorus::healing::merkle::LEAVES)
+        .find(|&leaf| coverage.of(3, leaf) == Share::None)
+        .expect("a leaf outside");
+    let reply = client
+        .request(&to, &check(NodeId(4), vec![outside]), second)
+        .await
+        .expect("an answer");
+    assert!(
+        matches!(
+            reply,
+            Envelope::Replica(ReplicaMessage::Refused(Refusal::OutOfRange { .. }))
+        ),
+        "{}",
+        short(&reply)
+    );
+    assert_eq!(cluster.node(0).stats().merkle_refused, 6);
     cluster.stop().await;
 }

@@ -367,6 +367,7 @@ async fn values_expire_and_the_purge_removes_them_after_the_grace_period() {
     let mut spec = ClusterSpec::new(3, seed());
     spec.config.tombstone_grace = Duration::from_secs(5);
     spec.config.hint_window = Duration::from_secs(4);
+    spec.config.anti_entropy_interval = Duration::from_secs(4);
     spec.config.purge_interval = SECOND;
     let cluster = Cluster::start(spec).await;
     let node = cluster.node(0);

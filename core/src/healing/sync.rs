@@ -8,9 +8,9 @@
 //! ([`AppliedLog::since`]), the peer answers which it lacks, and the cursor moves only once
 //! those records were delivered. A peer whose cursor fell behind the oldest entry kept
 //! (overtaken by the writer) has missed offers that the log no longer holds: the span is not
-//! lost, the peer is switched to a **scan** ([`PeerSync::Scan`]) that offers every stored
-//! record the two share, page by page, and then resumes the log from where the scan began.
-//! A peer first seen, or seen in a new life (restarted, maybe wiped), starts with a scan too.
+//! lost, the peer is marked for a **Merkle comparison** ([`PeerSync::Compare`]) of the ranges
+//! the two share ([`super::exchange`]), and the log resumes from its head at that moment. A
+//! peer first seen, or seen in a new life (restarted, maybe wiped), is marked the same way.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -18,7 +18,6 @@ use bytes::Bytes;
 
 use crate::hlc::Version;
 use crate::identity::NodeId;
-use crate::storage::ScanCursor;
 
 /// One applied write.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,11 +99,10 @@ impl AppliedLog {
 pub enum PeerSync {
     /// Offered every log entry before this sequence number.
     Log(u64),
-    /// Being offered every shared stored record, page by page; then the log resumes at
-    /// `resume` (the log's head when the scan began).
-    Scan {
-        /// Where the next page starts (`None`: the beginning).
-        cursor: Option<ScanCursor>,
+    /// Owed a Merkle comparison of everything the two share (the log cannot say what the peer
+    /// missed); once it is asked for, the log resumes at `resume` (the log's head when the
+    /// peer was marked).
+    Compare {
         /// The log position to resume at.
         resume: u64,
     },
@@ -118,30 +116,19 @@ pub struct SyncCursors {
 
 impl SyncCursors {
     /// The peer `id` in its life `generation`: a peer not seen before, or seen in another
-    /// life, starts with a scan from the beginning. Returns where it stands.
+    /// life, starts owed a comparison. Returns where it stands.
     pub fn peer(&mut self, id: NodeId, generation: u64, log: &AppliedLog) -> PeerSync {
-        let entry = self.peers.entry(id).or_insert_with(|| {
-            (
-                generation,
-                PeerSync::Scan {
-                    cursor: None,
-                    resume: log.head(),
-                },
-            )
-        });
+        let entry = self
+            .peers
+            .entry(id)
+            .or_insert_with(|| (generation, PeerSync::Compare { resume: log.head() }));
         if entry.0 != generation {
-            *entry = (
-                generation,
-                PeerSync::Scan {
-                    cursor: None,
-                    resume: log.head(),
-                },
-            );
+            *entry = (generation, PeerSync::Compare { resume: log.head() });
         }
         entry.1.clone()
     }
 
-    /// Sets where `id` stands (after a delivered offer, or to start a scan).
+    /// Sets where `id` stands (after a delivered offer, or to ask for a comparison).
     pub fn set(&mut self, id: NodeId, state: PeerSync) {
         if let Some(entry) = self.peers.get_mut(&id) {
             entry.1 = state;
@@ -191,14 +178,11 @@ mod tests {
     }
 
     #[test]
-    fn new_peers_and_new_lives_start_with_a_scan_and_cursors_are_per_peer() {
+    fn new_peers_and_new_lives_are_owed_a_comparison_and_cursors_are_per_peer() {
         let mut log = AppliedLog::new(8);
         log.push(Bytes::from_static(b"a"), v(1));
         let mut cursors = SyncCursors::default();
-        let scan = PeerSync::Scan {
-            cursor: None,
-            resume: 1,
-        };
+        let scan = PeerSync::Compare { resume: 1 };
         assert_eq!(cursors.peer(NodeId(2), 7, &log), scan);
         cursors.set(NodeId(2), PeerSync::Log(1));
         assert_eq!(cursors.peer(NodeId(2), 7, &log), PeerSync::Log(1));
@@ -206,19 +190,13 @@ mod tests {
         log.push(Bytes::from_static(b"b"), v(2));
         assert_eq!(
             cursors.peer(NodeId(2), 8, &log),
-            PeerSync::Scan {
-                cursor: None,
-                resume: 2
-            },
-            "a restarted peer is scanned again"
+            PeerSync::Compare { resume: 2 },
+            "a restarted peer is compared again"
         );
         cursors.retain(|id| id == NodeId(3));
         assert_eq!(
             cursors.peer(NodeId(2), 8, &log),
-            PeerSync::Scan {
-                cursor: None,
-                resume: 2
-            }
+            PeerSync::Compare { resume: 2 }
         );
     }
 }

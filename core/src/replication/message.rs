@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::{serde_bytes, serde_str};
 use crate::hlc::Version;
+use crate::identity::NodeId;
 use crate::record::Record;
+use crate::storage::RangeDigest;
 
 /// The replica protocol version this build speaks.
 pub const REPLICA_PROTOCOL_VERSION: u16 = 1;
@@ -80,6 +82,77 @@ pub enum ReplicaMessage {
         #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_BATCH>")]
         wanted: Vec<u32>,
     },
+    /// Merkle anti-entropy: the digests of these nodes of `level` of the receiver's tree
+    /// (`healing::merkle`); answered with [`ReplicaMessage::MerkleDigests`], or refused as
+    /// [`Refusal::Invalid`] past the tree's depth, its width or the request bound.
+    MerkleNodes {
+        /// The sender's [`REPLICA_PROTOCOL_VERSION`].
+        version: u16,
+        /// The level (0: the root).
+        level: u8,
+        /// Node indices on that level, ascending, at most [`MAX_BATCH`], as differences: the
+        /// first index, then each one minus the one before ([`delta_encode`]), so that runs of
+        /// siblings cost a byte each.
+        #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_BATCH>")]
+        deltas: Vec<u32>,
+    },
+    /// The answer to a [`ReplicaMessage::MerkleNodes`]: one digest per node, in its order.
+    MerkleDigests {
+        /// The digests.
+        #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_BATCH>")]
+        digests: Vec<RangeDigest>,
+    },
+    /// Merkle anti-entropy: the sender's digests of these leaves, over the records the two
+    /// share and not past `cutoff_ms` (the agreed purge horizon); the receiver computes its
+    /// own from storage and answers [`ReplicaMessage::MerkleDiffer`]. Leaves outside the
+    /// ranges the two share are refused as [`Refusal::OutOfRange`], too many leaves or too
+    /// wide a span as [`Refusal::Invalid`].
+    MerkleCheck {
+        /// The sender's [`REPLICA_PROTOCOL_VERSION`].
+        version: u16,
+        /// The sender's id: the digests cover the keys both replicate.
+        from: NodeId,
+        /// Records collectable at or before this time are left out.
+        cutoff_ms: u64,
+        /// Leaf indices, strictly ascending.
+        #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_BATCH>")]
+        leaves: Vec<u32>,
+        /// One digest per leaf.
+        #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_BATCH>")]
+        digests: Vec<RangeDigest>,
+    },
+    /// The answer to a [`ReplicaMessage::MerkleCheck`]: the leaves whose digests differ.
+    MerkleDiffer {
+        /// Leaf indices, a subset of the check's.
+        #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_BATCH>")]
+        leaves: Vec<u32>,
+    },
+}
+
+/// Ascending `indices` as [`ReplicaMessage::MerkleNodes`] carries them: the first, then the
+/// differences.
+pub fn delta_encode(indices: &[u32]) -> Vec<u32> {
+    let mut prev = 0;
+    indices
+        .iter()
+        .map(|&i| {
+            let d = i.wrapping_sub(prev);
+            prev = i;
+            d
+        })
+        .collect()
+}
+
+/// The indices of [`delta_encode`]; `None` if they overflow a `u32`.
+pub fn delta_decode(deltas: &[u32]) -> Option<Vec<u32>> {
+    let mut at: u32 = 0;
+    deltas
+        .iter()
+        .map(|&d| {
+            at = at.checked_add(d)?;
+            Some(at)
+        })
+        .collect()
 }
 
 /// One `(key, version)` digest of a [`ReplicaMessage::SyncOffer`].
@@ -202,4 +275,18 @@ pub enum Refusal {
         /// The key's ring position.
         key_hash: u64,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_indices_travel_as_differences() {
+        let indices = [0, 1, 2, 64, 262_143];
+        let deltas = delta_encode(&indices);
+        assert_eq!(deltas, vec![0, 1, 1, 62, 262_079]);
+        assert_eq!(delta_decode(&deltas), Some(indices.to_vec()));
+        assert_eq!(delta_decode(&[u32::MAX, 1]), None, "overflow is refused");
+    }
 }

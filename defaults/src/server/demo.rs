@@ -180,6 +180,8 @@ fn node_env(id: u64, cluster: &str, client: &str, seeds: &str) -> Vec<(String, S
         // docs/SECURITY.md for keyring mode); each node logs the insecure-mode warning.
         ("CHORUS_NODE_SECURITY_MODE", "insecure".into()),
         ("CHORUS_NODE_REQUEST_TIMEOUT", "1s".into()),
+        // Loopback: compare Merkle trees every few seconds rather than every 10 minutes.
+        ("CHORUS_NODE_ANTI_ENTROPY_INTERVAL", "10s".into()),
         ("CHORUS_CLIENT_LISTEN", client.to_string()),
         ("CHORUS_ADMIN_LISTEN", "127.0.0.1:0".into()),
         ("CHORUS_LOG_FILTER", "warn".into()),
@@ -371,7 +373,9 @@ pub(crate) fn cluster(n: usize, dir: &Path, base_port: u16, backend: &str) -> Re
             let data = dir.join(format!("node{i}-data"));
             let text = format!(
                 "# Written by `chorus cluster`; edit it to experiment (docs/OPERATIONS.md).\n\
-                 [node]\nid = {i}\nseeds = [{seeds}]\nmembership = \"local\"\nreplication_factor = {rf}\n\n\
+                 [node]\nid = {i}\nseeds = [{seeds}]\nmembership = \"local\"\nreplication_factor = {rf}\n\
+                 # Loopback experiments: Merkle trees compared every 10 s, not every 10 min.\n\
+                 anti_entropy_interval = \"10s\"\n\n\
                  # Loopback experiments: no keyring (docs/SECURITY.md explains keyring mode).\n\
                  [node.security]\nmode = \"insecure\"\n\n\
                  [node.transport]\nscheme = \"tcp\"\nbind = \"127.0.0.1:{cport}\"\n\n\

@@ -181,8 +181,27 @@ pub(crate) async fn refresh(node: &Node) {
         ("chorus_sync_offers_total", s.sync_offers),
         ("chorus_sync_repairs_total", s.sync_repairs),
         ("chorus_sync_overtaken_total", s.sync_overtaken),
-        ("chorus_sync_scans_total", s.sync_scans),
         ("chorus_sync_refused_total", s.sync_refused),
+        ("chorus_merkle_requested_total", s.merkle_requested),
+        ("chorus_merkle_exchanges_total", s.merkle_exchanges),
+        ("chorus_merkle_failures_total", s.merkle_failures),
+        ("chorus_merkle_nodes_total", s.merkle_nodes),
+        (
+            "chorus_merkle_leaves_checked_total",
+            s.merkle_leaves_checked,
+        ),
+        (
+            "chorus_merkle_leaves_differing_total",
+            s.merkle_leaves_differing,
+        ),
+        ("chorus_merkle_repairs_total", s.merkle_repairs),
+        ("chorus_merkle_bytes_sent_total", s.merkle_bytes_sent),
+        ("chorus_merkle_refused_total", s.merkle_refused),
+        ("chorus_merkle_rebuilds_total", s.merkle_rebuilds),
+        (
+            "chorus_merkle_rebuild_corrected_total",
+            s.merkle_rebuild_corrected,
+        ),
     ] {
         counter!(name).absolute(v);
     }

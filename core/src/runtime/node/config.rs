@@ -1,6 +1,6 @@
 //! A node's settings: what [`super::NodeBuilder`] and a configuration file set.
 
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU64, NonZeroUsize};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -187,9 +187,24 @@ pub struct NodeConfig {
     pub max_hint_bytes_per_target: u64,
     /// Most hints replayed per second, over all replicas.
     pub hint_delivery_rate: u32,
-    /// Whether the node offers the writes it applied as a replica to their other replicas
-    /// (ring-buffer anti-entropy).
+    /// Whether the node heals its co-replicas by anti-entropy: it offers them the writes it
+    /// applied as a replica (ring-buffer anti-entropy) and compares Merkle trees of the
+    /// ranges it shares with each (Merkle anti-entropy).
     pub anti_entropy: bool,
+    /// How often every range shared with a co-replica is compared by Merkle anti-entropy (at
+    /// least once per interval per co-replica, and at once for a co-replica first seen, in a
+    /// new life, or overtaken in the applied-writes log). `tombstone_grace` must exceed it.
+    #[serde(with = "duration")]
+    pub anti_entropy_interval: Duration,
+    /// Most bytes a second Merkle anti-entropy sends (digest requests, offers and records),
+    /// over all co-replicas.
+    pub anti_entropy_bandwidth: NonZeroU64,
+    /// Most Merkle exchanges in progress at once (each with a different co-replica).
+    pub anti_entropy_concurrency: NonZeroUsize,
+    /// How often the Merkle tree is rebuilt from storage (besides at start and after a purge
+    /// that removed records), to catch changes that bypassed it: silent corruption, eviction.
+    #[serde(with = "duration")]
+    pub merkle_rebuild_interval: Duration,
     /// How often the anti-entropy offers go out. `tombstone_grace` must exceed it.
     #[serde(with = "duration")]
     pub sync_interval: Duration,
@@ -225,6 +240,10 @@ impl Default for NodeConfig {
             max_hint_bytes_per_target: 256 << 20,
             hint_delivery_rate: 2_000,
             anti_entropy: true,
+            anti_entropy_interval: Duration::from_secs(600),
+            anti_entropy_bandwidth: NonZeroU64::new(8 << 20).expect("non-zero"),
+            anti_entropy_concurrency: NonZeroUsize::new(2).expect("non-zero"),
+            merkle_rebuild_interval: Duration::from_secs(7 * 24 * 3600),
             sync_interval: Duration::from_secs(1),
             sync_log_capacity: NonZeroUsize::new(65_536).expect("non-zero"),
         }
@@ -273,6 +292,8 @@ impl NodeConfig {
             ("shutdown_timeout", self.shutdown_timeout),
             ("hint_window", self.hint_window),
             ("sync_interval", self.sync_interval),
+            ("anti_entropy_interval", self.anti_entropy_interval),
+            ("merkle_rebuild_interval", self.merkle_rebuild_interval),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::Invalid {
@@ -308,6 +329,16 @@ impl NodeConfig {
                     "{:?} must exceed sync_interval ({:?}): anti-entropy must get to offer a \
                      tombstone before it is purged",
                     self.tombstone_grace, self.sync_interval
+                ),
+            });
+        }
+        if self.anti_entropy && self.tombstone_grace <= self.anti_entropy_interval {
+            return Err(ConfigError::Invalid {
+                field: "tombstone_grace",
+                reason: format!(
+                    "{:?} must exceed anti_entropy_interval ({:?}): every shared range must be \
+                     compared before its tombstones are purged",
+                    self.tombstone_grace, self.anti_entropy_interval
                 ),
             });
         }

@@ -20,6 +20,7 @@ mod config;
 mod coordinator;
 mod floor;
 mod hints;
+mod merkle;
 mod replica;
 mod stats;
 mod sync;
@@ -425,6 +426,9 @@ impl NodeBuilder {
                     config.sync_log_capacity.get(),
                 ))
             }),
+            merkle: config.anti_entropy.then(|| {
+                merkle::MerkleState::new(config.anti_entropy_bandwidth.get(), clock.now_ms())
+            }),
             deferred,
             id,
             hlc,
@@ -440,6 +444,8 @@ impl NodeBuilder {
             transport: shared_transport,
             config,
         });
+        // The tree from storage, before the node applies anything.
+        merkle::rebuild(&inner).await?;
         let mut tasks = vec![
             tokio::spawn(view::follow(
                 inner.membership.view(),
@@ -457,6 +463,7 @@ impl NodeBuilder {
         }
         if inner.config.anti_entropy {
             tasks.push(tokio::spawn(sync::run(inner.clone())));
+            tasks.push(tokio::spawn(merkle::run(inner.clone())));
         }
         let node = Node {
             inner,
@@ -530,6 +537,8 @@ pub(crate) struct Inner {
     hints: hints::HintQueue,
     /// Writes applied as a replica, for anti-entropy offers (`None` with it off).
     sync: sync::SyncLog,
+    /// The Merkle tree and exchange schedule (`None` with anti-entropy off).
+    merkle: Option<merkle::MerkleState>,
     /// What the transport authenticates connections with (`None` in insecure mode).
     channel: Option<ChannelAuth>,
     /// The transport, for its counters.
@@ -1132,27 +1141,54 @@ async fn dispatch(
     }
 }
 
-/// Removes tombstones and expired values once their grace period is over.
+/// Removes tombstones and expired values once their grace period is over, and rebuilds the
+/// Merkle tree from storage: after a purge that removed records, after an apply whose effect
+/// was unknown, and every `merkle_rebuild_interval`. One task, so the two never overlap.
 async fn purge_loop(inner: Arc<Inner>) {
     let mut tick = tokio::time::interval(inner.config.purge_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
+    let mut rebuild_tick = tokio::time::interval(inner.config.merkle_rebuild_interval);
+    rebuild_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    rebuild_tick.tick().await;
+    let mut check = tokio::time::interval(merkle::RETRY);
+    check.tick().await;
     loop {
-        tick.tick().await;
-        let now_ms = inner.hlc.wall_clock().now_ms();
-        match inner
-            .storage
-            .purge(now_ms, inner.config.tombstone_grace)
-            .await
-        {
-            Ok(stats) => {
-                inner
-                    .stats
-                    .purged
-                    .fetch_add(stats.tombstones + stats.expired, Ordering::Relaxed);
+        let rebuild = tokio::select! {
+            _ = tick.tick() => match purge(&inner).await {
+                Some(removed) => removed,
+                None => return,
+            },
+            _ = rebuild_tick.tick() => true,
+            _ = check.tick() => inner.merkle.as_ref().is_some_and(|m| m.tree.needs_rebuild()),
+        };
+        if rebuild && inner.merkle.is_some() {
+            match merkle::rebuild(&inner).await {
+                Ok(_) => {}
+                Err(StorageError::Closed) => return,
+                Err(e) => tracing::warn!(error = %e, "Merkle rebuild failed; retried later"),
             }
-            Err(StorageError::Closed) => return,
-            Err(e) => tracing::warn!(error = %e, "purge failed; retried next interval"),
+        }
+    }
+}
+
+/// One purge; whether it removed anything (`None`: storage is closed).
+async fn purge(inner: &Inner) -> Option<bool> {
+    let now_ms = inner.hlc.wall_clock().now_ms();
+    match inner
+        .storage
+        .purge(now_ms, inner.config.tombstone_grace)
+        .await
+    {
+        Ok(stats) => {
+            let removed = stats.tombstones + stats.expired;
+            inner.stats.purged.fetch_add(removed, Ordering::Relaxed);
+            Some(removed > 0)
+        }
+        Err(StorageError::Closed) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "purge failed; retried next interval");
+            Some(false)
         }
     }
 }

@@ -31,6 +31,29 @@ impl Inner {
                 }
                 self.answer_offer(entries).await
             }
+            ReplicaMessage::MerkleNodes {
+                version,
+                level,
+                deltas,
+            } => {
+                if let Some(refused) = self.check_version(version) {
+                    return refused;
+                }
+                self.answer_merkle_nodes(level, &deltas)
+            }
+            ReplicaMessage::MerkleCheck {
+                version,
+                from,
+                cutoff_ms,
+                leaves,
+                digests,
+            } => {
+                if let Some(refused) = self.check_version(version) {
+                    return refused;
+                }
+                self.answer_merkle_check(from, cutoff_ms, leaves, digests)
+                    .await
+            }
             ReplicaMessage::Read { version, keys } => {
                 if let Some(refused) = self.check_version(version) {
                     return refused;
@@ -89,11 +112,38 @@ impl Inner {
         if !accepted.is_empty() {
             let (idx, batch): (Vec<usize>, Vec<(Bytes, Record)>) =
                 accepted.into_iter().map(|(i, k, r)| (i, (k, r))).unzip();
-            let logged: Vec<_> = match self.sync {
-                Some(_) => batch.iter().map(|(k, r)| (k.clone(), r.version)).collect(),
+            let logged: Vec<_> = match (&self.sync, &self.merkle) {
+                (None, None) => Vec::new(),
+                _ => batch.iter().map(|(k, r)| (k.clone(), r.version)).collect(),
+            };
+            // The tree learns of each write before storage sees it (see `healing::merkle`).
+            let pending: Vec<_> = match &self.merkle {
+                Some(m) => batch
+                    .iter()
+                    .map(|(k, _)| m.tree.begin(crate::hash::key_hash(k)))
+                    .collect(),
                 None => Vec::new(),
             };
-            match self.storage.apply_batch(batch).await {
+            let result = self.storage.apply_batch(batch).await;
+            if let Some(m) = &self.merkle {
+                match &result {
+                    Ok(results) if results.len() == pending.len() => {
+                        for ((p, (_, version)), outcome) in
+                            pending.into_iter().zip(&logged).zip(results)
+                        {
+                            match outcome {
+                                ApplyOutcome::Applied { previous } => {
+                                    m.tree.finish(p, previous.as_ref(), Some(version));
+                                }
+                                ApplyOutcome::Stale { .. } => m.tree.finish(p, None, None),
+                            }
+                        }
+                    }
+                    // Storage may have applied any part of the batch: the next rebuild says.
+                    _ => pending.into_iter().for_each(|p| m.tree.abandon(p)),
+                }
+            }
+            match result {
                 Ok(results) if results.len() == idx.len() => {
                     self.log_applied(logged, &results);
                     for (i, outcome) in idx.into_iter().zip(results) {

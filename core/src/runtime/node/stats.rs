@@ -92,11 +92,35 @@ counters! {
     sync_offers,
     /// Records sent to a co-replica that lacked them, after an anti-entropy offer.
     sync_repairs,
-    /// Times a co-replica's cursor was overtaken in the applied-writes log (each starts a
-    /// scan of the shared records).
+    /// Times a co-replica's cursor was overtaken in the applied-writes log (each asks for a
+    /// Merkle exchange with it).
     sync_overtaken,
-    /// Scans of the records shared with a co-replica that completed.
-    sync_scans,
     /// Anti-entropy offers refused as a replica (a bad key, or a key not replicated here).
     sync_refused,
+    /// Merkle exchanges the applied-writes log asked for (a co-replica overtaken, first seen
+    /// or in a new life).
+    merkle_requested,
+    /// Merkle exchanges this node started that completed.
+    merkle_exchanges,
+    /// Merkle exchanges that failed part-way (a peer unreachable or refusing, an answer of the
+    /// wrong shape, a record not acknowledged); each is retried.
+    merkle_failures,
+    /// Tree node digests asked of peers.
+    merkle_nodes,
+    /// Leaves checked against a peer at the agreed purge horizon.
+    merkle_leaves_checked,
+    /// Leaves that still differed after the check (their records were offered).
+    merkle_leaves_differing,
+    /// Records sent to a co-replica that lacked them, after a Merkle exchange.
+    merkle_repairs,
+    /// Bytes of requests Merkle anti-entropy sent (metered by the bandwidth limit).
+    merkle_bytes_sent,
+    /// Merkle requests refused as a replica (past the tree's bounds, or outside the ranges
+    /// shared with the requester).
+    merkle_refused,
+    /// Rebuilds of the tree from storage.
+    merkle_rebuilds,
+    /// Leaves a rebuild found different from storage and corrected (storage changed outside
+    /// the apply path: corruption, a purge, an eviction, a failed apply).
+    merkle_rebuild_corrected,
 }

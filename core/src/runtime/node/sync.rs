@@ -8,11 +8,12 @@
 //! ordinary `Apply` (so the peer's drift check applies), and only then does the cursor move.
 //! A failed step leaves the cursor where it was: the next round offers the same entries
 //! again, so nothing is lost. A cursor overtaken by the writer, a peer first seen and a peer
-//! in a new life (restarted or wiped) get a scan instead: every stored record the two share
-//! is offered page by page, then the log resumes where it stood when the scan began. Records
-//! past the purge horizon (`Record::is_collectable` with `tombstone_grace`) are never offered.
+//! in a new life (restarted or wiped) are handed to Merkle anti-entropy instead
+//! ([`super::merkle`]): an exchange with that peer is scheduled at once, which compares every
+//! range the two share, and the log resumes where it stood when the peer was handed over.
+//! Records past the purge horizon (`Record::is_collectable` with `tombstone_grace`) are never
+//! offered.
 
-use std::num::NonZeroUsize;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -20,7 +21,7 @@ use bytes::Bytes;
 
 use super::Inner;
 use crate::envelope::Envelope;
-use crate::hash::{HashRange, key_hash};
+use crate::hash::key_hash;
 use crate::healing::sync::{AppliedLog, PeerSync, Since, SyncCursors};
 use crate::hlc::Version;
 use crate::identity::Address;
@@ -32,8 +33,6 @@ use crate::storage::{ApplyOutcome, Storage};
 pub(crate) const OFFER_LIMIT: usize = 1024;
 /// Most offers to one peer in one round.
 pub(crate) const OFFERS_PER_ROUND: usize = 8;
-/// Stored records read per scan page.
-const SCAN_PAGE: usize = 1024;
 
 /// The applied-writes log (`None` with anti-entropy off).
 pub(crate) type SyncLog = Option<Mutex<AppliedLog>>;
@@ -129,13 +128,7 @@ async fn round(inner: &Arc<Inner>, cursors: &mut SyncCursors) {
                         Since::Overtaken => {
                             inner.stats.sync_overtaken.fetch_add(1, Ordering::Relaxed);
                             let head = log.lock().unwrap_or_else(PoisonError::into_inner).head();
-                            cursors.set(
-                                m.id,
-                                PeerSync::Scan {
-                                    cursor: None,
-                                    resume: head,
-                                },
-                            );
+                            cursors.set(m.id, PeerSync::Compare { resume: head });
                             continue;
                         }
                         Since::Entries(e) => e,
@@ -148,55 +141,35 @@ async fn round(inner: &Arc<Inner>, cursors: &mut SyncCursors) {
                         .filter(|a| shares(&a.key))
                         .map(|a| (a.key, a.version))
                         .collect();
-                    if !offer_to(inner, &addr, offer).await {
+                    let Some(sent) = offer_to(inner, &addr, offer, None).await else {
                         break;
-                    }
+                    };
+                    inner.stats.sync_repairs.fetch_add(sent, Ordering::Relaxed);
                     cursors.set(m.id, PeerSync::Log(last + 1));
                 }
-                PeerSync::Scan { cursor, resume } => {
-                    let limit = NonZeroUsize::new(SCAN_PAGE).expect("non-zero");
-                    let page = match inner.storage.scan(HashRange::FULL, cursor, limit).await {
-                        Ok(page) => page,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "anti-entropy scan failed");
-                            break;
-                        }
-                    };
-                    let now_ms = inner.hlc.wall_clock().now_ms();
-                    let grace = inner.config.tombstone_grace;
-                    let offer: Vec<(Bytes, Version)> = page
-                        .entries
-                        .into_iter()
-                        .filter(|e| !e.record.is_collectable(now_ms, grace) && shares(&e.key))
-                        .map(|e| (e.key, e.record.version))
-                        .collect();
-                    if !offer_to(inner, &addr, offer).await {
-                        break;
+                PeerSync::Compare { resume } => {
+                    if let Some(merkle) = &inner.merkle {
+                        merkle.request(m.id);
+                        inner.stats.merkle_requested.fetch_add(1, Ordering::Relaxed);
                     }
-                    match page.next {
-                        Some(next) => cursors.set(
-                            m.id,
-                            PeerSync::Scan {
-                                cursor: Some(next),
-                                resume,
-                            },
-                        ),
-                        None => {
-                            inner.stats.sync_scans.fetch_add(1, Ordering::Relaxed);
-                            cursors.set(m.id, PeerSync::Log(resume));
-                        }
-                    }
+                    cursors.set(m.id, PeerSync::Log(resume));
                 }
             }
         }
     }
 }
 
-/// Offers `entries` to the peer at `addr` and sends what it lacks; whether every step
-/// succeeded (the peer now holds each record or a newer one).
-async fn offer_to(inner: &Inner, addr: &Address, entries: Vec<(Bytes, Version)>) -> bool {
+/// Offers `entries` to the peer at `addr` and sends what it lacks; the number of records
+/// sent if every step succeeded (the peer now holds each record or a newer one), `None`
+/// otherwise. With `meter`, every message waits for Merkle anti-entropy's bandwidth limit.
+pub(crate) async fn offer_to(
+    inner: &Inner,
+    addr: &Address,
+    entries: Vec<(Bytes, Version)>,
+    meter: Option<&super::merkle::MerkleState>,
+) -> Option<u64> {
     if entries.is_empty() {
-        return true;
+        return Some(0);
     }
     let timeout = inner.config.request_timeout;
     let message = Envelope::Replica(ReplicaMessage::SyncOffer {
@@ -210,15 +183,18 @@ async fn offer_to(inner: &Inner, addr: &Address, entries: Vec<(Bytes, Version)>)
             .collect(),
     });
     inner.stats.sync_offers.fetch_add(1, Ordering::Relaxed);
+    if let Some(meter) = meter {
+        meter.meter(inner, &message).await;
+    }
     let wanted = match inner.rpc.request(addr, &message, timeout).await {
         Ok(Envelope::Replica(ReplicaMessage::SyncWant { wanted })) => wanted,
         Ok(other) => {
             tracing::debug!(%addr, ?other, "anti-entropy offer not answered");
-            return false;
+            return None;
         }
         Err(e) => {
             tracing::trace!(%addr, error = %e, "anti-entropy offer failed");
-            return false;
+            return None;
         }
     };
     let now_ms = inner.hlc.wall_clock().now_ms();
@@ -226,7 +202,7 @@ async fn offer_to(inner: &Inner, addr: &Address, entries: Vec<(Bytes, Version)>)
     for i in wanted {
         let Some((key, _)) = entries.get(i as usize) else {
             tracing::debug!(%addr, i, "anti-entropy answer names no offered entry");
-            return false;
+            return None;
         };
         match inner.storage.get(key).await {
             // Never ship a record past the purge horizon; purged meanwhile: nothing to send.
@@ -237,24 +213,26 @@ async fn offer_to(inner: &Inner, addr: &Address, entries: Vec<(Bytes, Version)>)
                 });
             }
             Ok(_) => {}
-            Err(_) => return false,
+            Err(_) => return None,
         }
     }
     if writes.is_empty() {
-        return true;
+        return Some(0);
     }
     let sent = writes.len() as u64;
     let message = Envelope::Replica(ReplicaMessage::Apply {
         version: REPLICA_PROTOCOL_VERSION,
         writes,
     });
+    if let Some(meter) = meter {
+        meter.meter(inner, &message).await;
+    }
     match inner.rpc.request(addr, &message, timeout).await {
         Ok(Envelope::Replica(ReplicaMessage::Applied { outcomes }))
             if outcomes.len() as u64 == sent && outcomes.iter().all(|o| o.is_ack()) =>
         {
-            inner.stats.sync_repairs.fetch_add(sent, Ordering::Relaxed);
-            true
+            Some(sent)
         }
-        _ => false,
+        _ => None,
     }
 }
