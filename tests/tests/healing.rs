@@ -339,6 +339,28 @@ async fn anti_entropy_alone_brings_a_replica_that_missed_writes_up_to_date() {
     cluster.stop().await;
 }
 
+/// Twenty values of almost 1 MiB do not fit in one 16 MiB frame: the records an offer's
+/// answer asks for go in several `Apply` batches (one batch failed every retry before).
+#[tokio::test(start_paused = true)]
+async fn anti_entropy_ships_large_values_in_batches_that_fit_a_frame() {
+    let cluster = Cluster::start(sync_only(3)).await;
+    partition_node_2(&cluster);
+    let mut written = Vec::new();
+    for k in 0..20u8 {
+        let key = Bytes::from(format!("large-{k}"));
+        let value = Bytes::from(vec![k; 1_000_000]);
+        let version = cluster
+            .node(0)
+            .put(key.clone(), value, quorum())
+            .await
+            .expect("a quorum without node 2");
+        written.push((key, version));
+    }
+    cluster.net.heal();
+    wait_stored(&cluster, 2, &written, Duration::from_secs(60)).await;
+    cluster.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_overflowing_log_still_converges_with_nothing_missing() {
     let mut spec = sync_only(3);

@@ -168,8 +168,8 @@ pub enum BoundsError {
         /// The index.
         index: u32,
     },
-    /// Leaves of a check not in strictly ascending order.
-    #[error("leaves not in strictly ascending order")]
+    /// Nodes of a request or leaves of a check not in strictly ascending order.
+    #[error("nodes or leaves not in strictly ascending order")]
     Order,
     /// A check whose leaves span more stored records than a responder scans for one.
     #[error("the leaves span {records} stored records; at most {max} are scanned per check")]
@@ -189,7 +189,9 @@ pub enum BoundsError {
     },
 }
 
-/// Checks a digest request: a valid level, at most [`MAX_NODES_PER_REQUEST`] existing nodes.
+/// Checks a digest request: a valid level, at most [`MAX_NODES_PER_REQUEST`] existing nodes
+/// in strictly ascending order. (Repeats are refused: each costs the responder a node's sum,
+/// so a request repeating the root would cost 4,096 passes over every leaf.)
 pub fn check_nodes(level: u8, indices: &[u32]) -> Result<(), BoundsError> {
     if indices.len() > MAX_NODES_PER_REQUEST {
         return Err(BoundsError::TooMany {
@@ -198,10 +200,13 @@ pub fn check_nodes(level: u8, indices: &[u32]) -> Result<(), BoundsError> {
         });
     }
     let width = width(level).ok_or(BoundsError::Level(level))?;
-    match indices.iter().find(|&&i| i >= width) {
-        Some(&index) => Err(BoundsError::Index { level, index }),
-        None => Ok(()),
+    if let Some(&index) = indices.iter().find(|&&i| i >= width) {
+        return Err(BoundsError::Index { level, index });
     }
+    if indices.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(BoundsError::Order);
+    }
+    Ok(())
 }
 
 /// Checks the leaves of a leaf check: at most [`MAX_LEAVES_PER_CHECK`], existing, strictly
@@ -570,6 +575,10 @@ mod tests {
             tree.nodes(3, &many),
             Err(BoundsError::TooMany { .. })
         ));
+        // Repeats (a cheap request for expensive answers) and disorder are refused.
+        assert_eq!(tree.nodes(0, &[0, 0]), Err(BoundsError::Order));
+        assert_eq!(tree.nodes(2, &[5, 3]), Err(BoundsError::Order));
+        assert_eq!(tree.nodes(2, &[3, 5]).map(|d| d.len()), Ok(2));
         assert_eq!(check_leaves(&[1, 1], 2), Err(BoundsError::Order));
         assert!(matches!(
             check_leaves(&[1], 2),

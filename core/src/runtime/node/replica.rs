@@ -117,14 +117,21 @@ impl Inner {
                 _ => batch.iter().map(|(k, r)| (k.clone(), r.version)).collect(),
             };
             // The tree learns of each write before storage sees it (see `healing::merkle`).
-            let pending: Vec<_> = match &self.merkle {
-                Some(m) => batch
+            // The guard abandons them if this future is dropped while storage works (a
+            // deferred local apply cancelled at its deadline), so no shard stays in flight.
+            let mut guard = self.merkle.as_ref().map(|m| PendingGuard {
+                tree: &m.tree,
+                pending: batch
                     .iter()
                     .map(|(k, _)| m.tree.begin(crate::hash::key_hash(k)))
                     .collect(),
-                None => Vec::new(),
-            };
+            });
             let result = self.storage.apply_batch(batch).await;
+            let pending = guard
+                .as_mut()
+                .map(|g| std::mem::take(&mut g.pending))
+                .unwrap_or_default();
+            drop(guard);
             if let Some(m) = &self.merkle {
                 match &result {
                     Ok(results) if results.len() == pending.len() => {
@@ -252,5 +259,48 @@ pub(crate) fn storage_refusal(e: &StorageError) -> Refusal {
     Refusal::Storage {
         retryable: e.is_retryable(),
         reason: e.to_string(),
+    }
+}
+
+/// Tree updates begun for writes storage is applying; abandoned (the leaves marked for the next
+/// rebuild) if dropped before they are taken out and finished.
+struct PendingGuard<'a> {
+    tree: &'a crate::healing::merkle::MerkleTree,
+    pending: Vec<crate::healing::merkle::Pending>,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        for p in self.pending.drain(..) {
+            self.tree.abandon(p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod pending_guard_tests {
+    use super::PendingGuard;
+    use crate::healing::merkle::MerkleTree;
+
+    #[test]
+    fn updates_dropped_unfinished_are_abandoned_and_ask_for_a_rebuild() {
+        let tree = MerkleTree::new();
+        let guard = PendingGuard {
+            tree: &tree,
+            pending: vec![tree.begin(7), tree.begin(u64::MAX)],
+        };
+        assert!(!tree.needs_rebuild());
+        drop(guard);
+        assert!(
+            tree.needs_rebuild(),
+            "a cancelled apply leaves the tree unsure"
+        );
+        // Nothing is left in flight: a rebuild corrects every shard.
+        let rebuild = tree.start_rebuild();
+        let report = tree.finish_rebuild(rebuild);
+        assert_eq!(
+            report.kept, 0,
+            "a shard left in flight is skipped whole: {report:?}"
+        );
     }
 }

@@ -197,8 +197,17 @@ pub(crate) async fn offer_to(
             return None;
         }
     };
+    // Strictly ascending, as `answer_offer` builds it: a repeated index would make this node
+    // read and ship one record many times over.
+    if wanted.windows(2).any(|w| w[0] >= w[1]) {
+        tracing::debug!(%addr, "anti-entropy answer not strictly ascending");
+        return None;
+    }
     let now_ms = inner.hlc.wall_clock().now_ms();
-    let mut writes = Vec::new();
+    // The records go in `Apply` batches of at most APPLY_BATCH_BYTES (1,024 large values
+    // would not fit in one frame, and a batch that cannot be encoded would fail every retry).
+    let mut batches: Vec<Vec<Write>> = vec![Vec::new()];
+    let mut batch_bytes = 0;
     for i in wanted {
         let Some((key, _)) = entries.get(i as usize) else {
             tracing::debug!(%addr, i, "anti-entropy answer names no offered entry");
@@ -207,32 +216,47 @@ pub(crate) async fn offer_to(
         match inner.storage.get(key).await {
             // Never ship a record past the purge horizon; purged meanwhile: nothing to send.
             Ok(Some(record)) if !record.is_collectable(now_ms, inner.config.tombstone_grace) => {
-                writes.push(Write {
-                    key: key.clone(),
-                    record,
-                });
+                let bytes = key.len() + record.encoded_len();
+                if batch_bytes + bytes > APPLY_BATCH_BYTES
+                    && batches.last().is_some_and(|b| !b.is_empty())
+                {
+                    batches.push(Vec::new());
+                    batch_bytes = 0;
+                }
+                batch_bytes += bytes;
+                if let Some(batch) = batches.last_mut() {
+                    batch.push(Write {
+                        key: key.clone(),
+                        record,
+                    });
+                }
             }
             Ok(_) => {}
             Err(_) => return None,
         }
     }
-    if writes.is_empty() {
-        return Some(0);
-    }
-    let sent = writes.len() as u64;
-    let message = Envelope::Replica(ReplicaMessage::Apply {
-        version: REPLICA_PROTOCOL_VERSION,
-        writes,
-    });
-    if let Some(meter) = meter {
-        meter.meter(inner, &message).await;
-    }
-    match inner.rpc.request(addr, &message, timeout).await {
-        Ok(Envelope::Replica(ReplicaMessage::Applied { outcomes }))
-            if outcomes.len() as u64 == sent && outcomes.iter().all(|o| o.is_ack()) =>
-        {
-            Some(sent)
+    let mut sent = 0;
+    for writes in batches.into_iter().filter(|b| !b.is_empty()) {
+        let n = writes.len() as u64;
+        let message = Envelope::Replica(ReplicaMessage::Apply {
+            version: REPLICA_PROTOCOL_VERSION,
+            writes,
+        });
+        if let Some(meter) = meter {
+            meter.meter(inner, &message).await;
         }
-        _ => None,
+        match inner.rpc.request(addr, &message, timeout).await {
+            Ok(Envelope::Replica(ReplicaMessage::Applied { outcomes }))
+                if outcomes.len() as u64 == n && outcomes.iter().all(|o| o.is_ack()) =>
+            {
+                sent += n;
+            }
+            _ => return None,
+        }
     }
+    Some(sent)
 }
+
+/// Most key and record bytes in one anti-entropy `Apply` (well under the 16 MiB frame limit
+/// with one maximum-size value in it).
+const APPLY_BATCH_BYTES: usize = 4 * 1024 * 1024;
