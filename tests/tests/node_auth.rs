@@ -8,11 +8,9 @@ use std::time::Duration;
 use chorus::membership::MembershipConfig;
 use chorus::runtime::inproc::InProcessNetwork;
 use chorus::runtime::node::StartError;
-use chorus::{
-    Address, Consistency, Identity, Keyring, Node, ReadOptions, SharedTransport, WriteOptions,
-};
+use chorus::{Address, Consistency, Identity, Keyring, Node, SharedTransport, WriteOptions};
 use chorus_tests::runner::seed;
-use chorus_tests::views::{alive, settle};
+use chorus_tests::views::{alive, quorum_writer, settle};
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -105,33 +103,7 @@ async fn a_key_is_rotated_on_a_running_three_node_cluster_without_downtime() {
     )
     .await;
 
-    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let writer_node = a.clone();
-    let writer = tokio::spawn(async move {
-        let mut ok = 0u64;
-        for k in 0u64.. {
-            if stop_rx.try_recv().is_ok() {
-                break;
-            }
-            let key = format!("k{}", k % 50);
-            writer_node
-                .put(
-                    key.clone(),
-                    format!("v{k}"),
-                    WriteOptions::default().consistency(Consistency::Quorum),
-                )
-                .await
-                .unwrap_or_else(|e| panic!("seed {}: write {k} failed: {e}", seed()));
-            let got = writer_node
-                .get(key, ReadOptions::default().consistency(Consistency::Quorum))
-                .await
-                .unwrap_or_else(|e| panic!("seed {}: read {k} failed: {e}", seed()));
-            assert_eq!(got.as_deref(), Some(format!("v{k}").as_bytes()));
-            ok += 1;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        ok
-    });
+    let (stop_tx, writer) = quorum_writer(a.clone(), Duration::from_millis(50));
 
     // 1. The new key is added on the running members.
     keyring.insert(ids[3].public_key()).expect("no collision");

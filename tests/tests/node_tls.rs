@@ -12,7 +12,7 @@ use chorus::{
     Consistency, Identity, Keyring, Node, NodeConfig, ReadOptions, TransportSpec, WriteOptions,
 };
 use chorus_tests::runner::seed;
-use chorus_tests::views::{alive, settle};
+use chorus_tests::views::{alive, quorum_writer, settle};
 
 fn identity(seed: u64, i: usize) -> Identity {
     let mut secret = [0u8; 32];
@@ -107,33 +107,7 @@ async fn a_key_is_rotated_on_a_three_node_tcp_tls_cluster_without_downtime() {
     .await;
     outsider_is_refused_by_the_channel("tcp", &[&a, &b, &old], &ids[4]).await;
 
-    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let writer_node = a.clone();
-    let writer = tokio::spawn(async move {
-        let mut ok = 0u64;
-        for k in 0u64..100_000 {
-            if stop_rx.try_recv().is_ok() {
-                break;
-            }
-            let key = format!("k{}", k % 50);
-            writer_node
-                .put(
-                    key.clone(),
-                    format!("v{k}"),
-                    WriteOptions::default().consistency(Consistency::Quorum),
-                )
-                .await
-                .unwrap_or_else(|e| panic!("seed {}: write {k} failed: {e}", seed()));
-            let got = writer_node
-                .get(key, ReadOptions::default().consistency(Consistency::Quorum))
-                .await
-                .unwrap_or_else(|e| panic!("seed {}: read {k} failed: {e}", seed()));
-            assert_eq!(got.as_deref(), Some(format!("v{k}").as_bytes()));
-            ok += 1;
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        ok
-    });
+    let (stop_tx, writer) = quorum_writer(a.clone(), Duration::from_millis(10));
 
     // 1. The new key is added on the running members; 2. the node starts under it.
     keyring.insert(ids[3].public_key()).expect("no collision");
