@@ -361,6 +361,83 @@ async fn anti_entropy_ships_large_values_in_batches_that_fit_a_frame() {
     cluster.stop().await;
 }
 
+/// Offers go only where a copy may be missing: the coordinator offers none of the writes
+/// every replica acknowledged, and a replica never offers a write back to the coordinator
+/// that sent it, so in a healthy 3-node cluster each replica offers only to the third.
+#[tokio::test(start_paused = true)]
+async fn offers_skip_the_coordinator_and_writes_every_replica_acknowledged() {
+    let mut spec = sync_only(3);
+    spec.config.merkle_rebuild_interval = Duration::from_secs(24 * 3600);
+    let cluster = Cluster::start(spec).await;
+    // Every peer's first round (a Merkle comparison of empty stores) is over.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let offers = |i: usize| cluster.node(i).stats().sync_offers;
+    let before: Vec<u64> = (0..3).map(offers).collect();
+    let entries: Vec<(Bytes, Bytes)> = (0..100)
+        .map(|k| (Bytes::from(format!("key-{k}")), Bytes::from("v")))
+        .collect();
+    let all = WriteOptions::default().consistency(Consistency::All);
+    for r in cluster
+        .node(0)
+        .put_many(entries, all)
+        .await
+        .expect("a batch")
+    {
+        r.expect("every replica acknowledged");
+    }
+    // Several rounds (sync_interval is 1 s).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let sent: Vec<u64> = (0..3).map(|i| offers(i) - before[i]).collect();
+    assert_eq!(
+        sent,
+        vec![0, 1, 1],
+        "seed {}: the coordinator offers nothing; each replica one offer, to the third replica",
+        seed()
+    );
+    cluster.stop().await;
+}
+
+/// A write rate that would overtake the cursors before the next tick wakes the round early:
+/// with a tick of an hour and a log of 64 entries, a replica cut off during 10 writes is
+/// repaired within seconds of the 40 writes after them (the early round hands the peers it
+/// has not offered to yet to a Merkle comparison, then offers), and no cursor is overtaken.
+/// Without the early round nothing would heal it for an hour.
+#[tokio::test(start_paused = true)]
+async fn a_filling_log_starts_a_round_before_its_tick() {
+    let mut spec = sync_only(3);
+    spec.config.sync_interval = Duration::from_secs(3600);
+    spec.config.anti_entropy_interval = Duration::from_secs(7200);
+    spec.config.tombstone_grace = Duration::from_secs(2 * 24 * 3600);
+    spec.config.merkle_rebuild_interval = Duration::from_secs(24 * 3600);
+    spec.config.sync_log_capacity = NonZeroUsize::new(64).expect("non-zero");
+    let cluster = Cluster::start(spec).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    partition_node_2(&cluster);
+    let missed = write_around(&cluster, 10).await;
+    cluster.net.heal();
+    // Writes every replica gets fill the logs of nodes 0 (coordinator of the missed ones)
+    // and 1 (which logged the missed ones as a replica): 16 entries start a round.
+    for k in 0..40 {
+        cluster
+            .node(k % 2)
+            .put(
+                Bytes::from(format!("after-{k}")),
+                Bytes::from("v"),
+                quorum(),
+            )
+            .await
+            .expect("a quorum");
+    }
+    wait_stored(&cluster, 2, &missed, Duration::from_secs(10)).await;
+    let early: u64 = (0..2)
+        .map(|i| cluster.node(i).stats().sync_early_rounds)
+        .sum();
+    let overtaken: u64 = (0..3).map(|i| cluster.node(i).stats().sync_overtaken).sum();
+    assert!(early >= 1, "seed {}: no round started early", seed());
+    assert_eq!(overtaken, 0, "seed {}: a cursor was overtaken", seed());
+    cluster.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_overflowing_log_still_converges_with_nothing_missing() {
     let mut spec = sync_only(3);

@@ -28,6 +28,10 @@ pub struct Applied {
     pub key: Bytes,
     /// The version applied.
     pub version: Version,
+    /// The member the write came from (its coordinator, or the peer whose repair or hint
+    /// delivered it), which holds that version or a newer one: never offered back to it.
+    /// `None` for writes this node originated.
+    pub source: Option<NodeId>,
 }
 
 /// A bounded ring buffer of applied writes; see the [module documentation](self).
@@ -58,7 +62,7 @@ impl AppliedLog {
     }
 
     /// Appends one applied write, overwriting the oldest entry when full.
-    pub fn push(&mut self, key: Bytes, version: Version) {
+    pub fn push(&mut self, key: Bytes, version: Version, source: Option<NodeId>) {
         if self.entries.len() == self.capacity {
             self.entries.pop_front();
         }
@@ -66,6 +70,7 @@ impl AppliedLog {
             seq: self.next_seq,
             key,
             version,
+            source,
         });
         self.next_seq += 1;
     }
@@ -162,14 +167,14 @@ mod tests {
         let mut log = AppliedLog::new(4);
         assert_eq!(log.since(0, 10), Since::Entries(vec![]));
         for n in 0..3 {
-            log.push(Bytes::from(format!("k{n}")), v(n));
+            log.push(Bytes::from(format!("k{n}")), v(n), None);
         }
         assert_eq!(keys(&log.since(0, 10)), vec![0, 1, 2]);
         assert_eq!(keys(&log.since(0, 10)), vec![0, 1, 2], "still there");
         assert_eq!(keys(&log.since(1, 1)), vec![1]);
         assert_eq!(keys(&log.since(3, 10)), Vec::<u64>::new());
         for n in 3..6 {
-            log.push(Bytes::from(format!("k{n}")), v(n));
+            log.push(Bytes::from(format!("k{n}")), v(n), None);
         }
         // Entries 0 and 1 are gone: a cursor before 2 was overtaken.
         assert_eq!(log.since(1, 10), Since::Overtaken);
@@ -180,14 +185,14 @@ mod tests {
     #[test]
     fn new_peers_and_new_lives_are_owed_a_comparison_and_cursors_are_per_peer() {
         let mut log = AppliedLog::new(8);
-        log.push(Bytes::from_static(b"a"), v(1));
+        log.push(Bytes::from_static(b"a"), v(1), None);
         let mut cursors = SyncCursors::default();
         let scan = PeerSync::Compare { resume: 1 };
         assert_eq!(cursors.peer(NodeId(2), 7, &log), scan);
         cursors.set(NodeId(2), PeerSync::Log(1));
         assert_eq!(cursors.peer(NodeId(2), 7, &log), PeerSync::Log(1));
         assert_eq!(cursors.peer(NodeId(3), 1, &log), scan, "each peer its own");
-        log.push(Bytes::from_static(b"b"), v(2));
+        log.push(Bytes::from_static(b"b"), v(2), None);
         assert_eq!(
             cursors.peer(NodeId(2), 8, &log),
             PeerSync::Compare { resume: 2 },

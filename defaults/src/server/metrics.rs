@@ -181,6 +181,7 @@ pub(crate) async fn refresh(node: &Node) {
         ("chorus_sync_offers_total", s.sync_offers),
         ("chorus_sync_repairs_total", s.sync_repairs),
         ("chorus_sync_overtaken_total", s.sync_overtaken),
+        ("chorus_sync_early_rounds_total", s.sync_early_rounds),
         ("chorus_sync_refused_total", s.sync_refused),
         ("chorus_merkle_requested_total", s.merkle_requested),
         ("chorus_merkle_exchanges_total", s.merkle_exchanges),

@@ -39,6 +39,48 @@ enum ApplyAnswer {
     Failed,
 }
 
+/// Who holds each write of a request so far, for the applied-writes log: the coordinator
+/// logs a write it applied itself only once every replica answered, and only if one of them
+/// did not acknowledge it (one every replica holds has nothing left to offer anyone).
+struct Holders {
+    /// Replicas of each write.
+    expected: Vec<usize>,
+    /// Acknowledgements of each write so far.
+    acked: Vec<usize>,
+    /// Whether this node's own replica applied it (a stale or refused one is not logged).
+    applied_here: Vec<bool>,
+}
+
+impl Holders {
+    fn new(len: usize) -> Self {
+        Holders {
+            expected: vec![0; len],
+            acked: vec![0; len],
+            applied_here: vec![false; len],
+        }
+    }
+
+    fn note(&mut self, me: NodeId, node: NodeId, idx: &[usize], answer: &ApplyAnswer) {
+        let ApplyAnswer::Outcomes(outcomes) = answer else {
+            return;
+        };
+        for (&i, o) in idx.iter().zip(outcomes) {
+            if o.is_ack() {
+                self.acked[i] += 1;
+            }
+            if node == me && matches!(o, WriteOutcome::Applied) {
+                self.applied_here[i] = true;
+            }
+        }
+    }
+
+    /// The writes to log: applied here and not acknowledged by every replica.
+    fn to_log(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.expected.len())
+            .filter(|&i| self.applied_here[i] && self.acked[i] < self.expected[i])
+    }
+}
+
 impl ApplyAnswer {
     /// The writes (indices out of `idx`, in order) this answer leaves the replica owing:
     /// not acknowledged, for a reason a later replay may overcome.
@@ -80,6 +122,7 @@ impl Inner {
         let mut results: Vec<Option<Result<(), ReplicationError>>> =
             (0..writes.len()).map(|_| None).collect();
         let mut trackers = Vec::with_capacity(writes.len());
+        let mut holders = Holders::new(writes.len());
         let mut groups: Vec<(NodeId, Vec<usize>)> = Vec::new();
         for (i, w) in writes.iter().enumerate() {
             let mut replicas = view.replicas(&w.key);
@@ -88,6 +131,7 @@ impl Inner {
                 replicas.push(self.id);
             }
             trackers.push(AckTracker::new(required, replicas.len()));
+            holders.expected[i] = replicas.len();
             if replicas.len() < required {
                 results[i] = Some(Err(ReplicationError::Unavailable {
                     required,
@@ -126,6 +170,7 @@ impl Inner {
             };
             unanswered.retain(|(n, _)| *n != node);
             self.note_missed(node, &answer.missed(&idx), &writes);
+            holders.note(self.id, node, &idx, &answer);
             for (k, &i) in idx.iter().enumerate() {
                 let progress = match &answer {
                     ApplyAnswer::Outcomes(outcomes) => match outcomes.get(k) {
@@ -178,12 +223,16 @@ impl Inner {
                         .late_answers
                         .fetch_add(idx.len() as u64, Ordering::Relaxed);
                     inner.note_missed(node, &answer.missed(&idx), &writes);
+                    holders.note(inner.id, node, &idx, &answer);
                 }
                 // No answer by the deadline: those replicas owe every write they were sent.
                 for (node, idx) in unanswered {
                     inner.note_missed(node, &idx, &writes);
                 }
+                inner.log_coordinated(&writes, &holders);
             });
+        } else {
+            self.log_coordinated(&writes, &holders);
         }
         results
             .into_iter()
@@ -197,6 +246,18 @@ impl Inner {
                 }))
             })
             .collect()
+    }
+
+    /// Enters the writes of a request that this node applied and some replica did not
+    /// acknowledge into the applied-writes log (the replicas log what they applied).
+    fn log_coordinated(&self, writes: &[Write], holders: &Holders) {
+        let entries: Vec<(Bytes, crate::hlc::Version)> = holders
+            .to_log()
+            .map(|i| (writes[i].key.clone(), writes[i].record.version))
+            .collect();
+        if !entries.is_empty() {
+            self.log_entries(entries, None);
+        }
     }
 
     /// Sends `batch` to `node` (or applies it here when `node` is this node). The future has
@@ -213,7 +274,12 @@ impl Inner {
         let inner = self.clone();
         if node == self.id {
             return Box::pin(async move {
-                let outcomes = inner.apply_writes(batch, own).await;
+                let log = if own {
+                    super::replica::LogAs::Coordinated
+                } else {
+                    super::replica::LogAs::From(None)
+                };
+                let outcomes = inner.apply_writes(batch, own, log).await;
                 (node, idx, ApplyAnswer::Outcomes(outcomes))
             });
         }

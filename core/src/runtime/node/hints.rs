@@ -290,7 +290,9 @@ async fn hand_over(
         }
     }
     for chunk in local.chunks(MAX_BATCH) {
-        inner.apply_writes(chunk.to_vec(), false).await;
+        inner
+            .apply_writes(chunk.to_vec(), false, super::replica::LogAs::From(None))
+            .await;
     }
     for chunk in stored.chunks(MAX_BATCH) {
         if let Err(e) = inner.storage.store_hints(chunk.to_vec()).await {

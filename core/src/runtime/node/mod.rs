@@ -421,11 +421,9 @@ impl NodeBuilder {
         let (hint_tx, hint_rx) = mpsc::channel(hints::HINT_QUEUE);
         let inner = Arc::new(Inner {
             hints: config.hinted_handoff.then_some(hint_tx),
-            sync: config.anti_entropy.then(|| {
-                std::sync::Mutex::new(crate::healing::sync::AppliedLog::new(
-                    config.sync_log_capacity.get(),
-                ))
-            }),
+            sync: config
+                .anti_entropy
+                .then(|| sync::SyncState::new(config.sync_log_capacity.get())),
             merkle: config.anti_entropy.then(|| {
                 merkle::MerkleState::new(config.anti_entropy_bandwidth.get(), clock.now_ms())
             }),
@@ -1124,7 +1122,7 @@ async fn dispatch(
             Envelope::Replica(m) => {
                 let inner = inner.clone();
                 let mut serving = Box::pin(async move {
-                    let reply = Envelope::Replica(inner.serve(m).await);
+                    let reply = Envelope::Replica(inner.serve(&from, m).await);
                     if let Err(e) = inner.rpc.respond_to(&from, header, &reply).await {
                         inner.stats.replies_not_sent.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(%from, error = %e, "replica reply not sent");

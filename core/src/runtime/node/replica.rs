@@ -8,21 +8,37 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 
 use super::Inner;
+use crate::identity::NodeId;
 use crate::record::{Payload, Record};
 use crate::replication::message::{Key, MAX_BATCH};
 use crate::replication::{REPLICA_PROTOCOL_VERSION, Refusal, ReplicaMessage, Write, WriteOutcome};
 use crate::storage::{ApplyOutcome, Storage, StorageError};
 
+/// How the writes a replica applies enter the applied-writes log.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum LogAs {
+    /// At once, as come from that member (`None`: from this node); never offered back to it.
+    From(Option<NodeId>),
+    /// Later, by the coordinator of the request that stamped them, once it knows which
+    /// replicas acknowledged them (`Inner::replicate`).
+    Coordinated,
+}
+
 impl Inner {
-    /// Answers one replica request.
-    pub(crate) async fn serve(self: &Arc<Self>, message: ReplicaMessage) -> ReplicaMessage {
+    /// Answers one replica request from the peer at `from`.
+    pub(crate) async fn serve(
+        self: &Arc<Self>,
+        from: &crate::identity::Address,
+        message: ReplicaMessage,
+    ) -> ReplicaMessage {
         match message {
             ReplicaMessage::Apply { version, writes } => {
                 if let Some(refused) = self.check_version(version) {
                     return refused;
                 }
+                let source = self.view.load().member_at(from);
                 ReplicaMessage::Applied {
-                    outcomes: self.apply_writes(writes, false).await,
+                    outcomes: self.apply_writes(writes, false, LogAs::From(source)).await,
                 }
             }
             ReplicaMessage::SyncOffer { version, entries } => {
@@ -89,8 +105,14 @@ impl Inner {
     /// Applies `writes` to local storage (apply-if-newer), each checked first: limits, then
     /// the clock-drift bound (unless `own`: records this node's clock just stamped, whose
     /// versions the HLC already covers even when the wall clock went back across a restart).
-    /// One outcome per write, in order.
-    pub(crate) async fn apply_writes(&self, writes: Vec<Write>, own: bool) -> Vec<WriteOutcome> {
+    /// One outcome per write, in order. `log`: how the applied ones enter the applied-writes
+    /// log.
+    pub(crate) async fn apply_writes(
+        &self,
+        writes: Vec<Write>,
+        own: bool,
+        log: LogAs,
+    ) -> Vec<WriteOutcome> {
         let mut outcomes: Vec<Option<WriteOutcome>> = Vec::with_capacity(writes.len());
         let mut accepted: Vec<(usize, Bytes, Record)> = Vec::with_capacity(writes.len());
         for (i, w) in writes.into_iter().enumerate() {
@@ -152,7 +174,9 @@ impl Inner {
             }
             match result {
                 Ok(results) if results.len() == idx.len() => {
-                    self.log_applied(logged, &results);
+                    if let LogAs::From(source) = log {
+                        self.log_applied(logged, &results, source);
+                    }
                     for (i, outcome) in idx.into_iter().zip(results) {
                         outcomes[i] = Some(self.count_outcome(outcome));
                     }

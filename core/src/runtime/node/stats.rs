@@ -95,6 +95,9 @@ counters! {
     /// Times a co-replica's cursor was overtaken in the applied-writes log (each asks for a
     /// Merkle exchange with it).
     sync_overtaken,
+    /// Anti-entropy rounds started before their tick because a quarter of the log was written
+    /// since the last one began.
+    sync_early_rounds,
     /// Anti-entropy offers refused as a replica (a bad key, or a key not replicated here).
     sync_refused,
     /// Merkle exchanges the applied-writes log asked for (a co-replica overtaken, first seen

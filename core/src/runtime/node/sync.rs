@@ -2,10 +2,12 @@
 //! periodic offers to each co-replica, and the replica's answer to an offer.
 //!
 //! Every `sync_interval` the task walks the members in the ring. For each peer it offers the
-//! log entries after the peer's cursor whose keys the peer replicates (by this node's ring) as
-//! `SyncOffer` digests, up to [`OFFER_LIMIT`] per offer and [`OFFERS_PER_ROUND`] offers per
-//! peer and round; the peer answers `SyncWant` with what it lacks; the records go with an
-//! ordinary `Apply` (so the peer's drift check applies), and only then does the cursor move.
+//! log entries after the peer's cursor whose keys the peer replicates (by this node's ring)
+//! and that did not come from that peer, as `SyncOffer` digests of at most [`OFFER_LIMIT`],
+//! until the peer has been offered everything up to the log's head (at most enough offers
+//! for a whole log per round); the peer answers `SyncWant` with what it lacks; the records
+//! go with an ordinary `Apply` (so the peer's drift check applies), and only then does the
+//! cursor move.
 //! A failed step leaves the cursor where it was: the next round offers the same entries
 //! again, so nothing is lost. A cursor overtaken by the writer, a peer first seen and a peer
 //! in a new life (restarted or wiped) are handed to Merkle anti-entropy instead
@@ -13,9 +15,18 @@
 //! range the two share, and the log resumes where it stood when the peer was handed over.
 //! Records past the purge horizon (`Record::is_collectable` with `tombstone_grace`) are never
 //! offered.
+//!
+//! Under a write rate that would fill the log within one interval the round does not wait
+//! for its tick: once a quarter of the log's capacity was written since the last round
+//! began, the writer wakes the task. Otherwise a writer faster than the log's capacity per
+//! interval overtakes every cursor, and every round hands its peers to a Merkle exchange
+//! instead (the rounds were also capped at 8,192 offered entries a peer, so any rate above
+//! that overtook them).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::Notify;
 
 use bytes::Bytes;
 
@@ -24,30 +35,89 @@ use crate::envelope::Envelope;
 use crate::hash::key_hash;
 use crate::healing::sync::{AppliedLog, PeerSync, Since, SyncCursors};
 use crate::hlc::Version;
-use crate::identity::Address;
+use crate::identity::{Address, NodeId};
 use crate::membership::MemberState;
 use crate::replication::{REPLICA_PROTOCOL_VERSION, Refusal, ReplicaMessage, SyncEntry, Write};
 use crate::storage::{ApplyOutcome, Storage};
 
 /// Most digests in one offer.
 pub(crate) const OFFER_LIMIT: usize = 1024;
-/// Most offers to one peer in one round.
-pub(crate) const OFFERS_PER_ROUND: usize = 8;
 
 /// The applied-writes log (`None` with anti-entropy off).
-pub(crate) type SyncLog = Option<Mutex<AppliedLog>>;
+pub(crate) type SyncLog = Option<SyncState>;
+
+/// The applied-writes log, and what wakes the task early.
+#[derive(Debug)]
+pub(crate) struct SyncState {
+    log: Mutex<AppliedLog>,
+    capacity: usize,
+    /// The log head at which the next round is due before its tick.
+    early_at: AtomicU64,
+    wake: Notify,
+}
+
+impl SyncState {
+    pub(crate) fn new(capacity: usize) -> Self {
+        SyncState {
+            log: Mutex::new(AppliedLog::new(capacity)),
+            capacity,
+            early_at: AtomicU64::new(early_step(capacity)),
+            wake: Notify::new(),
+        }
+    }
+
+    fn log(&self) -> std::sync::MutexGuard<'_, AppliedLog> {
+        self.log.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Most offers to one peer in one round: enough for every entry the log holds.
+    fn offers_per_round(&self) -> usize {
+        self.capacity.div_ceil(OFFER_LIMIT) + 1
+    }
+}
+
+/// How many entries written since a round began make the next one due at once.
+fn early_step(capacity: usize) -> u64 {
+    (capacity / 4).max(1) as u64
+}
 
 impl Inner {
-    /// Notes the writes of a batch that storage applied (`logged[i]` went with `results[i]`).
-    pub(crate) fn log_applied(&self, logged: Vec<(Bytes, Version)>, results: &[ApplyOutcome]) {
-        let Some(log) = &self.sync else {
+    /// Notes the writes of a batch that storage applied (`logged[i]` went with `results[i]`),
+    /// all of them from `source` (`None`: originated here).
+    pub(crate) fn log_applied(
+        &self,
+        logged: Vec<(Bytes, Version)>,
+        results: &[ApplyOutcome],
+        source: Option<NodeId>,
+    ) {
+        self.log_entries(
+            logged
+                .into_iter()
+                .zip(results)
+                .filter(|(_, outcome)| outcome.is_applied())
+                .map(|(entry, _)| entry),
+            source,
+        );
+    }
+
+    /// Enters applied writes, all from `source`, into the log.
+    pub(crate) fn log_entries(
+        &self,
+        entries: impl IntoIterator<Item = (Bytes, Version)>,
+        source: Option<NodeId>,
+    ) {
+        let Some(sync) = &self.sync else {
             return;
         };
-        let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
-        for ((key, version), outcome) in logged.into_iter().zip(results) {
-            if outcome.is_applied() {
-                log.push(key, version);
+        let head = {
+            let mut log = sync.log();
+            for (key, version) in entries {
+                log.push(key, version, source);
             }
+            log.head()
+        };
+        if head >= sync.early_at.load(Ordering::Relaxed) {
+            sync.wake.notify_one();
         }
     }
 
@@ -85,20 +155,29 @@ impl Inner {
     }
 }
 
-/// The anti-entropy task: one round every `sync_interval` until the node stops.
+/// The anti-entropy task: one round every `sync_interval` until the node stops, and one at
+/// once whenever a quarter of the log was written since the last began.
 pub(crate) async fn run(inner: Arc<Inner>) {
+    let Some(sync) = &inner.sync else { return };
     let mut cursors = SyncCursors::default();
     let mut tick = tokio::time::interval(inner.config.sync_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
-        tick.tick().await;
-        round(&inner, &mut cursors).await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = sync.wake.notified() => {
+                inner.stats.sync_early_rounds.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let head = sync.log().head();
+        sync.early_at
+            .store(head + early_step(sync.capacity), Ordering::Relaxed);
+        round(&inner, sync, &mut cursors).await;
     }
 }
 
-async fn round(inner: &Arc<Inner>, cursors: &mut SyncCursors) {
-    let Some(log) = &inner.sync else { return };
+async fn round(inner: &Arc<Inner>, log: &SyncState, cursors: &mut SyncCursors) {
     let view = inner.view.load_full();
     let members = inner.membership.members();
     cursors.retain(|id| view.members.contains_key(&id));
@@ -113,21 +192,15 @@ async fn round(inner: &Arc<Inner>, cursors: &mut SyncCursors) {
             super::view::is_replica(&view, key, m.id)
                 && super::view::is_replica(&view, key, inner.id)
         };
-        for _ in 0..OFFERS_PER_ROUND {
-            let state = {
-                let log = log.lock().unwrap_or_else(PoisonError::into_inner);
-                cursors.peer(m.id, m.life.generation, &log)
-            };
+        for _ in 0..log.offers_per_round() {
+            let state = cursors.peer(m.id, m.life.generation, &log.log());
             match state {
                 PeerSync::Log(from) => {
-                    let since = log
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .since(from, OFFER_LIMIT);
+                    let since = log.log().since(from, OFFER_LIMIT);
                     let entries = match since {
                         Since::Overtaken => {
                             inner.stats.sync_overtaken.fetch_add(1, Ordering::Relaxed);
-                            let head = log.lock().unwrap_or_else(PoisonError::into_inner).head();
+                            let head = log.log().head();
                             cursors.set(m.id, PeerSync::Compare { resume: head });
                             continue;
                         }
@@ -138,7 +211,7 @@ async fn round(inner: &Arc<Inner>, cursors: &mut SyncCursors) {
                     };
                     let offer: Vec<(Bytes, Version)> = entries
                         .into_iter()
-                        .filter(|a| shares(&a.key))
+                        .filter(|a| a.source != Some(m.id) && shares(&a.key))
                         .map(|a| (a.key, a.version))
                         .collect();
                     let Some(sent) = offer_to(inner, &addr, offer, None).await else {

@@ -16,6 +16,8 @@ pub(crate) struct View {
     pub(crate) ring: Ring,
     /// Where each ring member is reached, and its state.
     pub(crate) members: HashMap<NodeId, (Address, MemberState)>,
+    /// The ring member at each address.
+    by_addr: HashMap<Address, NodeId>,
     pub(crate) n: NonZeroUsize,
 }
 
@@ -44,10 +46,23 @@ impl View {
                 Ring::new(unit, ring).unwrap_or_else(|_| Ring::new([], ring).expect("empty ring"))
             }
         };
+        let by_addr = map.iter().map(|(&id, (a, _))| (a.clone(), id)).collect();
         View {
             ring,
             members: map,
+            by_addr,
             n,
+        }
+    }
+
+    /// The ring member a frame from `from` came from: the member at that address, or, for a
+    /// connection the peer opened, at the listen address it announced. In insecure mode that
+    /// announcement is only a claim; it is used for nothing but sparing offers (a false one
+    /// delays a repair to Merkle anti-entropy, it never loses it).
+    pub(crate) fn member_at(&self, from: &Address) -> Option<NodeId> {
+        match crate::transport::inbound_peer(from) {
+            Some(announced) => self.by_addr.get(&announced).copied(),
+            None => self.by_addr.get(from).copied(),
         }
     }
 
