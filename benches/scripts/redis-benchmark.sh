@@ -3,7 +3,8 @@
 # backend; reads at One, then a second cluster with reads at Quorum), all on loopback, in one
 # run: the same `redis-benchmark -t set,get -d 100 -r 100000` at -c 50 and at -c 50 -P 16,
 # three runs each, medians and Chorus/Redis ratios. Every server it starts is stopped by PID.
-# See docs/BENCHMARKS.md.
+# Each node runs with one tokio worker (`runtime.worker_threads = 1`): three nodes share two
+# cores, and one thread each hands no task between threads. See docs/BENCHMARKS.md.
 #
 # Usage: bash benches/scripts/redis-benchmark.sh [RUNS] [REQUESTS] [PIPELINED_REQUESTS]
 #        (defaults 3, 200000, 1000000)
@@ -58,6 +59,7 @@ start_chorus() {
     CHORUS_NODE_REPLICATION_FACTOR=3 CHORUS_NODE_WRITE_CONSISTENCY=quorum \
     CHORUS_NODE_READ_CONSISTENCY=$read CHORUS_NODE_TRANSPORT_BIND=127.0.0.1:0 \
     CHORUS_CLIENT_LISTEN=127.0.0.1:0 CHORUS_ADMIN_LISTEN= CHORUS_LOG_FILTER=warn \
+    CHORUS_RUNTIME_WORKER_THREADS=1 \
         "$CHORUS" serve >"$out" 2>"$WORK/chorus-$id-$read.log" &
     local pid=$!
     echo "$pid" >>"$WORK/pids"

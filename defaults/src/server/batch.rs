@@ -4,6 +4,13 @@
 //! Each key keeps its own outcome; nothing waits for a batch to fill (a lone request is a
 //! batch of one), so batches grow only with the load.
 //!
+//! Batches grow through a small bound on the batches in flight ([`IN_FLIGHT`] per task): while
+//! that many await their replicas, new requests queue and go together in the next one, which
+//! waits for a batch to finish for at most [`HOLD`] (so a slow batch, such as one at `All`
+//! with a replica down, delays the others by at most that). Without the bound every wake-up
+//! sent what had arrived since the last, often a single request, and each paid a message per
+//! replica (see `docs/BENCHMARKS.md`).
+//!
 //! Writes are stamped in the order they were submitted: the batcher stamps a batch (the
 //! first poll of `put_many`, which issues the versions before it awaits anything) before it
 //! takes the next one, so a pipeline's `SET a 1`, `SET a 2` leaves `2`.
@@ -13,7 +20,10 @@ use std::pin::Pin;
 use std::task::Context;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::replication::message::MAX_BATCH;
 use crate::{Consistency, Node, ReadOptions, ReplicationError, WriteOptions};
@@ -101,6 +111,23 @@ impl Batcher {
     }
 }
 
+/// How many batches of one task may await their replicas before the next waits.
+pub(crate) const IN_FLIGHT: usize = 2;
+/// How long the next batch waits for one of those to finish before it goes anyway.
+pub(crate) const HOLD: Duration = Duration::from_millis(1);
+
+/// Waits until fewer than [`IN_FLIGHT`] batches are out, or [`HOLD`] has passed (then the
+/// batch goes without a permit).
+async fn slot(slots: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
+    if let Ok(permit) = slots.clone().try_acquire_owned() {
+        return Some(permit);
+    }
+    tokio::time::timeout(HOLD, slots.clone().acquire_owned())
+        .await
+        .ok()
+        .and_then(Result::ok)
+}
+
 /// Takes `first` and everything else already queued, up to a batch's limit.
 fn drain<T>(first: T, rx: &mut mpsc::UnboundedReceiver<T>) -> Vec<T> {
     let mut batch = vec![first];
@@ -137,7 +164,9 @@ fn start_now(work: impl Future<Output = ()> + Send + 'static) {
 }
 
 async fn run_puts(node: Node, mut rx: mpsc::UnboundedReceiver<Put>) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     while let Some(first) = rx.recv().await {
+        let permit = slot(&slots).await.map(Arc::new);
         let batch = drain(first, &mut rx);
         for (level, group) in by_level(batch, |p| p.consistency) {
             let node = node.clone();
@@ -147,7 +176,9 @@ async fn run_puts(node: Node, mut rx: mpsc::UnboundedReceiver<Put>) {
                 entries.push((p.key, p.value));
                 waiters.push(p.done);
             }
+            let permit = permit.clone();
             start_now(async move {
+                let _permit = permit;
                 let results = node
                     .put_many(entries, WriteOptions::default().consistency(level))
                     .await;
@@ -169,7 +200,9 @@ async fn run_puts(node: Node, mut rx: mpsc::UnboundedReceiver<Put>) {
 }
 
 async fn run_gets(node: Node, mut rx: mpsc::UnboundedReceiver<Get>) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     while let Some(first) = rx.recv().await {
+        let permit = slot(&slots).await.map(Arc::new);
         let batch = drain(first, &mut rx);
         for (level, group) in by_level(batch, |g| g.consistency) {
             let node = node.clone();
@@ -179,7 +212,9 @@ async fn run_gets(node: Node, mut rx: mpsc::UnboundedReceiver<Get>) {
                 keys.push(g.key);
                 waiters.push(g.done);
             }
+            let permit = permit.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let results = node
                     .get_many(keys, ReadOptions::default().consistency(level))
                     .await;
@@ -197,5 +232,34 @@ async fn run_gets(node: Node, mut rx: mpsc::UnboundedReceiver<Get>) {
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The next batch waits for one in flight to finish, but never longer than the hold.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_waits_for_a_slot_at_most_the_hold() {
+        let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+        let held: Vec<_> = (0..IN_FLIGHT)
+            .map(|_| slots.clone().try_acquire_owned().expect("a free slot"))
+            .collect();
+        let start = tokio::time::Instant::now();
+        assert!(slot(&slots).await.is_none(), "goes without a slot");
+        assert_eq!(start.elapsed(), HOLD);
+
+        let waiting = tokio::spawn({
+            let slots = slots.clone();
+            async move { slot(&slots).await.is_some() }
+        });
+        tokio::time::sleep(HOLD / 2).await;
+        drop(held);
+        assert!(
+            waiting.await.expect("task"),
+            "takes the slot freed within the hold"
+        );
+        assert!(slot(&slots).await.is_some(), "a free slot is taken at once");
     }
 }

@@ -35,6 +35,18 @@ pub struct ServerConfig {
     pub admin: AdminConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The async runtime the server runs on.
+    pub runtime: RuntimeConfig,
+}
+
+/// The async runtime (tokio's multi-threaded scheduler).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RuntimeConfig {
+    /// Worker threads; 0: one per core. Nodes that share a machine's cores with each other
+    /// (a local cluster) waste less time handing tasks between threads with one each.
+    pub worker_threads: usize,
 }
 
 /// The client listener (the Redis protocol) and its limits.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 use super::Shared;
 use super::commands::{Session, batchable, execute, execute_batch};
 use super::resp::{Limits, Proto, Reply, next_command};
+use super::socket::ClientSocket;
 
 /// Accepts connections until `stop` turns true, then gives those open
 /// `client.shutdown_grace` to finish the commands they are running.
@@ -87,10 +88,17 @@ async fn refuse(mut stream: TcpStream) {
 /// stops (after the commands already received are answered).
 async fn serve(
     shared: &Arc<Shared>,
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: String,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut stream = match ClientSocket::new(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "connection not taken over");
+            return;
+        }
+    };
     let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
     let mut session = Session::new(id, shared.password.is_empty(), peer);
     let limits = Limits {
@@ -204,5 +212,5 @@ async fn serve(
         }
         waiting_since = tokio::time::Instant::now();
     }
-    let _ = stream.shutdown().await;
+    stream.shutdown();
 }

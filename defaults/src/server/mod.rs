@@ -26,6 +26,7 @@ mod conn;
 mod demo;
 mod metrics;
 mod resp;
+mod socket;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
