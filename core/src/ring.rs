@@ -283,6 +283,38 @@ impl Ring {
         out
     }
 
+    /// The members that became co-replicas of `me` since `old`: those among the first `n` of
+    /// some position's preference list here but not in `old`'s, at a position `me` replicates
+    /// in both rings. Sorted by id, each once. These are the peers that lack what `me` holds
+    /// for the ranges they gained: the replacement of a dead member, or a member that joined.
+    /// Positions `me` only now replicates are left out: `me` holds nothing for them to push.
+    pub fn gained_co_replicas(&self, old: &Ring, me: NodeId, n: NonZeroUsize) -> Vec<NodeId> {
+        // Between consecutive positions of the union of both rings' tokens, both preference
+        // lists are constant: one lookup per such span in each ring.
+        let mut cuts: Vec<u64> = self.tokens.iter().chain(&old.tokens).copied().collect();
+        cuts.sort_unstable();
+        cuts.dedup();
+        let mut gained: Vec<NodeId> = Vec::new();
+        let (mut now, mut before) = (Vec::with_capacity(n.get()), Vec::with_capacity(n.get()));
+        for &at in &cuts {
+            self.preference_list_for_hash(at, n, &mut now);
+            if !now.contains(&me) {
+                continue;
+            }
+            old.preference_list_for_hash(at, n, &mut before);
+            if !before.contains(&me) {
+                continue;
+            }
+            for &peer in &now {
+                if peer != me && !before.contains(&peer) && !gained.contains(&peer) {
+                    gained.push(peer);
+                }
+            }
+        }
+        gained.sort_unstable();
+        gained
+    }
+
     /// Fraction of the key space for which `node` is the primary owner (0.0 for non-members).
     pub fn primary_share(&self, node: NodeId) -> f64 {
         if self.tokens.len() == 1 {
@@ -367,6 +399,48 @@ mod tests {
     /// The reference lookup: linear scan, no index.
     fn naive_successor(ring: &Ring, hash: u64) -> usize {
         ring.tokens.iter().position(|&t| t > hash).unwrap_or(0)
+    }
+
+    #[test]
+    fn a_dead_member_s_replacements_are_gained_by_the_survivors_that_shared_its_ranges() {
+        let before = ring_of(&[1, 2, 3, 4]);
+        let after = ring_of(&[1, 2, 3]);
+        // With three members left, every survivor replicates everything, so each gains the
+        // two others wherever member 4 used to be.
+        assert_eq!(
+            after.gained_co_replicas(&before, NodeId(1), N3),
+            vec![NodeId(2), NodeId(3)]
+        );
+        // Nothing is gained when nothing changes, or when a member only goes.
+        assert!(before.gained_co_replicas(&before, NodeId(1), N3).is_empty());
+        let five = ring_of(&[1, 2, 3, 4, 5]);
+        let gained = five.gained_co_replicas(&before, NodeId(1), N3);
+        // A join: the newcomer is gained; nobody else is (moves only go to it).
+        assert_eq!(gained, vec![NodeId(5)]);
+        // A member outside both rings gains nothing.
+        assert!(after.gained_co_replicas(&before, NodeId(9), N3).is_empty());
+    }
+
+    #[test]
+    fn gained_co_replicas_are_exactly_the_peers_new_to_some_key_both_rings_give_me() {
+        let before = ring_of(&[1, 2, 3, 4, 5, 6]);
+        let after = ring_of(&[1, 2, 3, 5, 6, 7]);
+        for me in [1, 2, 3, 5, 6] {
+            let me = NodeId(me);
+            let mut expect = HashSet::new();
+            for k in 0..20_000u32 {
+                let key = k.to_be_bytes();
+                let (a, b) = (after.preference_list(&key, N3), before.preference_list(&key, N3));
+                if a.contains(&me) && b.contains(&me) {
+                    expect.extend(a.iter().filter(|p| !b.contains(p)).copied());
+                }
+            }
+            let got: HashSet<NodeId> = after.gained_co_replicas(&before, me, N3).into_iter().collect();
+            // Sampled keys can only miss a tiny span, never invent a peer.
+            assert!(expect.is_subset(&got), "{me}: {expect:?} vs {got:?}");
+            assert!(!got.contains(&me) && got.iter().all(|p| after.contains(*p)), "{got:?}");
+            assert!(got.contains(&NodeId(7)), "the newcomer shares ranges with {me}");
+        }
     }
 
     #[test]

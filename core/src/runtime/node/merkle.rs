@@ -182,6 +182,20 @@ fn coverage(view: &super::view::View, a: NodeId, b: NodeId) -> Coverage {
 }
 
 impl Inner {
+    /// A ring change made `peers` co-replicas of ranges this node already held: each gets an
+    /// exchange at once instead of within `anti_entropy_interval`, so a dead member's ranges
+    /// are re-replicated (and a joining member's ranges streamed to it) by the survivors.
+    pub(crate) fn co_replicas_gained(&self, peers: &[NodeId]) {
+        let Some(state) = &self.merkle else { return };
+        for &peer in peers {
+            state.request(peer);
+        }
+        self.stats
+            .merkle_ring_changes
+            .fetch_add(peers.len() as u64, Ordering::Relaxed);
+        tracing::debug!(?peers, "ring change: new co-replicas compared at once");
+    }
+
     fn merkle_refusal(&self, e: &BoundsError) -> ReplicaMessage {
         self.stats.merkle_refused.fetch_add(1, Ordering::Relaxed);
         ReplicaMessage::Refused(Refusal::Invalid {

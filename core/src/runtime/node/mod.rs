@@ -451,6 +451,11 @@ impl NodeBuilder {
                 n,
                 ring_config,
                 inner.channel.as_ref().map(|c| c.book.clone()),
+                inner.id,
+                {
+                    let inner = inner.clone();
+                    move |peers| inner.co_replicas_gained(&peers)
+                },
             )),
             tokio::spawn(dispatch(inner.clone(), inbound, swim)),
             tokio::spawn(purge_loop(inner.clone())),

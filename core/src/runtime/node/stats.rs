@@ -103,6 +103,9 @@ counters! {
     /// Merkle exchanges the applied-writes log asked for (a co-replica overtaken, first seen
     /// or in a new life).
     merkle_requested,
+    /// Merkle exchanges asked for because a ring change made a member a new co-replica of
+    /// ranges this node held (a member died, left or joined): one per such member and change.
+    merkle_ring_changes,
     /// Merkle exchanges this node started that completed.
     merkle_exchanges,
     /// Merkle exchanges that failed part-way (a peer unreachable or refusing, an answer of the

@@ -90,18 +90,29 @@ pub(crate) fn is_replica(view: &View, key: &[u8], id: NodeId) -> bool {
 }
 
 /// Keeps `slot` (and the transport's address book, in keyring mode) in step with the
-/// membership view until the view's sender goes away.
+/// membership view until the view's sender goes away. After each change, `gained` hears of
+/// the members that became co-replicas of `me` ([`Ring::gained_co_replicas`]), so the ranges
+/// a dead member held, or a joining member now owns, are pushed to them at once.
 pub(crate) async fn follow(
     mut view: tokio::sync::watch::Receiver<Arc<[Member]>>,
     slot: Arc<arc_swap::ArcSwap<View>>,
     n: NonZeroUsize,
     ring: RingConfig,
     book: Option<crate::peer_auth::AddressBook>,
+    me: NodeId,
+    gained: impl Fn(Vec<NodeId>) + Send,
 ) {
     loop {
         let members = view.borrow_and_update().clone();
-        let next = View::build(&members, n, ring);
-        slot.store(Arc::new(next));
+        let next = Arc::new(View::build(&members, n, ring));
+        let prev = slot.swap(next.clone());
+        // Most changes (a suspicion, a refutation) leave the ring's members alone: no walk.
+        if prev.ring.members() != next.ring.members() {
+            let peers = next.ring.gained_co_replicas(&prev.ring, me, n);
+            if !peers.is_empty() {
+                gained(peers);
+            }
+        }
         if let Some(book) = &book {
             book.replace(
                 members

@@ -1,0 +1,135 @@
+//! Data handoff when ownership changes: a dead member's ranges re-replicated by the
+//! survivors at once. Replicas' storage is read directly (a read through a node would repair).
+//! Virtual time (paused tokio clock), seeded network: set `CHORUS_SEED` to replay.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use chorus::{Consistency, NodeId, Storage, Version, WriteOptions};
+use chorus_tests::cluster::{Cluster, ClusterSpec};
+use chorus_tests::runner::seed;
+
+/// Writes `count` keys at `All`, coordinated by each node in turn.
+async fn write_all(cluster: &Cluster, count: usize) -> Vec<(Bytes, Version)> {
+    let all = WriteOptions::default().consistency(Consistency::All);
+    let mut written = Vec::new();
+    for k in 0..count {
+        let key = Bytes::from(format!("key-{k}"));
+        let version = cluster
+            .node(k % cluster.len())
+            .put(key.clone(), format!("v{k}"), all)
+            .await
+            .unwrap_or_else(|e| panic!("seed {}: put at All: {e}", seed()));
+        written.push((key, version));
+    }
+    written
+}
+
+/// The keys (of `written`) that node `i` (0-based) does not store at their version.
+async fn missing_on(cluster: &Cluster, i: usize, written: &[(Bytes, Version)]) -> Vec<Bytes> {
+    let mut missing = Vec::new();
+    for (key, version) in written {
+        let got = cluster.storage(i).get(key).await.expect("storage get");
+        if got.map(|r| r.version) != Some(*version) {
+            missing.push(key.clone());
+        }
+    }
+    missing
+}
+
+/// Waits (virtual time) until every key of `written` is stored at its version on each of its
+/// replicas in node `via`'s ring, reading storage only; panics with what is missing after
+/// `limit`.
+async fn wait_on_replicas(
+    cluster: &Cluster,
+    via: usize,
+    written: &[(Bytes, Version)],
+    limit: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let mut missing = Vec::new();
+        for (key, version) in written {
+            for NodeId(id) in cluster.node(via).replicas_of(key) {
+                let i = id as usize - 1;
+                let got = cluster.storage(i).get(key).await.expect("storage get");
+                if got.map(|r| r.version) != Some(*version) {
+                    missing.push((key.clone(), i));
+                }
+            }
+        }
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "seed {}: {} (key, node) pairs still missing after {limit:?}: {:?}",
+            seed(),
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `nodes` nodes whose periodic anti-entropy (Merkle exchanges and the applied-writes log's
+/// offers) runs an hour apart, and without hints, so that only what a ring change triggers
+/// can move data within a test's bound.
+fn slow_anti_entropy(nodes: usize) -> ClusterSpec {
+    let mut spec = ClusterSpec::new(nodes, seed());
+    spec.config.anti_entropy_interval = Duration::from_secs(3600);
+    spec.config.sync_interval = Duration::from_secs(3600);
+    spec.config.hinted_handoff = false;
+    spec
+}
+
+/// Waits (virtual time) until the exchanges every node starts with (each peer first seen,
+/// and the retries of those that met a peer not yet aware of it) are over: each node has
+/// completed one with every peer and none for longer than a failed one's retry. Only a ring
+/// change can start another within the hour.
+async fn wait_for_quiet_exchanges(cluster: &Cluster) {
+    let quiet = Duration::from_secs(6);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let count = |c: &Cluster| -> Vec<u64> {
+        (0..c.len())
+            .map(|i| c.node(i).stats().merkle_exchanges)
+            .collect()
+    };
+    loop {
+        let before = count(cluster);
+        tokio::time::sleep(quiet).await;
+        let after = count(cluster);
+        let peers = cluster.len() as u64 - 1;
+        if before == after && after.iter().all(|&n| n >= peers) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "seed {}: start-up exchanges still running: {after:?}",
+            seed()
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_member_s_ranges_reach_their_new_replicas_without_waiting_for_the_interval() {
+    let mut cluster = Cluster::start(slow_anti_entropy(4)).await;
+    wait_for_quiet_exchanges(&cluster).await;
+    let written = write_all(&cluster, 200).await;
+    // Node 4 held about three quarters of the keys; the survivors must push those to the
+    // replica that takes its place.
+    let held_by_4 = written.len() - missing_on(&cluster, 3, &written).await.len();
+    assert!(held_by_4 > 0 && held_by_4 < written.len(), "node 4 held {held_by_4}");
+    let before: Vec<_> = (0..3).map(|i| cluster.node(i).stats()).collect();
+    cluster.kill(3).await;
+    cluster.wait_for_ring(Duration::from_secs(30)).await;
+    wait_on_replicas(&cluster, 0, &written, Duration::from_secs(30)).await;
+    let gained: u64 = (0..3)
+        .map(|i| cluster.node(i).stats().merkle_ring_changes - before[i].merkle_ring_changes)
+        .sum();
+    assert!(gained > 0, "the ring change asked for exchanges");
+    for i in 0..3 {
+        assert_eq!(cluster.node(i).stats().reads, 0, "no read was needed");
+    }
+    cluster.stop().await;
+}
