@@ -1,5 +1,6 @@
 //! Data handoff when ownership changes: a dead member's ranges re-replicated by the
-//! survivors at once. Replicas' storage is read directly (a read through a node would repair).
+//! survivors at once, and a graceful leave that streams the leaving node's data to the new
+//! owners first. Replicas' storage is read directly (a read through a node would repair).
 //! Virtual time (paused tokio clock), seeded network: set `CHORUS_SEED` to replay.
 
 use std::time::Duration;
@@ -131,5 +132,52 @@ async fn a_dead_member_s_ranges_reach_their_new_replicas_without_waiting_for_the
     for i in 0..3 {
         assert_eq!(cluster.node(i).stats().reads, 0, "no read was needed");
     }
+    cluster.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_graceful_leave_streams_its_records_to_their_new_replicas_before_it_goes() {
+    // No anti-entropy at all: only the leave's own streaming can move the records.
+    let mut spec = ClusterSpec::new(4, seed());
+    spec.config.anti_entropy = false;
+    let mut cluster = Cluster::start(spec).await;
+    let written = write_all(&cluster, 200).await;
+    let leaving = cluster.node(3).clone();
+    cluster.shutdown(3).await;
+    // Nothing else moves records here (no anti-entropy, no hints, no reads): once the
+    // survivors' rings drop node 4, every key is already on its new replicas.
+    cluster.wait_for_ring(Duration::from_secs(10)).await;
+    wait_on_replicas(&cluster, 0, &written, Duration::ZERO).await;
+    let stats = leaving.stats();
+    let held = written.len() - missing_on(&cluster, 3, &written).await.len();
+    assert_eq!(stats.leave_handed_off, held as u64, "{stats:?}");
+    assert_eq!(stats.leave_handoff_failed, 0, "{stats:?}");
+    cluster.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn records_a_leave_cannot_hand_off_are_counted_and_the_shutdown_stays_bounded() {
+    let mut spec = ClusterSpec::new(4, seed());
+    spec.config.anti_entropy = false;
+    spec.config.handoff_timeout = Duration::from_secs(3);
+    let mut cluster = Cluster::start(spec).await;
+    let written = write_all(&cluster, 100).await;
+    let leaving = cluster.node(3).clone();
+    let held = written.len() - missing_on(&cluster, 3, &written).await.len();
+    // Cut off before its peers notice: they are alive in its view, and every batch to them
+    // goes unanswered.
+    cluster.net.partition(
+        &[Cluster::addr(3)],
+        &[Cluster::addr(0), Cluster::addr(1), Cluster::addr(2)],
+    );
+    let started = tokio::time::Instant::now();
+    cluster.shutdown(3).await;
+    let took = started.elapsed();
+    let bound = Duration::from_secs(3) + leaving.config().shutdown_timeout;
+    assert!(took <= bound, "seed {}: shutdown took {took:?}", seed());
+    let stats = leaving.stats();
+    assert_eq!(stats.leave_handed_off, 0, "{stats:?}");
+    assert_eq!(stats.leave_handoff_failed, held as u64, "{stats:?}");
+    cluster.net.heal();
     cluster.stop().await;
 }

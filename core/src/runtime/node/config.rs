@@ -171,9 +171,14 @@ pub struct NodeConfig {
     /// (a whole cluster restarting in any order must come up), with a warning.
     #[serde(with = "duration")]
     pub join_timeout: Duration,
-    /// How long [`super::Node::shutdown`] may take in all.
+    /// How long [`super::Node::shutdown`] may take in all, besides the handoff.
     #[serde(with = "duration")]
     pub shutdown_timeout: Duration,
+    /// How long a graceful leave ([`super::Node::shutdown`]) may spend handing the records
+    /// it replicates to the members that take its place and waiting for their
+    /// acknowledgements; what is not acknowledged by then is counted and logged.
+    #[serde(with = "duration")]
+    pub handoff_timeout: Duration,
     /// Whether a coordinator keeps hints for replicas that did not acknowledge a write and
     /// replays them when the replica is alive again (hinted handoff).
     pub hinted_handoff: bool,
@@ -234,6 +239,7 @@ impl Default for NodeConfig {
             max_clock_drift: crate::hlc::DEFAULT_MAX_DRIFT,
             join_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
+            handoff_timeout: Duration::from_secs(60),
             hinted_handoff: true,
             hint_window: DEFAULT_HINT_WINDOW,
             max_hints_per_target: NonZeroUsize::new(100_000).expect("non-zero"),
@@ -290,6 +296,7 @@ impl NodeConfig {
             ("request_timeout", self.request_timeout),
             ("purge_interval", self.purge_interval),
             ("shutdown_timeout", self.shutdown_timeout),
+            ("handoff_timeout", self.handoff_timeout),
             ("hint_window", self.hint_window),
             ("sync_interval", self.sync_interval),
             ("anti_entropy_interval", self.anti_entropy_interval),

@@ -19,6 +19,7 @@
 mod config;
 mod coordinator;
 mod floor;
+mod handoff;
 mod hints;
 mod merkle;
 mod replica;
@@ -436,6 +437,7 @@ impl NodeBuilder {
             view: view.clone(),
             stats: Counters::default(),
             gate: Gate::default(),
+            stopping: AtomicBool::new(false),
             floor,
             bugs: self.bugs,
             channel,
@@ -532,6 +534,8 @@ pub(crate) struct Inner {
     view: Arc<arc_swap::ArcSwap<View>>,
     stats: Counters,
     gate: Gate,
+    /// Set by the first shutdown or kill: a later one does not hand off again.
+    stopping: AtomicBool,
     floor: Floor,
     bugs: PlantedBugs,
     /// Work left after a request returned (late answers, read repair), run by one task.
@@ -1045,23 +1049,35 @@ impl Node {
     }
 
     /// Stops taking requests (new ones fail with [`ReplicationError::ShuttingDown`]),
-    /// finishes those in flight, leaves the cluster (the departure is gossiped for a moment),
-    /// flushes and closes storage, and closes the transport; all within
+    /// finishes those in flight, hands the records it replicates to the members that take
+    /// its place (within [`NodeConfig::handoff_timeout`]; what they did not acknowledge is
+    /// counted in [`NodeStats::leave_handoff_failed`] and logged), leaves the cluster (the
+    /// departure is gossiped for a moment), hands off what it applied meanwhile, flushes and
+    /// closes storage, and closes the transport. Besides the handoff, all within
     /// [`NodeConfig::shutdown_timeout`] (past it, what is left is abandoned and storage is
     /// still closed). Later calls return at once.
     pub async fn shutdown(&self) -> Result<(), StorageError> {
         let inner = &self.inner;
         let bound = inner.config.shutdown_timeout;
-        let deadline = tokio::time::Instant::now() + bound;
+        let start = tokio::time::Instant::now();
         if tokio::time::timeout(bound, inner.gate.close_and_drain())
             .await
             .is_err()
         {
             tracing::warn!("shutdown: requests still in flight at the deadline; abandoned");
         }
+        let drained = start.elapsed();
+        let handoff_deadline = tokio::time::Instant::now() + inner.config.handoff_timeout;
+        // Only the first shutdown hands off (a later call, or one after a kill, returns).
+        let leave = if inner.stopping.swap(true, Ordering::SeqCst) {
+            None
+        } else {
+            handoff::before_leave(inner, handoff_deadline).await
+        };
         let grace = (bound / 4).min(Duration::from_secs(1));
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let left = bound.saturating_sub(drained);
         let _ = tokio::time::timeout(left, inner.membership.leave(grace)).await;
+        handoff::after_leave(inner, leave).await;
         self.stop_tasks();
         let result = inner.storage.close().await;
         inner.rpc.close().await;
@@ -1076,6 +1092,7 @@ impl Node {
     /// failure; [`Node::shutdown`] is the orderly way.
     pub async fn kill(&self) {
         self.inner.gate.closed.store(true, Ordering::SeqCst);
+        self.inner.stopping.store(true, Ordering::SeqCst);
         self.inner.membership.shutdown().await;
         self.stop_tasks();
         self.inner.rpc.close().await;

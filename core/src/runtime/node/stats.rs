@@ -129,4 +129,10 @@ counters! {
     /// Leaves a rebuild found different from storage and corrected (storage changed outside
     /// the apply path: corruption, a purge, an eviction, a failed apply).
     merkle_rebuild_corrected,
+    /// Records a graceful leave handed to the members taking this node's place, as they
+    /// acknowledged them.
+    leave_handed_off,
+    /// Records a graceful leave could not hand off by `handoff_timeout` (a new replica
+    /// unreachable, not alive, or refusing): they stay on the key's other replicas.
+    leave_handoff_failed,
 }
