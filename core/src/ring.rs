@@ -430,16 +430,28 @@ mod tests {
             let mut expect = HashSet::new();
             for k in 0..20_000u32 {
                 let key = k.to_be_bytes();
-                let (a, b) = (after.preference_list(&key, N3), before.preference_list(&key, N3));
+                let (a, b) = (
+                    after.preference_list(&key, N3),
+                    before.preference_list(&key, N3),
+                );
                 if a.contains(&me) && b.contains(&me) {
                     expect.extend(a.iter().filter(|p| !b.contains(p)).copied());
                 }
             }
-            let got: HashSet<NodeId> = after.gained_co_replicas(&before, me, N3).into_iter().collect();
+            let got: HashSet<NodeId> = after
+                .gained_co_replicas(&before, me, N3)
+                .into_iter()
+                .collect();
             // Sampled keys can only miss a tiny span, never invent a peer.
             assert!(expect.is_subset(&got), "{me}: {expect:?} vs {got:?}");
-            assert!(!got.contains(&me) && got.iter().all(|p| after.contains(*p)), "{got:?}");
-            assert!(got.contains(&NodeId(7)), "the newcomer shares ranges with {me}");
+            assert!(
+                !got.contains(&me) && got.iter().all(|p| after.contains(*p)),
+                "{got:?}"
+            );
+            assert!(
+                got.contains(&NodeId(7)),
+                "the newcomer shares ranges with {me}"
+            );
         }
     }
 

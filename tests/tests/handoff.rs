@@ -120,7 +120,10 @@ async fn a_dead_member_s_ranges_reach_their_new_replicas_without_waiting_for_the
     // Node 4 held about three quarters of the keys; the survivors must push those to the
     // replica that takes its place.
     let held_by_4 = written.len() - missing_on(&cluster, 3, &written).await.len();
-    assert!(held_by_4 > 0 && held_by_4 < written.len(), "node 4 held {held_by_4}");
+    assert!(
+        held_by_4 > 0 && held_by_4 < written.len(),
+        "node 4 held {held_by_4}"
+    );
     let before: Vec<_> = (0..3).map(|i| cluster.node(i).stats()).collect();
     cluster.kill(3).await;
     cluster.wait_for_ring(Duration::from_secs(30)).await;

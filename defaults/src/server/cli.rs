@@ -250,8 +250,10 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let bound =
-        config.client.shutdown_grace + config.node.shutdown_timeout + Duration::from_secs(1);
+    let bound = config.client.shutdown_grace
+        + config.node.shutdown_timeout
+        + config.node.handoff_timeout
+        + Duration::from_secs(1);
     runtime.block_on(async move {
         let server = match Server::start(config).await {
             Ok(s) => s,

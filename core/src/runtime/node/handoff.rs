@@ -142,14 +142,7 @@ impl Leave {
         self.view
             .ring
             .preference_list_for_hash(hash, n, &mut self.list);
-        new_replicas(
-            &self.list,
-            &self.without,
-            self.me,
-            hash,
-            n,
-            &mut self.next,
-        );
+        new_replicas(&self.list, &self.without, self.me, hash, n, &mut self.next);
         let bytes = key.len() + record.encoded_len();
         let targets = std::mem::take(&mut self.next);
         for &target in &targets {
@@ -217,10 +210,7 @@ impl Leave {
                     if outcomes.len() as u64 == n && outcomes.iter().all(|o| o.is_ack()) =>
                 {
                     self.report.handed += n;
-                    inner
-                        .stats
-                        .leave_handed_off
-                        .fetch_add(n, Ordering::Relaxed);
+                    inner.stats.leave_handed_off.fetch_add(n, Ordering::Relaxed);
                     return;
                 }
                 Ok(other) => tracing::debug!(%target, attempt, ?other, "handoff batch refused"),
@@ -266,10 +256,7 @@ impl Leave {
             return Ok(());
         };
         loop {
-            let since = log
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .since(from, LOG_STEP);
+            let since = log.log().since(from, LOG_STEP);
             let entries = match since {
                 Since::Overtaken => return self.stream_storage(inner).await,
                 Since::Entries(e) if e.is_empty() => break,
@@ -289,11 +276,7 @@ impl Leave {
 
 /// Where the applied-writes log stands (0 without one).
 fn log_head(inner: &Inner) -> u64 {
-    inner.sync.as_ref().map_or(0, |log| {
-        log.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .head()
-    })
+    inner.sync.as_ref().map_or(0, |log| log.log().head())
 }
 
 /// The first pass, before the leave: streams all of storage. Returns the leave's state and

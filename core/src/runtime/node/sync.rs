@@ -66,7 +66,7 @@ impl SyncState {
         }
     }
 
-    fn log(&self) -> std::sync::MutexGuard<'_, AppliedLog> {
+    pub(crate) fn log(&self) -> std::sync::MutexGuard<'_, AppliedLog> {
         self.log.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
