@@ -179,6 +179,17 @@ pub struct NodeConfig {
     /// acknowledgements; what is not acknowledged by then is counted and logged.
     #[serde(with = "duration")]
     pub handoff_timeout: Duration,
+    /// Whether a node that starts with seeds and empty storage joins by pulling the records of
+    /// the ranges it will own from their current replicas before it serves reads (see
+    /// `docs/ARCHITECTURE.md`, "Handoff when ownership changes"). Off, it serves reads at once
+    /// and anti-entropy fills it in meanwhile, so a read at R can miss a write until then.
+    pub join_handoff: bool,
+    /// How long a joining node waits, once it is the joiner whose turn it is, before it pulls;
+    /// and how long after a join ends writes still reach the ring from before it. It must
+    /// exceed the time membership news takes to reach every member plus `request_timeout`
+    /// (writes a coordinator started before it heard of the join end within that).
+    #[serde(with = "duration")]
+    pub join_settle: Duration,
     /// Whether a coordinator keeps hints for replicas that did not acknowledge a write and
     /// replays them when the replica is alive again (hinted handoff).
     pub hinted_handoff: bool,
@@ -240,6 +251,8 @@ impl Default for NodeConfig {
             join_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
             handoff_timeout: Duration::from_secs(60),
+            join_handoff: true,
+            join_settle: Duration::from_secs(5),
             hinted_handoff: true,
             hint_window: DEFAULT_HINT_WINDOW,
             max_hints_per_target: NonZeroUsize::new(100_000).expect("non-zero"),
@@ -297,6 +310,7 @@ impl NodeConfig {
             ("purge_interval", self.purge_interval),
             ("shutdown_timeout", self.shutdown_timeout),
             ("handoff_timeout", self.handoff_timeout),
+            ("join_settle", self.join_settle),
             ("hint_window", self.hint_window),
             ("sync_interval", self.sync_interval),
             ("anti_entropy_interval", self.anti_entropy_interval),

@@ -21,6 +21,7 @@ mod coordinator;
 mod floor;
 mod handoff;
 mod hints;
+mod join;
 mod merkle;
 mod replica;
 mod stats;
@@ -149,8 +150,10 @@ pub struct Ownership {
     pub addr: Address,
     /// Alive or suspect (dead and left members own nothing).
     pub state: MemberState,
-    /// Fraction of the key space for which it is the first replica.
+    /// Fraction of the key space for which it is the first replica (0.0 while it joins).
     pub primary_share: f64,
+    /// Still joining: written to, not read from, until it has pulled its ranges.
+    pub joining: bool,
 }
 
 /// Why a node did not start.
@@ -386,12 +389,17 @@ impl NodeBuilder {
         let membership_config = self
             .membership
             .unwrap_or_else(|| config.membership.config());
+        let records = storage.stats().await.map_err(StartError::from)?.records;
+        let joining = join::starts_joining(config.join_handoff, !config.seeds.is_empty(), records);
         let machine = Membership::new(
             membership_config,
             NodeStart {
                 id,
                 generation,
-                meta: MemberMeta::new(addr.clone()),
+                meta: MemberMeta {
+                    joining,
+                    ..MemberMeta::new(addr.clone())
+                },
                 seeds: config.seeds.iter().map(Address::new).collect(),
                 rng_seed: self.rng_seed.unwrap_or_else(|| clock.now_ms() ^ id.0),
                 security,
@@ -454,6 +462,7 @@ impl NodeBuilder {
                 ring_config,
                 inner.channel.as_ref().map(|c| c.book.clone()),
                 inner.id,
+                inner.config.join_settle,
                 {
                     let inner = inner.clone();
                     move |peers| inner.co_replicas_gained(&peers)
@@ -463,6 +472,9 @@ impl NodeBuilder {
             tokio::spawn(purge_loop(inner.clone())),
             tokio::spawn(run_deferred(deferred_rx)),
         ];
+        if joining {
+            tasks.push(tokio::spawn(join::run(inner.clone())));
+        }
         if inner.config.hinted_handoff {
             tasks.push(tokio::spawn(hints::run(inner.clone(), hint_rx)));
         }
@@ -645,6 +657,23 @@ impl Node {
     /// This node's id.
     pub fn id(&self) -> NodeId {
         self.inner.id
+    }
+
+    /// Whether ownership is steady in this node's view: no member is joining, and no join
+    /// ended within the last `join_settle` (during which writes still reach the ring from
+    /// before it, so an `All` write there needs the departed replica too).
+    pub fn ownership_settled(&self) -> bool {
+        !self.inner.view.load().in_transition()
+    }
+
+    /// Whether this node is still joining: pulling the records of the ranges it will own, in
+    /// no ring reads use (`NodeConfig::join_handoff`).
+    pub fn is_joining(&self) -> bool {
+        self.inner
+            .membership
+            .members()
+            .iter()
+            .any(|m| m.id == self.inner.id && m.meta.joining)
     }
 
     /// The address peers reach this node at.
@@ -1027,6 +1056,7 @@ impl Node {
                 addr: addr.clone(),
                 state: *state,
                 primary_share: view.ring.primary_share(id),
+                joining: view.is_joining(id),
             })
             .collect();
         out.sort_by_key(|o| o.id);

@@ -11,48 +11,118 @@ use crate::membership::{Member, MemberState};
 use crate::ring::{Ring, RingConfig, RingMember};
 
 /// One immutable routing snapshot.
+///
+/// A member that is still joining ([`crate::membership::MemberMeta::joining`]) is in no ring
+/// reads use: reads go to `ring`, the settled members. While members join, the one with the
+/// lowest id is the active joiner; `next` is the ring with it, and writes must meet their
+/// quorum in both rings ([`crate::replication::SetsTracker`]), so the joiner receives every
+/// write of the ranges it pulls while it pulls them. Other joiners wait their turn, in no
+/// ring at all. After a join finishes, `previous` keeps the ring from before it for a while:
+/// writes still meet a quorum there too, so a coordinator that has not heard of the end of
+/// the join yet (and reads from the old ring) still sees them.
 #[derive(Debug)]
 pub(crate) struct View {
+    /// The settled members: reads, and the first set every write must meet a quorum in.
     pub(crate) ring: Ring,
-    /// Where each ring member is reached, and its state.
+    /// The settled members and the active joiner, while one joins.
+    pub(crate) next: Option<Ring>,
+    /// The settled ring before the last join finished, for `JOIN_GRACE`-like time after.
+    pub(crate) previous: Option<Ring>,
+    /// Members that are joining, by id (the first is the active one).
+    pub(crate) joiners: Vec<NodeId>,
+    /// Where each member believed alive is reached (joiners included), and its state.
     pub(crate) members: HashMap<NodeId, (Address, MemberState)>,
-    /// The ring member at each address.
+    /// The member at each address.
     by_addr: HashMap<Address, NodeId>,
     pub(crate) n: NonZeroUsize,
 }
 
+/// A ring of `members`, routing with unit weights if their weights do not make one (weights
+/// are validated on receipt, so that is a bug: route rather than stop routing).
+fn ring_of(members: Vec<RingMember>, config: RingConfig) -> Ring {
+    let ids: Vec<NodeId> = members.iter().map(|m| m.node).collect();
+    match Ring::new(members, config) {
+        Ok(ring) => ring,
+        Err(e) => {
+            tracing::error!(error = %e, "ring rebuild failed; using unit weights");
+            let unit = ids
+                .into_iter()
+                .map(|id| RingMember::weighted(id, NonZeroU32::MIN));
+            Ring::new(unit, config).unwrap_or_else(|_| Ring::new([], config).expect("empty ring"))
+        }
+    }
+}
+
 impl View {
-    /// The ring of the members believed alive: alive and suspect ones (a suspect still counts
+    /// The rings of the members believed alive: alive and suspect ones (a suspect still counts
     /// as a replica until it is declared dead), never dead or left ones.
     pub(crate) fn build(members: &[Member], n: NonZeroUsize, ring: RingConfig) -> View {
         let mut map = HashMap::new();
-        let mut ring_members = Vec::new();
+        let mut settled = Vec::new();
+        let mut joiners: Vec<(NodeId, NonZeroU32)> = Vec::new();
         for m in members {
             if matches!(m.state, MemberState::Alive | MemberState::Suspect)
                 && map.insert(m.id, (m.meta.addr.clone(), m.state)).is_none()
             {
-                ring_members.push(RingMember::weighted(m.id, m.meta.weight));
+                if m.meta.joining {
+                    joiners.push((m.id, m.meta.weight));
+                } else {
+                    settled.push(RingMember::weighted(m.id, m.meta.weight));
+                }
             }
         }
-        let ring = match Ring::new(ring_members, ring) {
-            Ok(ring) => ring,
-            Err(e) => {
-                // Weights are validated on receipt, so this is a bug: route with weight 1
-                // rather than stop routing.
-                tracing::error!(error = %e, "ring rebuild failed; using unit weights");
-                let unit = map
-                    .keys()
-                    .map(|&id| RingMember::weighted(id, NonZeroU32::MIN));
-                Ring::new(unit, ring).unwrap_or_else(|_| Ring::new([], ring).expect("empty ring"))
-            }
-        };
+        joiners.sort_unstable_by_key(|&(id, _)| id);
+        let next = joiners.first().map(|&(id, weight)| {
+            let mut with = settled.clone();
+            with.push(RingMember::weighted(id, weight));
+            ring_of(with, ring)
+        });
         let by_addr = map.iter().map(|(&id, (a, _))| (a.clone(), id)).collect();
         View {
-            ring,
+            ring: ring_of(settled, ring),
+            next,
+            previous: None,
+            joiners: joiners.into_iter().map(|(id, _)| id).collect(),
             members: map,
             by_addr,
             n,
         }
+    }
+
+    /// This view, with writes also meeting a quorum in `previous` (the settled ring before a
+    /// join finished).
+    pub(crate) fn with_previous(mut self, previous: Ring) -> View {
+        self.previous = Some(previous);
+        self
+    }
+
+    /// Whether writes must reach more than the read ring (a join is under way or just ended).
+    pub(crate) fn in_transition(&self) -> bool {
+        self.next.is_some() || self.previous.is_some()
+    }
+
+    /// The joining member whose turn it is, if any.
+    pub(crate) fn active_joiner(&self) -> Option<NodeId> {
+        self.joiners.first().copied()
+    }
+
+    /// Whether `id` is joining.
+    pub(crate) fn is_joining(&self, id: NodeId) -> bool {
+        self.joiners.contains(&id)
+    }
+
+    /// The replica sets a write of `key` must meet its quorum in: the read ring's first, then
+    /// the ring with the active joiner's and the ring before the last join's, each where it
+    /// differs from the ones before.
+    pub(crate) fn write_sets(&self, key: &[u8]) -> Vec<Vec<NodeId>> {
+        let mut sets = vec![self.replicas(key)];
+        for ring in [&self.next, &self.previous].into_iter().flatten() {
+            let set = ring.preference_list(key, self.n);
+            if !sets.iter().any(|s| same_members(s, &set)) {
+                sets.push(set);
+            }
+        }
+        sets
     }
 
     /// The ring member a frame from `from` came from: the member at that address, or, for a
@@ -76,8 +146,13 @@ impl View {
     }
 }
 
-/// Whether `id` is among `key`'s replicas in `view`, without allocating (the local read's
-/// hot path).
+/// Whether both lists hold the same members (in any order).
+fn same_members(a: &[NodeId], b: &[NodeId]) -> bool {
+    a.len() == b.len() && a.iter().all(|x| b.contains(x))
+}
+
+/// Whether `id` is among `key`'s replicas in `view`'s read ring, without allocating (the
+/// local read's hot path).
 pub(crate) fn is_replica(view: &View, key: &[u8], id: NodeId) -> bool {
     thread_local! {
         static LIST: std::cell::RefCell<Vec<NodeId>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -93,6 +168,11 @@ pub(crate) fn is_replica(view: &View, key: &[u8], id: NodeId) -> bool {
 /// membership view until the view's sender goes away. After each change, `gained` hears of
 /// the members that became co-replicas of `me` ([`Ring::gained_co_replicas`]), so the ranges
 /// a dead member held, or a joining member now owns, are pushed to them at once.
+///
+/// When a joining member settles, the read ring from before is kept as the view's `previous`
+/// for `join_grace` (its members that are still alive): long enough for the news to reach
+/// every coordinator, and for the writes they started before to end.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn follow(
     mut view: tokio::sync::watch::Receiver<Arc<[Member]>>,
     slot: Arc<arc_swap::ArcSwap<View>>,
@@ -100,12 +180,37 @@ pub(crate) async fn follow(
     ring: RingConfig,
     book: Option<crate::peer_auth::AddressBook>,
     me: NodeId,
+    join_grace: std::time::Duration,
     gained: impl Fn(Vec<NodeId>) + Send,
 ) {
+    // The settled ring's members before the last join that finished, and until when writes
+    // still meet a quorum among them.
+    let mut previous: Option<(Vec<RingMember>, tokio::time::Instant)> = None;
+    let mut changed = true;
     loop {
         let members = view.borrow_and_update().clone();
-        let next = Arc::new(View::build(&members, n, ring));
-        let prev = slot.swap(next.clone());
+        let mut next = View::build(&members, n, ring);
+        let prev = slot.load_full();
+        let now = tokio::time::Instant::now();
+        if next.ring.members().iter().any(|m| prev.is_joining(m.node)) {
+            let before = prev.previous.as_ref().unwrap_or(&prev.ring);
+            previous = Some((before.members().to_vec(), now + join_grace));
+        }
+        if previous.as_ref().is_some_and(|(_, until)| *until <= now) {
+            previous = None;
+        }
+        if let Some((before, _)) = &previous {
+            let alive: Vec<RingMember> = before
+                .iter()
+                .filter(|m| next.members.contains_key(&m.node) && !next.is_joining(m.node))
+                .copied()
+                .collect();
+            if !alive.is_empty() && alive.as_slice() != next.ring.members() {
+                next = next.with_previous(ring_of(alive, ring));
+            }
+        }
+        let next = Arc::new(next);
+        slot.store(next.clone());
         // Most changes (a suspicion, a refutation) leave the ring's members alone: no walk.
         if prev.ring.members() != next.ring.members() {
             let peers = next.ring.gained_co_replicas(&prev.ring, me, n);
@@ -113,7 +218,7 @@ pub(crate) async fn follow(
                 gained(peers);
             }
         }
-        if let Some(book) = &book {
+        if changed && let Some(book) = &book {
             book.replace(
                 members
                     .iter()
@@ -121,8 +226,144 @@ pub(crate) async fn follow(
                     .map(|m| (m.meta.addr.clone(), m.id)),
             );
         }
-        if view.changed().await.is_err() {
-            return;
+        let expiry = previous.as_ref().map(|(_, until)| *until);
+        changed = tokio::select! {
+            c = view.changed() => {
+                if c.is_err() {
+                    return;
+                }
+                true
+            }
+            () = sleep_until_some(expiry) => false,
+        };
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::{Life, MemberMeta};
+
+    const N3: NonZeroUsize = NonZeroUsize::new(3).unwrap();
+
+    fn member(id: u64, joining: bool) -> Member {
+        Member {
+            id: NodeId(id),
+            life: Life {
+                generation: 1,
+                incarnation: 0,
+            },
+            state: MemberState::Alive,
+            meta: MemberMeta {
+                joining,
+                ..MemberMeta::new(format!("n{id}:1"))
+            },
         }
+    }
+
+    fn view(members: &[(u64, bool)]) -> View {
+        let members: Vec<Member> = members.iter().map(|&(i, j)| member(i, j)).collect();
+        View::build(&members, N3, RingConfig::default())
+    }
+
+    /// A key whose replicas with member 5 joining include it.
+    fn key_owned_by(view: &View, id: NodeId) -> Vec<u8> {
+        (0u32..)
+            .map(|i| format!("k{i}").into_bytes())
+            .find(|k| {
+                view.next
+                    .as_ref()
+                    .unwrap()
+                    .preference_list(k, N3)
+                    .contains(&id)
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn a_joiner_is_written_to_and_not_read_from() {
+        let v = view(&[(1, false), (2, false), (3, false), (4, false), (5, true)]);
+        assert_eq!(v.ring.len(), 4, "reads: the settled members");
+        assert_eq!(v.next.as_ref().unwrap().len(), 5);
+        assert!(v.in_transition());
+        let key = key_owned_by(&v, NodeId(5));
+        assert!(!v.replicas(&key).contains(&NodeId(5)));
+        assert!(!is_replica(&v, &key, NodeId(5)));
+        let sets = v.write_sets(&key);
+        assert_eq!(
+            sets.len(),
+            2,
+            "the old replicas and the ones with the joiner"
+        );
+        assert_eq!(sets[0], v.replicas(&key));
+        assert!(sets[1].contains(&NodeId(5)));
+        assert!(v.addr(NodeId(5)).is_some(), "a joiner is reachable");
+    }
+
+    #[test]
+    fn joiners_take_turns_by_id() {
+        let v = view(&[(1, false), (2, false), (3, false), (7, true), (5, true)]);
+        assert_eq!(v.joiners, vec![NodeId(5), NodeId(7)]);
+        assert_eq!(v.active_joiner(), Some(NodeId(5)));
+        let next = v.next.as_ref().unwrap();
+        assert!(next.contains(NodeId(5)) && !next.contains(NodeId(7)));
+        // Without joiners, one ring and one set.
+        let v = view(&[(1, false), (2, false), (3, false)]);
+        assert!(!v.in_transition());
+        assert_eq!(v.write_sets(b"k").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_reach_the_ring_from_before_a_join_for_join_settle_after_it() {
+        let grace = std::time::Duration::from_secs(5);
+        let joining: Arc<[Member]> = [(1, false), (2, false), (3, false), (4, false), (5, true)]
+            .iter()
+            .map(|&(i, j)| member(i, j))
+            .collect();
+        let (tx, rx) = tokio::sync::watch::channel(joining.clone());
+        let slot = Arc::new(arc_swap::ArcSwap::from_pointee(View::build(
+            &joining,
+            N3,
+            RingConfig::default(),
+        )));
+        let task = tokio::spawn(follow(
+            rx,
+            slot.clone(),
+            N3,
+            RingConfig::default(),
+            None,
+            NodeId(1),
+            grace,
+            |_| {},
+        ));
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        assert!(slot.load().previous.is_none());
+        // 5 settles.
+        let settled: Arc<[Member]> = (1..=5).map(|i| member(i, false)).collect();
+        tx.send(settled).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        let v = slot.load_full();
+        assert_eq!(v.ring.len(), 5);
+        let previous = v.previous.as_ref().expect("the ring from before the join");
+        assert_eq!(previous.len(), 4);
+        assert!(!previous.contains(NodeId(5)));
+        let key = (0u32..)
+            .map(|i| format!("k{i}").into_bytes())
+            .find(|k| v.ring.preference_list(k, N3).contains(&NodeId(5)))
+            .unwrap();
+        assert_eq!(v.write_sets(&key).len(), 2);
+        // After the grace, one ring again.
+        tokio::time::sleep(grace).await;
+        assert!(slot.load().previous.is_none());
+        assert!(!slot.load().in_transition());
+        task.abort();
     }
 }
