@@ -291,6 +291,11 @@ impl Cluster {
         self.storages[i].as_ref().expect("storage opened")
     }
 
+    /// Node `i`'s storage, if it was ever opened (a node that never ran has none).
+    pub fn storage_if_opened(&self, i: usize) -> Option<&SharedStorage> {
+        self.storages[i].as_ref()
+    }
+
     async fn boot(&mut self, i: usize) {
         let memory = self.spec.storage.scheme == "memory";
         let storage = match &self.storages[i] {

@@ -313,3 +313,71 @@ async fn a_wiped_node_pulls_its_data_back_and_a_restart_with_data_does_not_join(
     assert!(!cluster.node(3).is_joining());
     cluster.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_joiner_that_restarts_mid_pull_joins_again_instead_of_serving_reads() {
+    // The pull is slowed down so that the joiner holds some records when it is killed.
+    let mut spec = slow_anti_entropy(5);
+    spec.config.anti_entropy = false;
+    spec.config.anti_entropy_bandwidth = std::num::NonZeroU64::new(8 * 1024).unwrap();
+    let mut cluster = Cluster::start_first(spec, 4).await;
+    let written = write_all(&cluster, 1500).await;
+    cluster.join(4).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while cluster.node(4).stats().join_pulled == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "seed {}: no pull",
+            seed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(cluster.node(4).is_joining());
+    cluster.kill(4).await;
+    assert!(
+        cluster.storage(4).stats().await.unwrap().records > 0,
+        "the joiner held some records when it stopped"
+    );
+    cluster.restart(4).await;
+    assert!(
+        cluster.node(4).is_joining(),
+        "a join that did not finish goes on after a restart"
+    );
+    cluster.wait_for_ring(Duration::from_secs(120)).await;
+    let missing = owned_but_missing(&cluster, 0, 4, &written).await;
+    assert!(
+        missing.is_empty(),
+        "seed {}: {} missing",
+        seed(),
+        missing.len()
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_joiner_whose_seeds_do_not_answer_waits_for_them_and_then_pulls() {
+    let mut cluster = Cluster::start_first(slow_anti_entropy(4), 3).await;
+    let written = write_all(&cluster, 200).await;
+    // Node 4 reaches nobody for longer than join_timeout.
+    cluster.net.partition(
+        &[Cluster::addr(3)],
+        &[Cluster::addr(0), Cluster::addr(1), Cluster::addr(2)],
+    );
+    cluster.join(3).await;
+    tokio::time::sleep(cluster.node(3).config().join_timeout * 3).await;
+    assert!(
+        cluster.node(3).is_joining(),
+        "a joiner that found no cluster does not serve reads"
+    );
+    cluster.net.heal();
+    cluster.wait_for_ring(Duration::from_secs(60)).await;
+    let missing = owned_but_missing(&cluster, 0, 3, &written).await;
+    assert!(
+        missing.is_empty(),
+        "seed {}: {} missing",
+        seed(),
+        missing.len()
+    );
+    assert!(cluster.node(3).stats().join_pulled > 0);
+    cluster.stop().await;
+}

@@ -403,8 +403,12 @@ impl Membership {
         if meta == self.local.meta {
             return true;
         }
+        // At the largest incarnation a new record could not supersede the old one anywhere.
+        let Some(incarnation) = self.local.life.incarnation.checked_add(1) else {
+            return false;
+        };
         self.local.meta = meta;
-        self.local.life.incarnation = self.local.life.incarnation.saturating_add(1);
+        self.local.life.incarnation = incarnation;
         self.broadcasts.push(Update::Alive {
             id: self.local.id,
             life: self.local.life,

@@ -198,8 +198,8 @@ impl AckTracker {
 /// while a member joins, the key's replicas in the ring before it and in the ring with it
 /// (as Garage requires a quorum in every live layout version), and for a while after, the
 /// ring before the join finished. Each set needs `required` of its members, or all of them
-/// if it has fewer: a ring smaller than the quorum is one whose every member holds every key,
-/// and reads from it ask all of them.
+/// if it has fewer (a ring that small serves no read at `required`, so nothing is promised
+/// there beyond holding the write), and at least one set must have `required` members.
 ///
 /// An answer counts in every set that holds its sender. [`SetsTracker::acks`],
 /// [`SetsTracker::failures`] and the refusals count distinct senders.

@@ -190,6 +190,7 @@ pub(crate) async fn refresh(node: &Node) {
         ("chorus_join_repulls_total", s.join_repulls),
         ("chorus_join_incomplete_total", s.join_incomplete),
         ("chorus_joins_completed_total", s.joins_completed),
+        ("chorus_join_refused_total", s.join_refused),
         ("chorus_pulls_served_total", s.pulls_served),
         ("chorus_replica_reads_total", s.replica_reads),
         ("chorus_sync_refused_total", s.sync_refused),

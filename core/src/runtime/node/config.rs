@@ -190,6 +190,11 @@ pub struct NodeConfig {
     /// (writes a coordinator started before it heard of the join end within that).
     #[serde(with = "duration")]
     pub join_settle: Duration,
+    /// How long a join may pull, from the start of its turn; past it the node serves reads
+    /// with what it has, counted (`join_incomplete`) and logged. Pulls are metered by
+    /// `anti_entropy_bandwidth`, and every range comes from each of its current replicas.
+    #[serde(with = "duration")]
+    pub join_pull_timeout: Duration,
     /// Whether a coordinator keeps hints for replicas that did not acknowledge a write and
     /// replays them when the replica is alive again (hinted handoff).
     pub hinted_handoff: bool,
@@ -253,6 +258,7 @@ impl Default for NodeConfig {
             handoff_timeout: Duration::from_secs(60),
             join_handoff: true,
             join_settle: Duration::from_secs(5),
+            join_pull_timeout: Duration::from_secs(3600),
             hinted_handoff: true,
             hint_window: DEFAULT_HINT_WINDOW,
             max_hints_per_target: NonZeroUsize::new(100_000).expect("non-zero"),
@@ -311,6 +317,7 @@ impl NodeConfig {
             ("shutdown_timeout", self.shutdown_timeout),
             ("handoff_timeout", self.handoff_timeout),
             ("join_settle", self.join_settle),
+            ("join_pull_timeout", self.join_pull_timeout),
             ("hint_window", self.hint_window),
             ("sync_interval", self.sync_interval),
             ("anti_entropy_interval", self.anti_entropy_interval),
@@ -342,6 +349,16 @@ impl NodeConfig {
                     ),
                 });
             }
+        }
+        if self.join_handoff && self.join_settle <= self.request_timeout {
+            return Err(ConfigError::Invalid {
+                field: "join_settle",
+                reason: format!(
+                    "{:?} must exceed request_timeout ({:?}): writes a coordinator started \
+                     before it heard of a join must end before the joiner pulls",
+                    self.join_settle, self.request_timeout
+                ),
+            });
         }
         if self.anti_entropy && self.tombstone_grace <= self.sync_interval {
             return Err(ConfigError::Invalid {

@@ -348,14 +348,11 @@ impl Inner {
         let mut replica_sets = Vec::with_capacity(keys.len());
         let mut groups: Vec<(NodeId, Vec<usize>)> = Vec::new();
         for (i, key) in keys.iter().enumerate() {
+            // Reads stay on the settled ring, at R, during a join too (every write meets a
+            // quorum there, `SetsTracker`).
             let replicas = view.replicas(key);
-            let need = if view.in_transition() {
-                read_need(&view, key, &replicas, required)
-            } else {
-                required
-            };
-            trackers.push(AckTracker::new(need, replicas.len()));
-            if replicas.len() < need || replicas.is_empty() {
+            trackers.push(AckTracker::new(required, replicas.len()));
+            if replicas.len() < required {
                 results[i] = Some(Err(ReplicationError::Unavailable {
                     required,
                     alive: replicas.len(),
@@ -711,19 +708,5 @@ impl Inner {
     /// A read at `One` of keys this node replicates: local storage, no message.
     pub(crate) fn is_local_replica(&self, view: &View, key: &[u8]) -> bool {
         super::view::is_replica(view, key, self.id)
-    }
-}
-
-/// How many of `key`'s read replicas a read at `required` asks while writes reach more than
-/// the read ring (`View::in_transition`): all of them when the read ring has fewer than
-/// `required` members (every write during the change met all of them, see
-/// [`SetsTracker`]), as long as some write set is large enough to make the write as durable as
-/// asked; otherwise `required`, which the caller then finds unavailable.
-fn read_need(view: &View, key: &[u8], replicas: &[NodeId], required: usize) -> usize {
-    let largest = view.write_sets(key).iter().map(Vec::len).max().unwrap_or(0);
-    if largest >= required {
-        required.min(replicas.len())
-    } else {
-        required
     }
 }

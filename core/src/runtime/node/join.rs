@@ -1,10 +1,12 @@
-//! Handoff when a member joins: a node that starts with seeds and empty storage joins as
-//! `joining` ([`crate::membership::MemberMeta::joining`]) and pulls the records of the
-//! ranges it will own from the members that replicate them now, before it serves reads.
+//! Handoff when a member joins: a node that starts with seeds and empty storage (or whose
+//! earlier join did not finish, [`JOIN_PENDING_META`]) joins as `joining`
+//! ([`crate::membership::MemberMeta::joining`]) and pulls the records of the ranges it will
+//! own from the members that replicate them now, before it serves reads.
 //!
-//! - **One joiner at a time.** Among the joining members, the one with the lowest id is the
-//!   active joiner; the others wait, in no ring. The view's `next` ring is the settled ring
-//!   with the active joiner; every write meets its quorum in both rings
+//! - **One joiner at a time.** Among the joining members, the one that started first (lowest
+//!   generation, then id) is the active joiner, so a node that starts later never takes the
+//!   turn of one already pulling; the others wait, in no ring. The view's `next` ring is the
+//!   settled ring with the active joiner; every write meets its quorum in both rings
 //!   (`View::write_sets`), so from the moment a coordinator hears of the join, the joiner
 //!   receives the writes of the ranges it pulls, and the old replicas still hold a quorum of
 //!   everything reads (which stay on the settled ring) must see.
@@ -13,23 +15,31 @@
 //!   finds them in storage.
 //! - **The pull.** For each member of the settled ring, the ranges the joiner replicates in
 //!   `next` and that member replicates now ([`crate::ring::Ring::pull_ranges`]), page by page
-//!   ([`ReplicaMessage::Pull`], at most [`MAX_BATCH`] records and [`MAX_PULL_BYTES`] a page),
-//!   metered by the anti-entropy bandwidth limit. A page is applied before the next is asked
-//!   for, so a pull that stops resumes at its cursor. A failed page is retried with backoff;
-//!   a member no longer alive is dropped from the plan (the rings changed).
-//! - **Rings that change under the pull** (a death, a leave, a lower-id joiner) start it
-//!   over, counted (`join_repulls`).
+//!   ([`ReplicaMessage::Pull`], at most [`MAX_BATCH`] records and [`MAX_PULL_BYTES`] or half
+//!   the transport's frame limit a page), metered by the anti-entropy bandwidth limit. A page
+//!   is applied before the next is asked for. A failed page is retried with backoff; after
+//!   [`PAGE_ATTEMPTS`] failures in a row its member is left for this round and the others
+//!   pulled first. A record this node refuses for good (its limits, its clock) is skipped and
+//!   counted (`join_refused`).
+//! - **Rings that change under the pull** (a death, a leave) start it over from the plan,
+//!   counted (`join_repulls`).
 //! - **Settling.** Once every member of the plan served every range, the node publishes
-//!   `joining = false`. Coordinators then read from the ring with it, and for `join_settle`
-//!   more still make writes meet a quorum in the ring from before (`view::follow`), so a
-//!   coordinator that has not heard yet still reads what the others wrote.
-//! - **Bounded.** Past `handoff_timeout` from the start of its turn, a join settles with what
-//!   it has, counted (`join_incomplete`) and logged: reads may then miss what it lacks until
-//!   read repair or anti-entropy brings it (Merkle exchanges with each new co-replica start at
-//!   once when it settles).
+//!   `joining = false` and clears its pending mark. Coordinators then read from the ring with
+//!   it, and for `join_settle` more still make writes meet a quorum in the ring from before
+//!   (`view::follow`), so a coordinator that has not heard yet still reads what the others
+//!   wrote.
+//! - **Never on a timer without a cluster.** A joiner that has reached nobody waits (and
+//!   says so every [`WAITING_LOG`]); one that knows only other joiners (a new cluster whose
+//!   nodes all list seeds) settles at once if it is first, as nobody holds anything.
+//! - **Bounded.** Past `join_pull_timeout` from the start of its turn, a join settles with
+//!   what it has, counted (`join_incomplete`) and logged: reads may then miss what it lacks
+//!   until read repair or anti-entropy brings it (Merkle exchanges with each new co-replica
+//!   start at once when it settles).
 //!
 //! Records past the purge horizon are not pulled; pulled records are not entered in the
-//! applied-writes log (their other replicas hold them already).
+//! applied-writes log (their other replicas hold them already). Every range comes from each
+//! of its current replicas (N times the data), which is what makes a write acknowledged by
+//! any W of them reach the joiner.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -44,21 +54,55 @@ use crate::hash::{HashRange, key_hash};
 use crate::healing::exchange::RateLimit;
 use crate::identity::{Address, NodeId};
 use crate::replication::message::{MAX_BATCH, MAX_PULL_BYTES};
-use crate::replication::{REPLICA_PROTOCOL_VERSION, Refusal, ReplicaMessage, Write};
+use crate::replication::{REPLICA_PROTOCOL_VERSION, Refusal, ReplicaMessage, Write, WriteOutcome};
 use crate::ring::RingMember;
 use crate::storage::{ScanCursor, Storage};
+use crate::transport::Transport;
 
 /// The first retry's wait after a failed page; it doubles up to [`MAX_BACKOFF`].
 const BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Failed requests in a row for one page before its member is left for this round (the other
+/// members go first; the next round comes back to it).
+const PAGE_ATTEMPTS: u32 = 5;
 /// How often a waiting joiner looks at the view again.
 const POLL: Duration = Duration::from_millis(50);
+/// How often a joiner that knows no settled member says so.
+const WAITING_LOG: Duration = Duration::from_secs(10);
+/// The storage metadata that marks a join not yet finished: set before the node announces
+/// itself joining, cleared when it settles, so a joiner that restarts (with some records by
+/// then) joins again instead of serving reads with half its ranges.
+pub(crate) const JOIN_PENDING_META: &str = "join_pending";
 
-/// Whether a node starting with `seeds` and storage holding `records` records joins by
-/// pulling: only an empty node that joins an existing cluster has anything to pull, and a
-/// node restarting with its data must not be taken out of the read ring.
-pub(crate) fn starts_joining(enabled: bool, has_seeds: bool, records: u64) -> bool {
-    enabled && has_seeds && records == 0
+/// Whether a node joins by pulling: only with seeds (a node without any forms a cluster), and
+/// only an empty node (one that restarts with its data must not leave the read ring) or one
+/// whose earlier join did not finish (`pending`).
+pub(crate) fn starts_joining(enabled: bool, has_seeds: bool, records: u64, pending: bool) -> bool {
+    enabled && has_seeds && (records == 0 || pending)
+}
+
+/// Decides whether this start joins ([`starts_joining`]) and, if so, marks it pending in
+/// storage before anyone hears of it.
+pub(crate) async fn prepare(
+    storage: &crate::storage::SharedStorage,
+    enabled: bool,
+    has_seeds: bool,
+) -> Result<bool, crate::storage::StorageError> {
+    if !enabled || !has_seeds {
+        return Ok(false);
+    }
+    let records = storage.stats().await?.records;
+    let pending = storage
+        .load_meta(JOIN_PENDING_META)
+        .await?
+        .is_some_and(|v| v.as_ref() == b"1");
+    let joining = starts_joining(enabled, has_seeds, records, pending);
+    if joining {
+        storage
+            .store_meta(JOIN_PENDING_META, bytes::Bytes::from_static(b"1"))
+            .await?;
+    }
+    Ok(joining)
 }
 
 /// The rings a pull was planned against; a change to either restarts it.
@@ -85,20 +129,19 @@ impl Rings {
 enum Pulled {
     /// Every range from every member of the plan.
     Complete,
-    /// Something is missing: a member failed, died or the deadline came.
+    /// Something is missing: a member kept failing, or the deadline came.
     Incomplete,
     /// The rings changed under it.
     Changed,
 }
 
 /// Drives this node's join until it settles, the node stops, or its own membership changes
-/// it (a leave). Started only for a node that [`starts_joining`].
+/// it (a leave). Started only for a node that [`prepare`] found joining.
 pub(crate) async fn run(inner: Arc<Inner>) {
     let me = inner.id;
+    // Set at the start of each turn: a joiner that loses its turn starts afresh.
     let mut deadline: Option<Instant> = None;
-    // Until the view holds another member (or `join_timeout` passes: a cluster of one), an
-    // empty settled ring says only that we have not heard of anyone yet.
-    let alone_until = Instant::now() + inner.config.join_timeout;
+    let mut logged_waiting: Option<Instant> = None;
     loop {
         if inner.stopping.load(Ordering::SeqCst) {
             return;
@@ -113,20 +156,28 @@ pub(crate) async fn run(inner: Arc<Inner>) {
             continue;
         }
         if view.active_joiner() != Some(me) {
+            deadline = None;
+            tokio::time::sleep(POLL).await;
+            continue;
+        }
+        if view.ring.is_empty() {
+            if view.members.len() >= 2 {
+                // Every member known is joining (a new cluster whose nodes all list seeds):
+                // nobody holds anything, and the first to have started goes first.
+                settle(&inner, "every member known is joining").await;
+                return;
+            }
+            // Nobody reached yet: wait for the cluster, never settle on a timer (a node that
+            // served reads before it found its cluster would serve them without its data).
+            if logged_waiting.is_none_or(|at| at.elapsed() >= WAITING_LOG) {
+                tracing::warn!(seeds = ?inner.config.seeds, "joining: no member reached yet");
+                logged_waiting = Some(Instant::now());
+            }
             tokio::time::sleep(POLL).await;
             continue;
         }
         let deadline =
-            *deadline.get_or_insert_with(|| Instant::now() + inner.config.handoff_timeout);
-        if view.ring.is_empty() {
-            if view.members.len() < 2 && Instant::now() < alone_until {
-                tokio::time::sleep(POLL).await;
-                continue;
-            }
-            // No settled member: nobody holds anything, and nobody reads or writes yet.
-            settle(&inner, "no settled member to pull from").await;
-            return;
-        }
+            *deadline.get_or_insert_with(|| Instant::now() + inner.config.join_pull_timeout);
         tokio::time::sleep(inner.config.join_settle).await;
         let view = inner.view.load_full();
         if view.active_joiner() != Some(me) {
@@ -136,6 +187,10 @@ pub(crate) async fn run(inner: Arc<Inner>) {
         let Some(next) = view.next.as_ref() else {
             continue;
         };
+        if inner.bugs.skip_join_pull {
+            settle(&inner, "planted bug: no pull").await;
+            return;
+        }
         let plan = next.pull_ranges(&view.ring, me, view.n);
         tracing::info!(
             members = plan.len(),
@@ -157,11 +212,11 @@ pub(crate) async fn run(inner: Arc<Inner>) {
             Pulled::Changed | Pulled::Incomplete => {
                 inner.stats.join_incomplete.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(
-                    timeout = ?inner.config.handoff_timeout,
-                    "joining: some ranges were not pulled by handoff_timeout; serving reads \
+                    timeout = ?inner.config.join_pull_timeout,
+                    "joining: some ranges were not pulled by join_pull_timeout; serving reads \
                      anyway (read repair and anti-entropy bring the rest)"
                 );
-                settle(&inner, "handoff_timeout").await;
+                settle(&inner, "join_pull_timeout").await;
                 return;
             }
         }
@@ -178,7 +233,7 @@ fn local_meta(inner: &Inner) -> Option<crate::membership::MemberMeta> {
         .map(|m| m.meta.clone())
 }
 
-/// Publishes `joining = false`.
+/// Publishes `joining = false` and clears the pending mark.
 async fn settle(inner: &Inner, why: &str) {
     let Some(mut meta) = local_meta(inner) else {
         return;
@@ -187,10 +242,18 @@ async fn settle(inner: &Inner, why: &str) {
     if inner.membership.set_meta(meta).await {
         inner.stats.joins_completed.fetch_add(1, Ordering::Relaxed);
         tracing::info!(why, "joined: serving reads");
+        if let Err(e) = inner
+            .storage
+            .store_meta(JOIN_PENDING_META, bytes::Bytes::from_static(b"0"))
+            .await
+        {
+            tracing::warn!(error = %e, "joined, but the pending mark stays: a restart pulls again");
+        }
     }
 }
 
-/// Pulls every range of `plan` in turn.
+/// Pulls every range of `plan`, member by member; a member that keeps failing is left for
+/// this round and the others still pulled.
 async fn pull(
     inner: &Inner,
     plan: &[(NodeId, Vec<HashRange>)],
@@ -238,6 +301,15 @@ async fn pull(
     }
 }
 
+/// Whether a joiner's refusal of a pulled record is for good (its limits or clock), so the
+/// record is skipped and counted rather than asked for again.
+fn refused_for_good(outcome: &WriteOutcome) -> bool {
+    matches!(
+        outcome,
+        WriteOutcome::Refused(Refusal::Invalid { .. } | Refusal::ClockDrift { .. })
+    )
+}
+
 /// Pulls one range from `owner`, page by page, applying each before asking for the next.
 async fn pull_range(
     inner: &Inner,
@@ -250,6 +322,7 @@ async fn pull_range(
 ) -> Pulled {
     let mut cursor: Option<ScanCursor> = None;
     let mut backoff = BACKOFF;
+    let mut failures = 0;
     loop {
         let view = inner.view.load_full();
         if Rings::of(&view) != *rings {
@@ -259,7 +332,7 @@ async fn pull_range(
             return Pulled::Changed;
         };
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || inner.stopping.load(Ordering::SeqCst) {
+        if left.is_zero() || inner.stopping.load(Ordering::SeqCst) || failures >= PAGE_ATTEMPTS {
             return Pulled::Incomplete;
         }
         match pull_page(inner, &addr, range, cursor.clone(), cutoff_ms, left).await {
@@ -270,24 +343,38 @@ async fn pull_range(
                     .sum();
                 let wait = limiter.take(inner.hlc.wall_clock().now_ms(), bytes);
                 if wait > 0 {
-                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    tokio::time::sleep(Duration::from_millis(wait).min(left)).await;
                 }
                 let n = records.len() as u64;
                 let outcomes = inner.apply_writes(records, false, LogAs::Unlogged).await;
-                if outcomes.iter().all(|o| o.is_ack()) {
-                    inner.stats.join_pulled.fetch_add(n, Ordering::Relaxed);
+                if outcomes.iter().all(|o| o.is_ack() || refused_for_good(o)) {
+                    let refused = outcomes.iter().filter(|o| refused_for_good(o)).count() as u64;
+                    if refused > 0 {
+                        inner
+                            .stats
+                            .join_refused
+                            .fetch_add(refused, Ordering::Relaxed);
+                        tracing::warn!(%owner, refused, "joining: pulled records refused here");
+                    }
+                    inner
+                        .stats
+                        .join_pulled
+                        .fetch_add(n - refused, Ordering::Relaxed);
                     backoff = BACKOFF;
+                    failures = 0;
                     match next {
                         Some(next) => cursor = Some(next),
                         None => return Pulled::Complete,
                     }
                     continue;
                 }
-                // A record refused here (storage, limits): the page is asked for again.
+                // Storage refused some record here: the page is asked for again.
                 tracing::debug!(%owner, "joining: a pulled page was not applied whole");
             }
             Err(why) => tracing::debug!(%owner, %addr, why, "joining: pull failed"),
         }
+        failures += 1;
         inner
             .stats
             .join_pull_failures
@@ -307,6 +394,7 @@ async fn pull_page(
     cutoff_ms: u64,
     left: Duration,
 ) -> Result<(Vec<Write>, Option<ScanCursor>), String> {
+    let cursor_sent = cursor.clone();
     let message = Envelope::Replica(ReplicaMessage::Pull {
         version: REPLICA_PROTOCOL_VERSION,
         range,
@@ -324,6 +412,18 @@ async fn pull_page(
                     "record at {:#018x} outside the range pulled",
                     key_hash(&w.key)
                 ));
+            }
+            // The next page must start past this one's start, or a peer could keep the
+            // joiner asking for the same page.
+            if let Some(n) = &next
+                && !range.contains(n.hash)
+            {
+                return Err("next cursor outside the range pulled".into());
+            }
+            if let (Some(n), Some(c)) = (&next, &cursor_sent)
+                && (range.offset(n.hash), &n.key) <= (range.offset(c.hash), &c.key)
+            {
+                return Err("next cursor does not move forward".into());
             }
             Ok((records, next))
         }
@@ -367,12 +467,14 @@ impl Inner {
             Ok(page) => page,
             Err(e) => return ReplicaMessage::Refused(super::replica::storage_refusal(&e)),
         };
+        // Half the frame limit leaves room for the encoding's overhead on small frames.
+        let cap = MAX_PULL_BYTES.min(self.transport.max_frame_len() / 2);
         let mut records = Vec::with_capacity(page.entries.len());
         let mut bytes = 0usize;
         let mut next = page.next;
         for e in page.entries {
             let size = crate::storage::footprint(&e.key, &e.record) as usize;
-            if !records.is_empty() && bytes + size > MAX_PULL_BYTES {
+            if !records.is_empty() && bytes + size > cap {
                 // The rest of this page comes with the next one, from the last record sent.
                 next = records.last().map(|w: &Write| ScanCursor {
                     hash: key_hash(&w.key),
@@ -399,16 +501,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_an_empty_node_with_seeds_joins_by_pulling() {
-        assert!(starts_joining(true, true, 0));
-        assert!(
-            !starts_joining(true, true, 1),
-            "a restart with data stays in the ring"
-        );
-        assert!(
-            !starts_joining(true, false, 0),
-            "a new cluster has nothing to pull"
-        );
-        assert!(!starts_joining(false, true, 0), "off");
+    fn only_an_empty_node_with_seeds_or_an_unfinished_join_joins_by_pulling() {
+        assert!(starts_joining(true, true, 0, false));
+        let restart = starts_joining(true, true, 1, false);
+        assert!(!restart, "a restart with data stays in the ring");
+        let unfinished = starts_joining(true, true, 7, true);
+        assert!(unfinished, "a join that did not finish goes on");
+        let alone = starts_joining(true, false, 0, false);
+        assert!(!alone, "a new cluster has nothing to pull");
+        assert!(!starts_joining(false, true, 0, true), "off");
     }
 }

@@ -197,6 +197,8 @@ pub struct PlantedBugs {
     pub repair_with_new_version: bool,
     /// Replicas store records without the clock-drift check.
     pub skip_drift_check: bool,
+    /// A joining node settles without pulling its ranges (it serves reads it cannot answer).
+    pub skip_join_pull: bool,
 }
 
 /// Starts a [`Node`]. See [`Node::builder`].
@@ -389,8 +391,8 @@ impl NodeBuilder {
         let membership_config = self
             .membership
             .unwrap_or_else(|| config.membership.config());
-        let records = storage.stats().await.map_err(StartError::from)?.records;
-        let joining = join::starts_joining(config.join_handoff, !config.seeds.is_empty(), records);
+        let joining =
+            join::prepare(&storage, config.join_handoff, !config.seeds.is_empty()).await?;
         let machine = Membership::new(
             membership_config,
             NodeStart {

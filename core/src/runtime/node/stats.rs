@@ -141,11 +141,14 @@ counters! {
     join_pull_failures,
     /// Times a join started its pull over because the rings changed under it.
     join_repulls,
-    /// Joins that ended at `handoff_timeout` with some range not pulled from some member
+    /// Joins that ended at `join_pull_timeout` with some range not pulled from some member
     /// (logged; what it lacks comes from read repair and anti-entropy).
     join_incomplete,
     /// Joins this node finished (0 or 1).
     joins_completed,
+    /// Pulled records this node refused to store while joining (its limits or clock): left
+    /// to read repair and anti-entropy.
+    join_refused,
     /// Pull requests this node answered for a joining member.
     pulls_served,
     /// Keys read as a replica, for a coordinator (this node's own reads included).

@@ -13,22 +13,24 @@ use crate::ring::{Ring, RingConfig, RingMember};
 /// One immutable routing snapshot.
 ///
 /// A member that is still joining ([`crate::membership::MemberMeta::joining`]) is in no ring
-/// reads use: reads go to `ring`, the settled members. While members join, the one with the
-/// lowest id is the active joiner; `next` is the ring with it, and writes must meet their
-/// quorum in both rings ([`crate::replication::SetsTracker`]), so the joiner receives every
-/// write of the ranges it pulls while it pulls them. Other joiners wait their turn, in no
-/// ring at all. After a join finishes, `previous` keeps the ring from before it for a while:
-/// writes still meet a quorum there too, so a coordinator that has not heard of the end of
-/// the join yet (and reads from the old ring) still sees them.
+/// reads use: reads go to `ring`, the settled members. While members join, the one that
+/// started first (lowest generation, then lowest id: a node that starts later never takes the
+/// turn of one already pulling) is the active joiner; `next` is the ring with it, and writes
+/// must meet their quorum in both rings ([`crate::replication::SetsTracker`]), so the joiner
+/// receives every write of the ranges it pulls while it pulls them. Other joiners wait their
+/// turn, in no ring at all. After a join finishes, `previous` keeps the ring from before it
+/// for `join_settle` (one ring per join that ended within it): writes still meet a quorum
+/// there too, so a coordinator that has not heard of the end of the join yet (and reads from
+/// the old ring) still sees them.
 #[derive(Debug)]
 pub(crate) struct View {
     /// The settled members: reads, and the first set every write must meet a quorum in.
     pub(crate) ring: Ring,
     /// The settled members and the active joiner, while one joins.
     pub(crate) next: Option<Ring>,
-    /// The settled ring before the last join finished, for `JOIN_GRACE`-like time after.
-    pub(crate) previous: Option<Ring>,
-    /// Members that are joining, by id (the first is the active one).
+    /// The settled rings before each join that finished within `join_settle`.
+    pub(crate) previous: Vec<Ring>,
+    /// Members that are joining, in turn order (the first is the active one).
     pub(crate) joiners: Vec<NodeId>,
     /// Where each member believed alive is reached (joiners included), and its state.
     pub(crate) members: HashMap<NodeId, (Address, MemberState)>,
@@ -59,20 +61,20 @@ impl View {
     pub(crate) fn build(members: &[Member], n: NonZeroUsize, ring: RingConfig) -> View {
         let mut map = HashMap::new();
         let mut settled = Vec::new();
-        let mut joiners: Vec<(NodeId, NonZeroU32)> = Vec::new();
+        let mut joiners: Vec<(u64, NodeId, NonZeroU32)> = Vec::new();
         for m in members {
             if matches!(m.state, MemberState::Alive | MemberState::Suspect)
                 && map.insert(m.id, (m.meta.addr.clone(), m.state)).is_none()
             {
                 if m.meta.joining {
-                    joiners.push((m.id, m.meta.weight));
+                    joiners.push((m.life.generation, m.id, m.meta.weight));
                 } else {
                     settled.push(RingMember::weighted(m.id, m.meta.weight));
                 }
             }
         }
-        joiners.sort_unstable_by_key(|&(id, _)| id);
-        let next = joiners.first().map(|&(id, weight)| {
+        joiners.sort_unstable_by_key(|&(generation, id, _)| (generation, id));
+        let next = joiners.first().map(|&(_, id, weight)| {
             let mut with = settled.clone();
             with.push(RingMember::weighted(id, weight));
             ring_of(with, ring)
@@ -81,24 +83,24 @@ impl View {
         View {
             ring: ring_of(settled, ring),
             next,
-            previous: None,
-            joiners: joiners.into_iter().map(|(id, _)| id).collect(),
+            previous: Vec::new(),
+            joiners: joiners.into_iter().map(|(_, id, _)| id).collect(),
             members: map,
             by_addr,
             n,
         }
     }
 
-    /// This view, with writes also meeting a quorum in `previous` (the settled ring before a
-    /// join finished).
-    pub(crate) fn with_previous(mut self, previous: Ring) -> View {
-        self.previous = Some(previous);
+    /// This view, with writes also meeting a quorum in each of `previous` (the settled rings
+    /// before joins that finished).
+    pub(crate) fn with_previous(mut self, previous: Vec<Ring>) -> View {
+        self.previous = previous;
         self
     }
 
     /// Whether writes must reach more than the read ring (a join is under way or just ended).
     pub(crate) fn in_transition(&self) -> bool {
-        self.next.is_some() || self.previous.is_some()
+        self.next.is_some() || !self.previous.is_empty()
     }
 
     /// The joining member whose turn it is, if any.
@@ -116,7 +118,7 @@ impl View {
     /// differs from the ones before.
     pub(crate) fn write_sets(&self, key: &[u8]) -> Vec<Vec<NodeId>> {
         let mut sets = vec![self.replicas(key)];
-        for ring in [&self.next, &self.previous].into_iter().flatten() {
+        for ring in self.next.iter().chain(&self.previous) {
             let set = ring.preference_list(key, self.n);
             if !sets.iter().any(|s| same_members(s, &set)) {
                 sets.push(set);
@@ -127,8 +129,9 @@ impl View {
 
     /// The ring member a frame from `from` came from: the member at that address, or, for a
     /// connection the peer opened, at the listen address it announced. In insecure mode that
-    /// announcement is only a claim; it is used for nothing but sparing offers (a false one
-    /// delays a repair to Merkle anti-entropy, it never loses it).
+    /// announcement is only a claim; it is used for sparing offers (a false one
+    /// delays a repair to Merkle anti-entropy, it never loses it) and for refusing pulls from
+    /// non-members (in insecure mode anyone may claim membership anyway).
     pub(crate) fn member_at(&self, from: &Address) -> Option<NodeId> {
         match crate::transport::inbound_peer(from) {
             Some(announced) => self.by_addr.get(&announced).copied(),
@@ -169,9 +172,9 @@ pub(crate) fn is_replica(view: &View, key: &[u8], id: NodeId) -> bool {
 /// the members that became co-replicas of `me` ([`Ring::gained_co_replicas`]), so the ranges
 /// a dead member held, or a joining member now owns, are pushed to them at once.
 ///
-/// When a joining member settles, the read ring from before is kept as the view's `previous`
-/// for `join_grace` (its members that are still alive): long enough for the news to reach
-/// every coordinator, and for the writes they started before to end.
+/// When a joining member settles, the read ring from before is added to the view's
+/// `previous` for `join_grace` (its members that are still alive): long enough for the news
+/// to reach every coordinator, and for the writes they started before to end.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn follow(
     mut view: tokio::sync::watch::Receiver<Arc<[Member]>>,
@@ -183,9 +186,9 @@ pub(crate) async fn follow(
     join_grace: std::time::Duration,
     gained: impl Fn(Vec<NodeId>) + Send,
 ) {
-    // The settled ring's members before the last join that finished, and until when writes
+    // The settled rings' members before each join that finished, and until when writes
     // still meet a quorum among them.
-    let mut previous: Option<(Vec<RingMember>, tokio::time::Instant)> = None;
+    let mut previous: Vec<(Vec<RingMember>, tokio::time::Instant)> = Vec::new();
     let mut changed = true;
     loop {
         let members = view.borrow_and_update().clone();
@@ -193,22 +196,22 @@ pub(crate) async fn follow(
         let prev = slot.load_full();
         let now = tokio::time::Instant::now();
         if next.ring.members().iter().any(|m| prev.is_joining(m.node)) {
-            let before = prev.previous.as_ref().unwrap_or(&prev.ring);
-            previous = Some((before.members().to_vec(), now + join_grace));
+            previous.push((prev.ring.members().to_vec(), now + join_grace));
         }
-        if previous.as_ref().is_some_and(|(_, until)| *until <= now) {
-            previous = None;
-        }
-        if let Some((before, _)) = &previous {
-            let alive: Vec<RingMember> = before
-                .iter()
-                .filter(|m| next.members.contains_key(&m.node) && !next.is_joining(m.node))
-                .copied()
-                .collect();
-            if !alive.is_empty() && alive.as_slice() != next.ring.members() {
-                next = next.with_previous(ring_of(alive, ring));
-            }
-        }
+        previous.retain(|(_, until)| *until > now);
+        let rings: Vec<Ring> = previous
+            .iter()
+            .filter_map(|(before, _)| {
+                let alive: Vec<RingMember> = before
+                    .iter()
+                    .filter(|m| next.members.contains_key(&m.node) && !next.is_joining(m.node))
+                    .copied()
+                    .collect();
+                (!alive.is_empty() && alive.as_slice() != next.ring.members())
+                    .then(|| ring_of(alive, ring))
+            })
+            .collect();
+        next = next.with_previous(rings);
         let next = Arc::new(next);
         slot.store(next.clone());
         // Most changes (a suspicion, a refutation) leave the ring's members alone: no walk.
@@ -226,7 +229,7 @@ pub(crate) async fn follow(
                     .map(|m| (m.meta.addr.clone(), m.id)),
             );
         }
-        let expiry = previous.as_ref().map(|(_, until)| *until);
+        let expiry = previous.iter().map(|(_, until)| *until).min();
         changed = tokio::select! {
             c = view.changed() => {
                 if c.is_err() {
@@ -309,16 +312,73 @@ mod tests {
     }
 
     #[test]
-    fn joiners_take_turns_by_id() {
+    fn joiners_take_turns_in_the_order_they_started() {
         let v = view(&[(1, false), (2, false), (3, false), (7, true), (5, true)]);
-        assert_eq!(v.joiners, vec![NodeId(5), NodeId(7)]);
+        assert_eq!(
+            v.joiners,
+            vec![NodeId(5), NodeId(7)],
+            "same generation: by id"
+        );
         assert_eq!(v.active_joiner(), Some(NodeId(5)));
         let next = v.next.as_ref().unwrap();
         assert!(next.contains(NodeId(5)) && !next.contains(NodeId(7)));
+        // A node that started later (a higher generation) waits behind one already joining,
+        // whatever their ids: it never takes the turn of a joiner that may be pulling.
+        let mut members: Vec<Member> = [(1, false), (2, false), (3, false), (7, true)]
+            .iter()
+            .map(|&(i, j)| member(i, j))
+            .collect();
+        let mut late = member(4, true);
+        late.life.generation = 2;
+        members.push(late);
+        let v = View::build(&members, N3, RingConfig::default());
+        assert_eq!(v.joiners, vec![NodeId(7), NodeId(4)]);
         // Without joiners, one ring and one set.
         let v = view(&[(1, false), (2, false), (3, false)]);
         assert!(!v.in_transition());
         assert_eq!(v.write_sets(b"k").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_joins_ending_within_join_settle_keep_both_rings_from_before() {
+        let grace = std::time::Duration::from_secs(5);
+        let state = |settled: &[u64], joining: &[u64]| -> Arc<[Member]> {
+            settled
+                .iter()
+                .map(|&i| member(i, false))
+                .chain(joining.iter().map(|&i| member(i, true)))
+                .collect()
+        };
+        let first = state(&[1, 2, 3, 4], &[5, 6]);
+        let (tx, rx) = tokio::sync::watch::channel(first.clone());
+        let slot = Arc::new(arc_swap::ArcSwap::from_pointee(View::build(
+            &first,
+            N3,
+            RingConfig::default(),
+        )));
+        let task = tokio::spawn(follow(
+            rx,
+            slot.clone(),
+            N3,
+            RingConfig::default(),
+            None,
+            NodeId(1),
+            grace,
+            |_| {},
+        ));
+        let step = std::time::Duration::from_millis(10);
+        tokio::time::sleep(step).await;
+        tx.send(state(&[1, 2, 3, 4, 5], &[6])).unwrap();
+        tokio::time::sleep(step).await;
+        tx.send(state(&[1, 2, 3, 4, 5, 6], &[])).unwrap();
+        tokio::time::sleep(step).await;
+        let v = slot.load_full();
+        let mut sizes: Vec<usize> = v.previous.iter().map(Ring::len).collect();
+        sizes.sort_unstable();
+        assert_eq!(sizes, vec![4, 5], "the rings before each join");
+        tokio::time::sleep(grace).await;
+        assert!(slot.load().previous.is_empty());
+        task.abort();
     }
 
     #[tokio::test(start_paused = true)]
@@ -345,14 +405,14 @@ mod tests {
             |_| {},
         ));
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        assert!(slot.load().previous.is_none());
+        assert!(slot.load().previous.is_empty());
         // 5 settles.
         let settled: Arc<[Member]> = (1..=5).map(|i| member(i, false)).collect();
         tx.send(settled).unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         let v = slot.load_full();
         assert_eq!(v.ring.len(), 5);
-        let previous = v.previous.as_ref().expect("the ring from before the join");
+        let previous = v.previous.first().expect("the ring from before the join");
         assert_eq!(previous.len(), 4);
         assert!(!previous.contains(NodeId(5)));
         let key = (0u32..)
@@ -362,7 +422,7 @@ mod tests {
         assert_eq!(v.write_sets(&key).len(), 2);
         // After the grace, one ring again.
         tokio::time::sleep(grace).await;
-        assert!(slot.load().previous.is_none());
+        assert!(slot.load().previous.is_empty());
         assert!(!slot.load().in_transition());
         task.abort();
     }
