@@ -93,6 +93,13 @@ impl Storage for KeptStorage {
     async fn remove_hints(&self, ids: Vec<u64>) -> Result<(), StorageError> {
         self.open()?.remove_hints(ids).await
     }
+    async fn remove_if_version(
+        &self,
+        key: &[u8],
+        version: chorus::Version,
+    ) -> Result<bool, StorageError> {
+        self.open()?.remove_if_version(key, version).await
+    }
     async fn scan(
         &self,
         range: HashRange,
