@@ -353,6 +353,24 @@ impl Cluster {
         self.boot(i).await;
     }
 
+    /// Starts one more node, with an empty store, joining through the running ones; returns
+    /// its index. Wait for the rings with [`Cluster::wait_for_ring`].
+    pub async fn add_node(&mut self) -> usize {
+        let i = self.nodes.len();
+        // In step with the others' true time, as a real machine's clock would be.
+        let now_ms = self.clocks.first().map_or(EPOCH_MS, |c| c.true_ms());
+        self.clocks.push(Arc::new(TestClock {
+            epoch_ms: now_ms,
+            start: tokio::time::Instant::now(),
+            skew_ms: AtomicI64::new(0),
+        }));
+        self.nodes.push(None);
+        self.storages.push(None);
+        self.data_dirs.push(None);
+        self.boot(i).await;
+        i
+    }
+
     /// Throws away stopped node `i`'s data (records, metadata, hints): its next restart
     /// opens an empty store, as after a disk replacement. The node keeps its id.
     pub fn wipe(&mut self, i: usize) {

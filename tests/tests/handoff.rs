@@ -184,3 +184,139 @@ async fn records_a_leave_cannot_hand_off_are_counted_and_the_shutdown_stays_boun
     cluster.net.heal();
     cluster.stop().await;
 }
+
+/// The nodes whose storage holds `key`, at any version (0-based).
+async fn holders(cluster: &Cluster, key: &[u8]) -> Vec<usize> {
+    let mut out = Vec::new();
+    for i in 0..cluster.len() {
+        if cluster
+            .storage(i)
+            .get(key)
+            .await
+            .expect("storage get")
+            .is_some()
+        {
+            out.push(i);
+        }
+    }
+    out
+}
+
+/// Waits (virtual time) until every key of `latest` is stored on exactly its replicas in
+/// node `via`'s ring, each at the key's latest version, and nowhere else; panics with what
+/// is off after `limit`.
+async fn wait_exactly_on_replicas(
+    cluster: &Cluster,
+    via: usize,
+    latest: &[(Bytes, Version)],
+    limit: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let mut off = Vec::new();
+        for (key, version) in latest {
+            let mut replicas: Vec<usize> = cluster
+                .node(via)
+                .replicas_of(key)
+                .into_iter()
+                .map(|NodeId(id)| id as usize - 1)
+                .collect();
+            replicas.sort_unstable();
+            let held = holders(cluster, key).await;
+            let mut stale = Vec::new();
+            for &i in &replicas {
+                let got = cluster.storage(i).get(key).await.expect("storage get");
+                if got.map(|r| r.version) != Some(*version) {
+                    stale.push(i);
+                }
+            }
+            if held != replicas || !stale.is_empty() {
+                off.push((key.clone(), replicas, held, stale));
+            }
+        }
+        if off.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "seed {}: {} keys not on exactly their replicas after {limit:?} (key, replicas, \
+             holders, replicas without the latest version): {:?}",
+            seed(),
+            off.len(),
+            &off[..off.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_join_and_the_settle_delay_every_key_is_on_exactly_its_n_replicas() {
+    // N = 2 of 3 nodes, so a fourth one really takes ranges away from the others.
+    let mut spec = ClusterSpec::new(3, seed());
+    spec.config.replication_factor = std::num::NonZeroUsize::new(2).expect("two");
+    spec.config.ownership_settle = Duration::from_secs(5);
+    let mut cluster = Cluster::start(spec).await;
+    let mut latest = write_all(&cluster, 300).await;
+    let copies: usize = {
+        let mut n = 0;
+        for (key, _) in &latest {
+            n += holders(&cluster, key).await.len();
+        }
+        n
+    };
+    assert_eq!(
+        copies,
+        2 * latest.len(),
+        "two copies of each key before the join"
+    );
+    let before: Vec<_> = (0..3).map(|i| cluster.node(i).stats()).collect();
+
+    let joined = cluster.add_node().await;
+    cluster.wait_for_ring(Duration::from_secs(30)).await;
+    // Writes go on while the ring settles: overwrites through every node, old and new,
+    // must survive the cleanup that follows.
+    let quorum = WriteOptions::default().consistency(Consistency::Quorum);
+    for (k, (key, version)) in latest.iter_mut().enumerate().filter(|(k, _)| k % 3 == 0) {
+        *version = cluster
+            .node(k % cluster.len())
+            .put(key.clone(), format!("v{k}-after-the-join"), quorum)
+            .await
+            .unwrap_or_else(|e| panic!("seed {}: put during the settle delay: {e}", seed()));
+    }
+    let moved = {
+        let mut n = 0;
+        for (key, _) in &latest {
+            n += usize::from(cluster.node(0).replicas_of(key).contains(&NodeId(4)));
+        }
+        n
+    };
+    assert!(
+        moved > 0 && moved < latest.len(),
+        "the newcomer took {moved} keys"
+    );
+    wait_exactly_on_replicas(&cluster, 0, &latest, Duration::from_secs(120)).await;
+
+    let removed: u64 = (0..3)
+        .map(|i| cluster.node(i).stats().cleanup_removed - before[i].cleanup_removed)
+        .sum();
+    assert_eq!(
+        removed, moved as u64,
+        "each key the newcomer took was removed from the one node that lost it"
+    );
+    assert_eq!(
+        cluster.node(joined).stats().cleanup_removed,
+        0,
+        "the newcomer lost nothing"
+    );
+    let read = chorus::ReadOptions::default().consistency(Consistency::Quorum);
+    for (k, (key, version)) in latest.iter().enumerate() {
+        let got = cluster
+            .node(k % cluster.len())
+            .get_versioned(key.clone(), read)
+            .await
+            .unwrap_or_else(|e| panic!("seed {}: quorum read: {e}", seed()))
+            .unwrap_or_else(|| panic!("seed {}: {key:?} lost", seed()));
+        assert_eq!(got.version, *version, "{key:?}: not the latest write");
+    }
+    cluster.stop().await;
+}

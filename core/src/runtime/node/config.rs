@@ -179,6 +179,14 @@ pub struct NodeConfig {
     /// acknowledgements; what is not acknowledged by then is counted and logged.
     #[serde(with = "duration")]
     pub handoff_timeout: Duration,
+    /// How long after a ring change took key ranges away from this node (a member joined and
+    /// took them over) it waits before handing the records of those ranges to the keys'
+    /// current replicas and removing its own copies, once every one of them acknowledged.
+    /// The wait lets every member's view of the ring settle and anti-entropy stream the
+    /// ranges to their new replicas first; a round that leaves records (a replica did not
+    /// acknowledge) is retried after twice the previous wait, up to ten times this one.
+    #[serde(with = "duration")]
+    pub ownership_settle: Duration,
     /// Whether a coordinator keeps hints for replicas that did not acknowledge a write and
     /// replays them when the replica is alive again (hinted handoff).
     pub hinted_handoff: bool,
@@ -240,6 +248,7 @@ impl Default for NodeConfig {
             join_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
             handoff_timeout: Duration::from_secs(60),
+            ownership_settle: Duration::from_secs(30),
             hinted_handoff: true,
             hint_window: DEFAULT_HINT_WINDOW,
             max_hints_per_target: NonZeroUsize::new(100_000).expect("non-zero"),
@@ -297,6 +306,7 @@ impl NodeConfig {
             ("purge_interval", self.purge_interval),
             ("shutdown_timeout", self.shutdown_timeout),
             ("handoff_timeout", self.handoff_timeout),
+            ("ownership_settle", self.ownership_settle),
             ("hint_window", self.hint_window),
             ("sync_interval", self.sync_interval),
             ("anti_entropy_interval", self.anti_entropy_interval),

@@ -71,6 +71,13 @@ impl View {
         self.ring.preference_list(key, self.n)
     }
 
+    /// Whether `id` replicates `key` in this view: today, membership in
+    /// [`View::replicas`]. Every decision about dropping a copy goes through here, so a view
+    /// that comes to span more than one ring answers for all of them at once.
+    pub(crate) fn holds(&self, key: &[u8], id: NodeId) -> bool {
+        is_replica(self, key, id)
+    }
+
     pub(crate) fn addr(&self, id: NodeId) -> Option<&Address> {
         self.members.get(&id).map(|(a, _)| a)
     }
@@ -89,19 +96,43 @@ pub(crate) fn is_replica(view: &View, key: &[u8], id: NodeId) -> bool {
     })
 }
 
+/// What a ring change means for `me`, as [`follow`] reports it.
+pub(crate) trait RingChanges: Send {
+    /// Members that became co-replicas of `me` ([`Ring::gained_co_replicas`]): the ranges a
+    /// dead member held, or a joining member now owns, are pushed to them at once.
+    fn gained(&self, peers: Vec<NodeId>);
+    /// Ranges `me` replicated and no longer does ([`Ring::lost_ranges`]): its copies are
+    /// handed to their current replicas and removed once the ring settled.
+    fn lost(&self, ranges: Vec<crate::hash::HashRange>);
+}
+
+/// The node a view follower works for.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Me {
+    pub(crate) id: NodeId,
+    /// The node starts through seeds, so the ring it starts with (itself alone) is a
+    /// placeholder until it hears of the cluster, not ranges it owned: nothing is lost from
+    /// it. A node that forms a cluster alone did own everything, and loses what members
+    /// joining it take over.
+    pub(crate) joining: bool,
+}
+
 /// Keeps `slot` (and the transport's address book, in keyring mode) in step with the
-/// membership view until the view's sender goes away. After each change, `gained` hears of
-/// the members that became co-replicas of `me` ([`Ring::gained_co_replicas`]), so the ranges
-/// a dead member held, or a joining member now owns, are pushed to them at once.
+/// membership view until the view's sender goes away, and tells `changes` what each ring
+/// change gave `me` and took from it.
 pub(crate) async fn follow(
     mut view: tokio::sync::watch::Receiver<Arc<[Member]>>,
     slot: Arc<arc_swap::ArcSwap<View>>,
     n: NonZeroUsize,
     ring: RingConfig,
     book: Option<crate::peer_auth::AddressBook>,
-    me: NodeId,
-    gained: impl Fn(Vec<NodeId>) + Send,
+    me: Me,
+    changes: impl RingChanges,
 ) {
+    let Me {
+        id: me,
+        mut joining,
+    } = me;
     loop {
         let members = view.borrow_and_update().clone();
         let next = Arc::new(View::build(&members, n, ring));
@@ -110,8 +141,18 @@ pub(crate) async fn follow(
         if prev.ring.members() != next.ring.members() {
             let peers = next.ring.gained_co_replicas(&prev.ring, me, n);
             if !peers.is_empty() {
-                gained(peers);
+                changes.gained(peers);
             }
+            let placeholder = joining && prev.ring.members().iter().all(|m| m.node == me);
+            if !placeholder {
+                let ranges = next.ring.lost_ranges(&prev.ring, me, n);
+                if !ranges.is_empty() {
+                    changes.lost(ranges);
+                }
+            }
+        }
+        if next.ring.members().iter().any(|m| m.node != me) {
+            joining = false;
         }
         if let Some(book) = &book {
             book.replace(
