@@ -417,3 +417,30 @@ pub(crate) mod duration {
         Some(Duration::from_millis(n.checked_mul(ms)?))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ownership_settle_defaults_to_thirty_seconds_and_must_not_be_zero() {
+        let config = NodeConfig::default();
+        assert_eq!(config.ownership_settle, Duration::from_secs(30));
+        assert!(config.validate().is_ok());
+        let zero = NodeConfig {
+            ownership_settle: Duration::ZERO,
+            ..NodeConfig::default()
+        };
+        let err = zero.validate().expect_err("zero settle refused");
+        assert!(
+            matches!(
+                err,
+                ConfigError::Invalid {
+                    field: "ownership_settle",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+}
