@@ -22,8 +22,9 @@
 //!   ([`Storage::store_meta`]) and hints ([`Storage::store_hints`]) are maps beside the
 //!   records, lost with them.
 //! - [`Storage::stats`] is O(1): counters are maintained while the shard lock of each apply is
-//!   held (a purge adjusts them just after each removal). They are exact whenever no write or
-//!   purge is in flight, and a momentary approximation while one races with the read.
+//!   held (a purge or a `remove_if_version` adjusts them just after each removal). They are
+//!   exact whenever no write or removal is in flight, and a momentary approximation while one
+//!   races with the read.
 //!
 //! ```
 //! use bytes::Bytes;
