@@ -320,3 +320,63 @@ async fn after_a_join_and_the_settle_delay_every_key_is_on_exactly_its_n_replica
     }
     cluster.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn records_a_new_replica_did_not_acknowledge_stay_until_a_retry_hands_them_off() {
+    let mut spec = ClusterSpec::new(3, seed());
+    spec.config.replication_factor = std::num::NonZeroUsize::new(2).expect("two");
+    spec.config.ownership_settle = Duration::from_secs(5);
+    let mut cluster = Cluster::start(spec).await;
+    let latest = write_all(&cluster, 200).await;
+    let mut held_by_1 = Vec::new();
+    for (key, _) in &latest {
+        if holders(&cluster, key).await.contains(&0) {
+            held_by_1.push(key.clone());
+        }
+    }
+    let joined = cluster.add_node().await;
+    cluster.wait_for_ring(Duration::from_secs(30)).await;
+    // Node 1's requests to the newcomer are lost; membership still sees it alive (the other
+    // members relay node 1's probes), so it stays a replica node 1 must reach.
+    cluster.net.block(&Cluster::addr(0), &Cluster::addr(joined));
+    let lost_to_newcomer: Vec<Bytes> = held_by_1
+        .iter()
+        .filter(|key| {
+            let replicas = cluster.node(0).replicas_of(key);
+            replicas.contains(&NodeId(4)) && !replicas.contains(&NodeId(1))
+        })
+        .cloned()
+        .collect();
+    assert!(
+        !lost_to_newcomer.is_empty(),
+        "node 1 lost keys to the newcomer"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while cluster.node(0).stats().cleanup_kept == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "seed {}: no cleanup round kept anything: {:?}",
+            seed(),
+            cluster.node(0).stats()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for key in &lost_to_newcomer {
+        assert!(
+            holders(&cluster, key).await.contains(&0),
+            "seed {}: {key:?} removed from node 1 though the newcomer never acknowledged it",
+            seed()
+        );
+    }
+    cluster
+        .net
+        .unblock(&Cluster::addr(0), &Cluster::addr(joined));
+    wait_exactly_on_replicas(&cluster, 0, &latest, Duration::from_secs(120)).await;
+    let stats = cluster.node(0).stats();
+    assert!(stats.cleanup_rounds >= 2, "a retry ran: {stats:?}");
+    assert!(
+        stats.cleanup_removed >= lost_to_newcomer.len() as u64,
+        "{stats:?}"
+    );
+    cluster.stop().await;
+}

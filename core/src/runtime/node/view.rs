@@ -167,3 +167,88 @@ pub(crate) async fn follow(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::hash::HashRange;
+    use crate::membership::{Life, MemberMeta};
+
+    fn member(id: u64) -> Member {
+        Member {
+            id: NodeId(id),
+            life: Life {
+                generation: 1,
+                incarnation: 0,
+            },
+            state: MemberState::Alive,
+            meta: MemberMeta::new(Address::new(format!("node-{id}:1"))),
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Heard(Arc<Mutex<Vec<Vec<HashRange>>>>);
+
+    impl RingChanges for Heard {
+        fn gained(&self, _: Vec<NodeId>) {}
+        fn lost(&self, ranges: Vec<HashRange>) {
+            self.0.lock().expect("not poisoned").push(ranges);
+        }
+    }
+
+    /// Runs a follower for node 1 through `rings` (member ids, node 1 first) and returns what
+    /// it heard was lost.
+    async fn lost_along(joining: bool, rings: &[&[u64]]) -> Vec<Vec<HashRange>> {
+        let n = NonZeroUsize::new(2).expect("two");
+        let config = RingConfig::default();
+        let members = |ids: &[u64]| -> Arc<[Member]> { ids.iter().map(|&i| member(i)).collect() };
+        let (tx, rx) = tokio::sync::watch::channel(members(rings[0]));
+        let slot = Arc::new(arc_swap::ArcSwap::from_pointee(View::build(
+            &members(rings[0]),
+            n,
+            config,
+        )));
+        let heard = Heard::default();
+        let me = Me {
+            id: NodeId(1),
+            joining,
+        };
+        let task = tokio::spawn(follow(rx, slot.clone(), n, config, None, me, heard.clone()));
+        for ring in &rings[1..] {
+            tx.send(members(ring)).expect("follower listens");
+            let want = ring.len();
+            while slot.load().ring.len() != want {
+                tokio::task::yield_now().await;
+            }
+        }
+        drop(tx);
+        task.await.expect("follower ends with the sender");
+        heard.0.lock().expect("not poisoned").clone()
+    }
+
+    #[tokio::test]
+    async fn a_joining_node_s_solitary_start_is_not_ownership_it_loses() {
+        // Through seeds: alone, then the cluster: nothing lost; then a fourth member joins and
+        // takes ranges: those are lost.
+        let heard = lost_along(true, &[&[1], &[1, 2, 3], &[1, 2, 3, 4]]).await;
+        assert_eq!(heard.len(), 1, "{heard:?}");
+        let expected = ring_of(&[1, 2, 3, 4]).lost_ranges(&ring_of(&[1, 2, 3]), NodeId(1), N2);
+        assert_eq!(heard[0], expected);
+        // Forming the cluster alone, node 1 owned everything, and loses what joiners take.
+        let heard = lost_along(false, &[&[1], &[1, 2, 3]]).await;
+        assert_eq!(heard.len(), 1, "{heard:?}");
+        assert!(!heard[0].is_empty());
+    }
+
+    const N2: NonZeroUsize = NonZeroUsize::new(2).unwrap();
+
+    fn ring_of(ids: &[u64]) -> Ring {
+        Ring::new(
+            ids.iter().map(|&id| RingMember::new(NodeId(id))),
+            RingConfig::default(),
+        )
+        .expect("ring")
+    }
+}
