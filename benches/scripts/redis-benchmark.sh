@@ -91,8 +91,12 @@ start_cluster() {
     fi
     CLUSTER_PORT=$port1
     CLUSTER_PIDS="$p1 $p2 $p3"
-    for _ in $(seq 200); do
-        if [ "$(redis-cli -p "$port1" CHORUS.MEMBERS | grep -c '^alive$')" = 3 ]; then
+    # Nodes 2 and 3 join by pulling, one after the other; measure only once both settled and
+    # the writes' grace on the ring from before (node.join_settle, 5 s) is over.
+    for _ in $(seq 600); do
+        if [ "$(redis-cli -p "$port1" CHORUS.MEMBERS | grep -c '^alive$')" = 3 ] &&
+            [ "$(redis-cli -p "$port1" CHORUS.RING | grep -A1 '^joining$' | grep -c '^1$')" = 0 ]; then
+            sleep 6
             echo "chorus ($level reads): nodes up, pids $CLUSTER_PIDS, clients on :$port1" >&2
             return
         fi

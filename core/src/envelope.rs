@@ -145,13 +145,14 @@ mod tests {
             incarnation,
         });
         let addr = "[a-z0-9.:-]{0,24}".prop_map(Address::from);
-        let meta = (addr.clone(), 1u32.., any::<[u8; 32]>()).prop_map(|(addr, w, public_key)| {
-            MemberMeta {
+        let meta = (addr.clone(), 1u32.., any::<[u8; 32]>(), any::<bool>()).prop_map(
+            |(addr, w, public_key, joining)| MemberMeta {
                 addr,
                 weight: std::num::NonZeroU32::new(w).unwrap(),
                 public_key,
-            }
-        });
+                joining,
+            },
+        );
         let update =
             prop_oneof![
                 (id.clone(), life.clone(), meta.clone())

@@ -355,6 +355,59 @@ impl Ring {
         out
     }
 
+    /// What `me` must pull to join: for each member of `from` (the ring before `me` joined),
+    /// the ranges whose keys `me` replicates in `self` (the ring with it) and that member
+    /// replicates in `from`, adjacent ones merged, in ring order. Members sorted by id, `me`
+    /// left out (it holds nothing yet). Whatever `from`'s replicas hold for a range `me`
+    /// will own is in the union of these pulls.
+    pub fn pull_ranges(
+        &self,
+        from: &Ring,
+        me: NodeId,
+        n: NonZeroUsize,
+    ) -> Vec<(NodeId, Vec<HashRange>)> {
+        let mut cuts: Vec<u64> = self.tokens.iter().chain(&from.tokens).copied().collect();
+        cuts.sort_unstable();
+        cuts.dedup();
+        let mut out: Vec<(NodeId, Vec<HashRange>)> = Vec::new();
+        let (mut now, mut before) = (Vec::with_capacity(n.get()), Vec::with_capacity(n.get()));
+        for (j, &at) in cuts.iter().enumerate() {
+            self.preference_list_for_hash(at, n, &mut now);
+            if !now.contains(&me) {
+                continue;
+            }
+            // The span [at, next cut) has constant lists in both rings.
+            let end = cuts[(j + 1) % cuts.len()];
+            from.preference_list_for_hash(at, n, &mut before);
+            for &owner in before.iter().filter(|&&o| o != me) {
+                let ranges = match out.iter_mut().find(|(o, _)| *o == owner) {
+                    Some((_, r)) => r,
+                    None => {
+                        out.push((owner, Vec::new()));
+                        &mut out.last_mut().expect("pushed").1
+                    }
+                };
+                match ranges.last_mut() {
+                    Some(last) if last.end == at => last.end = end,
+                    _ => ranges.push(HashRange::new(at, end)),
+                }
+            }
+        }
+        for (_, ranges) in &mut out {
+            // The last range may continue into the first across the wrap; one range that
+            // met itself is the whole ring.
+            if ranges.len() > 1 && ranges[ranges.len() - 1].end == ranges[0].start {
+                let last = ranges.pop().expect("two ranges");
+                ranges[0].start = last.start;
+            }
+            if ranges.len() == 1 && ranges[0].start == ranges[0].end {
+                ranges[0] = HashRange::FULL;
+            }
+        }
+        out.sort_by_key(|(o, _)| *o);
+        out
+    }
+
     /// Fraction of the key space for which `node` is the primary owner (0.0 for non-members).
     pub fn primary_share(&self, node: NodeId) -> f64 {
         if self.tokens.len() == 1 {
@@ -555,6 +608,46 @@ mod tests {
             assert_eq!(both, inside, "key {k}");
         }
         assert!(ring.shared_ranges(NodeId(1), NodeId(9), N3).is_empty());
+    }
+
+    #[test]
+    fn a_joiner_pulls_exactly_the_keys_it_will_own_from_each_current_replica() {
+        let before = ring_of(&[1, 2, 3, 4, 5]);
+        let after = ring_of(&[1, 2, 3, 4, 5, 6]);
+        let plan = after.pull_ranges(&before, NodeId(6), N3);
+        assert_eq!(
+            plan.iter().map(|(o, _)| o.0).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5],
+            "every current member holds some of what 6 will own"
+        );
+        for k in 0..5_000u32 {
+            let key = k.to_le_bytes();
+            let owned = after.preference_list(&key, N3).contains(&NodeId(6));
+            let holders = before.preference_list(&key, N3);
+            for (owner, ranges) in &plan {
+                let inside = ranges.iter().any(|r| r.contains(key_hash(&key)));
+                assert_eq!(
+                    inside,
+                    owned && holders.contains(owner),
+                    "key {k} from {owner}"
+                );
+            }
+        }
+        // Into a ring of N or fewer, everything, from every member.
+        let plan = ring_of(&[1, 2, 3]).pull_ranges(&ring_of(&[1, 2]), NodeId(3), N3);
+        assert_eq!(
+            plan,
+            vec![
+                (NodeId(1), vec![HashRange::FULL]),
+                (NodeId(2), vec![HashRange::FULL])
+            ]
+        );
+        // From nobody, nothing.
+        assert!(
+            ring_of(&[1])
+                .pull_ranges(&ring_of(&[]), NodeId(1), N3)
+                .is_empty()
+        );
     }
 
     #[test]

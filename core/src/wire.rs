@@ -30,7 +30,7 @@ use serde::de::DeserializeOwned;
 /// First two bytes after the length prefix.
 pub const MAGIC: [u8; 2] = [0xC4, 0x05];
 /// The wire version this build speaks.
-pub const WIRE_VERSION: u8 = 2;
+pub const WIRE_VERSION: u8 = 3;
 /// Size of the length prefix.
 pub const PREFIX_LEN: usize = 4;
 /// Size of the header after the length prefix.

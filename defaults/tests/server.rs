@@ -176,6 +176,28 @@ fn members_in(server: &Server, state: &str) -> usize {
         .count()
 }
 
+/// How many members `server`'s ring shows joining (still pulling: reads do not reach them,
+/// and while the settled ring is smaller than a quorum, quorum reads are unavailable).
+fn joining_in(server: &Server) -> usize {
+    let Ok(mut con) = redis::Client::open(format!("redis://{}/", server.client))
+        .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(5)))
+    else {
+        return usize::MAX;
+    };
+    let ring: Vec<Vec<redis::Value>> = match redis::cmd("CHORUS.RING").query(&mut con) {
+        Ok(r) => r,
+        Err(_) => return usize::MAX,
+    };
+    ring.iter()
+        .filter(|m| {
+            m.windows(2).any(|w| {
+                matches!((&w[0], &w[1]), (redis::Value::BulkString(k), redis::Value::Int(1))
+                    if k == b"joining")
+            })
+        })
+        .count()
+}
+
 /// One Prometheus sample: name, labels, value.
 type Sample = (String, Vec<(String, String)>, f64);
 
@@ -283,9 +305,9 @@ fn three_servers_replicate_and_a_killed_one_fails_only_all() {
     );
     for s in [&a, &b, &c] {
         wait_until(
-            "every server sees three alive members",
-            Duration::from_secs(20),
-            || members_in(s, "alive") == 3,
+            "every server sees three alive members, none joining",
+            Duration::from_secs(40),
+            || members_in(s, "alive") == 3 && joining_in(s) == 0,
         );
         assert_eq!(s.http("/health/ready").0, 200);
         assert_eq!(s.http("/health/live").0, 200);
@@ -1118,9 +1140,9 @@ fn keyring_mode_admits_and_revokes_a_node_on_sighup_without_restart() {
     signal(&a, "HUP");
     for s in [&a, &b] {
         wait_until(
-            "both servers see two alive members after the reload",
-            Duration::from_secs(20),
-            || members_in(s, "alive") == 2,
+            "both servers see two alive members after the reload, none joining",
+            Duration::from_secs(40),
+            || members_in(s, "alive") == 2 && joining_in(s) == 0,
         );
     }
     let mut con = b.redis();

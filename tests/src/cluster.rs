@@ -203,6 +203,8 @@ impl ClusterSpec {
         config.security = chorus::SecurityConfig::insecure();
         config.request_timeout = Duration::from_secs(1);
         config.shutdown_timeout = Duration::from_secs(5);
+        // Above the request timeout plus the local preset's gossip spread.
+        config.join_settle = Duration::from_millis(1500);
         ClusterSpec {
             nodes,
             seed,
@@ -240,6 +242,13 @@ impl Cluster {
     /// Starts every node (node 1 forms the cluster, the others join through it) and waits
     /// until every node's ring holds every node.
     pub async fn start(spec: ClusterSpec) -> Cluster {
+        let nodes = spec.nodes;
+        Cluster::start_first(spec, nodes).await
+    }
+
+    /// Starts the first `count` nodes only, as [`Cluster::start`]; the others can join later
+    /// ([`Cluster::join`]).
+    pub async fn start_first(spec: ClusterSpec, count: usize) -> Cluster {
         let mut cluster = Cluster {
             net: InProcessNetwork::new(spec.seed),
             clocks: (0..spec.nodes).map(|_| TestClock::new()).collect(),
@@ -249,7 +258,7 @@ impl Cluster {
             spec,
             restarts: 0,
         };
-        for i in 0..cluster.spec.nodes {
+        for i in 0..count.min(cluster.spec.nodes) {
             cluster.boot(i).await;
         }
         cluster.wait_for_ring(Duration::from_secs(30)).await;
@@ -287,6 +296,11 @@ impl Cluster {
     /// the node is down).
     pub fn storage(&self, i: usize) -> &SharedStorage {
         self.storages[i].as_ref().expect("storage opened")
+    }
+
+    /// Node `i`'s storage, if it was ever opened (a node that never ran has none).
+    pub fn storage_if_opened(&self, i: usize) -> Option<&SharedStorage> {
+        self.storages[i].as_ref()
     }
 
     async fn boot(&mut self, i: usize) {
@@ -346,6 +360,15 @@ impl Cluster {
         }
     }
 
+    /// Starts node `i`, which never ran, with empty storage: it joins the running nodes.
+    pub async fn join(&mut self, i: usize) {
+        assert!(
+            self.nodes[i].is_none() && self.storages[i].is_none(),
+            "node {i} ran before"
+        );
+        self.boot(i).await;
+    }
+
     /// Starts node `i` again with its storage.
     pub async fn restart(&mut self, i: usize) {
         assert!(self.nodes[i].is_none(), "node {i} is running");
@@ -390,7 +413,8 @@ impl Cluster {
     }
 
     /// Waits (virtual time) until every running node's ring holds exactly the running nodes,
-    /// all alive; panics with the views after `limit`.
+    /// all alive and none joining, and no join ended within `join_settle`
+    /// ([`Node::ownership_settled`]); panics with the views after `limit`.
     pub async fn wait_for_ring(&self, limit: Duration) {
         let deadline = tokio::time::Instant::now() + limit;
         let running: Vec<u64> = (0..self.nodes.len())
@@ -402,10 +426,11 @@ impl Cluster {
                 .filter(|&i| self.is_running(i))
                 .all(|i| {
                     let ring = self.node(i).ring();
-                    ring.len() == running.len()
-                        && ring
-                            .iter()
-                            .all(|o| o.state == MemberState::Alive && running.contains(&o.id.0))
+                    self.node(i).ownership_settled()
+                        && ring.len() == running.len()
+                        && ring.iter().all(|o| {
+                            o.state == MemberState::Alive && !o.joining && running.contains(&o.id.0)
+                        })
                 });
             if settled {
                 return;

@@ -21,13 +21,17 @@ pub fn alive(node: &Node) -> Vec<NodeId> {
 }
 
 /// Waits (polling every 50 ms of tokio time) until every node in `nodes` sees exactly
-/// `expect` alive; panics with the seed and the views after `limit`.
+/// `expect` alive, and no join under way or just ended ([`Node::ownership_settled`]);
+/// panics with the seed and the views after `limit`.
 pub async fn settle(nodes: &[&Node], expect: &[NodeId], limit: Duration) {
     let mut expect = expect.to_vec();
     expect.sort();
     let end = tokio::time::Instant::now() + limit;
     loop {
-        if nodes.iter().all(|n| alive(n) == expect) {
+        if nodes
+            .iter()
+            .all(|n| alive(n) == expect && n.ownership_settled())
+        {
             return;
         }
         assert!(

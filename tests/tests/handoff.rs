@@ -10,14 +10,17 @@ use chorus::{Consistency, NodeId, Storage, Version, WriteOptions};
 use chorus_tests::cluster::{Cluster, ClusterSpec};
 use chorus_tests::runner::seed;
 
-/// Writes `count` keys at `All`, coordinated by each node in turn.
+/// Writes `count` keys at `All`, coordinated by each running node in turn.
 async fn write_all(cluster: &Cluster, count: usize) -> Vec<(Bytes, Version)> {
     let all = WriteOptions::default().consistency(Consistency::All);
+    let running: Vec<usize> = (0..cluster.len())
+        .filter(|&i| cluster.is_running(i))
+        .collect();
     let mut written = Vec::new();
     for k in 0..count {
         let key = Bytes::from(format!("key-{k}"));
         let version = cluster
-            .node(k % cluster.len())
+            .node(running[k % running.len()])
             .put(key.clone(), format!("v{k}"), all)
             .await
             .unwrap_or_else(|e| panic!("seed {}: put at All: {e}", seed()));
@@ -271,8 +274,22 @@ async fn after_a_join_and_the_settle_delay_every_key_is_on_exactly_its_n_replica
     );
     let before: Vec<_> = (0..3).map(|i| cluster.node(i).stats()).collect();
 
+    // An empty node with seeds joins by pulling its ranges; the ring with it settles (and
+    // the ring from before it stops being a write set) before any cleanup round is due.
     let joined = cluster.add_node().await;
+    assert!(
+        cluster.node(joined).is_joining(),
+        "the newcomer pulls first"
+    );
     cluster.wait_for_ring(Duration::from_secs(30)).await;
+    let join = cluster.node(joined).stats();
+    assert_eq!(join.joins_completed, 1, "{join:?}");
+    assert_eq!(join.join_incomplete, 0, "{join:?}");
+    assert!(join.join_pulled > 0, "{join:?}");
+    assert!(
+        (0..3).all(|i| cluster.node(i).stats().cleanup_removed == before[i].cleanup_removed),
+        "nothing is removed before ownership_settle"
+    );
     // Writes go on while the ring settles: overwrites through every node, old and new,
     // must survive the cleanup that follows.
     let quorum = WriteOptions::default().consistency(Consistency::Quorum);
@@ -317,6 +334,102 @@ async fn after_a_join_and_the_settle_delay_every_key_is_on_exactly_its_n_replica
             .unwrap_or_else(|e| panic!("seed {}: quorum read: {e}", seed()))
             .unwrap_or_else(|| panic!("seed {}: {key:?} lost", seed()));
         assert_eq!(got.version, *version, "{key:?}: not the latest write");
+    }
+    cluster.stop().await;
+}
+
+/// Node `i`'s records of `written` it replicates in node `via`'s read ring that it does not
+/// store at their version.
+async fn owned_but_missing(
+    cluster: &Cluster,
+    via: usize,
+    i: usize,
+    written: &[(Bytes, Version)],
+) -> Vec<Bytes> {
+    let id = NodeId(i as u64 + 1);
+    let mut missing = Vec::new();
+    for (key, version) in written {
+        if !cluster.node(via).replicas_of(key).contains(&id) {
+            continue;
+        }
+        let got = cluster.storage(i).get(key).await.expect("storage get");
+        if got.map(|r| r.version) != Some(*version) {
+            missing.push(key.clone());
+        }
+    }
+    missing
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_joining_node_pulls_its_ranges_and_serves_no_read_before_it_holds_them() {
+    // Only the pull can bring node 5 what was written before it joined, and only the
+    // writes themselves what was written during the join: no anti-entropy (which would
+    // compare trees with it once it settles), no hints. The bandwidth limit (which the pull
+    // uses) stretches the pull over seconds, so that writes land in ranges already pulled.
+    let mut spec = slow_anti_entropy(5);
+    spec.config.anti_entropy = false;
+    spec.config.anti_entropy_bandwidth = std::num::NonZeroU64::new(8 * 1024).unwrap();
+    let mut cluster = Cluster::start_first(spec, 4).await;
+    let mut written = write_all(&cluster, 1500).await;
+    cluster.join(4).await;
+    let joiner = cluster.node(4).clone();
+    assert!(
+        joiner.is_joining(),
+        "an empty node with seeds joins by pulling"
+    );
+    // Writes and quorum reads go on during the join; every read sees the last write, and
+    // the joiner answers none of them.
+    let quorum = WriteOptions::default().consistency(Consistency::Quorum);
+    let mut step = 0usize;
+    while joiner.is_joining() {
+        assert!(
+            step < 5_000,
+            "seed {}: still joining: {:?}",
+            seed(),
+            joiner.stats()
+        );
+        let k = step % written.len();
+        let key = written[k].0.clone();
+        let version = cluster
+            .node(step % 4)
+            .put(key.clone(), format!("during-{step}"), quorum)
+            .await
+            .unwrap_or_else(|e| panic!("seed {}: put during the join: {e}", seed()));
+        written[k].1 = version;
+        let got = cluster
+            .node((step + 1) % 4)
+            .get_versioned(key.clone(), Default::default())
+            .await
+            .unwrap_or_else(|e| panic!("seed {}: get during the join: {e}", seed()))
+            .map(|v| v.version);
+        assert_eq!(got, Some(version), "seed {}: stale read of {key:?}", seed());
+        assert_eq!(joiner.stats().replica_reads, 0, "the joiner served a read");
+        step += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.wait_for_ring(Duration::from_secs(30)).await;
+    let stats = joiner.stats();
+    assert_eq!(stats.joins_completed, 1, "{stats:?}");
+    assert_eq!(stats.join_incomplete, 0, "{stats:?}");
+    assert!(stats.join_pulled > 0, "{stats:?}");
+    // Everything the joiner now replicates, it holds: the old records by the pull, the new
+    // ones as a write target during the join.
+    let missing = owned_but_missing(&cluster, 0, 4, &written).await;
+    assert!(
+        missing.is_empty(),
+        "seed {}: node 5 lacks {} of its keys: {:?}",
+        seed(),
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    for (key, version) in &written {
+        let got = cluster
+            .node(4)
+            .get_versioned(key.clone(), Default::default())
+            .await
+            .expect("get after the join")
+            .map(|v| v.version);
+        assert_eq!(got, Some(*version), "seed {}: {key:?}", seed());
     }
     cluster.stop().await;
 }
@@ -378,5 +491,103 @@ async fn records_a_new_replica_did_not_acknowledge_stay_until_a_retry_hands_them
         stats.cleanup_removed >= lost_to_newcomer.len() as u64,
         "{stats:?}"
     );
+    cluster.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wiped_node_pulls_its_data_back_and_a_restart_with_data_does_not_join() {
+    let mut cluster = Cluster::start(slow_anti_entropy(4)).await;
+    let written = write_all(&cluster, 200).await;
+    cluster.kill(3).await;
+    cluster.wipe(3);
+    cluster.restart(3).await;
+    assert!(
+        cluster.node(3).is_joining(),
+        "an empty store rejoins by pulling"
+    );
+    cluster.wait_for_ring(Duration::from_secs(30)).await;
+    let missing = owned_but_missing(&cluster, 0, 3, &written).await;
+    assert!(
+        missing.is_empty(),
+        "seed {}: {} missing",
+        seed(),
+        missing.len()
+    );
+    assert!(cluster.node(3).stats().join_pulled > 0);
+    for i in 0..4 {
+        assert_eq!(cluster.node(i).stats().reads, 0, "no read was needed");
+    }
+    // A restart that finds its data serves reads at once.
+    cluster.kill(3).await;
+    cluster.restart(3).await;
+    assert!(!cluster.node(3).is_joining());
+    cluster.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_joiner_that_restarts_mid_pull_joins_again_instead_of_serving_reads() {
+    // The pull is slowed down so that the joiner holds some records when it is killed.
+    let mut spec = slow_anti_entropy(5);
+    spec.config.anti_entropy = false;
+    spec.config.anti_entropy_bandwidth = std::num::NonZeroU64::new(8 * 1024).unwrap();
+    let mut cluster = Cluster::start_first(spec, 4).await;
+    let written = write_all(&cluster, 1500).await;
+    cluster.join(4).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while cluster.node(4).stats().join_pulled == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "seed {}: no pull",
+            seed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(cluster.node(4).is_joining());
+    cluster.kill(4).await;
+    assert!(
+        cluster.storage(4).stats().await.unwrap().records > 0,
+        "the joiner held some records when it stopped"
+    );
+    cluster.restart(4).await;
+    assert!(
+        cluster.node(4).is_joining(),
+        "a join that did not finish goes on after a restart"
+    );
+    cluster.wait_for_ring(Duration::from_secs(120)).await;
+    let missing = owned_but_missing(&cluster, 0, 4, &written).await;
+    assert!(
+        missing.is_empty(),
+        "seed {}: {} missing",
+        seed(),
+        missing.len()
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_joiner_whose_seeds_do_not_answer_waits_for_them_and_then_pulls() {
+    let mut cluster = Cluster::start_first(slow_anti_entropy(4), 3).await;
+    let written = write_all(&cluster, 200).await;
+    // Node 4 reaches nobody for longer than join_timeout.
+    cluster.net.partition(
+        &[Cluster::addr(3)],
+        &[Cluster::addr(0), Cluster::addr(1), Cluster::addr(2)],
+    );
+    cluster.join(3).await;
+    tokio::time::sleep(cluster.node(3).config().join_timeout * 3).await;
+    assert!(
+        cluster.node(3).is_joining(),
+        "a joiner that found no cluster does not serve reads"
+    );
+    cluster.net.heal();
+    cluster.wait_for_ring(Duration::from_secs(60)).await;
+    let missing = owned_but_missing(&cluster, 0, 3, &written).await;
+    assert!(
+        missing.is_empty(),
+        "seed {}: {} missing",
+        seed(),
+        missing.len()
+    );
+    assert!(cluster.node(3).stats().join_pulled > 0);
     cluster.stop().await;
 }

@@ -92,6 +92,8 @@ fn hints_only(nodes: usize) -> ClusterSpec {
 fn sync_only(nodes: usize) -> ClusterSpec {
     let mut spec = ClusterSpec::new(nodes, seed());
     spec.config.hinted_handoff = false;
+    // Anti-entropy alone heals here; tests/tests/handoff.rs has the join's pull.
+    spec.config.join_handoff = false;
     spec
 }
 
@@ -562,6 +564,8 @@ async fn anti_entropy_offers_out_of_range_or_oversized_are_refused_with_typed_er
 
 #[tokio::test(start_paused = true)]
 async fn a_wiped_replica_returns_to_full_replication_without_a_read() {
+    // Without the join's pull (`sync_only`; tests/tests/handoff.rs has the wipe with it):
+    // anti-entropy alone must bring the records back.
     let mut cluster = Cluster::start(sync_only(3)).await;
     let all = WriteOptions::default().consistency(Consistency::All);
     let mut written = Vec::new();

@@ -201,3 +201,80 @@ fn a_ring_change_is_reported_not_skipped() {
     }
     panic!("no ring change reported within {BUG_SEEDS} seeds with a suspicion multiplier of 2");
 }
+
+/// Seeds of the ownership sweep (7 nodes; two join, one leaves, one is wiped).
+const OWNERSHIP_SEEDS: u64 = 12;
+
+/// Runs `configs` and panics with the first violation found.
+fn expect_no_violations(configs: impl Iterator<Item = RunConfig>) {
+    let mut failed: Vec<Run> = Vec::new();
+    for config in configs {
+        let run = run_seed(config);
+        if std::env::var_os(SEED_ENV).is_some() {
+            let (acked, writes, reads) = run.counts();
+            eprintln!(
+                "seed {}: {acked} of {writes} writes acknowledged, {reads} reads answered, {} \
+                 violation(s)",
+                config.seed,
+                run.violations.len()
+            );
+            for (at, fault) in &run.history.faults {
+                eprintln!("  at seq {}: {fault}", at.seq);
+            }
+        }
+        if !run.violations.is_empty() {
+            eprintln!("{}", run.report());
+            failed.push(run);
+        }
+    }
+    if !failed.is_empty() {
+        let seeds: Vec<u64> = failed.iter().map(|r| r.config.seed).collect();
+        panic!(
+            "the history checker found violations with seeds {seeds:?}; the first:\n{}",
+            failed[0].report()
+        );
+    }
+}
+
+/// Joins, a graceful leave and a wipe among the faults: 0 acknowledged writes lost, every
+/// read at R + W > N sees them. `CHORUS_SEED=<n>` runs exactly seed `n`;
+/// `CHORUS_OWNERSHIP_SEEDS=<count>` widens the sweep.
+#[test]
+fn ownership_sweep() {
+    let seeds: Vec<u64> = match std::env::var(SEED_ENV) {
+        Ok(seed) => vec![seed.trim().parse().expect("CHORUS_SEED is a u64")],
+        Err(_) => (0..env_u64("CHORUS_OWNERSHIP_SEEDS").unwrap_or(OWNERSHIP_SEEDS)).collect(),
+    };
+    expect_no_violations(
+        seeds
+            .into_iter()
+            .map(|s| RunConfig::for_seed(s).with_ownership_changes()),
+    );
+}
+
+/// The ownership schedule can fail: a joining node that settles without pulling serves reads
+/// of records it never received.
+#[test]
+fn a_join_without_its_pull_is_caught() {
+    use ViolationKind::*;
+    let bugs = PlantedBugs {
+        skip_join_pull: true,
+        ..PlantedBugs::default()
+    };
+    let mut tried = Vec::new();
+    for seed in 0..BUG_SEEDS {
+        let mut config = RunConfig::for_seed(seed)
+            .with_ownership_changes()
+            .with_bugs(bugs);
+        config.w = 2;
+        config.r = 2;
+        let run = run_seed(config);
+        let kinds: BTreeSet<ViolationKind> = run.violations.iter().map(|v| v.kind()).collect();
+        if kinds.contains(&LostWrite) || kinds.contains(&UnderReplicated) {
+            eprintln!("skip_join_pull: caught by seed {seed} as {kinds:?}");
+            return;
+        }
+        tried.push(format!("seed {seed}: {kinds:?}"));
+    }
+    panic!("skip_join_pull was not caught within {BUG_SEEDS} seeds: {tried:?}");
+}

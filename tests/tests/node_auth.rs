@@ -33,7 +33,12 @@ async fn start(
     seeds: &[usize],
 ) -> Node {
     let transport = SharedTransport::new(net.bind(addr(i)).expect("bind"));
+    let mut config = chorus::NodeConfig::default();
+    // Every node but the first joins by pulling; above the request timeout plus the local
+    // preset's gossip spread.
+    config.join_settle = Duration::from_millis(2500);
     chorus::node()
+        .config(config)
         .identity(identity)
         .keyring(keyring.clone())
         .seeds(seeds.iter().map(|&s| addr(s).to_string()))

@@ -29,6 +29,9 @@ fn config(scheme: &str, seeds: &[&Node]) -> NodeConfig {
     config.transport = spec;
     config.seeds = seeds.iter().map(|n| n.addr().to_string()).collect();
     config.join_timeout = Duration::from_secs(2);
+    // Above the request timeout plus the local preset's gossip spread, and short: every
+    // node but the first joins by pulling.
+    config.join_settle = Duration::from_millis(2500);
     config
 }
 

@@ -201,6 +201,7 @@ fn arb_message(ids: Vec<NodeId>, keys: Vec<[u8; 32]>) -> impl Strategy<Value = S
             addr: Address::new(a),
             weight: NonZeroU32::MIN,
             public_key,
+            joining: false,
         });
     let update = prop_oneof![
         (id.clone(), life.clone(), meta.clone()).prop_map(|(id, life, meta)| Update::Alive {

@@ -45,6 +45,10 @@ pub struct MemberMeta {
     pub weight: NonZeroU32,
     /// The member's Ed25519 public key, carried as opaque metadata (not checked here).
     pub public_key: [u8; 32],
+    /// The member is joining: it is still pulling the records of the ranges it will own from
+    /// their current replicas. Writes reach it, reads do not, until it publishes this as
+    /// `false` (the node layer's join handoff; membership itself treats it as opaque).
+    pub joining: bool,
 }
 
 /// Why a peer's [`MemberMeta`] was refused.
@@ -100,6 +104,7 @@ impl MemberMeta {
             addr: addr.into(),
             weight: NonZeroU32::MIN,
             public_key: [0; 32],
+            joining: false,
         }
     }
 }

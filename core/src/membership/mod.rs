@@ -392,6 +392,32 @@ impl Membership {
         self.timers.set(Timer::Gossip, now);
     }
 
+    /// Publishes new metadata for this node (a join finished, a new weight): it moves to the
+    /// next incarnation, which supersedes every record of its old metadata, and gossips the
+    /// change from the next tick on. Invalid metadata, or a node that is leaving, changes
+    /// nothing; the answer says whether it was published.
+    pub fn set_meta(&mut self, now: Instant, meta: MemberMeta) -> bool {
+        if self.leaving || meta.validate().is_err() {
+            return false;
+        }
+        if meta == self.local.meta {
+            return true;
+        }
+        // At the largest incarnation a new record could not supersede the old one anywhere.
+        let Some(incarnation) = self.local.life.incarnation.checked_add(1) else {
+            return false;
+        };
+        self.local.meta = meta;
+        self.local.life.incarnation = incarnation;
+        self.broadcasts.push(Update::Alive {
+            id: self.local.id,
+            life: self.local.life,
+            meta: self.local.meta.clone(),
+        });
+        self.timers.set(Timer::Gossip, now);
+        true
+    }
+
     /// The next message to send, if any.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.transmits.pop_front()

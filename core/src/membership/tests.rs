@@ -130,6 +130,10 @@ impl Net {
         &self.nodes[i]
     }
 
+    fn node_mut(&mut self, i: usize) -> &mut Membership {
+        &mut self.nodes[i]
+    }
+
     fn addr(&self, i: usize) -> Address {
         self.addrs[i].clone()
     }
@@ -1387,4 +1391,47 @@ fn a_member_flooding_push_pulls_is_answered_within_its_budget_only() {
     assert_eq!(out.sent, []);
     assert_eq!(out.events, []);
     assert_eq!(net.node(A).stats().rate_limited_push_pulls, 4);
+}
+
+#[test]
+fn new_metadata_goes_out_at_the_next_incarnation_and_peers_report_it_updated() {
+    let mut net = Net::new(3);
+    let mut meta = net.node(A).local().meta.clone();
+    meta.joining = true;
+    assert!({
+        let now = net.now;
+        net.node_mut(A).set_meta(now, meta.clone())
+    });
+    assert_eq!(net.node(A).local().life, life(1, 1));
+    let update = Update::Alive {
+        id: id(A),
+        life: life(1, 1),
+        meta: meta.clone(),
+    };
+    // Gossip is due at once, and carries the new record.
+    let out = net.fire(A);
+    let round = by_address(vec![
+        to(&net, B, gossip(A, vec![update.clone()])),
+        to(&net, C, gossip(A, vec![update.clone()])),
+    ]);
+    assert_eq!(by_address(out.sent), round);
+
+    let out = net.deliver(A, &round[0]);
+    let mut expected = member(&net, A, MemberState::Alive, life(1, 1));
+    expected.meta = meta.clone();
+    assert_eq!(out.events, vec![MembershipEvent::Updated(expected)]);
+
+    // The same metadata again changes nothing; invalid metadata is refused.
+    assert!({
+        let now = net.now;
+        net.node_mut(A).set_meta(now, meta.clone())
+    });
+    assert_eq!(net.node(A).local().life, life(1, 1));
+    let mut bad = meta;
+    bad.addr = Address::new("no port");
+    assert!(!{
+        let now = net.now;
+        net.node_mut(A).set_meta(now, bad)
+    });
+    assert_eq!(net.node(A).local().life, life(1, 1));
 }

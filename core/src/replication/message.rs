@@ -127,7 +127,37 @@ pub enum ReplicaMessage {
         #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_BATCH>")]
         leaves: Vec<u32>,
     },
+    /// A joining member pulls the records of a range it will own: the next page of `range`
+    /// after `cursor`, at most `limit` records (capped at [`MAX_BATCH`]) and
+    /// [`MAX_PULL_BYTES`] of keys and values. Answered with
+    /// [`ReplicaMessage::PulledRecords`]. Records collectable at or before `cutoff_ms` (the
+    /// puller's purge horizon) are left out.
+    Pull {
+        /// The sender's [`REPLICA_PROTOCOL_VERSION`].
+        version: u16,
+        /// The range.
+        range: crate::hash::HashRange,
+        /// Where the last page ended (`None`: from the start).
+        cursor: Option<crate::storage::ScanCursor>,
+        /// Most records wanted.
+        limit: u32,
+        /// Records collectable at or before this time are left out.
+        cutoff_ms: u64,
+    },
+    /// The answer to a [`ReplicaMessage::Pull`]: records in `(position, key)` order, and where
+    /// the next page starts (`None`: the range is done).
+    PulledRecords {
+        /// The records.
+        #[serde(deserialize_with = "crate::codec::bounded_vec::<_, _, MAX_BATCH>")]
+        records: Vec<Write>,
+        /// The cursor to send next, if more remain.
+        next: Option<crate::storage::ScanCursor>,
+    },
 }
+
+/// Most bytes of keys and values one [`ReplicaMessage::PulledRecords`] carries (one record
+/// larger than this goes alone).
+pub const MAX_PULL_BYTES: usize = 4 * 1024 * 1024;
 
 /// Ascending `indices` as [`ReplicaMessage::MerkleNodes`] carries them: the first, then the
 /// differences.

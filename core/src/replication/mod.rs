@@ -17,4 +17,4 @@ pub use error::{InvalidRequest, Operation, ReplicationError};
 pub use message::{
     REPLICA_PROTOCOL_VERSION, Refusal, ReplicaMessage, SyncEntry, Write, WriteOutcome,
 };
-pub use quorum::{AckTracker, Consistency, Progress, ReadMerge};
+pub use quorum::{AckTracker, Answer, Consistency, Progress, ReadMerge, SetsTracker};

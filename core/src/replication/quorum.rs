@@ -194,6 +194,131 @@ impl AckTracker {
     }
 }
 
+/// One write's acknowledgements when it must meet a quorum in each of several replica sets:
+/// while a member joins, the key's replicas in the ring before it and in the ring with it
+/// (as Garage requires a quorum in every live layout version), and for a while after, the
+/// ring before the join finished. Each set needs `required` of its members, or all of them
+/// if it has fewer (a ring that small serves no read at `required`, so nothing is promised
+/// there beyond holding the write), and at least one set must have `required` members.
+///
+/// An answer counts in every set that holds its sender. [`SetsTracker::acks`],
+/// [`SetsTracker::failures`] and the refusals count distinct senders.
+#[derive(Clone, Debug)]
+pub struct SetsTracker {
+    sets: Vec<(Vec<NodeId>, AckTracker)>,
+    acks: usize,
+    failures: usize,
+    refusals: Vec<(NodeId, Refusal)>,
+}
+
+/// What one member answered, for [`SetsTracker::answer`].
+#[derive(Clone, Debug)]
+pub enum Answer {
+    /// It acknowledged.
+    Ack,
+    /// It refused, for this reason.
+    Refused(Refusal),
+    /// No usable answer (outcome unknown).
+    Failed,
+}
+
+impl SetsTracker {
+    /// A write to `sets` (the first is the ring reads use), needing `required` in each.
+    pub fn new(required: usize, sets: Vec<Vec<NodeId>>) -> Self {
+        let sets = sets
+            .into_iter()
+            .map(|set| {
+                let need = required.min(set.len());
+                let len = set.len();
+                (set, AckTracker::new(need, len))
+            })
+            .collect();
+        SetsTracker {
+            sets,
+            acks: 0,
+            failures: 0,
+            refusals: Vec::new(),
+        }
+    }
+
+    /// Whether no set has `required` members: the write cannot be made as durable as asked
+    /// (the members alive, for the error, are the largest set's).
+    pub fn unavailable(&self, required: usize) -> Option<usize> {
+        let largest = self.sets.iter().map(|(s, _)| s.len()).max().unwrap_or(0);
+        (largest < required || self.sets.iter().any(|(s, _)| s.is_empty())).then_some(largest)
+    }
+
+    /// The members to send the write to: every set's, each once, in order of first
+    /// appearance.
+    pub fn targets(&self) -> Vec<NodeId> {
+        let mut out: Vec<NodeId> = Vec::new();
+        for (set, _) in &self.sets {
+            for &n in set {
+                if !out.contains(&n) {
+                    out.push(n);
+                }
+            }
+        }
+        out
+    }
+
+    /// Records `node`'s answer; answers from members of no set are ignored.
+    pub fn answer(&mut self, node: NodeId, answer: Answer) -> Progress {
+        let mut counted = false;
+        for (set, tracker) in &mut self.sets {
+            if !set.contains(&node) {
+                continue;
+            }
+            counted = true;
+            match &answer {
+                Answer::Ack => tracker.ack(),
+                Answer::Refused(why) => tracker.refuse(node, why.clone()),
+                Answer::Failed => tracker.fail(),
+            };
+        }
+        if counted {
+            match answer {
+                Answer::Ack => self.acks += 1,
+                Answer::Refused(why) => self.refusals.push((node, why)),
+                Answer::Failed => self.failures += 1,
+            }
+        }
+        self.progress()
+    }
+
+    /// Met once every set is; impossible once any set is.
+    pub fn progress(&self) -> Progress {
+        let mut all_met = true;
+        for (_, t) in &self.sets {
+            match t.progress() {
+                Progress::Impossible => return Progress::Impossible,
+                Progress::Pending => all_met = false,
+                Progress::Met => {}
+            }
+        }
+        if all_met {
+            Progress::Met
+        } else {
+            Progress::Pending
+        }
+    }
+
+    /// Distinct members that acknowledged.
+    pub fn acks(&self) -> usize {
+        self.acks
+    }
+
+    /// Distinct members that failed without a refusal.
+    pub fn failures(&self) -> usize {
+        self.failures
+    }
+
+    /// The refusals, taken out.
+    pub fn take_refusals(&mut self) -> Vec<(NodeId, Refusal)> {
+        std::mem::take(&mut self.refusals)
+    }
+}
+
 /// One key's read: the replicas' answers, the winner and who needs repair.
 #[derive(Clone, Debug, Default)]
 pub struct ReadMerge {
@@ -270,6 +395,57 @@ mod tests {
             format!("v{ms}"),
             Version::new(Timestamp::new(ms, 0), NodeId(node)),
         )
+    }
+
+    fn ids(v: &[u64]) -> Vec<NodeId> {
+        v.iter().map(|&i| NodeId(i)).collect()
+    }
+
+    #[test]
+    fn a_write_during_a_join_needs_a_quorum_in_both_rings() {
+        // Old replicas 1,2,3; with joiner 4: 4,1,2. W = 2.
+        let mut t = SetsTracker::new(2, vec![ids(&[1, 2, 3]), ids(&[4, 1, 2])]);
+        assert_eq!(t.targets(), ids(&[1, 2, 3, 4]));
+        assert_eq!(t.unavailable(2), None);
+        // 4 and 3 acknowledge: a quorum in neither ring.
+        assert_eq!(t.answer(NodeId(4), Answer::Ack), Progress::Pending);
+        assert_eq!(t.answer(NodeId(3), Answer::Ack), Progress::Pending);
+        // 1 makes two in each.
+        assert_eq!(t.answer(NodeId(1), Answer::Ack), Progress::Met);
+        assert_eq!(t.acks(), 3);
+
+        // 1 and 2 are in both: two acknowledgements meet both quorums.
+        let mut t = SetsTracker::new(2, vec![ids(&[1, 2, 3]), ids(&[4, 1, 2])]);
+        assert_eq!(t.answer(NodeId(1), Answer::Ack), Progress::Pending);
+        assert_eq!(t.answer(NodeId(2), Answer::Ack), Progress::Met);
+
+        // 4 and 3 acknowledge, 1 and 2 fail: the old ring's quorum can no longer be met.
+        let mut t = SetsTracker::new(2, vec![ids(&[1, 2, 3]), ids(&[4, 1, 2])]);
+        t.answer(NodeId(4), Answer::Ack);
+        t.answer(NodeId(3), Answer::Ack);
+        assert_eq!(t.answer(NodeId(1), Answer::Failed), Progress::Pending);
+        assert_eq!(t.answer(NodeId(2), Answer::Failed), Progress::Impossible);
+        assert_eq!(t.failures(), 2);
+
+        // A member of no set is not counted.
+        let mut t = SetsTracker::new(1, vec![ids(&[1])]);
+        assert_eq!(t.answer(NodeId(9), Answer::Ack), Progress::Pending);
+        assert_eq!(t.acks(), 0);
+    }
+
+    #[test]
+    fn a_ring_smaller_than_the_quorum_needs_all_its_members() {
+        // One settled member, a second joining, W = 2: the old ring needs its one member.
+        let mut t = SetsTracker::new(2, vec![ids(&[1]), ids(&[1, 2])]);
+        assert_eq!(t.unavailable(2), None);
+        assert_eq!(t.answer(NodeId(2), Answer::Ack), Progress::Pending);
+        assert_eq!(t.answer(NodeId(1), Answer::Ack), Progress::Met);
+        // No set as large as asked: unavailable, as without a join.
+        let t = SetsTracker::new(3, vec![ids(&[1]), ids(&[1, 2])]);
+        assert_eq!(t.unavailable(3), Some(2));
+        // No settled member at all: unavailable.
+        let t = SetsTracker::new(1, vec![ids(&[]), ids(&[2])]);
+        assert_eq!(t.unavailable(1), Some(1));
     }
 
     #[test]

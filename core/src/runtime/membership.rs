@@ -95,6 +95,7 @@ struct Counters {
 
 enum Command {
     SetKeyring(Keyring, oneshot::Sender<()>),
+    SetMeta(crate::membership::MemberMeta, oneshot::Sender<bool>),
     Leave(Duration, oneshot::Sender<()>),
     Shutdown(oneshot::Sender<()>),
 }
@@ -113,6 +114,7 @@ impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Command::SetKeyring(..) => "SetKeyring",
+            Command::SetMeta(..) => "SetMeta",
             Command::Leave(..) => "Leave",
             Command::Shutdown(_) => "Shutdown",
         })
@@ -181,6 +183,21 @@ impl MembershipHandle {
         {
             let _ = rx.await;
         }
+    }
+
+    /// Publishes new metadata for this node ([`Membership::set_meta`]); `false` if the
+    /// machine refused it (invalid, leaving) or the driver has stopped.
+    pub async fn set_meta(&self, meta: crate::membership::MemberMeta) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::SetMeta(meta, tx))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        rx.await.unwrap_or(false)
     }
 
     /// Leaves gracefully: announces the departure, keeps gossiping for `grace` so the news
@@ -540,6 +557,11 @@ async fn run<T: Transport>(
                     // A revoked member that was already dead leaves the view without an event.
                     ch.view.send_replace(snapshot(&machine));
                     let _ = tx.send(());
+                }
+                Some(Command::SetMeta(meta, tx)) => {
+                    let published = machine.set_meta(Instant::now().into_std(), meta);
+                    ch.view.send_replace(snapshot(&machine));
+                    let _ = tx.send(published);
                 }
                 Some(Command::Leave(grace, tx)) => {
                     machine.leave(Instant::now().into_std());

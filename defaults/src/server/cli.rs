@@ -401,7 +401,11 @@ fn client_command(command: Command) -> Result<(), String> {
         }
         Command::Ring { conn } => {
             let v = connect(&conn)?.call(&["CHORUS.RING"]).map_err(e)?;
-            rows(&v, &["id", "addr", "state", "primary_share"], conn.json);
+            rows(
+                &v,
+                &["id", "addr", "state", "joining", "primary_share"],
+                conn.json,
+            );
         }
         Command::Status { conn } => {
             let v = connect(&conn)?.call(&["CHORUS.STATUS"]).map_err(e)?;

@@ -1054,6 +1054,7 @@ fn ring(shared: &Shared) -> Reply {
                     ("addr", Reply::text(o.addr.to_string())),
                     ("state", Reply::text(state_name(o.state))),
                     ("primary_share", Reply::Double(o.primary_share)),
+                    ("joining", Reply::Int(i64::from(o.joining))),
                 ])
             })
             .collect(),

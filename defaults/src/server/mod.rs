@@ -323,6 +323,7 @@ pub(crate) async fn status_json(shared: &Shared) -> serde_json::Value {
                 "addr": o.addr.to_string(),
                 "state": state_name(o.state),
                 "primary_share": o.primary_share,
+                "joining": o.joining,
             })
         })
         .collect();

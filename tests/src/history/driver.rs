@@ -75,6 +75,12 @@ pub struct RunConfig {
     /// The membership suspicion multiplier ([`SUSPICION_MULT`]; the `local` preset's 2 lets
     /// members be declared dead during the faults, outside the checked scope).
     pub suspicion_mult: u32,
+    /// Ownership changes among the faults ([`RunConfig::with_ownership_changes`]): the last
+    /// `joiners` of the `nodes` start later and join, one original node leaves gracefully and
+    /// one is wiped (killed, its store thrown away, started again empty).
+    pub ownership_changes: bool,
+    /// Nodes that join during the faults (with `ownership_changes`).
+    pub joiners: usize,
 }
 
 impl RunConfig {
@@ -99,7 +105,24 @@ impl RunConfig {
             fault_time: Duration::from_secs(10),
             bugs: PlantedBugs::default(),
             suspicion_mult: SUSPICION_MULT,
+            ownership_changes: false,
+            joiners: 0,
         }
+    }
+
+    /// The same with ownership changes: 7 nodes of which 5 start; during the faults two join
+    /// (at 20 % and 45 % of the fault time), one of the first five leaves gracefully (60 %)
+    /// and another is wiped and restarted (80 %; only at W >= 2, as a wipe destroys a copy).
+    /// Key ranges move to and from members during
+    /// the run, so the scope checks are off ([`History::ownership_changes`]); every other
+    /// promise must hold across the moves (reads during the faults after the wipe excepted,
+    /// [`History::wiped_at`]). At most one member is down at a time, and the leave and the wipe
+    /// wait until none is.
+    pub fn with_ownership_changes(mut self) -> Self {
+        self.ownership_changes = true;
+        self.nodes = 7;
+        self.joiners = 2;
+        self
     }
 
     /// The same with `bugs` planted.
@@ -198,6 +221,10 @@ struct Shared {
     anomalies: Mutex<Vec<RingAnomaly>>,
     stop: AtomicBool,
     config: RunConfig,
+    /// Whether each node is a member now: started (running or killed) and not left.
+    members: Mutex<Vec<bool>>,
+    /// When a store was wiped, if one was.
+    wiped_at: Mutex<Option<Stamp>>,
 }
 
 impl Shared {
@@ -251,14 +278,15 @@ pub async fn run(config: RunConfig) -> Run {
     spec.membership = membership;
     spec.bugs = config.bugs;
     let max_drift_ms = spec.config.max_clock_drift.as_millis() as u64;
-    let mut cluster = Cluster::start(spec).await;
+    let initial = config.nodes - config.joiners;
+    let mut cluster = Cluster::start_first(spec, initial).await;
     let shared = Arc::new(Shared {
         seq: AtomicU64::new(0),
         clock: cluster.clocks[0].clone(),
         ops: Mutex::new(Vec::new()),
         nodes: Mutex::new(
             (0..config.nodes)
-                .map(|i| Some(cluster.node(i).clone()))
+                .map(|i| (i < initial).then(|| cluster.node(i).clone()))
                 .collect(),
         ),
         keys: Mutex::new(Vec::new()),
@@ -266,6 +294,8 @@ pub async fn run(config: RunConfig) -> Run {
         anomalies: Mutex::new(Vec::new()),
         stop: AtomicBool::new(false),
         config,
+        members: Mutex::new((0..config.nodes).map(|i| i < initial).collect()),
+        wiped_at: Mutex::new(None),
     });
     let clients: Vec<_> = (0..config.clients)
         .map(|c| {
@@ -298,8 +328,9 @@ pub async fn run(config: RunConfig) -> Run {
             });
         }
     }
-    for i in 0..config.nodes {
-        if !cluster.is_running(i) {
+    let members = shared.members.lock().expect("members").clone();
+    for (i, &member) in members.iter().enumerate() {
+        if member && !cluster.is_running(i) {
             cluster.restart(i).await;
         }
     }
@@ -307,7 +338,7 @@ pub async fn run(config: RunConfig) -> Run {
     {
         let mut nodes = shared.nodes.lock().expect("nodes");
         for (i, slot) in nodes.iter_mut().enumerate() {
-            *slot = Some(cluster.node(i).clone());
+            *slot = cluster.is_running(i).then(|| cluster.node(i).clone());
         }
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -318,9 +349,17 @@ pub async fn run(config: RunConfig) -> Run {
     stored.extend(snapshot(&cluster, &keys, true).await);
     shared.stop.store(true, Ordering::SeqCst);
     monitor.abort();
+    let first = (0..config.nodes)
+        .find(|&i| cluster.is_running(i))
+        .expect("a running node");
     let final_replicas = keys
         .iter()
-        .map(|k| (k.clone(), ids(cluster.node(0).replicas_of(k.as_bytes()))))
+        .map(|k| {
+            (
+                k.clone(),
+                ids(cluster.node(first).replicas_of(k.as_bytes())),
+            )
+        })
         .collect();
     cluster.stop().await;
 
@@ -338,6 +377,8 @@ pub async fn run(config: RunConfig) -> Run {
         skews,
         ring_anomalies: std::mem::take(&mut *shared.anomalies.lock().expect("anomalies")),
         faults,
+        ownership_changes: config.ownership_changes,
+        wiped_at: *shared.wiped_at.lock().expect("wiped_at"),
     };
     let violations = super::check(&history);
     Run {
@@ -356,13 +397,55 @@ async fn schedule(
     log: &mut Vec<(Stamp, String)>,
 ) {
     let nodes = shared.config.nodes;
-    let end = tokio::time::Instant::now() + shared.config.fault_time;
+    let start = tokio::time::Instant::now();
+    let end = start + shared.config.fault_time;
     let addr = Cluster::addr;
+    // Ownership changes, each once its share of the fault time has passed.
+    let mut changes: Vec<(f64, Change)> = if shared.config.ownership_changes {
+        let first = nodes - shared.config.joiners;
+        let mut plan: Vec<(f64, Change)> = (0..shared.config.joiners)
+            .map(|j| (0.2 + 0.25 * j as f64, Change::Join(first + j)))
+            .collect();
+        plan.push((0.6, Change::Leave));
+        // A wipe destroys a copy: only writes acknowledged by two replicas or more are
+        // promised to survive it.
+        if shared.config.w >= 2 {
+            plan.push((0.8, Change::Wipe));
+        }
+        plan
+    } else {
+        Vec::new()
+    };
     while tokio::time::Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(rng.random_range(150..700))).await;
         publish_ready(cluster, shared);
-        let down = (0..nodes).filter(|&i| !cluster.is_running(i)).count();
         let id = |i: usize| i + 1;
+        let elapsed = (tokio::time::Instant::now() - start).as_secs_f64()
+            / shared.config.fault_time.as_secs_f64();
+        let members = shared.members.lock().expect("members").clone();
+        let down = (0..nodes)
+            .filter(|&i| members[i] && !cluster.is_running(i))
+            .count();
+        // A leave or a wipe while a member is down would stack failures beyond what N = 3
+        // tolerates (the leave's new replica may be the one down): they wait for a moment
+        // with every member up.
+        if let Some(at) = changes
+            .iter()
+            .position(|(when, c)| *when <= elapsed && (matches!(c, Change::Join(_)) || down == 0))
+        {
+            let (_, change) = changes.remove(at);
+            if let Some(done) = change_ownership(cluster, shared, rng, change).await {
+                log.push((shared.stamp(), done));
+            }
+            continue;
+        }
+        // With ownership changes, one member down at a time: a leave hands off to the
+        // members taking its place, and a wipe destroys a copy.
+        let max_down = if shared.config.ownership_changes {
+            1
+        } else {
+            2
+        };
         let fault = match rng.random_range(0..100) {
             0..15 => {
                 let k = rng.random_range(1..=2);
@@ -413,7 +496,7 @@ async fn schedule(
                     .expect("delay");
                 "no loss, no delay".to_owned()
             }
-            58..70 if down < 2 => {
+            58..70 if down < max_down => {
                 let running: Vec<usize> = (0..nodes).filter(|&i| cluster.is_running(i)).collect();
                 let i = running[rng.random_range(0..running.len())];
                 shared.nodes.lock().expect("nodes")[i] = None;
@@ -421,7 +504,9 @@ async fn schedule(
                 format!("kill node {}", id(i))
             }
             70..82 if down > 0 => {
-                let stopped: Vec<usize> = (0..nodes).filter(|&i| !cluster.is_running(i)).collect();
+                let stopped: Vec<usize> = (0..nodes)
+                    .filter(|&i| members[i] && !cluster.is_running(i))
+                    .collect();
                 let i = stopped[rng.random_range(0..stopped.len())];
                 cluster.restart(i).await;
                 publish_ready(cluster, shared);
@@ -450,13 +535,74 @@ async fn schedule(
     }
 }
 
+/// An ownership change of [`RunConfig::with_ownership_changes`].
+#[derive(Clone, Copy, Debug)]
+enum Change {
+    /// This node, which never ran, starts and joins.
+    Join(usize),
+    /// A running node of the first ones leaves gracefully, for good.
+    Leave,
+    /// A running node of the first ones is killed, its store thrown away, and started again.
+    Wipe,
+}
+
+/// Carries out `change`; what it did, for the log (`None`: nobody to do it to).
+async fn change_ownership(
+    cluster: &mut Cluster,
+    shared: &Shared,
+    rng: &mut ChaCha8Rng,
+    change: Change,
+) -> Option<String> {
+    let first = shared.config.nodes - shared.config.joiners;
+    let running: Vec<usize> = (0..first).filter(|&i| cluster.is_running(i)).collect();
+    match change {
+        Change::Join(i) => {
+            cluster.join(i).await;
+            shared.members.lock().expect("members")[i] = true;
+            Some(format!("join node {}", i + 1))
+        }
+        Change::Leave | Change::Wipe if running.len() < 2 => None,
+        Change::Leave => {
+            // The leave's news must reach every member before the others forget the member
+            // (`reap_after`): with this run's suspicion multiplier a member that missed it
+            // would keep the leaver as a suspect, in its ring, for minutes. So the network is
+            // healed first (a membership limit noted in the closing notes, not the node's).
+            cluster.net.clear_faults();
+            let i = running[rng.random_range(0..running.len())];
+            shared.nodes.lock().expect("nodes")[i] = None;
+            shared.members.lock().expect("members")[i] = false;
+            cluster.shutdown(i).await;
+            Some(format!("network healed; leave node {}", i + 1))
+        }
+        Change::Wipe => {
+            let i = running[rng.random_range(0..running.len())];
+            shared
+                .wiped_at
+                .lock()
+                .expect("wiped_at")
+                .get_or_insert(shared.stamp());
+            shared.nodes.lock().expect("nodes")[i] = None;
+            cluster.kill(i).await;
+            cluster.wipe(i);
+            cluster.restart(i).await;
+            Some(format!("wipe node {}", i + 1))
+        }
+    }
+}
+
 /// Lets clients use every running node whose ring holds every member (a restarted node's ring
 /// starts with itself and its seeds).
 fn publish_ready(cluster: &Cluster, shared: &Shared) {
+    let want = shared
+        .members
+        .lock()
+        .expect("members")
+        .iter()
+        .filter(|&&m| m)
+        .count();
     let mut nodes = shared.nodes.lock().expect("nodes");
     for (i, slot) in nodes.iter_mut().enumerate() {
-        if slot.is_none() && cluster.is_running(i) && cluster.node(i).ring().len() == cluster.len()
-        {
+        if slot.is_none() && cluster.is_running(i) && cluster.node(i).ring().len() == want {
             *slot = Some(cluster.node(i).clone());
         }
     }
@@ -464,9 +610,15 @@ fn publish_ready(cluster: &Cluster, shared: &Shared) {
 
 /// Records every ring, on a node clients may use, that lacks a member.
 async fn monitor(shared: Arc<Shared>) {
-    let all = shared.config.nodes;
-    let mut last: Vec<Vec<u64>> = vec![Vec::new(); all];
+    let mut last: Vec<Vec<u64>> = vec![Vec::new(); shared.config.nodes];
     loop {
+        let all = shared
+            .members
+            .lock()
+            .expect("members")
+            .iter()
+            .filter(|&&m| m)
+            .count();
         let nodes: Vec<Option<Node>> = shared.nodes.lock().expect("nodes").clone();
         for (i, node) in nodes.iter().enumerate() {
             let Some(node) = node else { continue };
@@ -683,9 +835,14 @@ fn read_outcome(r: Result<Option<chorus::Versioned>, chorus::ReplicationError>) 
 /// Every key read at R through three coordinators, in batches.
 async fn final_reads(cluster: &Cluster, shared: &Shared, keys: &[String]) {
     let config = shared.config;
+    let running: Vec<usize> = (0..config.nodes)
+        .filter(|&i| cluster.is_running(i))
+        .collect();
     for (chunk_no, chunk) in keys.chunks(64).enumerate() {
         for j in 0..3 {
-            let node = cluster.node((chunk_no + 2 * j) % config.nodes).clone();
+            let node = cluster
+                .node(running[(chunk_no + 2 * j) % running.len()])
+                .clone();
             get(
                 shared,
                 &node,
@@ -705,12 +862,11 @@ async fn final_reads(cluster: &Cluster, shared: &Shared, keys: &[String]) {
 async fn snapshot(cluster: &Cluster, keys: &[String], after_final_reads: bool) -> Vec<StoredCopy> {
     let mut out = Vec::new();
     for i in 0..cluster.len() {
+        let Some(storage) = cluster.storage_if_opened(i) else {
+            continue;
+        };
         for key in keys {
-            let record = cluster
-                .storage(i)
-                .get(key.as_bytes())
-                .await
-                .expect("storage readable");
+            let record = storage.get(key.as_bytes()).await.expect("storage readable");
             if let Some(record) = record {
                 out.push(StoredCopy {
                     node: i as u64 + 1,

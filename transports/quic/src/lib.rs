@@ -166,7 +166,7 @@ pub const SCHEME: &str = "quic";
 /// The ALPN protocol both ends must offer. Version 2 carries several frames per stream and
 /// the goodbye stream (`docs/PROTOCOL.md`); a node speaking version 1 fails the handshake
 /// rather than misreading streams.
-pub const ALPN: &[u8] = b"chorus/2";
+pub const ALPN: &[u8] = b"chorus/3";
 
 /// What a listener sends, on the first unidirectional stream it opens, once it has accepted a
 /// connection's certificate and hello; the dialler waits for it before counting the

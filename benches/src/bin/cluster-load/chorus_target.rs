@@ -107,7 +107,13 @@ fn base_config(id: u64) -> NodeConfig {
 /// Whether `node`'s ring holds exactly `n` members, all alive.
 fn settled(node: &Node, n: usize) -> bool {
     let ring = node.ring();
-    ring.len() == n && ring.iter().all(|o| o.state == MemberState::Alive)
+    // Joins (each node after the first pulls, in turn) and their grace must be over, or the
+    // load would measure writes to two rings.
+    ring.len() == n
+        && ring
+            .iter()
+            .all(|o| o.state == MemberState::Alive && !o.joining)
+        && node.ownership_settled()
 }
 
 async fn wait_settled(node: &Node, n: usize, limit: Duration) -> Result<(), String> {
@@ -188,7 +194,7 @@ impl ChorusCluster {
             nodes.push(node);
         }
         for node in &nodes {
-            wait_settled(node, 3, Duration::from_secs(20)).await?;
+            wait_settled(node, 3, Duration::from_secs(60)).await?;
         }
         Ok(ChorusCluster {
             nodes,
@@ -241,7 +247,7 @@ impl ChorusCluster {
         for lines in ready {
             procs::wait_for_line(lines, "ready", Duration::from_secs(30)).await?;
         }
-        wait_settled(&node1, 3, Duration::from_secs(20)).await?;
+        wait_settled(&node1, 3, Duration::from_secs(60)).await?;
         eprintln!(
             "chorus tcp-{backend}: node 1 here on {}, nodes 2 and 3 pids {:?}",
             listen(0),
@@ -395,7 +401,7 @@ pub(crate) fn node_main(mut args: impl Iterator<Item = String>) -> Result<(), St
             .start()
             .await
             .map_err(|e| format!("node {id} start: {e}"))?;
-        wait_settled(&node, 3, Duration::from_secs(20)).await?;
+        wait_settled(&node, 3, Duration::from_secs(60)).await?;
         println!("ready {id}");
         // Until the benchmark closes our stdin (or dies).
         let _ = tokio::task::spawn_blocking(|| {

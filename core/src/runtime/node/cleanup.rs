@@ -8,12 +8,16 @@
 //!   Records this node holds without ever having replicated their range (a leaving member's
 //!   stream arrives before its departure shows in the ring) are never looked at. Inside a
 //!   lost range, a record whose key this node holds again by the time the round runs
-//!   ([`View::holds`], the one place ownership is decided) is left alone.
+//!   ([`View::holds`], the one place ownership is decided: any write set of the view, so the
+//!   ring with an active joiner and every ring from before a join that ended within
+//!   `join_settle` count) is left alone; one held only through such a transition is counted
+//!   kept and retried. Nothing is lost while this node itself joins.
 //!
-//! - **Never losing a write.** A record is sent, with its original version, to every current
-//!   replica of its key, in `Apply` batches of at most [`MAX_BATCH`] records and
-//!   [`APPLY_BATCH_BYTES`], metered by the anti-entropy bandwidth limit. It is removed only
-//!   once every replica of its key in the view of the moment of the removal acknowledged it
+//! - **Never losing a write.** A record is sent, with its original version, to every member
+//!   of every write set of its key ([`View::write_targets`]), in `Apply` batches of at most
+//!   [`MAX_BATCH`] records and [`APPLY_BATCH_BYTES`], metered by the anti-entropy bandwidth
+//!   limit. It is removed only
+//!   once every one of them in the view of the moment of the removal acknowledged it
 //!   ([`WriteOutcome::is_ack`]: stored, or an equal or newer record kept), and only while it
 //!   is unchanged ([`Storage::remove_if_version`]): a write that reached this node meanwhile
 //!   stays, and goes in a later round. Collectable records (tombstones and expired values
@@ -258,7 +262,15 @@ async fn sweep(
         let now_ms = inner.hlc.wall_clock().now_ms();
         let mut plan = Plan::default();
         for e in p.entries {
-            if filter.is_some_and(|s| !s.contains(e.hash)) || view.holds(&e.key, me) {
+            if filter.is_some_and(|s| !s.contains(e.hash)) {
+                continue;
+            }
+            if view.holds(&e.key, me) {
+                // Held only through a join under way or just ended (a write set besides the
+                // read ring's): kept, and the range is retried once that is over.
+                if !super::view::is_replica(&view, &e.key, me) {
+                    report.kept += 1;
+                }
                 continue;
             }
             if e.record
@@ -266,15 +278,15 @@ async fn sweep(
             {
                 plan.add_collectable(e.key, e.record);
             } else {
-                let replicas = view.replicas(&e.key);
-                plan.add(e.key, e.record, replicas);
+                let targets = view.write_targets(&e.key);
+                plan.add(e.key, e.record, targets);
             }
         }
         hand_off(inner, &view, &mut plan).await;
         // Decided in the view of this moment: a ring change during the handoff may have made
         // a key this node's again, or given it a replica that was not sent the record.
         let now = inner.view.load_full();
-        let decision = plan.decide(|key| now.holds(key, me), |key| now.replicas(key));
+        let decision = plan.decide(|key| now.holds(key, me), |key| now.write_targets(key));
         report.kept += decision.kept;
         if inner.stopping.load(Ordering::SeqCst) {
             report.kept += decision.remove.len() as u64;

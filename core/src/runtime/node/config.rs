@@ -187,6 +187,22 @@ pub struct NodeConfig {
     /// acknowledge) is retried after twice the previous wait, up to ten times this one.
     #[serde(with = "duration")]
     pub ownership_settle: Duration,
+    /// Whether a node that starts with seeds and empty storage joins by pulling the records of
+    /// the ranges it will own from their current replicas before it serves reads (see
+    /// `docs/ARCHITECTURE.md`, "Handoff when ownership changes"). Off, it serves reads at once
+    /// and anti-entropy fills it in meanwhile, so a read at R can miss a write until then.
+    pub join_handoff: bool,
+    /// How long a joining node waits, once it is the joiner whose turn it is, before it pulls;
+    /// and how long after a join ends writes still reach the ring from before it. It must
+    /// exceed the time membership news takes to reach every member plus `request_timeout`
+    /// (writes a coordinator started before it heard of the join end within that).
+    #[serde(with = "duration")]
+    pub join_settle: Duration,
+    /// How long a join may pull, from the start of its turn; past it the node serves reads
+    /// with what it has, counted (`join_incomplete`) and logged. Pulls are metered by
+    /// `anti_entropy_bandwidth`, and every range comes from each of its current replicas.
+    #[serde(with = "duration")]
+    pub join_pull_timeout: Duration,
     /// Whether a coordinator keeps hints for replicas that did not acknowledge a write and
     /// replays them when the replica is alive again (hinted handoff).
     pub hinted_handoff: bool,
@@ -249,6 +265,9 @@ impl Default for NodeConfig {
             shutdown_timeout: Duration::from_secs(10),
             handoff_timeout: Duration::from_secs(60),
             ownership_settle: Duration::from_secs(30),
+            join_handoff: true,
+            join_settle: Duration::from_secs(5),
+            join_pull_timeout: Duration::from_secs(3600),
             hinted_handoff: true,
             hint_window: DEFAULT_HINT_WINDOW,
             max_hints_per_target: NonZeroUsize::new(100_000).expect("non-zero"),
@@ -307,6 +326,8 @@ impl NodeConfig {
             ("shutdown_timeout", self.shutdown_timeout),
             ("handoff_timeout", self.handoff_timeout),
             ("ownership_settle", self.ownership_settle),
+            ("join_settle", self.join_settle),
+            ("join_pull_timeout", self.join_pull_timeout),
             ("hint_window", self.hint_window),
             ("sync_interval", self.sync_interval),
             ("anti_entropy_interval", self.anti_entropy_interval),
@@ -338,6 +359,29 @@ impl NodeConfig {
                     ),
                 });
             }
+        }
+        if self.join_handoff && self.join_settle <= self.request_timeout {
+            return Err(ConfigError::Invalid {
+                field: "join_settle",
+                reason: format!(
+                    "{:?} must exceed request_timeout ({:?}): writes a coordinator started \
+                     before it heard of a join must end before the joiner pulls",
+                    self.join_settle, self.request_timeout
+                ),
+            });
+        }
+        // The ring from before a join stays a write set for join_settle after it ended; a
+        // cleanup before then would remove copies that writes still count on.
+        if self.join_handoff && self.ownership_settle <= self.join_settle {
+            return Err(ConfigError::Invalid {
+                field: "ownership_settle",
+                reason: format!(
+                    "{:?} must exceed join_settle ({:?}): the ring from before a join stays a \
+                     write set for join_settle after it ended, and records it counts on must \
+                     not be cleaned up before then",
+                    self.ownership_settle, self.join_settle
+                ),
+            });
         }
         if self.anti_entropy && self.tombstone_grace <= self.sync_interval {
             return Err(ConfigError::Invalid {
@@ -441,6 +485,36 @@ mod tests {
                 }
             ),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn ownership_settle_must_exceed_join_settle_while_joins_pull() {
+        let config = NodeConfig {
+            join_settle: Duration::from_secs(30),
+            ownership_settle: Duration::from_secs(30),
+            ..NodeConfig::default()
+        };
+        let err = config
+            .validate()
+            .expect_err("a cleanup within join_settle refused");
+        assert!(
+            matches!(
+                err,
+                ConfigError::Invalid {
+                    field: "ownership_settle",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let off = NodeConfig {
+            join_handoff: false,
+            ..config
+        };
+        assert!(
+            off.validate().is_ok(),
+            "no pull, no ring from before a join"
         );
     }
 }

@@ -23,8 +23,8 @@ use crate::identity::NodeId;
 use crate::record::Record;
 use crate::replication::message::Key;
 use crate::replication::{
-    AckTracker, Operation, Progress, REPLICA_PROTOCOL_VERSION, ReadMerge, Refusal, ReplicaMessage,
-    ReplicationError, Write, WriteOutcome,
+    AckTracker, Answer, Operation, Progress, REPLICA_PROTOCOL_VERSION, ReadMerge, Refusal,
+    ReplicaMessage, ReplicationError, SetsTracker, Write, WriteOutcome,
 };
 
 type Pending<T> = Pin<Box<dyn Future<Output = (NodeId, Vec<usize>, T)> + Send>>;
@@ -125,21 +125,27 @@ impl Inner {
         let mut holders = Holders::new(writes.len());
         let mut groups: Vec<(NodeId, Vec<usize>)> = Vec::new();
         for (i, w) in writes.iter().enumerate() {
-            let mut replicas = view.replicas(&w.key);
-            if self.bugs.count_coordinator_as_replica && !replicas.contains(&self.id) {
+            // Outside a join, one set: the key's replicas. During one, a quorum in each of
+            // the rings a write must reach (`View::write_sets`).
+            let mut sets = if view.in_transition() {
+                view.write_sets(&w.key)
+            } else {
+                vec![view.replicas(&w.key)]
+            };
+            if self.bugs.count_coordinator_as_replica && !sets[0].contains(&self.id) {
                 // Planted bug: the coordinator stands in for a replica and counts itself.
-                replicas.push(self.id);
+                sets[0].push(self.id);
             }
-            trackers.push(AckTracker::new(required, replicas.len()));
-            holders.expected[i] = replicas.len();
-            if replicas.len() < required {
-                results[i] = Some(Err(ReplicationError::Unavailable {
-                    required,
-                    alive: replicas.len(),
-                }));
+            let tracker = SetsTracker::new(required, sets);
+            let targets = tracker.targets();
+            holders.expected[i] = targets.len();
+            if let Some(alive) = tracker.unavailable(required) {
+                results[i] = Some(Err(ReplicationError::Unavailable { required, alive }));
+                trackers.push(tracker);
                 continue;
             }
-            for r in replicas {
+            trackers.push(tracker);
+            for r in targets {
                 match groups.iter_mut().find(|(n, _)| *n == r) {
                     Some((_, idx)) => idx.push(i),
                     None => groups.push((r, vec![i])),
@@ -174,13 +180,19 @@ impl Inner {
             for (k, &i) in idx.iter().enumerate() {
                 let progress = match &answer {
                     ApplyAnswer::Outcomes(outcomes) => match outcomes.get(k) {
-                        Some(o) if o.is_ack() => trackers[i].ack(),
-                        Some(WriteOutcome::Refused(why)) => trackers[i].refuse(node, why.clone()),
-                        _ => trackers[i].fail(),
+                        Some(o) if o.is_ack() => trackers[i].answer(node, Answer::Ack),
+                        Some(WriteOutcome::Refused(why)) => {
+                            trackers[i].answer(node, Answer::Refused(why.clone()))
+                        }
+                        _ => trackers[i].answer(node, Answer::Failed),
                     },
-                    ApplyAnswer::Refused(why) => trackers[i].refuse(node, why.clone()),
-                    ApplyAnswer::Failed if self.bugs.count_failures_as_acks => trackers[i].ack(),
-                    ApplyAnswer::Failed => trackers[i].fail(),
+                    ApplyAnswer::Refused(why) => {
+                        trackers[i].answer(node, Answer::Refused(why.clone()))
+                    }
+                    ApplyAnswer::Failed if self.bugs.count_failures_as_acks => {
+                        trackers[i].answer(node, Answer::Ack)
+                    }
+                    ApplyAnswer::Failed => trackers[i].answer(node, Answer::Failed),
                 };
                 if results[i].is_some() {
                     continue;
@@ -336,6 +348,8 @@ impl Inner {
         let mut replica_sets = Vec::with_capacity(keys.len());
         let mut groups: Vec<(NodeId, Vec<usize>)> = Vec::new();
         for (i, key) in keys.iter().enumerate() {
+            // Reads stay on the settled ring, at R, during a join too (every write meets a
+            // quorum there, `SetsTracker`).
             let replicas = view.replicas(key);
             trackers.push(AckTracker::new(required, replicas.len()));
             if replicas.len() < required {

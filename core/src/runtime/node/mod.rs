@@ -22,6 +22,7 @@ mod coordinator;
 mod floor;
 mod handoff;
 mod hints;
+mod join;
 mod merkle;
 mod replica;
 mod stats;
@@ -150,8 +151,10 @@ pub struct Ownership {
     pub addr: Address,
     /// Alive or suspect (dead and left members own nothing).
     pub state: MemberState,
-    /// Fraction of the key space for which it is the first replica.
+    /// Fraction of the key space for which it is the first replica (0.0 while it joins).
     pub primary_share: f64,
+    /// Still joining: written to, not read from, until it has pulled its ranges.
+    pub joining: bool,
 }
 
 /// Why a node did not start.
@@ -195,6 +198,8 @@ pub struct PlantedBugs {
     pub repair_with_new_version: bool,
     /// Replicas store records without the clock-drift check.
     pub skip_drift_check: bool,
+    /// A joining node settles without pulling its ranges (it serves reads it cannot answer).
+    pub skip_join_pull: bool,
 }
 
 /// Starts a [`Node`]. See [`Node::builder`].
@@ -387,12 +392,17 @@ impl NodeBuilder {
         let membership_config = self
             .membership
             .unwrap_or_else(|| config.membership.config());
+        let joining =
+            join::prepare(&storage, config.join_handoff, !config.seeds.is_empty()).await?;
         let machine = Membership::new(
             membership_config,
             NodeStart {
                 id,
                 generation,
-                meta: MemberMeta::new(addr.clone()),
+                meta: MemberMeta {
+                    joining,
+                    ..MemberMeta::new(addr.clone())
+                },
                 seeds: config.seeds.iter().map(Address::new).collect(),
                 rng_seed: self.rng_seed.unwrap_or_else(|| clock.now_ms() ^ id.0),
                 security,
@@ -460,8 +470,9 @@ impl NodeBuilder {
                 inner.channel.as_ref().map(|c| c.book.clone()),
                 view::Me {
                     id: inner.id,
-                    joining: !inner.config.seeds.is_empty(),
+                    seeded: !inner.config.seeds.is_empty(),
                 },
+                inner.config.join_settle,
                 RingChanges(inner.clone()),
             )),
             tokio::spawn(dispatch(inner.clone(), inbound, swim)),
@@ -469,6 +480,9 @@ impl NodeBuilder {
             tokio::spawn(cleanup::run(inner.clone())),
             tokio::spawn(run_deferred(deferred_rx)),
         ];
+        if joining {
+            tasks.push(tokio::spawn(join::run(inner.clone())));
+        }
         if inner.config.hinted_handoff {
             tasks.push(tokio::spawn(hints::run(inner.clone(), hint_rx)));
         }
@@ -666,6 +680,23 @@ impl Node {
     /// This node's id.
     pub fn id(&self) -> NodeId {
         self.inner.id
+    }
+
+    /// Whether ownership is steady in this node's view: no member is joining, and no join
+    /// ended within the last `join_settle` (during which writes still reach the ring from
+    /// before it, so an `All` write there needs the departed replica too).
+    pub fn ownership_settled(&self) -> bool {
+        !self.inner.view.load().in_transition()
+    }
+
+    /// Whether this node is still joining: pulling the records of the ranges it will own, in
+    /// no ring reads use (`NodeConfig::join_handoff`).
+    pub fn is_joining(&self) -> bool {
+        self.inner
+            .membership
+            .members()
+            .iter()
+            .any(|m| m.id == self.inner.id && m.meta.joining)
     }
 
     /// The address peers reach this node at.
@@ -1048,6 +1079,7 @@ impl Node {
                 addr: addr.clone(),
                 state: *state,
                 primary_share: view.ring.primary_share(id),
+                joining: view.is_joining(id),
             })
             .collect();
         out.sort_by_key(|o| o.id);

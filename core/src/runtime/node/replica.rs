@@ -22,6 +22,8 @@ pub(crate) enum LogAs {
     /// Later, by the coordinator of the request that stamped them, once it knows which
     /// replicas acknowledged them (`Inner::replicate`).
     Coordinated,
+    /// Never: records a joining node pulled from replicas that hold them already.
+    Unlogged,
 }
 
 impl Inner {
@@ -68,6 +70,19 @@ impl Inner {
                     return refused;
                 }
                 self.answer_merkle_check(from, cutoff_ms, leaves, digests)
+                    .await
+            }
+            ReplicaMessage::Pull {
+                version,
+                range,
+                cursor,
+                limit,
+                cutoff_ms,
+            } => {
+                if let Some(refused) = self.check_version(version) {
+                    return refused;
+                }
+                self.answer_pull(from, range, cursor, limit, cutoff_ms)
                     .await
             }
             ReplicaMessage::Read { version, keys } => {
@@ -254,6 +269,9 @@ impl Inner {
 
     /// The stored record of each key, in order.
     pub(crate) async fn read_keys(&self, keys: Vec<Key>) -> Result<Vec<Option<Record>>, Refusal> {
+        self.stats
+            .replica_reads
+            .fetch_add(keys.len() as u64, Ordering::Relaxed);
         if keys.len() > MAX_BATCH {
             return Err(Refusal::Invalid {
                 reason: format!("{} keys in one read", keys.len()),

@@ -144,4 +144,22 @@ counters! {
     /// Records a graceful leave could not hand off by `handoff_timeout` (a new replica
     /// unreachable, not alive, or refusing): they stay on the key's other replicas.
     leave_handoff_failed,
+    /// Records this node pulled from the members that held its ranges while it joined.
+    join_pulled,
+    /// Pull requests that failed or were refused while joining (each retried).
+    join_pull_failures,
+    /// Times a join started its pull over because the rings changed under it.
+    join_repulls,
+    /// Joins that ended at `join_pull_timeout` with some range not pulled from some member
+    /// (logged; what it lacks comes from read repair and anti-entropy).
+    join_incomplete,
+    /// Joins this node finished (0 or 1).
+    joins_completed,
+    /// Pulled records this node refused to store while joining (its limits or clock): left
+    /// to read repair and anti-entropy.
+    join_refused,
+    /// Pull requests this node answered for a joining member.
+    pulls_served,
+    /// Keys read as a replica, for a coordinator (this node's own reads included).
+    replica_reads,
 }

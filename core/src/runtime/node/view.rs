@@ -11,54 +11,127 @@ use crate::membership::{Member, MemberState};
 use crate::ring::{Ring, RingConfig, RingMember};
 
 /// One immutable routing snapshot.
+///
+/// A member that is still joining ([`crate::membership::MemberMeta::joining`]) is in no ring
+/// reads use: reads go to `ring`, the settled members. While members join, the one that
+/// started first (lowest generation, then lowest id: a node that starts later never takes the
+/// turn of one already pulling) is the active joiner; `next` is the ring with it, and writes
+/// must meet their quorum in both rings ([`crate::replication::SetsTracker`]), so the joiner
+/// receives every write of the ranges it pulls while it pulls them. Other joiners wait their
+/// turn, in no ring at all. After a join finishes, `previous` keeps the ring from before it
+/// for `join_settle` (one ring per join that ended within it): writes still meet a quorum
+/// there too, so a coordinator that has not heard of the end of the join yet (and reads from
+/// the old ring) still sees them.
 #[derive(Debug)]
 pub(crate) struct View {
+    /// The settled members: reads, and the first set every write must meet a quorum in.
     pub(crate) ring: Ring,
-    /// Where each ring member is reached, and its state.
+    /// The settled members and the active joiner, while one joins.
+    pub(crate) next: Option<Ring>,
+    /// The settled rings before each join that finished within `join_settle`.
+    pub(crate) previous: Vec<Ring>,
+    /// Members that are joining, in turn order (the first is the active one).
+    pub(crate) joiners: Vec<NodeId>,
+    /// Where each member believed alive is reached (joiners included), and its state.
     pub(crate) members: HashMap<NodeId, (Address, MemberState)>,
-    /// The ring member at each address.
+    /// The member at each address.
     by_addr: HashMap<Address, NodeId>,
     pub(crate) n: NonZeroUsize,
 }
 
+/// A ring of `members`, routing with unit weights if their weights do not make one (weights
+/// are validated on receipt, so that is a bug: route rather than stop routing).
+fn ring_of(members: Vec<RingMember>, config: RingConfig) -> Ring {
+    let ids: Vec<NodeId> = members.iter().map(|m| m.node).collect();
+    match Ring::new(members, config) {
+        Ok(ring) => ring,
+        Err(e) => {
+            tracing::error!(error = %e, "ring rebuild failed; using unit weights");
+            let unit = ids
+                .into_iter()
+                .map(|id| RingMember::weighted(id, NonZeroU32::MIN));
+            Ring::new(unit, config).unwrap_or_else(|_| Ring::new([], config).expect("empty ring"))
+        }
+    }
+}
+
 impl View {
-    /// The ring of the members believed alive: alive and suspect ones (a suspect still counts
+    /// The rings of the members believed alive: alive and suspect ones (a suspect still counts
     /// as a replica until it is declared dead), never dead or left ones.
     pub(crate) fn build(members: &[Member], n: NonZeroUsize, ring: RingConfig) -> View {
         let mut map = HashMap::new();
-        let mut ring_members = Vec::new();
+        let mut settled = Vec::new();
+        let mut joiners: Vec<(u64, NodeId, NonZeroU32)> = Vec::new();
         for m in members {
             if matches!(m.state, MemberState::Alive | MemberState::Suspect)
                 && map.insert(m.id, (m.meta.addr.clone(), m.state)).is_none()
             {
-                ring_members.push(RingMember::weighted(m.id, m.meta.weight));
+                if m.meta.joining {
+                    joiners.push((m.life.generation, m.id, m.meta.weight));
+                } else {
+                    settled.push(RingMember::weighted(m.id, m.meta.weight));
+                }
             }
         }
-        let ring = match Ring::new(ring_members, ring) {
-            Ok(ring) => ring,
-            Err(e) => {
-                // Weights are validated on receipt, so this is a bug: route with weight 1
-                // rather than stop routing.
-                tracing::error!(error = %e, "ring rebuild failed; using unit weights");
-                let unit = map
-                    .keys()
-                    .map(|&id| RingMember::weighted(id, NonZeroU32::MIN));
-                Ring::new(unit, ring).unwrap_or_else(|_| Ring::new([], ring).expect("empty ring"))
-            }
-        };
+        joiners.sort_unstable_by_key(|&(generation, id, _)| (generation, id));
+        let next = joiners.first().map(|&(_, id, weight)| {
+            let mut with = settled.clone();
+            with.push(RingMember::weighted(id, weight));
+            ring_of(with, ring)
+        });
         let by_addr = map.iter().map(|(&id, (a, _))| (a.clone(), id)).collect();
         View {
-            ring,
+            ring: ring_of(settled, ring),
+            next,
+            previous: Vec::new(),
+            joiners: joiners.into_iter().map(|(_, id, _)| id).collect(),
             members: map,
             by_addr,
             n,
         }
     }
 
+    /// This view, with writes also meeting a quorum in each of `previous` (the settled rings
+    /// before joins that finished).
+    pub(crate) fn with_previous(mut self, previous: Vec<Ring>) -> View {
+        self.previous = previous;
+        self
+    }
+
+    /// Whether writes must reach more than the read ring (a join is under way or just ended).
+    pub(crate) fn in_transition(&self) -> bool {
+        self.next.is_some() || !self.previous.is_empty()
+    }
+
+    /// The joining member whose turn it is, if any.
+    pub(crate) fn active_joiner(&self) -> Option<NodeId> {
+        self.joiners.first().copied()
+    }
+
+    /// Whether `id` is joining.
+    pub(crate) fn is_joining(&self, id: NodeId) -> bool {
+        self.joiners.contains(&id)
+    }
+
+    /// The replica sets a write of `key` must meet its quorum in: the read ring's first, then
+    /// the ring with the active joiner's and the ring before the last join's, each where it
+    /// differs from the ones before.
+    pub(crate) fn write_sets(&self, key: &[u8]) -> Vec<Vec<NodeId>> {
+        let mut sets = vec![self.replicas(key)];
+        for ring in self.next.iter().chain(&self.previous) {
+            let set = ring.preference_list(key, self.n);
+            if !sets.iter().any(|s| same_members(s, &set)) {
+                sets.push(set);
+            }
+        }
+        sets
+    }
+
     /// The ring member a frame from `from` came from: the member at that address, or, for a
     /// connection the peer opened, at the listen address it announced. In insecure mode that
-    /// announcement is only a claim; it is used for nothing but sparing offers (a false one
-    /// delays a repair to Merkle anti-entropy, it never loses it).
+    /// announcement is only a claim; it is used for sparing offers (a false one
+    /// delays a repair to Merkle anti-entropy, it never loses it) and for refusing pulls from
+    /// non-members (in insecure mode anyone may claim membership anyway).
     pub(crate) fn member_at(&self, from: &Address) -> Option<NodeId> {
         match crate::transport::inbound_peer(from) {
             Some(announced) => self.by_addr.get(&announced).copied(),
@@ -71,11 +144,31 @@ impl View {
         self.ring.preference_list(key, self.n)
     }
 
-    /// Whether `id` replicates `key` in this view: today, membership in
-    /// [`View::replicas`]. Every decision about dropping a copy goes through here, so a view
-    /// that comes to span more than one ring answers for all of them at once.
+    /// Whether `id` replicates `key` in this view: it is in any of [`View::write_sets`] (the
+    /// read ring's replicas, the ones with the active joiner, or those of a ring from before a
+    /// join that ended within `join_settle`). Every decision about dropping a copy goes
+    /// through here, so a copy some write set still counts on is never dropped.
     pub(crate) fn holds(&self, key: &[u8], id: NodeId) -> bool {
         is_replica(self, key, id)
+            || self
+                .next
+                .iter()
+                .chain(&self.previous)
+                .any(|ring| ring.preference_list(key, self.n).contains(&id))
+    }
+
+    /// Every member of any of `key`'s [`View::write_sets`], each once, the read ring's
+    /// replicas first: where a copy handed off must be before this node may drop its own.
+    pub(crate) fn write_targets(&self, key: &[u8]) -> Vec<NodeId> {
+        let mut targets = self.replicas(key);
+        for ring in self.next.iter().chain(&self.previous) {
+            for id in ring.preference_list(key, self.n) {
+                if !targets.contains(&id) {
+                    targets.push(id);
+                }
+            }
+        }
+        targets
     }
 
     pub(crate) fn addr(&self, id: NodeId) -> Option<&Address> {
@@ -83,8 +176,13 @@ impl View {
     }
 }
 
-/// Whether `id` is among `key`'s replicas in `view`, without allocating (the local read's
-/// hot path).
+/// Whether both lists hold the same members (in any order).
+fn same_members(a: &[NodeId], b: &[NodeId]) -> bool {
+    a.len() == b.len() && a.iter().all(|x| b.contains(x))
+}
+
+/// Whether `id` is among `key`'s replicas in `view`'s read ring, without allocating (the
+/// local read's hot path).
 pub(crate) fn is_replica(view: &View, key: &[u8], id: NodeId) -> bool {
     thread_local! {
         static LIST: std::cell::RefCell<Vec<NodeId>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -110,16 +208,21 @@ pub(crate) trait RingChanges: Send {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Me {
     pub(crate) id: NodeId,
-    /// The node starts through seeds, so the ring it starts with (itself alone) is a
-    /// placeholder until it hears of the cluster, not ranges it owned: nothing is lost from
-    /// it. A node that forms a cluster alone did own everything, and loses what members
-    /// joining it take over.
-    pub(crate) joining: bool,
+    /// The node starts through seeds, so the ring it starts with (itself alone, or no one
+    /// while it joins) is a placeholder until it hears of the cluster, not ranges it owned:
+    /// nothing is lost from it. A node that forms a cluster alone did own everything, and
+    /// loses what members joining it take over.
+    pub(crate) seeded: bool,
 }
 
 /// Keeps `slot` (and the transport's address book, in keyring mode) in step with the
-/// membership view until the view's sender goes away, and tells `changes` what each ring
-/// change gave `me` and took from it.
+/// membership view until the view's sender goes away, and tells `changes` what each change of
+/// the settled ring gave `me` ([`RingChanges::gained`]) and took from it
+/// ([`RingChanges::lost`]; never while `me` itself is joining: it owned nothing yet).
+///
+/// When a joining member settles, the read ring from before is added to the view's
+/// `previous` for `join_grace` (its members that are still alive): long enough for the news
+/// to reach every coordinator, and for the writes they started before to end.
 pub(crate) async fn follow(
     mut view: tokio::sync::watch::Receiver<Arc<[Member]>>,
     slot: Arc<arc_swap::ArcSwap<View>>,
@@ -127,24 +230,52 @@ pub(crate) async fn follow(
     ring: RingConfig,
     book: Option<crate::peer_auth::AddressBook>,
     me: Me,
+    join_grace: std::time::Duration,
     changes: impl RingChanges,
 ) {
     let Me {
         id: me,
-        mut joining,
+        seeded: mut placeholder_start,
     } = me;
+    // The settled rings' members before each join that finished, and until when writes
+    // still meet a quorum among them.
+    let mut previous: Vec<(Vec<RingMember>, tokio::time::Instant)> = Vec::new();
+    let mut changed = true;
     loop {
         let members = view.borrow_and_update().clone();
-        let next = Arc::new(View::build(&members, n, ring));
-        let prev = slot.swap(next.clone());
+        let mut next = View::build(&members, n, ring);
+        let prev = slot.load_full();
+        let now = tokio::time::Instant::now();
+        if next.ring.members().iter().any(|m| prev.is_joining(m.node)) {
+            previous.push((prev.ring.members().to_vec(), now + join_grace));
+        }
+        previous.retain(|(_, until)| *until > now);
+        let rings: Vec<Ring> = previous
+            .iter()
+            .filter_map(|(before, _)| {
+                let alive: Vec<RingMember> = before
+                    .iter()
+                    .filter(|m| next.members.contains_key(&m.node) && !next.is_joining(m.node))
+                    .copied()
+                    .collect();
+                (!alive.is_empty() && alive.as_slice() != next.ring.members())
+                    .then(|| ring_of(alive, ring))
+            })
+            .collect();
+        next = next.with_previous(rings);
+        let next = Arc::new(next);
+        slot.store(next.clone());
         // Most changes (a suspicion, a refutation) leave the ring's members alone: no walk.
         if prev.ring.members() != next.ring.members() {
             let peers = next.ring.gained_co_replicas(&prev.ring, me, n);
             if !peers.is_empty() {
                 changes.gained(peers);
             }
-            let placeholder = joining && prev.ring.members().iter().all(|m| m.node == me);
-            if !placeholder {
+            // A placeholder start ring, or `me` joining (in neither settled ring, or just
+            // settled into the new one), is no ownership lost.
+            let placeholder = placeholder_start && prev.ring.members().iter().all(|m| m.node == me);
+            let joining = prev.is_joining(me) || next.is_joining(me);
+            if !placeholder && !joining {
                 let ranges = next.ring.lost_ranges(&prev.ring, me, n);
                 if !ranges.is_empty() {
                     changes.lost(ranges);
@@ -152,9 +283,9 @@ pub(crate) async fn follow(
             }
         }
         if next.ring.members().iter().any(|m| m.node != me) {
-            joining = false;
+            placeholder_start = false;
         }
-        if let Some(book) = &book {
+        if changed && let Some(book) = &book {
             book.replace(
                 members
                     .iter()
@@ -162,9 +293,24 @@ pub(crate) async fn follow(
                     .map(|m| (m.meta.addr.clone(), m.id)),
             );
         }
-        if view.changed().await.is_err() {
-            return;
-        }
+        let expiry = previous.iter().map(|(_, until)| *until).min();
+        changed = tokio::select! {
+            c = view.changed() => {
+                if c.is_err() {
+                    return;
+                }
+                true
+            }
+            () = sleep_until_some(expiry) => false,
+        };
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -176,7 +322,9 @@ mod tests {
     use crate::hash::HashRange;
     use crate::membership::{Life, MemberMeta};
 
-    fn member(id: u64) -> Member {
+    const N3: NonZeroUsize = NonZeroUsize::new(3).unwrap();
+
+    fn member(id: u64, joining: bool) -> Member {
         Member {
             id: NodeId(id),
             life: Life {
@@ -184,8 +332,198 @@ mod tests {
                 incarnation: 0,
             },
             state: MemberState::Alive,
-            meta: MemberMeta::new(Address::new(format!("node-{id}:1"))),
+            meta: MemberMeta {
+                joining,
+                ..MemberMeta::new(format!("n{id}:1"))
+            },
         }
+    }
+
+    fn view(members: &[(u64, bool)]) -> View {
+        let members: Vec<Member> = members.iter().map(|&(i, j)| member(i, j)).collect();
+        View::build(&members, N3, RingConfig::default())
+    }
+
+    /// A key whose replicas with member 5 joining include it.
+    fn key_owned_by(view: &View, id: NodeId) -> Vec<u8> {
+        (0u32..)
+            .map(|i| format!("k{i}").into_bytes())
+            .find(|k| {
+                view.next
+                    .as_ref()
+                    .unwrap()
+                    .preference_list(k, N3)
+                    .contains(&id)
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn a_joiner_is_written_to_and_not_read_from() {
+        let v = view(&[(1, false), (2, false), (3, false), (4, false), (5, true)]);
+        assert_eq!(v.ring.len(), 4, "reads: the settled members");
+        assert_eq!(v.next.as_ref().unwrap().len(), 5);
+        assert!(v.in_transition());
+        let key = key_owned_by(&v, NodeId(5));
+        assert!(!v.replicas(&key).contains(&NodeId(5)));
+        assert!(!is_replica(&v, &key, NodeId(5)));
+        let sets = v.write_sets(&key);
+        assert_eq!(
+            sets.len(),
+            2,
+            "the old replicas and the ones with the joiner"
+        );
+        assert_eq!(sets[0], v.replicas(&key));
+        assert!(sets[1].contains(&NodeId(5)));
+        assert!(v.addr(NodeId(5)).is_some(), "a joiner is reachable");
+        // A copy a write set counts on is held: the joiner's, and the old replicas'.
+        assert!(v.holds(&key, NodeId(5)), "the joiner is in a write set");
+        for id in &sets[0] {
+            assert!(v.holds(&key, *id));
+        }
+        let targets = v.write_targets(&key);
+        assert!(targets.contains(&NodeId(5)));
+        assert!(sets.iter().flatten().all(|id| targets.contains(id)));
+    }
+
+    #[test]
+    fn joiners_take_turns_in_the_order_they_started() {
+        let v = view(&[(1, false), (2, false), (3, false), (7, true), (5, true)]);
+        assert_eq!(
+            v.joiners,
+            vec![NodeId(5), NodeId(7)],
+            "same generation: by id"
+        );
+        assert_eq!(v.active_joiner(), Some(NodeId(5)));
+        let next = v.next.as_ref().unwrap();
+        assert!(next.contains(NodeId(5)) && !next.contains(NodeId(7)));
+        // A node that started later (a higher generation) waits behind one already joining,
+        // whatever their ids: it never takes the turn of a joiner that may be pulling.
+        let mut members: Vec<Member> = [(1, false), (2, false), (3, false), (7, true)]
+            .iter()
+            .map(|&(i, j)| member(i, j))
+            .collect();
+        let mut late = member(4, true);
+        late.life.generation = 2;
+        members.push(late);
+        let v = View::build(&members, N3, RingConfig::default());
+        assert_eq!(v.joiners, vec![NodeId(7), NodeId(4)]);
+        // Without joiners, one ring and one set.
+        let v = view(&[(1, false), (2, false), (3, false)]);
+        assert!(!v.in_transition());
+        assert_eq!(v.write_sets(b"k").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_joins_ending_within_join_settle_keep_both_rings_from_before() {
+        let grace = std::time::Duration::from_secs(5);
+        let state = |settled: &[u64], joining: &[u64]| -> Arc<[Member]> {
+            settled
+                .iter()
+                .map(|&i| member(i, false))
+                .chain(joining.iter().map(|&i| member(i, true)))
+                .collect()
+        };
+        let first = state(&[1, 2, 3, 4], &[5, 6]);
+        let (tx, rx) = tokio::sync::watch::channel(first.clone());
+        let slot = Arc::new(arc_swap::ArcSwap::from_pointee(View::build(
+            &first,
+            N3,
+            RingConfig::default(),
+        )));
+        let task = tokio::spawn(follow(
+            rx,
+            slot.clone(),
+            N3,
+            RingConfig::default(),
+            None,
+            Me {
+                id: NodeId(1),
+                seeded: false,
+            },
+            grace,
+            Heard::default(),
+        ));
+        let step = std::time::Duration::from_millis(10);
+        tokio::time::sleep(step).await;
+        tx.send(state(&[1, 2, 3, 4, 5], &[6])).unwrap();
+        tokio::time::sleep(step).await;
+        tx.send(state(&[1, 2, 3, 4, 5, 6], &[])).unwrap();
+        tokio::time::sleep(step).await;
+        let v = slot.load_full();
+        let mut sizes: Vec<usize> = v.previous.iter().map(Ring::len).collect();
+        sizes.sort_unstable();
+        assert_eq!(sizes, vec![4, 5], "the rings before each join");
+        tokio::time::sleep(grace).await;
+        assert!(slot.load().previous.is_empty());
+        task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_reach_the_ring_from_before_a_join_for_join_settle_after_it() {
+        let grace = std::time::Duration::from_secs(5);
+        let joining: Arc<[Member]> = [(1, false), (2, false), (3, false), (4, false), (5, true)]
+            .iter()
+            .map(|&(i, j)| member(i, j))
+            .collect();
+        let (tx, rx) = tokio::sync::watch::channel(joining.clone());
+        let slot = Arc::new(arc_swap::ArcSwap::from_pointee(View::build(
+            &joining,
+            N3,
+            RingConfig::default(),
+        )));
+        let task = tokio::spawn(follow(
+            rx,
+            slot.clone(),
+            N3,
+            RingConfig::default(),
+            None,
+            Me {
+                id: NodeId(1),
+                seeded: false,
+            },
+            grace,
+            Heard::default(),
+        ));
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        assert!(slot.load().previous.is_empty());
+        // 5 settles.
+        let settled: Arc<[Member]> = (1..=5).map(|i| member(i, false)).collect();
+        tx.send(settled).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        let v = slot.load_full();
+        assert_eq!(v.ring.len(), 5);
+        let previous = v.previous.first().expect("the ring from before the join");
+        assert_eq!(previous.len(), 4);
+        assert!(!previous.contains(NodeId(5)));
+        let key = (0u32..)
+            .map(|i| format!("k{i}").into_bytes())
+            .find(|k| v.ring.preference_list(k, N3).contains(&NodeId(5)))
+            .unwrap();
+        assert_eq!(v.write_sets(&key).len(), 2);
+        // Whoever replicated the key in the ring from before still holds it until the grace
+        // ends: a cleanup must not drop it meanwhile.
+        let before = previous.preference_list(&key, N3);
+        let dropped: Vec<NodeId> = before
+            .iter()
+            .copied()
+            .filter(|id| !v.ring.preference_list(&key, N3).contains(id))
+            .collect();
+        assert!(!dropped.is_empty(), "5 took the key over from someone");
+        for id in &dropped {
+            assert!(
+                v.holds(&key, *id),
+                "in the write set of the ring from before"
+            );
+        }
+        // After the grace, one ring again.
+        tokio::time::sleep(grace).await;
+        assert!(slot.load().previous.is_empty());
+        assert!(!slot.load().in_transition());
+        for id in &dropped {
+            assert!(!slot.load().holds(&key, *id), "no write set left with it");
+        }
+        task.abort();
     }
 
     #[derive(Clone, Default)]
@@ -200,10 +538,11 @@ mod tests {
 
     /// Runs a follower for node 1 through `rings` (member ids, node 1 first) and returns what
     /// it heard was lost.
-    async fn lost_along(joining: bool, rings: &[&[u64]]) -> Vec<Vec<HashRange>> {
+    async fn lost_along(seeded: bool, rings: &[&[u64]]) -> Vec<Vec<HashRange>> {
         let n = NonZeroUsize::new(2).expect("two");
         let config = RingConfig::default();
-        let members = |ids: &[u64]| -> Arc<[Member]> { ids.iter().map(|&i| member(i)).collect() };
+        let members =
+            |ids: &[u64]| -> Arc<[Member]> { ids.iter().map(|&i| member(i, false)).collect() };
         let (tx, rx) = tokio::sync::watch::channel(members(rings[0]));
         let slot = Arc::new(arc_swap::ArcSwap::from_pointee(View::build(
             &members(rings[0]),
@@ -213,9 +552,19 @@ mod tests {
         let heard = Heard::default();
         let me = Me {
             id: NodeId(1),
-            joining,
+            seeded,
         };
-        let task = tokio::spawn(follow(rx, slot.clone(), n, config, None, me, heard.clone()));
+        let grace = std::time::Duration::from_secs(5);
+        let task = tokio::spawn(follow(
+            rx,
+            slot.clone(),
+            n,
+            config,
+            None,
+            me,
+            grace,
+            heard.clone(),
+        ));
         for ring in &rings[1..] {
             tx.send(members(ring)).expect("follower listens");
             let want = ring.len();
@@ -250,5 +599,61 @@ mod tests {
             RingConfig::default(),
         )
         .expect("ring")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_loses_nothing_while_it_joins() {
+        let grace = std::time::Duration::from_secs(5);
+        let state = |settled: &[u64], joining: &[u64]| -> Arc<[Member]> {
+            settled
+                .iter()
+                .map(|&i| member(i, false))
+                .chain(joining.iter().map(|&i| member(i, true)))
+                .collect()
+        };
+        // Node 5 joins through seeds: it starts as a joiner alone, hears of the cluster, a
+        // ring change without it happens meanwhile (4 dies), and it settles.
+        let first = state(&[], &[5]);
+        let (tx, rx) = tokio::sync::watch::channel(first.clone());
+        let slot = Arc::new(arc_swap::ArcSwap::from_pointee(View::build(
+            &first,
+            N3,
+            RingConfig::default(),
+        )));
+        let heard = Heard::default();
+        let me = Me {
+            id: NodeId(5),
+            seeded: true,
+        };
+        let task = tokio::spawn(follow(
+            rx,
+            slot.clone(),
+            N3,
+            RingConfig::default(),
+            None,
+            me,
+            grace,
+            heard.clone(),
+        ));
+        let step = std::time::Duration::from_millis(10);
+        for members in [
+            state(&[1, 2, 3, 4], &[5]),
+            state(&[1, 2, 3], &[5]),
+            state(&[1, 2, 3, 5], &[]),
+        ] {
+            tokio::time::sleep(step).await;
+            tx.send(members).unwrap();
+        }
+        tokio::time::sleep(step).await;
+        assert!(
+            heard.0.lock().unwrap().is_empty(),
+            "{:?}",
+            heard.0.lock().unwrap()
+        );
+        // Settled, a later join takes ranges from it.
+        tx.send(state(&[1, 2, 3, 5, 6], &[])).unwrap();
+        tokio::time::sleep(step).await;
+        assert_eq!(heard.0.lock().unwrap().len(), 1);
+        task.abort();
     }
 }
