@@ -223,6 +223,7 @@ pub(crate) struct Me {
 /// When a joining member settles, the read ring from before is added to the view's
 /// `previous` for `join_grace` (its members that are still alive): long enough for the news
 /// to reach every coordinator, and for the writes they started before to end.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn follow(
     mut view: tokio::sync::watch::Receiver<Arc<[Member]>>,
     slot: Arc<arc_swap::ArcSwap<View>>,
