@@ -315,6 +315,46 @@ impl Ring {
         gained
     }
 
+    /// The ranges `me` replicated in `prev` (among the first `n` of their preference list)
+    /// and does not replicate here, adjacent ones merged, in ring order; `[HashRange::FULL]`
+    /// when that is every key. These are what `me` holds copies of without owning them any
+    /// more: the ranges a joining member took over. Ranges `me` replicates in neither ring
+    /// are never in it, so records it was only handed (a leaving member's stream before its
+    /// departure shows) are not mistaken for ones it lost.
+    pub fn lost_ranges(&self, prev: &Ring, me: NodeId, n: NonZeroUsize) -> Vec<HashRange> {
+        // As in `gained_co_replicas`: between consecutive positions of the union of both
+        // rings' tokens, both preference lists are constant.
+        let mut cuts: Vec<u64> = self.tokens.iter().chain(&prev.tokens).copied().collect();
+        cuts.sort_unstable();
+        cuts.dedup();
+        let mut out: Vec<HashRange> = Vec::new();
+        let (mut now, mut before) = (Vec::with_capacity(n.get()), Vec::with_capacity(n.get()));
+        let mut all = !cuts.is_empty();
+        for (i, &at) in cuts.iter().enumerate() {
+            let next = cuts[(i + 1) % cuts.len()];
+            prev.preference_list_for_hash(at, n, &mut before);
+            self.preference_list_for_hash(at, n, &mut now);
+            if !before.contains(&me) || now.contains(&me) {
+                all = false;
+                continue;
+            }
+            // Positions in [at, next) (the whole ring for a lone cut).
+            match out.last_mut() {
+                Some(last) if last.end == at => last.end = next,
+                _ => out.push(HashRange::new(at, next)),
+            }
+        }
+        if all {
+            return vec![HashRange::FULL];
+        }
+        // The last range may continue into the first across the wrap.
+        if out.len() > 1 && out[out.len() - 1].end == out[0].start {
+            let last = out.pop().expect("two ranges");
+            out[0].start = last.start;
+        }
+        out
+    }
+
     /// What `me` must pull to join: for each member of `from` (the ring before `me` joined),
     /// the ranges whose keys `me` replicates in `self` (the ring with it) and that member
     /// replicates in `from`, adjacent ones merged, in ring order. Members sorted by id, `me`
@@ -506,6 +546,49 @@ mod tests {
                 "the newcomer shares ranges with {me}"
             );
         }
+    }
+
+    #[test]
+    fn lost_ranges_hold_exactly_the_keys_me_replicated_before_and_not_now() {
+        let n2 = NonZeroUsize::new(2).expect("two");
+        let before = ring_of(&[1, 2, 3]);
+        let after = ring_of(&[1, 2, 3, 4]);
+        for me in [1, 2, 3] {
+            let me = NodeId(me);
+            let lost = after.lost_ranges(&before, me, n2);
+            assert!(!lost.is_empty(), "{me} lost ranges to the newcomer");
+            for k in 0..20_000u32 {
+                let key = k.to_le_bytes();
+                let was = before.preference_list(&key, n2).contains(&me);
+                let is = after.preference_list(&key, n2).contains(&me);
+                let inside = lost.iter().any(|r| r.contains(key_hash(&key)));
+                assert_eq!(was && !is, inside, "{me}, key {k}");
+            }
+            // Sorted, disjoint, never touching (adjacent ones are merged).
+            for w in lost.windows(2) {
+                assert!(w[0].end != w[1].start, "{w:?} not merged");
+            }
+        }
+        // The newcomer replicated nothing before: it lost nothing.
+        assert!(after.lost_ranges(&before, NodeId(4), n2).is_empty());
+        // Nothing is lost without a change, or where every member replicates everything.
+        assert!(after.lost_ranges(&after, NodeId(1), n2).is_empty());
+        assert!(after.lost_ranges(&before, NodeId(1), N3).len() > 1);
+        let four = NonZeroUsize::new(4).expect("four");
+        assert!(after.lost_ranges(&before, NodeId(1), four).is_empty());
+        // A member that leaves the ring loses everything it held: with N at least the old
+        // size, that is the full ring.
+        assert_eq!(
+            ring_of(&[2, 3]).lost_ranges(&before, NodeId(1), N3),
+            vec![HashRange::FULL]
+        );
+        assert!(
+            ring_of(&[])
+                .lost_ranges(&ring_of(&[]), NodeId(1), N3)
+                .is_empty()
+        );
+        // A member outside both rings loses nothing.
+        assert!(after.lost_ranges(&before, NodeId(9), n2).is_empty());
     }
 
     #[test]

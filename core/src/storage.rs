@@ -11,7 +11,12 @@
 //! - [`Storage::apply`] is an atomic *apply-if-newer*: under any number of concurrent writers to
 //!   one key the stored record ends as the [`Record::merge`] of everything applied, and the
 //!   outcome says whether this record won.
-//! - Tombstones are stored like values; they disappear only through [`Storage::purge`].
+//! - Tombstones are stored like values; they disappear only through [`Storage::purge`] or
+//!   [`Storage::remove_if_version`].
+//! - [`Storage::remove_if_version`] is an atomic *remove-if-unchanged*: it removes a key only
+//!   while the stored record still has the version the caller saw, so a write applied in the
+//!   meantime is never lost to it (a node drops records it no longer replicates this way,
+//!   once their new replicas acknowledged them).
 //! - Records are addressed by key and by ring position ([`key_hash`](crate::hash::key_hash)):
 //!   [`Storage::scan`] pages through a [`HashRange`] in `(position, key)` order and
 //!   [`Storage::digest`] summarises equal-width buckets of a range, identically on every backend
@@ -658,6 +663,20 @@ pub trait Storage: Send + Sync + 'static {
     /// [`StorageError::InvalidRequest`].
     fn remove_hints(&self, ids: Vec<u64>) -> impl Future<Output = Result<(), StorageError>> + Send;
 
+    /// Removes the record stored under `key` if, and only if, its version is `version`;
+    /// returns whether it removed one.
+    ///
+    /// The compare and the removal are one atomic step for the key: a record applied
+    /// concurrently, or any time after the caller read the one it means, has another version
+    /// and stays (`false`), as does a missing key. The removal updates stats, scans and
+    /// digests like a purge, and on return is as durable as [`Capabilities::durability`] says
+    /// for records: a persistent store that reopens does not bring the record back.
+    fn remove_if_version(
+        &self,
+        key: &[u8],
+        version: Version,
+    ) -> impl Future<Output = Result<bool, StorageError>> + Send;
+
     /// Up to `limit` entries of `range` after `cursor`, in `(offset, key)` order.
     fn scan(
         &self,
@@ -733,6 +752,12 @@ pub trait DynStorage: Send + Sync + 'static {
     fn load_hints_dyn(&self) -> BoxFuture<'_, Result<Vec<(u64, Bytes)>, StorageError>>;
     /// [`Storage::remove_hints`].
     fn remove_hints_dyn(&self, ids: Vec<u64>) -> BoxFuture<'_, Result<(), StorageError>>;
+    /// [`Storage::remove_if_version`].
+    fn remove_if_version_dyn<'a>(
+        &'a self,
+        key: &'a [u8],
+        version: Version,
+    ) -> BoxFuture<'a, Result<bool, StorageError>>;
     /// [`Storage::scan`].
     fn scan_dyn(
         &self,
@@ -801,6 +826,13 @@ impl<S: Storage> DynStorage for S {
     }
     fn remove_hints_dyn(&self, ids: Vec<u64>) -> BoxFuture<'_, Result<(), StorageError>> {
         Box::pin(self.remove_hints(ids))
+    }
+    fn remove_if_version_dyn<'a>(
+        &'a self,
+        key: &'a [u8],
+        version: Version,
+    ) -> BoxFuture<'a, Result<bool, StorageError>> {
+        Box::pin(self.remove_if_version(key, version))
     }
     fn scan_dyn(
         &self,
@@ -873,6 +905,9 @@ impl Storage for SharedStorage {
     }
     fn remove_hints(&self, ids: Vec<u64>) -> impl Future<Output = Result<(), StorageError>> + Send {
         self.0.remove_hints_dyn(ids)
+    }
+    async fn remove_if_version(&self, key: &[u8], version: Version) -> Result<bool, StorageError> {
+        self.0.remove_if_version_dyn(key, version).await
     }
     fn scan(
         &self,

@@ -93,6 +93,13 @@ impl Storage for KeptStorage {
     async fn remove_hints(&self, ids: Vec<u64>) -> Result<(), StorageError> {
         self.open()?.remove_hints(ids).await
     }
+    async fn remove_if_version(
+        &self,
+        key: &[u8],
+        version: chorus::Version,
+    ) -> Result<bool, StorageError> {
+        self.open()?.remove_if_version(key, version).await
+    }
     async fn scan(
         &self,
         range: HashRange,
@@ -367,6 +374,24 @@ impl Cluster {
         assert!(self.nodes[i].is_none(), "node {i} is running");
         self.restarts += 1;
         self.boot(i).await;
+    }
+
+    /// Starts one more node, with an empty store, joining through the running ones; returns
+    /// its index. Wait for the rings with [`Cluster::wait_for_ring`].
+    pub async fn add_node(&mut self) -> usize {
+        let i = self.nodes.len();
+        // In step with the others' true time, as a real machine's clock would be.
+        let now_ms = self.clocks.first().map_or(EPOCH_MS, |c| c.true_ms());
+        self.clocks.push(Arc::new(TestClock {
+            epoch_ms: now_ms,
+            start: tokio::time::Instant::now(),
+            skew_ms: AtomicI64::new(0),
+        }));
+        self.nodes.push(None);
+        self.storages.push(None);
+        self.data_dirs.push(None);
+        self.boot(i).await;
+        i
     }
 
     /// Throws away stopped node `i`'s data (records, metadata, hints): its next restart

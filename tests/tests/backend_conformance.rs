@@ -121,6 +121,11 @@ async fn hints() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn remove_if_version() {
+    on_every_backend(conformance::REMOVE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn capabilities() {
     on_every_backend(conformance::CAPABILITIES).await;
 }
@@ -193,6 +198,7 @@ fn every_check_has_a_test() {
             "apply_batch",
             "metadata",
             "hints",
+            "remove_if_version",
             "capabilities",
             "closed"
         ]

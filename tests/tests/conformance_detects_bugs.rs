@@ -59,6 +59,10 @@ enum Bug {
     HintsPurged,
     /// Hint blobs and batches are not bounded.
     HintsUnchecked,
+    /// `remove_if_version` removes whatever is stored, whatever its version.
+    RemoveIgnoresVersion,
+    /// `remove_if_version` removes the record but answers `false`.
+    RemoveUnreported,
 }
 
 /// A mutex around a sorted map; correct unless a bug is planted.
@@ -251,6 +255,21 @@ impl Storage for Reference {
         Ok(())
     }
 
+    async fn remove_if_version(
+        &self,
+        key: &[u8],
+        version: chorus::hlc::Version,
+    ) -> Result<bool, StorageError> {
+        let mut map = self.map()?;
+        let matches = map
+            .get(key)
+            .is_some_and(|r| r.version == version || self.bug == Bug::RemoveIgnoresVersion);
+        if matches {
+            map.remove(key);
+        }
+        Ok(matches && self.bug != Bug::RemoveUnreported)
+    }
+
     async fn scan(
         &self,
         range: HashRange,
@@ -372,9 +391,9 @@ async fn the_reference_backend_passes_every_check() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_planted_bug_is_caught() {
     use conformance::{
-        BATCH, CAPABILITIES, CLOSED, EXPIRY, HINTS, META, MODEL, RANGES, STALE, TOMBSTONES,
+        BATCH, CAPABILITIES, CLOSED, EXPIRY, HINTS, META, MODEL, RANGES, REMOVE, STALE, TOMBSTONES,
     };
-    let cases: [(Bug, &[Check]); 18] = [
+    let cases: [(Bug, &[Check]); 20] = [
         (Bug::BlindOutcome, &[MODEL, TOMBSTONES]),
         (Bug::HideTombstones, &[MODEL, TOMBSTONES]),
         (Bug::SkipAfterCursor, &[MODEL, RANGES]),
@@ -396,6 +415,8 @@ async fn every_planted_bug_is_caught() {
         (Bug::HintsNotRemoved, &[HINTS]),
         (Bug::HintsPurged, &[HINTS]),
         (Bug::HintsUnchecked, &[HINTS]),
+        (Bug::RemoveIgnoresVersion, &[REMOVE]),
+        (Bug::RemoveUnreported, &[REMOVE]),
     ];
     let seed = conformance::seed();
     let mut missed = Vec::new();

@@ -188,6 +188,156 @@ async fn records_a_leave_cannot_hand_off_are_counted_and_the_shutdown_stays_boun
     cluster.stop().await;
 }
 
+/// The nodes whose storage holds `key`, at any version (0-based).
+async fn holders(cluster: &Cluster, key: &[u8]) -> Vec<usize> {
+    let mut out = Vec::new();
+    for i in 0..cluster.len() {
+        if cluster
+            .storage(i)
+            .get(key)
+            .await
+            .expect("storage get")
+            .is_some()
+        {
+            out.push(i);
+        }
+    }
+    out
+}
+
+/// Waits (virtual time) until every key of `latest` is stored on exactly its replicas in
+/// node `via`'s ring, each at the key's latest version, and nowhere else; panics with what
+/// is off after `limit`.
+async fn wait_exactly_on_replicas(
+    cluster: &Cluster,
+    via: usize,
+    latest: &[(Bytes, Version)],
+    limit: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let mut off = Vec::new();
+        for (key, version) in latest {
+            let mut replicas: Vec<usize> = cluster
+                .node(via)
+                .replicas_of(key)
+                .into_iter()
+                .map(|NodeId(id)| id as usize - 1)
+                .collect();
+            replicas.sort_unstable();
+            let held = holders(cluster, key).await;
+            let mut stale = Vec::new();
+            for &i in &replicas {
+                let got = cluster.storage(i).get(key).await.expect("storage get");
+                if got.map(|r| r.version) != Some(*version) {
+                    stale.push(i);
+                }
+            }
+            if held != replicas || !stale.is_empty() {
+                off.push((key.clone(), replicas, held, stale));
+            }
+        }
+        if off.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "seed {}: {} keys not on exactly their replicas after {limit:?} (key, replicas, \
+             holders, replicas without the latest version): {:?}",
+            seed(),
+            off.len(),
+            &off[..off.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_join_and_the_settle_delay_every_key_is_on_exactly_its_n_replicas() {
+    // N = 2 of 3 nodes, so a fourth one really takes ranges away from the others.
+    let mut spec = ClusterSpec::new(3, seed());
+    spec.config.replication_factor = std::num::NonZeroUsize::new(2).expect("two");
+    spec.config.ownership_settle = Duration::from_secs(5);
+    let mut cluster = Cluster::start(spec).await;
+    let mut latest = write_all(&cluster, 300).await;
+    let copies: usize = {
+        let mut n = 0;
+        for (key, _) in &latest {
+            n += holders(&cluster, key).await.len();
+        }
+        n
+    };
+    assert_eq!(
+        copies,
+        2 * latest.len(),
+        "two copies of each key before the join"
+    );
+    let before: Vec<_> = (0..3).map(|i| cluster.node(i).stats()).collect();
+
+    // An empty node with seeds joins by pulling its ranges; the ring with it settles (and
+    // the ring from before it stops being a write set) before any cleanup round is due.
+    let joined = cluster.add_node().await;
+    assert!(
+        cluster.node(joined).is_joining(),
+        "the newcomer pulls first"
+    );
+    cluster.wait_for_ring(Duration::from_secs(30)).await;
+    let join = cluster.node(joined).stats();
+    assert_eq!(join.joins_completed, 1, "{join:?}");
+    assert_eq!(join.join_incomplete, 0, "{join:?}");
+    assert!(join.join_pulled > 0, "{join:?}");
+    assert!(
+        (0..3).all(|i| cluster.node(i).stats().cleanup_removed == before[i].cleanup_removed),
+        "nothing is removed before ownership_settle"
+    );
+    // Writes go on while the ring settles: overwrites through every node, old and new,
+    // must survive the cleanup that follows.
+    let quorum = WriteOptions::default().consistency(Consistency::Quorum);
+    for (k, (key, version)) in latest.iter_mut().enumerate().filter(|(k, _)| k % 3 == 0) {
+        *version = cluster
+            .node(k % cluster.len())
+            .put(key.clone(), format!("v{k}-after-the-join"), quorum)
+            .await
+            .unwrap_or_else(|e| panic!("seed {}: put during the settle delay: {e}", seed()));
+    }
+    let moved = {
+        let mut n = 0;
+        for (key, _) in &latest {
+            n += usize::from(cluster.node(0).replicas_of(key).contains(&NodeId(4)));
+        }
+        n
+    };
+    assert!(
+        moved > 0 && moved < latest.len(),
+        "the newcomer took {moved} keys"
+    );
+    wait_exactly_on_replicas(&cluster, 0, &latest, Duration::from_secs(120)).await;
+
+    let removed: u64 = (0..3)
+        .map(|i| cluster.node(i).stats().cleanup_removed - before[i].cleanup_removed)
+        .sum();
+    assert_eq!(
+        removed, moved as u64,
+        "each key the newcomer took was removed from the one node that lost it"
+    );
+    assert_eq!(
+        cluster.node(joined).stats().cleanup_removed,
+        0,
+        "the newcomer lost nothing"
+    );
+    let read = chorus::ReadOptions::default().consistency(Consistency::Quorum);
+    for (k, (key, version)) in latest.iter().enumerate() {
+        let got = cluster
+            .node(k % cluster.len())
+            .get_versioned(key.clone(), read)
+            .await
+            .unwrap_or_else(|e| panic!("seed {}: quorum read: {e}", seed()))
+            .unwrap_or_else(|| panic!("seed {}: {key:?} lost", seed()));
+        assert_eq!(got.version, *version, "{key:?}: not the latest write");
+    }
+    cluster.stop().await;
+}
+
 /// Node `i`'s records of `written` it replicates in node `via`'s read ring that it does not
 /// store at their version.
 async fn owned_but_missing(
@@ -281,6 +431,66 @@ async fn a_joining_node_pulls_its_ranges_and_serves_no_read_before_it_holds_them
             .map(|v| v.version);
         assert_eq!(got, Some(*version), "seed {}: {key:?}", seed());
     }
+    cluster.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn records_a_new_replica_did_not_acknowledge_stay_until_a_retry_hands_them_off() {
+    let mut spec = ClusterSpec::new(3, seed());
+    spec.config.replication_factor = std::num::NonZeroUsize::new(2).expect("two");
+    spec.config.ownership_settle = Duration::from_secs(5);
+    let mut cluster = Cluster::start(spec).await;
+    let latest = write_all(&cluster, 200).await;
+    let mut held_by_1 = Vec::new();
+    for (key, _) in &latest {
+        if holders(&cluster, key).await.contains(&0) {
+            held_by_1.push(key.clone());
+        }
+    }
+    let joined = cluster.add_node().await;
+    cluster.wait_for_ring(Duration::from_secs(30)).await;
+    // Node 1's requests to the newcomer are lost; membership still sees it alive (the other
+    // members relay node 1's probes), so it stays a replica node 1 must reach.
+    cluster.net.block(&Cluster::addr(0), &Cluster::addr(joined));
+    let lost_to_newcomer: Vec<Bytes> = held_by_1
+        .iter()
+        .filter(|key| {
+            let replicas = cluster.node(0).replicas_of(key);
+            replicas.contains(&NodeId(4)) && !replicas.contains(&NodeId(1))
+        })
+        .cloned()
+        .collect();
+    assert!(
+        !lost_to_newcomer.is_empty(),
+        "node 1 lost keys to the newcomer"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while cluster.node(0).stats().cleanup_kept == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "seed {}: no cleanup round kept anything: {:?}",
+            seed(),
+            cluster.node(0).stats()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for key in &lost_to_newcomer {
+        assert!(
+            holders(&cluster, key).await.contains(&0),
+            "seed {}: {key:?} removed from node 1 though the newcomer never acknowledged it",
+            seed()
+        );
+    }
+    cluster
+        .net
+        .unblock(&Cluster::addr(0), &Cluster::addr(joined));
+    wait_exactly_on_replicas(&cluster, 0, &latest, Duration::from_secs(120)).await;
+    let stats = cluster.node(0).stats();
+    assert!(stats.cleanup_rounds >= 2, "a retry ran: {stats:?}");
+    assert!(
+        stats.cleanup_removed >= lost_to_newcomer.len() as u64,
+        "{stats:?}"
+    );
     cluster.stop().await;
 }
 

@@ -26,8 +26,8 @@
 //! reaches past a damaged one proves the damaged one was synced, so its damage cannot be a
 //! write torn by a crash.
 //!
-//! A **removal** frame records a purge: the key's record, if not newer than the version, is
-//! gone.
+//! A **removal** frame records a purge or a `remove_if_version`: the key's record, if not
+//! newer than the version, is gone.
 //!
 //! Everything read from a file goes through bounds-checked decoding with limits
 //! ([`MAX_PAYLOAD`], [`MAX_BODY`]): a damaged file yields a typed error, never a panic, an

@@ -88,7 +88,9 @@
 //! # Purge and compaction
 //!
 //! [`Storage::purge`] walks the index in batches of 1,024 entries, releasing the index lock
-//! between them, and logs a removal for each record it removes; it rewrites nothing. Segments
+//! between them, and logs a removal for each record it removes; it rewrites nothing.
+//! [`Storage::remove_if_version`] logs the same removal frame for the one record it removes,
+//! written and (under [`FsyncPolicy::Always`]) synced before it returns. Segments
 //! are sealed at `segment_bytes`. A compaction seals the active segment, snapshots the index,
 //! writes the snapshot as one new segment (synced, renamed into place, directory synced) and
 //! then deletes the sealed segments, oldest first: superseded records, purged records and
@@ -141,6 +143,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chorus_core::hash::{HashRange, key_hash};
+use chorus_core::hlc::Version;
 use chorus_core::options::DurationUnit::{Micros, Millis, Secs};
 use chorus_core::options::Options;
 use chorus_core::options::SyncPolicy;
@@ -666,6 +669,46 @@ impl FileStorage {
     }
 }
 
+impl FileStorage {
+    /// Removes the record of `key` under the index lock if its version is `version`, and
+    /// sends its removal frame to the writer in that same hold, so the log holds the removal
+    /// where it was decided; returns where the write is acknowledged (`None`: nothing removed).
+    fn remove_if_version_locked(
+        &self,
+        key: &[u8],
+        version: Version,
+    ) -> Result<Option<Reply>, StorageError> {
+        let slot = (key_hash(key), Bytes::copy_from_slice(key));
+        let mut index = self.shared.index_write();
+        self.check_open()?;
+        if index
+            .map
+            .get(&slot)
+            .is_none_or(|stored| stored.version != version)
+        {
+            return Ok(None);
+        }
+        let Some(record) = index.map.remove(&slot) else {
+            return Ok(None);
+        };
+        index.count_out(slot.1.len(), &record);
+        let mut frame = Vec::new();
+        codec::encode_removal(&slot.1, version, &mut frame);
+        let (ack, reply) = oneshot::channel();
+        self.shared
+            .queued
+            .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        self.tx
+            .send(Cmd::Write {
+                frame,
+                ack: Some(ack),
+            })
+            .map_err(|_| StorageError::Closed)?;
+        drop(index);
+        Ok(Some(reply))
+    }
+}
+
 impl Storage for FileStorage {
     /// Ordered scans, never evicts; durability by the fsync policy: `always` syncs before the
     /// ack, `interval` and `never` acknowledge once the record is queued for the writer.
@@ -765,6 +808,19 @@ impl Storage for FileStorage {
             hints::remove(&shared.fs, &shared.dir, &ids).map_err(|err| hint_error("removing", err))
         })
         .await
+    }
+
+    /// Decides under the index lock and logs a removal frame (replayed on open with the
+    /// purge's rule, which at that point in the log removes exactly this record); returns
+    /// once the frame is written, and under [`FsyncPolicy::Always`] synced, like an apply.
+    async fn remove_if_version(&self, key: &[u8], version: Version) -> Result<bool, StorageError> {
+        match self.remove_if_version_locked(key, version)? {
+            Some(reply) => {
+                reply.await.map_err(|_| StorageError::Closed)??;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// Walks only the index entries of the range: O(log n + page).

@@ -529,6 +529,65 @@ async fn a_stale_apply_returns_only_after_the_record_it_reports_is_synced() {
     store.close().await.expect("close");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_if_unchanged_is_synced_before_it_returns_and_survives_a_crash_and_compaction() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hooks = Arc::new(TestHooks::default());
+    let store = open_hooked(dir.path(), FileOptions::default(), &hooks).expect("open");
+    let _release = ReleaseOnDrop(Arc::clone(&hooks));
+    for (k, ms) in [("gone", 5), ("kept", 5), ("newer", 5)] {
+        store
+            .apply(key(k), Record::value(k, version(ms, 1)))
+            .await
+            .expect("apply");
+    }
+    store
+        .apply(key("newer"), Record::value("newer", version(9, 1)))
+        .await
+        .expect("apply");
+    let mut entered = hooks.hold_next_sync();
+    {
+        let remove = store.remove_if_version(b"gone", version(5, 1));
+        let mut remove = std::pin::pin!(remove);
+        assert!(poll_once(remove.as_mut()).is_pending());
+        entered.recv().await.expect("the removal's fsync starts");
+        assert!(
+            poll_once(remove.as_mut()).is_pending(),
+            "a removal returned before its frame was synced"
+        );
+        hooks.release();
+        assert!(remove.await.expect("remove"));
+    }
+    assert!(
+        !store
+            .remove_if_version(b"newer", version(5, 1))
+            .await
+            .expect("remove"),
+        "a newer record stays"
+    );
+    assert_eq!(store.get(b"gone").await.expect("get"), None);
+    // Dropped without a close: the log ends without a commit marker, as after a crash.
+    drop(store);
+    let store = FileStorage::open(dir.path(), FileOptions::default()).expect("reopen");
+    let recovered = |store: &FileStorage| {
+        let index = store.shared.index_read();
+        index.map.keys().map(|(_, k)| k.clone()).collect::<Vec<_>>()
+    };
+    let mut keys = recovered(&store);
+    keys.sort();
+    assert_eq!(keys, [key("kept"), key("newer")]);
+    assert_eq!(store.stats().await.expect("stats").records, 2);
+    store.compact().await.expect("compact");
+    drop(store);
+    let store = FileStorage::open(dir.path(), FileOptions::default()).expect("reopen");
+    assert_eq!(store.get(b"gone").await.expect("get"), None);
+    assert_eq!(
+        store.get(b"newer").await.expect("get"),
+        Some(Record::value("newer", version(9, 1)))
+    );
+    store.close().await.expect("close");
+}
+
 /// Writes `count` records into a fresh store, closes it, and returns the records and the
 /// path and batch end offsets of the segment that holds them (each apply is one batch; the
 /// clean close adds a commit marker after the last).

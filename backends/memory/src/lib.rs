@@ -22,8 +22,9 @@
 //!   ([`Storage::store_meta`]) and hints ([`Storage::store_hints`]) are maps beside the
 //!   records, lost with them.
 //! - [`Storage::stats`] is O(1): counters are maintained while the shard lock of each apply is
-//!   held (a purge adjusts them just after each removal). They are exact whenever no write or
-//!   purge is in flight, and a momentary approximation while one races with the read.
+//!   held (a purge or a `remove_if_version` adjusts them just after each removal). They are
+//!   exact whenever no write or removal is in flight, and a momentary approximation while one
+//!   races with the read.
 //!
 //! ```
 //! use bytes::Bytes;
@@ -56,6 +57,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chorus_core::hash::{HashRange, key_hash};
+use chorus_core::hlc::Version;
 use chorus_core::options::Options;
 use chorus_core::record::Record;
 use chorus_core::registry::{Registry, StorageSpec};
@@ -333,6 +335,26 @@ impl MemoryStorage {
         ))
     }
 
+    fn remove_if_version_now(&self, key: &[u8], version: Version) -> Result<bool, StorageError> {
+        self.check_open()?;
+        // Decided under the map shard's lock, like an apply: a record applied meanwhile has
+        // another version and stays, and index and map agree.
+        let removed = self.map.remove_if(key, |key, slot| {
+            let gone = slot.record.version == version;
+            if gone {
+                self.index.remove(slot.hash, key.clone());
+            }
+            gone
+        });
+        Ok(match removed {
+            Some((key, slot)) => {
+                self.count_out(&key, &slot.record);
+                true
+            }
+            None => false,
+        })
+    }
+
     fn stats_now(&self) -> Result<StorageStats, StorageError> {
         self.check_open()?;
         let records = self.records.load(Ordering::Relaxed);
@@ -421,6 +443,10 @@ impl Storage for MemoryStorage {
         Ok(())
     }
 
+    async fn remove_if_version(&self, key: &[u8], version: Version) -> Result<bool, StorageError> {
+        self.remove_if_version_now(key, version)
+    }
+
     /// A full scan of the map: O(n) in the number of stored records per page.
     async fn scan(
         &self,
@@ -464,7 +490,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use chorus_core::hlc::{Timestamp, Version};
+    use chorus_core::hlc::Timestamp;
     use chorus_core::identity::NodeId;
 
     fn version(ms: u64, node: u64) -> Version {

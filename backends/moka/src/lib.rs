@@ -58,6 +58,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use chorus_core::hash::{HashRange, key_hash};
+use chorus_core::hlc::Version;
 use chorus_core::options::{DurationUnit, Options};
 use chorus_core::record::{Payload, Record};
 use chorus_core::registry::{Registry, StorageSpec};
@@ -354,6 +355,23 @@ impl MokaStorage {
         ))
     }
 
+    fn remove_if_version_now(&self, key: &[u8], version: Version) -> Result<bool, StorageError> {
+        self.check_open()?;
+        let mut removed = false;
+        // Decided under moka's lock for the key, like an apply: a record applied meanwhile
+        // has another version and stays.
+        self.cache
+            .entry(Bytes::copy_from_slice(key))
+            .and_compute_with(|current| match current {
+                Some(entry) if entry.value().record.version == version => {
+                    removed = true;
+                    Op::Remove
+                }
+                _ => Op::Nop,
+            });
+        Ok(removed)
+    }
+
     fn stats_now(&self) -> Result<StorageStats, StorageError> {
         self.check_open()?;
         let mut stats = StorageStats::default();
@@ -430,6 +448,12 @@ impl Storage for MokaStorage {
             hints.remove(&id);
         }
         Ok(())
+    }
+
+    /// Under moka's lock for the key; a record the cache evicted meanwhile is not there to
+    /// remove (`false`).
+    async fn remove_if_version(&self, key: &[u8], version: Version) -> Result<bool, StorageError> {
+        self.remove_if_version_now(key, version)
     }
 
     /// A full pass over the cache and a sort of the matches: O(n log n) per page.

@@ -11,8 +11,8 @@
 //! [`Storage::apply`] is a compare-and-swap loop: read the stored record, decide with
 //! [`Record::supersedes`], and swap only if the stored bytes are still the ones decided
 //! against; a concurrent writer that got in first makes the swap fail and the loop decides
-//! again against its record. Purge removes with the same compare-and-swap, so a record
-//! replaced in the meantime is kept.
+//! again against its record. Purge and [`Storage::remove_if_version`] remove with the same
+//! compare-and-swap, so a record replaced in the meantime is kept.
 //!
 //! # Durability window
 //!
@@ -636,6 +636,40 @@ impl SledStorage {
     }
 }
 
+impl SledStorage {
+    /// Removes the record of `key` if its version is `version`, with the compare-and-swap
+    /// apply uses: a record swapped in meanwhile makes the swap fail, and the loop decides
+    /// again against it.
+    fn remove_if_version_now(
+        &self,
+        db: &sled::Db,
+        key: &[u8],
+        version: Version,
+    ) -> Result<bool, StorageError> {
+        let raw_key = db_key(key_hash(key), key);
+        let mut current = db.get(&raw_key).map_err(sled_error)?;
+        loop {
+            let Some(raw) = &current else {
+                return Ok(false);
+            };
+            let stored = decode_record(raw)?;
+            if stored.version != version {
+                return Ok(false);
+            }
+            match db
+                .compare_and_swap(&raw_key, Some(raw), None as Option<&[u8]>)
+                .map_err(sled_error)?
+            {
+                Ok(()) => {
+                    self.count(key.len(), &stored, -1);
+                    return Ok(true);
+                }
+                Err(conflict) => current = conflict.current,
+            }
+        }
+    }
+}
+
 impl Storage for SledStorage {
     /// Ordered scans, never evicts; durability by the flush policy: `always` flushes (and
     /// fsyncs) before the ack, `interval` and `never` leave acknowledged writes in sled's
@@ -758,6 +792,17 @@ impl Storage for SledStorage {
             Self::flush_via(&open.flusher).await?;
         }
         Ok(())
+    }
+
+    /// A compare-and-swap loop; under [`FlushPolicy::Always`] a removal then waits for a
+    /// flush, as an apply does, so a reopened database does not bring the record back.
+    async fn remove_if_version(&self, key: &[u8], version: Version) -> Result<bool, StorageError> {
+        let open = self.opened()?;
+        let removed = self.remove_if_version_now(&open.db, key, version)?;
+        if removed && self.flush == FlushPolicy::Always {
+            Self::flush_via(&open.flusher).await?;
+        }
+        Ok(removed)
     }
 
     /// Reads only the sled keys of the range.

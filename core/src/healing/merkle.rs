@@ -315,6 +315,22 @@ impl MerkleTree {
         self.end(&pending);
     }
 
+    /// After storage was asked to remove the key's record: `removed` is the version it
+    /// removed (`None` when it removed nothing: nothing changes). Begun with
+    /// [`MerkleTree::begin`] before the removal, like a write, so a rebuild running meanwhile
+    /// keeps the leaf as maintained.
+    pub fn finish_removal(&self, pending: Pending, removed: Option<&Version>) {
+        if let Some(removed) = removed {
+            let mut gone = RangeDigest::default();
+            gone.add(entry_hash(pending.key_hash, removed));
+            self.with_leaf(leaf_of(pending.key_hash), |l| {
+                l.digest = subtract(l.digest, gone);
+                l.dirty = true;
+            });
+        }
+        self.end(&pending);
+    }
+
     /// After storage failed to apply it: what it stored is unknown, so the leaf may be wrong
     /// until the next rebuild, which [`MerkleTree::needs_rebuild`] asks for.
     pub fn abandon(&self, pending: Pending) {
@@ -508,6 +524,33 @@ mod tests {
             a.node(0, 0),
             "a parent is the sum of its children"
         );
+    }
+
+    #[test]
+    fn a_removal_takes_exactly_the_removed_record_out_of_its_leaf() {
+        let (tree, expected) = (MerkleTree::new(), MerkleTree::new());
+        put(&tree, b"x", None, 1);
+        put(&tree, b"x", Some(1), 2);
+        put(&tree, b"y", None, 3);
+        put(&expected, b"y", None, 3);
+        let p = tree.begin(key_hash(b"x"));
+        tree.finish_removal(p, Some(&v(2)));
+        assert_eq!(tree.node(0, 0), expected.node(0, 0));
+        let leaf = leaf_of(key_hash(b"x"));
+        assert_eq!(tree.leaf(leaf), expected.leaf(leaf));
+        // A removal that removed nothing changes nothing.
+        let p = tree.begin(key_hash(b"y"));
+        tree.finish_removal(p, None);
+        assert_eq!(tree.node(0, 0), expected.node(0, 0));
+        // A removal during a rebuild whose scan still saw the record: the leaf is kept as
+        // maintained, not put back.
+        let mut rebuild = tree.start_rebuild();
+        rebuild.add(key_hash(b"y"), &v(3));
+        let p = tree.begin(key_hash(b"y"));
+        tree.finish_removal(p, Some(&v(3)));
+        let report = tree.finish_rebuild(rebuild);
+        assert_eq!(report.corrected, 0, "{report:?}");
+        assert_eq!(tree.node(0, 0), MerkleTree::new().node(0, 0));
     }
 
     #[test]

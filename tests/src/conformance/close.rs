@@ -64,6 +64,10 @@ pub async fn closed(backend: &Backend) {
     );
     refused(store.load_hints().await, "load_hints");
     refused(store.remove_hints(vec![1]).await, "remove_hints");
+    refused(
+        store.remove_if_version(&key, record.version).await,
+        "remove_if_version",
+    );
     refused(store.scan(HashRange::FULL, None, nz(10)).await, "scan");
     refused(store.digest(HashRange::FULL, nz32(4)).await, "digest");
     refused(store.purge(u64::MAX, Duration::ZERO).await, "purge");

@@ -10,7 +10,8 @@
 //!
 //! The checks are plain async functions that panic on the first violation, one file per
 //! group: [`model`], [`concurrent_writers`], [`tombstones`], [`ranges`], [`expiry`],
-//! [`stale_outcomes`], [`apply_batch`], [`metadata`], [`hints`], [`capabilities`], [`closed`]. [`run_check`] runs one of the [`ALL`] descriptors through the
+//! [`stale_outcomes`], [`apply_batch`], [`metadata`], [`hints`], [`remove_if_version`],
+//! [`capabilities`], [`closed`]. [`run_check`] runs one of the [`ALL`] descriptors through the
 //! shared [`runner`] and turns a panic or a hang into a [`Failure`] that names
 //! the backend, the check and the seed. [`backends_agree`] compares backends with each other:
 //! the same records applied in different orders must give every backend the same scans and
@@ -23,7 +24,7 @@
 //! ([`Backend::keeps_everything`]: it never evicts, or evicts only above a capacity larger than
 //! [`MAX_CHECK_BYTES`] and never expires records on its own); on other backends they are
 //! skipped ([`Ran::Skipped`]), and [`capabilities`] checks what such a backend does promise.
-//! [`metadata`] and [`hints`] check persistence across a reopen only where the durability is persistent
+//! [`metadata`], [`hints`] and [`remove_if_version`] check persistence across a reopen only where the durability is persistent
 //! and the [`Backend`] knows how to reopen its stores ([`Backend::open_reopenable`]).
 //!
 //! # Seeds
@@ -47,6 +48,7 @@ mod hints;
 mod meta;
 mod model;
 mod ranges;
+mod remove;
 mod stale;
 mod support;
 mod tombstones;
@@ -70,6 +72,7 @@ pub use hints::hints;
 pub use meta::metadata;
 pub use model::model;
 pub use ranges::ranges;
+pub use remove::remove_if_version;
 pub use stale::stale_outcomes;
 pub use tombstones::tombstones;
 
@@ -295,6 +298,14 @@ pub const HINTS: Check = Check::new(
     |backend, _| Box::pin(async move { hints(&backend).await }),
 );
 
+/// [`remove_if_version`] as a [`Check`].
+pub const REMOVE: Check = Check::new(
+    "remove_if_version",
+    "remove_if_version removes only the version given, never a newer write, and stays removed",
+    |backend, seed| Box::pin(async move { remove_if_version(&backend, seed).await }),
+)
+.skip_when(unless_keeps_everything);
+
 /// [`capabilities`] as a [`Check`].
 pub const CAPABILITIES: Check = Check::new(
     "capabilities",
@@ -310,7 +321,7 @@ pub const CLOSED: Check = Check::new(
 );
 
 /// Every check, in the order [`run_all`] runs them.
-pub const ALL: [Check; 11] = [
+pub const ALL: [Check; 12] = [
     MODEL,
     CONCURRENT_WRITERS,
     TOMBSTONES,
@@ -320,6 +331,7 @@ pub const ALL: [Check; 11] = [
     BATCH,
     META,
     HINTS,
+    REMOVE,
     CAPABILITIES,
     CLOSED,
 ];

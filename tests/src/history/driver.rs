@@ -81,9 +81,9 @@ pub struct RunConfig {
     pub ownership_changes: bool,
     /// Nodes that join during the faults (with `ownership_changes`).
     pub joiners: usize,
-    /// Whether the nodes heal in the background (anti-entropy). Off, only writes, read
-    /// repair, hints and a join's pull move data: a planted bug in the pull is then not
-    /// repaired before it is seen.
+    /// Whether the nodes heal in the background (anti-entropy, and the cleanup that hands
+    /// copies to the current replicas). Off, only writes, read repair, hints and a join's
+    /// pull move data: a planted bug in the pull is then not repaired before it is seen.
     pub background_healing: bool,
 }
 
@@ -284,6 +284,7 @@ pub async fn run(config: RunConfig) -> Run {
     spec.bugs = config.bugs;
     if !config.background_healing {
         spec.config.anti_entropy = false;
+        spec.config.ownership_settle = Duration::from_secs(3600);
     }
     let max_drift_ms = spec.config.max_clock_drift.as_millis() as u64;
     let initial = config.nodes - config.joiners;

@@ -179,6 +179,14 @@ pub struct NodeConfig {
     /// acknowledgements; what is not acknowledged by then is counted and logged.
     #[serde(with = "duration")]
     pub handoff_timeout: Duration,
+    /// How long after a ring change took key ranges away from this node (a member joined and
+    /// took them over) it waits before handing the records of those ranges to the keys'
+    /// current replicas and removing its own copies, once every one of them acknowledged.
+    /// The wait lets every member's view of the ring settle and anti-entropy stream the
+    /// ranges to their new replicas first; a round that leaves records (a replica did not
+    /// acknowledge) is retried after twice the previous wait, up to ten times this one.
+    #[serde(with = "duration")]
+    pub ownership_settle: Duration,
     /// Whether a node that starts with seeds and empty storage joins by pulling the records of
     /// the ranges it will own from their current replicas before it serves reads (see
     /// `docs/ARCHITECTURE.md`, "Handoff when ownership changes"). Off, it serves reads at once
@@ -256,6 +264,7 @@ impl Default for NodeConfig {
             join_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
             handoff_timeout: Duration::from_secs(60),
+            ownership_settle: Duration::from_secs(30),
             join_handoff: true,
             join_settle: Duration::from_secs(5),
             join_pull_timeout: Duration::from_secs(3600),
@@ -316,6 +325,7 @@ impl NodeConfig {
             ("purge_interval", self.purge_interval),
             ("shutdown_timeout", self.shutdown_timeout),
             ("handoff_timeout", self.handoff_timeout),
+            ("ownership_settle", self.ownership_settle),
             ("join_settle", self.join_settle),
             ("join_pull_timeout", self.join_pull_timeout),
             ("hint_window", self.hint_window),
@@ -357,6 +367,19 @@ impl NodeConfig {
                     "{:?} must exceed request_timeout ({:?}): writes a coordinator started \
                      before it heard of a join must end before the joiner pulls",
                     self.join_settle, self.request_timeout
+                ),
+            });
+        }
+        // The ring from before a join stays a write set for join_settle after it ended; a
+        // cleanup before then would remove copies that writes still count on.
+        if self.join_handoff && self.ownership_settle <= self.join_settle {
+            return Err(ConfigError::Invalid {
+                field: "ownership_settle",
+                reason: format!(
+                    "{:?} must exceed join_settle ({:?}): the ring from before a join stays a \
+                     write set for join_settle after it ended, and records it counts on must \
+                     not be cleaned up before then",
+                    self.ownership_settle, self.join_settle
                 ),
             });
         }
@@ -436,5 +459,62 @@ pub(crate) mod duration {
             _ => return None,
         };
         Some(Duration::from_millis(n.checked_mul(ms)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ownership_settle_defaults_to_thirty_seconds_and_must_not_be_zero() {
+        let config = NodeConfig::default();
+        assert_eq!(config.ownership_settle, Duration::from_secs(30));
+        assert!(config.validate().is_ok());
+        let zero = NodeConfig {
+            ownership_settle: Duration::ZERO,
+            ..NodeConfig::default()
+        };
+        let err = zero.validate().expect_err("zero settle refused");
+        assert!(
+            matches!(
+                err,
+                ConfigError::Invalid {
+                    field: "ownership_settle",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn ownership_settle_must_exceed_join_settle_while_joins_pull() {
+        let config = NodeConfig {
+            join_settle: Duration::from_secs(30),
+            ownership_settle: Duration::from_secs(30),
+            ..NodeConfig::default()
+        };
+        let err = config
+            .validate()
+            .expect_err("a cleanup within join_settle refused");
+        assert!(
+            matches!(
+                err,
+                ConfigError::Invalid {
+                    field: "ownership_settle",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let off = NodeConfig {
+            join_handoff: false,
+            ..config
+        };
+        assert!(
+            off.validate().is_ok(),
+            "no pull, no ring from before a join"
+        );
     }
 }

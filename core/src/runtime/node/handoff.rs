@@ -43,7 +43,7 @@ use crate::ring::{Ring, RingMember};
 use crate::storage::{MAX_BATCH, Storage, StorageError};
 
 /// Most key and record bytes in one handoff `Apply` (as anti-entropy's batches).
-const APPLY_BATCH_BYTES: usize = 4 * 1024 * 1024;
+pub(crate) const APPLY_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Attempts at one batch before its target is given up for this leave.
 const ATTEMPTS: u32 = 3;
 /// The first retry's wait; it doubles per attempt.

@@ -77,15 +77,19 @@ impl MerkleState {
             .stats
             .merkle_bytes_sent
             .fetch_add(bytes, Ordering::Relaxed);
-        let now_ms = inner.hlc.wall_clock().now_ms();
-        let wait = self
-            .limiter
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take(now_ms, bytes);
+        let wait = self.take_bandwidth(inner.hlc.wall_clock().now_ms(), bytes);
         if wait > 0 {
             tokio::time::sleep(Duration::from_millis(wait)).await;
         }
+    }
+
+    /// Takes `bytes` from the bandwidth limit; how many milliseconds to wait before sending
+    /// them.
+    pub(crate) fn take_bandwidth(&self, now_ms: u64, bytes: u64) -> u64 {
+        self.limiter
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take(now_ms, bytes)
     }
 }
 

@@ -16,6 +16,7 @@
 //! membership messages to the membership driver without waiting, and serves each replica
 //! request on its own task, so a slow disk never holds up probes.
 
+mod cleanup;
 mod config;
 mod coordinator;
 mod floor;
@@ -438,6 +439,10 @@ impl NodeBuilder {
             merkle: config.anti_entropy.then(|| {
                 merkle::MerkleState::new(config.anti_entropy_bandwidth.get(), clock.now_ms())
             }),
+            cleanup: cleanup::CleanupState::new(
+                config.anti_entropy_bandwidth.get(),
+                clock.now_ms(),
+            ),
             deferred,
             id,
             hlc,
@@ -463,15 +468,16 @@ impl NodeBuilder {
                 n,
                 ring_config,
                 inner.channel.as_ref().map(|c| c.book.clone()),
-                inner.id,
-                inner.config.join_settle,
-                {
-                    let inner = inner.clone();
-                    move |peers| inner.co_replicas_gained(&peers)
+                view::Me {
+                    id: inner.id,
+                    seeded: !inner.config.seeds.is_empty(),
                 },
+                inner.config.join_settle,
+                RingChanges(inner.clone()),
             )),
             tokio::spawn(dispatch(inner.clone(), inbound, swim)),
             tokio::spawn(purge_loop(inner.clone())),
+            tokio::spawn(cleanup::run(inner.clone())),
             tokio::spawn(run_deferred(deferred_rx)),
         ];
         if joining {
@@ -560,10 +566,25 @@ pub(crate) struct Inner {
     sync: sync::SyncLog,
     /// The Merkle tree and exchange schedule (`None` with anti-entropy off).
     merkle: Option<merkle::MerkleState>,
+    /// Ranges a ring change took from this node, waiting to be handed off and removed.
+    cleanup: cleanup::CleanupState,
     /// What the transport authenticates connections with (`None` in insecure mode).
     channel: Option<ChannelAuth>,
     /// The transport, for its counters.
     transport: SharedTransport,
+}
+
+/// What the view follower reports of each ring change, to the tasks that act on it.
+struct RingChanges(Arc<Inner>);
+
+impl view::RingChanges for RingChanges {
+    fn gained(&self, peers: Vec<NodeId>) {
+        self.0.co_replicas_gained(&peers);
+    }
+
+    fn lost(&self, ranges: Vec<crate::hash::HashRange>) {
+        self.0.ranges_lost(ranges);
+    }
 }
 
 /// A piece of work that outlives the request that started it.

@@ -306,9 +306,9 @@ pub(crate) fn storage_refusal(e: &StorageError) -> Refusal {
 
 /// Tree updates begun for writes storage is applying; abandoned (the leaves marked for the next
 /// rebuild) if dropped before they are taken out and finished.
-struct PendingGuard<'a> {
-    tree: &'a crate::healing::merkle::MerkleTree,
-    pending: Vec<crate::healing::merkle::Pending>,
+pub(crate) struct PendingGuard<'a> {
+    pub(crate) tree: &'a crate::healing::merkle::MerkleTree,
+    pub(crate) pending: Vec<crate::healing::merkle::Pending>,
 }
 
 impl Drop for PendingGuard<'_> {

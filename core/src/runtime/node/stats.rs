@@ -132,6 +132,15 @@ counters! {
     /// Records a graceful leave handed to the members taking this node's place, as they
     /// acknowledged them.
     leave_handed_off,
+    /// Rounds of the cleanup of ranges this node no longer replicates (one per set of lost
+    /// ranges that came due, retries included).
+    cleanup_rounds,
+    /// Records of lost ranges removed from this node's storage once every current replica
+    /// of their key acknowledged them (and collectable ones, which need no handoff).
+    cleanup_removed,
+    /// Records of lost ranges a cleanup round kept: a current replica did not acknowledge
+    /// them, or a newer write reached this node meanwhile. Each is tried again later.
+    cleanup_kept,
     /// Records a graceful leave could not hand off by `handoff_timeout` (a new replica
     /// unreachable, not alive, or refusing): they stay on the key's other replicas.
     leave_handoff_failed,

@@ -144,6 +144,33 @@ impl View {
         self.ring.preference_list(key, self.n)
     }
 
+    /// Whether `id` replicates `key` in this view: it is in any of [`View::write_sets`] (the
+    /// read ring's replicas, the ones with the active joiner, or those of a ring from before a
+    /// join that ended within `join_settle`). Every decision about dropping a copy goes
+    /// through here, so a copy some write set still counts on is never dropped.
+    pub(crate) fn holds(&self, key: &[u8], id: NodeId) -> bool {
+        is_replica(self, key, id)
+            || self
+                .next
+                .iter()
+                .chain(&self.previous)
+                .any(|ring| ring.preference_list(key, self.n).contains(&id))
+    }
+
+    /// Every member of any of `key`'s [`View::write_sets`], each once, the read ring's
+    /// replicas first: where a copy handed off must be before this node may drop its own.
+    pub(crate) fn write_targets(&self, key: &[u8]) -> Vec<NodeId> {
+        let mut targets = self.replicas(key);
+        for ring in self.next.iter().chain(&self.previous) {
+            for id in ring.preference_list(key, self.n) {
+                if !targets.contains(&id) {
+                    targets.push(id);
+                }
+            }
+        }
+        targets
+    }
+
     pub(crate) fn addr(&self, id: NodeId) -> Option<&Address> {
         self.members.get(&id).map(|(a, _)| a)
     }
@@ -167,10 +194,31 @@ pub(crate) fn is_replica(view: &View, key: &[u8], id: NodeId) -> bool {
     })
 }
 
+/// What a ring change means for `me`, as [`follow`] reports it.
+pub(crate) trait RingChanges: Send {
+    /// Members that became co-replicas of `me` ([`Ring::gained_co_replicas`]): the ranges a
+    /// dead member held, or a joining member now owns, are pushed to them at once.
+    fn gained(&self, peers: Vec<NodeId>);
+    /// Ranges `me` replicated and no longer does ([`Ring::lost_ranges`]): its copies are
+    /// handed to their current replicas and removed once the ring settled.
+    fn lost(&self, ranges: Vec<crate::hash::HashRange>);
+}
+
+/// The node a view follower works for.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Me {
+    pub(crate) id: NodeId,
+    /// The node starts through seeds, so the ring it starts with (itself alone, or no one
+    /// while it joins) is a placeholder until it hears of the cluster, not ranges it owned:
+    /// nothing is lost from it. A node that forms a cluster alone did own everything, and
+    /// loses what members joining it take over.
+    pub(crate) seeded: bool,
+}
+
 /// Keeps `slot` (and the transport's address book, in keyring mode) in step with the
-/// membership view until the view's sender goes away. After each change, `gained` hears of
-/// the members that became co-replicas of `me` ([`Ring::gained_co_replicas`]), so the ranges
-/// a dead member held, or a joining member now owns, are pushed to them at once.
+/// membership view until the view's sender goes away, and tells `changes` what each change of
+/// the settled ring gave `me` ([`RingChanges::gained`]) and took from it
+/// ([`RingChanges::lost`]; never while `me` itself is joining: it owned nothing yet).
 ///
 /// When a joining member settles, the read ring from before is added to the view's
 /// `previous` for `join_grace` (its members that are still alive): long enough for the news
@@ -182,10 +230,14 @@ pub(crate) async fn follow(
     n: NonZeroUsize,
     ring: RingConfig,
     book: Option<crate::peer_auth::AddressBook>,
-    me: NodeId,
+    me: Me,
     join_grace: std::time::Duration,
-    gained: impl Fn(Vec<NodeId>) + Send,
+    changes: impl RingChanges,
 ) {
+    let Me {
+        id: me,
+        seeded: mut placeholder_start,
+    } = me;
     // The settled rings' members before each join that finished, and until when writes
     // still meet a quorum among them.
     let mut previous: Vec<(Vec<RingMember>, tokio::time::Instant)> = Vec::new();
@@ -218,8 +270,21 @@ pub(crate) async fn follow(
         if prev.ring.members() != next.ring.members() {
             let peers = next.ring.gained_co_replicas(&prev.ring, me, n);
             if !peers.is_empty() {
-                gained(peers);
+                changes.gained(peers);
             }
+            // A placeholder start ring, or `me` joining (in neither settled ring, or just
+            // settled into the new one), is no ownership lost.
+            let placeholder = placeholder_start && prev.ring.members().iter().all(|m| m.node == me);
+            let joining = prev.is_joining(me) || next.is_joining(me);
+            if !placeholder && !joining {
+                let ranges = next.ring.lost_ranges(&prev.ring, me, n);
+                if !ranges.is_empty() {
+                    changes.lost(ranges);
+                }
+            }
+        }
+        if next.ring.members().iter().any(|m| m.node != me) {
+            placeholder_start = false;
         }
         if changed && let Some(book) = &book {
             book.replace(
@@ -252,7 +317,10 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
+    use crate::hash::HashRange;
     use crate::membership::{Life, MemberMeta};
 
     const N3: NonZeroUsize = NonZeroUsize::new(3).unwrap();
@@ -309,6 +377,14 @@ mod tests {
         assert_eq!(sets[0], v.replicas(&key));
         assert!(sets[1].contains(&NodeId(5)));
         assert!(v.addr(NodeId(5)).is_some(), "a joiner is reachable");
+        // A copy a write set counts on is held: the joiner's, and the old replicas'.
+        assert!(v.holds(&key, NodeId(5)), "the joiner is in a write set");
+        for id in &sets[0] {
+            assert!(v.holds(&key, *id));
+        }
+        let targets = v.write_targets(&key);
+        assert!(targets.contains(&NodeId(5)));
+        assert!(sets.iter().flatten().all(|id| targets.contains(id)));
     }
 
     #[test]
@@ -362,9 +438,12 @@ mod tests {
             N3,
             RingConfig::default(),
             None,
-            NodeId(1),
+            Me {
+                id: NodeId(1),
+                seeded: false,
+            },
             grace,
-            |_| {},
+            Heard::default(),
         ));
         let step = std::time::Duration::from_millis(10);
         tokio::time::sleep(step).await;
@@ -400,9 +479,12 @@ mod tests {
             N3,
             RingConfig::default(),
             None,
-            NodeId(1),
+            Me {
+                id: NodeId(1),
+                seeded: false,
+            },
             grace,
-            |_| {},
+            Heard::default(),
         ));
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         assert!(slot.load().previous.is_empty());
@@ -420,10 +502,159 @@ mod tests {
             .find(|k| v.ring.preference_list(k, N3).contains(&NodeId(5)))
             .unwrap();
         assert_eq!(v.write_sets(&key).len(), 2);
+        // Whoever replicated the key in the ring from before still holds it until the grace
+        // ends: a cleanup must not drop it meanwhile.
+        let before = previous.preference_list(&key, N3);
+        let dropped: Vec<NodeId> = before
+            .iter()
+            .copied()
+            .filter(|id| !v.ring.preference_list(&key, N3).contains(id))
+            .collect();
+        assert!(!dropped.is_empty(), "5 took the key over from someone");
+        for id in &dropped {
+            assert!(
+                v.holds(&key, *id),
+                "in the write set of the ring from before"
+            );
+        }
         // After the grace, one ring again.
         tokio::time::sleep(grace).await;
         assert!(slot.load().previous.is_empty());
         assert!(!slot.load().in_transition());
+        for id in &dropped {
+            assert!(!slot.load().holds(&key, *id), "no write set left with it");
+        }
+        task.abort();
+    }
+
+    #[derive(Clone, Default)]
+    struct Heard(Arc<Mutex<Vec<Vec<HashRange>>>>);
+
+    impl RingChanges for Heard {
+        fn gained(&self, _: Vec<NodeId>) {}
+        fn lost(&self, ranges: Vec<HashRange>) {
+            self.0.lock().expect("not poisoned").push(ranges);
+        }
+    }
+
+    /// Runs a follower for node 1 through `rings` (member ids, node 1 first) and returns what
+    /// it heard was lost.
+    async fn lost_along(seeded: bool, rings: &[&[u64]]) -> Vec<Vec<HashRange>> {
+        let n = NonZeroUsize::new(2).expect("two");
+        let config = RingConfig::default();
+        let members =
+            |ids: &[u64]| -> Arc<[Member]> { ids.iter().map(|&i| member(i, false)).collect() };
+        let (tx, rx) = tokio::sync::watch::channel(members(rings[0]));
+        let slot = Arc::new(arc_swap::ArcSwap::from_pointee(View::build(
+            &members(rings[0]),
+            n,
+            config,
+        )));
+        let heard = Heard::default();
+        let me = Me {
+            id: NodeId(1),
+            seeded,
+        };
+        let grace = std::time::Duration::from_secs(5);
+        let task = tokio::spawn(follow(
+            rx,
+            slot.clone(),
+            n,
+            config,
+            None,
+            me,
+            grace,
+            heard.clone(),
+        ));
+        for ring in &rings[1..] {
+            tx.send(members(ring)).expect("follower listens");
+            let want = ring.len();
+            while slot.load().ring.len() != want {
+                tokio::task::yield_now().await;
+            }
+        }
+        drop(tx);
+        task.await.expect("follower ends with the sender");
+        heard.0.lock().expect("not poisoned").clone()
+    }
+
+    #[tokio::test]
+    async fn a_joining_node_s_solitary_start_is_not_ownership_it_loses() {
+        // Through seeds: alone, then the cluster: nothing lost; then a fourth member joins and
+        // takes ranges: those are lost.
+        let heard = lost_along(true, &[&[1], &[1, 2, 3], &[1, 2, 3, 4]]).await;
+        assert_eq!(heard.len(), 1, "{heard:?}");
+        let expected = ring_of(&[1, 2, 3, 4]).lost_ranges(&ring_of(&[1, 2, 3]), NodeId(1), N2);
+        assert_eq!(heard[0], expected);
+        // Forming the cluster alone, node 1 owned everything, and loses what joiners take.
+        let heard = lost_along(false, &[&[1], &[1, 2, 3]]).await;
+        assert_eq!(heard.len(), 1, "{heard:?}");
+        assert!(!heard[0].is_empty());
+    }
+
+    const N2: NonZeroUsize = NonZeroUsize::new(2).unwrap();
+
+    fn ring_of(ids: &[u64]) -> Ring {
+        Ring::new(
+            ids.iter().map(|&id| RingMember::new(NodeId(id))),
+            RingConfig::default(),
+        )
+        .expect("ring")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_loses_nothing_while_it_joins() {
+        let grace = std::time::Duration::from_secs(5);
+        let state = |settled: &[u64], joining: &[u64]| -> Arc<[Member]> {
+            settled
+                .iter()
+                .map(|&i| member(i, false))
+                .chain(joining.iter().map(|&i| member(i, true)))
+                .collect()
+        };
+        // Node 5 joins through seeds: it starts as a joiner alone, hears of the cluster, a
+        // ring change without it happens meanwhile (4 dies), and it settles.
+        let first = state(&[], &[5]);
+        let (tx, rx) = tokio::sync::watch::channel(first.clone());
+        let slot = Arc::new(arc_swap::ArcSwap::from_pointee(View::build(
+            &first,
+            N3,
+            RingConfig::default(),
+        )));
+        let heard = Heard::default();
+        let me = Me {
+            id: NodeId(5),
+            seeded: true,
+        };
+        let task = tokio::spawn(follow(
+            rx,
+            slot.clone(),
+            N3,
+            RingConfig::default(),
+            None,
+            me,
+            grace,
+            heard.clone(),
+        ));
+        let step = std::time::Duration::from_millis(10);
+        for members in [
+            state(&[1, 2, 3, 4], &[5]),
+            state(&[1, 2, 3], &[5]),
+            state(&[1, 2, 3, 5], &[]),
+        ] {
+            tokio::time::sleep(step).await;
+            tx.send(members).unwrap();
+        }
+        tokio::time::sleep(step).await;
+        assert!(
+            heard.0.lock().unwrap().is_empty(),
+            "{:?}",
+            heard.0.lock().unwrap()
+        );
+        // Settled, a later join takes ranges from it.
+        tx.send(state(&[1, 2, 3, 5, 6], &[])).unwrap();
+        tokio::time::sleep(step).await;
+        assert_eq!(heard.0.lock().unwrap().len(), 1);
         task.abort();
     }
 }
