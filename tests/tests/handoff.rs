@@ -188,10 +188,11 @@ async fn records_a_leave_cannot_hand_off_are_counted_and_the_shutdown_stays_boun
     cluster.stop().await;
 }
 
-/// The nodes whose storage holds `key`, at any version (0-based).
+/// The running nodes whose storage holds `key`, at any version (0-based). A node that left
+/// or died keeps its store (memory) but holds nothing for the cluster.
 async fn holders(cluster: &Cluster, key: &[u8]) -> Vec<usize> {
     let mut out = Vec::new();
-    for i in 0..cluster.len() {
+    for i in (0..cluster.len()).filter(|&i| cluster.is_running(i)) {
         if cluster
             .storage(i)
             .get(key)
@@ -589,5 +590,128 @@ async fn a_joiner_whose_seeds_do_not_answer_waits_for_them_and_then_pulls() {
         missing.len()
     );
     assert!(cluster.node(3).stats().join_pulled > 0);
+    cluster.stop().await;
+}
+
+/// Overwrites `key` at `Quorum` through the running nodes in turn until a put is
+/// acknowledged, and returns that put's version. A put that failed may have reached some
+/// replicas; the acknowledged one after it has a newer version, so it is the key's latest.
+async fn put_until_acknowledged(cluster: &Cluster, step: usize, key: &Bytes) -> Version {
+    let quorum = WriteOptions::default().consistency(Consistency::Quorum);
+    let running: Vec<usize> = (0..cluster.len())
+        .filter(|&i| cluster.is_running(i))
+        .collect();
+    let mut failures = Vec::new();
+    for attempt in 0..20 {
+        let via = running[(step + attempt) % running.len()];
+        match cluster
+            .node(via)
+            .put(key.clone(), format!("v{step}-{attempt}"), quorum)
+            .await
+        {
+            Ok(version) => return version,
+            Err(e) => failures.push(format!("node {}: {e}", via + 1)),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("seed {}: no put of {key:?} was acknowledged: {failures:?}", seed());
+}
+
+/// Overwrites every third key of `latest` (from `offset`), one every 20 ms, while `busy`
+/// holds, and at least `at_least` of them; keeps each key's acknowledged version.
+async fn overwrite_while(
+    cluster: &Cluster,
+    latest: &mut [(Bytes, Version)],
+    offset: &mut usize,
+    at_least: usize,
+    busy: impl Fn(&Cluster) -> bool,
+) {
+    let mut done = 0;
+    while done < at_least || busy(cluster) {
+        assert!(
+            done < 20_000,
+            "seed {}: still busy after {done} writes",
+            seed()
+        );
+        let k = (*offset * 3) % latest.len();
+        let version = put_until_acknowledged(cluster, *offset, &latest[k].0).await;
+        latest[k].1 = version;
+        *offset += 1;
+        done += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads every key of `latest` at `Quorum` through the running nodes in turn and checks it
+/// returns the key's latest acknowledged version.
+async fn read_back_latest(cluster: &Cluster, latest: &[(Bytes, Version)]) {
+    let read = chorus::ReadOptions::default().consistency(Consistency::Quorum);
+    let running: Vec<usize> = (0..cluster.len())
+        .filter(|&i| cluster.is_running(i))
+        .collect();
+    for (k, (key, version)) in latest.iter().enumerate() {
+        let got = cluster
+            .node(running[k % running.len()])
+            .get_versioned(key.clone(), read)
+            .await
+            .unwrap_or_else(|e| panic!("seed {}: quorum read of {key:?}: {e}", seed()))
+            .unwrap_or_else(|| panic!("seed {}: {key:?} lost", seed()));
+        assert_eq!(
+            got.version,
+            *version,
+            "seed {}: {key:?} is not at its latest acknowledged write",
+            seed()
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_joins_a_leave_and_a_death_lose_no_acknowledged_write_and_keys_end_on_their_replicas()
+{
+    // The scenario: a loaded 3-node cluster (N = 3, W = R = 2) gains two nodes,
+    // then one leaves gracefully and one dies, with quorum writes going on throughout.
+    let mut spec = ClusterSpec::new(5, seed());
+    spec.config.ownership_settle = Duration::from_secs(5);
+    let mut cluster = Cluster::start_first(spec, 3).await;
+    let mut latest = Vec::new();
+    for k in 0..600 {
+        let key = Bytes::from(format!("key-{k}"));
+        let version = put_until_acknowledged(&cluster, k, &key).await;
+        latest.push((key, version));
+    }
+    let mut offset = 0;
+
+    // Two joins, one after the other, each pulling its ranges while writes go on.
+    for joiner in [3, 4] {
+        cluster.join(joiner).await;
+        assert!(cluster.node(joiner).is_joining(), "node {} pulls", joiner + 1);
+        overwrite_while(&cluster, &mut latest, &mut offset, 50, |c| {
+            c.node(joiner).is_joining()
+        })
+        .await;
+        cluster.wait_for_ring(Duration::from_secs(60)).await;
+        let stats = cluster.node(joiner).stats();
+        assert_eq!(stats.joins_completed, 1, "{stats:?}");
+        assert_eq!(stats.join_incomplete, 0, "{stats:?}");
+    }
+    // Five nodes at N = 3: each key on exactly its three, the copies the joiners took
+    // removed from the nodes that lost them once ownership settled.
+    wait_exactly_on_replicas(&cluster, 0, &latest, Duration::from_secs(120)).await;
+    let removed: u64 = (0..5).map(|i| cluster.node(i).stats().cleanup_removed).sum();
+    assert!(removed > 0, "the joins took ranges from the first three nodes");
+    read_back_latest(&cluster, &latest).await;
+
+    // Node 2 leaves gracefully, then node 3 crashes; writes go on after each.
+    cluster.shutdown(1).await;
+    overwrite_while(&cluster, &mut latest, &mut offset, 50, |_| false).await;
+    cluster.wait_for_ring(Duration::from_secs(60)).await;
+    cluster.kill(2).await;
+    overwrite_while(&cluster, &mut latest, &mut offset, 50, |_| false).await;
+    cluster.wait_for_ring(Duration::from_secs(60)).await;
+
+    // Three survivors at N = 3: every key, at its latest acknowledged version, on all three
+    // (the dead node's ranges re-replicated without a read), and read back at R = 2.
+    wait_exactly_on_replicas(&cluster, 0, &latest, Duration::from_secs(120)).await;
+    read_back_latest(&cluster, &latest).await;
     cluster.stop().await;
 }
