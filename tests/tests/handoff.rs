@@ -614,7 +614,10 @@ async fn put_until_acknowledged(cluster: &Cluster, step: usize, key: &Bytes) -> 
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    panic!("seed {}: no put of {key:?} was acknowledged: {failures:?}", seed());
+    panic!(
+        "seed {}: no put of {key:?} was acknowledged: {failures:?}",
+        seed()
+    );
 }
 
 /// Overwrites every third key of `latest` (from `offset`), one every 20 ms, while `busy`
@@ -666,8 +669,7 @@ async fn read_back_latest(cluster: &Cluster, latest: &[(Bytes, Version)]) {
 }
 
 #[tokio::test(start_paused = true)]
-async fn two_joins_a_leave_and_a_death_lose_no_acknowledged_write_and_keys_end_on_their_replicas()
-{
+async fn two_joins_a_leave_and_a_death_lose_no_acknowledged_write_and_keys_end_on_their_replicas() {
     // The scenario: a loaded 3-node cluster (N = 3, W = R = 2) gains two nodes,
     // then one leaves gracefully and one dies, with quorum writes going on throughout.
     let mut spec = ClusterSpec::new(5, seed());
@@ -684,7 +686,11 @@ async fn two_joins_a_leave_and_a_death_lose_no_acknowledged_write_and_keys_end_o
     // Two joins, one after the other, each pulling its ranges while writes go on.
     for joiner in [3, 4] {
         cluster.join(joiner).await;
-        assert!(cluster.node(joiner).is_joining(), "node {} pulls", joiner + 1);
+        assert!(
+            cluster.node(joiner).is_joining(),
+            "node {} pulls",
+            joiner + 1
+        );
         overwrite_while(&cluster, &mut latest, &mut offset, 50, |c| {
             c.node(joiner).is_joining()
         })
@@ -697,8 +703,13 @@ async fn two_joins_a_leave_and_a_death_lose_no_acknowledged_write_and_keys_end_o
     // Five nodes at N = 3: each key on exactly its three, the copies the joiners took
     // removed from the nodes that lost them once ownership settled.
     wait_exactly_on_replicas(&cluster, 0, &latest, Duration::from_secs(120)).await;
-    let removed: u64 = (0..5).map(|i| cluster.node(i).stats().cleanup_removed).sum();
-    assert!(removed > 0, "the joins took ranges from the first three nodes");
+    let removed: u64 = (0..5)
+        .map(|i| cluster.node(i).stats().cleanup_removed)
+        .sum();
+    assert!(
+        removed > 0,
+        "the joins took ranges from the first three nodes"
+    );
     read_back_latest(&cluster, &latest).await;
 
     // Node 2 leaves gracefully, then node 3 crashes; writes go on after each.
