@@ -252,6 +252,19 @@ impl Ring {
     /// preference list), adjacent ones merged, in ring order; `[HashRange::FULL]` when that
     /// is every key.
     pub fn shared_ranges(&self, a: NodeId, b: NodeId, n: NonZeroUsize) -> Vec<HashRange> {
+        self.ranges_where(n, |list| list.contains(&a) && list.contains(&b))
+    }
+
+    /// The ranges whose keys `me` does not replicate (it is not among the first `n` of their
+    /// preference list), adjacent ones merged, in ring order; `[HashRange::FULL]` when that is
+    /// every key, none for an empty ring. What `me` stores there it holds for nobody.
+    pub fn unreplicated_ranges(&self, me: NodeId, n: NonZeroUsize) -> Vec<HashRange> {
+        self.ranges_where(n, |list| !list.contains(&me))
+    }
+
+    /// The ranges whose preference list (its first `n`) satisfies `keep`, adjacent ones
+    /// merged, in ring order; `[HashRange::FULL]` when that is every key.
+    fn ranges_where(&self, n: NonZeroUsize, keep: impl Fn(&[NodeId]) -> bool) -> Vec<HashRange> {
         let len = self.tokens.len();
         let mut out: Vec<HashRange> = Vec::new();
         let mut list = Vec::with_capacity(n.get());
@@ -263,7 +276,7 @@ impl Ring {
             }
             // Positions in [prev, token i) have token i as successor.
             self.preference_list_for_hash(prev, n, &mut list);
-            if !(list.contains(&a) && list.contains(&b)) {
+            if !keep(&list) {
                 all = false;
                 continue;
             }
@@ -589,6 +602,37 @@ mod tests {
         );
         // A member outside both rings loses nothing.
         assert!(after.lost_ranges(&before, NodeId(9), n2).is_empty());
+    }
+
+    #[test]
+    fn unreplicated_ranges_hold_exactly_the_keys_me_does_not_replicate() {
+        let ring = ring_of(&[1, 2, 3, 4, 5]);
+        for me in [1, 3, 5] {
+            let me = NodeId(me);
+            let outside = ring.unreplicated_ranges(me, N3);
+            assert!(outside.len() > 1, "{me}");
+            for k in 0..5_000u32 {
+                let key = k.to_le_bytes();
+                let replicates = ring.preference_list(&key, N3).contains(&me);
+                let inside = outside.iter().any(|r| r.contains(key_hash(&key)));
+                assert_eq!(!replicates, inside, "{me}, key {k}");
+            }
+            for w in outside.windows(2) {
+                assert!(w[0].end != w[1].start, "{w:?} not merged");
+            }
+        }
+        // Where every member replicates everything, nothing is outside; a stranger holds
+        // nothing anywhere; an empty ring has no ranges at all.
+        assert!(
+            ring_of(&[1, 2, 3])
+                .unreplicated_ranges(NodeId(1), N3)
+                .is_empty()
+        );
+        assert_eq!(
+            ring.unreplicated_ranges(NodeId(9), N3),
+            vec![HashRange::FULL]
+        );
+        assert!(ring_of(&[]).unreplicated_ranges(NodeId(1), N3).is_empty());
     }
 
     #[test]

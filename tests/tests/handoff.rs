@@ -496,6 +496,47 @@ async fn records_a_new_replica_did_not_acknowledge_stay_until_a_retry_hands_them
 }
 
 #[tokio::test(start_paused = true)]
+async fn copies_a_restart_forgot_to_clean_are_found_by_the_sweep() {
+    // N = 2 of 3 nodes; node 1 loses ranges to a newcomer and restarts before its cleanup
+    // round is due. The restarted node never sees the loss (its first ring already holds
+    // the newcomer): only the sweep of the ranges it does not replicate finds the copies.
+    let mut spec = ClusterSpec::new(3, seed());
+    spec.config.replication_factor = std::num::NonZeroUsize::new(2).expect("two");
+    spec.config.ownership_settle = Duration::from_secs(5);
+    let mut cluster = Cluster::start(spec).await;
+    let latest = write_all(&cluster, 300).await;
+    let joined = cluster.add_node().await;
+    cluster.wait_for_ring(Duration::from_secs(30)).await;
+    assert_eq!(
+        cluster.node(0).stats().cleanup_removed,
+        0,
+        "no round ran yet"
+    );
+    cluster.kill(0).await;
+    cluster.restart(0).await;
+    cluster.wait_for_ring(Duration::from_secs(30)).await;
+    let orphans = {
+        let mut n = 0;
+        for (key, _) in &latest {
+            let replicas = cluster.node(0).replicas_of(key);
+            n += usize::from(
+                !replicas.contains(&NodeId(1)) && holders(&cluster, key).await.contains(&0),
+            );
+        }
+        n
+    };
+    assert!(orphans > 0, "node 1 kept copies of ranges it lost");
+    wait_exactly_on_replicas(&cluster, 0, &latest, Duration::from_secs(120)).await;
+    assert!(
+        cluster.node(0).stats().cleanup_removed >= orphans as u64,
+        "{:?}",
+        cluster.node(0).stats()
+    );
+    assert_eq!(cluster.node(joined).stats().cleanup_removed, 0);
+    cluster.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_wiped_node_pulls_its_data_back_and_a_restart_with_data_does_not_join() {
     let mut cluster = Cluster::start(slow_anti_entropy(4)).await;
     let written = write_all(&cluster, 200).await;

@@ -146,6 +146,9 @@ pub struct Run {
     pub history: History,
     /// The broken promises.
     pub violations: Vec<Violation>,
+    /// Records the cleanup of data no longer owned removed, summed over the nodes running
+    /// at the end.
+    pub cleanup_removed: u64,
 }
 
 impl Run {
@@ -285,6 +288,10 @@ pub async fn run(config: RunConfig) -> Run {
     if !config.background_healing {
         spec.config.anti_entropy = false;
         spec.config.ownership_settle = Duration::from_secs(3600);
+    } else if config.ownership_changes {
+        // Above the spec's join_settle (1.5 s) and well inside the fault time, so the cleanup
+        // removes copies while clients read and write.
+        spec.config.ownership_settle = Duration::from_secs(2);
     }
     let max_drift_ms = spec.config.max_clock_drift.as_millis() as u64;
     let initial = config.nodes - config.joiners;
@@ -370,6 +377,10 @@ pub async fn run(config: RunConfig) -> Run {
             )
         })
         .collect();
+    let cleanup_removed = (0..config.nodes)
+        .filter(|&i| cluster.is_running(i))
+        .map(|i| cluster.node(i).stats().cleanup_removed)
+        .sum();
     cluster.stop().await;
 
     let mut ops = std::mem::take(&mut *shared.ops.lock().expect("ops"));
@@ -394,6 +405,7 @@ pub async fn run(config: RunConfig) -> Run {
         config,
         history,
         violations,
+        cleanup_removed,
     }
 }
 

@@ -3,15 +3,28 @@
 //! settle, the node hands its records of those ranges to the keys' current replicas and
 //! removes its own copies, so each key ends on exactly its N replicas.
 //!
-//! - **What is cleaned.** Only the ranges a ring change took away ([`Ring::lost_ranges`]),
-//!   recorded when the view follower sees the change and due `ownership_settle` later.
-//!   Records this node holds without ever having replicated their range (a leaving member's
-//!   stream arrives before its departure shows in the ring) are never looked at. Inside a
-//!   lost range, a record whose key this node holds again by the time the round runs
+//! - **What is cleaned, promptly.** The ranges a ring change took away
+//!   ([`Ring::lost_ranges`]), recorded when the view follower sees the change and due
+//!   `ownership_settle` later. Inside a lost range, a record whose key this node holds again
+//!   by the time the round runs
 //!   ([`View::holds`], the one place ownership is decided: any write set of the view, so the
 //!   ring with an active joiner and every ring from before a join that ended within
 //!   `join_settle` count) is left alone; one held only through such a transition is counted
 //!   kept and retried. Nothing is lost while this node itself joins.
+//! - **What is cleaned, by state.** Events alone miss copies: a restart forgets the pending
+//!   ranges, a node down while a member joined never sees its loss, and records keep arriving
+//!   after a round (hints to the old replica, late frames, a stale coordinator's repair). So
+//!   every `anti_entropy_interval`, and first `ownership_settle` after the start, a sweep
+//!   runs over every range this node does not replicate in the settled ring
+//!   ([`Ring::unreplicated_ranges`]), by the same rules. It waits until the settled ring has
+//!   not changed for `ownership_settle` and no join is under way or just ended, and it never
+//!   runs while this node joins or is not in its own ring. A record a leaving member streams
+//!   here in the moment before its departure shows may be handed back to it and removed by
+//!   a sweep that happens to run then; the ring change that follows starts the Merkle
+//!   exchanges that bring it back (with anti-entropy on).
+//! - **Tombstones stay until the purge.** A tombstone not yet collectable is handed off but
+//!   not removed: while it is here, an older write arriving late (a hint, a repair) is stale
+//!   on arrival instead of stored as a copy nobody would delete.
 //!
 //! - **Never losing a write.** A record is sent, with its original version, to every member
 //!   of every write set of its key ([`View::write_targets`]), in `Apply` batches of at most
@@ -25,12 +38,13 @@
 //! - **Retries.** A round that kept anything (a replica unreachable or refusing, a storage
 //!   error, a newer write) leaves its ranges pending, due again after twice the previous
 //!   wait (at most ten times `ownership_settle`). A node shutting down starts no round and
-//!   removes nothing more. Pending ranges live in memory: a restart forgets them, which leaves
-//!   extra copies behind (anti-entropy ignores them), never fewer.
+//!   removes nothing more. Pending ranges live in memory: after a restart, the sweep finds
+//!   what they held.
 //! - **The Merkle tree** loses each removed record's fingerprint as storage loses the record
 //!   (begun before the removal like a write, so a rebuild running meanwhile keeps the leaf).
 //!
 //! [`Ring::lost_ranges`]: crate::ring::Ring::lost_ranges
+//! [`Ring::unreplicated_ranges`]: crate::ring::Ring::unreplicated_ranges
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -64,6 +78,8 @@ const MAX_BACKOFF: u32 = 10;
 #[derive(Debug)]
 pub(crate) struct CleanupState {
     pending: Mutex<Vec<Due>>,
+    /// When the settled ring last changed (the node's start, at first).
+    ring_changed_at: Mutex<Instant>,
     wake: Notify,
     limiter: Mutex<RateLimit>,
 }
@@ -80,6 +96,7 @@ impl CleanupState {
     pub(crate) fn new(bandwidth: u64, now_ms: u64) -> Self {
         CleanupState {
             pending: Mutex::new(Vec::new()),
+            ring_changed_at: Mutex::new(Instant::now()),
             wake: Notify::new(),
             limiter: Mutex::new(RateLimit::new(bandwidth, now_ms)),
         }
@@ -91,13 +108,31 @@ impl CleanupState {
 
     /// Records `ranges`, due `settle` from now.
     fn lost(&self, ranges: Vec<HashRange>, settle: Duration) {
-        let at = Instant::now() + settle;
+        let now = Instant::now();
+        let at = now.checked_add(settle).unwrap_or(now);
         self.pending().extend(ranges.into_iter().map(|range| Due {
             range,
             at,
             backoff: settle,
         }));
         self.wake.notify_one();
+    }
+
+    /// The settled ring changed: the next sweep waits `ownership_settle` from now.
+    pub(crate) fn ring_changed(&self) {
+        *self
+            .ring_changed_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+    }
+
+    /// When the settled ring will have been unchanged for `settle`.
+    fn quiet_at(&self, settle: Duration) -> Instant {
+        let changed = *self
+            .ring_changed_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        changed.checked_add(settle).unwrap_or(changed)
     }
 
     /// When the earliest pending range is due.
@@ -117,10 +152,10 @@ impl CleanupState {
     fn retry(&self, due: Vec<Due>, cap: Duration) {
         let now = Instant::now();
         self.pending().extend(due.into_iter().map(|d| {
-            let backoff = (d.backoff * 2).min(cap);
+            let backoff = d.backoff.saturating_mul(2).min(cap);
             Due {
                 range: d.range,
-                at: now + backoff,
+                at: now.checked_add(backoff).unwrap_or(now),
                 backoff,
             }
         }));
@@ -168,25 +203,39 @@ struct Report {
 /// The cleanup task: runs each set of lost ranges when it is due, until the node stops.
 pub(crate) async fn run(inner: Arc<Inner>) {
     let state = &inner.cleanup;
-    let cap = inner.config.ownership_settle * MAX_BACKOFF;
+    let settle = inner.config.ownership_settle;
+    let cap = settle.saturating_mul(MAX_BACKOFF);
+    let start = Instant::now();
+    let mut sweep_at = start.checked_add(settle).unwrap_or(start);
     loop {
         let woken = state.wake.notified();
-        match state.next_due() {
-            None => {
-                woken.await;
-                continue;
+        let next = state.next_due().map_or(sweep_at, |at| at.min(sweep_at));
+        if next > Instant::now() {
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                () = woken => {}
             }
-            Some(at) if at > Instant::now() => {
-                tokio::select! {
-                    () = tokio::time::sleep_until(at) => {}
-                    () = woken => {}
-                }
-                continue;
-            }
-            Some(_) => {}
+            continue;
         }
         if inner.stopping.load(Ordering::SeqCst) {
             return;
+        }
+        if sweep_at <= Instant::now() {
+            match sweep_unreplicated(&inner).await {
+                Ok(Some(again)) => sweep_at = again,
+                Ok(None) => {
+                    let now = Instant::now();
+                    let interval = inner.config.anti_entropy_interval;
+                    sweep_at = now.checked_add(interval).unwrap_or(now);
+                }
+                Err(StorageError::Closed) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cleanup sweep: storage failed; retried later");
+                    let now = Instant::now();
+                    sweep_at = now.checked_add(settle).unwrap_or(now);
+                }
+            }
+            continue;
         }
         let due = state.take_due(Instant::now());
         let ranges: Vec<HashRange> = due.iter().map(|d| d.range).collect();
@@ -201,14 +250,7 @@ pub(crate) async fn run(inner: Arc<Inner>) {
                 continue;
             }
         };
-        inner
-            .stats
-            .cleanup_removed
-            .fetch_add(report.removed, Ordering::Relaxed);
-        inner
-            .stats
-            .cleanup_kept
-            .fetch_add(report.kept, Ordering::Relaxed);
+        count(&inner, report);
         if report.kept > 0 || inner.stopping.load(Ordering::SeqCst) {
             tracing::info!(
                 removed = report.removed,
@@ -224,6 +266,55 @@ pub(crate) async fn run(inner: Arc<Inner>) {
             );
         }
     }
+}
+
+/// The sweep by state: once the settled ring has been quiet for `ownership_settle`, no join
+/// is under way or just ended and this node is settled in its own ring, one round over every
+/// range it does not replicate. `Some(at)`: not yet, try again at `at`; `None`: done (or
+/// nothing to do), next one in `anti_entropy_interval`.
+async fn sweep_unreplicated(inner: &Inner) -> Result<Option<Instant>, StorageError> {
+    let settle = inner.config.ownership_settle;
+    let now = Instant::now();
+    let quiet_at = inner.cleanup.quiet_at(settle);
+    if quiet_at > now {
+        return Ok(Some(quiet_at));
+    }
+    let view = inner.view.load_full();
+    let me = inner.id;
+    if view.in_transition()
+        || view.is_joining(me)
+        || !view.ring.members().iter().any(|m| m.node == me)
+    {
+        return Ok(Some(now.checked_add(settle).unwrap_or(now)));
+    }
+    let ranges = view.ring.unreplicated_ranges(me, view.n);
+    if ranges.is_empty() {
+        return Ok(None);
+    }
+    inner.stats.cleanup_rounds.fetch_add(1, Ordering::Relaxed);
+    let report = round(inner, &ranges).await?;
+    count(inner, report);
+    if report.kept > 0 || report.removed > 0 {
+        tracing::info!(
+            removed = report.removed,
+            kept = report.kept,
+            "cleanup sweep: records of ranges not replicated here handed off and removed \
+             (kept: not every current replica acknowledged them, or held by a transition)"
+        );
+    }
+    Ok(None)
+}
+
+/// Adds a round's report to the stats.
+fn count(inner: &Inner, report: Report) {
+    inner
+        .stats
+        .cleanup_removed
+        .fetch_add(report.removed, Ordering::Relaxed);
+    inner
+        .stats
+        .cleanup_kept
+        .fetch_add(report.kept, Ordering::Relaxed);
 }
 
 /// One round over `ranges`: range by range on a backend with ordered scans, one pass over
@@ -277,6 +368,9 @@ async fn sweep(
                 .is_collectable(now_ms, inner.config.tombstone_grace)
             {
                 plan.add_collectable(e.key, e.record);
+            } else if e.record.is_tombstone() {
+                let targets = view.write_targets(&e.key);
+                plan.add_tombstone(e.key, e.record, targets);
             } else {
                 let targets = view.write_targets(&e.key);
                 plan.add(e.key, e.record, targets);
@@ -431,6 +525,8 @@ struct Item {
     targets: Vec<NodeId>,
     acked: Vec<NodeId>,
     collectable: bool,
+    /// Handed off but never removed here: a tombstone not yet collectable, left to the purge.
+    stays: bool,
 }
 
 /// What to do with a page's records once the handoff is over.
@@ -452,6 +548,20 @@ impl Plan {
             targets,
             acked: Vec::new(),
             collectable: false,
+            stays: false,
+        });
+    }
+
+    /// A tombstone not yet collectable: handed to `targets` like any record, never removed
+    /// (the purge removes it after its grace period).
+    pub(crate) fn add_tombstone(&mut self, key: Bytes, record: Record, targets: Vec<NodeId>) {
+        self.items.push(Item {
+            key,
+            record,
+            targets,
+            acked: Vec::new(),
+            collectable: false,
+            stays: true,
         });
     }
 
@@ -463,6 +573,7 @@ impl Plan {
             targets: Vec::new(),
             acked: Vec::new(),
             collectable: true,
+            stays: false,
         });
     }
 
@@ -529,9 +640,9 @@ impl Plan {
         }
     }
 
-    /// Decides each record by the view of now: one this node `holds` again is left alone;
-    /// one whose every current `replicas` (at least one) acknowledged it is removed, as is a
-    /// collectable one; every other is kept.
+    /// Decides each record by the view of now: one this node `holds` again, or a tombstone
+    /// that stays, is left alone; one whose every current `replicas` (at least one)
+    /// acknowledged it is removed, as is a collectable one; every other is kept.
     pub(crate) fn decide(
         self,
         holds: impl Fn(&[u8]) -> bool,
@@ -539,7 +650,7 @@ impl Plan {
     ) -> Decision {
         let mut decision = Decision::default();
         for item in self.items {
-            if holds(&item.key) {
+            if holds(&item.key) || item.stays {
                 continue;
             }
             let acked = item.collectable || {
@@ -613,6 +724,31 @@ mod tests {
             Decision {
                 remove: vec![(key("a"), v(1)), (key("dead"), v(4))],
                 kept: 2,
+            }
+        );
+    }
+
+    #[test]
+    fn a_tombstone_not_yet_collectable_is_handed_off_and_stays_for_the_purge() {
+        let mut plan = Plan::default();
+        plan.add(key("a"), Record::value("a", v(1)), ids(&[2]));
+        plan.add_tombstone(key("gone"), Record::tombstone(v(2)), ids(&[2]));
+        assert_eq!(
+            plan.batches(MAX_BATCH, APPLY_BATCH_BYTES),
+            vec![(NodeId(2), vec![0, 1])],
+            "the tombstone goes to the replicas"
+        );
+        plan.acknowledged(
+            NodeId(2),
+            &[0, 1],
+            &[WriteOutcome::Applied, WriteOutcome::Applied],
+        );
+        // Here it keeps rejecting older writes that arrive late; the purge removes it.
+        assert_eq!(
+            plan.decide(|_| false, |_| ids(&[2])),
+            Decision {
+                remove: vec![(key("a"), v(1))],
+                kept: 0,
             }
         );
     }

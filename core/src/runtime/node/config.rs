@@ -185,6 +185,9 @@ pub struct NodeConfig {
     /// The wait lets every member's view of the ring settle and anti-entropy stream the
     /// ranges to their new replicas first; a round that leaves records (a replica did not
     /// acknowledge) is retried after twice the previous wait, up to ten times this one.
+    /// Besides, every `anti_entropy_interval` (first this long after the start), a sweep
+    /// cleans every range the node does not replicate by the same rules, once the ring has
+    /// been unchanged this long: copies a restart or a late write left behind.
     #[serde(with = "duration")]
     pub ownership_settle: Duration,
     /// Whether a node that starts with seeds and empty storage joins by pulling the records of
@@ -223,6 +226,7 @@ pub struct NodeConfig {
     /// How often every range shared with a co-replica is compared by Merkle anti-entropy (at
     /// least once per interval per co-replica, and at once for a co-replica first seen, in a
     /// new life, or overtaken in the applied-writes log). `tombstone_grace` must exceed it.
+    /// The cleanup's sweep of ranges the node does not replicate runs as often.
     #[serde(with = "duration")]
     pub anti_entropy_interval: Duration,
     /// Most bytes a second Merkle anti-entropy sends (digest requests, offers and records),

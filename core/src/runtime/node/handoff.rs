@@ -62,7 +62,9 @@ pub(crate) struct LeaveReport {
 
 /// The new replicas of the key at ring position `hash` if `me` leaves: the members of its
 /// preference list in `without` (the ring without `me`) that are not in `current` (its list
-/// now); none when `me` does not replicate it. Pure: the leave's routing decision.
+/// now). When `me` does not replicate it, a copy it holds for nobody (the cleanup had not
+/// removed it yet: some replica had not acknowledged it), all of them: this copy may be the
+/// one they lack. Pure: the leave's routing decision.
 pub(crate) fn new_replicas(
     current: &[NodeId],
     without: &Ring,
@@ -72,11 +74,10 @@ pub(crate) fn new_replicas(
     out: &mut Vec<NodeId>,
 ) {
     out.clear();
-    if !current.contains(&me) {
-        return;
-    }
     without.preference_list_for_hash(hash, n, out);
-    out.retain(|id| !current.contains(id));
+    if current.contains(&me) {
+        out.retain(|id| !current.contains(id));
+    }
 }
 
 /// One graceful leave's handoff: the view it leaves from, the ring without this node, the
@@ -351,7 +352,8 @@ mod tests {
                 assert_eq!(out.len(), 1, "{list:?} -> {out:?}");
                 assert!(!list.contains(&out[0]) && out[0] != NodeId(4));
             } else {
-                assert!(out.is_empty(), "not its key: nothing to hand off");
+                // A copy it holds for nobody goes to every replica of the key.
+                assert_eq!(out, list, "not its key: to all its replicas");
             }
         }
         assert!(handed > 0);

@@ -585,6 +585,10 @@ impl view::RingChanges for RingChanges {
     fn lost(&self, ranges: Vec<crate::hash::HashRange>) {
         self.0.ranges_lost(ranges);
     }
+
+    fn changed(&self) {
+        self.0.cleanup.ring_changed();
+    }
 }
 
 /// A piece of work that outlives the request that started it.

@@ -202,6 +202,8 @@ pub(crate) trait RingChanges: Send {
     /// Ranges `me` replicated and no longer does ([`Ring::lost_ranges`]): its copies are
     /// handed to their current replicas and removed once the ring settled.
     fn lost(&self, ranges: Vec<crate::hash::HashRange>);
+    /// The settled ring's members changed (reported before `gained` and `lost`).
+    fn changed(&self) {}
 }
 
 /// The node a view follower works for.
@@ -268,6 +270,7 @@ pub(crate) async fn follow(
         slot.store(next.clone());
         // Most changes (a suspicion, a refutation) leave the ring's members alone: no walk.
         if prev.ring.members() != next.ring.members() {
+            changes.changed();
             let peers = next.ring.gained_co_replicas(&prev.ring, me, n);
             if !peers.is_empty() {
                 changes.gained(peers);
