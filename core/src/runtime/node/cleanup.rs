@@ -66,6 +66,7 @@ use crate::identity::NodeId;
 use crate::record::Record;
 use crate::replication::{REPLICA_PROTOCOL_VERSION, ReplicaMessage, Write, WriteOutcome};
 use crate::storage::{MAX_BATCH, ScanCost, Storage, StorageError};
+use crate::transport::Transport;
 
 /// Records read from storage per page of a round; each page is handed off and cleaned
 /// before the next is read.
@@ -407,7 +408,10 @@ async fn sweep(
 
 /// Sends every batch of `plan` to its target and notes what each acknowledged.
 async fn hand_off(inner: &Inner, view: &View, plan: &mut Plan) {
-    for (target, items) in plan.batches(MAX_BATCH, APPLY_BATCH_BYTES) {
+    // Half the frame limit leaves room for the encoding's overhead, as the join's pages do:
+    // with a smaller frame limit than the default, a 4 MiB batch would fail every retry.
+    let max_bytes = APPLY_BATCH_BYTES.min(inner.transport.max_frame_len() / 2);
+    for (target, items) in plan.batches(MAX_BATCH, max_bytes) {
         let Some(addr) = view.addr(target).cloned() else {
             continue;
         };
