@@ -943,6 +943,17 @@ async fn tree_run(a: &Args, run: usize, anti_entropy: bool) -> (f64, u64) {
         let _ = t.await;
     }
     let f = failed.load(Ordering::Relaxed);
+    if f > 0 {
+        let not_sent: u64 = cluster
+            .nodes
+            .iter()
+            .map(|n| n.stats().replies_not_sent)
+            .sum();
+        eprintln!(
+            "anti_entropy {anti_entropy}: {f} failed puts; replies not sent {not_sent}; network {:?}",
+            cluster.net.stats()
+        );
+    }
     if anti_entropy {
         // What the applied-writes log did meanwhile (the part of the cost that is not the
         // tree), summed over the nodes.
