@@ -535,10 +535,11 @@ async fn partition_run(a: &Args, run: usize) -> PartitionRun {
                         })
                         .collect();
                     format!(
-                        "n{} settled={} [{}]",
+                        "n{} settled={} [{}] forgotten_refused={}",
                         node.id().0,
                         node.ownership_settled(),
-                        ring.join(" ")
+                        ring.join(" "),
+                        node.membership_stats().forgotten_refused
                     )
                 })
                 .collect();
