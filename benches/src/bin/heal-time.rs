@@ -30,12 +30,12 @@
 //!   due in that time are compared with the baseline's. Each run does this
 //!   twice, on fresh clusters: with the default `anti_entropy_bandwidth` and with
 //!   `--high-bandwidth-mib`.
-//! - **`tree`**: put throughput of a 3-node cluster (N = 3, W = 2) with `anti_entropy` off and
-//!   on, alternating in the same run (the order flips every run), fresh cluster each time:
-//!   `--concurrency` closed-loop clients put random keys of a 1M-key space through the three
-//!   nodes in turn, 1 s of warm-up, then `--secs` measured. `anti_entropy = false` stops
-//!   both the Merkle tree's upkeep and the applied-writes log (and its offers), so the ratio
-//!   is an upper bound on the tree's cost.
+//! - **`tree`**: put throughput of a 3-node cluster (N = 3, W = 2) with `anti_entropy` off,
+//!   with the applied-writes log only (`merkle_anti_entropy = false`) and with the log and
+//!   the Merkle trees (the default), all three in the same run (the order rotates every
+//!   run), fresh cluster each time: `--concurrency` closed-loop clients put random keys of a
+//!   1M-key space through the three nodes in turn, 1 s of warm-up, then `--secs` measured.
+//!   The trees' cost is the ratio of the last two.
 
 use std::collections::HashMap;
 use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
@@ -890,11 +890,22 @@ async fn handoff(a: &Args) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Scenario c: put throughput with anti-entropy (tree and log) off and on.
+// Scenario c: put throughput with anti-entropy off, with the applied-writes log only
+// (`merkle_anti_entropy = false`), and with both (the default).
 
-async fn tree_run(a: &Args, run: usize, anti_entropy: bool) -> (f64, u64) {
+/// What of anti-entropy a `tree` run keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Healing {
+    Off,
+    LogOnly,
+    LogAndTrees,
+}
+
+async fn tree_run(a: &Args, run: usize, healing: Healing) -> (f64, u64) {
     let mut config = base_config();
-    config.anti_entropy = anti_entropy;
+    config.anti_entropy = healing != Healing::Off;
+    config.merkle_anti_entropy = healing == Healing::LogAndTrees;
+    let anti_entropy = format!("{healing:?}");
     // Empty nodes: nothing to pull, and the cluster is up sooner.
     config.join_handoff = false;
     let seed = a.seed + run as u64;
@@ -925,7 +936,7 @@ async fn tree_run(a: &Args, run: usize, anti_entropy: bool) -> (f64, u64) {
                     }
                     Err(e) => {
                         if failed.fetch_add(1, Ordering::Relaxed) == 0 {
-                            eprintln!("anti_entropy {anti_entropy}: first failed put: {e}");
+                            eprintln!("{healing:?}: first failed put: {e}");
                         }
                     }
                 }
@@ -951,17 +962,17 @@ async fn tree_run(a: &Args, run: usize, anti_entropy: bool) -> (f64, u64) {
             .map(|n| n.stats().replies_not_sent)
             .sum();
         eprintln!(
-            "anti_entropy {anti_entropy}: {f} failed puts; replies not sent {not_sent}; network {:?}",
+            "{anti_entropy}: {f} failed puts; replies not sent {not_sent}; network {:?}",
             cluster.net.stats()
         );
     }
-    if anti_entropy {
+    if healing != Healing::Off {
         // What the applied-writes log did meanwhile (the part of the cost that is not the
         // tree), summed over the nodes.
         let all: Vec<NodeStats> = cluster.nodes.iter().map(|n| n.stats()).collect();
         let sum = |f: fn(&NodeStats) -> u64| all.iter().map(f).sum::<u64>();
         eprintln!(
-            "anti_entropy on: sync offers {}, early rounds {}, sync repairs {}, merkle exchanges {}, replica applies {}",
+            "{anti_entropy}: sync offers {}, early rounds {}, sync repairs {}, merkle exchanges {}, replica applies {}",
             sum(|s| s.sync_offers),
             sum(|s| s.sync_early_rounds),
             sum(|s| s.sync_repairs),
@@ -979,25 +990,36 @@ async fn tree(a: &Args) {
          {} B values to random keys of 1M, {} s measured after 1 s warm-up, fresh cluster each",
         a.concurrency, a.value_len, a.secs
     );
-    println!("| run | puts/s anti_entropy off | puts/s on | on / off | failed off/on |");
-    println!("|---|---|---|---|---|");
-    let mut ratios = Vec::new();
+    println!(
+        "| run | puts/s anti_entropy off | log only | log and trees | log / off | trees: \
+         (log and trees) / log | (log and trees) / off | failed off/log/both |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let (mut log_ratios, mut tree_ratios, mut all_ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let modes = [Healing::Off, Healing::LogOnly, Healing::LogAndTrees];
     for run in 0..a.runs {
-        let (off, on) = if run.is_multiple_of(2) {
-            let off = tree_run(a, run, false).await;
-            (off, tree_run(a, run, true).await)
-        } else {
-            let on = tree_run(a, run, true).await;
-            (tree_run(a, run, false).await, on)
-        };
-        let ratio = on.0 / off.0;
+        // The order rotates every run, so no variant always runs first (or last).
+        let mut results = [(0.0, 0); 3];
+        for i in 0..3 {
+            let m = (i + run) % 3;
+            results[m] = tree_run(a, run, modes[m]).await;
+        }
+        let [off, log, both] = results;
+        let (l, t, b) = (log.0 / off.0, both.0 / log.0, both.0 / off.0);
         println!(
-            "| {run} | {:.0} | {:.0} | {:.3} | {}/{} |",
-            off.0, on.0, ratio, off.1, on.1
+            "| {run} | {:.0} | {:.0} | {:.0} | {l:.3} | {t:.3} | {b:.3} | {}/{}/{} |",
+            off.0, log.0, both.0, off.1, log.1, both.1
         );
-        ratios.push(ratio);
+        log_ratios.push(l);
+        tree_ratios.push(t);
+        all_ratios.push(b);
     }
-    println!("median on / off: {:.3}", median(&mut ratios));
+    println!(
+        "medians: log / off {:.3}, trees (log and trees) / log {:.3}, (log and trees) / off {:.3}",
+        median(&mut log_ratios),
+        median(&mut tree_ratios),
+        median(&mut all_ratios)
+    );
 }
 
 fn main() {

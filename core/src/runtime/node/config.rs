@@ -223,6 +223,11 @@ pub struct NodeConfig {
     /// applied as a replica (ring-buffer anti-entropy) and compares Merkle trees of the
     /// ranges it shares with each (Merkle anti-entropy).
     pub anti_entropy: bool,
+    /// Whether anti-entropy keeps Merkle trees (with `anti_entropy` on): off, only the
+    /// applied-writes log's offers heal, so divergence the log did not see (a co-replica
+    /// overtaken in the log, a restart, silent damage) waits for reads and hints, and no
+    /// tree is kept up to date on the write path. On unless measuring what the trees cost.
+    pub merkle_anti_entropy: bool,
     /// How often every range shared with a co-replica is compared by Merkle anti-entropy (at
     /// least once per interval per co-replica, and at once for a co-replica first seen, in a
     /// new life, or overtaken in the applied-writes log). `tombstone_grace` must exceed it.
@@ -278,6 +283,7 @@ impl Default for NodeConfig {
             max_hint_bytes_per_target: 256 << 20,
             hint_delivery_rate: 2_000,
             anti_entropy: true,
+            merkle_anti_entropy: true,
             anti_entropy_interval: Duration::from_secs(600),
             anti_entropy_bandwidth: NonZeroU64::new(8 << 20).expect("non-zero"),
             anti_entropy_concurrency: NonZeroUsize::new(2).expect("non-zero"),

@@ -436,7 +436,7 @@ impl NodeBuilder {
             sync: config
                 .anti_entropy
                 .then(|| sync::SyncState::new(config.sync_log_capacity.get())),
-            merkle: config.anti_entropy.then(|| {
+            merkle: (config.anti_entropy && config.merkle_anti_entropy).then(|| {
                 merkle::MerkleState::new(config.anti_entropy_bandwidth.get(), clock.now_ms())
             }),
             cleanup: cleanup::CleanupState::new(
@@ -488,6 +488,8 @@ impl NodeBuilder {
         }
         if inner.config.anti_entropy {
             tasks.push(tokio::spawn(sync::run(inner.clone())));
+        }
+        if inner.merkle.is_some() {
             tasks.push(tokio::spawn(merkle::run(inner.clone())));
         }
         let node = Node {
