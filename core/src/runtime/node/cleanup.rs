@@ -1,7 +1,8 @@
 //! Handoff when ownership changes, the cleanup: once a ring change took key ranges away from
 //! this node (a member joined and took them over), and the ring had `ownership_settle` to
 //! settle, the node hands its records of those ranges to the keys' current replicas and
-//! removes its own copies, so each key ends on exactly its N replicas.
+//! removes its own copies, so each key ends on exactly its N replicas (tombstones and
+//! expired values stay until the purge).
 //!
 //! - **What is cleaned, promptly.** The ranges a ring change took away
 //!   ([`Ring::lost_ranges`]), recorded when the view follower sees the change and due
@@ -22,8 +23,8 @@
 //!   here in the moment before its departure shows may be handed back to it and removed by
 //!   a sweep that happens to run then; the ring change that follows starts the Merkle
 //!   exchanges that bring it back (with anti-entropy on).
-//! - **Tombstones stay until the purge.** A tombstone not yet collectable is handed off but
-//!   not removed: while it is here, an older write arriving late (a hint, a repair) is stale
+//! - **Tombstones stay until the purge.** A tombstone (or expired value) not yet collectable
+//!   is handed off but not removed (kept for a retry if a replica did not acknowledge it): while it is here, an older write arriving late (a hint, a repair) is stale
 //!   on arrival instead of stored as a copy nobody would delete.
 //!
 //! - **Never losing a write.** A record is sent, with its original version, to every member
@@ -113,7 +114,7 @@ impl CleanupState {
     /// Records `ranges`, due `settle` from now.
     fn lost(&self, ranges: Vec<HashRange>, settle: Duration) {
         let now = Instant::now();
-        let at = now.checked_add(settle).unwrap_or(now);
+        let at = super::later(now, settle);
         self.pending().extend(ranges.into_iter().map(|range| Due {
             range,
             at,
@@ -136,7 +137,7 @@ impl CleanupState {
             .ring_changed_at
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        changed.checked_add(settle).unwrap_or(changed)
+        super::later(changed, settle)
     }
 
     /// When the earliest pending range is due.
@@ -159,7 +160,7 @@ impl CleanupState {
             let backoff = d.backoff.saturating_mul(2).min(cap);
             Due {
                 range: d.range,
-                at: now.checked_add(backoff).unwrap_or(now),
+                at: super::later(now, backoff),
                 backoff,
             }
         }));
@@ -210,7 +211,7 @@ pub(crate) async fn run(inner: Arc<Inner>) {
     let settle = inner.config.ownership_settle;
     let cap = settle.saturating_mul(MAX_BACKOFF);
     let start = Instant::now();
-    let mut sweep_at = start.checked_add(settle).unwrap_or(start);
+    let mut sweep_at = super::later(start, settle);
     loop {
         let woken = state.wake.notified();
         let next = state.next_due().map_or(sweep_at, |at| at.min(sweep_at));
@@ -230,13 +231,13 @@ pub(crate) async fn run(inner: Arc<Inner>) {
                 Ok(None) => {
                     let now = Instant::now();
                     let interval = inner.config.anti_entropy_interval;
-                    sweep_at = now.checked_add(interval).unwrap_or(now);
+                    sweep_at = super::later(now, interval);
                 }
                 Err(StorageError::Closed) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, "cleanup sweep: storage failed; retried later");
                     let now = Instant::now();
-                    sweep_at = now.checked_add(settle).unwrap_or(now);
+                    sweep_at = super::later(now, settle);
                 }
             }
             continue;
@@ -279,17 +280,19 @@ pub(crate) async fn run(inner: Arc<Inner>) {
 async fn sweep_unreplicated(inner: &Inner) -> Result<Option<Instant>, StorageError> {
     let settle = inner.config.ownership_settle;
     let now = Instant::now();
+    // The view first: the follower notes a ring change before it publishes the view, so a
+    // view loaded here whose ring just changed always finds the quiet time moved on.
+    let view = inner.view.load_full();
     let quiet_at = inner.cleanup.quiet_at(settle);
     if quiet_at > now {
         return Ok(Some(quiet_at));
     }
-    let view = inner.view.load_full();
     let me = inner.id;
     if view.in_transition()
         || view.is_joining(me)
         || !view.ring.members().iter().any(|m| m.node == me)
     {
-        return Ok(Some(now.checked_add(settle).unwrap_or(now)));
+        return Ok(Some(super::later(now, settle)));
     }
     let ranges = view.ring.unreplicated_ranges(me, view.n);
     if ranges.is_empty() {
@@ -378,7 +381,7 @@ async fn sweep(
                 .is_collectable(now_ms, inner.config.tombstone_grace)
             {
                 plan.add_collectable(e.key, e.record);
-            } else if e.record.is_tombstone() {
+            } else if e.record.is_tombstone() || e.record.is_expired(now_ms) {
                 let targets = view.write_targets(&e.key);
                 plan.add_tombstone(e.key, e.record, targets);
             } else {
@@ -538,7 +541,8 @@ struct Item {
     targets: Vec<NodeId>,
     acked: Vec<NodeId>,
     collectable: bool,
-    /// Handed off but never removed here: a tombstone not yet collectable, left to the purge.
+    /// Handed off but never removed here: a tombstone (or expired value) not yet collectable,
+    /// left to the purge.
     stays: bool,
 }
 
@@ -653,9 +657,11 @@ impl Plan {
         }
     }
 
-    /// Decides each record by the view of now: one this node `holds` again, or a tombstone
-    /// that stays, is left alone; one whose every current `replicas` (at least one)
-    /// acknowledged it is removed, as is a collectable one; every other is kept.
+    /// Decides each record by the view of now: one this node `holds` again is left alone;
+    /// one whose every current `replicas` (at least one) acknowledged it is removed, as is a
+    /// collectable one, unless it stays (a tombstone not yet collectable: never removed
+    /// here, kept for a retry only if a replica has not acknowledged it); every other is
+    /// kept.
     pub(crate) fn decide(
         self,
         holds: impl Fn(&[u8]) -> bool,
@@ -663,14 +669,17 @@ impl Plan {
     ) -> Decision {
         let mut decision = Decision::default();
         for item in self.items {
-            if holds(&item.key) || item.stays {
+            if holds(&item.key) {
                 continue;
             }
             let acked = item.collectable || {
                 let now = replicas(&item.key);
                 !now.is_empty() && now.iter().all(|r| item.acked.contains(r))
             };
-            if acked {
+            if item.stays {
+                // Never removed here; one a replica has not acknowledged is sent again.
+                decision.kept += u64::from(!acked);
+            } else if acked {
                 decision.remove.push((item.key, item.record.version));
             } else {
                 decision.kept += 1;
@@ -746,22 +755,24 @@ mod tests {
         let mut plan = Plan::default();
         plan.add(key("a"), Record::value("a", v(1)), ids(&[2]));
         plan.add_tombstone(key("gone"), Record::tombstone(v(2)), ids(&[2]));
+        plan.add_tombstone(key("unsent"), Record::tombstone(v(3)), ids(&[2]));
         assert_eq!(
             plan.batches(MAX_BATCH, APPLY_BATCH_BYTES),
-            vec![(NodeId(2), vec![0, 1])],
-            "the tombstone goes to the replicas"
+            vec![(NodeId(2), vec![0, 1, 2])],
+            "the tombstones go to the replicas"
         );
         plan.acknowledged(
             NodeId(2),
             &[0, 1],
             &[WriteOutcome::Applied, WriteOutcome::Applied],
         );
-        // Here it keeps rejecting older writes that arrive late; the purge removes it.
+        // Here they keep rejecting older writes that arrive late; the purge removes them.
+        // The one the replica did not acknowledge is kept for a retry.
         assert_eq!(
             plan.decide(|_| false, |_| ids(&[2])),
             Decision {
                 remove: vec![(key("a"), v(1))],
-                kept: 0,
+                kept: 1,
             }
         );
     }

@@ -1166,6 +1166,16 @@ impl Node {
     }
 }
 
+/// `now + d`, or about thirty years from now where that does not fit an `Instant`: a
+/// configured delay too long to represent means "not in this process's life", never "at
+/// once".
+pub(crate) fn later(now: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
+    const FAR: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+    now.checked_add(d)
+        .or_else(|| now.checked_add(FAR))
+        .unwrap_or(now)
+}
+
 fn one<T>(
     results: Result<Vec<Result<T, ReplicationError>>, ReplicationError>,
 ) -> Result<T, ReplicationError> {

@@ -250,7 +250,8 @@ pub(crate) async fn follow(
         let prev = slot.load_full();
         let now = tokio::time::Instant::now();
         if next.ring.members().iter().any(|m| prev.is_joining(m.node)) {
-            previous.push((prev.ring.members().to_vec(), now + join_grace));
+            let until = super::later(now, join_grace);
+            previous.push((prev.ring.members().to_vec(), until));
         }
         previous.retain(|(_, until)| *until > now);
         let rings: Vec<Ring> = previous
@@ -267,10 +268,15 @@ pub(crate) async fn follow(
             .collect();
         next = next.with_previous(rings);
         let next = Arc::new(next);
-        slot.store(next.clone());
         // Most changes (a suspicion, a refutation) leave the ring's members alone: no walk.
-        if prev.ring.members() != next.ring.members() {
+        let ring_changed = prev.ring.members() != next.ring.members();
+        // Before the new view is visible: a cleanup sweep that loads it must also see that
+        // the ring just changed.
+        if ring_changed {
             changes.changed();
+        }
+        slot.store(next.clone());
+        if ring_changed {
             let peers = next.ring.gained_co_replicas(&prev.ring, me, n);
             if !peers.is_empty() {
                 changes.gained(peers);
