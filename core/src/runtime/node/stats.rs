@@ -160,8 +160,8 @@ counters! {
     join_refused,
     /// Pull requests this node answered for a joining member.
     pulls_served,
-    /// Pull requests refused as a replica: from a non-member, for a range the puller replicates
-    /// in none of this node's rings, with a bad cursor or a limit of zero.
+    /// Pull requests refused as a replica: from a non-member, for a range the puller does not
+    /// replicate whole in any of this node's rings, with a bad cursor or a limit of zero.
     pulls_refused,
     /// Expensive healing requests (`MerkleCheck`, `Pull`, `SyncOffer`) this node refused as
     /// `Busy`: as many were being served as it allows at once, or (a `Pull`) the healing
