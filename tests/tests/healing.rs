@@ -1163,3 +1163,49 @@ async fn pull_pages_served_come_out_of_the_healing_bandwidth() {
     );
     cluster.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_merkle_exchange_answered_busy_is_put_off_not_failed_and_heals_later() {
+    // Node 1 misses writes, then its scans take 10 s (ten request timeouts): the leaf checks
+    // its co-replicas send it time out, and the scans they started hold its healing permits
+    // until it has none free and answers `Busy`. Then its scans are fast again.
+    let cluster = Cluster::start(merkle_only(5)).await;
+    let others: Vec<_> = (1..5).map(Cluster::addr).collect();
+    cluster.net.partition(&[Cluster::addr(0)], &others);
+    let mut written = Vec::new();
+    for k in 0..100 {
+        let key = Bytes::from(format!("key-{k}"));
+        let version = cluster
+            .node(1)
+            .put(key.clone(), format!("v{k}"), quorum())
+            .await
+            .expect("a quorum without node 1");
+        if cluster.node(1).replicas_of(&key).contains(&NodeId(1)) {
+            written.push((key, version));
+        }
+    }
+    cluster.set_scan_delay(0, Duration::from_secs(10));
+    cluster.net.heal();
+    let deferred = |c: &Cluster| {
+        (1..5)
+            .map(|i| c.node(i).stats().healing_deferred)
+            .sum::<u64>()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while deferred(&cluster) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "seed {}: never busy: {:?}",
+            seed(),
+            cluster.node(0).stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.set_scan_delay(0, Duration::ZERO);
+    wait_stored(&cluster, 0, &written, Duration::from_secs(120)).await;
+    // Every `Busy` node 1 answered, its co-replicas took for "later".
+    let busy = cluster.node(0).stats().healing_busy;
+    assert!(busy > 0);
+    assert_eq!(deferred(&cluster), busy);
+    cluster.stop().await;
+}
