@@ -421,6 +421,24 @@ impl Ring {
         out
     }
 
+    /// Whether `node` is among the first `n` of the preference list of every position of
+    /// `range`: a range it replicates whole (each range [`Ring::pull_ranges`] plans for `me`
+    /// in the ring with it is one). False on an empty ring.
+    pub fn replicates_range(&self, range: HashRange, node: NodeId, n: NonZeroUsize) -> bool {
+        if self.tokens.is_empty() {
+            return false;
+        }
+        // Preference lists are constant from one token to the next: the range's start and
+        // every token inside it are all the positions to look at.
+        let mut list = Vec::with_capacity(n.get());
+        std::iter::once(range.start)
+            .chain(self.tokens.iter().copied().filter(|&t| range.contains(t)))
+            .all(|at| {
+                self.preference_list_for_hash(at, n, &mut list);
+                list.contains(&node)
+            })
+    }
+
     /// Fraction of the key space for which `node` is the primary owner (0.0 for non-members).
     pub fn primary_share(&self, node: NodeId) -> f64 {
         if self.tokens.len() == 1 {
@@ -692,6 +710,35 @@ mod tests {
                 .pull_ranges(&ring_of(&[]), NodeId(1), N3)
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_joiners_planned_ranges_are_ranges_it_replicates_and_others_are_not() {
+        let before = ring_of(&[1, 2, 3, 4, 5]);
+        let after = ring_of(&[1, 2, 3, 4, 5, 6]);
+        let plan = after.pull_ranges(&before, NodeId(6), N3);
+        let mut planned = 0;
+        for (owner, ranges) in &plan {
+            for &range in ranges {
+                planned += 1;
+                assert!(after.replicates_range(range, NodeId(6), N3), "{range:?}");
+                assert!(before.replicates_range(range, *owner, N3), "{range:?}");
+            }
+        }
+        assert!(planned > 1);
+        assert!(!after.replicates_range(HashRange::FULL, NodeId(6), N3));
+        assert!(
+            !before.replicates_range(HashRange::FULL, NodeId(6), N3),
+            "not a member"
+        );
+        // A range reaching one position past one it replicates is refused.
+        let mine = after.shared_ranges(NodeId(6), NodeId(6), N3);
+        let r = mine[0];
+        assert!(after.replicates_range(r, NodeId(6), N3));
+        let wider = HashRange::new(r.start, r.end.wrapping_add(1));
+        assert!(!after.replicates_range(wider, NodeId(6), N3));
+        assert!(ring_of(&[1, 2, 3]).replicates_range(HashRange::FULL, NodeId(3), N3));
+        assert!(!ring_of(&[]).replicates_range(HashRange::FULL, NodeId(3), N3));
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! source of variation left).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use chorus::hlc::WallClock;
@@ -40,14 +40,26 @@ use std::sync::atomic::AtomicBool;
 pub struct KeptStorage {
     inner: SharedStorage,
     closed: AtomicBool,
+    /// Milliseconds (virtual time) each scan waits before it runs.
+    scan_delay_ms: Arc<AtomicU64>,
 }
 
 impl KeptStorage {
     /// A new life's handle to `inner`.
     pub fn life(inner: SharedStorage) -> SharedStorage {
+        Self::life_with_scan_delay(inner, Arc::default())
+    }
+
+    /// A new life's handle to `inner` whose scans each wait `scan_delay_ms` first (read at
+    /// every scan, so the test can change it), as a slow disk's would.
+    pub fn life_with_scan_delay(
+        inner: SharedStorage,
+        scan_delay_ms: Arc<AtomicU64>,
+    ) -> SharedStorage {
         SharedStorage::new(KeptStorage {
             inner,
             closed: AtomicBool::new(false),
+            scan_delay_ms,
         })
     }
 
@@ -106,6 +118,10 @@ impl Storage for KeptStorage {
         cursor: Option<ScanCursor>,
         limit: NonZeroUsize,
     ) -> Result<ScanPage, StorageError> {
+        let delay = self.scan_delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
         self.open()?.scan(range, cursor, limit).await
     }
     async fn digest(
@@ -226,6 +242,7 @@ pub struct Cluster {
     nodes: Vec<Option<Node>>,
     storages: Vec<Option<SharedStorage>>,
     data_dirs: Vec<Option<tempfile::TempDir>>,
+    scan_delays: Vec<Arc<AtomicU64>>,
     restarts: u64,
 }
 
@@ -255,6 +272,7 @@ impl Cluster {
             nodes: (0..spec.nodes).map(|_| None).collect(),
             storages: (0..spec.nodes).map(|_| None).collect(),
             data_dirs: (0..spec.nodes).map(|_| None).collect(),
+            scan_delays: (0..spec.nodes).map(|_| Arc::default()).collect(),
             spec,
             restarts: 0,
         };
@@ -298,6 +316,17 @@ impl Cluster {
         self.storages[i].as_ref().expect("storage opened")
     }
 
+    /// Makes every storage scan of node `i` wait `delay` (virtual time) first, from now on
+    /// and across restarts, as a slow disk would: with the `memory` backend only.
+    pub fn set_scan_delay(&self, i: usize, delay: Duration) {
+        assert_eq!(
+            self.spec.storage.scheme, "memory",
+            "scan delays need `memory`"
+        );
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.scan_delays[i].store(ms, Ordering::Relaxed);
+    }
+
     /// Node `i`'s storage, if it was ever opened (a node that never ran has none).
     pub fn storage_if_opened(&self, i: usize) -> Option<&SharedStorage> {
         self.storages[i].as_ref()
@@ -322,7 +351,7 @@ impl Cluster {
         };
         self.storages[i] = Some(storage.clone());
         let storage = if memory {
-            KeptStorage::life(storage)
+            KeptStorage::life_with_scan_delay(storage, self.scan_delays[i].clone())
         } else {
             storage
         };
@@ -390,6 +419,7 @@ impl Cluster {
         self.nodes.push(None);
         self.storages.push(None);
         self.data_dirs.push(None);
+        self.scan_delays.push(Arc::default());
         self.boot(i).await;
         i
     }

@@ -767,3 +767,48 @@ async fn two_joins_a_leave_and_a_death_lose_no_acknowledged_write_and_keys_end_o
     read_back_latest(&cluster, &latest).await;
     cluster.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_joiner_answered_busy_asks_again_later_without_counting_a_failed_pull() {
+    // Every scan of the members takes 10 s, ten times the request timeout: the joiner's
+    // pulls time out, and the scans they started go on holding the members' healing
+    // permits, until a member has none free and answers `Busy`. Then the scans are fast again.
+    let mut spec = slow_anti_entropy(4);
+    spec.config.anti_entropy = false;
+    let mut cluster = Cluster::start_first(spec, 3).await;
+    let written = write_all(&cluster, 300).await;
+    for i in 0..3 {
+        cluster.set_scan_delay(i, Duration::from_secs(10));
+    }
+    cluster.join(3).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while cluster.node(3).stats().healing_deferred == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "seed {}: never busy: {:?}",
+            seed(),
+            cluster.node(3).stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(cluster.node(3).is_joining());
+    for i in 0..3 {
+        cluster.set_scan_delay(i, Duration::ZERO);
+    }
+    cluster.wait_for_ring(Duration::from_secs(300)).await;
+    let stats = cluster.node(3).stats();
+    assert_eq!(stats.joins_completed, 1, "{stats:?}");
+    assert_eq!(stats.join_incomplete, 0, "{stats:?}");
+    // Every `Busy` a member answered, the joiner took for "later", not for a failed pull.
+    let busy: u64 = (0..3).map(|i| cluster.node(i).stats().healing_busy).sum();
+    assert!(busy > 0);
+    assert_eq!(stats.healing_deferred, busy, "{stats:?}");
+    let missing = owned_but_missing(&cluster, 0, 3, &written).await;
+    assert!(
+        missing.is_empty(),
+        "seed {}: {} missing",
+        seed(),
+        missing.len()
+    );
+    cluster.stop().await;
+}

@@ -483,14 +483,38 @@ async fn an_overflowing_log_still_converges_with_nothing_missing() {
     cluster.stop().await;
 }
 
+/// Kills node `i` and binds a probe at its address: requests from the probe come from a
+/// member (`NodeId(i + 1)`, still alive or suspect in every view for the seconds a test takes;
+/// the probe answers no ping). Also a probe at an address no member has.
+fn impersonate(
+    cluster: &Cluster,
+    i: usize,
+) -> (
+    chorus::runtime::rpc::RpcEndpoint<chorus::SharedTransport, chorus::envelope::Envelope>,
+    chorus::runtime::rpc::RpcEndpoint<chorus::SharedTransport, chorus::envelope::Envelope>,
+) {
+    use chorus::envelope::Envelope;
+    use chorus::runtime::rpc::{RpcConfig, RpcEndpoint};
+    assert!(!cluster.is_running(i), "kill node {i} first");
+    let bind = |addr: chorus::Address| {
+        let probe = chorus::SharedTransport::new(cluster.net.bind(addr).expect("bind"));
+        // The inbound side is dropped: the probe answers nothing.
+        RpcEndpoint::<_, Envelope>::start(probe, RpcConfig::default()).0
+    };
+    (
+        bind(Cluster::addr(i)),
+        bind(chorus::Address::new("stranger:1")),
+    )
+}
+
 #[tokio::test(start_paused = true)]
 async fn anti_entropy_offers_out_of_range_or_oversized_are_refused_with_typed_errors() {
     use chorus::envelope::Envelope;
     use chorus::replication::{REPLICA_PROTOCOL_VERSION, Refusal, ReplicaMessage, SyncEntry};
-    use chorus::runtime::rpc::{RpcConfig, RpcEndpoint};
-    let cluster = Cluster::start(ClusterSpec::new(4, seed())).await;
-    let probe = chorus::SharedTransport::new(cluster.net.bind("probe:1").expect("bind"));
-    let (client, _inbound) = RpcEndpoint::<_, Envelope>::start(probe, RpcConfig::default());
+    let mut cluster = Cluster::start(ClusterSpec::new(4, seed())).await;
+    // Offers to node 1 come from node 4's address (a member), or from a stranger.
+    cluster.kill(3).await;
+    let (client, stranger) = impersonate(&cluster, 3);
     let version = Version::new(
         chorus::Timestamp::new(chorus_tests::cluster::EPOCH_MS, 0),
         NodeId(9),
@@ -499,13 +523,17 @@ async fn anti_entropy_offers_out_of_range_or_oversized_are_refused_with_typed_er
         key: key.clone(),
         version,
     };
-    let placed = |on: bool| {
+    let placed = |on_1: bool, on_4: bool| {
         (0..10_000)
             .map(|k| Bytes::from(format!("key-{k}")))
-            .find(|key| cluster.node(0).replicas_of(key).contains(&NodeId(1)) == on)
+            .find(|key| {
+                let replicas = cluster.node(0).replicas_of(key);
+                replicas.contains(&NodeId(1)) == on_1 && replicas.contains(&NodeId(4)) == on_4
+            })
             .expect("a key")
     };
-    let (mine, not_mine) = (placed(true), placed(false));
+    let (shared, not_senders, not_mine) =
+        (placed(true, true), placed(true, false), placed(false, true));
     let offer = |entries| {
         Envelope::Replica(ReplicaMessage::SyncOffer {
             version: REPLICA_PROTOCOL_VERSION,
@@ -515,27 +543,54 @@ async fn anti_entropy_offers_out_of_range_or_oversized_are_refused_with_typed_er
     let to = Cluster::addr(0);
     let second = Duration::from_secs(1);
     let reply = client
-        .request(&to, &offer(vec![entry(&mine)]), second)
+        .request(&to, &offer(vec![entry(&shared)]), second)
         .await
         .expect("an answer");
     assert_eq!(
         reply,
         Envelope::Replica(ReplicaMessage::SyncWant { wanted: vec![0] }),
-        "a key it replicates and lacks is wanted"
+        "a key both replicate, which it lacks, is wanted"
     );
+    let out_of_range = |reply: &Envelope, key: &Bytes| {
+        matches!(
+            reply,
+            Envelope::Replica(ReplicaMessage::Refused(Refusal::OutOfRange { key_hash }))
+                if *key_hash == chorus::key_hash(key)
+        )
+    };
     let reply = client
-        .request(&to, &offer(vec![entry(&mine), entry(&not_mine)]), second)
+        .request(&to, &offer(vec![entry(&shared), entry(&not_mine)]), second)
+        .await
+        .expect("an answer");
+    assert!(
+        out_of_range(&reply, &not_mine),
+        "not replicated here: {reply:?}"
+    );
+    // A key node 1 replicates but the sender does not: no sender of it would offer it.
+    let reply = client
+        .request(
+            &to,
+            &offer(vec![entry(&shared), entry(&not_senders)]),
+            second,
+        )
+        .await
+        .expect("an answer");
+    assert!(
+        out_of_range(&reply, &not_senders),
+        "not replicated by the sender: {reply:?}"
+    );
+    let reply = stranger
+        .request(&to, &offer(vec![entry(&shared)]), second)
         .await
         .expect("an answer");
     assert!(
         matches!(
             reply,
-            Envelope::Replica(ReplicaMessage::Refused(Refusal::OutOfRange { key_hash }))
-                if key_hash == chorus::key_hash(&not_mine)
+            Envelope::Replica(ReplicaMessage::Refused(Refusal::Invalid { .. }))
         ),
-        "{reply:?}"
+        "an offer from a non-member: {reply:?}"
     );
-    let too_many = vec![entry(&mine); chorus::replication::message::MAX_BATCH + 1];
+    let too_many = vec![entry(&shared); chorus::replication::message::MAX_BATCH + 1];
     let reply = client
         .request(&to, &offer(too_many), second)
         .await
@@ -558,7 +613,7 @@ async fn anti_entropy_offers_out_of_range_or_oversized_are_refused_with_typed_er
         ),
         "{reply:?}"
     );
-    assert_eq!(cluster.node(0).stats().sync_refused, 2);
+    assert_eq!(cluster.node(0).stats().sync_refused, 4);
     cluster.stop().await;
 }
 
@@ -755,10 +810,10 @@ async fn replicas_that_purge_at_different_moments_agree_and_nothing_comes_back()
 async fn merkle_requests_past_the_bounds_or_outside_shared_ranges_are_refused_and_counted() {
     use chorus::envelope::Envelope;
     use chorus::replication::{REPLICA_PROTOCOL_VERSION, Refusal, ReplicaMessage};
-    use chorus::runtime::rpc::{RpcConfig, RpcEndpoint};
-    let cluster = Cluster::start(ClusterSpec::new(5, seed())).await;
-    let probe = chorus::SharedTransport::new(cluster.net.bind("probe:1").expect("bind"));
-    let (client, _inbound) = RpcEndpoint::<_, Envelope>::start(probe, RpcConfig::default());
+    let mut cluster = Cluster::start(ClusterSpec::new(5, seed())).await;
+    // Requests to node 1 come from node 4's address (a member), or from a stranger.
+    cluster.kill(3).await;
+    let (client, stranger) = impersonate(&cluster, 3);
     let to = Cluster::addr(0);
     let second = Duration::from_secs(1);
     let ask = |m| Envelope::Replica(m);
@@ -816,12 +871,12 @@ async fn merkle_requests_past_the_bounds_or_outside_shared_ranges_are_refused_an
         })
     };
     let reply = client
-        .request(&to, &check(NodeId(2), vec![5, 3]), second)
+        .request(&to, &check(NodeId(4), vec![5, 3]), second)
         .await
         .expect("an answer");
     assert!(invalid(&reply), "unordered leaves: {}", short(&reply));
     let reply = client
-        .request(&to, &check(NodeId(2), (0..1025).collect()), second)
+        .request(&to, &check(NodeId(4), (0..1025).collect()), second)
         .await
         .expect("an answer");
     assert!(invalid(&reply), "too many leaves: {}", short(&reply));
@@ -850,6 +905,307 @@ async fn merkle_requests_past_the_bounds_or_outside_shared_ranges_are_refused_an
         "{}",
         short(&reply)
     );
-    assert_eq!(cluster.node(0).stats().merkle_refused, 6);
+    // What is shared is the sender's, never the `from` a check names: node 4 naming node 2,
+    // for a leaf node 1 shares with node 2 and not with node 4, is refused, not compared.
+    let with_2 = Coverage::new(&ring.shared_ranges(NodeId(1), NodeId(2), n));
+    let only_with_2 = (0..chorus::healing::merkle::LEAVES)
+        .find(|&leaf| coverage.of(3, leaf) == Share::None && with_2.of(3, leaf) != Share::None)
+        .expect("a leaf shared with node 2 only");
+    let reply = client
+        .request(&to, &check(NodeId(2), vec![only_with_2]), second)
+        .await
+        .expect("an answer");
+    assert!(
+        invalid(&reply),
+        "a check naming another member: {}",
+        short(&reply)
+    );
+    let reply = stranger
+        .request(&to, &check(NodeId(2), vec![only_with_2]), second)
+        .await
+        .expect("an answer");
+    assert!(
+        invalid(&reply),
+        "a check from a non-member: {}",
+        short(&reply)
+    );
+    // Its own id, for a leaf the two share: compared.
+    let inside = (0..chorus::healing::merkle::LEAVES)
+        .find(|&leaf| coverage.of(3, leaf) == Share::Full)
+        .expect("a leaf shared with node 4");
+    let reply = client
+        .request(&to, &check(NodeId(4), vec![inside]), second)
+        .await
+        .expect("an answer");
+    assert!(
+        matches!(
+            &reply,
+            Envelope::Replica(ReplicaMessage::MerkleDiffer { .. })
+        ),
+        "{}",
+        short(&reply)
+    );
+    assert_eq!(cluster.node(0).stats().merkle_refused, 8);
+    cluster.stop().await;
+}
+
+/// The ranges `id` replicates in a ring of members `1..=members` (what every node's view
+/// holds once the cluster settled), N = 3.
+fn ranges_of(members: u64, id: u64) -> Vec<chorus::HashRange> {
+    let ring = chorus::Ring::new(
+        (1..=members).map(|m| chorus::RingMember::new(NodeId(m))),
+        chorus::RingConfig::default(),
+    )
+    .expect("a ring");
+    let n = NonZeroUsize::new(3).expect("non-zero");
+    ring.shared_ranges(NodeId(id), NodeId(id), n)
+}
+
+fn pull(range: chorus::HashRange) -> chorus::envelope::Envelope {
+    chorus::envelope::Envelope::Replica(chorus::replication::ReplicaMessage::Pull {
+        version: chorus::replication::REPLICA_PROTOCOL_VERSION,
+        range,
+        cursor: None,
+        limit: 4096,
+        cutoff_ms: 0,
+    })
+}
+
+/// Writes `count` keys of `value_len` bytes through node 0 at quorum.
+async fn write_values(cluster: &Cluster, count: usize, value_len: usize) {
+    for k in 0..count {
+        cluster
+            .node(0)
+            .put(format!("key-{k}"), vec![b'v'; value_len], quorum())
+            .await
+            .expect("put");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn pulls_of_ranges_the_puller_will_not_replicate_or_from_strangers_are_refused() {
+    use chorus::envelope::Envelope;
+    use chorus::replication::{Refusal, ReplicaMessage};
+    let mut cluster = Cluster::start(ClusterSpec::new(4, seed())).await;
+    write_values(&cluster, 200, 16).await;
+    cluster.kill(3).await;
+    let (client, stranger) = impersonate(&cluster, 3);
+    let to = Cluster::addr(0);
+    let second = Duration::from_secs(1);
+    let mine = ranges_of(4, 4);
+    let mut pulled = 0;
+    for &range in &mine {
+        match client.request(&to, &pull(range), second).await {
+            Ok(Envelope::Replica(ReplicaMessage::PulledRecords { records, .. })) => {
+                assert!(
+                    records
+                        .iter()
+                        .all(|w| range.contains(chorus::key_hash(&w.key))),
+                    "records of the range"
+                );
+                pulled += records.len();
+            }
+            other => panic!("seed {}: a range node 4 replicates: {other:?}", seed()),
+        }
+    }
+    assert!(pulled > 0, "node 1 holds some of what node 4 replicates");
+    // With four members and N = 3 nobody replicates the whole ring: a member asking for it
+    // (or for any range reaching past its own) is refused before anything is read.
+    let reply = client
+        .request(&to, &pull(chorus::HashRange::FULL), second)
+        .await
+        .expect("an answer");
+    assert!(
+        matches!(
+            reply,
+            Envelope::Replica(ReplicaMessage::Refused(Refusal::OutOfRange { .. }))
+        ),
+        "the whole ring: {}",
+        format!("{reply:?}").chars().take(200).collect::<String>()
+    );
+    let reply = stranger
+        .request(&to, &pull(mine[0]), second)
+        .await
+        .expect("an answer");
+    assert!(
+        matches!(
+            reply,
+            Envelope::Replica(ReplicaMessage::Refused(Refusal::Invalid { .. }))
+        ),
+        "a pull from a non-member: {reply:?}"
+    );
+    let stats = cluster.node(0).stats();
+    assert_eq!(stats.pulls_refused, 2, "{stats:?}");
+    cluster.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn healing_requests_past_the_concurrency_bound_are_answered_busy_and_reads_are_not() {
+    use chorus::envelope::Envelope;
+    use chorus::replication::{Refusal, ReplicaMessage};
+    // No anti-entropy or hints of the nodes' own: the probe's requests are all node 1 serves.
+    let mut spec = ClusterSpec::new(4, seed());
+    spec.config.anti_entropy = false;
+    spec.config.hinted_handoff = false;
+    let mut cluster = Cluster::start(spec).await;
+    write_values(&cluster, 50, 16).await;
+    cluster.kill(3).await;
+    let (client, _stranger) = impersonate(&cluster, 3);
+    let to = Cluster::addr(0);
+    let timeout = Duration::from_secs(10);
+    let range = ranges_of(4, 4)[0];
+    // Each scan takes half a second: six pulls at once overlap.
+    cluster.set_scan_delay(0, Duration::from_millis(500));
+    let read = Envelope::Replica(ReplicaMessage::read_one("key-0"));
+    let p = pull(range);
+    let ask = || client.request(&to, &p, timeout);
+    let (a, b, c, d, e, f, read_answer) = tokio::join!(
+        ask(),
+        ask(),
+        ask(),
+        ask(),
+        ask(),
+        ask(),
+        client.request(&to, &read, timeout)
+    );
+    let answers = [a, b, c, d, e, f];
+    let served = answers
+        .iter()
+        .filter(|a| {
+            matches!(
+                a,
+                Ok(Envelope::Replica(ReplicaMessage::PulledRecords { .. }))
+            )
+        })
+        .count();
+    let busy = answers
+        .iter()
+        .filter(|a| {
+            matches!(
+                a,
+                Ok(Envelope::Replica(ReplicaMessage::Refused(Refusal::Busy)))
+            )
+        })
+        .count();
+    assert_eq!((served, busy), (4, 2), "seed {}: {answers:?}", seed());
+    assert!(
+        matches!(
+            read_answer,
+            Ok(Envelope::Replica(ReplicaMessage::Records { .. }))
+        ),
+        "a read is never refused as busy: {read_answer:?}"
+    );
+    assert_eq!(cluster.node(0).stats().healing_busy, 2);
+    // The permits came back with the answers.
+    let again = client.request(&to, &pull(range), timeout).await;
+    assert!(
+        matches!(
+            again,
+            Ok(Envelope::Replica(ReplicaMessage::PulledRecords { .. }))
+        ),
+        "{again:?}"
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn pull_pages_served_come_out_of_the_healing_bandwidth() {
+    use chorus::envelope::Envelope;
+    use chorus::replication::{Refusal, ReplicaMessage};
+    let mut spec = ClusterSpec::new(4, seed());
+    spec.config.anti_entropy = false;
+    spec.config.hinted_handoff = false;
+    // One second's budget is 8 KiB; node 1 holds about 75 KiB of what node 4 replicates.
+    spec.config.anti_entropy_bandwidth = std::num::NonZeroU64::new(8 * 1024).expect("non-zero");
+    let mut cluster = Cluster::start(spec).await;
+    write_values(&cluster, 100, 1024).await;
+    cluster.kill(3).await;
+    let (client, _stranger) = impersonate(&cluster, 3);
+    let to = Cluster::addr(0);
+    let second = Duration::from_secs(1);
+    let mut bytes = 0u64;
+    let mut refused = None;
+    for range in ranges_of(4, 4) {
+        match client.request(&to, &pull(range), second).await {
+            Ok(Envelope::Replica(ReplicaMessage::PulledRecords { records, .. })) => {
+                bytes += records
+                    .iter()
+                    .map(|w| chorus::storage::footprint(&w.key, &w.record))
+                    .sum::<u64>();
+            }
+            Ok(Envelope::Replica(ReplicaMessage::Refused(Refusal::Busy))) => {
+                refused = Some(range);
+                break;
+            }
+            other => panic!("seed {}: {other:?}", seed()),
+        }
+    }
+    let range =
+        refused.unwrap_or_else(|| panic!("seed {}: {bytes} bytes served, never busy", seed()));
+    assert!(
+        bytes > 8 * 1024,
+        "busy only once the budget was spent: {bytes} bytes served"
+    );
+    assert_eq!(cluster.node(0).stats().healing_busy, 1);
+    // The budget refills (8 bytes a millisecond): the same pull is served once the debt is
+    // paid (soon enough that the members still count node 4 in).
+    tokio::time::sleep(Duration::from_millis(
+        (bytes - 8 * 1024) * 1000 / (8 * 1024) + 50,
+    ))
+    .await;
+    let again = client.request(&to, &pull(range), second).await;
+    assert!(
+        matches!(
+            again,
+            Ok(Envelope::Replica(ReplicaMessage::PulledRecords { .. }))
+        ),
+        "{again:?}"
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_merkle_exchange_answered_busy_is_put_off_not_failed_and_heals_later() {
+    // Node 1 misses writes, then its scans take 10 s (ten request timeouts): the leaf checks
+    // its co-replicas send it time out, and the scans they started hold its healing permits
+    // until it has none free and answers `Busy`. Then its scans are fast again.
+    let cluster = Cluster::start(merkle_only(5)).await;
+    let others: Vec<_> = (1..5).map(Cluster::addr).collect();
+    cluster.net.partition(&[Cluster::addr(0)], &others);
+    let mut written = Vec::new();
+    for k in 0..100 {
+        let key = Bytes::from(format!("key-{k}"));
+        let version = cluster
+            .node(1)
+            .put(key.clone(), format!("v{k}"), quorum())
+            .await
+            .expect("a quorum without node 1");
+        if cluster.node(1).replicas_of(&key).contains(&NodeId(1)) {
+            written.push((key, version));
+        }
+    }
+    cluster.set_scan_delay(0, Duration::from_secs(10));
+    cluster.net.heal();
+    let deferred = |c: &Cluster| {
+        (1..5)
+            .map(|i| c.node(i).stats().healing_deferred)
+            .sum::<u64>()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while deferred(&cluster) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "seed {}: never busy: {:?}",
+            seed(),
+            cluster.node(0).stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.set_scan_delay(0, Duration::ZERO);
+    wait_stored(&cluster, 0, &written, Duration::from_secs(120)).await;
+    // Every `Busy` node 1 answered, its co-replicas took for "later".
+    let busy = cluster.node(0).stats().healing_busy;
+    assert!(busy > 0);
+    assert_eq!(deferred(&cluster), busy);
     cluster.stop().await;
 }

@@ -198,3 +198,53 @@ async fn a_quic_cluster_in_keyring_mode_replicates_and_refuses_an_outsider() {
         n.shutdown().await.expect("shutdown");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healing_over_tcp_tls_is_answered_for_the_members_the_transport_authenticated() {
+    // Healing requests are answered only for the member at the address they came from
+    // (`View::member_at`): over TLS connections either side opened, every member's Merkle
+    // exchanges, offers and join pulls must still be recognised, never refused.
+    let ids: Vec<Identity> = (20..23).map(|i| identity(seed(), i)).collect();
+    let keyring = Keyring::from_keys(ids.iter().map(Identity::public_key)).expect("keyring");
+    let a = start("tcp", &ids[0], &keyring, &[]).await;
+    let b = start("tcp", &ids[1], &keyring, &[&a]).await;
+    let c = start("tcp", &ids[2], &keyring, &[&a]).await;
+    let nodes = [&a, &b, &c];
+    settle(
+        &nodes,
+        &[ids[0].node_id(), ids[1].node_id(), ids[2].node_id()],
+        Duration::from_secs(20),
+    )
+    .await;
+    let quorum = WriteOptions::default().consistency(Consistency::Quorum);
+    for k in 0..50 {
+        nodes[k % 3]
+            .put(format!("healed-{k}"), "v", quorum)
+            .await
+            .expect("write");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let stats: Vec<_> = nodes.iter().map(|n| n.stats()).collect();
+        for s in &stats {
+            assert_eq!(
+                (s.merkle_refused, s.sync_refused, s.pulls_refused),
+                (0, 0, 0),
+                "{s:?}"
+            );
+        }
+        if stats
+            .iter()
+            .all(|s| s.merkle_exchanges >= 2 && s.sync_offers > 0)
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{stats:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // b and c joined by pulling from the members before them.
+    assert!(b.stats().joins_completed == 1 && c.stats().joins_completed == 1);
+    for n in [c, b, a] {
+        n.shutdown().await.expect("shutdown");
+    }
+}

@@ -305,6 +305,12 @@ pub enum Refusal {
         /// The key's ring position.
         key_hash: u64,
     },
+    /// The replica is serving as many expensive healing requests (`MerkleCheck`, `Pull`,
+    /// `SyncOffer`) as it allows at once, or its healing bandwidth is spent for now: nothing
+    /// was done, and the same request may succeed later. Never an answer to `Apply` or
+    /// `Read`.
+    #[error("replica busy with other healing requests; try again later")]
+    Busy,
 }
 
 #[cfg(test)]

@@ -178,12 +178,13 @@ impl Inner {
         self.cleanup.lost(ranges, self.config.ownership_settle);
     }
 
-    /// Waits until `bytes` may go under the anti-entropy bandwidth limit: Merkle
-    /// anti-entropy's bucket when it runs, so the two share the budget; the cleanup's own
-    /// otherwise.
-    async fn throttle_cleanup(&self, bytes: u64) {
+    /// Takes `bytes` from the node's healing bandwidth (`anti_entropy_bandwidth`): Merkle
+    /// anti-entropy's bucket when it runs, so everything that heals shares the budget; the
+    /// cleanup's own otherwise. How many milliseconds to wait before sending them (0 for
+    /// `bytes == 0` unless the budget is owed).
+    pub(crate) fn take_healing_bandwidth(&self, bytes: u64) -> u64 {
         let now_ms = self.hlc.wall_clock().now_ms();
-        let wait = match &self.merkle {
+        match &self.merkle {
             Some(m) => m.take_bandwidth(now_ms, bytes),
             None => self
                 .cleanup
@@ -191,7 +192,13 @@ impl Inner {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .take(now_ms, bytes),
-        };
+        }
+    }
+
+    /// Waits until `bytes` may go under the anti-entropy bandwidth limit
+    /// ([`Inner::take_healing_bandwidth`]).
+    async fn throttle_cleanup(&self, bytes: u64) {
+        let wait = self.take_healing_bandwidth(bytes);
         if wait > 0 {
             tokio::time::sleep(Duration::from_millis(wait)).await;
         }

@@ -19,8 +19,14 @@
 //!   the transport's frame limit a page), metered by the anti-entropy bandwidth limit. A page
 //!   is applied before the next is asked for. A failed page is retried with backoff; after
 //!   [`PAGE_ATTEMPTS`] failures in a row its member is left for this round and the others
-//!   pulled first. A record this node refuses for good (its limits, its clock) is skipped and
-//!   counted (`join_refused`).
+//!   pulled first. A page the member answers `Busy` (it serves as many healing requests as
+//!   it allows, or its own bandwidth budget is spent) is no failure: it is asked for again
+//!   after the same backoff, counted as `healing_deferred`. A record this node refuses for
+//!   good (its limits, its clock) is skipped and counted (`join_refused`).
+//! - **Served bounded.** A member serves a pull only to a member that replicates the whole
+//!   range in one of its rings, at most [`super::replica::HEALING_SERVE_CONCURRENCY`]
+//!   healing requests at once, and answers `Busy` while its healing bandwidth
+//!   (`anti_entropy_bandwidth`, shared with its own anti-entropy) is owed.
 //! - **Rings that change under the pull** (a death, a leave) start it over from the plan,
 //!   counted (`join_repulls`).
 //! - **Settling.** Once every member of the plan served every range, the node publishes
@@ -372,7 +378,20 @@ async fn pull_range(
                 // Storage refused some record here: the page is asked for again.
                 tracing::debug!(%owner, "joining: a pulled page was not applied whole");
             }
-            Err(why) => tracing::debug!(%owner, %addr, why, "joining: pull failed"),
+            Err(PageError::Busy) => {
+                // Not a failure: the member serves as many healing requests as it allows, or
+                // its bandwidth is spent for now. The same page is asked for again after the
+                // backoff, for as long as the deadline allows.
+                inner.stats.healing_deferred.fetch_add(1, Ordering::Relaxed);
+                tracing::trace!(%owner, "joining: the member is busy; page asked for later");
+                let left = deadline.saturating_duration_since(Instant::now());
+                tokio::time::sleep(backoff.min(left)).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+            Err(PageError::Failed(why)) => {
+                tracing::debug!(%owner, %addr, why, "joining: pull failed");
+            }
         }
         failures += 1;
         inner
@@ -385,6 +404,27 @@ async fn pull_range(
     }
 }
 
+/// Why a page was not pulled.
+#[derive(Debug)]
+enum PageError {
+    /// The member answered `Busy`: ask again later.
+    Busy,
+    /// Anything else: unreachable, refused, an answer that breaks the rules.
+    Failed(String),
+}
+
+impl From<String> for PageError {
+    fn from(why: String) -> Self {
+        PageError::Failed(why)
+    }
+}
+
+impl From<&str> for PageError {
+    fn from(why: &str) -> Self {
+        PageError::Failed(why.into())
+    }
+}
+
 /// One page of `range` from the member at `addr`.
 async fn pull_page(
     inner: &Inner,
@@ -393,7 +433,7 @@ async fn pull_page(
     cursor: Option<ScanCursor>,
     cutoff_ms: u64,
     left: Duration,
-) -> Result<(Vec<Write>, Option<ScanCursor>), String> {
+) -> Result<(Vec<Write>, Option<ScanCursor>), PageError> {
     let cursor_sent = cursor.clone();
     let message = Envelope::Replica(ReplicaMessage::Pull {
         version: REPLICA_PROTOCOL_VERSION,
@@ -411,7 +451,8 @@ async fn pull_page(
                 return Err(format!(
                     "record at {:#018x} outside the range pulled",
                     key_hash(&w.key)
-                ));
+                )
+                .into());
             }
             // The next page must start past this one's start, or a peer could keep the
             // joiner asking for the same page.
@@ -427,16 +468,29 @@ async fn pull_page(
             }
             Ok((records, next))
         }
-        Ok(Envelope::Replica(ReplicaMessage::Refused(why))) => Err(why.to_string()),
-        Ok(other) => Err(format!("unexpected answer {other:?}")),
-        Err(e) => Err(e.to_string()),
+        Ok(Envelope::Replica(ReplicaMessage::Refused(Refusal::Busy))) => Err(PageError::Busy),
+        Ok(Envelope::Replica(ReplicaMessage::Refused(why))) => Err(why.to_string().into()),
+        Ok(other) => Err(format!("unexpected answer {other:?}").into()),
+        Err(e) => Err(e.to_string().into()),
     }
 }
 
 impl Inner {
     /// Serves one page of a joining member's pull: the records of `range` after `cursor`
     /// not past `cutoff_ms`, at most `limit` (capped at [`MAX_BATCH`]) and [`MAX_PULL_BYTES`]
-    /// of keys and values (one larger record goes alone). Only members may pull.
+    /// of keys and values (one larger record goes alone); with the page, the bytes of keys
+    /// and values it carries (for the bandwidth limit).
+    ///
+    /// Only members may pull, and only a range they replicate whole in one of this node's
+    /// rings (the read ring, the ring with the active joiner, or a ring from before a join
+    /// that just ended): anything else is refused (`Invalid` for a non-member, `OutOfRange`
+    /// for the range), counted as `pulls_refused`. The range is checked whole, before any
+    /// scan, rather than record by record: a joiner plans its ranges with
+    /// [`crate::ring::Ring::pull_ranges`] over the ring with it, every one of which that
+    /// ring replicates whole for it ([`crate::ring::Ring::replicates_range`]), so a
+    /// legitimate pull is refused only while this node's rings differ from the joiner's (a
+    /// refusal it retries until they agree or the rings change and it plans again), never
+    /// answered with a page silently missing records.
     pub(crate) async fn answer_pull(
         &self,
         from: &Address,
@@ -444,28 +498,45 @@ impl Inner {
         cursor: Option<ScanCursor>,
         limit: u32,
         cutoff_ms: u64,
-    ) -> ReplicaMessage {
-        let refuse = |reason: String| {
-            self.stats
-                .bad_replica_requests
-                .fetch_add(1, Ordering::Relaxed);
-            ReplicaMessage::Refused(Refusal::Invalid { reason })
+    ) -> (ReplicaMessage, u64) {
+        let refuse = |refusal: Refusal| {
+            self.stats.pulls_refused.fetch_add(1, Ordering::Relaxed);
+            (ReplicaMessage::Refused(refusal), 0)
         };
-        if self.view.load().member_at(from).is_none() {
-            return refuse("pull from a non-member".into());
+        let invalid = |reason: &str| {
+            refuse(Refusal::Invalid {
+                reason: reason.into(),
+            })
+        };
+        let view = self.view.load_full();
+        let Some(puller) = view.member_at(from) else {
+            return invalid("pull from a non-member");
+        };
+        if !view.replicates_range(range, puller) {
+            tracing::debug!(%puller, ?range, "pull of a range the puller does not replicate");
+            return refuse(Refusal::OutOfRange {
+                key_hash: range.start,
+            });
         }
+        drop(view);
         if let Some(c) = &cursor
             && (c.key.len() > self.config.max_key_len.get() || !range.contains(c.hash))
         {
-            return refuse("pull cursor outside the range or too long".into());
+            return invalid("pull cursor outside the range or too long");
         }
         let Some(limit) = std::num::NonZeroUsize::new((limit as usize).min(MAX_BATCH)) else {
-            return refuse("pull of zero records".into());
+            return invalid("pull of zero records");
         };
         self.stats.pulls_served.fetch_add(1, Ordering::Relaxed);
         let page = match self.storage.scan(range, cursor, limit).await {
             Ok(page) => page,
-            Err(e) => return ReplicaMessage::Refused(super::replica::storage_refusal(&e)),
+            Err(e) => {
+                self.stats.storage_failures.fetch_add(1, Ordering::Relaxed);
+                return (
+                    ReplicaMessage::Refused(super::replica::storage_refusal(&e)),
+                    0,
+                );
+            }
         };
         // Half the frame limit leaves room for the encoding's overhead on small frames.
         let cap = MAX_PULL_BYTES.min(self.transport.max_frame_len() / 2);
@@ -492,7 +563,10 @@ impl Inner {
                 record: e.record,
             });
         }
-        ReplicaMessage::PulledRecords { records, next }
+        (
+            ReplicaMessage::PulledRecords { records, next },
+            bytes as u64,
+        )
     }
 }
 

@@ -11,7 +11,9 @@
 //!   [`RETRY`] (at most the interval). The applied-writes log makes a co-replica due at once
 //!   when its cursor was overtaken ([`MerkleState::request`]). At most
 //!   `anti_entropy_concurrency` exchanges run at once, and every request they send waits for
-//!   the node's bandwidth limit (`anti_entropy_bandwidth`, one token bucket).
+//!   the node's bandwidth limit (`anti_entropy_bandwidth`, one token bucket). A peer that
+//!   answers a leaf check or an offer `Busy` puts the exchange off: it is tried again after
+//!   [`RETRY`], counted as `healing_deferred`, not as a failure.
 //! - **Exchange.** [`crate::healing::exchange::Exchange`] decides; this file sends what it
 //!   asks, scans storage for leaf checks and offers with the ring buffer's `SyncOffer`.
 
@@ -225,16 +227,38 @@ impl Inner {
     }
 
     /// Answers `MerkleCheck`: the leaves whose digests (from storage, over what the two share,
-    /// at the peer's horizon) differ from the peer's.
+    /// at the peer's horizon) differ from the peer's. `sender` is the member the request came
+    /// from ([`super::view::View::member_at`]), `claimed` the id the check names: what is
+    /// shared is computed with the sender, and a check from a non-member, or naming another
+    /// member than its sender, is refused as `Invalid` (counted, `merkle_refused`). In
+    /// keyring mode the transport authenticated the sender's address against its key; in
+    /// insecure mode the address is a claim too.
     pub(crate) async fn answer_merkle_check(
         &self,
-        from: NodeId,
+        sender: Option<NodeId>,
+        claimed: NodeId,
         cutoff_ms: u64,
         leaves: Vec<u32>,
         digests: Vec<RangeDigest>,
     ) -> ReplicaMessage {
         let Some(state) = &self.merkle else {
             return off();
+        };
+        let from = match sender {
+            Some(sender) if sender == claimed => sender,
+            Some(sender) => {
+                self.stats.merkle_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%sender, %claimed, "Merkle check naming another member refused");
+                return ReplicaMessage::Refused(Refusal::Invalid {
+                    reason: format!("check names {claimed}, sent by {sender}"),
+                });
+            }
+            None => {
+                self.stats.merkle_refused.fetch_add(1, Ordering::Relaxed);
+                return ReplicaMessage::Refused(Refusal::Invalid {
+                    reason: "Merkle check from a non-member".into(),
+                });
+            }
         };
         if let Err(e) = merkle::check_leaves(&leaves, digests.len()) {
             return self.merkle_refusal(&e);
@@ -295,6 +319,10 @@ enum Failure {
     Storage(#[from] StorageError),
     #[error("records offered were not all acknowledged")]
     Offer,
+    /// The peer answered `Busy` (counted as `healing_deferred` where it did): not a failure,
+    /// the exchange is tried again after [`RETRY`].
+    #[error("the peer is busy with other healing requests")]
+    Busy,
 }
 
 /// One exchange with `peer` at `addr`, as initiator.
@@ -343,6 +371,10 @@ async fn exchange(inner: &Inner, peer: NodeId, addr: &Address) -> Result<(), Fai
                 state.meter(inner, &message).await;
                 let differing = match inner.rpc.request(addr, &message, timeout).await {
                     Ok(Envelope::Replica(ReplicaMessage::MerkleDiffer { leaves })) => leaves,
+                    Ok(Envelope::Replica(ReplicaMessage::Refused(Refusal::Busy))) => {
+                        inner.stats.healing_deferred.fetch_add(1, Ordering::Relaxed);
+                        break Err(Failure::Busy);
+                    }
                     Ok(other) => break Err(Failure::Answer(format!("{other:?}"))),
                     Err(e) => break Err(Failure::Answer(e.to_string())),
                 };
@@ -356,13 +388,14 @@ async fn exchange(inner: &Inner, peer: NodeId, addr: &Address) -> Result<(), Fai
                 x.handle_checked(&differing)?;
                 for chunk in offer.chunks(super::sync::OFFER_LIMIT) {
                     match super::sync::offer_to(inner, addr, chunk.to_vec(), Some(state)).await {
-                        Some(sent) => {
+                        Ok(sent) => {
                             inner
                                 .stats
                                 .merkle_repairs
                                 .fetch_add(sent, Ordering::Relaxed);
                         }
-                        None => return Err(Failure::Offer),
+                        Err(super::sync::OfferFailed::Busy) => return Err(Failure::Busy),
+                        Err(super::sync::OfferFailed::Failed) => return Err(Failure::Offer),
                     }
                 }
             }
@@ -399,7 +432,8 @@ pub(crate) async fn run(inner: Arc<Inner>) {
     let retry = RETRY.min(interval);
     let limit = inner.config.anti_entropy_concurrency.get();
     let mut schedule = Schedule::default();
-    let mut running: tokio::task::JoinSet<(NodeId, bool)> = tokio::task::JoinSet::new();
+    let mut running: tokio::task::JoinSet<(NodeId, Result<(), Failure>)> =
+        tokio::task::JoinSet::new();
     let mut busy: HashSet<NodeId> = HashSet::new();
     loop {
         let now = tokio::time::Instant::now();
@@ -448,24 +482,26 @@ pub(crate) async fn run(inner: Arc<Inner>) {
             busy.insert(peer);
             let inner = inner.clone();
             running.spawn(async move {
-                let ok = match exchange(&inner, peer, &addr).await {
-                    Ok(()) => true,
-                    Err(e) => {
-                        tracing::debug!(%peer, error = %e, "Merkle exchange failed; retried");
-                        false
-                    }
-                };
-                (peer, ok)
+                let result = exchange(&inner, peer, &addr).await;
+                if let Err(e) = &result {
+                    tracing::debug!(%peer, error = %e, "Merkle exchange failed; retried");
+                }
+                (peer, result)
             });
         }
         tokio::select! {
             () = tokio::time::sleep(TICK) => {}
             () = state.wake.notified() => {}
             Some(done) = running.join_next(), if !running.is_empty() => {
-                let Ok((peer, ok)) = done else { continue };
+                let Ok((peer, result)) = done else { continue };
                 busy.remove(&peer);
-                let counter = if ok { &inner.stats.merkle_exchanges } else { &inner.stats.merkle_failures };
-                counter.fetch_add(1, Ordering::Relaxed);
+                let ok = result.is_ok();
+                match result {
+                    Ok(()) => inner.stats.merkle_exchanges.fetch_add(1, Ordering::Relaxed),
+                    // Put off, not failed: the peer had no room for it.
+                    Err(Failure::Busy) => 0,
+                    Err(_) => inner.stats.merkle_failures.fetch_add(1, Ordering::Relaxed),
+                };
                 if let Some(entry) = schedule.due.get_mut(&peer) {
                     entry.1 = tokio::time::Instant::now() + if ok { interval } else { retry };
                 }

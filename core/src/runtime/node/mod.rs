@@ -457,6 +457,7 @@ impl NodeBuilder {
             bugs: self.bugs,
             channel,
             transport: shared_transport,
+            healing: tokio::sync::Semaphore::new(replica::HEALING_SERVE_CONCURRENCY),
             config,
         });
         // The tree from storage, before the node applies anything.
@@ -574,6 +575,9 @@ pub(crate) struct Inner {
     channel: Option<ChannelAuth>,
     /// The transport, for its counters.
     transport: SharedTransport,
+    /// Permits for the expensive healing requests served at once
+    /// ([`replica::HEALING_SERVE_CONCURRENCY`]); one not free is answered `Busy`.
+    healing: tokio::sync::Semaphore,
 }
 
 /// What the view follower reports of each ring change, to the tasks that act on it.

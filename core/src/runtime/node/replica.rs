@@ -14,6 +14,11 @@ use crate::replication::message::{Key, MAX_BATCH};
 use crate::replication::{REPLICA_PROTOCOL_VERSION, Refusal, ReplicaMessage, Write, WriteOutcome};
 use crate::storage::{ApplyOutcome, Storage, StorageError};
 
+/// Most expensive healing requests (`MerkleCheck` and `Pull` scan storage, `SyncOffer` reads
+/// a key per entry) a node serves at once; one more is answered [`Refusal::Busy`] and its
+/// sender tries again later. Foreground `Apply` and `Read` take no permit.
+pub(crate) const HEALING_SERVE_CONCURRENCY: usize = 4;
+
 /// How the writes a replica applies enter the applied-writes log.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum LogAs {
@@ -47,7 +52,11 @@ impl Inner {
                 if let Some(refused) = self.check_version(version) {
                     return refused;
                 }
-                self.answer_offer(entries).await
+                let Some(_permit) = self.healing_permit() else {
+                    return self.busy();
+                };
+                let sender = self.view.load().member_at(from);
+                self.answer_offer(sender, entries).await
             }
             ReplicaMessage::MerkleNodes {
                 version,
@@ -61,7 +70,7 @@ impl Inner {
             }
             ReplicaMessage::MerkleCheck {
                 version,
-                from,
+                from: claimed,
                 cutoff_ms,
                 leaves,
                 digests,
@@ -69,7 +78,11 @@ impl Inner {
                 if let Some(refused) = self.check_version(version) {
                     return refused;
                 }
-                self.answer_merkle_check(from, cutoff_ms, leaves, digests)
+                let Some(_permit) = self.healing_permit() else {
+                    return self.busy();
+                };
+                let sender = self.view.load().member_at(from);
+                self.answer_merkle_check(sender, claimed, cutoff_ms, leaves, digests)
                     .await
             }
             ReplicaMessage::Pull {
@@ -82,8 +95,22 @@ impl Inner {
                 if let Some(refused) = self.check_version(version) {
                     return refused;
                 }
-                self.answer_pull(from, range, cursor, limit, cutoff_ms)
-                    .await
+                // A pull's page is what a node serves most of: while the healing budget is
+                // owed, pulls wait (the puller tries again later) instead of adding to it.
+                if self.take_healing_bandwidth(0) > 0 {
+                    return self.busy();
+                }
+                let Some(permit) = self.healing_permit() else {
+                    return self.busy();
+                };
+                let (reply, bytes) = self
+                    .answer_pull(from, range, cursor, limit, cutoff_ms)
+                    .await;
+                drop(permit);
+                // The page goes at once and its bytes are owed: the pulls after it are
+                // answered `Busy` until the budget has refilled.
+                self.take_healing_bandwidth(bytes);
+                reply
             }
             ReplicaMessage::Read { version, keys } => {
                 if let Some(refused) = self.check_version(version) {
@@ -103,6 +130,18 @@ impl Inner {
                 })
             }
         }
+    }
+
+    /// A permit to serve one expensive healing request, if one of the
+    /// [`HEALING_SERVE_CONCURRENCY`] is free; held while the request reads storage.
+    fn healing_permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.healing.try_acquire().ok()
+    }
+
+    /// The answer to a healing request this node cannot take now, counted.
+    fn busy(&self) -> ReplicaMessage {
+        self.stats.healing_busy.fetch_add(1, Ordering::Relaxed);
+        ReplicaMessage::Refused(Refusal::Busy)
     }
 
     fn check_version(&self, version: u16) -> Option<ReplicaMessage> {

@@ -160,6 +160,16 @@ counters! {
     join_refused,
     /// Pull requests this node answered for a joining member.
     pulls_served,
+    /// Pull requests refused as a replica: from a non-member, for a range the puller does not
+    /// replicate whole in any of this node's rings, with a bad cursor or a limit of zero.
+    pulls_refused,
+    /// Expensive healing requests (`MerkleCheck`, `Pull`, `SyncOffer`) this node refused as
+    /// `Busy`: as many were being served as it allows at once, or (a `Pull`) the healing
+    /// bandwidth was spent for now. The sender tries again later.
+    healing_busy,
+    /// Healing requests of this node's (a Merkle leaf check, an offer, a join's pull) a peer
+    /// answered `Busy`: put off and tried again later, not counted as failures.
+    healing_deferred,
     /// Keys read as a replica, for a coordinator (this node's own reads included).
     replica_reads,
 }

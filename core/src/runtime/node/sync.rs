@@ -121,11 +121,24 @@ impl Inner {
         }
     }
 
-    /// Answers a `SyncOffer`: the indices of the entries this node holds nothing or something
-    /// older for. A bad key refuses the offer as `Invalid`, a key this node does not replicate
-    /// as `OutOfRange` (both counted).
-    pub(crate) async fn answer_offer(&self, entries: Vec<SyncEntry>) -> ReplicaMessage {
+    /// Answers a `SyncOffer` from `sender` (the member the request came from,
+    /// [`super::view::View::member_at`]): the indices of the entries this node holds nothing or
+    /// something older for. An offer from a non-member or with a bad key is refused as
+    /// `Invalid`; one with a key this node does not replicate, or that the sender replicates
+    /// in none of the key's write sets ([`super::view::View::holds`]), as `OutOfRange` (all
+    /// counted, `sync_refused`).
+    pub(crate) async fn answer_offer(
+        &self,
+        sender: Option<NodeId>,
+        entries: Vec<SyncEntry>,
+    ) -> ReplicaMessage {
         let view = self.view.load_full();
+        let Some(sender) = sender else {
+            self.stats.sync_refused.fetch_add(1, Ordering::Relaxed);
+            return ReplicaMessage::Refused(Refusal::Invalid {
+                reason: "offer from a non-member".into(),
+            });
+        };
         for e in &entries {
             if e.key.is_empty() || e.key.len() > self.config.max_key_len.get() {
                 self.stats.sync_refused.fetch_add(1, Ordering::Relaxed);
@@ -133,7 +146,7 @@ impl Inner {
                     reason: format!("key of {} bytes", e.key.len()),
                 });
             }
-            if !super::view::is_replica(&view, &e.key, self.id) {
+            if !super::view::is_replica(&view, &e.key, self.id) || !view.holds(&e.key, sender) {
                 self.stats.sync_refused.fetch_add(1, Ordering::Relaxed);
                 return ReplicaMessage::Refused(Refusal::OutOfRange {
                     key_hash: key_hash(&e.key),
@@ -214,7 +227,8 @@ async fn round(inner: &Arc<Inner>, log: &SyncState, cursors: &mut SyncCursors) {
                         .filter(|a| a.source != Some(m.id) && shares(&a.key))
                         .map(|a| (a.key, a.version))
                         .collect();
-                    let Some(sent) = offer_to(inner, &addr, offer, None).await else {
+                    // Busy or failed: the cursor stays, the next round offers them again.
+                    let Ok(sent) = offer_to(inner, &addr, offer, None).await else {
                         break;
                     };
                     inner.stats.sync_repairs.fetch_add(sent, Ordering::Relaxed);
@@ -232,17 +246,27 @@ async fn round(inner: &Arc<Inner>, log: &SyncState, cursors: &mut SyncCursors) {
     }
 }
 
+/// Why [`offer_to`] stopped short.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OfferFailed {
+    /// The peer answered the offer `Busy` (counted as `healing_deferred`): try again later.
+    Busy,
+    /// A step failed: unreachable, refused, a bad answer, a record not acknowledged.
+    Failed,
+}
+
 /// Offers `entries` to the peer at `addr` and sends what it lacks; the number of records
-/// sent if every step succeeded (the peer now holds each record or a newer one), `None`
-/// otherwise. With `meter`, every message waits for Merkle anti-entropy's bandwidth limit.
+/// sent if every step succeeded (the peer now holds each record or a newer one). With
+/// `meter`, every message waits for Merkle anti-entropy's bandwidth limit.
 pub(crate) async fn offer_to(
     inner: &Inner,
     addr: &Address,
     entries: Vec<(Bytes, Version)>,
     meter: Option<&super::merkle::MerkleState>,
-) -> Option<u64> {
+) -> Result<u64, OfferFailed> {
+    use OfferFailed::Failed;
     if entries.is_empty() {
-        return Some(0);
+        return Ok(0);
     }
     let timeout = inner.config.request_timeout;
     let message = Envelope::Replica(ReplicaMessage::SyncOffer {
@@ -261,20 +285,25 @@ pub(crate) async fn offer_to(
     }
     let wanted = match inner.rpc.request(addr, &message, timeout).await {
         Ok(Envelope::Replica(ReplicaMessage::SyncWant { wanted })) => wanted,
+        Ok(Envelope::Replica(ReplicaMessage::Refused(Refusal::Busy))) => {
+            inner.stats.healing_deferred.fetch_add(1, Ordering::Relaxed);
+            tracing::trace!(%addr, "anti-entropy offer put off: the peer is busy");
+            return Err(OfferFailed::Busy);
+        }
         Ok(other) => {
             tracing::debug!(%addr, ?other, "anti-entropy offer not answered");
-            return None;
+            return Err(Failed);
         }
         Err(e) => {
             tracing::trace!(%addr, error = %e, "anti-entropy offer failed");
-            return None;
+            return Err(Failed);
         }
     };
     // Strictly ascending, as `answer_offer` builds it: a repeated index would make this node
     // read and ship one record many times over.
     if wanted.windows(2).any(|w| w[0] >= w[1]) {
         tracing::debug!(%addr, "anti-entropy answer not strictly ascending");
-        return None;
+        return Err(Failed);
     }
     let now_ms = inner.hlc.wall_clock().now_ms();
     // The records go in `Apply` batches of at most APPLY_BATCH_BYTES (1,024 large values
@@ -284,7 +313,7 @@ pub(crate) async fn offer_to(
     for i in wanted {
         let Some((key, _)) = entries.get(i as usize) else {
             tracing::debug!(%addr, i, "anti-entropy answer names no offered entry");
-            return None;
+            return Err(Failed);
         };
         match inner.storage.get(key).await {
             // Never ship a record past the purge horizon; purged meanwhile: nothing to send.
@@ -305,7 +334,7 @@ pub(crate) async fn offer_to(
                 }
             }
             Ok(_) => {}
-            Err(_) => return None,
+            Err(_) => return Err(Failed),
         }
     }
     let mut sent = 0;
@@ -324,10 +353,10 @@ pub(crate) async fn offer_to(
             {
                 sent += n;
             }
-            _ => return None,
+            _ => return Err(Failed),
         }
     }
-    Some(sent)
+    Ok(sent)
 }
 
 /// Most key and record bytes in one anti-entropy `Apply` (well under the 16 MiB frame limit

@@ -157,6 +157,16 @@ impl View {
                 .any(|ring| ring.preference_list(key, self.n).contains(&id))
     }
 
+    /// Whether `id` replicates the whole of `range` in one of this view's rings (the read
+    /// ring, the ring with the active joiner, or a ring from before a join that ended within
+    /// `join_settle`): [`Ring::replicates_range`] in any of them.
+    pub(crate) fn replicates_range(&self, range: crate::hash::HashRange, id: NodeId) -> bool {
+        std::iter::once(&self.ring)
+            .chain(&self.next)
+            .chain(&self.previous)
+            .any(|ring| ring.replicates_range(range, id, self.n))
+    }
+
     /// Every member of any of `key`'s [`View::write_sets`], each once, the read ring's
     /// replicas first: where a copy handed off must be before this node may drop its own.
     pub(crate) fn write_targets(&self, key: &[u8]) -> Vec<NodeId> {
