@@ -33,6 +33,8 @@ pub struct QuicStats {
     /// Incoming connections refused before their handshake:
     /// [`QuicConfig::max_inbound_connections`](crate::QuicConfig::max_inbound_connections) were
     /// open, or [`QuicConfig::max_handshakes`](crate::QuicConfig::max_handshakes) in progress.
+    /// Counted per Initial packet refused: a client that retransmits its Initial before the
+    /// refusal reaches it is counted again.
     pub refused_connections: u64,
     /// Frames written to streams.
     pub frames_sent: u64,

@@ -423,11 +423,11 @@ async fn connections_over_the_cap_are_refused_and_counted() {
     let (_second_endpoint, second) = raw_connect(&id, &a.local_addr()).await;
     assert!(second.is_none(), "a second connection got through the cap");
     let stats = a.stats();
-    assert_eq!(
-        (stats.accepted, stats.refused_connections),
-        (1, 1),
-        "{stats:?}"
-    );
+    // At least once: a client whose Initial is retransmitted before the refusal reaches it
+    // (a loaded machine) is refused again for the copy, which the server cannot tell from a
+    // new attempt.
+    assert_eq!(stats.accepted, 1, "{stats:?}");
+    assert!(stats.refused_connections >= 1, "{stats:?}");
     assert!(first.close_reason().is_none(), "the first stays open");
     a.close().await;
 }
