@@ -918,6 +918,9 @@ async fn tree_run(a: &Args, run: usize, healing: Healing) -> (f64, u64) {
     let failed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
+    if std::env::var_os("HEAL_TIME_WATCH").is_some() {
+        tasks.push(watch(&cluster, healing, stop.clone()));
+    }
     for c in 0..a.concurrency {
         let node = cluster.nodes[c % 3].clone();
         let (count, failed, stop) = (count.clone(), failed.clone(), stop.clone());
@@ -982,6 +985,50 @@ async fn tree_run(a: &Args, run: usize, healing: Healing) -> (f64, u64) {
     }
     cluster.kill().await;
     ((c1 - c0) as f64 / elapsed, f)
+}
+
+/// With `HEAL_TIME_WATCH` set: every second until `stop`, the process's resident memory and
+/// the counters that could explain its growth (summed over the nodes) on stderr.
+fn watch(
+    cluster: &Cluster,
+    healing: Healing,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    let nodes = cluster.nodes.clone();
+    let net = cluster.net.clone();
+    tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            let rss_kb = std::fs::read_to_string("/proc/self/status")
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("VmRSS:"))
+                        .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+                })
+                .unwrap_or_default();
+            let all: Vec<NodeStats> = nodes.iter().map(|n| n.stats()).collect();
+            let sum = |f: fn(&NodeStats) -> u64| all.iter().map(f).sum::<u64>();
+            eprintln!(
+                "watch {healing:?}: rss {rss_kb} kB, late answers {}, replies not sent {}, \
+                 hints pending {} stored {} dropped {}, sync repairs {} overtaken {}, merkle \
+                 exchanges {} repairs {} bytes {}, busy {} deferred {}, network {:?}",
+                sum(|s| s.late_answers),
+                sum(|s| s.replies_not_sent),
+                sum(|s| s.hints_pending),
+                sum(|s| s.hints_stored),
+                sum(|s| s.hints_dropped_full + s.hints_dropped_overload),
+                sum(|s| s.sync_repairs),
+                sum(|s| s.sync_overtaken),
+                sum(|s| s.merkle_exchanges),
+                sum(|s| s.merkle_repairs),
+                sum(|s| s.merkle_bytes_sent),
+                sum(|s| s.healing_busy),
+                sum(|s| s.healing_deferred),
+                net.stats(),
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
 }
 
 async fn tree(a: &Args) {
