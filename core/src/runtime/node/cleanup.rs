@@ -566,38 +566,35 @@ pub(crate) struct Decision {
 impl Plan {
     /// A record to hand to `targets`, its key's current replicas.
     pub(crate) fn add(&mut self, key: Bytes, record: Record, targets: Vec<NodeId>) {
-        self.items.push(Item {
-            key,
-            record,
-            targets,
-            acked: Vec::new(),
-            collectable: false,
-            stays: false,
-        });
+        self.push(key, record, targets, false, false);
     }
 
     /// A tombstone not yet collectable: handed to `targets` like any record, never removed
     /// (the purge removes it after its grace period).
     pub(crate) fn add_tombstone(&mut self, key: Bytes, record: Record, targets: Vec<NodeId>) {
+        self.push(key, record, targets, false, true);
+    }
+
+    /// A record past its grace period: removed without a handoff, as the purge would.
+    pub(crate) fn add_collectable(&mut self, key: Bytes, record: Record) {
+        self.push(key, record, Vec::new(), true, false);
+    }
+
+    fn push(
+        &mut self,
+        key: Bytes,
+        record: Record,
+        targets: Vec<NodeId>,
+        collectable: bool,
+        stays: bool,
+    ) {
         self.items.push(Item {
             key,
             record,
             targets,
             acked: Vec::new(),
-            collectable: false,
-            stays: true,
-        });
-    }
-
-    /// A record past its grace period: removed without a handoff, as the purge would.
-    pub(crate) fn add_collectable(&mut self, key: Bytes, record: Record) {
-        self.items.push(Item {
-            key,
-            record,
-            targets: Vec::new(),
-            acked: Vec::new(),
-            collectable: true,
-            stays: false,
+            collectable,
+            stays,
         });
     }
 
