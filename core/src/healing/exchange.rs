@@ -262,13 +262,22 @@ impl Exchange {
         let Some(&first) = self.leaves.front() else {
             return Step::Done;
         };
-        let mut batch = Vec::new();
+        let mut batch: Vec<u32> = Vec::new();
+        // Records in the leaves `first..=` the last one taken, by this tree's counts: summed
+        // as the batch grows, so a batch costs one pass over its span (summing the whole
+        // span again for every leaf made a check of many leaves quadratic).
+        let mut span = 0u64;
         while let Some(&leaf) = self.leaves.front() {
+            let after = match batch.last() {
+                None => tree.records_between(first, leaf),
+                Some(&last) => span.saturating_add(tree.records_between(last + 1, leaf)),
+            };
             if batch.len() == MAX_LEAVES_PER_CHECK
-                || (!batch.is_empty() && tree.records_between(first, leaf) > MAX_RECORDS_PER_CHECK)
+                || (!batch.is_empty() && after > MAX_RECORDS_PER_CHECK)
             {
                 break;
             }
+            span = after;
             batch.push(leaf);
             self.leaves.pop_front();
         }
@@ -548,6 +557,43 @@ mod tests {
                 .iter()
                 .all(|&n| n <= MAX_LEAVES_PER_CHECK && n * 10 <= 16_384)
         );
+    }
+
+    #[test]
+    fn a_check_spans_as_many_records_as_allowed_counting_the_equal_leaves_between() {
+        let (a, b) = (MerkleTree::new(), MerkleTree::new());
+        // 10 records in each of the first 8192 leaves on both; one more on a in every 8th.
+        for leaf in 0..8192u32 {
+            let base = u64::from(leaf) << (64 - LEAF_BITS);
+            for extra in 0..10u64 {
+                for t in [&a, &b] {
+                    let p = t.begin(base + extra);
+                    t.finish(p, None, Some(&v(2)));
+                }
+            }
+            if leaf % 8 == 0 {
+                let p = a.begin(base + 10);
+                a.finish(p, None, Some(&v(2)));
+            }
+        }
+        let mut x = Exchange::new(Coverage::full());
+        let checks: Vec<Vec<u32>> = drive(&mut x, &a, &b)
+            .into_iter()
+            .filter_map(|s| match s {
+                Step::Check(l) => Some(l),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(checks.iter().map(Vec::len).sum::<usize>(), 1024);
+        for pair in checks.windows(2) {
+            let (this, next) = (&pair[0], &pair[1]);
+            let (first, last) = (this[0], *this.last().expect("a leaf"));
+            assert!(a.records_between(first, last) <= MAX_RECORDS_PER_CHECK);
+            assert!(
+                a.records_between(first, next[0]) > MAX_RECORDS_PER_CHECK,
+                "a check ends only where the next leaf would pass the bound"
+            );
+        }
     }
 
     #[test]

@@ -377,11 +377,24 @@ impl MerkleTree {
             .collect())
     }
 
-    /// Records in leaves `first..=last` by this tree's counts.
+    /// Records in leaves `first..=last` by this tree's counts (zero when `first > last`).
+    /// Each shard is locked once, as in [`MerkleTree::node`].
     pub fn records_between(&self, first: u32, last: u32) -> u64 {
-        (first..=last.min(LEAVES - 1))
-            .map(|leaf| self.leaf(leaf).count)
-            .sum()
+        let end = last.min(LEAVES - 1).saturating_add(1);
+        let mut records = 0u64;
+        let mut leaf = first;
+        while leaf < end {
+            let shard = leaf / SHARD_LEAVES;
+            let stop = ((shard + 1) * SHARD_LEAVES).min(end);
+            let guard = self.shards[shard as usize]
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for l in &guard[(leaf % SHARD_LEAVES) as usize..=((stop - 1) % SHARD_LEAVES) as usize] {
+                records = records.saturating_add(l.digest.count);
+            }
+            leaf = stop;
+        }
+        records
     }
 
     /// Starts a rebuild: from now on, a leaf written to is kept as it is by
@@ -496,6 +509,41 @@ mod tests {
             assert!(node_range(DEPTH, leaf).expect("a leaf").contains(hash));
         }
         assert_eq!(leaf_span(0, LEAVES - 1), HashRange::FULL);
+    }
+
+    #[test]
+    fn records_between_counts_every_leaf_of_the_span_across_shards() {
+        let tree = MerkleTree::new();
+        // 1 + leaf % 3 records in leaves around the first shard boundaries and at the end.
+        let leaves: Vec<u32> = (0..2 * SHARD_LEAVES + 5)
+            .chain(LEAVES - 3..LEAVES)
+            .collect();
+        for &leaf in &leaves {
+            for extra in 0..=u64::from(leaf % 3) {
+                let p = tree.begin((u64::from(leaf) << (64 - LEAF_BITS)) + extra);
+                tree.finish(p, None, Some(&v(1)));
+            }
+        }
+        let one_by_one = |first: u32, last: u32| -> u64 {
+            (first..=last.min(LEAVES - 1))
+                .map(|l| tree.leaf(l).count)
+                .sum()
+        };
+        for (first, last) in [
+            (0, 0),
+            (0, SHARD_LEAVES - 1),
+            (SHARD_LEAVES - 1, SHARD_LEAVES),
+            (3, 2 * SHARD_LEAVES + 2),
+            (5, LEAVES - 1),
+            (LEAVES - 2, LEAVES + 7),
+        ] {
+            assert_eq!(
+                tree.records_between(first, last),
+                one_by_one(first, last),
+                "{first}..={last}"
+            );
+        }
+        assert_eq!(tree.records_between(9, 8), 0, "an empty span");
     }
 
     #[test]
