@@ -3,7 +3,7 @@
 //! real clock, the `local` membership preset, insecure mode), on a two-worker tokio runtime.
 //!
 //! ```text
-//! cargo run --release -p chorus-benches --bin heal-time -- --scenario partition|handoff|tree [--runs K] [flags]
+//! cargo run --release -p chorus-benches --bin heal-time -- --scenario partition|handoff|tree|tree-cpu [--runs K] [flags]
 //! ```
 //!
 //! - **`partition`**: 3 nodes, N = 3. `--keys` records (`--value-len` bytes) are loaded into
@@ -36,6 +36,17 @@
 //!   run), fresh cluster each time: `--concurrency` closed-loop clients put random keys of a
 //!   1M-key space through the three nodes in turn, 1 s of warm-up, then `--secs` measured.
 //!   The trees' cost is the ratio of the last two.
+//! - **`tree-cpu`**: the same three variants, but an open-loop load at a fixed `--put-rate`
+//!   puts/s (below saturation, so no queue overflows and no timeouts skew the variants)
+//!   for `--secs` after 1 s of warm-up; the figure is the process's CPU time (user and
+//!   system, all threads, from `/proc/self/stat`) per acknowledged put. The cluster is the
+//!   only thing in the process, so that is the three nodes' CPU per replicated put; the
+//!   trees' cost is the CPU per put with them over the CPU per put with the log only.
+//!
+//! `--only off|log|both` runs one variant of `tree` or `tree-cpu` alone, with no ratios (for
+//! a profiler). `--queue` sets the frames each node's in-process receive queue holds (default
+//! 1,024, the transport's default); a full queue drops the frame, as a congested network
+//! would.
 
 use std::collections::HashMap;
 use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
@@ -45,7 +56,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chorus::membership::{MemberState, MembershipConfig};
-use chorus::runtime::inproc::{InProcessNetwork, InProcessTransport};
+use chorus::runtime::inproc::{
+    DEFAULT_QUEUE_CAPACITY, InProcessConfig, InProcessNetwork, InProcessTransport,
+};
 use chorus::storage::ScanCursor;
 use chorus::transport::{Incoming, TransportError};
 use chorus::{
@@ -69,6 +82,9 @@ struct Args {
     max_converge_secs: u64,
     poll_ms: u64,
     load_rate: u64,
+    put_rate: u64,
+    queue: usize,
+    only: Option<Healing>,
     secs: u64,
     high_bandwidth_mib: u64,
     concurrency: usize,
@@ -87,6 +103,9 @@ fn args() -> Args {
         max_converge_secs: 120,
         poll_ms: 100,
         load_rate: 1000,
+        put_rate: 20_000,
+        queue: DEFAULT_QUEUE_CAPACITY.get(),
+        only: None,
         secs: 5,
         high_bandwidth_mib: 256,
         concurrency: 64,
@@ -95,6 +114,15 @@ fn args() -> Args {
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        if flag == "--only" {
+            a.only = Some(match value.as_str() {
+                "off" => Healing::Off,
+                "log" => Healing::LogOnly,
+                "both" => Healing::LogAndTrees,
+                other => panic!("--only off|log|both, not `{other}`"),
+            });
+            continue;
+        }
         if flag == "--scenario" {
             a.scenario = value;
             continue;
@@ -112,6 +140,8 @@ fn args() -> Args {
             "--max-converge-secs" => a.max_converge_secs = n,
             "--poll-ms" => a.poll_ms = n,
             "--load-rate" => a.load_rate = n,
+            "--put-rate" => a.put_rate = n,
+            "--queue" => a.queue = n as usize,
             "--secs" => a.secs = n,
             "--high-bandwidth-mib" => a.high_bandwidth_mib = n,
             "--concurrency" => a.concurrency = n as usize,
@@ -182,9 +212,14 @@ fn memory() -> SharedStorage {
 }
 
 impl Cluster {
-    fn new(seed: u64) -> Cluster {
+    /// An empty cluster on an in-process network whose receive queues hold `queue` frames.
+    fn new(seed: u64, queue: usize) -> Cluster {
+        let queue = NonZeroUsize::new(queue).expect("--queue must be positive");
         Cluster {
-            net: InProcessNetwork::new(seed),
+            net: InProcessNetwork::with_config(
+                seed,
+                InProcessConfig::default().with_queue_capacity(queue),
+            ),
             nodes: Vec::new(),
             storages: Vec::new(),
             received: Vec::new(),
@@ -465,7 +500,7 @@ async fn partition_run(a: &Args, run: usize) -> PartitionRun {
     let mut config = base_config();
     config.anti_entropy_interval = Duration::from_secs(a.ae_interval_secs);
     let stores = loaded_stores(3, a.keys, a.value_len).await;
-    let mut cluster = Cluster::new(a.seed + run as u64);
+    let mut cluster = Cluster::new(a.seed + run as u64, a.queue);
     for s in stores {
         cluster.add(&config, s, a.seed + run as u64).await;
     }
@@ -740,7 +775,7 @@ async fn handoff_run(a: &Args, run: usize, bandwidth: u64) -> HandoffRun {
     config.anti_entropy_bandwidth = NonZeroU64::new(bandwidth).expect("non-zero");
     let stores = loaded_stores(3, a.keys, a.value_len).await;
     let seed = a.seed + run as u64;
-    let mut cluster = Cluster::new(seed);
+    let mut cluster = Cluster::new(seed, a.queue);
     for s in stores {
         cluster.add(&config, s, seed).await;
     }
@@ -901,19 +936,25 @@ enum Healing {
     LogAndTrees,
 }
 
-async fn tree_run(a: &Args, run: usize, healing: Healing) -> (f64, u64) {
+/// A fresh, settled 3-node cluster of empty memory nodes with `healing`'s switches.
+async fn tree_cluster(a: &Args, run: usize, healing: Healing) -> Cluster {
     let mut config = base_config();
     config.anti_entropy = healing != Healing::Off;
     config.merkle_anti_entropy = healing == Healing::LogAndTrees;
-    let anti_entropy = format!("{healing:?}");
     // Empty nodes: nothing to pull, and the cluster is up sooner.
     config.join_handoff = false;
     let seed = a.seed + run as u64;
-    let mut cluster = Cluster::new(seed);
+    let mut cluster = Cluster::new(seed, a.queue);
     for _ in 0..3 {
         cluster.add(&config, memory(), seed).await;
     }
     cluster.wait_settled(Duration::from_secs(60)).await;
+    cluster
+}
+
+async fn tree_run(a: &Args, run: usize, healing: Healing) -> (f64, u64) {
+    let anti_entropy = format!("{healing:?}");
+    let cluster = tree_cluster(a, run, healing).await;
     let count = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -1032,6 +1073,14 @@ fn watch(
 }
 
 async fn tree(a: &Args) {
+    if let Some(healing) = a.only {
+        // One variant alone (for a profiler): no ratios.
+        for run in 0..a.runs {
+            let (puts, failed) = tree_run(a, run, healing).await;
+            println!("{healing:?} run {run}: {puts:.0} puts/s, {failed} failed");
+        }
+        return;
+    }
     println!(
         "# heal-time tree: 3 nodes, N=3, W=2, memory backend, {} closed-loop clients, puts of \
          {} B values to random keys of 1M, {} s measured after 1 s warm-up, fresh cluster each",
@@ -1069,6 +1118,194 @@ async fn tree(a: &Args) {
     );
 }
 
+/// The process's CPU time so far (user and system, every thread), from `/proc/self/stat`.
+fn process_cpu(ticks_per_sec: f64) -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    // The command name (field 2) is in parentheses and may hold spaces: count from after it.
+    let rest = &stat[stat.rfind(')').expect("stat has a command name") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of proc(5), utime and stime; `rest` starts at field 3.
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    Duration::from_secs_f64(ticks as f64 / ticks_per_sec)
+}
+
+/// The kernel's clock ticks per second, the unit of `/proc/self/stat`'s times.
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// One `tree-cpu` measurement.
+struct CpuRun {
+    /// Acknowledged puts a second in the measured window.
+    puts_per_sec: f64,
+    /// The process's CPU time per acknowledged put in the window, in microseconds.
+    cpu_us_per_put: f64,
+    /// The process's CPU use in the window, in cores.
+    cores: f64,
+    failed: u64,
+    put_p99_us: f64,
+}
+
+async fn tree_cpu_run(a: &Args, run: usize, healing: Healing, ticks: f64) -> CpuRun {
+    let cluster = tree_cluster(a, run, healing).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sink = Arc::new(Mutex::new(Vec::new()));
+    let load = tokio::spawn(fixed_rate_puts(
+        cluster.nodes.clone(),
+        a.put_rate,
+        a.value_len,
+        stop.clone(),
+        sink.clone(),
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (t0, cpu0) = (Instant::now(), process_cpu(ticks));
+    tokio::time::sleep(Duration::from_secs(a.secs)).await;
+    let (t1, cpu1) = (Instant::now(), process_cpu(ticks));
+    stop.store(true, Ordering::Relaxed);
+    let _ = load.await;
+    let ops = sink.lock().expect("sink").clone();
+    // The puts due in the window; their work falls (almost all) inside it.
+    let window: Vec<&Op> = ops.iter().filter(|o| o.due >= t0 && o.due < t1).collect();
+    let acked = window.iter().filter(|o| o.ok).count() as f64;
+    let failed = window.iter().filter(|o| !o.ok).count() as u64;
+    let mut micros: Vec<u64> = window.iter().map(|o| o.micros).collect();
+    let secs = (t1 - t0).as_secs_f64();
+    let cpu = (cpu1 - cpu0).as_secs_f64();
+    if std::env::var_os("HEAL_TIME_WATCH").is_some() {
+        let all: Vec<NodeStats> = cluster.nodes.iter().map(|n| n.stats()).collect();
+        let sum = |f: fn(&NodeStats) -> u64| all.iter().map(f).sum::<u64>();
+        eprintln!(
+            "{healing:?}: sync offers {}, sync repairs {}, merkle exchanges {}, replica applies {}, network {:?}",
+            sum(|s| s.sync_offers),
+            sum(|s| s.sync_repairs),
+            sum(|s| s.merkle_exchanges),
+            sum(|s| s.replica_applied),
+            cluster.net.stats(),
+        );
+    }
+    cluster.kill().await;
+    CpuRun {
+        puts_per_sec: acked / secs,
+        cpu_us_per_put: cpu * 1e6 / acked.max(1.0),
+        cores: cpu / secs,
+        failed,
+        put_p99_us: quantile_us(&mut micros, 0.99),
+    }
+}
+
+/// Puts at `rate` a second (open loop: each put is its own task, due on a fixed schedule)
+/// to random keys of a 1M-key space, through the nodes in turn, until `stop`.
+async fn fixed_rate_puts(
+    nodes: Vec<Node>,
+    rate: u64,
+    value_len: usize,
+    stop: Arc<AtomicBool>,
+    sink: Arc<Mutex<Vec<Op>>>,
+) {
+    // Ticks of 1 ms (the timer's resolution), each starting its share of the puts.
+    let per_tick = (rate as f64 / 1000.0).max(1.0);
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let (mut n, mut owed) = (0u64, 0.0f64);
+    let mut tasks = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let due: Instant = tick.tick().await.into_std();
+        owed += per_tick;
+        while owed >= 1.0 {
+            owed -= 1.0;
+            let node = nodes[n as usize % nodes.len()].clone();
+            let (k, v) = (key(rng.below(1_000_000)), value(value_len, n));
+            let sink = sink.clone();
+            tasks.push(tokio::spawn(async move {
+                let ok = node.put(k, v, WriteOptions::default()).await.is_ok();
+                let micros = due.elapsed().as_micros() as u64;
+                sink.lock().expect("sink").push(Op {
+                    due,
+                    micros,
+                    put: true,
+                    ok,
+                });
+            }));
+            n += 1;
+        }
+        if tasks.len() >= 4096 {
+            tasks.retain(|t| !t.is_finished());
+        }
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+async fn tree_cpu(a: &Args) {
+    let ticks = clock_ticks();
+    if let Some(healing) = a.only {
+        for run in 0..a.runs {
+            let r = tree_cpu_run(a, run, healing, ticks).await;
+            println!(
+                "{healing:?} run {run}: {:.2} us CPU/put, {:.0} puts/s, {:.2} cores, {} failed",
+                r.cpu_us_per_put, r.puts_per_sec, r.cores, r.failed
+            );
+        }
+        return;
+    }
+    println!(
+        "# heal-time tree-cpu: 3 nodes, N=3, W=2, memory backend, {} puts/s open loop of {} B          values to random keys of 1M, {} s measured after 1 s warm-up, fresh cluster each;          process CPU ({} ticks/s) per acknowledged put",
+        a.put_rate, a.value_len, a.secs, ticks
+    );
+    println!(
+        "| run | CPU us/put off | log only | log and trees | trees: (log and trees) / log |          log / off | puts/s off/log/both | cores off/log/both | failed off/log/both | put p99 ms off/log/both |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let (mut tree_ratios, mut log_ratios) = (Vec::new(), Vec::new());
+    let modes = [Healing::Off, Healing::LogOnly, Healing::LogAndTrees];
+    for run in 0..a.runs {
+        let mut results: [Option<CpuRun>; 3] = [None, None, None];
+        for i in 0..3 {
+            let m = (i + run) % 3;
+            results[m] = Some(tree_cpu_run(a, run, modes[m], ticks).await);
+        }
+        let [off, log, both] = results.map(|r| r.expect("every variant ran"));
+        let (t, l) = (
+            both.cpu_us_per_put / log.cpu_us_per_put,
+            log.cpu_us_per_put / off.cpu_us_per_put,
+        );
+        println!(
+            "| {run} | {:.2} | {:.2} | {:.2} | {t:.3} | {l:.3} | {:.0}/{:.0}/{:.0} | {:.2}/{:.2}/{:.2} | {}/{}/{} | {:.1}/{:.1}/{:.1} |",
+            off.cpu_us_per_put,
+            log.cpu_us_per_put,
+            both.cpu_us_per_put,
+            off.puts_per_sec,
+            log.puts_per_sec,
+            both.puts_per_sec,
+            off.cores,
+            log.cores,
+            both.cores,
+            off.failed,
+            log.failed,
+            both.failed,
+            off.put_p99_us / 1000.0,
+            log.put_p99_us / 1000.0,
+            both.put_p99_us / 1000.0,
+        );
+        tree_ratios.push(t);
+        log_ratios.push(l);
+    }
+    println!(
+        "medians: CPU per put, trees (log and trees) / log {:.3}, log / off {:.3}",
+        median(&mut tree_ratios),
+        median(&mut log_ratios)
+    );
+}
+
 fn main() {
     let a = args();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -1082,7 +1319,8 @@ fn main() {
             "partition" => partition(&a).await,
             "handoff" => handoff(&a).await,
             "tree" => tree(&a).await,
-            other => panic!("--scenario partition|handoff|tree, not `{other}`"),
+            "tree-cpu" => tree_cpu(&a).await,
+            other => panic!("--scenario partition|handoff|tree|tree-cpu, not `{other}`"),
         }
     });
     eprintln!("total {:.1} s", started.elapsed().as_secs_f64());
