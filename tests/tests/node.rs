@@ -184,6 +184,87 @@ async fn fewer_live_replicas_than_required_is_unavailable_and_sends_nothing() {
     cluster.stop().await;
 }
 
+/// Runs `op` up to 10,000 times in a row on this (current-thread) runtime and says whether
+/// a task spawned before the loop got to run meanwhile.
+async fn other_tasks_run_while_looping<F, Fut>(mut op: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = ran.clone();
+    tokio::spawn(async move { flag.store(true, std::sync::atomic::Ordering::SeqCst) });
+    for _ in 0..10_000 {
+        if ran.load(std::sync::atomic::Ordering::SeqCst) {
+            return true;
+        }
+        assert!(op().await, "the request did not end as expected");
+    }
+    ran.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// A client that repeats a request in a loop must not starve the runtime: a request that
+/// ends at once (a replica's address refuses, too few replicas alive, a read at One from
+/// local storage) still yields to the scheduler now and then, or the loop would keep membership from ever seeing the
+/// cluster recover (on two worker threads, two such clients stop every other task).
+#[tokio::test(start_paused = true)]
+async fn requests_that_fail_at_once_still_let_other_tasks_run() {
+    // A write whose second replica's address refuses: it fails without waiting.
+    let mut cluster = Cluster::start(ClusterSpec::new(2, seed())).await;
+    cluster.kill(1).await;
+    let node = cluster.node(0).clone();
+    let refused = other_tasks_run_while_looping(|| {
+        let node = node.clone();
+        async move {
+            matches!(
+                node.put("k", "v", quorum()).await,
+                Err(ReplicationError::Failed { .. })
+            )
+        }
+    })
+    .await;
+    assert!(
+        refused,
+        "puts failing at an unreachable replica never yielded"
+    );
+    // Too few replicas alive: refused before anything is sent.
+    cluster.wait_for_ring(Duration::from_secs(30)).await;
+    let unavailable_put = other_tasks_run_while_looping(|| {
+        let node = node.clone();
+        async move {
+            matches!(
+                node.put("k", "v", quorum()).await,
+                Err(ReplicationError::Unavailable { .. })
+            )
+        }
+    })
+    .await;
+    assert!(unavailable_put, "unavailable puts never yielded");
+    let unavailable_get = other_tasks_run_while_looping(|| {
+        let node = node.clone();
+        async move {
+            matches!(
+                node.get("k", ReadOptions::default()).await,
+                Err(ReplicationError::Unavailable { .. })
+            )
+        }
+    })
+    .await;
+    assert!(unavailable_get, "unavailable gets never yielded");
+    // A read at One that local storage answers (no message) must yield too.
+    let local_get = other_tasks_run_while_looping(|| {
+        let node = node.clone();
+        async move {
+            node.get("k", ReadOptions::default().consistency(Consistency::One))
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    assert!(local_get, "reads at One from local storage never yielded");
+    cluster.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_partitioned_coordinator_fails_honestly_and_the_write_may_land() {
     let cluster = Cluster::start(ClusterSpec::new(3, seed())).await;

@@ -108,6 +108,16 @@ enum ReadAnswer {
     Failed,
 }
 
+/// Spends a unit of the task's cooperative budget, yielding to the scheduler once it is
+/// used up. A request can end without ever waiting (too few replicas alive, a replica's
+/// address refusing at once, a read at `One` served from local storage); a client
+/// repeating such a request in a loop would otherwise never give its worker thread back,
+/// and the tasks that would see the cluster recover (membership, the receive loops, the
+/// deferred work) would never run.
+pub(crate) async fn cooperate() {
+    tokio::task::consume_budget().await;
+}
+
 impl Inner {
     /// Replicates `writes` (records already stamped) to each key's replicas; one result per
     /// write, in order. Success means `required` of the key's own replicas acknowledged.
@@ -117,6 +127,7 @@ impl Inner {
         required: usize,
         timeout: Duration,
     ) -> Vec<Result<(), ReplicationError>> {
+        cooperate().await;
         let deadline = Instant::now() + timeout;
         let view = self.view.load_full();
         let mut results: Vec<Option<Result<(), ReplicationError>>> =
@@ -339,6 +350,7 @@ impl Inner {
         timeout: Duration,
         repair: super::ReadRepair,
     ) -> Vec<Result<Option<Record>, ReplicationError>> {
+        cooperate().await;
         let deadline = Instant::now() + timeout;
         let view = self.view.load_full();
         let mut results: Vec<Option<Result<Option<Record>, ReplicationError>>> =

@@ -826,6 +826,7 @@ impl Node {
             Ok(pass) => pass,
             Err(e) => return Some(Err(e)),
         };
+        coordinator::cooperate().await;
         let now_ms = inner.hlc.wall_clock().now_ms();
         Some(match inner.storage.get(key).await {
             Ok(record) => {
