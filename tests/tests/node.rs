@@ -265,6 +265,55 @@ async fn requests_that_fail_at_once_still_let_other_tasks_run() {
     cluster.stop().await;
 }
 
+/// A decided request's leftover work (waiting for a replica's late answer until the
+/// deadline) is bounded per node: with a replica that never answers, requests past the bound
+/// wait for room (the first deadlines passing) instead of queueing work without limit.
+#[tokio::test(start_paused = true)]
+async fn leftover_work_is_bounded_and_requests_past_the_bound_wait_for_room() {
+    const BOUND: u64 = 16_384;
+    let cluster = Cluster::start(ClusterSpec::new(3, seed())).await;
+    // Node 3 never hears from node 1: every write node 1 coordinates is acknowledged by
+    // nodes 1 and 2 (W = 2) and then waits for node 3 until its 10 s deadline.
+    cluster.net.block(&Cluster::addr(0), &Cluster::addr(2));
+    let node = cluster.node(0).clone();
+    let options = quorum().timeout(Duration::from_secs(10));
+    let (mut done, mut waited) = (0u64, false);
+    for wave in 0..34u64 {
+        let started = tokio::time::Instant::now();
+        let puts: Vec<_> = (0..500u64)
+            .map(|i| {
+                let node = node.clone();
+                tokio::spawn(async move { node.put(format!("k-{wave}-{i}"), "v", options).await })
+            })
+            .collect();
+        for put in puts {
+            put.await
+                .expect("no panic")
+                .expect("acknowledged by nodes 1 and 2");
+        }
+        done += 500;
+        let pending = node.stats().deferred_pending;
+        assert!(
+            pending <= BOUND,
+            "{pending} pieces of leftover work after {done} puts"
+        );
+        let took = started.elapsed();
+        if done <= BOUND {
+            assert!(took < SECOND, "wave {wave} waited {took:?} with room left");
+        } else if !waited {
+            assert!(
+                took >= Duration::from_secs(9),
+                "wave {wave} past the bound took {took:?}: it did not wait for room"
+            );
+            waited = true;
+        }
+    }
+    assert!(waited);
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    assert_eq!(node.stats().deferred_pending, 0, "all leftover work ended");
+    cluster.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_partitioned_coordinator_fails_honestly_and_the_write_may_land() {
     let cluster = Cluster::start(ClusterSpec::new(3, seed())).await;

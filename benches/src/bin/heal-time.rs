@@ -1050,10 +1050,11 @@ fn watch(
             let all: Vec<NodeStats> = nodes.iter().map(|n| n.stats()).collect();
             let sum = |f: fn(&NodeStats) -> u64| all.iter().map(f).sum::<u64>();
             eprintln!(
-                "watch {healing:?}: rss {rss_kb} kB, late answers {}, replies not sent {}, \
+                "watch {healing:?}: rss {rss_kb} kB, late answers {} deferred {}, replies not sent {}, \
                  hints pending {} stored {} dropped {}, sync repairs {} overtaken {}, merkle \
                  exchanges {} repairs {} bytes {}, busy {} deferred {}, network {:?}",
                 sum(|s| s.late_answers),
+                sum(|s| s.deferred_pending),
                 sum(|s| s.replies_not_sent),
                 sum(|s| s.hints_pending),
                 sum(|s| s.hints_stored),

@@ -253,7 +253,8 @@ impl Inner {
                     inner.note_missed(node, &idx, &writes);
                 }
                 inner.log_coordinated(&writes, &holders);
-            });
+            })
+            .await;
         } else {
             self.log_coordinated(&writes, &holders);
         }
@@ -450,7 +451,8 @@ impl Inner {
                 inner
                     .finish_read(keys, merges, pending, deadline, repair_late)
                     .await;
-            });
+            })
+            .await;
         }
         results
             .into_iter()

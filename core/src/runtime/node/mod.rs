@@ -444,6 +444,7 @@ impl NodeBuilder {
                 clock.now_ms(),
             ),
             deferred,
+            deferred_room: Arc::new(tokio::sync::Semaphore::new(DEFERRED_LIMIT)),
             id,
             hlc,
             storage,
@@ -563,6 +564,8 @@ pub(crate) struct Inner {
     bugs: PlantedBugs,
     /// Work left after a request returned (late answers, read repair), run by one task.
     deferred: mpsc::UnboundedSender<Deferred>,
+    /// Room for deferred work: one permit per piece queued or running ([`DEFERRED_LIMIT`]).
+    deferred_room: Arc<tokio::sync::Semaphore>,
     /// Missed writes to the hint task (`None` with hinted handoff off).
     hints: hints::HintQueue,
     /// Writes applied as a replica, for anti-entropy offers (`None` with it off).
@@ -600,12 +603,33 @@ impl view::RingChanges for RingChanges {
 /// A piece of work that outlives the request that started it.
 type Deferred = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
+/// Pieces of deferred work a node keeps at most, queued or running. Each ends by its
+/// request's deadline, so in a healthy node far fewer are outstanding (the request rate
+/// times the time a request's last answers take); the bound holds when the deferred-work
+/// task falls behind, which would otherwise queue work (a request's writes, its pending
+/// answers) without limit.
+pub(crate) const DEFERRED_LIMIT: usize = 16_384;
+
 impl Inner {
     /// Hands `work` to the node's deferred-work task: one task drives every request's leftover
-    /// work, which costs a channel send instead of a task per request.
-    pub(crate) fn defer(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+    /// work, which costs a channel send instead of a task per request. With
+    /// [`DEFERRED_LIMIT`] pieces outstanding it waits for room first, so a task that falls
+    /// behind slows the requests that feed it instead of growing without bound.
+    pub(crate) async fn defer(
+        self: &Arc<Self>,
+        work: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
         // Closed only while the node stops, when leftover work is abandoned anyway.
-        let _ = self.deferred.send(Box::pin(work));
+        let Ok(room) = self.deferred_room.clone().acquire_owned().await else {
+            return;
+        };
+        self.stats.deferred_pending.fetch_add(1, Ordering::Relaxed);
+        let inner = self.clone();
+        let _ = self.deferred.send(Box::pin(async move {
+            work.await;
+            inner.stats.deferred_pending.fetch_sub(1, Ordering::Relaxed);
+            drop(room);
+        }));
     }
 }
 

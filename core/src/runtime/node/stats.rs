@@ -46,6 +46,10 @@ counters! {
     replica_requests_sent,
     /// Replica answers that arrived after their request was decided (still processed).
     late_answers,
+    /// Decided requests whose remaining answers (and read repairs) the node still works
+    /// on, up to their deadline, queued or running in the deferred-work task (a gauge, not
+    /// a counter; at most 16,384, beyond which requests wait for room).
+    deferred_pending,
     /// Records sent to stale replicas by read repair.
     read_repairs,
     /// Read repairs that a replica did not acknowledge.
