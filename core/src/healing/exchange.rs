@@ -268,13 +268,14 @@ impl Exchange {
         // span again for every leaf made a check of many leaves quadratic).
         let mut span = 0u64;
         while let Some(&leaf) = self.leaves.front() {
+            if batch.len() == MAX_LEAVES_PER_CHECK {
+                break;
+            }
             let after = match batch.last() {
                 None => tree.records_between(first, leaf),
                 Some(&last) => span.saturating_add(tree.records_between(last + 1, leaf)),
             };
-            if batch.len() == MAX_LEAVES_PER_CHECK
-                || (!batch.is_empty() && after > MAX_RECORDS_PER_CHECK)
-            {
+            if !batch.is_empty() && after > MAX_RECORDS_PER_CHECK {
                 break;
             }
             span = after;
@@ -585,10 +586,13 @@ mod tests {
             })
             .collect();
         assert_eq!(checks.iter().map(Vec::len).sum::<usize>(), 1024);
+        for check in &checks {
+            let (first, last) = (check[0], *check.last().expect("a leaf"));
+            assert!(a.records_between(first, last) <= MAX_RECORDS_PER_CHECK);
+        }
         for pair in checks.windows(2) {
             let (this, next) = (&pair[0], &pair[1]);
-            let (first, last) = (this[0], *this.last().expect("a leaf"));
-            assert!(a.records_between(first, last) <= MAX_RECORDS_PER_CHECK);
+            let first = this[0];
             assert!(
                 a.records_between(first, next[0]) > MAX_RECORDS_PER_CHECK,
                 "a check ends only where the next leaf would pass the bound"

@@ -544,6 +544,11 @@ mod tests {
             );
         }
         assert_eq!(tree.records_between(9, 8), 0, "an empty span");
+        assert_eq!(
+            tree.records_between(LEAVES, LEAVES + 1),
+            0,
+            "past the last leaf"
+        );
     }
 
     #[test]
