@@ -262,23 +262,67 @@ async fn requests_that_fail_at_once_still_let_other_tasks_run() {
     })
     .await;
     assert!(local_get, "reads at One from local storage never yielded");
+    let local_get_many = other_tasks_run_while_looping(|| {
+        let node = node.clone();
+        async move {
+            node.get_many(
+                vec![Bytes::from("k"), Bytes::from("l")],
+                ReadOptions::default().consistency(Consistency::One),
+            )
+            .await
+            .is_ok_and(|all| all.iter().all(Result::is_ok))
+        }
+    })
+    .await;
+    assert!(
+        local_get_many,
+        "batched reads at One from local storage never yielded"
+    );
+    // Refused before anything else: an invalid request, and any request once shutdown began.
+    let invalid = other_tasks_run_while_looping(|| {
+        let node = node.clone();
+        async move {
+            matches!(
+                node.put("k", "v", quorum().timeout(Duration::ZERO)).await,
+                Err(ReplicationError::Invalid(_))
+            )
+        }
+    })
+    .await;
+    assert!(invalid, "invalid requests never yielded");
+    node.shutdown().await.expect("shutdown");
+    let after_shutdown = other_tasks_run_while_looping(|| {
+        let node = node.clone();
+        async move {
+            matches!(
+                node.put("k", "v", quorum()).await,
+                Err(ReplicationError::ShuttingDown)
+            )
+        }
+    })
+    .await;
+    assert!(
+        after_shutdown,
+        "requests refused after shutdown never yielded"
+    );
     cluster.stop().await;
 }
 
 /// A decided request's leftover work (waiting for a replica's late answer until the
 /// deadline) is bounded per node: with a replica that never answers, requests past the bound
-/// wait for room (the first deadlines passing) instead of queueing work without limit.
+/// do not wait for it at all (shed, counted), and that replica gets its hints at once.
+/// Requests never wait for room, so none is slower for it.
 #[tokio::test(start_paused = true)]
-async fn leftover_work_is_bounded_and_requests_past_the_bound_wait_for_room() {
+async fn leftover_work_is_bounded_and_what_is_past_the_bound_is_hinted_at_once() {
     const BOUND: u64 = 16_384;
+    const PUTS: u64 = 34 * 500;
     let cluster = Cluster::start(ClusterSpec::new(3, seed())).await;
     // Node 3 never hears from node 1: every write node 1 coordinates is acknowledged by
     // nodes 1 and 2 (W = 2) and then waits for node 3 until its 10 s deadline.
     cluster.net.block(&Cluster::addr(0), &Cluster::addr(2));
     let node = cluster.node(0).clone();
     let options = quorum().timeout(Duration::from_secs(10));
-    let (mut done, mut waited) = (0u64, false);
-    for wave in 0..34u64 {
+    for wave in 0..PUTS / 500 {
         let started = tokio::time::Instant::now();
         let puts: Vec<_> = (0..500u64)
             .map(|i| {
@@ -291,26 +335,30 @@ async fn leftover_work_is_bounded_and_requests_past_the_bound_wait_for_room() {
                 .expect("no panic")
                 .expect("acknowledged by nodes 1 and 2");
         }
-        done += 500;
-        let pending = node.stats().deferred_pending;
-        assert!(
-            pending <= BOUND,
-            "{pending} pieces of leftover work after {done} puts"
-        );
         let took = started.elapsed();
-        if done <= BOUND {
-            assert!(took < SECOND, "wave {wave} waited {took:?} with room left");
-        } else if !waited {
-            assert!(
-                took >= Duration::from_secs(9),
-                "wave {wave} past the bound took {took:?}: it did not wait for room"
-            );
-            waited = true;
-        }
+        assert!(took < SECOND, "wave {wave} took {took:?}");
+        let pending = node.stats().deferred_pending;
+        assert!(pending <= BOUND, "{pending} pieces of leftover work");
     }
-    assert!(waited);
+    let stats = node.stats();
+    assert_eq!(stats.deferred_pending, BOUND);
+    assert_eq!(stats.deferred_shed, PUTS - BOUND);
+    // Before any deadline: the hints are those of the shed writes.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stats = node.stats();
+    assert_eq!(
+        stats.hints_stored + stats.hints_dropped_overload,
+        PUTS - BOUND,
+        "the shed writes' missing replica is hinted at once"
+    );
     tokio::time::sleep(Duration::from_secs(25)).await;
-    assert_eq!(node.stats().deferred_pending, 0, "all leftover work ended");
+    let stats = node.stats();
+    assert_eq!(stats.deferred_pending, 0, "all leftover work ended");
+    assert_eq!(
+        stats.hints_stored + stats.hints_dropped_overload,
+        PUTS,
+        "every write node 3 missed is hinted (or counted as dropped)"
+    );
     cluster.stop().await;
 }
 

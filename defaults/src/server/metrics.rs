@@ -233,6 +233,7 @@ pub(crate) async fn refresh(node: &Node) {
     }
     gauge!("chorus_hints_pending").set(s.hints_pending as f64);
     gauge!("chorus_deferred_pending").set(s.deferred_pending as f64);
+    counter!("chorus_deferred_shed_total").absolute(s.deferred_shed);
     let a = node.auth_stats();
     counter!("chorus_membership_verified_total").absolute(a.verified);
     counter!("chorus_membership_signed_total").absolute(a.signed);

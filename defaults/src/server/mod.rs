@@ -369,6 +369,7 @@ pub(crate) async fn status_json(shared: &Shared) -> serde_json::Value {
             "replica_requests_sent": s.replica_requests_sent,
             "late_answers": s.late_answers,
             "deferred_pending": s.deferred_pending,
+            "deferred_shed": s.deferred_shed,
             "read_repairs": s.read_repairs,
             "read_repair_failures": s.read_repair_failures,
             "replica_applied": s.replica_applied,

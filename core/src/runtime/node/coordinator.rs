@@ -127,7 +127,6 @@ impl Inner {
         required: usize,
         timeout: Duration,
     ) -> Vec<Result<(), ReplicationError>> {
-        cooperate().await;
         let deadline = Instant::now() + timeout;
         let view = self.view.load_full();
         let mut results: Vec<Option<Result<(), ReplicationError>>> =
@@ -227,11 +226,15 @@ impl Inner {
                 }
             }
         }
-        if !pending.is_empty() {
+        let room = match pending.is_empty() {
+            true => None,
+            false => self.deferred_room(),
+        };
+        if let Some(room) = room {
             // Late answers are still processed: counted, and a replica that did not
             // acknowledge gets a hint.
             let inner = self.clone();
-            self.defer(async move {
+            self.defer(room, async move {
                 loop {
                     let next = tokio::select! {
                         next = pending.next() => next,
@@ -253,9 +256,13 @@ impl Inner {
                     inner.note_missed(node, &idx, &writes);
                 }
                 inner.log_coordinated(&writes, &holders);
-            })
-            .await;
+            });
         } else {
+            // Every answer is in, or no room to wait for the rest (shed, counted): the
+            // replicas that have not answered owe every write they were sent.
+            for (node, idx) in unanswered {
+                self.note_missed(node, &idx, &writes);
+            }
             self.log_coordinated(&writes, &holders);
         }
         results
@@ -351,7 +358,6 @@ impl Inner {
         timeout: Duration,
         repair: super::ReadRepair,
     ) -> Vec<Result<Option<Record>, ReplicationError>> {
-        cooperate().await;
         let deadline = Instant::now() + timeout;
         let view = self.view.load_full();
         let mut results: Vec<Option<Result<Option<Record>, ReplicationError>>> =
@@ -442,17 +448,22 @@ impl Inner {
             )
             .await;
         }
-        if repair != super::ReadRepair::Off || !pending.is_empty() {
+        let room = match repair != super::ReadRepair::Off || !pending.is_empty() {
+            true => self.deferred_room(),
+            false => None,
+        };
+        // Without room (shed, counted) the late answers and the repair are skipped: anti-
+        // entropy heals what the repair would have.
+        if let Some(room) = room {
             let inner = self.clone();
             let keys = keys.clone();
             let merges = std::mem::take(&mut merges);
             let repair_late = repair != super::ReadRepair::Off;
-            self.defer(async move {
+            self.defer(room, async move {
                 inner
                     .finish_read(keys, merges, pending, deadline, repair_late)
                     .await;
-            })
-            .await;
+            });
         }
         results
             .into_iter()

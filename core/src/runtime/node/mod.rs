@@ -604,30 +604,60 @@ impl view::RingChanges for RingChanges {
 type Deferred = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// Pieces of deferred work a node keeps at most, queued or running. Each ends by its
-/// request's deadline, so in a healthy node far fewer are outstanding (the request rate
-/// times the time a request's last answers take); the bound holds when the deferred-work
-/// task falls behind, which would otherwise queue work (a request's writes, its pending
-/// answers) without limit.
+/// request's deadline (a read repair's by the request timeout after that), so in a healthy
+/// node far fewer are outstanding (the request rate times the time a request's last
+/// answers take); the bound holds when the deferred-work task falls behind, which would
+/// otherwise queue work (a request's writes, its pending answers) without limit.
 pub(crate) const DEFERRED_LIMIT: usize = 16_384;
 
+/// A place for one piece of deferred work ([`Inner::deferred_room`]); giving it back (when
+/// the piece ends or is dropped) keeps `deferred_pending` right.
+pub(crate) struct Room {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    inner: Arc<Inner>,
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        self.inner
+            .stats
+            .deferred_pending
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Inner {
-    /// Hands `work` to the node's deferred-work task: one task drives every request's leftover
-    /// work, which costs a channel send instead of a task per request. With
-    /// [`DEFERRED_LIMIT`] pieces outstanding it waits for room first, so a task that falls
-    /// behind slows the requests that feed it instead of growing without bound.
-    pub(crate) async fn defer(
-        self: &Arc<Self>,
+    /// Room for a piece of deferred work, or `None` with [`DEFERRED_LIMIT`] pieces
+    /// outstanding: the caller then sheds the work (never waits, so a request's latency and
+    /// its cancellation never depend on other requests' leftovers) and counts it in
+    /// `deferred_shed`.
+    pub(crate) fn deferred_room(self: &Arc<Self>) -> Option<Room> {
+        match self.deferred_room.clone().try_acquire_owned() {
+            Ok(permit) => {
+                self.stats.deferred_pending.fetch_add(1, Ordering::Relaxed);
+                Some(Room {
+                    _permit: permit,
+                    inner: self.clone(),
+                })
+            }
+            Err(_) => {
+                self.stats.deferred_shed.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Hands `work` to the node's deferred-work task, in `room`: one task drives every
+    /// request's leftover work, which costs a channel send instead of a task per request.
+    pub(crate) fn defer(
+        &self,
+        room: Room,
         work: impl std::future::Future<Output = ()> + Send + 'static,
     ) {
-        // Closed only while the node stops, when leftover work is abandoned anyway.
-        let Ok(room) = self.deferred_room.clone().acquire_owned().await else {
-            return;
-        };
-        self.stats.deferred_pending.fetch_add(1, Ordering::Relaxed);
-        let inner = self.clone();
+        // The channel closes only while the node stops, when leftover work is abandoned
+        // anyway (the piece, and its room, are dropped).
         let _ = self.deferred.send(Box::pin(async move {
             work.await;
-            inner.stats.deferred_pending.fetch_sub(1, Ordering::Relaxed);
             drop(room);
         }));
     }
@@ -821,6 +851,7 @@ impl Node {
         key: impl Into<Bytes>,
         options: ReadOptions,
     ) -> Result<Option<Versioned>, ReplicationError> {
+        coordinator::cooperate().await;
         let key = key.into();
         if let Some(local) = self.read_locally(&key, &options).await {
             return local;
@@ -850,7 +881,6 @@ impl Node {
             Ok(pass) => pass,
             Err(e) => return Some(Err(e)),
         };
-        coordinator::cooperate().await;
         let now_ms = inner.hlc.wall_clock().now_ms();
         Some(match inner.storage.get(key).await {
             Ok(record) => {
@@ -875,6 +905,7 @@ impl Node {
         entries: Vec<(Bytes, Bytes)>,
         options: WriteOptions,
     ) -> Result<Vec<Result<Version, ReplicationError>>, ReplicationError> {
+        coordinator::cooperate().await;
         let expiry = match options.ttl {
             None => None,
             Some(ttl) => Some(self.expiry(ttl)?),
@@ -900,6 +931,7 @@ impl Node {
         keys: Vec<Bytes>,
         options: WriteOptions,
     ) -> Result<Vec<Result<Version, ReplicationError>>, ReplicationError> {
+        coordinator::cooperate().await;
         let records = keys
             .into_iter()
             .map(|key| (key, Record::tombstone))
@@ -913,6 +945,7 @@ impl Node {
         keys: Vec<Bytes>,
         options: ReadOptions,
     ) -> Result<Vec<Result<Option<Versioned>, ReplicationError>>, ReplicationError> {
+        coordinator::cooperate().await;
         let inner = &self.inner;
         let config = &inner.config;
         let required = options

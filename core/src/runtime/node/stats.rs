@@ -47,9 +47,13 @@ counters! {
     /// Replica answers that arrived after their request was decided (still processed).
     late_answers,
     /// Decided requests whose remaining answers (and read repairs) the node still works
-    /// on, up to their deadline, queued or running in the deferred-work task (a gauge, not
-    /// a counter; at most 16,384, beyond which requests wait for room).
+    /// on, queued or running in the deferred-work task (a gauge, not a counter; at most
+    /// 16,384).
     deferred_pending,
+    /// Decided requests whose remaining answers were not waited for because 16,384 were
+    /// already pending (an overloaded node): a write's replicas that had not answered get
+    /// hints at once, a read's late answers and its read repair are skipped.
+    deferred_shed,
     /// Records sent to stale replicas by read repair.
     read_repairs,
     /// Read repairs that a replica did not acknowledge.
