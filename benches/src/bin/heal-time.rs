@@ -687,41 +687,49 @@ struct Op {
     ok: bool,
 }
 
+/// Ops at `rate` a second until `stop`, open loop (each op its own task, due on a fixed
+/// schedule of 1 ms ticks, the timer's resolution, so a stall counts in full): puts, and
+/// with `gets` every other op a quorum get, of random keys of a `keys`-key space through the
+/// nodes in turn.
 async fn open_loop(
     nodes: Vec<Node>,
-    rate: u64,
-    keys: usize,
-    value_len: usize,
+    (rate, gets): (u64, bool),
+    (keys, value_len): (usize, usize),
     stop: Arc<AtomicBool>,
     sink: Arc<Mutex<Vec<Op>>>,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    let per_tick = rate as f64 / 1000.0;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
-    let mut n = 0u64;
+    let (mut n, mut owed) = (0u64, 0.0f64);
     let mut tasks = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         let due: Instant = tick.tick().await.into_std();
-        let node = nodes[n as usize % nodes.len()].clone();
-        let k = key(rng.below(keys));
-        let put = n.is_multiple_of(2);
-        let v = value(value_len, n);
-        let sink = sink.clone();
-        tasks.push(tokio::spawn(async move {
-            let ok = if put {
-                node.put(k, v, WriteOptions::default()).await.is_ok()
-            } else {
-                node.get(k, ReadOptions::default()).await.is_ok()
-            };
-            let micros = due.elapsed().as_micros() as u64;
-            sink.lock().expect("sink").push(Op {
-                due,
-                micros,
-                put,
-                ok,
-            });
-        }));
-        n += 1;
+        owed += per_tick;
+        while owed >= 1.0 {
+            owed -= 1.0;
+            let node = nodes[n as usize % nodes.len()].clone();
+            let k = key(rng.below(keys));
+            let put = !gets || n.is_multiple_of(2);
+            let v = value(value_len, n);
+            let sink = sink.clone();
+            tasks.push(tokio::spawn(async move {
+                let ok = if put {
+                    node.put(k, v, WriteOptions::default()).await.is_ok()
+                } else {
+                    node.get(k, ReadOptions::default()).await.is_ok()
+                };
+                let micros = due.elapsed().as_micros() as u64;
+                sink.lock().expect("sink").push(Op {
+                    due,
+                    micros,
+                    put,
+                    ok,
+                });
+            }));
+            n += 1;
+        }
         if tasks.len() >= 4096 {
             tasks.retain(|t| !t.is_finished());
         }
@@ -785,9 +793,8 @@ async fn handoff_run(a: &Args, run: usize, bandwidth: u64) -> HandoffRun {
     let sink = Arc::new(Mutex::new(Vec::new()));
     let load = tokio::spawn(open_loop(
         cluster.nodes.clone(),
-        a.load_rate,
-        a.keys,
-        a.value_len,
+        (a.load_rate, true),
+        (a.keys, a.value_len),
         stop.clone(),
         sink.clone(),
     ));
@@ -1158,10 +1165,10 @@ async fn tree_cpu_run(a: &Args, run: usize, healing: Healing, ticks: f64) -> Cpu
     let cluster = tree_cluster(a, run, healing).await;
     let stop = Arc::new(AtomicBool::new(false));
     let sink = Arc::new(Mutex::new(Vec::new()));
-    let load = tokio::spawn(fixed_rate_puts(
+    let load = tokio::spawn(open_loop(
         cluster.nodes.clone(),
-        a.put_rate,
-        a.value_len,
+        (a.put_rate, false),
+        (1_000_000, a.value_len),
         stop.clone(),
         sink.clone(),
     ));
@@ -1198,51 +1205,6 @@ async fn tree_cpu_run(a: &Args, run: usize, healing: Healing, ticks: f64) -> Cpu
         cores: cpu / secs,
         failed,
         put_p99_us: quantile_us(&mut micros, 0.99),
-    }
-}
-
-/// Puts at `rate` a second (open loop: each put is its own task, due on a fixed schedule)
-/// to random keys of a 1M-key space, through the nodes in turn, until `stop`.
-async fn fixed_rate_puts(
-    nodes: Vec<Node>,
-    rate: u64,
-    value_len: usize,
-    stop: Arc<AtomicBool>,
-    sink: Arc<Mutex<Vec<Op>>>,
-) {
-    // Ticks of 1 ms (the timer's resolution), each starting its share of the puts.
-    let per_tick = rate as f64 / 1000.0;
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let (mut n, mut owed) = (0u64, 0.0f64);
-    let mut tasks = Vec::new();
-    while !stop.load(Ordering::Relaxed) {
-        let due: Instant = tick.tick().await.into_std();
-        owed += per_tick;
-        while owed >= 1.0 {
-            owed -= 1.0;
-            let node = nodes[n as usize % nodes.len()].clone();
-            let (k, v) = (key(rng.below(1_000_000)), value(value_len, n));
-            let sink = sink.clone();
-            tasks.push(tokio::spawn(async move {
-                let ok = node.put(k, v, WriteOptions::default()).await.is_ok();
-                let micros = due.elapsed().as_micros() as u64;
-                sink.lock().expect("sink").push(Op {
-                    due,
-                    micros,
-                    put: true,
-                    ok,
-                });
-            }));
-            n += 1;
-        }
-        if tasks.len() >= 4096 {
-            tasks.retain(|t| !t.is_finished());
-        }
-    }
-    for t in tasks {
-        let _ = t.await;
     }
 }
 
